@@ -1,0 +1,101 @@
+"""Lazy reading of a Hugging Face DiffusionGemma checkpoint: config.json plus (sharded) safetensors.
+
+Tensors are read one at a time through `safe_open` (memory-mapped); nothing is copied whole.
+Every problem becomes one `CheckpointError` naming the file or tensor at fault.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from . import names
+from .config import Config, load_config
+from .errors import CheckpointError
+
+
+class SafetensorsCheckpoint:
+    """Name -> shard map over one directory; `get(name)` reads a single tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            shards = sorted(set(weight_map.values()))
+            for s in shards:
+                if not (self.path / s).exists():
+                    raise CheckpointError(f"{index}: shard {s} is listed but missing from {self.path}")
+        else:
+            shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
+            weight_map = None
+        self._handles = {}
+        self.weight_map: dict[str, str] = {}
+        for s in shards:
+            keys = self._open(s).keys()
+            for k in keys:
+                self.weight_map.setdefault(k, s)
+        if weight_map is not None:
+            for k, s in weight_map.items():
+                if k not in self.weight_map:
+                    raise CheckpointError(f"{self.path / s}: tensor {k} listed in the index is not in the shard")
+                if self.weight_map[k] != s:
+                    self.weight_map[k] = s
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            f = self.path / shard
+            try:
+                self._handles[shard] = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+        return self._handles[shard]
+
+    def keys(self):
+        return self.weight_map.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise CheckpointError(f"{self.path}: tensor {name} not found")
+        try:
+            return self._open(shard).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{self.path / shard}: cannot read tensor {name} ({e})") from None
+
+
+def validate(ckpt: SafetensorsCheckpoint, cfg: Config) -> list[names.TensorSpec]:
+    """Check names and shapes against the config: missing, extra and misshaped tensors."""
+    specs = names.text_tensors(cfg.text)
+    expected = {s.hf: s for s in specs}
+    present = set(ckpt.keys())
+    missing = [n for n in expected if n not in present]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(n for n in present if n not in expected and not names.is_vision(n) and n != "lm_head.weight")
+    if extra:
+        raise CheckpointError(f"{ckpt.path}: unexpected tensor {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for s in specs:
+        shape = ckpt.shape(s.hf)
+        if shape != s.shape:
+            raise CheckpointError(f"{ckpt.path / ckpt.weight_map[s.hf]}: tensor {s.hf} has shape {list(shape)}, expected {list(s.shape)}")
+    return specs
+
+
+def open_checkpoint(path: str | Path) -> tuple[Config, SafetensorsCheckpoint]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    cfg = load_config(path)
+    return cfg, SafetensorsCheckpoint(path)

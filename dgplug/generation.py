@@ -1,0 +1,174 @@
+"""Block-diffusion generation: canvases one after another, each denoised in parallel.
+
+    encode(prompt)                                     # writes the cache
+    for each canvas:
+        x = random canvas; for n = N..1: denoise step   # EntropyBound (dgplug.sampler)
+        commit the argmax canvas; pad after EOS; encode it causally
+Batches are left-padded; a row that meets the stop test is frozen while others go on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import sampler as sp
+from .errors import InputError
+from .model import KVCache
+
+
+@dataclass
+class StepInfo:
+    """What the `on_step` hook sees after every denoise step."""
+
+    canvas_index: int
+    step: int  # 1-based step within this canvas
+    draft: torch.Tensor  # [B, L] argmax canvas
+    canvas: torch.Tensor  # [B, L] next input canvas (accepted tokens + fresh noise)
+    accepted: torch.Tensor  # [B, L] bool
+    entropy: torch.Tensor  # [B, L]
+    finished: torch.Tensor  # [B] bool, rows frozen by the stop test
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [B, prompt + k * canvas_length]
+    tokens_per_forward: torch.Tensor  # [B] non-pad new tokens / decoder forwards
+    forwards: torch.Tensor  # [B] decoder forwards used per row
+    steps: list[int] = field(default_factory=list)  # denoise steps run per canvas
+
+
+def _setting(value, defaults: dict, key: str):
+    return defaults[key] if value is None else value
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int | None = None, max_denoising_steps: int | None = None,
+             entropy_bound: float | None = None, t_min: float | None = None, t_max: float | None = None,
+             stability_threshold: int | None = None, confidence_threshold: float | None = None,
+             rng: str = "counter", seed: int | None = None, on_step: Callable[[StepInfo], None] | None = None,
+             decoder_input_ids: torch.Tensor | None = None, locked: torch.Tensor | None = None,
+             logits_processor=None, eos_token_id=None, pad_token_id=None) -> GenerateOutput:
+    """Generate with the EntropyBound sampler; defaults come from the checkpoint's generation_config.json.
+
+    rng="transformers": transformers' order of draws from torch's global generator (seed it with
+    torch.manual_seed) and its full-logits sampler, so the tokens equal transformers' token for
+    token. rng="counter" (default): the fused streaming head + sampler with Gumbel-max on a
+    counter-based generator keyed by (seed, step, position, token); `seed=None` draws a seed from
+    torch's global generator. decoder_input_ids: the first canvas to start from; locked [B, L]:
+    positions of that canvas that are kept as they are and never re-noised (in-line editing).
+    """
+    d = model.generation_defaults
+    tc, C = model.tc, model.cfg.canvas_length
+    max_new_tokens = _setting(max_new_tokens, d, "max_new_tokens")
+    N = _setting(max_denoising_steps, d, "max_denoising_steps")
+    bound = float(_setting(entropy_bound, d, "entropy_bound"))
+    t_min, t_max = float(_setting(t_min, d, "t_min")), float(_setting(t_max, d, "t_max"))
+    stability = int(_setting(stability_threshold, d, "stability_threshold"))
+    confidence = float(_setting(confidence_threshold, d, "confidence_threshold"))
+    eos = eos_token_id if eos_token_id is not None else d.get("eos_token_id", tc.eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else d.get("pad_token_id", tc.pad_token_id)
+    if rng not in ("counter", "transformers"):
+        raise InputError(f"rng={rng!r}: use 'counter' or 'transformers'")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids must be [batch, length>0], got {list(input_ids.shape)}")
+    if int(input_ids.max()) >= tc.vocab_size or int(input_ids.min()) < 0:
+        raise InputError(f"input_ids hold ids outside the vocabulary [0, {tc.vocab_size})")
+    if model.cfg.image_token_id is not None and bool((input_ids == model.cfg.image_token_id).any()):
+        raise InputError("image tokens in input_ids: dgplug runs the text model only (see README: Images)")
+    if not (N > 0 and max_new_tokens > 0 and t_max > t_min >= 0):
+        raise InputError(f"bad sampler settings: steps={N}, max_new_tokens={max_new_tokens}, t_min={t_min}, t_max={t_max}")
+
+    device = model.device
+    ids = input_ids.to(device)
+    B, L0 = ids.shape
+    V = tc.vocab_size
+    eos_t = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device) if eos is not None else None
+    mask = attention_mask.to(device).bool() if attention_mask is not None else None
+    padded = mask is not None and not bool(mask.all())
+    max_length = L0 + max_new_tokens
+    fused = rng == "counter" and logits_processor is None
+    gen = None
+    if rng == "counter":
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else int(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
+    emb = model.embed_tokens.weight
+
+    cache = KVCache.empty(tc.num_hidden_layers)
+    finished_seq = torch.zeros(B, dtype=torch.bool, device=device)
+    forwards = torch.zeros(B, dtype=torch.int, device=device)
+    steps_used: list[int] = []
+    step_counter = 0
+    for c in range(math.ceil(max_new_tokens / C)):
+        model.encode(ids if c == 0 else ids[:, -C:], cache, mask if padded else None)
+        noise = torch.randint(0, V, (B, C), device=device, generator=gen)  # drawn even when a canvas is given
+        canvas = decoder_input_ids.to(device) if (c == 0 and decoder_input_ids is not None) else noise
+        lock = locked.to(device).bool() if (c == 0 and locked is not None) else None
+        argmax, sc_logits, sc_soft = canvas, None, None
+        frozen = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = sp.StopTest(stability, confidence)
+        dmask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool, device=device)], 1) if padded else None
+        steps = 0
+        for n in range(N, 0, -1):
+            forwards += (~(frozen | finished_seq)).int()
+            T = sp.temperature(n, N, t_min, t_max, device)
+            h = model.denoise(canvas, cache, sc_logits=sc_logits, sc_soft=sc_soft, mask=dmask)
+            if fused:
+                r = sp.step_fused(h, emb, T, tc.final_logit_softcapping, seed, step_counter)
+            else:
+                r = sp.step_unfused(model.head(h), T, emb.dtype, logits_processor, ids, n)
+            step_counter += 1
+            steps += 1
+            renoise = torch.randint(0, V, (B, C), device=device, generator=gen)
+            acc = sp.accept(r.entropy, bound)
+            sampled = r.sampled
+            if lock is not None:
+                acc = acc | lock
+                sampled = torch.where(lock, canvas, sampled)
+            new_canvas = torch.where(acc, sampled, renoise)
+            new_argmax = torch.where(lock, canvas, r.argmax) if lock is not None else r.argmax
+            new_sc_logits, new_sc_soft = r.sc_logits, r.sc_soft
+            if frozen.any():
+                new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
+                new_canvas = torch.where(frozen[:, None], canvas, new_canvas)
+                if new_sc_logits is not None:
+                    new_sc_logits = torch.where(frozen[:, None, None], sc_logits, new_sc_logits)
+                if new_sc_soft is not None:
+                    new_sc_soft = torch.where(frozen[:, None, None], sc_soft, new_sc_soft)
+            frozen |= stop(new_argmax, r.entropy)
+            canvas, argmax, sc_logits, sc_soft = new_canvas, new_argmax, new_sc_logits, new_sc_soft
+            if on_step is not None:
+                on_step(StepInfo(c, steps, argmax, canvas, acc, r.entropy, frozen.clone()))
+            done = frozen if rng == "transformers" else (frozen | finished_seq)
+            if bool(done.all()):
+                break
+        steps_used.append(steps)
+        ids = torch.cat([ids, argmax], dim=-1)
+        ids, finished_seq = _commit(ids, finished_seq, C, eos_t, pad, max_length)
+        if bool(finished_seq.all()):
+            break
+        if padded:
+            mask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool, device=device)], 1)
+    new = ids[:, L0:]
+    valid = (new != pad).sum(-1) if pad is not None else torch.full((B,), new.shape[1], device=device)
+    return GenerateOutput(ids, valid / forwards, forwards, steps_used)
+
+
+def _commit(ids, finished, C, eos_t, pad, max_length):
+    """After a canvas: rows finished before become pad; in rows finishing now, pad after the first EOS."""
+    new = ids[:, -C:]
+    now = torch.zeros_like(finished) if eos_t is None else torch.isin(new, eos_t).any(-1)
+    if ids.shape[1] >= max_length:
+        now = torch.ones_like(finished)
+    before, finished = finished, finished | now
+    if pad is not None and bool(finished.any()):
+        ids[before, -C:] = pad
+        if eos_t is not None and bool(now.any()):
+            is_eos = torch.isin(new, eos_t)
+            cs = is_eos.cumsum(-1)
+            new[(cs > 0) & ~((cs == 1) & is_eos)] = pad
+    return ids, finished

@@ -1,0 +1,314 @@
+"""DiffusionGemma's text model, top to bottom.
+
+One stack of 30 layers (sliding / full attention, dense MLP beside a 128-expert MoE) run two
+ways: the causal *encoder* writes the KV cache for the prompt (and for every committed
+canvas); the bidirectional *decoder* denoises a canvas against a read-only view of that cache.
+Parameter names are the checkpoint's names under `model.decoder.`, so loading is a lookup.
+The heavy work goes through `dgplug.ops` (attention, route, moe, head) so kernels can replace it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import GENERATION_DEFAULTS, Config, TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def linear(x, w):
+    """Bias-free linear; `w` may be a plain tensor or a packed quantized weight."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    return w.linear(x)
+
+
+class MLP(nn.Module):
+    """down(gelu_tanh(gate(h)) * up(h)): the dense MLP and the self-conditioning MLP."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, h):
+        return linear(ops.gelu_tanh(linear(h, self.gate_proj.weight)) * linear(h, self.up_proj.weight),
+                      self.down_proj.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, tc: TextConfig, i: int):
+        super().__init__()
+        self.sliding = tc.layer_types[i] == "sliding_attention"
+        self.head_dim, self.kv_heads = tc.layer_dims(i)
+        self.heads = tc.num_attention_heads
+        self.window = tc.sliding_window if self.sliding else None
+        self.eps = tc.rms_norm_eps
+        self.q_proj = nn.Linear(tc.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(tc.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(tc.hidden_size, self.kv_heads * self.head_dim, bias=False) if self.sliding else None
+        self.o_proj = nn.Linear(self.heads * self.head_dim, tc.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, tc.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, tc.rms_norm_eps)
+
+    def project(self, h, cos, sin):
+        """q, k, v as [B, heads, L, head_dim]. Full layers: V is the raw K projection (K = V)."""
+        B, L, _ = h.shape
+        q = linear(h, self.q_proj.weight).view(B, L, -1, self.head_dim)
+        k = linear(h, self.k_proj.weight).view(B, L, -1, self.head_dim)
+        v = linear(h, self.v_proj.weight).view(B, L, -1, self.head_dim) if self.v_proj is not None else k
+        q = rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        k = rope(self.k_norm(k), cos, sin).transpose(1, 2)
+        v = ops.rms_norm(v, None, self.eps).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, h, cos, sin, pos, cache: "LayerCache", mode: str, mask=None):
+        """mask: [B, total positions] bool (False = padding) or None; keys look their position up in it."""
+        q, k, v = self.project(h, cos, sin)
+        B = h.shape[0]
+        keys = torch.cat([cache.keys, k], dim=2) if cache.keys is not None else k
+        values = torch.cat([cache.values, v], dim=2) if cache.values is not None else v
+        k_pos = torch.cat([cache.pos, pos]) if cache.pos is not None else pos
+        valid = mask[:, k_pos] if mask is not None else None
+        if mode == "encode":
+            out = ops.attention(q, keys, values, q_pos=pos, k_pos=k_pos, key_valid=valid, causal=True, window=self.window)
+            keep = slice(-(self.window - 1), None) if self.sliding else slice(None)
+            cache.keys, cache.values, cache.pos = keys[:, :, keep], values[:, :, keep], k_pos[keep]
+        else:  # denoise: no mask over [cache; canvas], the cache is left as it was
+            out = ops.attention(q, keys, values, q_pos=pos, k_pos=k_pos, key_valid=valid, causal=False, window=None)
+        out = out.transpose(1, 2).reshape(B, h.shape[1], -1)
+        return linear(out, self.o_proj.weight)
+
+
+class Router(nn.Module):
+    def __init__(self, tc: TextConfig):
+        super().__init__()
+        self.proj = nn.Linear(tc.hidden_size, tc.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(tc.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(tc.num_experts))
+
+
+class Experts(nn.Module):
+    def __init__(self, tc: TextConfig):
+        super().__init__()
+        E, I, H = tc.num_experts, tc.moe_intermediate_size, tc.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+
+class Layer(nn.Module):
+    def __init__(self, tc: TextConfig, i: int):
+        super().__init__()
+        H, eps = tc.hidden_size, tc.rms_norm_eps
+        self.top_k, self.eps = tc.top_k_experts, eps
+        self.self_attn = Attention(tc, i)
+        self.mlp = MLP(H, tc.intermediate_size)
+        self.router = Router(tc)
+        self.experts = Experts(tc)
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm_1", "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2",
+                  "post_feedforward_layernorm"):
+            setattr(self, n, RMSNorm(H, eps))
+        self.layer_scalar = nn.Parameter(torch.ones(1))
+
+    def moe_block(self, r):
+        """Dense MLP beside the routed experts; the router reads the raw residual."""
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+        flat = r.reshape(-1, r.shape[-1])
+        w, idx = ops.route(flat, self.router.proj.weight, self.router.scale, self.router.per_expert_scale,
+                           self.top_k, self.eps)
+        moe = ops.moe(self.pre_feedforward_layernorm_2(flat), idx, w, self.experts.gate_up_proj, self.experts.down_proj)
+        moe = self.post_feedforward_layernorm_2(moe.reshape(r.shape))
+        return self.post_feedforward_layernorm(dense + moe)
+
+    def forward(self, x, cos, sin, pos, cache, mode, scalar, mask=None):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, mode, mask))
+        x = x + self.moe_block(x)
+        return x * scalar
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE on [B, L, heads, d] with cos/sin [L, d]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def inv_freq(tc: TextConfig, sliding: bool) -> torch.Tensor:
+    if sliding:
+        dim = tc.head_dim
+        return 1.0 / (tc.rope_theta_sliding ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    d = tc.global_head_dim
+    if tc.rope_type_full == "proportional":  # rotate the first fraction of pairs, leave the rest still
+        angles = int(tc.partial_rotary_factor_full * d // 2)
+        rot = 1.0 / (tc.rope_theta_full ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / d))
+        return torch.cat([rot, torch.zeros(d // 2 - angles)])
+    dim = int(d * tc.partial_rotary_factor_full)
+    return 1.0 / (tc.rope_theta_full ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+@dataclass
+class LayerCache:
+    keys: torch.Tensor | None = None  # [B, kv_heads, Lc, d]
+    values: torch.Tensor | None = None
+    pos: torch.Tensor | None = None  # [Lc] absolute positions
+
+
+@dataclass
+class KVCache:
+    """The encoder's cache: full layers keep every key, sliding layers the last window - 1."""
+
+    layers: list[LayerCache] = field(default_factory=list)
+    length: int = 0  # absolute positions written so far
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "KVCache":
+        return cls([LayerCache() for _ in range(n_layers)])
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A view of some batch rows (for decoding only the rows still denoising)."""
+        return KVCache([LayerCache(c.keys[rows], c.values[rows], c.pos) for c in self.layers], self.length)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor | None = None  # [B, L, V] fp32, softcapped
+    hidden: torch.Tensor | None = None  # [B, L, D] final normed decoder states
+    cache: KVCache | None = None
+
+
+class DiffusionGemma(nn.Module):
+    """The text model: embedding, the layer stack in two modes, self-conditioning, tied head."""
+
+    def __init__(self, cfg: Config, generation_defaults: dict | None = None):
+        super().__init__()
+        tc = self.tc = cfg.text
+        self.cfg = cfg
+        self.generation_defaults = dict(generation_defaults or GENERATION_DEFAULTS)
+        self.tokenizer = None  # set by dgplug.load when the checkpoint ships one
+        self.source = None  # where it was loaded from
+        self.embed_tokens = nn.Embedding(tc.vocab_size, tc.hidden_size)
+        self.layers = nn.ModuleList([Layer(tc, i) for i in range(tc.num_hidden_layers)])
+        self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps)
+        self.self_conditioning = nn.Module()
+        self.self_conditioning.pre_norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps)
+        for n, shape in (("gate_proj", (tc.intermediate_size, tc.hidden_size)),
+                         ("up_proj", (tc.intermediate_size, tc.hidden_size)),
+                         ("down_proj", (tc.hidden_size, tc.intermediate_size))):
+            setattr(self.self_conditioning, n, nn.Linear(shape[1], shape[0], bias=False))
+        # The encoder's own layer scalars (equal to the decoder's in the release; the format lets them differ).
+        self.encoder_layer_scalar = nn.Parameter(torch.ones(tc.num_hidden_layers))
+        self.register_buffer("inv_freq_sliding", inv_freq(tc, True), persistent=False)
+        self.register_buffer("inv_freq_full", inv_freq(tc, False), persistent=False)
+
+    # -- pieces -------------------------------------------------------------------------------
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    def embed(self, ids):
+        w = self.embed_tokens.weight
+        return F.embedding(ids, w) * ops.embed_scale(self.tc.hidden_size, w.dtype).to(w.device)
+
+    def rope_tables(self, pos, dtype):
+        out = {}
+        for kind, inv in (("sliding", self.inv_freq_sliding), ("full", self.inv_freq_full)):
+            freqs = pos[:, None].float() * inv[None, :].float()
+            emb = torch.cat((freqs, freqs), dim=-1)
+            out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return out
+
+    def run_layers(self, x, pos, cache: KVCache, mode: str, mask=None):
+        tables = self.rope_tables(pos, x.dtype)
+        for i, layer in enumerate(self.layers):
+            cos, sin = tables["sliding" if layer.self_attn.sliding else "full"]
+            scalar = layer.layer_scalar if mode == "denoise" else self.encoder_layer_scalar[i : i + 1]
+            x = layer(x, cos, sin, pos, cache.layers[i], mode, scalar, mask)
+        return x
+
+    def self_conditioning_input(self, canvas, sc_logits=None, sc_soft=None):
+        """x0 = rmsnorm_noscale(E[canvas]*sqrt(D) + MLP_sc(pre_norm(soft embedding)))."""
+        e = self.embed(canvas)
+        scale = ops.embed_scale(self.tc.hidden_size, e.dtype).to(e.device)
+        s = None
+        if sc_logits is not None:
+            s = ops.soft_embedding(sc_logits, self.embed_tokens.weight) * scale
+        elif sc_soft is not None:
+            s = sc_soft.to(e.dtype) * scale
+        if s is not None:
+            sc = self.self_conditioning
+            h = sc.pre_norm(s)
+            e = e + linear(ops.gelu_tanh(linear(h, sc.gate_proj.weight)) * linear(h, sc.up_proj.weight),
+                           sc.down_proj.weight)
+        return ops.rms_norm(e, None, self.tc.rms_norm_eps)
+
+    def head(self, h):
+        """Tied, softcapped LM head: fp32 logits [.., V]."""
+        return ops.softcap(F.linear(h, self.embed_tokens.weight).float(), self.tc.final_logit_softcapping)
+
+    # -- the two modes ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, ids, cache: KVCache, mask=None):
+        """Causal pass over new tokens at positions [cache.length, ...); writes the cache.
+
+        mask: [B, positions so far + new] bool (False = left padding), or None."""
+        L = ids.shape[1]
+        pos = torch.arange(cache.length, cache.length + L, device=ids.device)
+        x = self.run_layers(self.embed(ids), pos, cache, "encode", mask)
+        cache.length += L
+        return self.norm(x)
+
+    @torch.no_grad()
+    def denoise(self, canvas, cache: KVCache, sc_logits=None, sc_soft=None, mask=None):
+        """Bidirectional pass over the canvas against a read-only cache: final normed states."""
+        L = canvas.shape[1]
+        pos = torch.arange(cache.length, cache.length + L, device=canvas.device)
+        x = self.self_conditioning_input(canvas, sc_logits, sc_soft)
+        return self.norm(self.run_layers(x, pos, cache, "denoise", mask))
+
+    @torch.no_grad()
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, self_conditioning_logits=None,
+                cache: KVCache | None = None, decoder_attention_mask=None, generator=None):
+        """One encoder pass over `input_ids` (if given) and one decoder pass over the canvas.
+
+        As transformers: a missing canvas is drawn uniformly at random; the decoder sees every
+        cached key unless `decoder_attention_mask` ([B, context + canvas]) says otherwise."""
+        cache = cache if cache is not None else KVCache.empty(self.tc.num_hidden_layers)
+        if input_ids is not None:
+            mask = attention_mask.bool() if attention_mask is not None else None
+            if mask is not None and cache.length:
+                mask = torch.cat([torch.ones(mask.shape[0], cache.length, dtype=torch.bool, device=mask.device), mask], 1)
+            self.encode(input_ids, cache, mask)
+        if cache.length == 0 and input_ids is None:
+            raise ValueError("forward needs input_ids or a filled cache")
+        if decoder_input_ids is None:
+            B = input_ids.shape[0] if input_ids is not None else cache.layers[0].keys.shape[0]
+            decoder_input_ids = torch.randint(0, self.tc.vocab_size, (B, self.cfg.canvas_length), generator=generator,
+                                              device=self.device)
+        dmask = decoder_attention_mask.bool() if decoder_attention_mask is not None else None
+        h = self.denoise(decoder_input_ids, cache, self_conditioning_logits, mask=dmask)
+        return Output(logits=self.head(h), hidden=h, cache=cache)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Block-diffusion generation; see `dgplug.generation.generate` for the arguments."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)

@@ -1,0 +1,114 @@
+"""The hot operations of DiffusionGemma, each one replaceable function.
+
+The model (`dgplug.model`) and the sampler (`dgplug.sampler`) call these names and nothing
+else for their heavy work, so `dgplug.kernels` can swap in Triton versions without touching
+the model. The defaults here are plain PyTorch and follow transformers' order of operations,
+so the fp32 CPU path is bit-for-bit the reference.
+
+Contracts (shapes; all attention scaling is 1.0):
+
+attention(q, k, v, *, q_pos, k_pos, key_valid, causal, window) -> [B, Hq, Lq, D]
+    q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (GQA: query head h reads kv head h // (Hq // Hkv));
+    q_pos [Lq], k_pos [Lk] absolute positions (long); key_valid [B, Lk] bool or None.
+    Key j is visible to query i when key_valid[b, j] and (not causal or k_pos[j] <= q_pos[i])
+    and (window is None or q_pos[i] - k_pos[j] < window).
+
+route(r, proj_weight, scale, per_expert_scale, top_k, eps) -> (weights [T, K] fp32, index [T, K])
+    r is the raw residual [T, D]: rmsnorm_noscale(r) * scale * D^-0.5 -> proj -> softmax fp32
+    -> top-k -> renormalise -> * per_expert_scale[index].
+
+moe(x, index, weights, gate_up, down) -> [T, D]
+    x [T, D] (already pre_feedforward_layernorm_2), gate_up [E, 2I, D] (rows :I gate, I: up),
+    down [E, D, I]; out[t] = sum_k w[t,k] * down[e] @ (gelu_tanh(gate[e] @ x[t]) * up[e] @ x[t]).
+
+head_sample(h, embedding, *, softcap, temperature, seed, step, soft_dtype) -> HeadSample
+    The fused head + sampler step (see dgplug.kernels.sampler).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, cast back; the weight is used as is (no 1 + w)."""
+    h = x.float()
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        h = h * weight.float()
+    return h.type_as(x)
+
+
+def attention_mask(q_pos, k_pos, key_valid, causal: bool, window: int | None, batch: int):
+    """Boolean [B, 1, Lq, Lk] mask for `attention`, or None when every key is visible."""
+    mask = None
+    if causal:
+        mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        w = (q_pos[:, None] - k_pos[None, :]) < window
+        mask = w if mask is None else mask & w
+    if key_valid is not None and not bool(key_valid.all()):
+        kv = key_valid[:, None, None, :]
+        mask = kv if mask is None else (mask[None, None] & kv)
+    elif mask is not None:
+        mask = mask[None, None].expand(batch, 1, -1, -1)
+    return mask
+
+
+def attention(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, window=None):
+    """Reference attention: torch SDPA with a boolean mask, as transformers' sdpa path."""
+    groups = q.shape[1] // k.shape[1]
+    mask = attention_mask(q_pos, k_pos, key_valid, causal, window, q.shape[0])
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float):
+    """The MoE router: reads the raw residual, softmax before top-k, per-expert scale."""
+    z = rms_norm(r, None, eps) * scale * (r.shape[-1] ** -0.5)
+    probs = torch.softmax(F.linear(z, proj_weight), dim=-1, dtype=torch.float32)
+    w, idx = torch.topk(probs, k=top_k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return w * per_expert_scale[idx], idx
+
+
+def moe(x, index, weights, gate_up, down):
+    """Reference experts: loop over the experts hit, in transformers' order (index_add_)."""
+    out = torch.zeros_like(x)
+    n_exp = gate_up.shape[0]
+    hit = torch.unique(index)
+    for e in hit.tolist():
+        if e >= n_exp:
+            continue
+        rows, slot = torch.where(index == e)
+        # transformers visits tokens ordered by (slot, token); keep that order
+        order = torch.argsort(slot * index.shape[0] + rows, stable=True)
+        rows, slot = rows[order], slot[order]
+        gate, up = F.linear(x[rows], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(gelu_tanh(gate) * up, down[e]) * weights[rows, slot, None]
+        out.index_add_(0, rows, y.to(out.dtype))
+    return out
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.tanh(logits.float() / cap) * cap
+
+
+def soft_embedding(scaled_logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """Self-conditioning soft embedding: softmax(l cast to the table dtype) @ E, unscaled."""
+    probs = torch.softmax(scaled_logits.to(embedding.dtype), dim=-1, dtype=torch.float32)
+    return torch.matmul(probs.to(embedding.dtype), embedding)
+
+
+def embed_scale(hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """sqrt(hidden) cast to the weight dtype first (53.0 in bf16 for 2816), as transformers."""
+    return torch.tensor(math.sqrt(hidden)).to(dtype)

@@ -1,0 +1,1 @@
+"""dgplug.integrations."""
