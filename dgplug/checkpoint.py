@@ -38,17 +38,14 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
             weight_map = None
         self._handles = {}
-        self.weight_map: dict[str, str] = {}
-        for s in shards:
-            keys = self._open(s).keys()
-            for k in keys:
-                self.weight_map.setdefault(k, s)
+        in_shard = {s: set(self._open(s).keys()) for s in shards}
         if weight_map is not None:
             for k, s in weight_map.items():
-                if k not in self.weight_map:
+                if k not in in_shard[s]:
                     raise CheckpointError(f"{self.path / s}: tensor {k} listed in the index is not in the shard")
-                if self.weight_map[k] != s:
-                    self.weight_map[k] = s
+            self.weight_map = dict(weight_map)
+        else:
+            self.weight_map = {k: s for s in shards for k in sorted(in_shard[s])}
 
     def _open(self, shard: str):
         if shard not in self._handles:

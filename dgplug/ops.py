@@ -28,9 +28,27 @@ head_sample(h, embedding, *, softcap, temperature, seed, step, soft_dtype) -> He
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
+
+# Which implementation the model's hot operations use:
+#   "auto" (default): dgplug.kernels on CUDA tensors (Triton), the exact references on CPU;
+#   "kernels": always dgplug.kernels (they pick Triton or their PyTorch twins themselves);
+#   "reference": always the plain PyTorch references below (transformers' order of operations).
+BACKEND = os.environ.get("DGPLUG_OPS", "auto")
+
+
+def set_backend(name: str) -> None:
+    global BACKEND
+    if name not in ("auto", "kernels", "reference"):
+        raise ValueError(f"backend {name!r}: use auto, kernels or reference")
+    BACKEND = name
+
+
+def _kernels(t: torch.Tensor) -> bool:
+    return BACKEND == "kernels" or (BACKEND == "auto" and t.is_cuda)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +81,14 @@ def attention_mask(q_pos, k_pos, key_valid, causal: bool, window: int | None, ba
 
 
 def attention(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, window=None):
+    if _kernels(q):
+        from dgplug.kernels.attention import attention as fused
+
+        return fused(q, k, v, q_pos=q_pos, k_pos=k_pos, key_valid=key_valid, causal=causal, window=window)
+    return attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, key_valid=key_valid, causal=causal, window=window)
+
+
+def attention_reference(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, window=None):
     """Reference attention: torch SDPA with a boolean mask, as transformers' sdpa path."""
     groups = q.shape[1] // k.shape[1]
     mask = attention_mask(q_pos, k_pos, key_valid, causal, window, q.shape[0])
@@ -82,6 +108,14 @@ def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float):
 
 
 def moe(x, index, weights, gate_up, down):
+    if _kernels(x) or not isinstance(gate_up, torch.Tensor):
+        from dgplug.kernels.moe import moe_forward
+
+        return moe_forward(x, index, weights, gate_up, down)
+    return moe_reference(x, index, weights, gate_up, down)
+
+
+def moe_reference(x, index, weights, gate_up, down):
     """Reference experts: loop over the experts hit, in transformers' order (index_add_)."""
     out = torch.zeros_like(x)
     n_exp = gate_up.shape[0]

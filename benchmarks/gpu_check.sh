@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The GPU check on a bare machine without network: dgplug's folders laid out as one package on PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SITE="$(mktemp -d)"; mkdir -p "$SITE/dgplug" && cp -r dgplug/. "$SITE/dgplug/" && for d in converters kernels integrations; do cp -r "$d" "$SITE/dgplug/$d"; done
+PYTHONPATH="$SITE" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py "$@"

@@ -1,0 +1,305 @@
+"""The `dgplug` command line (typer). Errors print one line; --debug shows the traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="DiffusionGemma, run with dgplug.")
+console = Console()
+STATE = {"debug": False}
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")):
+    STATE["debug"] = debug
+
+
+def run(fn):
+    """Call fn; turn any error into one line unless --debug."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        raise typer.Exit(130)
+    except Exception as e:  # noqa: BLE001 - the CLI's single error funnel
+        if STATE["debug"]:
+            raise
+        msg = str(e) or e.__class__.__name__
+        console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+# -- info ------------------------------------------------------------------------------------
+def describe(path: Path) -> dict:
+    from .checkpoint import SafetensorsCheckpoint, validate
+    from .config import load_config
+    from . import names
+
+    cfg = load_config(path)
+    ckpt = SafetensorsCheckpoint(path)
+    specs = validate(ckpt, cfg)
+    tc = cfg.text
+    total = sum(_numel(s.shape) for s in specs if s.kind != "scalar")
+    experts = sum(_numel(s.shape) for s in specs if s.kind == "experts")
+    embed = sum(_numel(s.shape) for s in specs if s.kind == "embed")
+    active = total - experts + experts * tc.top_k_experts // tc.num_experts
+    files = list(path.glob("*.safetensors"))
+    dtypes = sorted({str(ckpt.get(specs[0].hf).dtype).replace("torch.", "")})
+    vision = sum(1 for k in ckpt.keys() if names.is_vision(k))
+    pattern = "".join("S" if t == "sliding_attention" else "F" for t in tc.layer_types)
+    return dict(cfg=cfg, total=total, active=active, experts=experts, embed=embed, dtype=dtypes[0],
+                bytes=sum(f.stat().st_size for f in files), pattern=pattern, vision=vision)
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _human(n: float, unit="") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.2f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
+        n /= 1000
+    return f"{n:.2f}P{unit}"
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="Checkpoint directory.")):
+    """Architecture, layer pattern, parameter counts (total / active), dtype and size."""
+
+    def go():
+        qc = _quantized(path)
+        if qc is not None:
+            from dgplug.converters import quant
+
+            console.print(quant.describe(path))
+            return
+        d = describe(path)
+        tc = d["cfg"].text
+        t = Table(show_header=False, box=None)
+        t.add_row("architecture", f"DiffusionGemma ({tc.num_hidden_layers} layers, hidden {tc.hidden_size}, "
+                                  f"vocab {tc.vocab_size}, canvas {d['cfg'].canvas_length})")
+        t.add_row("layer pattern", f"{d['pattern']}  (S sliding window {tc.sliding_window}, F full)")
+        t.add_row("attention", f"{tc.num_attention_heads} heads; sliding {tc.num_key_value_heads} kv x {tc.head_dim}; "
+                               f"full {tc.num_global_key_value_heads} kv x {tc.global_head_dim} (K = V)")
+        t.add_row("experts", f"{tc.num_experts} x {tc.moe_intermediate_size}, top-{tc.top_k_experts}; "
+                             f"dense MLP {tc.intermediate_size}")
+        t.add_row("parameters", f"{_human(d['total'])} total, {_human(d['active'])} active per token "
+                                f"({_human(d['experts'])} in experts, {_human(d['embed'])} embedding)")
+        t.add_row("vision tensors", f"{d['vision']} (skipped: dgplug runs the text model)")
+        t.add_row("dtype / size", f"{d['dtype']} / {_human(d['bytes'], 'B')} on disk")
+        console.print(t)
+
+    run(go)
+
+
+def _quantized(path: Path):
+    import json
+
+    f = path / "config.json"
+    if path.is_dir() and f.exists():
+        try:
+            return json.loads(f.read_text()).get("quantization_config")
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+# -- generate --------------------------------------------------------------------------------
+def _prompt_ids(model, prompt: Optional[str], ids: Optional[str], chat: bool):
+    import torch
+
+    if ids:
+        try:
+            return torch.tensor([[int(x) for x in ids.split(",") if x.strip()]])
+        except ValueError:
+            raise typer.BadParameter(f"--ids {ids!r}: expected comma-separated integers") from None
+    if prompt is None:
+        raise typer.BadParameter("give --prompt TEXT or --ids 1,2,3")
+    tok = model.tokenizer
+    if tok is None:
+        raise typer.BadParameter(f"{model.source} has no tokenizer: use --ids")
+    if chat and getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_tensors="pt", return_dict=True)
+        return out["input_ids"]
+    return tok(prompt, return_tensors="pt").input_ids
+
+
+def _detok(model, ids) -> str:
+    tok = model.tokenizer
+    if tok is None:
+        return " ".join(str(int(i)) for i in ids)
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+def live_view(model, console: Console):
+    """An on_step hook that redraws the canvas: accepted tokens bold, noise dim."""
+    from rich.live import Live
+    from rich.text import Text
+
+    live = Live(console=console, refresh_per_second=20, transient=False)
+    live.start()
+
+    def on_step(s):
+        tok = model.tokenizer
+        text = Text(f"canvas {s.canvas_index + 1} step {s.step:>2}  ", style="cyan")
+        for t, a in zip(s.draft[0].tolist(), s.accepted[0].tolist()):
+            piece = tok.decode([t]) if tok is not None else f"{t} "
+            text.append(piece if tok is not None else piece, style="bold green" if a else "dim")
+        live.update(text)
+
+    return live, on_step
+
+
+@app.command()
+def generate(
+    path: Path = typer.Argument(..., help="Checkpoint directory (or .gguf file)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (uses the checkpoint's tokenizer)."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Prompt token ids, comma separated."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="max denoising steps per canvas"),
+    seed: int = typer.Option(0, "--seed"),
+    rng: str = typer.Option("counter", "--rng", help="counter (fused, default) or transformers (bit-exact)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: checkpoint's)"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the chat template"),
+    live: bool = typer.Option(False, "--live", help="show the canvas being denoised"),
+):
+    """Generate text with the EntropyBound block-diffusion sampler."""
+
+    def go():
+        import torch
+
+        from . import load
+
+        torch.manual_seed(seed)
+        model = load(path, dtype=dtype)
+        prompt_ids = _prompt_ids(model, prompt, ids, chat)
+        view, hook = live_view(model, console) if live else (None, None)
+        t0 = time.perf_counter()
+        try:
+            out = model.generate(prompt_ids, max_new_tokens=max_new_tokens, max_denoising_steps=steps, rng=rng,
+                                 seed=seed, on_step=hook)
+        finally:
+            if view is not None:
+                view.stop()
+        dt = time.perf_counter() - t0
+        new = out.sequences[0, prompt_ids.shape[1]:]
+        n_tok = int((new != model.generation_defaults.get("pad_token_id", 0)).sum())
+        console.print(_detok(model, new.tolist()), highlight=False, markup=False)
+        console.print(f"[dim]{n_tok} tokens in {dt:.2f}s = {n_tok / dt:.1f} tok/s; "
+                      f"{float(out.tokens_per_forward[0]):.2f} tokens per forward; steps per canvas {out.steps}[/dim]")
+
+    run(go)
+
+
+# -- demo ------------------------------------------------------------------------------------
+@app.command()
+def demo(
+    steps: int = typer.Option(16, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+    live: bool = typer.Option(True, "--live/--no-live"),
+):
+    """Run the embedded default model: generation shown live, then speed figures."""
+
+    def go():
+        import torch
+
+        from . import load
+        from .assets import default_model_path
+
+        path = default_model_path()
+        model = load(path)
+        torch.manual_seed(seed)
+        prompt = torch.tensor([[2, 7, 8, 9, 10, 11]])
+        console.print(f"[cyan]embedded default model[/cyan] {path} (tiny random DiffusionGemma, "
+                      f"{model.tc.num_hidden_layers} layers, canvas {model.cfg.canvas_length})")
+        view, hook = live_view(model, console) if live else (None, None)
+        t0 = time.perf_counter()
+        try:
+            out = model.generate(prompt, max_new_tokens=2 * model.cfg.canvas_length, max_denoising_steps=steps,
+                                 seed=seed, on_step=hook)
+        finally:
+            if view is not None:
+                view.stop()
+        dt = time.perf_counter() - t0
+        n_tok = int((out.sequences[0, prompt.shape[1]:] != 0).sum())
+        console.print(f"{n_tok} tokens in {dt:.2f}s = {n_tok / dt:.1f} tok/s; "
+                      f"{float(out.tokens_per_forward[0]):.2f} tokens per forward; denoising steps {out.steps}")
+
+    run(go)
+
+
+# -- convert / inspect -----------------------------------------------------------------------
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face DiffusionGemma directory."),
+    out: Path = typer.Argument(..., help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
+    quant: str = typer.Option(..., "--quant", "-q",
+                              help="F32 F16 BF16 Q8_0 Q4_0 Q4_K_M Q5_K_M Q6_K (GGUF) or int4 int8 fp8 (safetensors)"),
+    group_size: int = typer.Option(128, "--group-size", help="int4 group size along the input dimension"),
+):
+    """Convert a checkpoint to GGUF (K-quants) or quantized safetensors, streaming."""
+
+    def go():
+        q = quant.strip()
+        if q.lower() in ("int4", "int8", "fp8"):
+            from dgplug.converters.quant import quantize_checkpoint
+
+            quantize_checkpoint(src, out, q.lower(), group_size=group_size)
+        else:
+            from dgplug.converters.gguf_export import export_gguf
+
+            export_gguf(src, out, quant=q.upper())
+        console.print(f"wrote {out}")
+
+    run(go)
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="A .gguf file.")):
+    """GGUF metadata, tensor table, and a check against the DiffusionGemma GGUF contract."""
+
+    def go():
+        from dgplug.converters.gguf_import import check_contract, inspect_table
+
+        meta, rows = inspect_table(path)
+        t = Table(title=str(path))
+        for col in ("key", "value"):
+            t.add_column(col)
+        for k, v in meta.items():
+            t.add_row(k, str(v)[:100])
+        console.print(t)
+        t = Table()
+        for col in ("tensor", "type", "shape", "bytes"):
+            t.add_column(col)
+        for name, typ, shape, nbytes in rows:
+            t.add_row(name, typ, str(list(shape)), _human(nbytes, "B"))
+        console.print(t)
+        problems = check_contract(path)
+        if problems:
+            for p in problems:
+                console.print(f"[red]contract:[/red] {p}")
+            raise typer.Exit(1)
+        console.print("[green]matches the diffusion-gemma GGUF contract[/green]")
+
+    run(go)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

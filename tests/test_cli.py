@@ -1,0 +1,44 @@
+"""The dgplug CLI: info, generate (ids and prompt), errors as one line."""
+
+import json
+
+from typer.testing import CliRunner
+
+from dgplug.cli import app
+
+runner = CliRunner()
+
+
+def test_info(tiny_ckpt):
+    r = runner.invoke(app, ["info", str(tiny_ckpt)])
+    assert r.exit_code == 0, r.output
+    assert "SSFF" in r.output.replace(" ", "") or "layer pattern" in r.output
+    assert "active per token" in r.output and "float32" in r.output
+
+
+def test_generate_ids_and_prompt(tiny_ckpt):
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6,7", "--steps", "2", "--max-new-tokens", "16"])
+    assert r.exit_code == 0, r.output
+    assert "tokens per forward" in r.output and "tok/s" in r.output
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--prompt", "w5 w6 w7", "--steps", "2", "--live"])
+    assert r.exit_code == 0, r.output
+    assert "w" in r.output
+
+
+def test_generate_transformers_rng_is_deterministic(tiny_ckpt):
+    args = ["generate", str(tiny_ckpt), "--ids", "5,6,7", "--steps", "3", "--rng", "transformers", "--seed", "4"]
+    a, b = runner.invoke(app, args), runner.invoke(app, args)
+    assert a.exit_code == 0 and a.output.splitlines()[0] == b.output.splitlines()[0]
+
+
+def test_errors_are_one_line(tiny_ckpt, tmp_path):
+    r = runner.invoke(app, ["info", str(tmp_path / "nope")])
+    assert r.exit_code == 1
+    assert r.output.strip().startswith("error:") and "Traceback" not in r.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    r = runner.invoke(app, ["generate", str(bad), "--ids", "1"])
+    assert r.exit_code == 1 and "not a DiffusionGemma config" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "1,x"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
