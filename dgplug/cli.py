@@ -85,9 +85,7 @@ def info(path: Path = typer.Argument(..., help="Checkpoint directory.")):
     def go():
         qc = _quantized(path)
         if qc is not None:
-            from dgplug.converters import quant
-
-            console.print(quant.describe(path))
+            _info_quantized(path, qc)
             return
         d = describe(path)
         tc = d["cfg"].text
@@ -106,6 +104,37 @@ def info(path: Path = typer.Argument(..., help="Checkpoint directory.")):
         console.print(t)
 
     run(go)
+
+
+def _info_quantized(path: Path, qc: dict):
+    """Scheme and bytes of a dgplug-quantized directory (packed weights vs everything else)."""
+    from safetensors import safe_open
+
+    packed = other = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                n = _numel(sl.get_shape()) * {"U8": 1, "I8": 1, "F8_E4M3": 1, "F16": 2, "BF16": 2, "F32": 4}.get(
+                    sl.get_dtype(), 4)
+                if k.endswith((".qweight", ".scale", ".zero")):
+                    packed += n
+                else:
+                    other += n
+    cfg = describe_config(path)
+    t = Table(show_header=False, box=None)
+    t.add_row("architecture", f"DiffusionGemma ({cfg.text.num_hidden_layers} layers, hidden {cfg.text.hidden_size})")
+    t.add_row("quantization", f"{qc.get('scheme')} (dgplug), group size {qc.get('group_size')}, "
+                              f"not converted: {', '.join(qc.get('modules_to_not_convert') or []) or '-'}")
+    t.add_row("weight bytes", f"{_human(packed, 'B')} packed + {_human(other, 'B')} kept (norms, router, "
+                              f"embedding, vision)")
+    console.print(t)
+
+
+def describe_config(path: Path):
+    from .config import load_config
+
+    return load_config(path)
 
 
 def _quantized(path: Path):
@@ -278,7 +307,8 @@ def inspect(path: Path = typer.Argument(..., help="A .gguf file.")):
     def go():
         from dgplug.converters.gguf_import import check_contract, inspect_table
 
-        meta, rows = inspect_table(path)
+        table = inspect_table(path)
+        meta, rows = table["metadata"], table["tensors"]
         t = Table(title=str(path))
         for col in ("key", "value"):
             t.add_column(col)
@@ -286,7 +316,7 @@ def inspect(path: Path = typer.Argument(..., help="A .gguf file.")):
             t.add_row(k, str(v)[:100])
         console.print(t)
         t = Table()
-        for col in ("tensor", "type", "shape", "bytes"):
+        for col in ("tensor", "type", "shape (ggml order)", "bytes"):
             t.add_column(col)
         for name, typ, shape, nbytes in rows:
             t.add_row(name, typ, str(list(shape)), _human(nbytes, "B"))

@@ -47,11 +47,21 @@ def build(cfg: Config, tensors, dtype=None, device=None, generation_defaults=Non
     seen = set()
     first_dtype = None
     for hf, t in tensors:
-        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"tensor {hf} holds NaN or Inf values")
-        first_dtype = first_dtype or t.dtype
-        target = dtype or first_dtype
-        t = t.to(device=device or "cpu", dtype=target if t.is_floating_point() else t.dtype)
+        if names.is_vision(hf):
+            continue
+        packed = not isinstance(t, torch.Tensor)  # a QuantizedWeight: stays packed in memory
+        if packed and hf.endswith("embed_tokens.weight"):  # also the head and soft-embedding table
+            t, packed = t.dequantize(dtype or torch.bfloat16), False
+        if packed:
+            t = t.to(device or "cpu")
+        else:
+            if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"tensor {hf} holds NaN or Inf values")
+            first_dtype = first_dtype or t.dtype
+            target = dtype or first_dtype
+            t = t.to(device=device or "cpu", dtype=target if t.is_floating_point() else t.dtype)
+            if t.data_ptr() % 64:  # a view into a file buffer: BLAS results depend on alignment
+                t = t.clone()
         if hf.startswith("model.encoder.language_model.layers.") and hf.endswith(".layer_scalar"):
             enc_scalars[int(hf.split(".")[4])] = t.reshape(())
             continue
@@ -74,24 +84,35 @@ def build(cfg: Config, tensors, dtype=None, device=None, generation_defaults=Non
     return model.eval()
 
 
-def _assign(model, name: str, t: torch.Tensor):
+def _assign(model, name: str, t):
     mod = model
     *path, leaf = name.split(".")
     for p in path:
         mod = getattr(mod, p)
-    setattr(mod, leaf, torch.nn.Parameter(t, requires_grad=False))
+    if isinstance(t, torch.Tensor):
+        setattr(mod, leaf, torch.nn.Parameter(t, requires_grad=False))
+    else:  # packed quantized weight: a plain attribute in place of the parameter
+        delattr(mod, leaf)
+        setattr(mod, leaf, t)
 
 
 def load(path, dtype=None, device=None, check_finite: bool = True) -> DiffusionGemma:
-    """Load a DiffusionGemma checkpoint directory (config.json + safetensors) as a dgplug model.
+    """Load a DiffusionGemma checkpoint as a dgplug model.
 
+    path: a Hugging Face directory (config.json + safetensors), a dgplug-quantized directory
+    (int4/int8/fp8: weights stay packed in memory), or a .gguf file (or a directory holding one).
     dtype: torch dtype or name ("bf16", "fp32", ...); default: the checkpoint's own.
     device: where to put the weights (default CPU)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     dtype = resolve_dtype(dtype)
+    gguf = gguf_file(path)
+    if gguf is not None:
+        return load_gguf(gguf, dtype, device, check_finite)
     cfg = load_config(path)
+    if cfg.raw.get("quantization_config"):
+        return load_quantized(path, cfg, dtype, device)
     ckpt = SafetensorsCheckpoint(path)
     specs = validate(ckpt, cfg)
     model = build(cfg, ((s.hf, ckpt.get(s.hf)) for s in specs), dtype, device, load_generation_defaults(path),
@@ -110,3 +131,53 @@ def load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # a broken tokenizer should not stop id-based use
         raise CheckpointError(f"{path}: tokenizer files present but unreadable ({e})") from None
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the one .gguf in a directory without safetensors."""
+    if path.is_file():
+        return path if path.suffix == ".gguf" or path.read_bytes()[:4] == b"GGUF" else None
+    found = sorted(path.glob("*.gguf"))
+    if not found or any(path.glob("*.safetensors")):
+        return None
+    if len(found) > 1:
+        raise CheckpointError(f"{path}: several .gguf files ({', '.join(f.name for f in found)}): name one")
+    return found[0]
+
+
+def load_gguf(path: Path, dtype=None, device=None, check_finite=True) -> DiffusionGemma:
+    """Architecture from the GGUF metadata, weights dequantised tensor by tensor, tokenizer from the vocabulary."""
+    from dgplug.converters.gguf_import import gguf_to_config, iter_hf_tensors, tokenizer_from_gguf, validate_gguf
+
+    from .config import from_dict
+
+    validate_gguf(path)
+    raw = gguf_to_config(path)
+    gen = raw.pop("generation_config", None)
+    raw.pop("mask_token_id", None)
+    cfg = from_dict(raw, str(path))
+    model = build(cfg, iter_hf_tensors(path), dtype, device, gen, check_finite)
+    model.source = str(path)
+    try:
+        model.tokenizer = tokenizer_from_gguf(path)
+    except Exception:  # noqa: BLE001 - a GGUF without a usable vocabulary still runs on ids
+        model.tokenizer = None
+    return model
+
+
+def load_quantized(path: Path, cfg: Config, dtype=None, device=None) -> DiffusionGemma:
+    """A dgplug int4/int8/fp8 directory: linear and expert weights stay packed (QuantizedWeight)."""
+    from dgplug.converters.quant import load_quantized_tensors
+
+    qc = cfg.raw["quantization_config"]
+    if qc.get("quant_method") != "dgplug":
+        raise CheckpointError(f"{path / 'config.json'}: quantization method {qc.get('quant_method')!r} is not dgplug's")
+    tensors = load_quantized_tensors(path)
+    order = [s.hf for s in names.text_tensors(cfg.text)]
+    missing = [n for n in order if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}")
+    model = build(cfg, ((n, tensors[n]) for n in order), dtype, device, load_generation_defaults(path))
+    model.source = str(path)
+    model.tokenizer = load_tokenizer(path)
+    return model

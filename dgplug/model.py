@@ -33,7 +33,7 @@ def linear(x, w):
     """Bias-free linear; `w` may be a plain tensor or a packed quantized weight."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w)
-    return w.linear(x)
+    return F.linear(x, w.dequantize(x.dtype))  # packed (QuantizedWeight): dequantised per call
 
 
 class MLP(nn.Module):

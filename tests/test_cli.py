@@ -42,3 +42,17 @@ def test_errors_are_one_line(tiny_ckpt, tmp_path):
     assert r.exit_code == 1 and "not a DiffusionGemma config" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "1,x"])
     assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def test_convert_info_inspect(tiny_ckpt_smooth, tmp_path):
+    # the tiny model's rows (64) are not multiples of 256: K-quant tensors fall back as llama.cpp does
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "m.gguf"), "--quant", "Q8_0"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["inspect", str(tmp_path / "m.gguf")])
+    assert r.exit_code == 0 and "token_embd.weight" in r.output and "matches" in r.output, r.output
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "q8"), "--quant", "int8"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["info", str(tmp_path / "q8")])
+    assert r.exit_code == 0 and "int8 (dgplug)" in r.output and "packed" in r.output
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "x.gguf"), "--quant", "Q9"])
+    assert r.exit_code == 1 and "Q9" in r.output and not (tmp_path / "x.gguf").exists()

@@ -1,0 +1,184 @@
+"""GGUF conversion throughput and memory (issue 3, "Measured").
+
+A synthetic DiffusionGemma checkpoint with the released per-layer shapes (hidden 2816, 128
+experts x 704, dense MLP 2112, vocabulary 262144) and 2 layers (one sliding, one full), about
+4.6 GB of bf16 in several shards, is written to --workdir (default /tmp/dgplug_convert_bench,
+never the repo) and converted to each --quant in a FRESH subprocess. Reported per run: wall
+time, input MB/s (bf16 bytes read / wall), output size, and peak RSS (ru_maxrss) of the converting
+process and of its largest worker process. Baseline: gguf-py's own Q8_0 encoder
+(gguf.quants.quantize) on the same tensors, single process, same row chunks.
+
+    python benchmarks/convert.py [--quant Q8_0 Q4_K_M] [--workdir DIR] [--keep]
+
+Goals: >= 150 MB/s on 2 cores, peak RSS <= 1.5 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEXT = dict(
+    vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=2, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2, num_experts=128,
+    top_k_experts=8, moe_intermediate_size=704, sliding_window=1024, max_position_embeddings=262144,
+    layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+    rope_parameters={"full_attention": {"rope_theta": 1e6, "partial_rotary_factor": 0.25, "rope_type": "proportional"},
+                     "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}},
+    pad_token_id=0, eos_token_id=1, bos_token_id=2, model_type="diffusion_gemma_text",
+)
+SHARD_BYTES = 1 << 30
+
+
+def _bf16_pool(n=1 << 24, seed=0):
+    x = (np.random.default_rng(seed).standard_normal(n, dtype=np.float32) * 0.02)
+    return (x.view(np.uint32) >> 16).astype(np.uint16)  # truncation to bf16 is fine for a benchmark
+
+
+def build_checkpoint(d: Path) -> int:
+    """Write the synthetic checkpoint (streamed, a few MB of RAM); returns its tensor bytes."""
+    from dgplug.config import from_dict
+    from dgplug.names import text_tensors
+    from dgplug.testing import save_tokenizer
+
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_type": "diffusion_gemma", "architectures": ["DiffusionGemmaForBlockDiffusion"],
+           "canvas_length": 256, "text_config": TEXT, "tie_word_embeddings": True}
+    specs = text_tensors(from_dict(cfg).text)
+    done = d / ".complete"
+    total = sum(int(np.prod(s.shape)) * 2 for s in specs)
+    if done.exists():
+        return total
+    (d / "config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "generation_config.json").write_text(json.dumps({"max_denoising_steps": None, "t_min": None}))
+    save_tokenizer(d, TEXT["vocab_size"])
+    shards, cur, size = [], [], 0
+    for s in specs:
+        nb = int(np.prod(s.shape)) * 2
+        if cur and size + nb > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(s)
+        size += nb
+    shards.append(cur)
+    pool = _bf16_pool()
+    weight_map = {}
+    pos = 0
+    for i, group in enumerate(shards):
+        fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, off = {}, 0
+        for s in group:
+            nb = int(np.prod(s.shape)) * 2
+            header[s.hf] = {"dtype": "BF16", "shape": list(s.shape), "data_offsets": [off, off + nb]}
+            off += nb
+            weight_map[s.hf] = fn
+        hb = json.dumps(header).encode()
+        hb += b" " * ((-len(hb)) % 8)
+        with open(d / fn, "wb") as f:
+            f.write(struct.pack("<Q", len(hb)) + hb)
+            for s in group:
+                n = int(np.prod(s.shape))
+                if s.kind in ("norm", "scalar") or s.hf.endswith(("router.scale", "per_expert_scale")):
+                    f.write(np.full(n, 0x3F80, np.uint16).tobytes())  # 1.0
+                    continue
+                while n:
+                    k = min(n, pool.size - 1024)
+                    start = pos % 1024
+                    f.write(pool[start:start + k].tobytes())
+                    pos += 7
+                    n -= k
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                 "weight_map": weight_map}))
+    done.write_text("ok")
+    return total
+
+
+def worker(src: str, out: str, quant: str) -> None:
+    from dgplug.converters.gguf_export import export_gguf
+    t0 = time.perf_counter()
+    export_gguf(src, out, quant=quant, progress=False)
+    wall = time.perf_counter() - t0
+    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"wall": wall, "rss_main_kb": me, "rss_max_worker_kb": kids, "out_bytes": os.path.getsize(out)}))
+
+
+def gguf_q8_baseline(src: Path, limit_bytes: int | None = None) -> tuple[float, int]:
+    """gguf-py's Q8_0 encoder on the same tensors (single process, same chunks): seconds, bytes."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+    from dgplug.converters.gguf_export import CHUNK_ELEMS, _read_rows, _to_f32, read_safetensors_index
+
+    st = read_safetensors_index(src)
+    t_enc, nbytes = 0.0, 0
+    for name in sorted(st):
+        t = st[name]
+        if len(t.shape) < 2:
+            continue
+        cols = t.shape[-1]
+        rows = int(np.prod(t.shape[:-1]))
+        step = max(1, CHUNK_ELEMS // cols)
+        for r0 in range(0, rows, step):
+            x = _to_f32(_read_rows(t, r0, min(rows, r0 + step), cols), t.dtype)
+            t0 = time.perf_counter()
+            quants.quantize(x, T.Q8_0)
+            t_enc += time.perf_counter() - t0
+            nbytes += x.size * 2
+            if limit_bytes and nbytes >= limit_bytes:
+                return t_enc, nbytes
+    return t_enc, nbytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quant", nargs="+", default=["Q8_0", "Q4_K_M"])
+    ap.add_argument("--workdir", default="/tmp/dgplug_convert_bench")
+    ap.add_argument("--keep", action="store_true", help="keep the output GGUFs")
+    ap.add_argument("--baseline-gb", type=float, default=1.0, help="bf16 GB fed to the gguf Q8_0 baseline")
+    ap.add_argument("--worker", nargs=3, metavar=("SRC", "OUT", "QUANT"))
+    a = ap.parse_args()
+    if a.worker:
+        worker(*a.worker)
+        return
+    wd = Path(a.workdir)
+    src = wd / "ckpt"
+    t0 = time.perf_counter()
+    total = build_checkpoint(src)
+    print(f"checkpoint: {total / 1e9:.2f} GB bf16 at {src} (ready in {time.perf_counter() - t0:.0f} s)")
+    print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
+    t_enc, nb = gguf_q8_baseline(src, int(a.baseline_gb * 1e9))
+    base = nb / t_enc / 1e6
+    print(f"gguf-py Q8_0 encoder alone (1 process, encode time only, {nb / 1e9:.2f} GB): {base:.0f} MB/s of bf16 input")
+    results = {}
+    for q in a.quant:
+        out = wd / f"out-{q}.gguf"
+        r = subprocess.run([sys.executable, __file__, "--worker", str(src), str(out), q], capture_output=True,
+                           text=True, cwd=ROOT)
+        if r.returncode:
+            print(r.stdout, r.stderr)
+            raise SystemExit(f"{q}: conversion failed")
+        m = json.loads(r.stdout.strip().splitlines()[-1])
+        mbs = total / m["wall"] / 1e6
+        results[q] = m
+        print(f"{q:7s}: {m['wall']:6.1f} s  {mbs:6.0f} MB/s in  (x{mbs / base:.2f} of gguf-py Q8_0)  "
+              f"out {m['out_bytes'] / 1e9:.2f} GB  peak RSS main {m['rss_main_kb'] / 2**20:.2f} GiB, "
+              f"largest worker {m['rss_max_worker_kb'] / 2**20:.2f} GiB")
+        if not a.keep:
+            out.unlink(missing_ok=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,637 @@
+"""Streaming export of a Hugging Face DiffusionGemma checkpoint to GGUF (the layout of
+../shared/spec/gguf.md, i.e. what llama.cpp's diffusion-gemma branch reads).
+
+Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
+
+    export_gguf(src_dir, out_path, quant="Q4_K_M", progress=True, workers=None) -> Path
+
+* `quant` is one of FILE_TYPES: F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K. The tensor types
+  of each file type come from ONE table, `RECIPES`, applied by `tensor_type()` (llama.cpp's
+  `llama_tensor_get_type` rules for this architecture, including its `use_more_bits` layer rule
+  and its fallbacks for rows that are not a multiple of 256: Q4_K -> Q5_0, Q5_K -> Q5_1,
+  Q6_K -> Q8_0, the tied token embedding -> Q8_0; 32-block types whose rows are not a multiple
+  of 32 -> F16).
+* Streaming: tensors are read row range by row range straight from the safetensors shards
+  (plain positional reads, no mmap, no torch), in the canonical order of `dgplug.names`, and
+  written sequentially. The header, metadata and tensor table are written first (shapes and
+  types are known up front), then the data. Peak memory is a few row chunks (~8 MB of fp32
+  each) per process, whatever the model size.
+* Quantised types use a pool of `workers` processes (default: min(2, cpu count)) over row
+  chunks; results are written in submission order, so the output is byte-for-byte
+  deterministic and independent of the worker count.
+* Output goes to a hidden temporary file beside OUT, renamed on success; any error or Ctrl-C
+  removes it (no OUT left behind).
+* Tokenizer: tokenizer.json (+ tokenizer_config.json, chat_template.jinja) -> tokenizer.ggml.*
+  with model "gemma4". Mask token: the tokenizer's mask_token if it declares one, else a token
+  spelled "<mask>" if the vocabulary has one, else the pad id (documented fallback: the
+  released model is uniform-state diffusion and never feeds a mask token; llama.cpp's
+  diffusion CLI only insists that the key exists).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFWriter, LlamaFileType, TokenType
+from gguf import GGMLQuantizationType as T
+
+from dgplug.config import Config, load_config, load_generation_defaults
+from dgplug.errors import CheckpointError, FormatError
+from dgplug.names import ROPE_FREQS_GGUF, is_vision, text_tensors
+
+from . import kquants
+
+ARCH = "diffusion-gemma"
+QK_K = 256
+CHUNK_ELEMS = 1 << 21  # elements per job (8 MB of fp32)
+
+# ---------------------------------------------------------------------------------------------
+# The recipe table: one row per file type.
+#   ftype     general.file_type
+#   base      type of every quantisable 2-D/3-D weight unless a rule below says otherwise
+#   embd      tied token embedding (llama.cpp quantises it as the output head): Q6_K unless the
+#             base is Q8_0 or not a block type
+#   kv8       attn_k and attn_v when the model has exactly 8 experts (llama.cpp: n_expert == 8)
+#   out8      attn_output when the model has exactly 8 experts
+#   v_more    attn_v in the layers use_more_bits() picks (counted over attn_v tensors)
+#   down_more ffn_down and ffn_down_exps in the layers use_more_bits() picks
+# "Quantisable" = llama.cpp's rule: >= 2 dims, name ends in "weight", not a norm, not
+# ffn_gate_inp (the router). Everything else (1-D tensors, the router) is F32.
+# ---------------------------------------------------------------------------------------------
+RECIPES: dict[str, dict] = {
+    "F32":    dict(ftype=LlamaFileType.ALL_F32,       base=T.F32,  embd=None, kv8=None, out8=None, v_more=None, down_more=None),
+    "F16":    dict(ftype=LlamaFileType.MOSTLY_F16,    base=T.F16,  embd=None, kv8=None, out8=None, v_more=None, down_more=None),
+    "BF16":   dict(ftype=LlamaFileType.MOSTLY_BF16,   base=T.BF16, embd=None, kv8=None, out8=None, v_more=None, down_more=None),
+    "Q8_0":   dict(ftype=LlamaFileType.MOSTLY_Q8_0,   base=T.Q8_0, embd=None, kv8=T.Q8_0, out8=None, v_more=None, down_more=None),
+    "Q4_0":   dict(ftype=LlamaFileType.MOSTLY_Q4_0,   base=T.Q4_0, embd=T.Q6_K, kv8=T.Q8_0, out8=None, v_more=None, down_more=None),
+    "Q4_K_M": dict(ftype=LlamaFileType.MOSTLY_Q4_K_M, base=T.Q4_K, embd=T.Q6_K, kv8=T.Q8_0, out8=T.Q5_K, v_more=T.Q6_K, down_more=T.Q6_K),
+    "Q5_K_M": dict(ftype=LlamaFileType.MOSTLY_Q5_K_M, base=T.Q5_K, embd=T.Q6_K, kv8=T.Q8_0, out8=None, v_more=T.Q6_K, down_more=T.Q6_K),
+    "Q6_K":   dict(ftype=LlamaFileType.MOSTLY_Q6_K,   base=T.Q6_K, embd=T.Q6_K, kv8=T.Q8_0, out8=None, v_more=None, down_more=None),
+}
+FILE_TYPES = tuple(RECIPES)
+# llama.cpp's tensor_type_fallback for rows that are not a multiple of the block size
+FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q4_0: T.F16, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16}
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's layer rule for the '_M' mixes (first/last eighth and every third layer)."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def quantisable(gguf_name: str, ndim: int) -> bool:
+    return (ndim >= 2 and gguf_name.endswith("weight") and "_norm.weight" not in gguf_name
+            and "ffn_gate_inp.weight" not in gguf_name)
+
+
+def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], *, n_layers: int, n_experts: int,
+                layer: int | None = None, attn_v_index: int = 0, n_attn_v: int = 0) -> T:
+    """The ggml type of one tensor in a file of type `quant` (numpy `shape`, row = last dim)."""
+    r = RECIPES[quant]
+    if not quantisable(gguf_name, len(shape)):
+        return T.F32
+    base = r["base"]
+    if base in (T.F32, T.F16, T.BF16):
+        return base
+    t = base
+    ncols = shape[-1]
+    if gguf_name == "token_embd.weight":
+        if ncols % GGML_QUANT_SIZES[base][0]:
+            return T.Q8_0 if ncols % 32 == 0 else T.F16
+        return r["embd"] or base
+    if ".attn_v." in gguf_name:
+        if r["v_more"] and use_more_bits(attn_v_index, n_attn_v):
+            t = r["v_more"]
+        if n_experts == 8 and r["kv8"]:
+            t = r["kv8"]
+    elif ".attn_k." in gguf_name:
+        if n_experts == 8 and r["kv8"]:
+            t = r["kv8"]
+    elif ".attn_output." in gguf_name:
+        if n_experts == 8 and r["out8"]:
+            t = r["out8"]
+    elif ".ffn_down" in gguf_name:
+        if r["down_more"] and layer is not None and use_more_bits(layer, n_layers):
+            t = r["down_more"]
+    while ncols % GGML_QUANT_SIZES[t][0]:
+        t = FALLBACK[t]
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading safetensors shards without torch or mmap
+# ---------------------------------------------------------------------------------------------
+_ST_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2), "F64": (np.float64, 8)}
+
+
+@dataclass(frozen=True)
+class SrcTensor:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def read_safetensors_index(src: Path) -> dict[str, SrcTensor]:
+    """name -> SrcTensor for every tensor of the checkpoint (sharded via the index json, or not)."""
+    idx = src / "model.safetensors.index.json"
+    weight_map = None
+    if idx.exists():
+        try:
+            weight_map = dict(json.loads(idx.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{idx}: malformed index ({e})") from None
+        files = sorted(set(weight_map.values()))
+    elif (src / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json")
+    out: dict[str, SrcTensor] = {}
+    for fn in files:
+        p = src / fn
+        if not p.exists():
+            raise CheckpointError(f"{p}: shard listed in the index is missing")
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{p}: truncated safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 1 << 30):
+                raise CheckpointError(f"{p}: safetensors header length {n} exceeds the file")
+            try:
+                header = json.loads(f.read(n))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{p}: malformed safetensors header ({e})") from None
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            s, e = info["data_offsets"]
+            dt = info["dtype"]
+            shape = tuple(int(d) for d in info["shape"])
+            if dt in _ST_DTYPES and (e - s) != int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[dt][1]:
+                raise CheckpointError(f"{p}: tensor {name} has {e - s} bytes for shape {shape} {dt}")
+            if base + e > size:
+                raise CheckpointError(f"{p}: tensor {name} runs past the end of the file")
+            if weight_map is not None and weight_map.get(name) != fn:
+                continue  # the index is authoritative
+            out[name] = SrcTensor(name, str(p), dt, shape, base + s, e - s)
+    if weight_map is not None:
+        lost = [n for n in weight_map if n not in out]
+        if lost:
+            raise CheckpointError(f"{idx}: maps {lost[0]} to {weight_map[lost[0]]}, which does not hold it")
+    return out
+
+
+def _read_rows(st: SrcTensor, r0: int, r1: int, cols: int, fd_cache: dict | None = None) -> np.ndarray:
+    """Rows [r0, r1) of the tensor viewed as (rows, cols), in the file's dtype (bf16 as uint16)."""
+    npdt, isz = _ST_DTYPES[st.dtype]
+    nbytes = (r1 - r0) * cols * isz
+    buf = np.empty(nbytes, np.uint8)
+    if fd_cache is not None and st.file in fd_cache:
+        fd = fd_cache[st.file]
+    else:
+        fd = os.open(st.file, os.O_RDONLY)
+        if fd_cache is not None:
+            fd_cache[st.file] = fd
+    try:
+        mv = memoryview(buf)
+        pos, off = 0, st.offset + r0 * cols * isz
+        while pos < nbytes:
+            k = os.preadv(fd, [mv[pos:]], off + pos)
+            if k <= 0:
+                raise CheckpointError(f"{st.file}: short read in tensor {st.name}")
+            pos += k
+    finally:
+        if fd_cache is None:
+            os.close(fd)
+    return buf.view(npdt).reshape(r1 - r0, cols)
+
+
+def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs (run in-process or in the worker pool)
+# ---------------------------------------------------------------------------------------------
+_FDS: dict = {}
+
+
+def _encode(st: SrcTensor | None, data: np.ndarray | None, r0: int, r1: int, cols: int, qtype: int,
+            gname: str) -> np.ndarray:
+    """Encode rows [r0, r1) of a tensor (from the file, or from `data`) as ggml type qtype."""
+    qtype = T(qtype)
+    if data is not None:
+        raw, dt = data.reshape(-1, cols)[r0:r1], "F32"
+    else:
+        raw, dt = _read_rows(st, r0, r1, cols, _FDS), st.dtype
+    if qtype == T.BF16 and dt == "BF16":
+        out = np.ascontiguousarray(raw).view(np.uint8)  # bit copy
+        kquants.check_finite(_to_f32(raw, dt), gname)
+        return out.reshape(-1)
+    if qtype == T.F16 and dt == "F16":
+        kquants.check_finite(raw, gname)
+        return np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    x = _to_f32(raw, dt)
+    out = kquants.quantize(x, qtype, name=gname)
+    return np.ascontiguousarray(out).view(np.uint8).reshape(-1)
+
+
+def _job(args):
+    return _encode(*args)
+
+
+def _worker_init():
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[k] = "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata and tokenizer
+# ---------------------------------------------------------------------------------------------
+GEMMA4_VISIBLE = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                  "<tool_response|>", '<|"|>'}
+
+
+def _tok_content(v):
+    if isinstance(v, dict):
+        return v.get("content")
+    return v
+
+
+def read_tokenizer(src: Path, vocab_size: int, cfg_raw: dict) -> dict:
+    """tokenizer.json (+ tokenizer_config.json, chat template) -> the tokenizer.ggml.* values."""
+    tj = src / "tokenizer.json"
+    if not tj.exists():
+        raise CheckpointError(f"{src}: no tokenizer.json (needed for the GGUF vocabulary)")
+    try:
+        tok = json.loads(tj.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{tj}: invalid JSON ({e})") from None
+    tcfg = {}
+    if (src / "tokenizer_config.json").exists():
+        tcfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    model = tok.get("model") or {}
+    mtype = model.get("type")
+    vocab: dict[str, int] = {}
+    scores_by_id: dict[int, float] = {}
+    if mtype in ("BPE", "WordLevel", "WordPiece"):
+        vocab = dict(model.get("vocab") or {})
+    elif mtype == "Unigram":
+        for i, (piece, score) in enumerate(model.get("vocab") or []):
+            vocab[piece] = i
+            scores_by_id[i] = float(score)
+    else:
+        raise CheckpointError(f"{tj}: unsupported tokenizer model {mtype!r}")
+    added = {}
+    for a in tok.get("added_tokens") or []:
+        added[int(a["id"])] = a
+        vocab.setdefault(a["content"], int(a["id"]))
+    n = max(vocab_size, max(vocab.values()) + 1)
+    if n > vocab_size:
+        raise CheckpointError(f"{tj}: token ids go up to {n - 1} but the model's vocab_size is {vocab_size}")
+    id2tok: list[str | None] = [None] * n
+    for t, i in vocab.items():
+        if id2tok[i] is None or i in added:
+            id2tok[i] = t
+    for i, a in added.items():
+        id2tok[i] = a["content"]
+    # special tokens: the named ones, the extra/additional ones and added tokens flagged special
+    named = {}
+    for key in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
+        c = _tok_content(tcfg.get(f"{key}_token"))
+        if c is not None and c in vocab:
+            named[key] = vocab[c]
+    special_ids = set(named.values())
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = tcfg.get(key) or []
+        if isinstance(extra, dict):
+            extra = list(extra.values())
+        for c in extra:
+            c = _tok_content(c)
+            if c in vocab:
+                special_ids.add(vocab[c])
+    special_ids |= {i for i, a in added.items() if a.get("special")}
+    tokens, scores, types = [], [], []
+    import re
+    byte_re = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    for i, t in enumerate(id2tok):
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1000.0)
+            types.append(int(TokenType.UNUSED))
+            continue
+        tokens.append(t)
+        scores.append(scores_by_id.get(i, -1000.0))
+        if byte_re.fullmatch(t):
+            types.append(int(TokenType.BYTE))
+        elif t in GEMMA4_VISIBLE:
+            types.append(int(TokenType.USER_DEFINED))
+        elif i in special_ids:
+            types.append(int(TokenType.CONTROL))
+        elif i in added:
+            types.append(int(TokenType.USER_DEFINED))
+        else:
+            types.append(int(TokenType.NORMAL))
+    merges = []
+    if mtype == "BPE":
+        for m in model.get("merges") or []:
+            merges.append(m if isinstance(m, str) else " ".join(m))
+    # ids: tokenizer_config first, then config.json
+    tc = cfg_raw.get("text_config") or {}
+
+    def cfg_id(key):
+        v = cfg_raw.get(f"{key}_token_id", tc.get(f"{key}_token_id"))
+        if isinstance(v, list):
+            v = v[0] if v else None
+        return v
+
+    ids = {}
+    for key in ("bos", "eos", "unk", "pad", "sep", "cls"):
+        v = named.get(key, cfg_id(key))
+        if v is not None:
+            ids[key] = int(v)
+    if "mask" in named:
+        ids["mask"] = named["mask"]
+    elif "<mask>" in vocab:
+        ids["mask"] = vocab["<mask>"]
+    else:
+        ids["mask"] = ids.get("pad", 0)
+    template = tcfg.get("chat_template")
+    if (src / "chat_template.jinja").exists():
+        template = (src / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (src / "chat_template.json").exists():
+        template = json.loads((src / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):  # named templates: keep the default one
+        d = {t.get("name"): t.get("template") for t in template}
+        template = d.get("default") or next(iter(d.values()), None)
+    return dict(tokens=tokens, scores=scores, types=types, merges=merges, ids=ids, chat_template=template)
+
+
+def _size_label(tc) -> str:
+    from gguf.utility import size_label
+    H, I, E, Im, V = tc.hidden_size, tc.intermediate_size, tc.num_experts, tc.moe_intermediate_size, tc.vocab_size
+    expert = tc.num_hidden_layers * E * 3 * H * Im
+    total = sum(int(np.prod(s.shape)) for s in text_tensors(tc))
+    return size_label(total, total - expert, expert // max(E, 1) * tc.top_k_experts, tc.top_k_experts)
+
+
+def _add_metadata(w: GGUFWriter, cfg: Config, gen: dict, tokv: dict, quant: str, name: str) -> None:
+    tc = cfg.text
+    a = ARCH
+    w.add_type("model")
+    w.add_name(name)
+    w.add_size_label(_size_label(tc))
+    w.add_uint32(f"{a}.block_count", tc.num_hidden_layers)
+    w.add_uint32(f"{a}.context_length", tc.max_position_embeddings)
+    w.add_uint32(f"{a}.embedding_length", tc.hidden_size)
+    w.add_uint32(f"{a}.feed_forward_length", tc.intermediate_size)
+    w.add_uint32(f"{a}.expert_feed_forward_length", tc.moe_intermediate_size)
+    w.add_uint32(f"{a}.expert_count", tc.num_experts)
+    w.add_uint32(f"{a}.expert_used_count", tc.top_k_experts)
+    w.add_uint32(f"{a}.attention.head_count", tc.num_attention_heads)
+    w.add_array(f"{a}.attention.head_count_kv", [int(tc.layer_dims(i)[1]) for i in range(tc.num_hidden_layers)])
+    w.add_uint32(f"{a}.attention.key_length", tc.global_head_dim)
+    w.add_uint32(f"{a}.attention.value_length", tc.global_head_dim)
+    w.add_uint32(f"{a}.attention.key_length_swa", tc.head_dim)
+    w.add_uint32(f"{a}.attention.value_length_swa", tc.head_dim)
+    w.add_uint32(f"{a}.attention.sliding_window", tc.sliding_window)
+    w.add_array(f"{a}.attention.sliding_window_pattern", [t == "sliding_attention" for t in tc.layer_types])
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", tc.rms_norm_eps)
+    w.add_bool(f"{a}.attention.causal", False)
+    w.add_uint32(f"{a}.attention.shared_kv_layers", 0)
+    w.add_uint32(f"{a}.embedding_length_per_layer_input", 0)
+    w.add_float32(f"{a}.rope.freq_base", tc.rope_theta_full)
+    w.add_float32(f"{a}.rope.freq_base_swa", tc.rope_theta_sliding)
+    w.add_uint32(f"{a}.rope.dimension_count", tc.global_head_dim)
+    w.add_uint32(f"{a}.rope.dimension_count_swa", tc.head_dim)
+    w.add_float32(f"{a}.final_logit_softcapping", tc.final_logit_softcapping)
+    w.add_uint32("general.file_type", int(RECIPES[quant]["ftype"]))
+    w.add_uint32("general.quantization_version", 2)
+    # the diffusion CLI's keys (no arch prefix); nulls were already replaced by released defaults
+    w.add_uint32("diffusion.canvas_length", cfg.canvas_length)
+    w.add_uint32("diffusion.eb_max_steps", int(gen["max_denoising_steps"]))
+    w.add_float32("diffusion.eb_t_min", float(gen["t_min"]))
+    w.add_float32("diffusion.eb_t_max", float(gen["t_max"]))
+    w.add_float32("diffusion.eb_entropy_bound", float(gen["entropy_bound"]))
+    w.add_uint32("diffusion.eb_stability_threshold", int(gen["stability_threshold"]))
+    w.add_float32("diffusion.eb_confidence_threshold", float(gen["confidence_threshold"]))
+    # tokenizer
+    w.add_string("tokenizer.ggml.model", "gemma4")
+    w.add_array("tokenizer.ggml.tokens", tokv["tokens"])
+    w.add_array("tokenizer.ggml.scores", [float(s) for s in tokv["scores"]])
+    w.add_array("tokenizer.ggml.token_type", tokv["types"])
+    if tokv["merges"]:
+        w.add_array("tokenizer.ggml.merges", tokv["merges"])
+    ids = tokv["ids"]
+    for key, gk in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                    ("sep", "seperator_token_id"), ("pad", "padding_token_id"), ("cls", "cls_token_id"),
+                    ("mask", "mask_token_id")):
+        if key in ids:
+            w.add_uint32(f"tokenizer.ggml.{gk}", ids[key])
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+    w.add_bool("tokenizer.ggml.add_space_prefix", False)
+    if tokv["chat_template"]:
+        w.add_string("tokenizer.chat_template", tokv["chat_template"])
+
+
+def rope_freqs(tc) -> np.ndarray:
+    """The rope_freqs tensor: 1.0 for the rotated pairs of a full layer, 1e30 (no rotation) after."""
+    n = tc.global_head_dim // 2
+    rot = int(tc.global_head_dim * tc.partial_rotary_factor_full) // 2
+    f = np.full(n, 1e30, np.float32)
+    f[:rot] = 1.0
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan and the export
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PlanItem:
+    gguf: str
+    shape: tuple[int, ...]  # numpy order
+    qtype: T
+    src: SrcTensor | None
+    data: np.ndarray | None = None  # computed tensors (rope_freqs)
+
+    @property
+    def nbytes(self) -> int:
+        bs, ts = GGML_QUANT_SIZES[self.qtype]
+        n = int(np.prod(self.shape, dtype=np.int64))
+        return n // bs * ts
+
+
+def plan_export(src_dir, quant: str = "Q4_K_M") -> tuple[Config, list[PlanItem], list[str]]:
+    """Config, the ordered tensor plan (name, shape, type, source) and warnings, without writing."""
+    if quant not in RECIPES:
+        raise CheckpointError(f"unknown file type {quant!r}; choose one of {', '.join(FILE_TYPES)}")
+    src = Path(src_dir)
+    cfg = load_config(src)
+    tc = cfg.text
+    st = read_safetensors_index(src)
+    specs = text_tensors(tc)
+    n_attn_v = sum(1 for s in specs if ".attn_v." in s.gguf)
+    items = [PlanItem(ROPE_FREQS_GGUF, (tc.global_head_dim // 2,), T.F32, None, rope_freqs(tc))]
+    v_i = 0
+    missing = []
+    for s in specs:
+        t = st.get(s.hf)
+        if t is None:
+            missing.append(s.hf)
+            continue
+        if t.shape != tuple(s.shape):
+            raise CheckpointError(f"{t.file}: tensor {s.hf} has shape {list(t.shape)}, expected {list(s.shape)}")
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{t.file}: tensor {s.hf} has unsupported dtype {t.dtype}")
+        qt = tensor_type(quant, s.gguf, s.shape, n_layers=tc.num_hidden_layers, n_experts=tc.num_experts,
+                         layer=s.layer, attn_v_index=v_i, n_attn_v=n_attn_v)
+        if ".attn_v." in s.gguf:
+            v_i += 1
+        items.append(PlanItem(s.gguf, tuple(s.shape), qt, t))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{src}: checkpoint lacks {', '.join(missing[:5])}{more}")
+    known = {s.hf for s in specs}
+    warnings = [f"ignoring tensor {n}" for n in sorted(st) if n not in known and not is_vision(n)]
+    return cfg, items, warnings
+
+
+def _jobs_for(item: PlanItem):
+    shape = item.shape
+    cols = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    if len(shape) == 1:
+        cols = shape[0]
+    step = max(1, CHUNK_ELEMS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        yield (r0, r1, cols, (r1 - r0) * cols * (item.src.nbytes // max(1, rows * cols) if item.src else 4))
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+    return Progress(TextColumn("{task.description:<40}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), transient=False)
+
+
+def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True, workers: int | None = None,
+                name: str | None = None) -> Path:
+    """Convert the HF checkpoint in `src_dir` to a GGUF at `out_path`; returns out_path."""
+    quant = quant.upper()
+    src = Path(src_dir)
+    out = Path(out_path)
+    cfg, items, warnings = plan_export(src, quant)
+    gen = load_generation_defaults(src)
+    tokv = read_tokenizer(src, cfg.text.vocab_size, cfg.raw)
+    name = name or cfg.raw.get("_name_or_path") or src.resolve().name
+    name = Path(str(name)).name or "diffusion-gemma"
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    quantised = any(it.qtype not in (T.F32, T.F16, T.BF16) and it.src is not None for it in items)
+    big = sum(int(np.prod(it.shape)) for it in items) > 4 * CHUNK_ELEMS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    pool = None
+    prog = None
+    w = None
+    try:
+        if workers > 1 and quantised and big:
+            import multiprocessing as mp
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            pool = ctx.Pool(workers, initializer=_worker_init)
+        w = GGUFWriter(tmp, ARCH)
+        _add_metadata(w, cfg, gen, tokv, quant, name)
+        for it in items:
+            w.add_tensor_info(it.gguf, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        fout = w.fout[0]
+        total_in = sum(it.src.nbytes for it in items if it.src is not None)
+        prog = _progress(progress)
+        task = None
+        if prog is not None:
+            prog.start()
+            for msg in warnings:
+                prog.console.print(f"[yellow]{msg}")
+            task = prog.add_task(f"{quant}", total=total_in)
+        align = w.data_alignment
+        for it in items:
+            if prog is not None:
+                prog.update(task, description=f"{it.gguf} {it.qtype.name}")
+            pad = (-fout.tell()) % align
+            if pad:
+                fout.write(b"\0" * pad)
+            start = fout.tell()
+            jobs = list(_jobs_for(it))
+            use_pool = pool is not None and it.qtype not in (T.F32, T.F16, T.BF16) and len(jobs) > 1
+            pending: deque = deque()
+            for r0, r1, cols, in_bytes in jobs:
+                args = (it.src, it.data, r0, r1, cols, int(it.qtype), it.gguf)
+                if use_pool:
+                    pending.append((pool.apply_async(_job, (args,)), in_bytes))
+                    if len(pending) <= 2 * workers:
+                        continue
+                    res, nb = pending.popleft()
+                    res.get().tofile(fout)
+                else:
+                    _encode(*args).tofile(fout)
+                    nb = in_bytes
+                if prog is not None and it.src is not None:
+                    prog.advance(task, nb)
+            while pending:
+                res, nb = pending.popleft()
+                res.get().tofile(fout)
+                if prog is not None and it.src is not None:
+                    prog.advance(task, nb)
+            written = fout.tell() - start
+            if written != it.nbytes:
+                raise FormatError(f"{it.gguf}: wrote {written} bytes, expected {it.nbytes}")
+            # keep GGUFWriter's bookkeeping in step (its table is consumed in order)
+            w.tensors[0].pop(it.gguf)
+        pad = (-fout.tell()) % align
+        if pad:
+            fout.write(b"\0" * pad)
+        w.close()
+        w = None
+        os.replace(tmp, out)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool = None
+        if w is not None:
+            try:
+                w.close()
+            except Exception:
+                pass
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if prog is not None:
+            prog.stop()
+        while _FDS:
+            os.close(_FDS.popitem()[1])
+    return out

@@ -1,0 +1,497 @@
+"""Reading DiffusionGemma GGUF files (ours or the published ones) back into Hugging Face terms.
+
+Entry points (what `dgplug.load("x.gguf")` and `dgplug inspect FILE.gguf` call):
+
+    open_gguf(path) -> gguf.GGUFReader
+        Validates the file first (`validate_gguf`), then opens it with gguf-py's reader.
+    validate_gguf(path) -> dict
+        Walks the header, every metadata value and every tensor record with bounds checks
+        against the file size BEFORE anything is allocated: wrong magic/version, truncation,
+        absurd counts or lengths, unknown value or tensor types, bad dimensions, tensor data past
+        the end of the file and a non-"diffusion-gemma" architecture raise FormatError naming
+        the problem. Returns a small summary (version, counts, alignment, data offset).
+    gguf_to_config(reader_or_path) -> dict
+        A config.json-style dict that `dgplug.config.from_dict` accepts (model_type
+        "diffusion_gemma", text_config with global_head_dim / num_global_key_value_heads /
+        layer_types / rope_parameters, canvas_length), plus "generation_config": the sampler
+        defaults stored under diffusion.* (released defaults for absent keys).
+    iter_hf_tensors(path, dtype=None) -> iterator of (hf_name, torch.Tensor)
+        Tensor by tensor, dequantised with gguf.quants.dequantize: F32 -> fp32 (bit exact),
+        BF16 -> bf16 (bit exact), everything else -> fp32 (or `dtype` if given). GGUF names are
+        mapped back through dgplug.names, ggml's reversed dims undone (the fused expert
+        gate_up stays fused, [E, 2I, H]); the encoder layer scalars are included; rope_freqs
+        (computed, not a checkpoint tensor) is skipped.
+    check_contract(path) -> list[str]
+        Problems of the file against ../shared/spec/gguf.md: missing keys, missing / unknown
+        tensors, wrong shapes, 1-D tensors or the router not in F32, no mask token.
+    inspect_table(path) -> {"metadata": {key: value}, "tensors": [(name, type, shape, bytes)]}
+        `shape` in ggml order (innermost first, as llama.cpp prints it); long arrays summarised.
+    tokenizer_from_gguf(path) -> transformers.PreTrainedTokenizerFast
+        Rebuilds the tokenizer from the embedded vocabulary (BPE with merges, or WordLevel when
+        the file has no merges).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFValueType as VT
+
+from dgplug.errors import FormatError
+from dgplug.names import ROPE_FREQS_GGUF, text_tensors
+
+ARCH = "diffusion-gemma"
+GGUF_MAGIC = b"GGUF"
+MAX_DIMS = 4
+_SCALAR_SIZE = {VT.UINT8: 1, VT.INT8: 1, VT.UINT16: 2, VT.INT16: 2, VT.UINT32: 4, VT.INT32: 4, VT.FLOAT32: 4,
+                VT.BOOL: 1, VT.UINT64: 8, VT.INT64: 8, VT.FLOAT64: 8}
+_SCALAR_FMT = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
+               VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
+
+REQUIRED_KEYS = [
+    "general.architecture", "general.file_type", "general.quantization_version",
+    *[f"{ARCH}.{k}" for k in (
+        "block_count", "context_length", "embedding_length", "feed_forward_length", "expert_feed_forward_length",
+        "expert_count", "expert_used_count", "attention.head_count", "attention.head_count_kv",
+        "attention.key_length", "attention.value_length", "attention.key_length_swa",
+        "attention.value_length_swa", "attention.sliding_window", "attention.sliding_window_pattern",
+        "attention.layer_norm_rms_epsilon", "attention.causal", "rope.freq_base", "rope.freq_base_swa",
+        "rope.dimension_count", "rope.dimension_count_swa", "final_logit_softcapping")],
+    "diffusion.canvas_length",
+    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.mask_token_id",
+    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+]
+GEN_KEYS = {  # diffusion.* key -> generation_config key (released defaults in dgplug.config)
+    "diffusion.eb_max_steps": "max_denoising_steps",
+    "diffusion.eb_t_min": "t_min",
+    "diffusion.eb_t_max": "t_max",
+    "diffusion.eb_entropy_bound": "entropy_bound",
+    "diffusion.eb_stability_threshold": "stability_threshold",
+    "diffusion.eb_confidence_threshold": "confidence_threshold",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: a bounds-checked walk of the file before gguf-py (which trusts the counts) runs
+# ---------------------------------------------------------------------------------------------
+class _Cursor:
+    def __init__(self, f, size: int, path: str):
+        self.f, self.size, self.path, self.pos = f, size, path, 0
+
+    def need(self, n: int, what: str):
+        if n < 0 or self.pos + n > self.size:
+            raise FormatError(f"{self.path}: truncated GGUF ({what} needs {n} bytes at offset {self.pos}, "
+                              f"file has {self.size})")
+
+    def read(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        b = self.f.read(n)
+        if len(b) != n:
+            raise FormatError(f"{self.path}: truncated GGUF while reading {what}")
+        self.pos += n
+        return b
+
+    def skip(self, n: int, what: str):
+        self.need(n, what)
+        self.f.seek(n, 1)
+        self.pos += n
+
+    def u32(self, what):
+        return struct.unpack("<I", self.read(4, what))[0]
+
+    def u64(self, what):
+        return struct.unpack("<Q", self.read(8, what))[0]
+
+    def string(self, what, keep=True):
+        n = self.u64(f"{what} length")
+        if n > self.size - self.pos:
+            raise FormatError(f"{self.path}: {what} claims {n} bytes, more than the rest of the file")
+        if keep:
+            return self.read(n, what).decode("utf-8", errors="replace")
+        self.skip(n, what)
+        return None
+
+
+def _value_type(c: _Cursor, raw: int, key: str) -> VT:
+    try:
+        return VT(raw)
+    except ValueError:
+        raise FormatError(f"{c.path}: metadata key {key!r} has unknown value type {raw}") from None
+
+
+def validate_gguf(path) -> dict:
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    with open(path, "rb") as f:
+        c = _Cursor(f, size, path)
+        magic = c.read(4, "magic") if size >= 4 else b""
+        if magic != GGUF_MAGIC:
+            raise FormatError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        version = c.u32("version")
+        if version not in (2, 3):
+            raise FormatError(f"{path}: unsupported GGUF version {version}")
+        n_tensors = c.u64("tensor count")
+        n_kv = c.u64("metadata count")
+        # every tensor record takes >= 8+0+4+8+4+8 bytes and every key/value >= 8+0+4+1
+        if n_tensors * 32 > size or n_kv * 13 > size or n_tensors > 1 << 24 or n_kv > 1 << 24:
+            raise FormatError(f"{path}: header announces {n_tensors} tensors and {n_kv} metadata entries, "
+                              f"impossible in a file of {size} bytes")
+        meta: dict = {}
+        for _ in range(n_kv):
+            key = c.string("metadata key")
+            vt = _value_type(c, c.u32(f"type of {key!r}"), key)
+            if vt == VT.ARRAY:
+                st = _value_type(c, c.u32(f"array type of {key!r}"), key)
+                n = c.u64(f"array length of {key!r}")
+                if st == VT.STRING:
+                    if n * 8 > size - c.pos:
+                        raise FormatError(f"{path}: array {key!r} claims {n} strings, more than the file holds")
+                    keep = n <= 16
+                    vals = [c.string(f"{key!r}[{i}]", keep) for i in range(n)]
+                    meta[key] = vals if keep else n
+                elif st == VT.ARRAY:
+                    raise FormatError(f"{path}: nested arrays in {key!r} are not supported")
+                else:
+                    isz = _SCALAR_SIZE[st]
+                    if n * isz > size - c.pos:
+                        raise FormatError(f"{path}: array {key!r} claims {n} items, more than the file holds")
+                    if n <= 4096:
+                        raw = c.read(n * isz, key)
+                        meta[key] = list(struct.unpack(f"<{n}{_SCALAR_FMT[st][1]}", raw))
+                    else:
+                        c.skip(n * isz, key)
+                        meta[key] = n
+            elif vt == VT.STRING:
+                meta[key] = c.string(f"value of {key!r}")
+            else:
+                meta[key] = struct.unpack(_SCALAR_FMT[vt], c.read(_SCALAR_SIZE[vt], key))[0]
+        arch = meta.get("general.architecture")
+        if arch != ARCH:
+            raise FormatError(f"{path}: architecture {arch!r} is not {ARCH!r}")
+        align = meta.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise FormatError(f"{path}: bad general.alignment {align!r}")
+        infos = []
+        names = set()
+        for _ in range(n_tensors):
+            name = c.string("tensor name")
+            if name in names:
+                raise FormatError(f"{path}: duplicated tensor {name!r}")
+            names.add(name)
+            nd = c.u32(f"dims of {name}")
+            if nd == 0 or nd > MAX_DIMS:
+                raise FormatError(f"{path}: tensor {name!r} has {nd} dimensions")
+            dims = [c.u64(f"dim of {name}") for _ in range(nd)]
+            if any(d == 0 or d > 1 << 40 for d in dims):
+                raise FormatError(f"{path}: tensor {name!r} has absurd dimensions {dims}")
+            raw_t = c.u32(f"type of {name}")
+            try:
+                qt = T(raw_t)
+                bs, ts = GGML_QUANT_SIZES[qt]
+            except (ValueError, KeyError):
+                raise FormatError(f"{path}: tensor {name!r} has unknown ggml type {raw_t}") from None
+            if dims[0] % bs:
+                raise FormatError(f"{path}: tensor {name!r} row of {dims[0]} is not a multiple of {qt.name}'s block {bs}")
+            off = c.u64(f"offset of {name}")
+            n = 1
+            for d in dims:
+                n *= d
+            if n > 1 << 42:
+                raise FormatError(f"{path}: tensor {name!r} has {n} elements")
+            infos.append((name, dims, qt, off, n // bs * ts))
+        data_start = c.pos + (-c.pos) % align
+        for name, dims, qt, off, nb in infos:
+            if off % align:
+                raise FormatError(f"{path}: tensor {name!r} data offset {off} is not aligned to {align}")
+            if data_start + off + nb > size:
+                raise FormatError(f"{path}: tensor {name!r} data ({nb} bytes at {data_start + off}) runs past the "
+                                  f"end of the file ({size} bytes)")
+    return dict(version=version, n_tensors=n_tensors, n_kv=n_kv, alignment=align, data_offset=data_start,
+                metadata=meta, tensors=infos)
+
+
+def open_gguf(path) -> GGUFReader:
+    validate_gguf(path)
+    try:
+        return GGUFReader(str(path), "r")
+    except (ValueError, KeyError, IndexError) as e:
+        raise FormatError(f"{path}: malformed GGUF ({e})") from None
+
+
+def _reader(r) -> GGUFReader:
+    return r if isinstance(r, GGUFReader) else open_gguf(r)
+
+
+def _f32(v) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-06, not 9.99999997e-07)."""
+    return float(f"{float(v):.7g}")
+
+
+def _field(reader: GGUFReader, key: str, default=None):
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception:  # noqa: BLE001 - a malformed value reads as absent
+        return default
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+def gguf_to_config(reader) -> dict:
+    reader = _reader(reader)
+    a = ARCH
+
+    def need(key):
+        v = _field(reader, key)
+        if v is None:
+            raise FormatError(f"GGUF lacks metadata key {key!r}")
+        return v
+
+    n_layers = int(need(f"{a}.block_count"))
+    swa = need(f"{a}.attention.sliding_window_pattern")
+    kvh = need(f"{a}.attention.head_count_kv")
+    if not isinstance(swa, list) or len(swa) != n_layers:
+        raise FormatError(f"{a}.attention.sliding_window_pattern must list {n_layers} layers")
+    if isinstance(kvh, int):
+        kvh = [kvh] * n_layers
+    if len(kvh) != n_layers:
+        raise FormatError(f"{a}.attention.head_count_kv must list {n_layers} layers")
+    layer_types = ["sliding_attention" if s else "full_attention" for s in swa]
+    slide_kv = next((int(k) for k, s in zip(kvh, swa) if s), int(kvh[0]))
+    full_kv = next((int(k) for k, s in zip(kvh, swa) if not s), slide_kv)
+    ghd = int(need(f"{a}.attention.key_length"))
+    hd = int(_field(reader, f"{a}.attention.key_length_swa", ghd))
+    # partial rotation of full layers: the 1.0 entries of rope_freqs
+    prf = 0.25
+    for t in reader.tensors:
+        if t.name == ROPE_FREQS_GGUF:
+            f = np.asarray(t.data, dtype=np.float32).reshape(-1)
+            prf = float((f < 1e29).sum()) * 2 / ghd
+            break
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    vocab = None
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            vocab = int(t.shape[1])
+    if vocab is None:
+        vocab = len(tokens.data) if tokens is not None else 0
+
+    def tid(key, default):
+        v = _field(reader, f"tokenizer.ggml.{key}")
+        return int(v) if v is not None else default
+
+    tc = {
+        "model_type": "diffusion_gemma_text",
+        "vocab_size": vocab,
+        "hidden_size": int(need(f"{a}.embedding_length")),
+        "intermediate_size": int(need(f"{a}.feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": int(need(f"{a}.attention.head_count")),
+        "num_key_value_heads": slide_kv,
+        "head_dim": hd,
+        "global_head_dim": ghd,
+        "num_global_key_value_heads": full_kv,
+        "num_experts": int(need(f"{a}.expert_count")),
+        "top_k_experts": int(need(f"{a}.expert_used_count")),
+        "moe_intermediate_size": int(need(f"{a}.expert_feed_forward_length")),
+        "sliding_window": int(need(f"{a}.attention.sliding_window")),
+        "layer_types": layer_types,
+        "rope_parameters": {
+            "full_attention": {"rope_theta": _f32(_field(reader, f"{a}.rope.freq_base", 1e6)),
+                               "partial_rotary_factor": prf, "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": _f32(_field(reader, f"{a}.rope.freq_base_swa", 1e4)),
+                                  "rope_type": "default"},
+        },
+        "rms_norm_eps": _f32(need(f"{a}.attention.layer_norm_rms_epsilon")),
+        "final_logit_softcapping": _f32(_field(reader, f"{a}.final_logit_softcapping", 30.0)),
+        "max_position_embeddings": int(_field(reader, f"{a}.context_length", 131072)),
+        "pad_token_id": tid("padding_token_id", 0),
+        "bos_token_id": tid("bos_token_id", 2),
+        "eos_token_id": tid("eos_token_id", 1),
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+    }
+    from dgplug.config import GENERATION_DEFAULTS
+    gen = dict(GENERATION_DEFAULTS)
+    for k, g in GEN_KEYS.items():
+        v = _field(reader, k)
+        if v is not None:
+            gen[g] = int(v) if isinstance(GENERATION_DEFAULTS[g], int) else _f32(v)
+    gen["max_new_tokens"] = int(_field(reader, "diffusion.canvas_length", 256))
+    return {
+        "model_type": "diffusion_gemma",
+        "architectures": ["DiffusionGemmaForBlockDiffusion"],
+        "canvas_length": int(_field(reader, "diffusion.canvas_length", 256)),
+        "tie_word_embeddings": True,
+        "text_config": tc,
+        "generation_config": gen,
+        "mask_token_id": tid("mask_token_id", None) if _field(reader, "tokenizer.ggml.mask_token_id") is not None else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------
+def _name_map(cfg_dict: dict) -> dict:
+    from dgplug.config import from_dict
+    tc = from_dict(cfg_dict, "GGUF metadata").text
+    return {s.gguf: s for s in text_tensors(tc)}
+
+
+def dequantize_tensor(t, dtype=None):
+    """One ReaderTensor -> torch tensor in numpy (= HF) dim order."""
+    import torch
+    from gguf import quants
+
+    shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+    qt = T(int(t.tensor_type))
+    if qt == T.F32:
+        out = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
+    elif qt == T.BF16:
+        u16 = np.array(t.data).view(np.uint16).reshape(shape)
+        out = torch.from_numpy(u16.view(np.int16)).view(torch.bfloat16)
+    else:
+        arr = quants.dequantize(np.asarray(t.data), qt)
+        out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+    if dtype is not None:
+        out = out.to(dtype)
+    return out
+
+
+def iter_hf_tensors(path, dtype=None) -> Iterator[tuple[str, "object"]]:
+    reader = _reader(path)
+    specs = _name_map(gguf_to_config(reader))
+    for t in reader.tensors:
+        if t.name == ROPE_FREQS_GGUF:
+            continue
+        s = specs.get(t.name)
+        if s is None:
+            raise FormatError(f"{path}: unknown tensor {t.name!r}")
+        out = dequantize_tensor(t, dtype)
+        if tuple(out.shape) != tuple(s.shape):
+            raise FormatError(f"{path}: tensor {t.name!r} has shape {list(out.shape)}, expected {list(s.shape)}")
+        yield s.hf, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract check and inspection
+# ---------------------------------------------------------------------------------------------
+def check_contract(path) -> list[str]:
+    problems: list[str] = []
+    try:
+        reader = open_gguf(path)
+    except FormatError as e:
+        return [str(e)]
+    for k in REQUIRED_KEYS:
+        if reader.get_field(k) is None:
+            problems.append(f"missing metadata key {k}")
+    if _field(reader, "tokenizer.ggml.model") not in (None, "gemma4"):
+        problems.append(f"tokenizer.ggml.model is {_field(reader, 'tokenizer.ggml.model')!r}, expected 'gemma4'")
+    try:
+        cfg = gguf_to_config(reader)
+        specs = _name_map(cfg)
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        problems.append(f"cannot derive the model config: {e}")
+        return problems
+    present = {t.name: t for t in reader.tensors}
+    for name, s in specs.items():
+        t = present.get(name)
+        if t is None:
+            problems.append(f"missing tensor {name}")
+            continue
+        shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+        if shape != tuple(s.shape):
+            problems.append(f"tensor {name}: shape {list(shape)} (numpy order), expected {list(s.shape)}")
+        if (len(s.shape) == 1 or ".ffn_gate_inp." in name) and T(int(t.tensor_type)) != T.F32:
+            problems.append(f"tensor {name}: type {T(int(t.tensor_type)).name}, expected F32")
+    tc = cfg["text_config"]
+    rf = present.get(ROPE_FREQS_GGUF)
+    if rf is None:
+        problems.append(f"missing tensor {ROPE_FREQS_GGUF}")
+    elif int(rf.n_elements) != tc["global_head_dim"] // 2:
+        problems.append(f"tensor {ROPE_FREQS_GGUF}: {int(rf.n_elements)} values, expected {tc['global_head_dim'] // 2}")
+    for name in present:
+        if name not in specs and name != ROPE_FREQS_GGUF:
+            problems.append(f"unknown tensor {name}")
+    tok = reader.get_field("tokenizer.ggml.tokens")
+    if tok is not None and len(tok.data) != tc["vocab_size"]:
+        problems.append(f"tokenizer has {len(tok.data)} tokens but token_embd has {tc['vocab_size']} rows")
+    return problems
+
+
+def _summarise(v):
+    if isinstance(v, list) and len(v) > 16:
+        head = ", ".join(repr(x) for x in v[:4])
+        return f"[{head}, ... ({len(v)} items)]"
+    if isinstance(v, str) and len(v) > 200:
+        return v[:200] + f"... ({len(v)} chars)"
+    return v
+
+
+def inspect_table(path) -> dict:
+    reader = open_gguf(path)
+    meta = {}
+    for k, f in reader.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        try:
+            meta[k] = _summarise(f.contents())
+        except Exception:  # noqa: BLE001
+            meta[k] = "<unreadable>"
+    rows = [(t.name, T(int(t.tensor_type)).name, [int(d) for d in t.shape], int(t.n_bytes)) for t in reader.tensors]
+    return {"metadata": meta, "tensors": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+def tokenizer_from_gguf(path):
+    """A PreTrainedTokenizerFast rebuilt from tokenizer.ggml.* (BPE if merges, else WordLevel)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    reader = _reader(path)
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = _field(reader, "tokenizer.ggml.merges")
+    vocab = {t: i for i, t in enumerate(tokens)}
+
+    def tok(key):
+        v = _field(reader, f"tokenizer.ggml.{key}")
+        return tokens[int(v)] if v is not None and 0 <= int(v) < len(tokens) else None
+
+    unk = tok("unknown_token_id")
+    if merges:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        model = models.BPE(vocab=vocab, merges=pairs, unk_token=unk, byte_fallback=True, fuse_unk=True)
+        tk = Tokenizer(model)
+        tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        try:
+            from tokenizers import normalizers
+            tk.normalizer = normalizers.Replace(" ", "▁")
+        except Exception:  # noqa: BLE001
+            pass
+    else:
+        tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk or tokens[0]))
+        tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if int(ty) == 3]
+    if specials:
+        tk.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"), unk_token=unk,
+        pad_token=tok("padding_token_id"), mask_token=tok("mask_token_id"),
+    )
+    tmpl = _field(reader, "tokenizer.chat_template")
+    if tmpl:
+        fast.chat_template = tmpl
+    return fast

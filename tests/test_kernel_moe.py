@@ -1,0 +1,382 @@
+"""Fused MoE (dgplug.kernels.moe): Triton (interpreter on CPU, or CUDA) and torch twin vs the
+transformers-order reference dgplug.ops.moe, plus the quantized layouts and edge cases."""
+
+import os
+
+import pytest
+import torch
+
+from dgplug import ops
+from dgplug.kernels import moe as M
+from dgplug.kernels.moe import QuantizedWeight, moe_forward, moe_forward_torch
+
+needs_triton = pytest.mark.skipif(not M.HAS_TRITON, reason="triton not importable")
+CUDA = torch.cuda.is_available()
+IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+# small shapes with ragged tails: D=96 is 1.5 K-tiles / N-tiles of 64, I=48 is 0.75 of 64
+T, D, I, E, K = 24, 96, 48, 8, 2
+
+
+def _device():
+    return "cuda" if CUDA else "cpu"
+
+
+def make_weights(e=E, d=D, i=I, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(e, 2 * i, d, generator=g) * d ** -0.5
+    down = torch.randn(e, d, i, generator=g) * i ** -0.5
+    return gate_up.to(device, dtype), down.to(device, dtype)
+
+
+def make_routing(t=T, e=E, k=K, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(t, e, generator=g), dim=-1)
+    w, idx = torch.topk(probs, k, dim=-1)
+    w = w / w.sum(-1, keepdim=True) * (0.5 + torch.rand(t, k, generator=g))
+    return w.to(device), idx.to(device)
+
+
+def make_x(t=T, d=D, dtype=torch.float32, seed=2, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t, d, generator=g).to(device, dtype)
+
+
+def reference(x, idx, w, gate_up, down):
+    """ops.moe on fp32 copies (dequantised weights), on CPU."""
+    deq = lambda t: t.dequantize() if isinstance(t, QuantizedWeight) else t.float()  # noqa: E731
+    return ops.moe(x.float().cpu(), idx.cpu(), w.float().cpu(), deq(gate_up).cpu(), deq(down).cpu())
+
+
+def close(a, b, tol):
+    a, b = a.float().cpu(), b.float().cpu()
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"max err {err:.3e} vs scale {scale:.3e} (tol {tol})"
+
+
+# ------------------------------------------------------------------------------------------
+# plain weights
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp32_matches_reference(impl):
+    dev = _device()
+    gu, dn = make_weights(device=dev)
+    w, idx = make_routing(device=dev)
+    x = make_x(device=dev)
+    out = moe_forward(x, idx, w, gu, dn, impl=impl)
+    assert out.dtype == torch.float32 and out.shape == (T, D)
+    close(out, reference(x, idx, w, gu, dn), 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_matches_reference(impl, dtype):
+    dev = _device()
+    gu, dn = make_weights(dtype=dtype, device=dev)
+    w, idx = make_routing(device=dev)
+    x = make_x(dtype=dtype, device=dev)
+    out = moe_forward(x, idx, w, gu, dn, impl=impl)
+    assert out.dtype == dtype
+    close(out, reference(x, idx, w, gu, dn), 1e-2 if dtype == torch.float16 else 3e-2)
+
+
+@needs_triton
+def test_triton_equals_torch_twin():
+    gu, dn = make_weights()
+    w, idx = make_routing()
+    x = make_x()
+    a = moe_forward(x, idx, w, gu, dn, impl="triton")
+    b = moe_forward(x, idx, w, gu, dn, impl="torch")
+    close(a, b, 1e-5)
+
+
+def test_transformers_experts_module():
+    """Directly against transformers' DiffusionGemmaTextExperts (eager) with the same weights."""
+    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import (
+        DiffusionGemmaTextConfig,
+    )
+    from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
+        DiffusionGemmaTextExperts,
+    )
+
+    cfg = DiffusionGemmaTextConfig(
+        hidden_size=D, moe_intermediate_size=I, num_experts=E, top_k_experts=K,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        global_head_dim=16, intermediate_size=64, vocab_size=128,
+    )
+    cfg._experts_implementation = "eager"
+    mod = DiffusionGemmaTextExperts(cfg).eval()
+    gu, dn = make_weights()
+    with torch.no_grad():
+        mod.gate_up_proj.copy_(gu)
+        mod.down_proj.copy_(dn)
+        w, idx = make_routing()
+        x = make_x()
+        want = mod(x, idx, w)
+    close(moe_forward(x, idx, w, gu, dn, impl="torch"), want, 1e-5)
+    if M.HAS_TRITON:
+        close(moe_forward(x, idx, w, gu, dn, impl="triton"), want, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# quantized weights
+# ------------------------------------------------------------------------------------------
+
+
+def _quantized(scheme, group_size=32, symmetric=False, device="cpu"):
+    gu, dn = make_weights()
+    q1 = QuantizedWeight.quantize(gu, scheme, group_size=group_size, symmetric=symmetric)
+    # I=48 with group 32: two groups per down row, the last one short (ceil groups)
+    q2 = QuantizedWeight.quantize(dn, scheme, group_size=group_size, symmetric=symmetric)
+    return gu, dn, q1.to(device), q2.to(device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scheme,sym,group", [
+    ("int4", False, 32),  # group < BLOCK_K: per-element scales
+    ("int4", True, 64),  # group == BLOCK_K (interpreter tiles): one scale per row and tile
+    ("int8", False, 0), ("fp8", False, 0)])
+def test_quantized_matches_dequantised_reference(impl, scheme, sym, group):
+    dev = _device()
+    gu, dn, q1, q2 = _quantized(scheme, group_size=group or 128, symmetric=sym, device=dev)
+    w, idx = make_routing(device=dev)
+    x = make_x(device=dev)
+    out = moe_forward(x, idx, w, q1, q2, impl=impl)
+    close(out, reference(x, idx, w, q1, q2), 1e-5)
+    # and the quantization error itself stays small against the unquantised experts
+    bound = {"int4": 0.25, "int8": 0.02, "fp8": 0.1}[scheme]
+    close(out, reference(x, idx, w, gu, dn), bound)
+
+
+@needs_triton
+@pytest.mark.parametrize("group,bk,mode", [(64, 32, 0), (64, 64, 1), (64, 32, 2), (16, 64, 2)])
+def test_int4_scale_paths(group, bk, mode):
+    """int4 groups spanning K tiles (one scale per row, folded into the accumulator; three
+    ways to pair nibbles with activations) and several groups per tile (dequantised)."""
+    _, _, q1, q2 = _quantized("int4", group_size=group, device=_device())
+    w, idx = make_routing(device=_device())
+    x = make_x(device=_device())
+    cfg = dict(BLOCK_K1=bk, BLOCK_K2=bk, INT4_MODE=mode)
+    out = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    close(out, reference(x, idx, w, q1, q2), 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_quantized_with_half_activations(impl):
+    dev = _device()
+    _, _, q1, q2 = _quantized("int4", group_size=16, device=dev)
+    w, idx = make_routing(device=dev)
+    x = make_x(dtype=torch.float16, device=dev)
+    out = moe_forward(x, idx, w, q1, q2, impl=impl)
+    assert out.dtype == torch.float16
+    close(out, reference(x, idx, w, q1, q2), 1e-2)
+
+
+def test_quantized_layout_and_roundtrip():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 8, 64, generator=g)
+    q = QuantizedWeight.quantize(w, "int4", group_size=16)
+    assert q.qweight.shape == (3, 8, 32) and q.qweight.dtype == torch.uint8
+    assert q.scale.shape == (3, 8, 4) and q.scale.dtype == torch.float16
+    assert q.zero.shape == (3, 8, 4) and q.zero.dtype == torch.uint8
+    assert q.shape == (3, 8, 64) and q[1].shape == (8, 64)
+    # nibble order: element 2j low, 2j+1 high
+    lo = (q.qweight[0, 0, 0] & 15).float()
+    hi = (q.qweight[0, 0, 0] >> 4).float()
+    s, z = q.scale[0, 0, 0].float(), q.zero[0, 0, 0].float()
+    deq = q.dequantize()
+    assert torch.allclose(deq[0, 0, 0], (lo - z) * s) and torch.allclose(deq[0, 0, 1], (hi - z) * s)
+    # per-expert view dequantises to the slice of the whole
+    assert torch.equal(q[2].dequantize(), deq[2])
+    # error within half a step per group
+    step = q.scale.float().repeat_interleave(16, -1)
+    assert ((deq - w).abs() <= step * 0.5 + 1e-6).all()
+    for scheme, bits in (("int8", 127.0), ("fp8", None)):
+        qq = QuantizedWeight.quantize(w, scheme)
+        assert qq.scale.shape == (3, 8) and qq.scale.dtype == torch.float32
+        err = (qq.dequantize() - w).abs()
+        amax = w.abs().amax(-1, keepdim=True)
+        assert (err <= (amax / bits * 0.5 + 1e-6 if bits else amax * 2 ** -4)).all()
+        assert torch.equal(qq[0].dequantize(), qq.dequantize()[0])
+
+
+def test_quantized_weight_validation():
+    q = torch.zeros(2, 4, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError):
+        QuantizedWeight("int3", q, torch.ones(2, 4, 1))
+    with pytest.raises(ValueError):  # int4 without zero
+        QuantizedWeight("int4", q, torch.ones(2, 4, 1, dtype=torch.float16), group_size=16)
+    with pytest.raises(ValueError):  # wrong number of groups
+        QuantizedWeight("int4", q, torch.ones(2, 4, 3, dtype=torch.float16),
+                        torch.zeros(2, 4, 3, dtype=torch.uint8), group_size=16)
+    with pytest.raises(TypeError):
+        QuantizedWeight("int8", q, torch.ones(2, 4))
+    ok = QuantizedWeight("int4", q, torch.ones(2, 4, 1, dtype=torch.float16),
+                         torch.zeros(2, 4, 1, dtype=torch.uint8), group_size=16)
+    assert ok.shape == (2, 4, 16) and ok.nbytes == 64 + 16 + 8
+
+
+# ------------------------------------------------------------------------------------------
+# routing edge cases
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_duplicate_slot_empty_expert_and_dropped_index(impl):
+    dev = _device()
+    gu, dn = make_weights(device=dev)
+    w, idx = make_routing(device=dev)
+    idx = idx.clone()
+    idx[idx == 5] = 6  # expert 5 gets no token
+    idx[0] = torch.tensor([3, 3])  # token 0 routed to expert 3 in both slots
+    idx[1, 1] = idx[1, 0]
+    idx[2, 1] = E  # transformers' "no expert" sentinel: dropped
+    x = make_x(device=dev)
+    out = moe_forward(x, idx, w, gu, dn, impl=impl)
+    assert not (idx == 5).any()
+    close(out, reference(x, idx, w, gu, dn), 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_is_independent_rows(impl):
+    """T = canvas x batch: a batch of 3 canvases equals each canvas alone (batch 1)."""
+    dev = _device()
+    canvas, batch = 8, 3
+    gu, dn = make_weights(device=dev)
+    w, idx = make_routing(t=canvas * batch, device=dev)
+    x = make_x(t=canvas * batch, device=dev)
+    full = moe_forward(x, idx, w, gu, dn, impl=impl)
+    for b in range(batch):
+        s = slice(b * canvas, (b + 1) * canvas)
+        one = moe_forward(x[s], idx[s], w[s], gu, dn, impl=impl)
+        close(one, full[s], 1e-6)
+    close(full, reference(x, idx, w, gu, dn), 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_token_and_all_to_one_expert(impl):
+    dev = _device()
+    gu, dn = make_weights(device=dev)
+    x = make_x(t=1, device=dev)
+    w = torch.tensor([[0.7, 0.3]], device=dev)
+    idx = torch.tensor([[4, 1]], device=dev)
+    close(moe_forward(x, idx, w, gu, dn, impl=impl), reference(x, idx, w, gu, dn), 1e-5)
+    # every pair on one expert: several BLOCK_M blocks for that expert
+    t = 40
+    x = make_x(t=t, device=dev)
+    idx = torch.full((t, K), 2, device=dev)
+    w = torch.rand(t, K, device=dev)
+    close(moe_forward(x, idx, w, gu, dn, impl=impl), reference(x, idx, w, gu, dn), 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_top8_of_16_noncontiguous_x(impl):
+    dev = _device()
+    e, k, t = 16, 8, 12
+    gu, dn = make_weights(e=e, d=64, i=40, device=dev)
+    w, idx = make_routing(t=t, e=e, k=k, device=dev)
+    x = make_x(t=t, d=128, device=dev)[:, ::2]  # stride 2 along D
+    close(moe_forward(x, idx, w, gu, dn, impl=impl), reference(x, idx, w, gu, dn), 1e-5)
+
+
+def test_empty_input():
+    gu, dn = make_weights()
+    x = torch.zeros(0, D)
+    idx = torch.zeros(0, K, dtype=torch.long)
+    w = torch.zeros(0, K)
+    assert moe_forward(x, idx, w, gu, dn, impl="torch").shape == (0, D)
+    if M.HAS_TRITON:
+        assert moe_forward(x, idx, w, gu, dn, impl="triton").shape == (0, D)
+
+
+@pytest.mark.parametrize("kind", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_align_schedule(kind):
+    _, idx = make_routing(t=30, e=E, k=3)
+    idx = idx.clone()
+    idx[idx == 0] = 1
+    bm = 4
+    if kind == "torch":
+        sorted_ids, block_expert, nb = M._align_torch(idx, E, bm)
+    else:  # several chunks; identical to the torch version (stable order)
+        sorted_ids, block_expert, nb = M._align(idx, E, bm, chunk=32)
+        ref = M._align_torch(idx, E, bm)
+        assert torch.equal(sorted_ids, ref[0]) and torch.equal(block_expert, ref[1])
+    tk = idx.numel()
+    assert sorted_ids.shape == (nb * bm,) and block_expert.shape == (nb,)
+    real = sorted_ids[sorted_ids < tk]
+    assert torch.equal(torch.sort(real.long()).values, torch.arange(tk))  # each pair once
+    flat = idx.reshape(-1)
+    for b in range(nb):
+        ids = sorted_ids[b * bm:(b + 1) * bm].long()
+        ids = ids[ids < tk]
+        if block_expert[b] < 0:
+            assert ids.numel() == 0
+        else:
+            assert ids.numel() > 0 and (flat[ids] == block_expert[b]).all()
+    assert not (block_expert == 0).any()
+
+
+# ------------------------------------------------------------------------------------------
+# dispatch and the cost model
+# ------------------------------------------------------------------------------------------
+
+
+def test_dispatch(monkeypatch):
+    x = make_x()
+    monkeypatch.delenv("DGPLUG_KERNELS", raising=False)
+    assert M._pick_impl(x, None) == "torch"  # CPU tensors -> torch
+    assert M._pick_impl(x, "triton") == "triton"
+    monkeypatch.setenv("DGPLUG_KERNELS", "triton")
+    assert M._pick_impl(x, None) == "triton"
+    assert M._pick_impl(x, "torch") == "torch"  # an explicit argument wins
+    monkeypatch.setenv("DGPLUG_KERNELS", "cuda")
+    with pytest.raises(ValueError):
+        M._pick_impl(x, None)
+    with pytest.raises(ValueError):
+        M._pick_impl(x, "numpy")
+
+
+def test_bad_shapes():
+    gu, dn = make_weights()
+    w, idx = make_routing()
+    with pytest.raises(ValueError):
+        moe_forward(make_x(d=D + 1), idx, w, gu, dn, impl="torch")
+    with pytest.raises(ValueError):
+        moe_forward(make_x(), idx, w, gu, dn[:, :, :-1], impl="torch")
+
+
+def test_flops_bytes():
+    f, b = M.moe_flops_bytes(256, 2816, 704, 128, 8, "bf16")
+    assert f == 2 * 256 * 8 * 3 * 704 * 2816
+    bf16_weights = 128 * 3 * 704 * 2816 * 2
+    assert bf16_weights < b < bf16_weights * 1.1  # all 128 experts touched at T=256
+    _, b4 = M.moe_flops_bytes(256, 2816, 704, 128, 8, "int4")
+    _, b8 = M.moe_flops_bytes(256, 2816, 704, 128, 8, "fp8")
+    assert b4 < b8 < b
+    _, b1 = M.moe_flops_bytes(1, 2816, 704, 128, 8, "bf16")
+    assert b1 < bf16_weights / 10  # one token touches 8 experts
+
+
+# ------------------------------------------------------------------------------------------
+# real shapes on a GPU (skipped without CUDA)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CUDA or not M.HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA and compiled Triton")
+@pytest.mark.parametrize("scheme", ["bf16", "int4", "int8", "fp8"])
+def test_gpu_real_shapes(scheme):
+    t, d, i, e, k = 256, 2816, 704, 128, 8
+    gu, dn = make_weights(e=e, d=d, i=i, device="cuda", dtype=torch.bfloat16)
+    if scheme != "bf16":
+        gs = 64 if scheme == "int4" else 128
+        gu = QuantizedWeight.quantize(gu, scheme, group_size=gs)
+        dn = QuantizedWeight.quantize(dn, scheme, group_size=gs)
+    w, idx = make_routing(t=t, e=e, k=k, device="cuda")
+    x = make_x(t=t, d=d, dtype=torch.bfloat16, device="cuda")
+    a = moe_forward(x, idx, w, gu, dn, impl="triton")
+    b = moe_forward(x, idx, w, gu, dn, impl="torch")
+    close(a, b, 2e-2)

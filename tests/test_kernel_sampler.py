@@ -1,0 +1,246 @@
+"""The fused head + sampler (dgplug.kernels.sampler): torch path and Triton (interpreter) path
+against the unfused reference, RNG agreement, tile invariance, and a chi-square test that the
+Gumbel-max draws follow softmax(l).
+
+Tolerances (fp32 accumulation everywhere; only the summation order differs from the reference):
+entropy within 2e-5 nats + 1e-5 relative, soft embedding within 2e-5 absolute (values ~1);
+against transformers' bf16 soft embedding (probabilities and output rounded to bf16): 1e-2 of
+the largest entry. argmax and sampled tokens must be equal.
+"""
+
+import os
+
+import pytest
+import torch
+
+from dgplug.kernels import sampler as S
+from dgplug.kernels.sampler import (
+    HeadSample,
+    canvas_row_keys,
+    counter_uniform,
+    head_sample,
+    head_sample_reference,
+)
+
+needs_triton = pytest.mark.skipif(S.triton is None, reason="triton not installed")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _case(n=37, vocab=333, d=80, dtype=torch.float32, scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g)
+    table = (torch.randn(vocab, d, generator=g) * scale).to(dtype)
+    temp = 0.4 + 0.6 * torch.rand(n, generator=g)  # per-row temperature
+    return h, table, temp
+
+
+def _run(impl, h, table, **kw):
+    if impl == "triton":
+        splits = kw.pop("splits", None)
+        kw.setdefault("softcap", 30.0)
+        kw.setdefault("temperature", 1.0)
+        for k, v in dict(seed=0, step=0, row_offset=0, want_soft=True).items():
+            kw.setdefault(k, v)
+        return S._head_sample_triton(h, table, splits=splits, **kw)
+    return head_sample(h, table, impl="torch", **kw)
+
+
+def _assert_close_to(out: HeadSample, ref: HeadSample, table_dtype=torch.float32):
+    assert torch.equal(out.argmax, ref.argmax)
+    assert torch.equal(out.token, ref.token)
+    assert out.entropy.dtype == torch.float32
+    torch.testing.assert_close(out.entropy, ref.entropy, atol=2e-5, rtol=1e-5)
+    if ref.soft is not None:
+        assert out.soft.dtype == torch.float32 and out.soft.shape == ref.soft.shape
+        if table_dtype == torch.float32:
+            torch.testing.assert_close(out.soft, ref.soft, atol=2e-5, rtol=1e-5)
+        else:
+            # l is rounded to the 16-bit table dtype first: a last-bit difference in a logit can
+            # move l' by one 16-bit step (0.4 % of p_v for bf16), so allow rare larger errors
+            torch.testing.assert_close(out.soft, ref.soft, atol=3e-3, rtol=0)
+            assert float((out.soft - ref.soft).abs().mean()) < 2e-5
+
+
+# ------------------------------------------------------------------------------ RNG
+
+
+@needs_triton
+def test_counter_rng_torch_and_triton_bit_identical():
+    keys = canvas_row_keys(seed=1234, step=7, rows=5, row_offset=3)
+    u_torch = counter_uniform(keys[:, None], torch.arange(1000)[None, :])
+    u_triton = S._triton_uniform(keys, 1000)
+    assert torch.equal(u_torch, u_triton)
+    assert float(u_torch.min()) > 0.0 and float(u_torch.max()) < 1.0
+    assert abs(float(u_torch.mean()) - 0.5) < 0.02
+
+
+def test_counter_rng_keys_depend_on_everything():
+    base = canvas_row_keys(0, 0, 8)
+    assert len(set(base.tolist())) == 8
+    assert not torch.equal(base, canvas_row_keys(1, 0, 8))
+    assert not torch.equal(base, canvas_row_keys(0, 1, 8))
+    assert torch.equal(base[3:], canvas_row_keys(0, 0, 5, row_offset=3))
+    extreme = counter_uniform(torch.tensor([0, 0xFFFFFFFF]), torch.tensor([0, 262143]))
+    assert bool(((extreme > 0) & (extreme < 1)).all())
+
+
+# ------------------------------------------------------------------------------ vs reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_torch_path_matches_reference(dtype):
+    h, table, temp = _case(dtype=dtype)
+    kw = dict(temperature=temp, seed=11, step=3)
+    ref = head_sample_reference(h, table, **kw)
+    # ragged: 333 % 64 != 0, 37 % 16 != 0
+    out = _run("torch", h, table, vocab_tile=64, **kw)
+    _assert_close_to(out, ref, dtype)
+    out = S._head_sample_torch(h, table, softcap=30.0, want_soft=True, row_offset=0, vocab_tile=50,
+                               rows_chunk=16, **kw)
+    _assert_close_to(out, ref, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_triton_path_matches_reference(dtype):
+    h, table, temp = _case(dtype=dtype)
+    kw = dict(temperature=temp, seed=11, step=3)
+    ref = head_sample_reference(h, table, **kw)
+    _assert_close_to(_run("triton", h, table, vocab_tile=64, **kw), ref, dtype)
+    # several vocabulary splits, combined afterwards; h in the table's dtype
+    _assert_close_to(_run("triton", h.to(dtype), table, vocab_tile=32, splits=3, **kw),
+                     head_sample_reference(h.to(dtype), table, **kw), dtype)
+
+
+@needs_triton
+def test_triton_row_blocks_ragged():
+    h, table, temp = _case(n=21, vocab=100, d=64)
+    ref = head_sample_reference(h, table, temperature=temp)
+    _assert_close_to(S._head_sample_triton(h, table, softcap=30.0, temperature=temp, seed=0, step=0,
+                                           row_offset=0, want_soft=True, vocab_tile=64, block_n=16), ref)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_scalar_temperature_no_soft_and_softcap(impl):
+    h, table, _ = _case(n=9, vocab=130, scale=3.0)  # large logits: the softcap saturates
+    ref = head_sample_reference(h, table, temperature=0.5, want_soft=False, softcap=30.0)
+    out = _run(impl, h, table, temperature=0.5, want_soft=False)
+    assert out.soft is None
+    _assert_close_to(out, ref)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_argmax_ties_take_the_first_index(impl):
+    h, table, _ = _case(n=6, vocab=200, d=32)
+    first = head_sample_reference(h, table).argmax
+    # copy each row's winning embedding to a later slot in another tile: the first must still win
+    table2 = table.clone()
+    table2[190] = table[int(first[0])]
+    ref = head_sample_reference(h, table2)
+    assert int(ref.argmax[0]) == int(first[0])
+    out = _run(impl, h, table2, vocab_tile=32)
+    assert torch.equal(out.argmax, ref.argmax)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_peaked_distribution(impl):
+    h, table, _ = _case(n=8, vocab=64, scale=2.0)
+    out = _run(impl, h, table, temperature=0.01)
+    assert torch.equal(out.token, out.argmax)
+    assert float(out.entropy.max()) < 1e-3
+
+
+# ------------------------------------------------------------------------------ invariances
+
+
+def test_torch_tokens_invariant_to_tiling():
+    h, table, temp = _case(n=40, vocab=500, dtype=torch.bfloat16)
+    outs = [S._head_sample_torch(h, table, softcap=30.0, temperature=temp, seed=5, step=1, row_offset=0,
+                                 want_soft=True, vocab_tile=vt, rows_chunk=rc)
+            for vt, rc in [(13, 8), (64, 16), (512, 512)]]
+    for o in outs[1:]:
+        assert torch.equal(o.token, outs[0].token) and torch.equal(o.argmax, outs[0].argmax)
+        torch.testing.assert_close(o.entropy, outs[0].entropy, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(o.soft, outs[0].soft, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_tokens_invariant_to_tiling_and_same_as_torch():
+    h, table, temp = _case(n=64, vocab=700, d=64, dtype=torch.bfloat16, scale=0.1)
+    kw = dict(temperature=temp, seed=99, step=4)
+    a = _run("triton", h, table, vocab_tile=128, **kw)
+    b = _run("triton", h, table, vocab_tile=32, splits=4, **kw)
+    c = head_sample(h, table, impl="torch", **kw)
+    assert torch.equal(a.token, b.token) and torch.equal(a.argmax, b.argmax)
+    assert torch.equal(a.token, c.token) and torch.equal(a.argmax, c.argmax)
+    assert not torch.equal(a.token, a.argmax)  # flat enough that sampling differs from argmax
+    other = head_sample(h, table, impl="torch", temperature=temp, seed=100, step=4)
+    assert not torch.equal(other.token, c.token)
+
+
+def test_row_offset_makes_chunks_agree():
+    h, table, temp = _case(n=30, vocab=200, scale=0.1)
+    full = head_sample(h, table, impl="torch", temperature=temp, seed=3, step=2)
+    lo = head_sample(h[:12], table, impl="torch", temperature=temp[:12], seed=3, step=2)
+    hi = head_sample(h[12:], table, impl="torch", temperature=temp[12:], seed=3, step=2, row_offset=12)
+    assert torch.equal(torch.cat([lo.token, hi.token]), full.token)
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def test_sampled_tokens_follow_softmax_chi_square():
+    stats = pytest.importorskip("scipy.stats")
+    vocab, rows = 16, 20000
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(vocab, 8, generator=g)
+    h = torch.randn(1, 8, generator=g).expand(rows, 8).contiguous()
+    out = head_sample(h, table, impl="torch", temperature=1.3, seed=2024, step=5, want_soft=False)
+    ref = head_sample_reference(h[:1], table, temperature=1.3, want_soft=False)
+    l = torch.tanh((h[:1] @ table.T) / 30.0) * 30.0 / 1.3
+    p = torch.softmax(l.double(), -1)[0]
+    counts = torch.bincount(out.token, minlength=vocab).double()
+    assert float(p.min()) * rows > 5, "every expected count must be large enough for chi-square"
+    res = stats.chisquare(counts.numpy(), (p * rows).numpy())
+    assert res.pvalue > 1e-3, (res, counts, p * rows)
+    # entropy of the same distribution
+    assert abs(float(ref.entropy[0]) + float((p * p.log()).sum())) < 1e-5
+
+
+# ------------------------------------------------------------------------------ transformers' semantics
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_soft_embedding_matches_transformers_bf16(impl):
+    h, table, _ = _case(n=24, vocab=300, d=64, dtype=torch.bfloat16, scale=0.5)
+    temp = 0.6
+    logits = torch.tanh((h.to(torch.bfloat16).float() @ table.float().T) / 30.0) * 30.0
+    scaled = logits / temp
+    # transformers: sc = scaled.to(bf16); softmax(sc, fp32).to(bf16) @ E   (then * sqrt(D))
+    tf_soft = (torch.softmax(scaled.to(torch.bfloat16), -1, dtype=torch.float32).to(torch.bfloat16) @ table).float()
+    tf_entropy = torch.distributions.Categorical(logits=scaled).entropy()
+    out = _run(impl, h.to(torch.bfloat16), table, temperature=temp)
+    err = (out.soft - tf_soft).abs().max() / tf_soft.abs().max()
+    assert float(err) < 1e-2
+    assert torch.equal(out.argmax, torch.argmax(scaled, -1))
+    torch.testing.assert_close(out.entropy, tf_entropy, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+def test_dispatch(monkeypatch):
+    h, table, _ = _case(n=4, vocab=40, d=16)
+    assert S._pick_impl(h, None) == "torch"  # CPU tensors
+    monkeypatch.setenv("DGPLUG_KERNELS", "triton")
+    assert S._pick_impl(h, None) == "triton"
+    assert S._pick_impl(h, "torch") == "torch"
+    monkeypatch.delenv("DGPLUG_KERNELS")
+    with pytest.raises(ValueError):
+        head_sample(h, table, impl="cuda")
+    with pytest.raises(ValueError):
+        head_sample(h, table[:, :8])
+    with pytest.raises(ValueError):
+        head_sample(h, table, temperature=torch.ones(3))
+    assert os.environ.get("TRITON_INTERPRET") == "1"
