@@ -61,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+from dgplug.config import read_config_json
 from dgplug.errors import CheckpointError, DGPlugError, FormatError, InputError
 
 SCHEMES = ("int4", "int8", "fp8")
@@ -393,13 +394,7 @@ def plan_conversion(src_dir, scheme: str, group_size: int = 128, quantize_embedd
         raise InputError(f"unknown quantization scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
     if scheme == "int4" and (not isinstance(group_size, int) or group_size <= 0 or group_size % 2):
         raise InputError(f"group size {group_size!r} must be a positive even integer")
-    cfg_path = src / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{src}: no config.json")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    raw, cfg_path = read_config_json(src)
     if raw.get("quantization_config"):
         qc = raw["quantization_config"]
         what = qc.get("quant_method", "?") if isinstance(qc, dict) else qc

@@ -152,15 +152,20 @@ def from_dict(raw: dict, source: str = "config.json") -> Config:
     )
 
 
-def load_config(path: str | Path) -> Config:
+def read_config_json(path: str | Path) -> tuple[dict, Path]:
+    """The raw config.json dict of a checkpoint directory (or the file itself), and its path."""
     p = Path(path)
     f = p / "config.json" if p.is_dir() else p
     if not f.exists():
         raise CheckpointError(f"{f}: no config.json")
     try:
-        raw = json.loads(f.read_text())
+        return json.loads(f.read_text()), f
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+
+
+def load_config(path: str | Path) -> Config:
+    raw, f = read_config_json(path)
     return from_dict(raw, str(f))
 
 

@@ -1,0 +1,378 @@
+"""One DiffusionGemma sampler step on the CPU: dgplug's fused head + sampler vs transformers' path.
+
+    python benchmarks/sampler.py            # V=262144, D=2816, canvas 256; dgplug batch 1 and 8,
+                                            # transformers batch 1 and 4 (about 10 minutes
+                                            # on an idle 2-core machine; longer when shared)
+    python benchmarks/sampler.py --quick    # V=32768, batch 1 and 2 (about a minute)
+    python benchmarks/sampler.py --gpu      # CUDA: Triton kernel vs reference at D=2816, then
+                                            # one step at full size, batch 1/4/8 (~30 s on an H100)
+
+Both sides start from the same final hidden states h [B*256, D] (bf16) and a random bf16 tied
+embedding E [V, D], and end with what the next step needs (sampled/accepted/renoised canvas,
+argmax canvas, entropies, the soft embedding for self-conditioning):
+
+  dgplug:        head_sample(h, E, temperature=T) (streams the vocabulary; no [N, V] tensor),
+                 then entropy-bound acceptance (sort/cumsum of 256 entropies) and renoising.
+  transformers:  logits = lm_head(h) in bf16 -> fp32, softcap, / T, softmax, multinomial, argmax,
+                 Categorical entropy, sort/cumsum acceptance, renoise randint, then the next
+                 step's soft embedding softmax(l.to(bf16), fp32).to(bf16) @ E.
+
+Each side runs in a fresh subprocess; memory is the peak resident set during the step minus the
+resident set just before it (the kernel's VmHWM is reset first), with glibc told to return freed
+memory at once, so it counts every temporary and the outputs (transformers' logits included).
+dgplug's memory does not depend on V (fixed tiles): --vocab 32768 gives the same figure faster. transformers' two bf16 matmuls over the vocabulary (lm_head and
+the soft embedding) are timed on a vocabulary slice and scaled to V (their cost is linear in V;
+on this AVX2 CPU they are very slow, the soft-embedding one especially); everything else runs at
+full size. --tf-full-matmuls runs them whole instead. Times are medians of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CANVAS = 256
+SOFTCAP = 30.0
+TEMPERATURE = 0.4 + (0.8 - 0.4) * 47 / 48  # the schedule's value at the first step
+ENTROPY_BOUND = 0.1
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _make_inputs(batch: int, vocab: int, hidden: int):
+    """bf16 E ~ N(0, 0.06^2) (logit std ~3) and h with one planted token per position (top
+    logit ~20), so the step's distributions are peaked like a trained model's, not flat."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    sigma = 0.06
+    table = torch.empty(vocab, hidden, dtype=torch.bfloat16)
+    for v0 in range(0, vocab, 2048):
+        v1 = min(v0 + 2048, vocab)
+        table[v0:v1] = torch.randn(v1 - v0, hidden, generator=g) * sigma
+    n = batch * CANVAS
+    target = torch.randint(0, vocab, (n,), generator=g)
+    h = torch.randn(n, hidden, generator=g) + (20.0 / (hidden * sigma * sigma)) * table[target].float()
+    h = h / h.pow(2).mean(-1, keepdim=True).sqrt()  # unit RMS like the final normed output
+    return h.to(torch.bfloat16), table
+
+
+def _accept_and_renoise(canvas, sampled, entropy, vocab):
+    import torch
+
+    sorted_h, order = torch.sort(entropy, dim=-1)
+    keep_sorted = torch.cumsum(sorted_h, dim=-1) - sorted_h <= ENTROPY_BOUND
+    accepted = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    canvas = torch.where(accepted, sampled, canvas)
+    return torch.where(~accepted, torch.randint(0, vocab, canvas.shape), canvas)
+
+
+def _step_dgplug(h, table, canvas, vocab):
+    from dgplug.kernels.sampler import head_sample
+
+    out = head_sample(h, table, softcap=SOFTCAP, temperature=TEMPERATURE, seed=0, step=1, impl="torch")
+    b = canvas.shape[0]
+    new_canvas = _accept_and_renoise(canvas, out.token.view(b, CANVAS), out.entropy.view(b, CANVAS), vocab)
+    soft = out.soft.view(b, CANVAS, -1).mul_(h.shape[1] ** 0.5)  # the caller's sqrt(D) scale
+    return {"canvas": new_canvas, "argmax": out.argmax, "soft": soft}
+
+
+def _step_transformers(h, table, canvas, vocab, vslice, full_matmuls, timings):
+    """transformers' order of operations (generation_diffusion_gemma._denoising_step and the
+    decoder's self-conditioning input); the two bf16 vocabulary matmuls optionally on a slice."""
+    import torch
+
+    b = canvas.shape[0]
+    hb = h.view(b, CANVAS, -1)
+    t0 = time.perf_counter()
+    if full_matmuls:
+        logits = (hb @ table.T).float()
+        timings["lm_head"] = time.perf_counter() - t0
+    else:
+        part = (hb @ table[:vslice].T).float()
+        timings["lm_head"] = (time.perf_counter() - t0) * vocab / vslice
+        logits = part.repeat(1, 1, vocab // vslice)  # same size and value spread as the real logits
+        del part
+    t0 = time.perf_counter()
+    logits = logits / SOFTCAP
+    logits = torch.tanh(logits)
+    logits = logits * SOFTCAP
+    processed = logits / TEMPERATURE
+    del logits
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    sampled = torch.multinomial(probs.view(-1, vocab), num_samples=1).view(b, CANVAS)
+    del probs
+    argmax = torch.argmax(processed, dim=-1)
+    entropy = torch.distributions.Categorical(logits=processed).entropy()
+    new_canvas = _accept_and_renoise(canvas, sampled, entropy, vocab)
+    sc = processed.to(table.dtype)  # self_conditioning_logits for the next step
+    del processed
+    timings["sampler"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    p = sc.softmax(dim=-1, dtype=torch.float32).to(table.dtype)
+    del sc
+    t_softmax = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if full_matmuls:
+        soft = p @ table
+        t_mm = time.perf_counter() - t0
+    else:
+        soft = p[..., :vslice] @ table[:vslice]
+        t_mm = (time.perf_counter() - t0) * vocab / vslice
+    soft = soft * torch.tensor(h.shape[1] ** 0.5, dtype=table.dtype)
+    del p
+    timings["soft_embedding"] = t_softmax + t_mm
+    return {"canvas": new_canvas, "argmax": argmax, "soft": soft}
+
+
+def worker(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    h, table = _make_inputs(args.batch, args.vocab, args.hidden)
+    canvas = torch.randint(0, args.vocab, (args.batch, CANVAS))
+    # a tiny warm-up pages in library code and starts the thread pools without leaving big
+    # freed buffers behind
+    small = table[:256]
+    if args.side == "dgplug":
+        _step_dgplug(h[:CANVAS], small, canvas[:1], small.shape[0])
+    else:
+        _step_transformers(h[:CANVAS], small, canvas[:1], small.shape[0], small.shape[0], True, {})
+    def run_once():
+        timings: dict = {}
+        t0 = time.perf_counter()
+        if args.side == "dgplug":
+            out = _step_dgplug(h, table, canvas, args.vocab)
+            timings["total"] = time.perf_counter() - t0
+        else:
+            out = _step_transformers(h, table, canvas, args.vocab, args.vslice, args.tf_full_matmuls, timings)
+            timings["total"] = timings["lm_head"] + timings["sampler"] + timings["soft_embedding"]
+        del out
+        return timings
+
+    def measured(fn):
+        base = _rss_bytes()
+        _reset_peak()
+        res = fn()
+        return res, max(0, _peak_bytes() - base)
+
+    times, parts, peaks = [], [], []
+    for _ in range(args.repeats):
+        timings, peak = measured(run_once)
+        parts.append(timings), times.append(timings["total"]), peaks.append(peak)
+    print(json.dumps({
+        "side": args.side, "batch": args.batch, "seconds": statistics.median(times), "runs": times,
+        "parts": {k: statistics.median(p[k] for p in parts) for k in parts[0]},
+        "peak_mib": max(peaks) / 2**20, "peaks_mib": [p / 2**20 for p in peaks],
+    }))
+
+
+def _spawn(args, side, batch, repeats, vslice):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--batch", str(batch),
+           "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--repeats", str(repeats),
+           "--vslice", str(vslice), "--threads", str(args.threads)]
+    if args.tf_full_matmuls:
+        cmd.append("--tf-full-matmuls")
+    t0 = time.perf_counter()
+    def launch(extra_args, env):
+        res = subprocess.run(cmd + extra_args, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            raise SystemExit(f"{side} batch {batch} failed:\n{res.stderr[-3000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    # memory runs: glibc mmaps every buffer over 128 KiB and returns freed memory at once, and
+    # MKL keeps no buffer cache, so the resident set follows the live allocations
+    mem_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+                   MKL_DISABLE_FAST_MM="1")
+    if side == "dgplug":  # small tiles: time with the default allocator, memory in one more run
+        out = launch([], dict(os.environ))
+        mem = launch(["--repeats", "1"], mem_env)
+        out["peak_mib"] = mem["peak_mib"]
+    else:  # huge buffers, mmapped either way: time and memory from the same runs
+        out = launch([], mem_env)
+    out["wall"] = time.perf_counter() - t0
+    print(f"  {side:12s} batch {batch}: {out['seconds']:8.2f} s  peak +{out['peak_mib']:9.1f} MiB  "
+          f"parts {({k: round(v, 2) for k, v in out['parts'].items()})}  (process {out['wall']:.0f} s)",
+          flush=True)
+    return out
+
+
+def _load_sampler():
+    """dgplug.kernels.sampler, or the file itself where dgplug is not installed (GPU machine)."""
+    try:
+        from dgplug.kernels import sampler
+    except ImportError:
+        import importlib.util
+
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "sampler.py")
+        spec = importlib.util.spec_from_file_location("dgplug_kernels_sampler", path)
+        sampler = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sampler)
+    return sampler
+
+
+def gpu_check(args):
+    """On a CUDA machine: the Triton kernel against the reference, then one step at full size
+    (Triton kernel, torch chunked path on the GPU, transformers' path) with time and memory."""
+    import torch
+    import triton
+
+    S = _load_sampler()
+    dev = torch.device("cuda")
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    g = torch.Generator(device=dev).manual_seed(0)
+    n, vocab, d = 300, 5003, 2816
+    h32 = torch.randn(n, d, device=dev, generator=g)
+    temp = 0.4 + 0.4 * torch.rand(n, device=dev, generator=g)
+    for h_dt, e_dt in [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                       (torch.float16, torch.float16), (torch.float32, torch.float32)]:
+        table = (torch.randn(vocab, d, device=dev, generator=g) * 0.06).to(e_dt)
+        hh = h32.to(h_dt)
+        ref = S.head_sample_reference(hh, table, temperature=temp, seed=5, step=2)
+        for label, out in [("triton", S.head_sample(hh, table, temperature=temp, seed=5, step=2, impl="triton")),
+                           ("triton split7", S._head_sample_triton(hh, table, softcap=30.0, temperature=temp, seed=5,
+                                                                   step=2, row_offset=0, want_soft=True, splits=7)),
+                           ("torch", S.head_sample(hh, table, temperature=temp, seed=5, step=2, impl="torch"))]:
+            print(f"  h {str(h_dt)[6:]:8s} E {str(e_dt)[6:]:8s} {label:13s}: argmax equal "
+                  f"{int((out.argmax == ref.argmax).sum())}/{n}, token equal {int((out.token == ref.token).sum())}/{n}, "
+                  f"entropy max err {float((out.entropy - ref.entropy).abs().max()):.2e}, soft max err "
+                  f"{float((out.soft - ref.soft).abs().max()):.2e} (|soft| max {float(ref.soft.abs().max()):.2f})",
+                  flush=True)
+        del table, ref
+
+    vocab, d = args.vocab, args.hidden
+    table = (torch.randn(vocab, d, device=dev, generator=g) * 0.06).to(torch.bfloat16)
+
+    def bench(fn, reps=5):
+        fn()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def transformers_step(hb):
+        b = hb.shape[0] // CANVAS
+        logits = (hb @ table.T).float().view(b, CANVAS, vocab)
+        logits = torch.tanh(logits / SOFTCAP) * SOFTCAP
+        processed = logits / TEMPERATURE
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        sampled = torch.multinomial(probs.view(-1, vocab), 1).view(b, CANVAS)
+        argmax = torch.argmax(processed, dim=-1)
+        entropy = torch.distributions.Categorical(logits=processed).entropy()
+        sorted_h, order = torch.sort(entropy, dim=-1)
+        keep = torch.cumsum(sorted_h, -1) - sorted_h <= ENTROPY_BOUND
+        accepted = torch.zeros_like(keep).scatter(-1, order, keep)
+        canvas = torch.where(accepted, sampled, torch.randint(0, vocab, (b, CANVAS), device=dev))
+        sc = processed.to(table.dtype)
+        soft = sc.softmax(-1, dtype=torch.float32).to(table.dtype) @ table
+        return canvas, argmax, soft
+
+    print(f"one step at V={vocab} D={d} (bf16 h and E), ms median of 5, peak extra GPU memory:", flush=True)
+    for b in args.batches or [1, 4, 8]:
+        hb = torch.randn(b * CANVAS, d, device=dev, generator=g).to(torch.bfloat16)
+        for label, fn in [
+            ("dgplug triton", lambda: S.head_sample(hb, table, temperature=TEMPERATURE, impl="triton")),
+            ("dgplug torch-chunked", lambda: S.head_sample(hb, table, temperature=TEMPERATURE, impl="torch",
+                                                           vocab_tile=16384)),
+            ("transformers", lambda: transformers_step(hb)),
+        ]:
+            try:
+                ms, mib = bench(fn, reps=5 if label != "dgplug torch-chunked" else 2)
+                print(f"  batch {b} {label:22s}: {ms:9.2f} ms  +{mib:9.1f} MiB", flush=True)
+            except torch.cuda.OutOfMemoryError:
+                print(f"  batch {b} {label:22s}: out of memory", flush=True)
+            torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="V=32768, batches 1 and 2")
+    ap.add_argument("--vocab", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=2816)
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="dgplug batches (default 1 8)")
+    ap.add_argument("--tf-batches", type=int, nargs="+", default=None, help="transformers batches (default 1 4)")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats at batch 1 (larger batches run once)")
+    ap.add_argument("--vslice", type=int, default=None, help="vocabulary slice for transformers' matmuls")
+    ap.add_argument("--tf-full-matmuls", action="store_true")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--gpu", action="store_true", help="CUDA: check the Triton kernel and time it")
+    ap.add_argument("--worker", choices=["dgplug", "transformers"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.vocab is None:
+        args.vocab = 32768 if args.quick else 262144
+    if args.gpu:
+        return gpu_check(args)
+    if args.worker:
+        args.side = args.worker
+        args.vslice = args.vslice or 4096
+        return worker(args)
+
+    batches = args.batches or ([1, 2] if args.quick else [1, 8])
+    tf_batches = args.tf_batches or ([1, 2] if args.quick else [1, 4])
+    print(f"sampler step: V={args.vocab} D={args.hidden} canvas {CANVAS}, bf16 embedding, "
+          f"{args.threads} threads, T={TEMPERATURE:.4f}")
+    results = {}
+    for b in batches:
+        results[("dgplug", b)] = _spawn(args, "dgplug", b, args.repeats if b == 1 else 1, 0)
+    for b in tf_batches:
+        # the bf16 soft-embedding matmul runs at ~0.4 GFLOP/s here: keep its slice small
+        vslice = args.vslice or max(512, min(args.vocab, 4096 // b))
+        results[("transformers", b)] = _spawn(args, "transformers", b, args.repeats if b == 1 else 1, vslice)
+
+    print()
+    print(f"{'batch':>5} | {'dgplug s':>9} | {'transformers s':>14} | {'speed-up':>8} | "
+          f"{'dgplug MiB':>10} | {'transformers MiB':>16}")
+    print("-" * 78)
+    for b in sorted(set(batches) | set(tf_batches)):
+        d, t = results.get(("dgplug", b)), results.get(("transformers", b))
+        ds = f"{d['seconds']:9.2f}" if d else f"{'-':>9}"
+        ts = f"{t['seconds']:14.2f}" if t else f"{'-':>14}"
+        ratio = f"{t['seconds'] / d['seconds']:7.1f}x" if d and t else f"{'-':>8}"
+        dm = f"{d['peak_mib']:10.1f}" if d else f"{'-':>10}"
+        tm = f"{t['peak_mib']:16.1f}" if t else f"{'-':>16}"
+        print(f"{b:>5} | {ds} | {ts} | {ratio} | {dm} | {tm}")
+    if not args.tf_full_matmuls:
+        print("transformers' lm_head and soft-embedding bf16 matmuls timed on a vocabulary slice and "
+              "scaled to V; the rest at full size. Memory: peak RSS during the step minus RSS before it.")
+
+
+if __name__ == "__main__":
+    main()
