@@ -43,9 +43,10 @@ def _register_with_transformers() -> None:
 
     try:
         from dgplug.integrations.hf_quantizer import register
-        from dgplug.integrations.gguf_transformers import register as register_gguf
 
         register()
+        from dgplug.integrations.gguf_transformers import register as register_gguf  # after: failures stay apart
+
         register_gguf()
     except Exception as e:  # noqa: BLE001 - dgplug's own loader works without the registration
         warnings.warn(f"dgplug: could not register its quantizer with transformers ({e})", stacklevel=2)

@@ -7,6 +7,8 @@ Every problem becomes one `CheckpointError` naming the file or tensor at fault.
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
             weight_map = None
         self._handles = {}
+        self._maps = {}
         in_shard = {s: set(self._open(s).keys()) for s in shards}
         if weight_map is not None:
             for k, s in weight_map.items():
@@ -63,13 +66,43 @@ class SafetensorsCheckpoint:
         return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor as a zero-copy view of the memory-mapped shard (copy-on-write).
+
+        Like transformers, so the weights sit at the same addresses modulo the page: CPU BLAS
+        results depend on operand alignment, and this keeps fp32 parity bit for bit."""
         shard = self.weight_map.get(name)
         if shard is None:
             raise CheckpointError(f"{self.path}: tensor {name} not found")
-        try:
-            return self._open(shard).get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"{self.path / shard}: cannot read tensor {name} ({e})") from None
+        mm, header, base = self._mapped(shard)
+        info = header.get(name)
+        start, end = info["data_offsets"]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path / shard}: tensor {name} has unsupported dtype {info['dtype']}")
+        if base + end > len(mm):
+            raise CheckpointError(f"{self.path / shard}: tensor {name} runs past the end of the file (truncated?)")
+        count = (end - start) // torch.empty((), dtype=dtype).element_size()
+        if count == 0:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start).view(info["shape"])
+
+    def _mapped(self, shard: str):
+        if shard not in self._maps:
+            f = self.path / shard
+            with open(f, "rb") as fh:
+                try:
+                    n = struct.unpack("<Q", fh.read(8))[0]
+                    header = json.loads(fh.read(n))
+                except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise CheckpointError(f"{f}: unreadable safetensors header ({e})") from None
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[shard] = (mm, header, 8 + n)
+        return self._maps[shard]
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def validate(ckpt: SafetensorsCheckpoint, cfg: Config) -> list[names.TensorSpec]:

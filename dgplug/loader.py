@@ -60,8 +60,6 @@ def build(cfg: Config, tensors, dtype=None, device=None, generation_defaults=Non
             first_dtype = first_dtype or t.dtype
             target = dtype or first_dtype
             t = t.to(device=device or "cpu", dtype=target if t.is_floating_point() else t.dtype)
-            if t.data_ptr() % 64:  # a view into a file buffer: BLAS results depend on alignment
-                t = t.clone()
         if hf.startswith("model.encoder.language_model.layers.") and hf.endswith(".layer_scalar"):
             enc_scalars[int(hf.split(".")[4])] = t.reshape(())
             continue

