@@ -161,6 +161,16 @@ def inv_freq(tc: TextConfig, sliding: bool) -> torch.Tensor:
     return 1.0 / (tc.rope_theta_full ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
 
 
+def rope_tables(pos, inv_sliding, inv_full, dtype) -> dict:
+    """cos/sin [L, d] for each layer kind at absolute positions `pos` (computed in fp32)."""
+    out = {}
+    for kind, inv in (("sliding", inv_sliding), ("full", inv_full)):
+        freqs = pos[:, None].float() * inv[None, :].float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
+    return out
+
+
 @dataclass
 class LayerCache:
     keys: torch.Tensor | None = None  # [B, kv_heads, Lc, d]
@@ -229,12 +239,7 @@ class DiffusionGemma(nn.Module):
         return F.embedding(ids, w) * ops.embed_scale(self.tc.hidden_size, w.dtype).to(w.device)
 
     def rope_tables(self, pos, dtype):
-        out = {}
-        for kind, inv in (("sliding", self.inv_freq_sliding), ("full", self.inv_freq_full)):
-            freqs = pos[:, None].float() * inv[None, :].float()
-            emb = torch.cat((freqs, freqs), dim=-1)
-            out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
-        return out
+        return rope_tables(pos, self.inv_freq_sliding, self.inv_freq_full, dtype)
 
     def run_layers(self, x, pos, cache: KVCache, mode: str, mask=None):
         tables = self.rope_tables(pos, x.dtype)

@@ -56,7 +56,7 @@ from torch import nn
 
 from dgplug import names, ops
 from dgplug.config import from_dict as dgplug_config_from_dict
-from dgplug.model import inv_freq, rope
+from dgplug.model import inv_freq, rope, rope_tables
 
 from vllm.config import VllmConfig
 from vllm.distributed import (
@@ -341,12 +341,7 @@ class DGPlugTextModel(nn.Module):
         return e * self.normalizer.to(e.dtype)
 
     def rope_tables(self, pos, dtype):
-        out = {}
-        for kind, inv in (("sliding", self.inv_freq_sliding), ("full", self.inv_freq_full)):
-            freqs = pos[:, None].float() * inv[None, :].float()
-            emb = torch.cat((freqs, freqs), dim=-1)
-            out[kind] = (emb.cos().to(dtype), emb.sin().to(dtype))
-        return out
+        return rope_tables(pos, self.inv_freq_sliding, self.inv_freq_full, dtype)
 
     def forward(self, x, positions, mode=None, cache: StandaloneCache | None = None):
         tables = self.rope_tables(positions, x.dtype)
