@@ -19,6 +19,7 @@ model. `dgplug.unpatch(model)` restores everything. Works with transformers 5.19
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
 
 import torch
@@ -165,10 +166,11 @@ def _fused_denoising_step(self, decoder_forward, current_canvas, argmax_canvas, 
         cur = torch.tensor(cur_step, dtype=torch.int32)
         T = float(p.t_min + ((p.t_max - p.t_min) * (cur / p.max_denoising_steps)))
     self._dgplug_soft = self_conditioning_logits
+    cache_kw = {_cache_kwarg(self.model): cache}  # 5.24 says `cache`, 5.19 `past_key_values`
     try:
         out = self.model(decoder_input_ids=current_canvas, self_conditioning_logits=None,
-                         decoder_attention_mask=mask_mapping, cache=cache, decoder_position_ids=decoder_position_ids,
-                         **model_kwargs)
+                         decoder_attention_mask=mask_mapping, decoder_position_ids=decoder_position_ids,
+                         **cache_kw, **model_kwargs)
     finally:
         self._dgplug_soft = None
     h = out.last_hidden_state
@@ -189,6 +191,10 @@ def _fused_denoising_step(self, decoder_forward, current_canvas, argmax_canvas, 
                 soft = torch.where(finished_denoising[:, None, None], self_conditioning_logits, soft)
         finished_denoising |= _stop(diffusion_stopping_criteria, new_argmax, ent)
     return new_canvas, new_argmax, soft, finished_denoising
+
+
+def _cache_kwarg(module) -> str:
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _stop(criteria, argmax, ent):

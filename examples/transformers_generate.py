@@ -1,0 +1,42 @@
+"""Load a DiffusionGemma with transformers, switch it to dgplug's kernels, generate with a live draft.
+
+    python examples/transformers_generate.py [CHECKPOINT_DIR] [--fused]
+
+Without a checkpoint argument it uses dgplug's embedded default model. `TextDiffusionStreamer`
+prints the argmax draft after every denoising step (transformers' own streamer class).
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, TextDiffusionStreamer  # noqa: E402
+
+import dgplug  # noqa: E402  (registers dgplug's formats with transformers)
+from dgplug.assets import default_model_path  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint", nargs="?", default=None)
+    ap.add_argument("--prompt", default=None)
+    ap.add_argument("--fused", action="store_true", help="also use dgplug's streaming head + sampler")
+    ap.add_argument("--steps", type=int, default=None)
+    args = ap.parse_args()
+    path = args.checkpoint or str(default_model_path())
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    dgplug.patch(model, sampler="fused" if args.fused else "transformers")
+    prompt = args.prompt or tok.decode(list(range(5, 12)))
+    ids = tok(prompt, return_tensors="pt").input_ids
+    streamer = TextDiffusionStreamer(tokenizer=tok)
+    torch.manual_seed(0)
+    kw = {"max_denoising_steps": args.steps} if args.steps else {}
+    out = model.generate(ids, streamer=streamer, **kw)
+    print("\ntokens per forward:", out.tokens_per_forward.tolist())
+
+
+if __name__ == "__main__":
+    main()
