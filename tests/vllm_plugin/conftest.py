@@ -25,7 +25,8 @@ sys.path.insert(0, str(HERE))  # vllm_helpers (shared with tp_worker.py)
 from vllm_helpers import free_port, make_vllm_config  # noqa: E402
 
 _REASON = None
-if importlib.util.find_spec("vllm") is None:
+_spec = importlib.util.find_spec("vllm")
+if _spec is None or _spec.origin is None:  # absent, or only a namespace folder of that name
     _REASON = "vLLM is not installed in this venv (run .ci/vllm: it builds the vLLM CPU venv)"
 else:
     try:
