@@ -1,7 +1,10 @@
 """The embedded default model.
 
-Until a trained one ships, the default is a tiny random DiffusionGemma built deterministically
-by transformers itself (seed 0) and cached under $DGPLUG_CACHE (default ~/.cache/dgplug).
+The default is a small DiffusionGemma trained to solve Sudoku (examples/sudoku/), shipped with
+the package under dgplug/data/sudoku/ (config, generation config, bf16 safetensors, tokenizer).
+`tiny_random_model_path()` is the older default, kept as a fallback: a tiny random DiffusionGemma
+built deterministically by transformers itself (seed 0) and cached under $DGPLUG_CACHE
+(default ~/.cache/dgplug).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+SUDOKU_DIR = Path(__file__).resolve().parent / "data" / "sudoku"
 DEFAULT_NAME = "tiny-random-v1"
 
 
@@ -18,8 +22,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DGPLUG_CACHE", Path.home() / ".cache" / "dgplug"))
 
 
+def sudoku_model_path() -> Path | None:
+    """The shipped Sudoku checkpoint directory, or None when the package data is missing."""
+    ok = (SUDOKU_DIR / "config.json").exists() and any(SUDOKU_DIR.glob("*.safetensors"))
+    return SUDOKU_DIR if ok else None
+
+
 def default_model_path() -> Path:
-    """Build (once) and return the default checkpoint directory."""
+    """The embedded default checkpoint: the shipped Sudoku model, else the tiny random one."""
+    return sudoku_model_path() or tiny_random_model_path()
+
+
+def tiny_random_model_path() -> Path:
+    """Build (once) and return the tiny random checkpoint directory."""
     from .testing import make_checkpoint, tiny_text_config
 
     final = cache_dir() / DEFAULT_NAME

@@ -240,36 +240,127 @@ def generate(
 # -- demo ------------------------------------------------------------------------------------
 @app.command()
 def demo(
-    steps: int = typer.Option(16, "--steps"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="max denoising steps (default: the checkpoint's)"),
     seed: int = typer.Option(0, "--seed"),
     live: bool = typer.Option(True, "--live/--no-live"),
+    shown: int = typer.Option(2, "--puzzles", help="puzzles solved one by one (live when --live)"),
+    sample: int = typer.Option(20, "--sample", help="held-out puzzles (36+ givens) for the solve rate"),
 ):
-    """Run the embedded default model: generation shown live, then speed figures."""
+    """Run the embedded default model: Sudoku solved on the canvas (live), then solve rate and speed."""
 
     def go():
+        import json
+
         import torch
+        from rich.live import Live
+        from rich.text import Text
 
         from . import load
         from .assets import default_model_path
 
         path = default_model_path()
-        model = load(path)
-        torch.manual_seed(seed)
-        prompt = torch.tensor([[2, 7, 8, 9, 10, 11]])
-        console.print(f"[cyan]embedded default model[/cyan] {path} (tiny random DiffusionGemma, "
-                      f"{model.tc.num_hidden_layers} layers, canvas {model.cfg.canvas_length})")
-        view, hook = live_view(model, console) if live else (None, None)
+        if not (path / "puzzles.json").exists():  # the tiny random fallback: plain generation
+            model = load(path)
+            prompt = torch.tensor([[2, 7, 8, 9, 10, 11]])
+            out = model.generate(prompt, max_new_tokens=model.cfg.canvas_length, max_denoising_steps=steps or 16,
+                                 seed=seed)
+            console.print(f"[yellow]no Sudoku model shipped; tiny random default at {path}[/yellow]: "
+                          f"{float(out.tokens_per_forward[0]):.2f} tokens per forward, denoising steps {out.steps}")
+            return
+        model = load(path, dtype="fp32")
+        tok = model.tokenizer
+        bank = json.loads((path / "puzzles.json").read_text())
+        digit = [tok.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
+        to_digit = {t: d + 1 for d, t in enumerate(digit)}
+        eos = tok.eos_token_id
+
+        def encode(puzzles):
+            """Prompt ids (puzzle in the prompt), the canvas with the givens placed, and the lock mask."""
+            texts = [tok.bos_token + " " + " ".join(f"r{i // 9 + 1}c{i % 9 + 1}={ch}" for i, ch in enumerate(p))
+                     for p in puzzles]
+            prompt = torch.tensor([tok.convert_tokens_to_ids(t.split()) for t in texts])
+            g = torch.Generator().manual_seed(seed)
+            canvas = torch.randint(0, model.tc.vocab_size, (len(puzzles), model.cfg.canvas_length), generator=g)
+            lock = torch.zeros_like(canvas, dtype=torch.bool)
+            for b, p in enumerate(puzzles):
+                for i, ch in enumerate(p):
+                    if ch != ".":
+                        canvas[b, i], lock[b, i] = digit[int(ch) - 1], True
+                canvas[b, 81], lock[b, 81] = eos, True
+            return prompt, canvas, lock
+
+        def solved(puzzle, ids):
+            g = [to_digit.get(int(t), 0) for t in ids[:81]]
+            if any(ch != "." and int(ch) != v for ch, v in zip(puzzle, g)):
+                return False
+            units = [[r * 9 + c for c in range(9)] for r in range(9)] + [[r * 9 + c for r in range(9)] for c in range(9)]
+            units += [[(br + r) * 9 + bc + c for r in range(3) for c in range(3)] for br in (0, 3, 6) for bc in (0, 3, 6)]
+            return all(sorted(g[i] for i in u) == list(range(1, 10)) for u in units)
+
+        def render(puzzle, ids, accepted=None, title=""):
+            text = Text(title + "\n", style="cyan")
+            for r in range(9):
+                if r and r % 3 == 0:
+                    text.append("------+-------+------\n", style="dim")
+                for c in range(9):
+                    i = r * 9 + c
+                    if c and c % 3 == 0:
+                        text.append("| ", style="dim")
+                    d = to_digit.get(int(ids[i]))
+                    if puzzle[i] != ".":
+                        text.append(puzzle[i] + " ", style="bold white")
+                    elif d is None:
+                        text.append("? ", style="red")
+                    else:
+                        text.append(f"{d} ", style="bold green" if accepted is None or accepted[i] else "dim")
+                text.append("\n")
+            return text
+
+        gen_kw = dict(max_denoising_steps=steps, seed=seed)
+        console.print(f"[cyan]embedded default model[/cyan] {path}: Sudoku DiffusionGemma "
+                      f"({model.tc.num_hidden_layers} layers, hidden {model.tc.hidden_size}, "
+                      f"{model.tc.num_experts} experts top-{model.tc.top_k_experts}, canvas {model.cfg.canvas_length}); "
+                      f"givens placed on the canvas and locked, every other cell denoised in parallel")
+        easy = [p for p in bank if p["givens"] >= 36]
+        for k, item in enumerate(easy[:shown]):
+            puzzle = item["puzzle"]
+            prompt, canvas, lock = encode([puzzle])
+            view, hook = None, None
+            if live:
+                view = Live(console=console, refresh_per_second=20, transient=False)
+                view.start()
+
+                def hook(s, puzzle=puzzle, view=view, k=k):
+                    view.update(render(puzzle, s.draft[0].tolist(), s.accepted[0].tolist(),
+                                       f"puzzle {k + 1} ({item['givens']} givens)  step {s.step:>2}"))
+                    time.sleep(0.08)
+            try:
+                out = model.generate(prompt, decoder_input_ids=canvas, locked=lock, on_step=hook, **gen_kw)
+            finally:
+                if view is not None:
+                    view.stop()
+            ids = out.sequences[0, prompt.shape[1]:].tolist()
+            ok = solved(puzzle, ids)
+            if not live:
+                console.print(render(puzzle, ids, title=f"puzzle {k + 1} ({item['givens']} givens)"))
+            console.print(("[green]solved[/green]" if ok else "[red]not solved[/red]") +
+                          f" in {out.steps[0]} denoising steps")
+
+        batch = easy[:sample]
+        prompt, canvas, lock = encode([p["puzzle"] for p in batch])
         t0 = time.perf_counter()
-        try:
-            out = model.generate(prompt, max_new_tokens=2 * model.cfg.canvas_length, max_denoising_steps=steps,
-                                 seed=seed, on_step=hook)
-        finally:
-            if view is not None:
-                view.stop()
+        out = model.generate(prompt, decoder_input_ids=canvas, locked=lock, **gen_kw)
         dt = time.perf_counter() - t0
-        n_tok = int((out.sequences[0, prompt.shape[1]:] != 0).sum())
-        console.print(f"{n_tok} tokens in {dt:.2f}s = {n_tok / dt:.1f} tok/s; "
-                      f"{float(out.tokens_per_forward[0]):.2f} tokens per forward; denoising steps {out.steps}")
+        n_ok = sum(solved(p["puzzle"], out.sequences[b, prompt.shape[1]:].tolist()) for b, p in enumerate(batch))
+        blanks = sum(p["puzzle"].count(".") for p in batch)
+        forwards = int(out.forwards.sum())
+        n_tok = int((out.sequences[:, prompt.shape[1]:] != model.generation_defaults.get("pad_token_id", 0)).sum())
+        console.print(f"solve rate {n_ok}/{len(batch)} = {100 * n_ok / len(batch):.0f}% on held-out puzzles with "
+                      f">= 36 givens (batch of {len(batch)})")
+        console.print(f"{float(out.tokens_per_forward.float().mean()):.2f} tokens per forward "
+                      f"({blanks / forwards:.2f} blank cells filled per forward); denoising steps used {out.steps[0]} "
+                      f"(max {model.generation_defaults['max_denoising_steps'] if steps is None else steps}); "
+                      f"{n_tok / dt:.0f} tokens/s ({blanks / dt:.0f} blank cells/s) on {torch.get_num_threads()} threads")
 
     run(go)
 

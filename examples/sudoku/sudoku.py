@@ -1,0 +1,181 @@
+"""Sudoku for DiffusionGemma: puzzle generator, checker, tokenizer and prompt/canvas format.
+
+Format (chat-free):
+    prompt = <bos> + 81 cell tokens "r{row}c{col}={digit or .}"   (82 tokens, row-major)
+    canvas = 81 digit tokens "1".."9" + <eos>                       (82 tokens = canvas_length)
+
+The prompt's cell tokens carry their coordinates: DiffusionGemma has no absolute position
+embedding (RoPE only), so a plain digit string would leave each cell guessing which row, column
+and box it is in. The canvas cell i sits at a fixed offset (82) from its prompt cell, which RoPE
+finds easily, and the canvas itself stays plain digits. Givens can also be placed on the canvas
+and locked (dgplug.generate(..., decoder_input_ids=canvas, locked=mask)): in-line editing.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+# -- vocabulary ---------------------------------------------------------------------------------
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+PAD, EOS, BOS = 0, 1, 2
+DIGIT0 = 5  # token of digit d (1..9) is DIGIT0 + d - 1
+BLANK = 14  # "." (not used on the canvas; kept for text display)
+CELL0 = 15  # token of cell i holding v (0 = blank, 1..9) is CELL0 + 10 * i + v
+VISION = ["<boi>", "<eoi>", "<image>"]
+VOCAB_SIZE = CELL0 + 810 + len(VISION)  # 828
+BOI, EOI, IMAGE = VOCAB_SIZE - 3, VOCAB_SIZE - 2, VOCAB_SIZE - 1
+PROMPT_LEN = 82
+CANVAS_LEN = 82
+
+
+def vocab() -> dict[str, int]:
+    v = {t: i for i, t in enumerate(SPECIALS)}
+    for d in range(1, 10):
+        v[str(d)] = DIGIT0 + d - 1
+    v["."] = BLANK
+    for i in range(81):
+        r, c = divmod(i, 9)
+        for x in range(10):
+            v[f"r{r + 1}c{c + 1}={x if x else '.'}"] = CELL0 + 10 * i + x
+    for j, t in enumerate(VISION):
+        v[t] = BOI + j
+    assert len(v) == VOCAB_SIZE
+    return v
+
+
+def save_tokenizer(path: str | Path) -> None:
+    """A WordLevel tokenizer (whitespace-split) over the vocabulary above; no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab(), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.Fuse()  # canvas digits decode to "534678912..." with no spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>", mask_token="<mask>")
+    fast.save_pretrained(str(path))
+
+
+# -- grids --------------------------------------------------------------------------------------
+def _backtrack(rng: random.Random) -> np.ndarray:
+    """A uniformly-ish random valid grid by randomised backtracking."""
+    g = np.zeros(81, dtype=np.int64)
+    rows = [set() for _ in range(9)]
+    cols = [set() for _ in range(9)]
+    boxes = [set() for _ in range(9)]
+
+    def fill(i):
+        if i == 81:
+            return True
+        r, c = divmod(i, 9)
+        b = (r // 3) * 3 + c // 3
+        ds = list(range(1, 10))
+        rng.shuffle(ds)
+        for d in ds:
+            if d in rows[r] or d in cols[c] or d in boxes[b]:
+                continue
+            g[i] = d
+            rows[r].add(d), cols[c].add(d), boxes[b].add(d)
+            if fill(i + 1):
+                return True
+            rows[r].discard(d), cols[c].discard(d), boxes[b].discard(d)
+        g[i] = 0
+        return False
+
+    assert fill(0)
+    return g.reshape(9, 9)
+
+
+def _shuffle(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Validity-preserving transforms: digit relabelling, rows within bands, bands, cols, stacks, transpose."""
+    perm = np.concatenate([[0], rng.permutation(9) + 1])
+    g = perm[g]
+    rows = np.concatenate([b * 3 + rng.permutation(3) for b in rng.permutation(3)])
+    cols = np.concatenate([b * 3 + rng.permutation(3) for b in rng.permutation(3)])
+    g = g[rows][:, cols]
+    return g.T.copy() if rng.random() < 0.5 else g
+
+
+class Generator:
+    """Random valid grids (a pool made by randomised backtracking, each draw shuffled) and puzzles."""
+
+    def __init__(self, seed: int, pool: int = 256):
+        self.rng = np.random.default_rng(seed)
+        prng = random.Random(seed)
+        self.pool = [_backtrack(prng) for _ in range(pool)]
+
+    def grid(self) -> np.ndarray:
+        return _shuffle(self.pool[self.rng.integers(len(self.pool))], self.rng)
+
+    def puzzle(self, givens: int) -> tuple[np.ndarray, np.ndarray]:
+        """(puzzle with 0 = blank, solution), both [9, 9]; `givens` cells kept at random."""
+        sol = self.grid()
+        keep = np.zeros(81, dtype=bool)
+        keep[self.rng.choice(81, size=givens, replace=False)] = True
+        return np.where(keep.reshape(9, 9), sol, 0), sol
+
+    def batch(self, n: int, lo: int, hi: int):
+        """n puzzles with givens uniform in [lo, hi]: (puzzles [n, 81], solutions [n, 81])."""
+        ps, ss = [], []
+        for _ in range(n):
+            p, s = self.puzzle(int(self.rng.integers(lo, hi + 1)))
+            ps.append(p.reshape(-1)), ss.append(s.reshape(-1))
+        return np.stack(ps), np.stack(ss)
+
+
+def is_valid_grid(g) -> bool:
+    g = np.asarray(g).reshape(9, 9)
+    want = set(range(1, 10))
+    for k in range(9):
+        if set(g[k].tolist()) != want or set(g[:, k].tolist()) != want:
+            return False
+        r, c = divmod(k, 3)
+        if set(g[3 * r:3 * r + 3, 3 * c:3 * c + 3].reshape(-1).tolist()) != want:
+            return False
+    return True
+
+
+def is_solution(puzzle, grid) -> bool:
+    """A valid grid that agrees with every given (uniqueness not required)."""
+    p, g = np.asarray(puzzle).reshape(-1), np.asarray(grid).reshape(-1)
+    return bool(is_valid_grid(g) and np.all((p == 0) | (p == g)))
+
+
+# -- tokens -------------------------------------------------------------------------------------
+def prompt_ids(puzzles: np.ndarray) -> np.ndarray:
+    """[n, 81] puzzles (0 = blank) -> [n, 82] prompt ids."""
+    puzzles = np.asarray(puzzles).reshape(-1, 81)
+    cells = CELL0 + 10 * np.arange(81)[None, :] + puzzles
+    return np.concatenate([np.full((len(puzzles), 1), BOS), cells], axis=1)
+
+
+def canvas_ids(grids: np.ndarray) -> np.ndarray:
+    """[n, 81] digits (1..9) -> [n, 82] canvas ids (digits + <eos>); a 0 maps to <pad>."""
+    grids = np.asarray(grids).reshape(-1, 81)
+    d = np.where(grids > 0, DIGIT0 + grids - 1, PAD)
+    return np.concatenate([d, np.full((len(grids), 1), EOS)], axis=1)
+
+
+def canvas_to_grid(ids) -> np.ndarray:
+    """[.., 82+] canvas ids -> [.., 81] digits (0 where the token is not a digit)."""
+    ids = np.asarray(ids)[..., :81]
+    ok = (ids >= DIGIT0) & (ids < DIGIT0 + 9)
+    return np.where(ok, ids - DIGIT0 + 1, 0)
+
+
+def format_grid(g, givens=None) -> str:
+    g = np.asarray(g).reshape(9, 9)
+    lines = []
+    for r in range(9):
+        if r and r % 3 == 0:
+            lines.append("------+-------+------")
+        row = []
+        for c in range(9):
+            if c and c % 3 == 0:
+                row.append("|")
+            row.append(str(g[r, c]) if g[r, c] else ".")
+        lines.append(" ".join(row))
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""Train the embedded Sudoku DiffusionGemma on CPU with transformers' own modules.
+
+    python examples/sudoku/train.py --out runs/sudoku            # the shipped run (fixed seeds)
+    python examples/sudoku/train.py --bench                      # steps/s for the chosen size
+
+Objective (DiffusionGemma's): per example t ~ U(1e-3, 1); every canvas position is replaced by
+a uniform random token (over the whole vocabulary) with probability t; cross-entropy on the
+clean canvas. Self-conditioning with probability 0.5 (per batch): a first pass without grad,
+then the trained pass fed its detached logits (the model turns them into softmax(logits) @ E).
+Plus the encoder's next-token loss on the prompt (weight --enc-weight). One addition for the
+Sudoku use: in 70% of the examples the givens (and <eos>) are never noised, which is what the
+canvas looks like when givens are placed on it and locked at inference.
+
+The learning rate follows a cosine over whichever limit comes first (steps or wall clock, since
+the CPU is shared and its speed varies); every step's lr is in log.jsonl. The run stops after --steps steps or --minutes of wall clock, whichever is first; it saves
+`latest/` every --save-every minutes and `best/` (lowest loss on a fixed validation batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sudoku as S  # noqa: E402
+
+GENERATION = {
+    "max_new_tokens": S.CANVAS_LEN,
+    "max_denoising_steps": 32,
+    "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+    "eos_token_id": [S.EOS],
+    "pad_token_id": S.PAD,
+    "bos_token_id": S.BOS,
+}
+
+
+def text_config(layers: int, experts: int, moe_inter: int, inter: int, window: int) -> dict:
+    types = ["full_attention" if (i % 2 == 1 or i == layers - 1) else "sliding_attention" for i in range(layers)]
+    return dict(
+        vocab_size=S.VOCAB_SIZE, hidden_size=256, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=32,
+        num_global_key_value_heads=1, sliding_window=window, num_experts=experts, top_k_experts=2,
+        moe_intermediate_size=moe_inter, max_position_embeddings=512, layer_types=types,
+        pad_token_id=S.PAD, eos_token_id=S.EOS, bos_token_id=S.BOS,
+    )
+
+
+def build_model(args):
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from dgplug.testing import TINY_VISION
+
+    cfg = DiffusionGemmaConfig(
+        text_config=text_config(args.layers, args.experts, args.moe_inter, args.inter, args.window),
+        vision_config=dict(TINY_VISION), canvas_length=S.CANVAS_LEN,
+        boi_token_id=S.BOI, eoi_token_id=S.EOI, image_token_id=S.IMAGE,
+    )
+    torch.manual_seed(args.seed)
+    return DiffusionGemmaForBlockDiffusion(cfg)
+
+
+def make_batch(gen: S.Generator, n: int, lo: int, hi: int, g: torch.Generator):
+    puz, sol = gen.batch(n, lo, hi)
+    prompt = torch.from_numpy(S.prompt_ids(puz))
+    clean = torch.from_numpy(S.canvas_ids(sol))
+    given = torch.from_numpy(np.concatenate([puz > 0, np.ones((n, 1), bool)], axis=1))
+    t = torch.rand(n, 1, generator=g) * (1 - 1e-3) + 1e-3
+    noise_mask = torch.rand(clean.shape, generator=g) < t
+    keep_givens = torch.rand(n, 1, generator=g) < 0.7
+    noise_mask &= ~(given & keep_givens)
+    noise = torch.randint(0, S.VOCAB_SIZE, clean.shape, generator=g)
+    noisy = torch.where(noise_mask, noise, clean)
+    return prompt, clean, noisy
+
+
+def losses(model, prompt, clean, noisy, sc: bool, enc_weight: float):
+    sc_logits = None
+    if sc:
+        with torch.no_grad():
+            sc_logits = model(input_ids=prompt, decoder_input_ids=noisy).logits.detach()
+    out = model(input_ids=prompt, decoder_input_ids=noisy, self_conditioning_logits=sc_logits)
+    canvas = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), clean.reshape(-1))
+    enc = out.encoder_last_hidden_state
+    enc_logits = model.lm_head(enc[:, :-1]).float()
+    cap = model.final_logit_softcapping
+    enc_logits = torch.tanh(enc_logits / cap) * cap
+    enc_loss = F.cross_entropy(enc_logits.reshape(-1, enc_logits.shape[-1]), prompt[:, 1:].reshape(-1))
+    acc = (out.logits.argmax(-1) == clean).float().mean()
+    return canvas + enc_weight * enc_loss, canvas, enc_loss, acc
+
+
+def fix_config(path: Path):
+    """Write global_head_dim into text_config explicitly: transformers drops it from per_layer_config
+    when it equals head_dim, and dgplug's config reader then falls back to the release's 512."""
+    f = path / "config.json"
+    c = json.loads(f.read_text())
+    tc = c["text_config"]
+    tc.setdefault("global_head_dim", tc.get("per_layer_config", {}).get(
+        str(tc["layer_types"].index("full_attention")), {}).get("head_dim", tc["head_dim"]))
+    f.write_text(json.dumps(c, indent=2))
+
+
+def save(model, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    fix_config(tmp)
+    (tmp / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))
+    S.save_tokenizer(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/sudoku")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--moe-inter", type=int, default=32)
+    ap.add_argument("--inter", type=int, default=128)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--givens", default="28,62", help="training givens range lo,hi")
+    ap.add_argument("--enc-weight", type=float, default=0.1)
+    ap.add_argument("--minutes", type=float, default=58.0, help="wall-clock limit")
+    ap.add_argument("--save-every", type=float, default=8.0, help="minutes")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bench", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lo, hi = (int(x) for x in args.givens.split(","))
+
+    model = build_model(args).train()
+    n_text = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n and "lm_head" not in n)
+    print(f"text params {n_text / 1e6:.2f}M", flush=True)
+    params = [p for n, p in model.named_parameters() if "vision" not in n]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        p = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        if args.minutes > 0:  # the CPU is shared: anneal over whichever limit comes first
+            p = max(p, min(1.0, (time.time() - t0) / (args.minutes * 60)))
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    gen = S.Generator(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    vgen = S.Generator(10_000 + args.seed, pool=64)
+    vg = torch.Generator().manual_seed(10_000 + args.seed)
+    val = [make_batch(vgen, 32, 30, 45, vg)]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.jsonl", "a")
+    t0 = time.time()
+    last_save = t0
+    best = float("inf")
+    ema = None
+    for step in range(args.steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step)
+        prompt, clean, noisy = make_batch(gen, args.batch, lo, hi, g)
+        sc = bool(torch.rand(1, generator=g) < 0.5)
+        loss, canvas, enc_loss, acc = losses(model, prompt, clean, noisy, sc, args.enc_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = canvas.item() if ema is None else 0.98 * ema + 0.02 * canvas.item()
+        el = time.time() - t0
+        if step % 10 == 0:
+            rec = dict(step=step, min=round(el / 60, 2), loss=round(canvas.item(), 4), ema=round(ema, 4),
+                       enc=round(enc_loss.item(), 4), acc=round(acc.item(), 4), lr=lr_at(step), sc=sc)
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n"), log.flush()
+        if args.bench and step == 10:
+            print(f"bench: {(el) / 11:.3f} s/step (batch {args.batch})", flush=True)
+            return
+        stop = el > args.minutes * 60 or step == args.steps - 1
+        if time.time() - last_save > args.save_every * 60 or stop:
+            model.eval()
+            with torch.no_grad():
+                vl = []
+                for vp, vc, vn in val:
+                    r = model(input_ids=vp, decoder_input_ids=vn)
+                    vl.append(F.cross_entropy(r.logits.reshape(-1, r.logits.shape[-1]), vc.reshape(-1)).item())
+                vloss = float(np.mean(vl))
+            model.train()
+            save(model, out / "latest")
+            if vloss < best:
+                best = vloss
+                save(model, out / "best")
+            rec = dict(step=step, min=round(el / 60, 2), val=round(vloss, 4), best=round(best, 4))
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n"), log.flush()
+            last_save = time.time()
+        if stop:
+            break
+    print(f"done: {step + 1} steps in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
