@@ -155,3 +155,16 @@ def save_tokenizer(path: str | Path, vocab_size: int) -> None:
         "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     )
     fast.save_pretrained(str(path))
+
+
+def probe_inputs(batch: int = 2, prompt: int = 12, canvas: int = 16, seed: int = 0):
+    """Fixed random (prompt ids, canvas ids) for comparing models."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 500, (batch, prompt), generator=g), torch.randint(5, 500, (batch, canvas), generator=g)
+
+
+def probe_logits(model, **kw) -> torch.Tensor:
+    """fp32 logits of any DiffusionGemma (dgplug's or transformers') on `probe_inputs`."""
+    ids, canvas_ids = probe_inputs(**kw)
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=canvas_ids).logits.float()

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from dgplug.testing import probe_inputs as _inputs, probe_logits
+
 import dgplug  # noqa: F401 - registers the GGUF hook
 from dgplug.integrations import gguf_transformers as gt
 
@@ -42,15 +44,8 @@ def reference(files):
     return DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[0]))
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(5, 500, (2, 12), generator=g), torch.randint(5, 500, (2, 16), generator=g)
-
-
 def _logits(model):
-    ids, canvas = _inputs()
-    with torch.no_grad():
-        return model(input_ids=ids, decoder_input_ids=canvas).logits.float()
+    return probe_logits(model)
 
 
 def _text_state(model):

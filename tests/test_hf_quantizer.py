@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from dgplug.testing import probe_inputs as _inputs, probe_logits
+
 from dgplug.converters import quant as Q
 from dgplug.integrations.hf_quantizer import PackedExperts, PackedLinear, packed_bytes, register
 
@@ -21,15 +23,8 @@ def ckpts(tmp_path_factory):
     return src, outs
 
 
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(5, 500, (2, 12), generator=g), torch.randint(5, 500, (2, 16), generator=g)
-
-
 def _logits(model):
-    ids, canvas = _inputs()
-    with torch.no_grad():
-        return model(input_ids=ids, decoder_input_ids=canvas).logits.float()
+    return probe_logits(model)
 
 
 @pytest.fixture(scope="module")
