@@ -208,8 +208,11 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: checkpoint's)"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the chat template"),
     live: bool = typer.Option(False, "--live", help="show the canvas being denoised"),
+    edit: Optional[str] = typer.Option(
+        None, "--edit", help="in-line edit: TEXT with [[spans to rewrite]] and [[+N]] insertions of N tokens; "
+                             "the rest stays locked on the canvas (the prompt, if any, is the instruction)"),
 ):
-    """Generate text with the EntropyBound block-diffusion sampler."""
+    """Generate text with the EntropyBound block-diffusion sampler (or edit a text in place)."""
 
     def go():
         import torch
@@ -218,16 +221,31 @@ def generate(
 
         torch.manual_seed(seed)
         model = load(path, dtype=dtype)
-        prompt_ids = _prompt_ids(model, prompt, ids, chat)
+        if edit is not None and prompt is None and ids is None:
+            bos = model.generation_defaults.get("bos_token_id", model.tc.bos_token_id)
+            prompt_ids = torch.tensor([[bos if bos is not None else 0]])
+        else:
+            prompt_ids = _prompt_ids(model, prompt, ids, chat)
         view, hook = live_view(model, console) if live else (None, None)
         t0 = time.perf_counter()
         try:
-            out = model.generate(prompt_ids, max_new_tokens=max_new_tokens, max_denoising_steps=steps, rng=rng,
-                                 seed=seed, on_step=hook)
+            if edit is not None:
+                res = model.edit(prompt_ids, text=edit, max_denoising_steps=steps, rng=rng, seed=seed, on_step=hook)
+                out = res.output
+            else:
+                out = model.generate(prompt_ids, max_new_tokens=max_new_tokens, max_denoising_steps=steps, rng=rng,
+                                     seed=seed, on_step=hook)
         finally:
             if view is not None:
                 view.stop()
         dt = time.perf_counter() - t0
+        if edit is not None:
+            console.print(res.text if res.text is not None else " ".join(map(str, res.ids)),
+                          highlight=False, markup=False)
+            n_free = sum(not k for k in res.locked)
+            console.print(f"[dim]{n_free} of {len(res.ids)} tokens rewritten in {dt:.2f}s; "
+                          f"steps {out.steps}[/dim]")
+            return
         new = out.sequences[0, prompt_ids.shape[1]:]
         n_tok = int((new != model.generation_defaults.get("pad_token_id", 0)).sum())
         console.print(_detok(model, new.tolist()), highlight=False, markup=False)

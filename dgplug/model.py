@@ -317,3 +317,10 @@ class DiffusionGemma(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    def edit(self, prompt_ids, **kwargs):
+        """In-line editing / infilling: rewrite [[spans]] of a text, the rest locked on the canvas;
+        see `dgplug.editing.edit` for the arguments."""
+        from .editing import edit
+
+        return edit(self, prompt_ids, **kwargs)

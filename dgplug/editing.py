@@ -1,0 +1,131 @@
+"""In-line editing and infilling: keep some tokens of the canvas, denoise only the rest.
+
+A block-diffusion canvas is positional, so an edit is a first canvas plus a lock: the kept tokens
+are placed on it and locked (never re-noised, never resampled), the spans to rewrite start as
+random tokens like any canvas, and the EntropyBound sampler denoises only those. Sudoku givens
+placed on the canvas are the same mechanism (examples/sudoku, `dgplug demo`).
+
+Edit text syntax (CLI ``dgplug generate PATH --edit TEXT``, API ``model.edit(text=...)``):
+
+    plain text       kept as it is
+    [[old words]]    rewritten, keeping its number of tokens
+    [[+N]]           N new tokens inserted here (infilling)
+
+    "The capital of France is [[Berlin]]."     "def add(a, b):[[+12]]"
+
+The edited text is followed by EOS and pad, locked, so the result has the text's length. With
+token ids instead of text: ``model.edit(ids=[...], rewrite=[(start, end), ...])``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+
+_SPAN = re.compile(r"\[\[(.*?)\]\]", re.S)
+_INSERT = re.compile(r"\+(\d+)")
+
+
+def parse_edit(text: str) -> list[tuple[str, str | int]]:
+    """Segments of an edit text: ("keep", str), ("rewrite", str) or ("insert", n)."""
+    out: list[tuple[str, str | int]] = []
+    pos = 0
+    for m in _SPAN.finditer(text):
+        if m.start() > pos:
+            out.append(("keep", text[pos:m.start()]))
+        body = m.group(1)
+        ins = _INSERT.fullmatch(body.strip())
+        if ins:
+            out.append(("insert", int(ins.group(1))))
+        elif body:
+            out.append(("rewrite", body))
+        else:
+            raise InputError(f"edit text: empty span at character {m.start()} (use [[+N]] to insert N tokens)")
+        pos = m.end()
+    rest = text[pos:]
+    if "[[" in rest or "]]" in rest:
+        raise InputError(f"edit text: unbalanced '[[' / ']]' after character {pos}")
+    if rest:
+        out.append(("keep", rest))
+    return out
+
+
+@dataclass
+class EditCanvas:
+    ids: torch.Tensor  # [1, canvas_length]: kept tokens, random tokens where rewritten, EOS, pad
+    locked: torch.Tensor  # [1, canvas_length] bool
+    length: int  # tokens of the edited text on the canvas (kept + rewritten)
+
+
+def edit_canvas(ids: list[int], rewrite: list[tuple[int, int]], *, canvas_length: int, vocab_size: int,
+                eos: int | None, pad: int, generator: torch.Generator | None = None) -> EditCanvas:
+    """Token-level edit: `ids` on the canvas, positions in the [start, end) spans of `rewrite` free."""
+    n = len(ids)
+    if n + (eos is not None) > canvas_length:
+        raise InputError(f"edit of {n} tokens does not fit the canvas of {canvas_length} (with its EOS)")
+    free = torch.zeros(canvas_length, dtype=torch.bool)
+    for a, b in rewrite:
+        if not 0 <= a <= b <= n:
+            raise InputError(f"rewrite span ({a}, {b}) is outside the {n} tokens of the text")
+        free[a:b] = True
+    canvas = torch.full((canvas_length,), pad, dtype=torch.long)
+    canvas[:n] = torch.tensor(ids, dtype=torch.long)
+    if eos is not None:
+        canvas[n] = eos
+    noise = torch.randint(0, vocab_size, (canvas_length,), generator=generator)
+    canvas = torch.where(free, noise, canvas)
+    return EditCanvas(canvas[None], ~free[None], n)
+
+
+def edit_canvas_from_text(tokenizer, text: str, **kw) -> EditCanvas:
+    """Tokenise an edit text (segment by segment) and build its canvas (see module docstring)."""
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for kind, seg in parse_edit(text):
+        if kind == "insert":
+            piece = [0] * int(seg)
+        else:
+            piece = tokenizer.encode(seg, add_special_tokens=False)
+        if kind != "keep":
+            spans.append((len(ids), len(ids) + len(piece)))
+        ids += piece
+    return edit_canvas(ids, spans, **kw)
+
+
+@dataclass
+class EditResult:
+    ids: list[int]  # the edited canvas up to (not including) EOS
+    text: str | None  # decoded, when the model has a tokenizer
+    locked: list[bool]  # per token of `ids`: kept (True) or rewritten
+    output: object  # the GenerateOutput
+
+
+def edit(model, prompt_ids: torch.Tensor, *, text: str | None = None, ids: list[int] | None = None,
+         rewrite: list[tuple[int, int]] | None = None, generator: torch.Generator | None = None,
+         **generate_kw) -> EditResult:
+    """Rewrite spans of a text (or of token ids) in place, conditioned on `prompt_ids` [1, L]."""
+    d = model.generation_defaults
+    eos = d.get("eos_token_id", model.tc.eos_token_id)
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad = d.get("pad_token_id", model.tc.pad_token_id)
+    kw = dict(canvas_length=model.cfg.canvas_length, vocab_size=model.tc.vocab_size, eos=eos,
+              pad=pad if pad is not None else 0, generator=generator)
+    if (text is None) == (ids is None):
+        raise InputError("edit: give either text (with [[spans]]) or ids (with rewrite spans)")
+    if text is not None:
+        if model.tokenizer is None:
+            raise InputError(f"{model.source} has no tokenizer: edit token ids instead")
+        ec = edit_canvas_from_text(model.tokenizer, text, **kw)
+    else:
+        ec = edit_canvas(list(ids), list(rewrite or []), **kw)
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != 1:
+        raise InputError(f"edit: prompt_ids must be [1, length], got {list(prompt_ids.shape)}")
+    generate_kw.setdefault("max_new_tokens", model.cfg.canvas_length)
+    out = model.generate(prompt_ids, decoder_input_ids=ec.ids, locked=ec.locked, **generate_kw)
+    new = out.sequences[0, prompt_ids.shape[1]:prompt_ids.shape[1] + ec.length].tolist()
+    text_out = model.tokenizer.decode(new) if model.tokenizer is not None else None
+    return EditResult(new, text_out, ec.locked[0, :ec.length].tolist(), out)

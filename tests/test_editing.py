@@ -1,0 +1,77 @@
+"""In-line editing and infilling (dgplug.editing): syntax, locked tokens, the CLI."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import dgplug
+from dgplug.cli import app
+from dgplug.editing import edit_canvas, parse_edit
+from dgplug.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return dgplug.load(tiny_ckpt)
+
+
+def test_parse_edit():
+    assert parse_edit("a [[b c]] d[[+3]]") == [("keep", "a "), ("rewrite", "b c"), ("keep", " d"), ("insert", 3)]
+    assert parse_edit("no spans") == [("keep", "no spans")]
+    with pytest.raises(InputError, match="empty span"):
+        parse_edit("a [[]] b")
+    with pytest.raises(InputError, match="unbalanced"):
+        parse_edit("a [[b")
+
+
+def test_canvas_layout():
+    ec = edit_canvas([7, 8, 9, 10], [(1, 3)], canvas_length=8, vocab_size=50, eos=1, pad=0,
+                     generator=torch.Generator().manual_seed(0))
+    assert ec.locked[0].tolist() == [True, False, False, True, True, True, True, True]
+    assert ec.ids[0, [0, 3]].tolist() == [7, 10] and ec.ids[0, 4].item() == 1 and (ec.ids[0, 5:] == 0).all()
+    with pytest.raises(InputError, match="does not fit"):
+        edit_canvas(list(range(8)), [], canvas_length=8, vocab_size=50, eos=1, pad=0)
+    with pytest.raises(InputError, match="outside"):
+        edit_canvas([7, 8], [(1, 5)], canvas_length=8, vocab_size=50, eos=1, pad=0)
+
+
+@pytest.mark.parametrize("rng", ["counter", "transformers"])
+def test_nothing_to_rewrite_returns_the_input(model, rng):
+    prompt = torch.tensor([[2, 5, 6]])
+    r = model.edit(prompt, text="w11 w12 w13 w14", rng=rng, seed=3)
+    assert r.text == "w11 w12 w13 w14" and all(r.locked)
+    r = model.edit(prompt, ids=[20, 21, 22], rewrite=[], rng=rng, seed=3)
+    assert r.ids == [20, 21, 22]
+
+
+def test_locked_tokens_survive_every_step(model):
+    prompt = torch.tensor([[2, 5, 6, 7]])
+    seen = []
+    r = model.edit(prompt, text="w30 w31 [[w32 w33 w34]] w35 [[+3]] w36", seed=1, max_denoising_steps=6,
+                   on_step=lambda s: seen.append((s.draft[0].clone(), s.canvas[0].clone())))
+    keep = torch.tensor(r.locked)
+    n = len(r.ids)
+    assert n == 10 and keep.tolist() == [True, True, False, False, False, True, False, False, False, True]
+    kept = torch.tensor([30, 31, 0, 0, 0, 35, 0, 0, 0, 36])
+    assert len(seen) >= 1
+    for draft, canvas in seen:  # on the canvas and in the argmax draft, at every step
+        assert torch.equal(draft[:n][keep], kept[keep]) and torch.equal(canvas[:n][keep], kept[keep])
+        assert draft[n].item() == 1  # the locked EOS after the text
+    assert torch.equal(torch.tensor(r.ids)[keep], kept[keep])
+
+
+def test_edit_errors(model):
+    with pytest.raises(InputError, match="either text"):
+        model.edit(torch.tensor([[2]]))
+    with pytest.raises(InputError, match="does not fit"):
+        model.edit(torch.tensor([[2]]), text=" ".join(f"w{i}" for i in range(10, 40)))
+
+
+def test_cli_edit(tiny_ckpt):
+    runner = CliRunner()
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w40 w41 [[w42]] w43", "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    first = r.output.splitlines()[0].split()
+    assert first[:2] == ["w40", "w41"] and first[3] == "w43" and "1 of 4 tokens rewritten" in r.output
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w40 [[w41", "--steps", "3"])
+    assert r.exit_code == 1 and r.output.startswith("error:") and "unbalanced" in r.output
