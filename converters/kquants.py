@@ -88,8 +88,9 @@ def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
     u = (x - xmin[:, None]) / rng[:, None]
     wx = w * x
     f64 = np.float64
-    sum_w = _rowdot(w, np.ones_like(w)).astype(f64)
-    sum_x = _rowdot(wx, np.ones_like(w)).astype(f64)
+    ones = np.ones_like(w)
+    sum_w = _rowdot(w, ones).astype(f64)
+    sum_x = _rowdot(wx, ones).astype(f64)
     sum_x2 = _rowdot(wx, x).astype(f64)
     t = np.empty_like(x)
     wl = np.empty_like(x)
@@ -100,36 +101,40 @@ def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
         if c >= nmax_f + _F32(0.5):  # u <= 1, so only the top trial scales can overshoot nmax
             np.clip(t, _F32(0), nmax_f, out=t)
         np.multiply(t, w, out=wl)
-        return (_rowdot(wl, np.ones_like(w)).astype(f64), _rowdot(wl, t).astype(f64),
-                _rowdot(wl, x).astype(f64))
+        return _rowdot(wl, ones), _rowdot(wl, t), _rowdot(wl, x)
 
     def err(s, m, sl, sl2, sxl):
         # sum w*(s*l + m - x)^2, expanded
         return s * (s * sl2 + 2 * m * sl - 2 * sxl) + m * (m * sum_w - 2 * sum_x) + sum_x2
 
-    cs = [_F32(rmin) + _F32(rdelta) * _F32(k) + nmax_f for k in range(nstep + 1)]
-    cache = {}
+    # every trial's sums first (the per-element work), then the fits of all trials at once
+    K = nstep + 1
+    sl, sl2, sxl = (np.empty((x.shape[0], K)) for _ in range(3))
+    for k in range(K):
+        sl[:, k], sl2[:, k], sxl[:, k] = sums(_F32(rmin) + _F32(rdelta) * _F32(k) + nmax_f)
+    sw, sx = sum_w[:, None], sum_x[:, None]
+    D = sw * sl2 - sl * sl
+    ok = D > 0
+    Dz = np.where(ok, D, 1.0)
+    s = (sw * sxl - sx * sl) / Dz
+    m = (sl2 * sx - sl * sxl) / Dz
+    pos = m > 0  # a positive min is not allowed: refit the scale alone with min 0
+    if pos.any():
+        m[pos] = 0
+        s[pos] = sxl[pos] / np.where(sl2[pos] > 0, sl2[pos], 1.0)
+    # weighted squared error of each least-squares fit: sum w x^2 - s sum w l x - m sum w x
+    # (the residual is orthogonal to the fitted terms; with m = 0 too)
+    e = np.where(ok, sum_x2[:, None] - s * sxl - m * sx, np.inf)
     # ggml's starting point: the plain min/max fit (its quants are those of the trial c = nmax)
+    k0 = int(round(-rmin / rdelta))
     best_s = rng.astype(f64) / nmax
     best_m = xmin.astype(f64)
-    cache[nmax_f] = sums(nmax_f)
-    best_e = err(best_s, best_m, *cache[nmax_f])
-    for c in cs:
-        sl, sl2, sxl = cache.pop(c) if c in cache else sums(c)
-        D = sum_w * sl2 - sl * sl
-        ok = D > 0
-        Dz = np.where(ok, D, 1.0)
-        s = (sum_w * sxl - sum_x * sl) / Dz
-        m = (sl2 * sum_x - sl * sxl) / Dz
-        pos = m > 0
-        if pos.any():
-            m[pos] = 0
-            s[pos] = sxl[pos] / np.where(sl2[pos] > 0, sl2[pos], 1.0)
-        e = err(s, m, sl, sl2, sxl)
-        better = ok & (e < best_e)
-        np.copyto(best_s, s, where=better)
-        np.copyto(best_m, m, where=better)
-        np.copyto(best_e, e, where=better)
+    best_e = err(best_s, best_m, sl[:, k0], sl2[:, k0], sxl[:, k0])
+    kb = np.argmin(e, axis=1)  # the first of equal errors, as ggml's strict '<' scan
+    rows = np.arange(x.shape[0])
+    better = e[rows, kb] < best_e
+    best_s = np.where(better, s[rows, kb], best_s)
+    best_m = np.where(better, m[rows, kb], best_m)
     scale = np.where(live, best_s, 0.0).astype(_F32)
     the_min = np.where(live, -best_m, -xmin).astype(_F32)
     return scale, the_min
@@ -233,24 +238,22 @@ def _qx_search(x: np.ndarray, nmax: int) -> np.ndarray:
         np.rint(t, out=t)
         if num >= hi + _F32(0.5):  # |v| <= 1: only the larger trials can leave [-nmax, nmax-1]
             np.clip(t, lo, hi, out=t)
-        slx = _rowdot(t, wx).astype(np.float64)
+        slx = _rowdot(t, wx)
         np.multiply(t, t, out=t)
-        sl2 = _rowdot(t, w).astype(np.float64)
-        return slx, sl2
+        return slx, _rowdot(t, w)
 
-    slx, sl2 = sums(_F32(nmax))
+    # trial order as ggml's scan: the plain nmax first, then nmax - 0.9 ... nmax + 0.9; a later
+    # trial replaces the best only when strictly better, so the first of equal ones wins
+    order = [0] + [k for k in range(-9, 10) if k != 0]
+    slx, sl2 = (np.empty((n, len(order))) for _ in range(2))
+    for j, k in enumerate(order):
+        slx[:, j], sl2[:, j] = sums(_F32(nmax) + _F32(0.1) * _F32(k))
     pos = sl2 > 0
     scale = np.where(pos, slx / np.where(pos, sl2, 1.0), 0.0)
-    best = scale * slx
-    for k in range(-9, 10):
-        if k == 0:
-            continue
-        slx, sl2 = sums(_F32(nmax) + _F32(0.1) * _F32(k))
-        better = (sl2 > 0) & (slx * slx > best * sl2)
-        if better.any():
-            s_new = slx / np.where(sl2 > 0, sl2, 1.0)
-            scale = np.where(better, s_new, scale)
-            best = np.where(better, s_new * slx, best)
+    score = scale * slx  # (sum w x l)^2 / sum w l^2, the error reduction of the best fit
+    score[:, 1:][~pos[:, 1:]] = -np.inf
+    jb = np.argmax(score, axis=1)
+    scale = scale[np.arange(n), jb]
     return np.where(live, scale, 0.0).astype(_F32)
 
 
