@@ -38,9 +38,13 @@ Sampler: the ModelState is vLLM's own ``DiffusionGemmaModelState`` (subclassed),
 ``DiffusionSampler``). For plain denoise steps it replaces vLLM's row statistics
 (``sample_row_stats`` + the probs @ E self-conditioning matmul, several [rows, vocab]
 temporaries) by dgplug's fused ``head_sample`` over the hidden states: argmax, Gumbel-max
-sample, entropy and the soft embedding in one streaming pass over the vocabulary, with no
-[rows, vocab] temporaries beyond the logits the runner itself asks for. Requests that need the
-logits (logprobs, top-k/top-p, constrained reads) and tensor parallel > 1 take vLLM's path.
+sample, entropy and the soft embedding in one streaming pass over the vocabulary. The ModelState's
+``prepare_inputs`` decides per step whether the whole batch takes that path; if so
+``compute_logits`` keeps the hidden states and returns a [rows, vocab] placeholder with 4 bytes of
+storage instead of the fp32 logits, so such a step builds no [rows, vocab] tensor at all. Requests
+that need the logits (logprobs, logprob token ids, top-k/top-p, structured outputs, constrained
+reads, canvases narrower than canvas_length) and tensor parallel > 1 take vLLM's path with real
+logits; a placeholder that reaches vLLM's path anyway is replaced by the real logits first.
 """
 
 from __future__ import annotations
@@ -418,7 +422,13 @@ class DGPlugDiffusionGemmaForBlockDiffusion(nn.Module):
         self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(self.tc.vocab_size, soft_cap=None)
         self.final_logit_softcapping = self.tc.final_logit_softcapping
-        self.sample_hidden: torch.Tensor | None = None  # the fused sampler's input (see compute_logits)
+        # The fused sampler's step (see compute_logits): the ModelState decides per step whether the
+        # batch takes dgplug's fused head + sampler (fused_step, fused_rows); compute_logits then
+        # keeps the hidden states (sample_hidden) and returns logits_placeholder, no real logits.
+        self.fused_step = False
+        self.fused_rows = 0
+        self.sample_hidden: torch.Tensor | None = None
+        self.logits_placeholder: torch.Tensor | None = None
         self.consumed: set[str] = set()  # checkpoint names load_weights used
         self.skipped: set[str] = set()  # checkpoint names deliberately not used (vision tower)
 
@@ -457,9 +467,36 @@ class DGPlugDiffusionGemmaForBlockDiffusion(nn.Module):
             dgplug_cache.length += positions.shape[0]
         return h
 
+    def plan_fused_step(self, rows: int | None) -> None:
+        """Set by the ModelState before each forward: ``rows`` logit rows of this step go to the fused
+        sampler (compute_logits returns a placeholder), or None: compute_logits returns real logits."""
+        self.fused_step = rows is not None
+        self.fused_rows = int(rows or 0)
+        self.sample_hidden = None
+        self.logits_placeholder = None
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        # Kept for DGPlugDiffusionSampler, which samples from the hidden states directly.
-        self.sample_hidden = hidden_states
+        """[rows, vocab] fp32 softcapped logits; on a step planned for the fused sampler, a placeholder.
+
+        The placeholder is a 0-dim fp32 zero expanded to [rows, vocab] (4 bytes of storage): the
+        hidden states are kept in ``sample_hidden`` and DGPlugDiffusionSampler samples from them,
+        or, if it ends up on vLLM's path after all, materialises the real logits with
+        :meth:`full_logits`. The plan is used once: any later call in the same step (vLLM's prompt
+        logprobs) gets real logits, as does a call whose row count differs from the plan's."""
+        fused, self.fused_step = self.fused_step, False
+        self.sample_hidden = self.logits_placeholder = None
+        states = getattr(self, "diffusion_states", None)
+        if (fused and hidden_states.dim() == 2 and hidden_states.shape[0] == self.fused_rows
+                and getattr(states, "step_allowed", None) is None):
+            self.sample_hidden = hidden_states
+            self.logits_placeholder = torch.zeros((), dtype=torch.float32, device=hidden_states.device).expand(
+                hidden_states.shape[0], self.tc.vocab_size)
+            return self.logits_placeholder
+        return self.full_logits(hidden_states)
+
+    def full_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The real logits (vLLM's DiffusionGemma semantics): fp32, softcapped; a constrained read's
+        step (``diffusion_states.step_allowed``) gets one column per allowed id."""
         states = getattr(self, "diffusion_states", None)
         allowed = getattr(states, "step_allowed", None) if states is not None else None
         if allowed is not None:  # a constrained read: one column per allowed id (as vLLM's model)
@@ -624,47 +661,67 @@ def model_state_cls():
             self.softcap = softcap
             self.steps = 0
 
-        def _fused_ok(self, input_batch, per_req_nlogits, decode_slots_np) -> bool:
+        def fused_eligible(self, input_batch) -> bool:
+            """Whether this batch's denoise step can take the fused path (no request needs the logits).
+
+            Called by the ModelState before the forward (to decide whether compute_logits builds the
+            logits) and again here, on the same batch, before the logits are used."""
             import numpy as np
 
-            states = self.diffusion_states
-            if self.tp_size > 1 or self.model is None or self.model.sample_hidden is None:
+            if input_batch.num_draft_tokens == 0 or self.tp_size > 1 or self.model is None:
                 return False
             if os.environ.get("DGPLUG_VLLM_FUSED_SAMPLER", "1") == "0":
                 return False
+            states = self.diffusion_states
             if states.constrained or states.step_allowed is not None:
                 return False
-            if not (per_req_nlogits[per_req_nlogits > 0] == self.canvas_length).all():
+            if getattr(input_batch, "has_structured_output_reqs", True):  # grammar bitmasks write the logits
+                return False
+            num_reqs = input_batch.num_reqs
+            per_req = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
+            slots_np = input_batch.idx_mapping_np[:num_reqs]
+            decode_slots_np = slots_np[per_req > 0]
+            if len(decode_slots_np) == 0 or (per_req < 0).any():
+                return False
+            if not (per_req[per_req > 0] == self.canvas_length).all():
                 return False
             if not (states.canvas_width_np[decode_slots_np] == self.canvas_length).all():
                 return False
-            slots_np = input_batch.idx_mapping_np[: input_batch.num_reqs]
             if self.sampling_states.max_num_logprobs(slots_np) >= 0:
                 return False
             if self.logprob_token_ids_state.max_num_token_ids(slots_np) > 0:
                 return False
-            return bool(np.all(per_req_nlogits >= 0))
+            # vLLM's own top-k/top-p decision (the device index is only gathered, never read here)
+            top_k, top_p = self.sampling_states.get_top_k_top_p(input_batch.idx_mapping[:0], decode_slots_np)
+            return top_k is None and top_p is None
 
         def __call__(self, logits, input_batch, draft_logits=None):
             import numpy as np
 
-            if input_batch.num_draft_tokens == 0:
-                return super().__call__(logits, input_batch, draft_logits)
-            num_reqs = input_batch.num_reqs
-            per_req = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
-            slots_np = input_batch.idx_mapping_np[:num_reqs]
-            decode_np = np.where(per_req > 0)[0]
-            if len(decode_np) == 0 or not self._fused_ok(input_batch, per_req, slots_np[decode_np]):
-                return super().__call__(logits, input_batch, draft_logits)
-            decode_slots_np = slots_np[decode_np]
-            slots_gpu = torch.as_tensor(decode_slots_np, dtype=torch.int64, device=logits.device)
-            top_k, top_p = self.sampling_states.get_top_k_top_p(
-                slots_gpu.repeat_interleave(self.canvas_length), decode_slots_np)
-            if top_k is not None or top_p is not None:
-                return super().__call__(logits, input_batch, draft_logits)
-            return self._fused_call(input_batch, per_req, decode_np, decode_slots_np, logits.device)
+            model = self.model
+            hidden = None
+            if model is not None and model.logits_placeholder is not None and logits is model.logits_placeholder:
+                hidden = model.sample_hidden
+            if model is not None:  # used once, whatever happens below
+                model.sample_hidden = model.logits_placeholder = None
+                model.fused_step = False
+            if hidden is not None and self.fused_eligible(input_batch):
+                num_reqs = input_batch.num_reqs
+                per_req = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
+                decode_np = np.where(per_req > 0)[0]
+                decode_slots_np = input_batch.idx_mapping_np[:num_reqs][decode_np]
+                return self._fused_call(input_batch, hidden, per_req, decode_np, decode_slots_np, hidden.device)
+            if hidden is not None:
+                # The placeholder reached vLLM's path (the batch changed since the ModelState planned
+                # the step): build the real logits from the kept hidden states, never read the
+                # placeholder. A grammar bitmask the runner applied to it cannot be recovered.
+                if getattr(input_batch, "has_structured_output_reqs", False):
+                    raise RuntimeError("dgplug: a structured-output batch got the fused sampler's logits "
+                                       "placeholder; set DGPLUG_VLLM_FUSED_SAMPLER=0 and report this")
+                logits = model.full_logits(hidden)
+            return super().__call__(logits, input_batch, draft_logits)
 
-        def _fused_call(self, input_batch, per_req, decode_np, decode_slots_np, device):
+        def _fused_call(self, input_batch, hidden, per_req, decode_np, decode_slots_np, device):
             import numpy as np
 
             states = self.diffusion_states
@@ -687,7 +744,7 @@ def model_state_cls():
             self.steps += 1
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
             argmax, sample, entropy, soft = fused_row_stats(
-                self.model.sample_hidden, self.embed_weight[: self.vocab_size], temp.repeat_interleave(W),
+                hidden, self.embed_weight[: self.vocab_size], temp.repeat_interleave(W),
                 softcap=self.softcap,
                 seed=seed, step=self.steps, want_soft=compute_sc)
             dg._compiled_sample_step(
@@ -705,21 +762,34 @@ def model_state_cls():
                 pin = ~states.pin_mask[decode_slots]
                 sc = soft.view(n, W, -1) * self.normalizer.float() * keep[:, None, None] * pin[..., None]
                 states.self_conditioning_embeds[decode_slots] = sc.to(states.self_conditioning_embeds.dtype)
-            self.model.sample_hidden = None
             return self._build_output(input_batch, sampled, num_sampled, per_req, device)
 
     class DGPlugDiffusionGemmaModelState(dg.DiffusionGemmaModelState):
-        """vLLM's DiffusionGemma ModelState (canvas, history, self-conditioning) with dgplug's sampler."""
+        """vLLM's DiffusionGemma ModelState (canvas, history, self-conditioning) with dgplug's sampler.
+
+        ``prepare_inputs`` (run by vLLM's runner before each forward) also plans the step's sampling:
+        when the whole batch can take the fused sampler, the model's compute_logits returns a
+        placeholder instead of the [rows, vocab] fp32 logits."""
+
+        dgplug_sampler = None
+
+        def prepare_inputs(self, input_batch, req_states):
+            out = super().prepare_inputs(input_batch, req_states)  # sets diffusion_states.step_allowed
+            sampler = self.dgplug_sampler
+            fused = sampler is not None and sampler.fused_eligible(input_batch)
+            self.model.plan_fused_step(int(input_batch.cu_num_logits_np[input_batch.num_reqs]) if fused else None)
+            return out
 
         def custom_sampler(self, sampler):
             base, rejection = super().custom_sampler(sampler)
             kw = {k: getattr(base, k) for k in ("t_min", "t_max", "entropy_bound", "confidence_threshold",
                                                   "embed_weight", "normalizer", "sc_vocab_start", "sc_vocab_end",
                                                   "tp_size", "tp_group_name")}
-            return DGPlugDiffusionSampler(sampler=sampler, diffusion_config=self.vllm_config.diffusion_config,
-                                          vocab_size=base.vocab_size, diffusion_states=self.diffusion_states,
-                                          model=self.model, softcap=self.model.final_logit_softcapping,
-                                          **kw), rejection
+            self.dgplug_sampler = DGPlugDiffusionSampler(
+                sampler=sampler, diffusion_config=self.vllm_config.diffusion_config, vocab_size=base.vocab_size,
+                diffusion_states=self.diffusion_states, model=self.model,
+                softcap=self.model.final_logit_softcapping, **kw)
+            return self.dgplug_sampler, rejection
 
     _MODEL_STATE_CLS.append(DGPlugDiffusionGemmaModelState)
     return DGPlugDiffusionGemmaModelState

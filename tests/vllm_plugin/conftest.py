@@ -67,3 +67,30 @@ def vllm_dist():
                                      distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
         initialize_model_parallel(1)
     return {"ckpt": ckpt, "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def vllm_diffusion_gemma(vllm_dist):
+    """vLLM's ``vllm.model_executor.models.diffusion_gemma`` module, imported on the CPU venv too.
+
+    That module imports vLLM's Gemma 4 multimodal stack (``gemma4_mm.py``), which does
+    ``from transformers.models.gemma4 import Gemma4Processor``; transformers' Gemma4Processor needs
+    torchvision, which the CPU venv uninstalls (broken beside CPU torch). These tests exercise the
+    text path only: the processor is a name in annotations and in the multimodal processing info,
+    never built. So where the real class does not import, a placeholder class stands in for it on
+    the ``transformers.models.gemma4`` module object before vLLM's import (transformers' lazy
+    module returns an attribute set this way). Where it imports (a GPU venv) it is left alone."""
+    import transformers.models.gemma4 as gemma4
+
+    try:
+        gemma4.Gemma4Processor
+    except (ImportError, AttributeError):
+
+        class Gemma4Processor:  # placeholder: text-only tests never build a Gemma 4 processor
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("placeholder Gemma4Processor (tests without torchvision): not for use")
+
+        gemma4.Gemma4Processor = Gemma4Processor
+    from vllm.model_executor.models import diffusion_gemma
+
+    return diffusion_gemma
