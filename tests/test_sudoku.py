@@ -107,9 +107,9 @@ def test_solve_rate_floor_quick(model):
 
     r = E.evaluate(model, 20, 36, 45, "entropy", batch=20)
     assert r["solve_rate"] >= SOLVE_RATE_FLOOR_36, r
-    # the under-trained model solves no grid yet, but it must beat guessing (1 in 9) on blank cells
-    # (measured 24% on 30 held-out puzzles)
-    assert r["blank_cell_acc"] > 0.15, r
+    # measured on 100 held-out puzzles: 9% solved, 77% of blank cells right (guessing: 11%);
+    # the floors sit well below (20 puzzles here)
+    assert r["blank_cell_acc"] > 0.6, r
     assert r["forwards_per_grid"] <= model.generation_defaults["max_denoising_steps"]
 
 

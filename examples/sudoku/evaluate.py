@@ -132,6 +132,7 @@ def main():
     ap.add_argument("--modes", default="entropy,l2r")
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--steps", type=int, default=None, help="override max_denoising_steps")
+    ap.add_argument("--entropy-bound", type=float, default=None, help="override the sampler's entropy bound")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--export-puzzles", default=None, help="write the demo's puzzle bank here and exit")
@@ -145,6 +146,8 @@ def main():
     model = dgplug.load(args.path, dtype="fp32")
     if args.steps:
         model.generation_defaults["max_denoising_steps"] = args.steps
+    if args.entropy_bound is not None:
+        model.generation_defaults["entropy_bound"] = args.entropy_bound
     rows = []
     for band in args.bands.split(","):
         lo, hi = (int(x) for x in band.split("-"))

@@ -47,12 +47,12 @@ GENERATION = {
 }
 
 
-def text_config(layers: int, experts: int, moe_inter: int, inter: int, window: int) -> dict:
+def text_config(layers: int, experts: int, moe_inter: int, inter: int, window: int, global_kv: int = 1) -> dict:
     types = ["full_attention" if (i % 2 == 1 or i == layers - 1) else "sliding_attention" for i in range(layers)]
     return dict(
         vocab_size=S.VOCAB_SIZE, hidden_size=256, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=32,
-        num_global_key_value_heads=1, sliding_window=window, num_experts=experts, top_k_experts=2,
+        num_global_key_value_heads=global_kv, sliding_window=window, num_experts=experts, top_k_experts=2,
         moe_intermediate_size=moe_inter, max_position_embeddings=512, layer_types=types,
         pad_token_id=S.PAD, eos_token_id=S.EOS, bos_token_id=S.BOS,
     )
@@ -65,11 +65,13 @@ def build_model(args):
     from dgplug.testing import TINY_VISION
 
     cfg = DiffusionGemmaConfig(
-        text_config=text_config(args.layers, args.experts, args.moe_inter, args.inter, args.window),
+        text_config=text_config(args.layers, args.experts, args.moe_inter, args.inter, args.window, args.global_kv),
         vision_config=dict(TINY_VISION), canvas_length=S.CANVAS_LEN,
         boi_token_id=S.BOI, eoi_token_id=S.EOI, image_token_id=S.IMAGE,
     )
     torch.manual_seed(args.seed)
+    if args.init:  # continue from a saved checkpoint (weights only; a fresh optimizer and schedule)
+        return DiffusionGemmaForBlockDiffusion.from_pretrained(args.init, dtype=torch.float32)
     return DiffusionGemmaForBlockDiffusion(cfg)
 
 
@@ -134,6 +136,7 @@ def main():
     ap.add_argument("--moe-inter", type=int, default=32)
     ap.add_argument("--inter", type=int, default=128)
     ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--global-kv", type=int, default=1, help="KV heads on full-attention layers")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -144,6 +147,7 @@ def main():
     ap.add_argument("--save-every", type=float, default=8.0, help="minutes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--init", default=None, help="start from this checkpoint's weights (a continuation)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lo, hi = (int(x) for x in args.givens.split(","))
