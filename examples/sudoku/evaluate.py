@@ -155,14 +155,18 @@ def main():
             r = evaluate(model, args.n, lo, hi, mode, args.batch)
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print("\n| givens | mode | solved | blank cells right* | forwards / grid | blanks / grid |")
-    print("|---|---|---|---|---|---|")
+    report(rows, ["band", "mode"], args.json)
+
+
+def report(rows: list[dict], keys: list[str], json_path: str | None = None) -> None:
+    """Print evaluate() results as a markdown table (label columns `keys`); optionally save them."""
+    print("\n| " + " | ".join(keys) + " | solved | blank cells right* | forwards / grid | blanks / grid |")
+    print("|---" * (len(keys) + 4) + "|")
     for r in rows:
-        print(f"| {r['band']} | {r['mode']} | {100 * r['solve_rate']:.1f}% ({r['n']}) | {100 * r['blank_cell_acc']:.1f}% "
-              f"| {r['forwards_per_grid']:.1f} "
-              f"| {r['blanks_per_grid']:.1f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print("| " + " | ".join(str(r[k]) for k in keys) + f" | {100 * r['solve_rate']:.1f}% ({r['n']}) "
+              f"| {100 * r['blank_cell_acc']:.1f}% | {r['forwards_per_grid']:.1f} | {r['blanks_per_grid']:.1f} |")
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

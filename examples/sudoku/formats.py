@@ -56,13 +56,7 @@ def main():
                 r["format"] = label
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    print("\n| format | givens | solved | blank cells right | forwards / grid |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['format']} | {r['band']} | {100 * r['solve_rate']:.1f}% ({r['n']}) "
-              f"| {100 * r['blank_cell_acc']:.1f}% | {r['forwards_per_grid']:.1f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    E.report(rows, ["format", "band"], args.json)
 
 
 if __name__ == "__main__":
