@@ -1,6 +1,8 @@
 """Train the embedded Sudoku DiffusionGemma on CPU with transformers' own modules.
 
-    python examples/sudoku/train.py --out runs/sudoku            # the shipped run (fixed seeds)
+    python examples/sudoku/train.py --out runs/sudoku2 --minutes 58   # the shipped model: this run,
+    python examples/sudoku/train.py --out runs/sudoku3 --init runs/sudoku2/best --seed 1 --warmup 50 --lr 1e-3 --minutes 25
+                                                                     # then this continuation
     python examples/sudoku/train.py --bench                      # steps/s for the chosen size
 
 Objective (DiffusionGemma's): per example t ~ U(1e-3, 1); every canvas position is replaced by
@@ -136,11 +138,11 @@ def main():
     ap.add_argument("--moe-inter", type=int, default=32)
     ap.add_argument("--inter", type=int, default=128)
     ap.add_argument("--window", type=int, default=128)
-    ap.add_argument("--global-kv", type=int, default=1, help="KV heads on full-attention layers")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--global-kv", type=int, default=2, help="KV heads on full-attention layers")
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--givens", default="28,62", help="training givens range lo,hi")
     ap.add_argument("--enc-weight", type=float, default=0.1)
     ap.add_argument("--minutes", type=float, default=58.0, help="wall-clock limit")
