@@ -21,10 +21,16 @@ import traceback
 
 import torch
 
-HBM = 3.35e12  # H100 SXM bytes/s
+HBM_H100 = 3.35e12  # H100 SXM bytes/s: the issue's floor
+HBM = HBM_H100  # replaced by the device's nominal figure in main()
+
+
+SMOKE = False  # --small: one repetition of everything (a CPU smoke test of this script)
 
 
 def timed(fn, reps=10, warm=3):
+    if SMOKE:
+        reps, warm = 1, 0
     for _ in range(warm):
         fn()
     sync()
@@ -85,17 +91,42 @@ def check_kernels(dev, small):
         a = km.moe_forward(x, idx, w, qg, qd, impl="triton")
         b = km.moe_forward(x.float(), idx, w, qg, qd, impl="torch")
         print(f"moe {scheme} (triton vs torch twin) rel err {err(a, b):.2e}")
+        if scheme == "int4":
+            for cfg in (dict(INT4_MODE=2, MAGIC=False, SWAP_AB=False), dict(INT4_MODE=2, SWAP_AB=False),
+                        dict(SWAP_AB=True), dict(SWAP_AB=True, MAGIC=False), dict(SWAP_AB=True, BLOCK_M=16)):
+                try:
+                    a = km.moe_forward_triton(x, idx, w, qg, qd, config=cfg)
+                    print(f"moe int4 {cfg} rel err {err(a, b):.2e}")
+                except Exception as ex:  # noqa: BLE001
+                    print(f"moe int4 {cfg} failed: {type(ex).__name__}: {str(ex)[:300]}")
     # fused head + sampler vs the unfused reference
     N, V = (512, 262144) if not small else (32, 1000)
     h = rnd(N, D).to(bf)
     emb = (rnd(V, D) * 0.05).to(bf)
-    a = ks.head_sample(h, emb, temperature=0.6, seed=3, step=1, impl="triton")
     t = ks.head_sample(h, emb, temperature=0.6, seed=3, step=1, impl="torch")
+    try:
+        a = ks.head_sample(h, emb, temperature=0.6, seed=3, step=1, impl="triton")
+    except Exception as ex:  # noqa: BLE001
+        print(f"head_sample default failed: {type(ex).__name__}: {str(ex)[:300]}")
+        a = t
     r = ks.head_sample_reference(h, emb, temperature=0.6, seed=3, step=1)
-    print(f"head_sample triton: argmax equal {(a.argmax == r.argmax).float().mean().item():.4f}, "
-          f"tokens equal to torch twin {(a.token == t.token).float().mean().item():.4f}, "
-          f"entropy max abs err {(a.entropy - r.entropy).abs().max().item():.2e}, "
-          f"soft rel err {err(a.soft, r.soft):.2e}")
+    tf_soft = (torch.softmax((r_l := torch.tanh((h @ emb.T).float() / 30.0) * 30.0 / 0.6).to(torch.bfloat16), -1,
+                             dtype=torch.float32).to(torch.bfloat16) @ emb)
+    print(f"transformers' own soft embedding (bf16 logits and probabilities) vs the fp32 reference: rel err "
+          f"{err(tf_soft, r.soft):.2e}")
+    del tf_soft, r_l
+    kw = dict(softcap=30.0, temperature=0.6, seed=3, step=1, row_offset=0, want_soft=True)
+    for name, fn in (("triton", lambda: a), ("triton 8192-column chunks", lambda: ks._head_sample_triton(
+            h, emb, chunk=8192, **kw))):
+        try:
+            o = fn()
+        except Exception as ex:  # noqa: BLE001
+            print(f"head_sample {name} failed: {type(ex).__name__}: {str(ex)[:300]}")
+            continue
+        print(f"head_sample {name}: argmax equal {(o.argmax == r.argmax).float().mean().item():.4f}, "
+              f"tokens equal to torch twin {(o.token == t.token).float().mean().item():.4f}, "
+              f"entropy max abs err {(o.entropy - r.entropy).abs().max().item():.2e}, "
+              f"soft rel err {err(o.soft, r.soft):.2e}")
 
 
 # -- 2. one denoise step at full shapes --------------------------------------------------------
@@ -169,11 +200,169 @@ def dg_layers(kw, hf, dev, int4):
     return out, dcfg.text
 
 
+def hf_sampler(h, E, B, C, T=0.6):
+    """transformers' sampler step: logits, softmax, multinomial, argmax, entropy, acceptance,
+    renoise and the next step's soft embedding, over full [B, C, V] fp32 logits."""
+    from dgplug.sampler import accept
+
+    V = E.shape[0]
+    logits = torch.tanh((h @ E.T).float() / 30.0) * 30.0
+    sl = (logits / T).view(B, C, V)
+    probs = torch.softmax(sl, -1, dtype=torch.float32)
+    y = torch.multinomial(probs.view(-1, V), 1).view(B, C)
+    a = sl.argmax(-1)
+    ent = torch.distributions.Categorical(logits=sl).entropy()
+    acc = accept(ent, 0.1)
+    x2 = torch.where(acc, y, torch.randint(0, V, (B, C), device=h.device))
+    soft = torch.softmax(sl.to(torch.bfloat16), -1, dtype=torch.float32).to(torch.bfloat16) @ E
+    return x2, a, soft
+
+
+def dg_sampler(h, E, B, C, fn=None, T=0.6):
+    """dgplug's step: the fused head + sampler, then acceptance and renoise on its small results."""
+    from dgplug.kernels.sampler import head_sample
+    from dgplug.sampler import accept
+
+    r = (fn or head_sample)(h, E, temperature=T, seed=1, step=0)
+    acc = accept(r.entropy.view(B, C), 0.1)
+    return torch.where(acc, r.token.view(B, C), torch.randint(0, E.shape[0], (B, C), device=h.device)), r.soft
+
+
+def graph_time(fn):
+    """Median ms of fn replayed as one CUDA graph (no launch overhead); nan where capture fails."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    try:
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(st)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return timed(graph.replay)
+    except Exception as ex:  # noqa: BLE001
+        print(f"CUDA graph capture failed: {type(ex).__name__}: {str(ex)[:200]}")
+        return float("nan")
+
+
+def timed_mem(fn, reps=5, warm=1):
+    """(median ms, peak MiB allocated above the start) of fn."""
+    sync()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    try:
+        t = timed(fn, reps=reps, warm=warm)
+    except torch.OutOfMemoryError:
+        return float("nan"), float("nan")
+    return t, ((torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else 0.0)
+
+
+def profile(title, fn, rows=8):
+    """The GPU kernels behind fn, by self device time (torch.profiler)."""
+    if not torch.cuda.is_available():
+        return
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    fn()
+    sync()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(3):
+            fn()
+        sync()
+    print(f"-- profile: {title} (3 calls)")
+    for key in ("self_cuda_time_total", "self_device_time_total", "cuda_time_total"):
+        try:
+            print(p.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+            return
+        except Exception:  # noqa: BLE001 - the sort key's name differs between torch versions
+            continue
+
+
+def sampler_variants(dev, small):
+    """Head + sampler alone at the real vocabulary: transformers' path and dgplug's (tensor-core
+    matmuls + one Triton kernel per vocabulary chunk) at its default and other chunk sizes."""
+    from functools import partial
+
+    from dgplug.kernels import sampler as ks
+
+    D, V, C = (2816, 262144, 256) if not small else (64, 4096, 32)
+    E = (torch.randn(V, D, device=dev) * 0.03).to(torch.bfloat16)
+    kw = dict(softcap=30.0, row_offset=0, want_soft=True)
+    for B in ((1, 8) if not small else (1,)):
+        h = torch.randn(B * C, D, device=dev).to(torch.bfloat16)
+        rows = [("transformers", lambda: hf_sampler(h, E, B, C)),
+                ("dgplug (default chunk)", lambda: dg_sampler(h, E, B, C, partial(ks._head_sample_triton, **kw)))]
+        for ch, bv, nw in (((16384, 1024, 4), (32768, 2048, 8)) if B == 1 and not small else
+                           ((4096, 1024, 4), (8192, 1024, 8)) if not small else ((1024, 256, 4),)):
+            rows.append((f"dgplug chunk {ch} tile {bv} warps {nw}", lambda ch=ch, bv=bv, nw=nw: dg_sampler(
+                h, E, B, C, partial(ks._head_sample_triton, chunk=ch, block_v=bv, num_warps=nw, **kw))))
+        base = None
+        for name, fn in rows:
+            t, mib = timed_mem(fn)
+            base = base or t
+            print(f"B={B} {name:<30} {t:8.2f} ms  {mib:8.0f} MiB  (transformers / this {base / t:5.2f}x)", flush=True)
+        if B == 1:
+            profile("chunked head + sampler, B=1", lambda: dg_sampler(h, E, B, C))
+        del h
+
+
+def moe_sweep(dev, small):
+    """One layer's experts at real sizes: bf16/int8/fp8 defaults, then int4 variants (nibble
+    pairing mode, magic-number conversion, tiles). Bytes = weights of the experts touched."""
+    from dgplug.converters.quant import quantize
+    from dgplug.kernels import moe as km
+
+    D, I, E, K = (2816, 704, 128, 8) if not small else (64, 48, 8, 2)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    gu = (torch.randn(E, 2 * I, D, generator=g) * D**-0.5).to(dev, torch.bfloat16)
+    dn = (torch.randn(E, D, I, generator=g) * I**-0.5).to(dev, torch.bfloat16)
+
+    def q(w, scheme):
+        parts = [quantize(w[e].float(), scheme) for e in range(w.shape[0])]
+        return km.QuantizedWeight(scheme=scheme, **{k: torch.stack([p[k] for p in parts]) for k in parts[0]})
+
+    weights = {"bf16": (gu, dn)}
+    for scheme in ("int8", "fp8", "int4"):
+        weights[scheme] = (q(gu, scheme), q(dn, scheme))
+    sw = dict(SWAP_AB=True)
+    int4_cfgs = [("mode2 convert (old default)", dict(INT4_MODE=2, MAGIC=False, SWAP_AB=False)),
+                 ("mode2 magic", dict(INT4_MODE=2, SWAP_AB=False)),
+                 ("default (swapped, magic)", {}), ("swap convert", dict(sw, MAGIC=False)),
+                 ("swap BM16", dict(sw, BLOCK_M=16)), ("swap BM64", dict(sw, BLOCK_M=64)),
+                 ("swap BN128 w4", dict(sw, BLOCK_N1=128, BLOCK_N2=128)), ("swap stages3", dict(sw, num_stages=3))]
+    for T in ((256, 2048) if not small else (32,)):
+        x = torch.randn(T, D, device=dev).to(torch.bfloat16)
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
+        w = torch.softmax(torch.randn(T, K, device=dev), -1)
+        runs = [(s, {}) for s in ("bf16", "int8", "fp8")] + [("int4", c) for c in
+                                                                (int4_cfgs if T == 256 else int4_cfgs[:4])]
+        for scheme, cfg in runs:
+            if isinstance(cfg, tuple):
+                label, cfg = cfg
+            else:
+                label = "default"
+            a, b = weights[scheme]
+            try:
+                t = timed(lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), reps=20, warm=3)
+            except Exception as ex:  # noqa: BLE001
+                print(f"T={T} {scheme} {label}: failed {type(ex).__name__}: {str(ex)[:200]}")
+                continue
+            _, nbytes = km.moe_flops_bytes(T, D, I, E, K, scheme)
+            print(f"T={T} {scheme:<5} {label:<28} {t:7.3f} ms  {nbytes / t / 1e9:6.2f} TB/s", flush=True)
+        if T == 256:
+            a, b = weights["int4"]
+            for label, cfg in (("int4 default", {}),):
+                profile(f"MoE {label}, T=256", lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), rows=6)
+
+
 def step_timing(dev, small, batches, context):
     from dgplug import ops
-    from dgplug.kernels.sampler import head_sample
     from dgplug.model import LayerCache, inv_freq
-    from dgplug.sampler import accept
     from transformers import DynamicCache
 
     ops.set_backend("kernels")
@@ -218,55 +407,39 @@ def step_timing(dev, small, batches, context):
                     f = pos[:, None].float() * inv[None]
                     emb = torch.cat((f, f), -1)
                     cs, sn = emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
-                    ms[f"{tag}_{t}"] = timed(lambda: lays[i](x, cs, sn, pos, caches[i], "denoise", lays[i].layer_scalar))
+                    fn = lambda: lays[i](x, cs, sn, pos, caches[i], "denoise", lays[i].layer_scalar)  # noqa: E731
+                    ms[f"{tag}_{t}"] = timed(fn)
+                    if tag == "dg4":  # launch overhead: the same under a CUDA graph
+                        ms[f"g4_{t}"] = graph_time(fn)
         # head + sampler
         h = torch.randn(B * C, H, device=dev).to(torch.bfloat16)
         T = torch.tensor(0.6, device=dev)
 
-        def hf_sampler():
-            logits = torch.tanh((h @ E.T).float() / 30.0) * 30.0
-            sl = (logits / T).view(B, C, V)
-            probs = torch.softmax(sl, -1, dtype=torch.float32)
-            y = torch.multinomial(probs.view(-1, V), 1).view(B, C)
-            a = sl.argmax(-1)
-            ent = torch.distributions.Categorical(logits=sl).entropy()
-            acc = accept(ent, 0.1)
-            x2 = torch.where(acc, y, torch.randint(0, V, (B, C), device=dev))
-            soft = torch.softmax(sl.to(torch.bfloat16), -1, dtype=torch.float32).to(torch.bfloat16) @ E
-            return x2, a, soft
-
-        def dg_sampler():
-            r = head_sample(h, E, temperature=0.6, seed=1, step=0)
-            acc = accept(r.entropy.view(B, C), 0.1)
-            return torch.where(acc, r.token.view(B, C), torch.randint(0, V, (B, C), device=dev)), r.soft
-
-        for tag, fn in (("hf_head", hf_sampler), ("dg_head", dg_sampler)):
-            sync()
-            torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-            base = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-            try:
-                ms[tag] = timed(fn, reps=5, warm=1)
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if torch.cuda.is_available() else 0
-            except torch.OutOfMemoryError:
-                ms[tag], peak = float("nan"), float("nan")
-            ms[tag + "_mib"] = peak
+        for tag, fn in (("hf_head", lambda: hf_sampler(h, E, B, C)), ("dg_head", lambda: dg_sampler(h, E, B, C))):
+            ms[tag], ms[tag + "_mib"] = timed_mem(fn)
+        ms["g_head"] = graph_time(lambda: dg_sampler(h, E, B, C))
         hf_step = scale30(ms["hf_sliding_attention"], ms["hf_full_attention"]) + ms["hf_head"]
         dg16_step = scale30(ms["dg16_sliding"], ms["dg16_full"]) + ms["dg_head"]
         dg4_step = scale30(ms["dg4_sliding"], ms["dg4_full"]) + ms["dg_head"]
         per_layer_other = other / 2
         floor16 = (30 * per_layer_other + 30 * exp_bytes16 / 2 + V * H * 2) / HBM * 1e3
         floor4 = (30 * per_layer_other + 30 * exp_bytes4 / 2 + V * H * 2) / HBM * 1e3
+        ms["g4_step"] = scale30(ms["g4_sliding"], ms["g4_full"]) + ms["g_head"]
         rows.append((B, hf_step, dg16_step, dg4_step, floor16, floor4, ms))
         print(f"B={B}: layer ms (sliding/full) transformers {ms['hf_sliding_attention']:.2f}/{ms['hf_full_attention']:.2f}, "
               f"dgplug bf16 {ms['dg16_sliding']:.2f}/{ms['dg16_full']:.2f}, dgplug int4 {ms['dg4_sliding']:.2f}/{ms['dg4_full']:.2f}; "
               f"head+sampler ms transformers {ms['hf_head']:.2f} ({ms['hf_head_mib']:.0f} MiB) vs dgplug {ms['dg_head']:.2f} "
-              f"({ms['dg_head_mib']:.0f} MiB)", flush=True)
-    print("\nper denoise step, 30 layers + head + sampler (ms); tok/s at 16 tokens per forward; floor = bytes / 3.35 TB/s")
+              f"({ms['dg_head_mib']:.0f} MiB); under CUDA graphs: int4 layers {ms['g4_sliding']:.2f}/{ms['g4_full']:.2f}, "
+              f"head+sampler {ms['g_head']:.2f}", flush=True)
+    print(f"\nper denoise step, 30 layers + head + sampler (ms); tok/s at 16 tokens per forward; "
+          f"floor = bytes / {HBM / 1e12:.2f} TB/s (this device; the H100's floor is x{HBM / HBM_H100:.2f})")
+    print("(eager: launched op by op, as transformers runs; graphs: dgplug int4 layers and head replayed as CUDA graphs)")
     print(f"{'batch':>5} {'transformers':>13} {'dgplug bf16':>12} {'dgplug int4':>12} {'ratio bf16':>10} "
-          f"{'tok/s int4':>10} {'int4 floor':>10} {'% of floor':>10}")
-    for B, a, b, c, f16, f4, _ in rows:
-        print(f"{B:>5} {a:>13.2f} {b:>12.2f} {c:>12.2f} {a / b:>10.2f} {16 * B * 1000 / c:>10.0f} {f4:>10.2f} "
-              f"{100 * f4 / c:>9.0f}%")
+          f"{'int4 graphs':>11} {'tok/s graphs':>12} {'int4 floor':>10} {'% of floor':>10}")
+    for B, a, b, c, f16, f4, ms in rows:
+        g = ms["g4_step"]
+        print(f"{B:>5} {a:>13.2f} {b:>12.2f} {c:>12.2f} {a / b:>10.2f} {g:>11.2f} {16 * B * 1000 / g:>12.0f} "
+              f"{f4:>10.2f} {100 * f4 / g:>9.0f}%")
 
 
 def main():
@@ -274,17 +447,34 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--budget", type=float, default=230, help="seconds after which later sections are skipped")
     args = ap.parse_args()
+    global SMOKE
+    SMOKE = args.small
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    global HBM  # noqa: PLW0603
+    if dev == "cuda" and "H200" in torch.cuda.get_device_name():
+        HBM = 4.8e12
     import triton
     import transformers
 
     print(f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}; torch {torch.__version__}, "
           f"triton {triton.__version__}, transformers {transformers.__version__}", flush=True)
     t0 = time.time()
+    if dev == "cuda":
+        a = torch.empty(2**30, dtype=torch.uint8, device=dev)
+        b = torch.empty_like(a)
+        t = timed(lambda: b.copy_(a))
+        print(f"device-to-device copy: {2 * 2**30 / t / 1e9:.2f} TB/s (read + write); nominal HBM {HBM / 1e12:.2f} TB/s")
+        del a, b
     for name, fn in (("kernels vs twins", lambda: check_kernels(dev, args.small)),
                      ("one denoise step at full shapes",
-                      lambda: step_timing(dev, args.small, [int(b) for b in args.batches.split(",")], args.context))):
+                      lambda: step_timing(dev, args.small, [int(b) for b in args.batches.split(",")], args.context)),
+                     ("head + sampler variants", lambda: sampler_variants(dev, args.small)),
+                     ("MoE variants (one layer)", lambda: moe_sweep(dev, args.small))):
+        if time.time() - t0 > args.budget:
+            print(f"\n== {name}: skipped (past the {args.budget}s budget)")
+            continue
         section(name)
         try:
             fn()

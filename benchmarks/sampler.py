@@ -4,8 +4,8 @@
                                             # transformers batch 1 and 4 (about 10 minutes
                                             # on an idle 2-core machine; longer when shared)
     python benchmarks/sampler.py --quick    # V=32768, batch 1 and 2 (about a minute)
-    python benchmarks/sampler.py --gpu      # CUDA: Triton kernel vs reference at D=2816, then
-                                            # one step at full size, batch 1/4/8 (~30 s on an H100)
+
+The GPU side (Triton path vs transformers at full size) is in benchmarks/gpu_check.py.
 
 Both sides start from the same final hidden states h [B*256, D] (bf16) and a random bf16 tied
 embedding E [V, D], and end with what the next step needs (sampled/accepted/renoised canvas,
@@ -226,101 +226,6 @@ def _spawn(args, side, batch, repeats, vslice):
     return out
 
 
-def _load_sampler():
-    """dgplug.kernels.sampler, or the file itself where dgplug is not installed (GPU machine)."""
-    try:
-        from dgplug.kernels import sampler
-    except ImportError:
-        import importlib.util
-
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", "sampler.py")
-        spec = importlib.util.spec_from_file_location("dgplug_kernels_sampler", path)
-        sampler = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sampler)
-    return sampler
-
-
-def gpu_check(args):
-    """On a CUDA machine: the Triton kernel against the reference, then one step at full size
-    (Triton kernel, torch chunked path on the GPU, transformers' path) with time and memory."""
-    import torch
-    import triton
-
-    S = _load_sampler()
-    dev = torch.device("cuda")
-    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    g = torch.Generator(device=dev).manual_seed(0)
-    n, vocab, d = 300, 5003, 2816
-    h32 = torch.randn(n, d, device=dev, generator=g)
-    temp = 0.4 + 0.4 * torch.rand(n, device=dev, generator=g)
-    for h_dt, e_dt in [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
-                       (torch.float16, torch.float16), (torch.float32, torch.float32)]:
-        table = (torch.randn(vocab, d, device=dev, generator=g) * 0.06).to(e_dt)
-        hh = h32.to(h_dt)
-        ref = S.head_sample_reference(hh, table, temperature=temp, seed=5, step=2)
-        for label, out in [("triton", S.head_sample(hh, table, temperature=temp, seed=5, step=2, impl="triton")),
-                           ("triton split7", S._head_sample_triton(hh, table, softcap=30.0, temperature=temp, seed=5,
-                                                                   step=2, row_offset=0, want_soft=True, splits=7)),
-                           ("torch", S.head_sample(hh, table, temperature=temp, seed=5, step=2, impl="torch"))]:
-            print(f"  h {str(h_dt)[6:]:8s} E {str(e_dt)[6:]:8s} {label:13s}: argmax equal "
-                  f"{int((out.argmax == ref.argmax).sum())}/{n}, token equal {int((out.token == ref.token).sum())}/{n}, "
-                  f"entropy max err {float((out.entropy - ref.entropy).abs().max()):.2e}, soft max err "
-                  f"{float((out.soft - ref.soft).abs().max()):.2e} (|soft| max {float(ref.soft.abs().max()):.2f})",
-                  flush=True)
-        del table, ref
-
-    vocab, d = args.vocab, args.hidden
-    table = (torch.randn(vocab, d, device=dev, generator=g) * 0.06).to(torch.bfloat16)
-
-    def bench(fn, reps=5):
-        fn()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
-
-    def transformers_step(hb):
-        b = hb.shape[0] // CANVAS
-        logits = (hb @ table.T).float().view(b, CANVAS, vocab)
-        logits = torch.tanh(logits / SOFTCAP) * SOFTCAP
-        processed = logits / TEMPERATURE
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        sampled = torch.multinomial(probs.view(-1, vocab), 1).view(b, CANVAS)
-        argmax = torch.argmax(processed, dim=-1)
-        entropy = torch.distributions.Categorical(logits=processed).entropy()
-        sorted_h, order = torch.sort(entropy, dim=-1)
-        keep = torch.cumsum(sorted_h, -1) - sorted_h <= ENTROPY_BOUND
-        accepted = torch.zeros_like(keep).scatter(-1, order, keep)
-        canvas = torch.where(accepted, sampled, torch.randint(0, vocab, (b, CANVAS), device=dev))
-        sc = processed.to(table.dtype)
-        soft = sc.softmax(-1, dtype=torch.float32).to(table.dtype) @ table
-        return canvas, argmax, soft
-
-    print(f"one step at V={vocab} D={d} (bf16 h and E), ms median of 5, peak extra GPU memory:", flush=True)
-    for b in args.batches or [1, 4, 8]:
-        hb = torch.randn(b * CANVAS, d, device=dev, generator=g).to(torch.bfloat16)
-        for label, fn in [
-            ("dgplug triton", lambda: S.head_sample(hb, table, temperature=TEMPERATURE, impl="triton")),
-            ("dgplug torch-chunked", lambda: S.head_sample(hb, table, temperature=TEMPERATURE, impl="torch",
-                                                           vocab_tile=16384)),
-            ("transformers", lambda: transformers_step(hb)),
-        ]:
-            try:
-                ms, mib = bench(fn, reps=5 if label != "dgplug torch-chunked" else 2)
-                print(f"  batch {b} {label:22s}: {ms:9.2f} ms  +{mib:9.1f} MiB", flush=True)
-            except torch.cuda.OutOfMemoryError:
-                print(f"  batch {b} {label:22s}: out of memory", flush=True)
-            torch.cuda.empty_cache()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="V=32768, batches 1 and 2")
@@ -332,14 +237,11 @@ def main():
     ap.add_argument("--vslice", type=int, default=None, help="vocabulary slice for transformers' matmuls")
     ap.add_argument("--tf-full-matmuls", action="store_true")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--gpu", action="store_true", help="CUDA: check the Triton kernel and time it")
     ap.add_argument("--worker", choices=["dgplug", "transformers"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.vocab is None:
         args.vocab = 32768 if args.quick else 262144
-    if args.gpu:
-        return gpu_check(args)
     if args.worker:
         args.side = args.worker
         args.vslice = args.vslice or 4096

@@ -49,12 +49,19 @@ at batch 1 with top-8 of 128):
   otherwise (groups smaller than a tile) each element is dequantised, (q - z) * s, before the
   dot. Activations bf16/fp16 (fp32 accepted; tl.dot then runs in IEEE fp32).
 
-Measured on an H100 (torch 2.11, triton 3.6; one layer at D=2816, I=704, E=128, K=8, bf16
-activations, random routing; weight bytes / time): T=256 (batch 1): bf16 weights 0.62 ms
-(2.5 TB/s, 75% of peak), int8 and fp8 0.39 ms (2.0 TB/s), int4 1.1-1.2 ms (only ~0.35 TB/s:
-not bound by bytes; num_stages changes nothing, so the packed-byte loads are probably not
-software-pipelined; the per-element-dequant variant, INT4_FOLD=False, is no faster; open).
-T=1024: bf16 0.81 ms, int8 0.75 ms, int4 2.0 ms. The torch twin: ~15-20 ms at T=256.
+int4 with each K tile inside one group (the default tiles) runs swapped (SWAP_AB): out^T =
+W @ x^T, so the 64 weight rows of a program are the MMA's M dimension and the ~16-32 pairs its
+N dimension, the dequantised nibbles being the register-held A operand; the nibbles are built
+from their bits (MAGIC: 0x4300 | q is 128 + q in bf16, 0x6400 | q is 1024 + q in fp16) and the
+offset leaves with the folded zero point.
+
+Measured on an H200 (torch 2.11, triton 3.6; one layer at D=2816, I=704, E=128, K=8, bf16
+activations, random routing; medians of 20; TB/s = weight bytes of the experts touched / time):
+T=256 (batch 1): bf16 weights 0.59 ms (2.65 TB/s), int8 0.46 ms (1.74), fp8 0.45 ms (1.77),
+int4 0.95 ms (0.46; the unswapped kernel 1.28-1.30 ms, magic or converted nibbles alike;
+K-ordered nibble tiles from duplicated byte loads 3.9 ms). T=2048 (batch 8): bf16 1.25 ms,
+int8 1.52, fp8 1.56, int4 2.77 (unswapped 3.5-3.8). int4 is still far from its byte floor
+(~0.08 ms at T=256); open. The torch twin: ~15-20 ms at T=256.
 """
 
 from __future__ import annotations
@@ -373,15 +380,38 @@ if HAS_TRITON:
         return ((lo - z) * s).to(CDT), ((hi - z) * s).to(CDT)
 
     @triton.jit
+    def _nib(q, CDT: tl.constexpr, MAGIC: tl.constexpr):
+        """Nibbles 0..15 as CDT. MAGIC 1 (bf16) / 2 (fp16): the value is built from its bits,
+        0x4300 | q = 128 + q in bf16 and 0x6400 | q = 1024 + q in fp16 (no int->float
+        conversion); the caller subtracts the offset through the folded zero point."""
+        if MAGIC == 1:
+            return (q.to(tl.uint16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        elif MAGIC == 2:
+            return (q.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        else:
+            return q.to(tl.float32).to(CDT)
+
+    @triton.jit
     def _int4_raw(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
-                  BLOCK_K: tl.constexpr, CDT: tl.constexpr):
+                  BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
         """Raw nibbles (0..15, exact in fp16/bf16) for K positions k0+2j (low) and k0+2j+1."""
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         bmask = (offs_b[:, None] * 2 < K) & nmask[None, :]
         p = (w_ptr + e.to(tl.int64) * stride_we + rows[None, :].to(tl.int64) * stride_wn
              + offs_b[:, None] * stride_wk)
-        b = tl.load(p, mask=bmask, other=0).to(tl.int32)
-        return (b & 0xF).to(tl.float32).to(CDT), (b >> 4).to(tl.float32).to(CDT)
+        b = tl.load(p, mask=bmask, other=0)
+        return _nib(b & 0xF, CDT, MAGIC), _nib(b >> 4, CDT, MAGIC)
+
+    @triton.jit
+    def _int4_full(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
+                   BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
+        """[BLOCK_K, BN] raw nibbles in K order: each byte is loaded for both of its positions
+        (the second load hits the cache) and shifted by 4 for odd k; no interleaving shuffle."""
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        p = (w_ptr + e.to(tl.int64) * stride_we + rows[None, :].to(tl.int64) * stride_wn
+             + (offs_k[:, None] // 2) * stride_wk)
+        b = tl.load(p, mask=(offs_k[:, None] < K) & nmask[None, :], other=0)
+        return _nib((b >> ((offs_k[:, None] % 2) * 4).to(tl.uint8)) & 0xF, CDT, MAGIC)
 
     @triton.jit
     def _int4_scale_zero(s_ptr, z_ptr, e, rows, nmask, g, stride_se, stride_sn, stride_sk):
@@ -441,7 +471,8 @@ if HAS_TRITON:
         stride_hm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP: tl.constexpr, WQ: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
-        INT4_TILE_GROUP: tl.constexpr, INT4_MODE: tl.constexpr,
+        INT4_TILE_GROUP: tl.constexpr, INT4_MODE: tl.constexpr, MAGIC: tl.constexpr,
+        BIAS: tl.constexpr,
     ):
         """h[row] = gelu_tanh(gate[e] @ x[tok]) * (up[e] @ x[tok]) for one block x BLOCK_N cols."""
         pid_m = tl.program_id(0)
@@ -470,22 +501,35 @@ if HAS_TRITON:
                                               stride_se, stride_sn, stride_sk)
                 su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn,
                                               stride_se, stride_sn, stride_sk)
-                g_lo, g_hi = _int4_raw(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn,
-                                       stride_wk, BLOCK_K, CDT)
-                u_lo, u_hi = _int4_raw(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn,
-                                       stride_wk, BLOCK_K, CDT)
-                if INT4_MODE == 2:  # interleave the nibbles, one dot over the whole K tile
+                if INT4_MODE == 3:  # K-ordered nibble tiles, one dot over the whole K tile
                     a = _load_rows(x_ptr, tok, valid, stride_xt, stride_xd,
                                    k0 + tl.arange(0, BLOCK_K), D, CDT)
-                    acc_g = _int4_tile_dot1(a, _int4_join(g_lo, g_hi, BLOCK_K, BLOCK_N), sg, zg,
+                    gq = _int4_full(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                    BLOCK_K, CDT, MAGIC)
+                    uq = _int4_full(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                    BLOCK_K, CDT, MAGIC)
+                    acc_g = _int4_tile_dot1(a, gq, sg, zg + BIAS, acc_g, IEEE)
+                    acc_u = _int4_tile_dot1(a, uq, su, zu + BIAS, acc_u, IEEE)
+                elif INT4_MODE == 2:  # interleave the nibbles, one dot over the whole K tile
+                    g_lo, g_hi = _int4_raw(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn,
+                                           stride_wk, BLOCK_K, CDT, MAGIC)
+                    u_lo, u_hi = _int4_raw(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn,
+                                           stride_wk, BLOCK_K, CDT, MAGIC)
+                    a = _load_rows(x_ptr, tok, valid, stride_xt, stride_xd,
+                                   k0 + tl.arange(0, BLOCK_K), D, CDT)
+                    acc_g = _int4_tile_dot1(a, _int4_join(g_lo, g_hi, BLOCK_K, BLOCK_N), sg, zg + BIAS,
                                             acc_g, IEEE)
-                    acc_u = _int4_tile_dot1(a, _int4_join(u_lo, u_hi, BLOCK_K, BLOCK_N), su, zu,
+                    acc_u = _int4_tile_dot1(a, _int4_join(u_lo, u_hi, BLOCK_K, BLOCK_N), su, zu + BIAS,
                                             acc_u, IEEE)
                 else:  # even/odd activation columns against low/high nibbles
+                    g_lo, g_hi = _int4_raw(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn,
+                                           stride_wk, BLOCK_K, CDT, MAGIC)
+                    u_lo, u_hi = _int4_raw(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn,
+                                           stride_wk, BLOCK_K, CDT, MAGIC)
                     a_ev, a_od = _load_rows_int4(x_ptr, tok, valid, stride_xt, stride_xd, k0, D,
                                                  BLOCK_M, BLOCK_K, CDT, INT4_MODE)
-                    acc_g = _int4_tile_dot(a_ev, a_od, g_lo, g_hi, sg, zg, acc_g, IEEE)
-                    acc_u = _int4_tile_dot(a_ev, a_od, u_lo, u_hi, su, zu, acc_u, IEEE)
+                    acc_g = _int4_tile_dot(a_ev, a_od, g_lo, g_hi, sg, zg + BIAS, acc_g, IEEE)
+                    acc_u = _int4_tile_dot(a_ev, a_od, u_lo, u_hi, su, zu + BIAS, acc_u, IEEE)
                 sg, zg, su, zu = sg_n, zg_n, su_n, zu_n
         else:
             for k0 in range(0, D, BLOCK_K):
@@ -531,7 +575,8 @@ if HAS_TRITON:
         stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP: tl.constexpr, WQ: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
-        INT4_TILE_GROUP: tl.constexpr, INT4_MODE: tl.constexpr,
+        INT4_TILE_GROUP: tl.constexpr, INT4_MODE: tl.constexpr, MAGIC: tl.constexpr,
+        BIAS: tl.constexpr,
     ):
         """out[pair] = w[pair] * down[e] @ h[row] (fp32), one row per (token, slot) pair."""
         pid_m = tl.program_id(0)
@@ -552,17 +597,25 @@ if HAS_TRITON:
                 gn = tl.minimum(k0 + BLOCK_K, I - 1) // GROUP
                 sc_n, zc_n = _int4_scale_zero(s_ptr, z_ptr, e, offs_n, nmask, gn,
                                               stride_se, stride_sn, stride_sk)
-                w_lo, w_hi = _int4_raw(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn,
-                                       stride_wk, BLOCK_K, CDT)
-                if INT4_MODE == 2:
+                if INT4_MODE == 3:
                     a = _load_rows(h_ptr, offs_m, all_rows, stride_hm, 1,
                                    k0 + tl.arange(0, BLOCK_K), I, CDT)
-                    acc = _int4_tile_dot1(a, _int4_join(w_lo, w_hi, BLOCK_K, BLOCK_N), sc, zc,
+                    wq = _int4_full(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk,
+                                    BLOCK_K, CDT, MAGIC)
+                    acc = _int4_tile_dot1(a, wq, sc, zc + BIAS, acc, IEEE)
+                elif INT4_MODE == 2:
+                    w_lo, w_hi = _int4_raw(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn,
+                                           stride_wk, BLOCK_K, CDT, MAGIC)
+                    a = _load_rows(h_ptr, offs_m, all_rows, stride_hm, 1,
+                                   k0 + tl.arange(0, BLOCK_K), I, CDT)
+                    acc = _int4_tile_dot1(a, _int4_join(w_lo, w_hi, BLOCK_K, BLOCK_N), sc, zc + BIAS,
                                           acc, IEEE)
                 else:
+                    w_lo, w_hi = _int4_raw(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn,
+                                           stride_wk, BLOCK_K, CDT, MAGIC)
                     a_ev, a_od = _load_rows_int4(h_ptr, offs_m, all_rows, stride_hm, 1, k0, I,
                                                  BLOCK_M, BLOCK_K, CDT, INT4_MODE)
-                    acc = _int4_tile_dot(a_ev, a_od, w_lo, w_hi, sc, zc, acc, IEEE)
+                    acc = _int4_tile_dot(a_ev, a_od, w_lo, w_hi, sc, zc + BIAS, acc, IEEE)
                 sc, zc = sc_n, zc_n
         else:
             for k0 in range(0, I, BLOCK_K):
@@ -587,6 +640,110 @@ if HAS_TRITON:
         acc = acc * rw[:, None]
         tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc,
                  mask=valid[:, None] & nmask[None, :])
+
+    # -- int4 with the operands swapped: out^T = W @ x^T -------------------------------------
+    # At ~16 pairs per expert the token tile is too short for Hopper's wgmma (M >= 64) and the
+    # dequantised weight tile, made in registers, would have to go through shared memory as the
+    # B operand. Swapped, the weight rows are the M dimension (64 per program), the pairs the N
+    # dimension, and the dequantised tile is the register-held A operand.
+
+    @triton.jit
+    def _int4_rows(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
+        """[BN, BK] raw nibbles of weight rows `rows`, K positions k0.. in order (byte j holds
+        k = 2j low, 2j + 1 high: a join on the last axis is the natural interleave)."""
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        p = (w_ptr + e.to(tl.int64) * stride_we + rows[:, None].to(tl.int64) * stride_wn
+             + offs_b[None, :] * stride_wk)
+        b = tl.load(p, mask=nmask[:, None] & (offs_b[None, :] * 2 < K), other=0)
+        return tl.reshape(tl.join(_nib(b & 0xF, CDT, MAGIC), _nib(b >> 4, CDT, MAGIC)), (BLOCK_N, BLOCK_K))
+
+    @triton.jit
+    def _cols_t(ptr, cols, col_mask, stride_c, stride_k, k0, K, BLOCK_K: tl.constexpr, CDT: tl.constexpr):
+        """[BK, BM] tile ptr[cols, k0..]^T (activation rows as columns), zero outside."""
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        p = ptr + cols[None, :].to(tl.int64) * stride_c + offs_k[:, None] * stride_k
+        return tl.load(p, mask=col_mask[None, :] & (offs_k[:, None] < K), other=0.0).to(CDT)
+
+    @triton.jit
+    def _int4_dot_t(wq, xt, s, z, acc, IEEE: tl.constexpr):
+        """acc^T += ((q - z) * s) @ x^T, as s * (q @ x^T - z * colsum(x^T))."""
+        d = _dot(wq, xt, tl.zeros(acc.shape, dtype=tl.float32), IEEE)
+        xs = tl.sum(xt.to(tl.float32), axis=0)
+        return acc + s[:, None] * (d - z[:, None] * xs[None, :])
+
+    @triton.jit
+    def _moe_gate_up_int4t_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
+        TK, I, D, TOPK,
+        stride_xt, stride_xd, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_hm,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+        CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr,
+    ):
+        """The gate_up step for int4 weights whose K tiles lie inside one group, swapped."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m)
+        if e < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m)
+        valid = pair < TK
+        tok = pair // TOPK
+        rows_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rows_g < I
+        rows_u = rows_g + I
+        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        sg, zg = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, 0, stride_se, stride_sn, stride_sk)
+        su, zu = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, 0, stride_se, stride_sn, stride_sk)
+        for k0 in range(0, D, BLOCK_K):
+            gn = tl.minimum(k0 + BLOCK_K, D - 1) // GROUP
+            sg_n, zg_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, gn, stride_se, stride_sn, stride_sk)
+            su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn, stride_se, stride_sn, stride_sk)
+            xt = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K, CDT)
+            gq = _int4_rows(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk, BLOCK_N, BLOCK_K, CDT, MAGIC)
+            uq = _int4_rows(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk, BLOCK_N, BLOCK_K, CDT, MAGIC)
+            acc_g = _int4_dot_t(gq, xt, sg, zg + BIAS, acc_g, IEEE)
+            acc_u = _int4_dot_t(uq, xt, su, zu + BIAS, acc_u, IEEE)
+            sg, zg, su, zu = sg_n, zg_n, su_n, zu_n
+        inner = 1.5957691216057308 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
+        hval = acc_g / (1.0 + tl.exp(-inner)) * acc_u
+        tl.store(h_ptr + offs_m[None, :].to(tl.int64) * stride_hm + rows_g[:, None],
+                 hval.to(h_ptr.dtype.element_ty), mask=nmask[:, None])
+
+    @triton.jit
+    def _moe_down_int4t_kernel(
+        h_ptr, w_ptr, s_ptr, z_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, topk_w_ptr,
+        TK, D, I,
+        stride_hm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+        CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr,
+    ):
+        """The down step for int4 weights whose K tiles lie inside one group, swapped."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(block_expert_ptr + pid_m)
+        if e < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m)
+        valid = pair < TK
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < D
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        sc, zc = _int4_scale_zero(s_ptr, z_ptr, e, offs_n, nmask, 0, stride_se, stride_sn, stride_sk)
+        for k0 in range(0, I, BLOCK_K):
+            gn = tl.minimum(k0 + BLOCK_K, I - 1) // GROUP
+            sc_n, zc_n = _int4_scale_zero(s_ptr, z_ptr, e, offs_n, nmask, gn, stride_se, stride_sn, stride_sk)
+            at = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0, I, BLOCK_K, CDT)
+            wq = _int4_rows(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk, BLOCK_N, BLOCK_K, CDT, MAGIC)
+            acc = _int4_dot_t(wq, at, sc, zc + BIAS, acc, IEEE)
+            sc, zc = sc_n, zc_n
+        rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * rw[None, :]
+        tl.store(out_ptr + pair[None, :].to(tl.int64) * stride_om + offs_n[:, None], acc,
+                 mask=valid[None, :] & nmask[:, None])
 
     @triton.jit
     def _align_count_kernel(idx_ptr, chunk_counts_ptr, sorted_ids_ptr, TK, E, n_sorted,
@@ -731,9 +888,9 @@ def _weight_args(w, device):
 def _default_config(T: int, K: int, E: int, D: int, I: int, interp: bool, int4: bool = False) -> dict:
     """Tile sizes. GPU numbers behind them (H100, bf16 activations, D=2816, I=704, E=128,
     K=8, one call = one layer): BLOCK_M 16 vs 32 made no difference for bf16/int8 at T=256,
-    BLOCK_M 64 was 5-8% faster at T=1024; for int4 BLOCK_M 32 was best at T=256 (1.12 vs
-    1.21 ms) and 64 at T=1024; BLOCK_N 128 / BLOCK_K 64 for gate_up, num_warps 8 and
-    num_stages 3/5 were no better."""
+    BLOCK_M 64 was 5-8% faster at T=1024. int4, swapped (H200): BLOCK_M 32 0.95 ms at T=256
+    against 1.14 (16) and 1.48 (64); BLOCK_N 128 1.10, num_stages 3 1.12, 2 1.06, 5 1.12,
+    num_warps 8 1.20, BLOCK_K 64 1.29; at T=2048 BLOCK_M 64 and 32 within 4%."""
     if interp:  # few, big programs: the interpreter's cost is programs x ops
         bm = 16 if T * K <= 16 * E else 32
         return dict(BLOCK_M=bm, BLOCK_N1=64, BLOCK_K1=64, BLOCK_N2=64, BLOCK_K2=64,
@@ -744,7 +901,7 @@ def _default_config(T: int, K: int, E: int, D: int, I: int, interp: bool, int4: 
     else:
         bm = 16 if per_expert <= 24 else 64
     return dict(BLOCK_M=bm, BLOCK_N1=64, BLOCK_K1=128, BLOCK_N2=64, BLOCK_K2=64,
-                num_warps=4, num_stages=4, INT4_MODE=2)
+                num_warps=4, num_stages=4, INT4_MODE=2, SWAP_AB=int4)
 
 
 def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: dict | None = None):
@@ -770,6 +927,9 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     TK = T * K
     dev = x.device
 
+    # magic-number nibble conversion (folded-scale int4 path only, 16-bit compute)
+    magic = {torch.bfloat16: 1, torch.float16: 2}.get(cdt, 0) if cfg.get("MAGIC", True) else 0
+    bias = (0.0, 128.0, 1024.0)[magic]
     sorted_ids, block_expert, num_blocks = _align(topk_index, E, bm)
     topk_w = topk_weights.reshape(-1).float().contiguous()
     h = torch.empty(num_blocks * bm, I, dtype=cdt, device=dev)
@@ -777,34 +937,50 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
 
     q1, s1, z1, sw1, ss1, g1, wq1 = _weight_args(gate_up, dev)
     grid1 = (num_blocks, triton.cdiv(I, cfg["BLOCK_N1"]))
-    _moe_gate_up_kernel[grid1](
-        x, q1, s1, z1, h, sorted_ids, block_expert,
-        TK, I, D, K,
-        x.stride(0), x.stride(1),
-        sw1[0], sw1[1], sw1[2],
-        ss1[0], ss1[1], ss1[2],
-        h.stride(0),
-        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"],
-        GROUP=g1, WQ=wq1, CDT=_tl_dtype(cdt), IEEE=ieee,
-        INT4_TILE_GROUP=(wq1 == 1 and g1 % cfg["BLOCK_K1"] == 0 and cfg.get("INT4_FOLD", True)),
-        INT4_MODE=cfg["INT4_MODE"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    fold1 = wq1 == 1 and g1 % cfg["BLOCK_K1"] == 0 and cfg.get("INT4_FOLD", True)
+    swap = dict(CDT=_tl_dtype(cdt), IEEE=ieee, MAGIC=magic, BIAS=bias, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
+    if fold1 and cfg.get("SWAP_AB", False):
+        _moe_gate_up_int4t_kernel[grid1](
+            x, q1, s1, z1, h, sorted_ids, block_expert, TK, I, D, K, x.stride(0), x.stride(1),
+            sw1[0], sw1[1], sw1[2], ss1[0], ss1[1], ss1[2], h.stride(0),
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP=g1, **swap)
+    else:
+        _moe_gate_up_kernel[grid1](
+            x, q1, s1, z1, h, sorted_ids, block_expert,
+            TK, I, D, K,
+            x.stride(0), x.stride(1),
+            sw1[0], sw1[1], sw1[2],
+            ss1[0], ss1[1], ss1[2],
+            h.stride(0),
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"],
+            GROUP=g1, WQ=wq1, CDT=_tl_dtype(cdt), IEEE=ieee,
+            INT4_TILE_GROUP=fold1,
+            INT4_MODE=cfg["INT4_MODE"], MAGIC=magic, BIAS=bias,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     q2, s2, z2, sw2, ss2, g2, wq2 = _weight_args(down, dev)
     grid2 = (num_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))
-    _moe_down_kernel[grid2](
-        h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w,
-        TK, D, I,
-        h.stride(0),
-        sw2[0], sw2[1], sw2[2],
-        ss2[0], ss2[1], ss2[2],
-        pairs.stride(0),
-        BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
-        GROUP=g2, WQ=wq2, CDT=_tl_dtype(cdt), IEEE=ieee,
-        INT4_TILE_GROUP=(wq2 == 1 and g2 % cfg["BLOCK_K2"] == 0 and cfg.get("INT4_FOLD", True)),
-        INT4_MODE=cfg["INT4_MODE"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    fold2 = wq2 == 1 and g2 % cfg["BLOCK_K2"] == 0 and cfg.get("INT4_FOLD", True)
+    if fold2 and cfg.get("SWAP_AB", False):
+        _moe_down_int4t_kernel[grid2](
+            h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w, TK, D, I, h.stride(0),
+            sw2[0], sw2[1], sw2[2], ss2[0], ss2[1], ss2[2], pairs.stride(0),
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], GROUP=g2, **swap)
+    else:
+        _moe_down_kernel[grid2](
+            h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w,
+            TK, D, I,
+            h.stride(0),
+            sw2[0], sw2[1], sw2[2],
+            ss2[0], ss2[1], ss2[2],
+            pairs.stride(0),
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
+            GROUP=g2, WQ=wq2, CDT=_tl_dtype(cdt), IEEE=ieee,
+            INT4_TILE_GROUP=fold2,
+            INT4_MODE=cfg["INT4_MODE"], MAGIC=magic, BIAS=bias,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return pairs.view(T, K, D).sum(dim=1).to(x.dtype)
 
 

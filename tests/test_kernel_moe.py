@@ -152,16 +152,32 @@ def test_quantized_matches_dequantised_reference(impl, scheme, sym, group):
 
 
 @needs_triton
-@pytest.mark.parametrize("group,bk,mode", [(64, 32, 0), (64, 64, 1), (64, 32, 2), (16, 64, 2)])
+@pytest.mark.parametrize("group,bk,mode", [(64, 32, 0), (64, 64, 1), (64, 32, 2), (16, 64, 2), (64, 32, 3),
+                                           (64, 64, 3), (64, 32, "swap"), (64, 64, "swap")])
 def test_int4_scale_paths(group, bk, mode):
     """int4 groups spanning K tiles (one scale per row, folded into the accumulator; three
     ways to pair nibbles with activations) and several groups per tile (dequantised)."""
     _, _, q1, q2 = _quantized("int4", group_size=group, device=_device())
     w, idx = make_routing(device=_device())
     x = make_x(device=_device())
-    cfg = dict(BLOCK_K1=bk, BLOCK_K2=bk, INT4_MODE=mode)
+    cfg = dict(BLOCK_K1=bk, BLOCK_K2=bk, INT4_MODE=mode) if mode != "swap" else dict(BLOCK_K1=bk, BLOCK_K2=bk,
+                                                                                     SWAP_AB=True)
     out = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
     close(out, reference(x, idx, w, q1, q2), 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", [0, 2, 3, "swap"])
+@pytest.mark.parametrize("magic", [True, False])
+def test_int4_fp16_nibbles_built_from_bits(mode, magic):
+    """fp16 activations on the folded int4 path: nibbles made as 0x6400 | q (= 1024 + q, the
+    offset removed with the zero point) or converted; both equal the dequantised reference."""
+    _, _, q1, q2 = _quantized("int4", group_size=64, device=_device())
+    w, idx = make_routing(device=_device())
+    x = make_x(dtype=torch.float16, device=_device())
+    cfg = dict(BLOCK_K1=64, BLOCK_K2=64, MAGIC=magic, **({"SWAP_AB": True} if mode == "swap" else {"INT4_MODE": mode}))
+    out = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    close(out, reference(x, idx, w, q1, q2), 1e-2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -36,17 +36,14 @@ def _case(n=37, vocab=333, d=80, dtype=torch.float32, scale=0.3, seed=0):
 
 
 def _run(impl, h, table, **kw):
-    if impl == "triton":
-        splits = kw.pop("splits", None)
-        kw.setdefault("softcap", 30.0)
-        kw.setdefault("temperature", 1.0)
-        for k, v in dict(seed=0, step=0, row_offset=0, want_soft=True).items():
+    if impl == "triton":  # the GPU path (chunks of matmuls + the chunk kernel), interpreted
+        for k, v in dict(softcap=30.0, temperature=1.0, seed=0, step=0, row_offset=0, want_soft=True).items():
             kw.setdefault(k, v)
-        return S._head_sample_triton(h, table, splits=splits, **kw)
+        return S._head_sample_triton(h, table, **kw)
     return head_sample(h, table, impl="torch", **kw)
 
 
-def _assert_close_to(out: HeadSample, ref: HeadSample, table_dtype=torch.float32):
+def _assert_close_to(out: HeadSample, ref: HeadSample, table_dtype=torch.float32, mean_soft=2e-5, max_soft=3e-3):
     assert torch.equal(out.argmax, ref.argmax)
     assert torch.equal(out.token, ref.token)
     assert out.entropy.dtype == torch.float32
@@ -58,8 +55,8 @@ def _assert_close_to(out: HeadSample, ref: HeadSample, table_dtype=torch.float32
         else:
             # l is rounded to the 16-bit table dtype first: a last-bit difference in a logit can
             # move l' by one 16-bit step (0.4 % of p_v for bf16), so allow rare larger errors
-            torch.testing.assert_close(out.soft, ref.soft, atol=3e-3, rtol=0)
-            assert float((out.soft - ref.soft).abs().mean()) < 2e-5
+            torch.testing.assert_close(out.soft, ref.soft, atol=max_soft, rtol=0)
+            assert float((out.soft - ref.soft).abs().mean()) < mean_soft
 
 
 # ------------------------------------------------------------------------------ RNG
@@ -104,21 +101,37 @@ def test_torch_path_matches_reference(dtype):
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_triton_path_matches_reference(dtype):
+    """The GPU path: per-chunk matmuls + the chunk kernel; one chunk or several, a ragged last
+    chunk, kernel tiles smaller than the chunk; h in fp32 or in the table's dtype.
+    Its soft-embedding weights are stored in the table's dtype before P @ E (as transformers
+    rounds its probabilities to bf16): on bf16 tables a relative error of 2^-9 per weight, which
+    measured here 4.4e-4 mean and 4.4e-3 max absolute on entries up to 0.74 (fp16: 2.4e-5 and
+    2.1e-4); fp32 tables stay exact."""
     h, table, temp = _case(dtype=dtype)
     kw = dict(temperature=temp, seed=11, step=3)
     ref = head_sample_reference(h, table, **kw)
-    _assert_close_to(_run("triton", h, table, vocab_tile=64, **kw), ref, dtype)
-    # several vocabulary splits, combined afterwards; h in the table's dtype
-    _assert_close_to(_run("triton", h.to(dtype), table, vocab_tile=32, splits=3, **kw),
-                     head_sample_reference(h.to(dtype), table, **kw), dtype)
+    tol = dict(mean_soft=1e-3, max_soft=1e-2) if dtype == torch.bfloat16 else dict(mean_soft=5e-5, max_soft=1e-3)
+    for chunk, bv in [(333, 128), (100, 32), (64, 64)]:
+        _assert_close_to(_run("triton", h, table, chunk=chunk, block_v=bv, **kw), ref, dtype, **tol)
+    _assert_close_to(_run("triton", h.to(dtype), table, chunk=128, block_v=32, **kw),
+                     head_sample_reference(h.to(dtype), table, **kw), dtype, **tol)
 
 
 @needs_triton
-def test_triton_row_blocks_ragged():
+def test_triton_lazy_rescale_across_chunks():
+    """Logits rising chunk after chunk by more than the lazy margin move the reference max."""
+    h, table, _ = _case(n=5, vocab=256, d=16)
+    ramp = torch.linspace(0.0, 6.0, 256)[:, None]
+    table = table * 0.05 + ramp * torch.sign(h[0])[None, :] / 16  # row 0's logits grow along v
+    ref = head_sample_reference(h, table, temperature=0.2)
+    _assert_close_to(_run("triton", h, table, temperature=0.2, chunk=32, block_v=16), ref)
+
+
+@needs_triton
+def test_triton_rows_and_chunks_ragged():
     h, table, temp = _case(n=21, vocab=100, d=64)
     ref = head_sample_reference(h, table, temperature=temp)
-    _assert_close_to(S._head_sample_triton(h, table, softcap=30.0, temperature=temp, seed=0, step=0,
-                                           row_offset=0, want_soft=True, vocab_tile=64, block_n=16), ref)
+    _assert_close_to(_run("triton", h, table, temperature=temp, chunk=48, block_v=16), ref)
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -170,7 +183,7 @@ def test_triton_tokens_invariant_to_tiling_and_same_as_torch():
     h, table, temp = _case(n=64, vocab=700, d=64, dtype=torch.bfloat16, scale=0.1)
     kw = dict(temperature=temp, seed=99, step=4)
     a = _run("triton", h, table, vocab_tile=128, **kw)
-    b = _run("triton", h, table, vocab_tile=32, splits=4, **kw)
+    b = _run("triton", h, table, chunk=96, block_v=32, **kw)
     c = head_sample(h, table, impl="torch", **kw)
     assert torch.equal(a.token, b.token) and torch.equal(a.argmax, b.argmax)
     assert torch.equal(a.token, c.token) and torch.equal(a.argmax, c.argmax)
