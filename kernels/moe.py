@@ -56,11 +56,12 @@ from their bits (MAGIC: 0x4300 | q is 128 + q in bf16, 0x6400 | q is 1024 + q in
 offset leaves with the folded zero point.
 
 Measured on an H200 (torch 2.11, triton 3.6; one layer at D=2816, I=704, E=128, K=8, bf16
-activations, random routing; medians of 20; TB/s = weight bytes of the experts touched / time):
-T=256 (batch 1): bf16 weights 0.59 ms (2.65 TB/s), int8 0.46 ms (1.74), fp8 0.45 ms (1.77),
-int4 0.95 ms (0.46; the unswapped kernel 1.28-1.30 ms, magic or converted nibbles alike;
-K-ordered nibble tiles from duplicated byte loads 3.9 ms). T=2048 (batch 8): bf16 1.25 ms,
-int8 1.52, fp8 1.56, int4 2.77 (unswapped 3.5-3.8). int4 is still far from its byte floor
+activations, random routing; medians of 20; TB/s = weight bytes of the experts touched / time;
+benchmarks/results/gpu_check_h200.log): T=256 (batch 1): bf16 weights 0.58 ms (2.69 TB/s),
+int8 0.46 ms (1.74), fp8 0.44 ms (1.80), int4 0.95 ms (0.46; the unswapped kernel 1.25 ms,
+magic or converted nibbles alike; K-ordered nibble tiles from duplicated byte loads, tried and
+removed, 3.9 ms). T=2048 (batch 8): bf16 1.37 ms, int8 1.53, fp8 1.64, int4 3.01 (unswapped
+3.7). int4 is still far from its byte floor
 (~0.08 ms at T=256); open. The torch twin: ~15-20 ms at T=256.
 """
 
@@ -403,17 +404,6 @@ if HAS_TRITON:
         return _nib(b & 0xF, CDT, MAGIC), _nib(b >> 4, CDT, MAGIC)
 
     @triton.jit
-    def _int4_full(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
-                   BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
-        """[BLOCK_K, BN] raw nibbles in K order: each byte is loaded for both of its positions
-        (the second load hits the cache) and shifted by 4 for odd k; no interleaving shuffle."""
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        p = (w_ptr + e.to(tl.int64) * stride_we + rows[None, :].to(tl.int64) * stride_wn
-             + (offs_k[:, None] // 2) * stride_wk)
-        b = tl.load(p, mask=(offs_k[:, None] < K) & nmask[None, :], other=0)
-        return _nib((b >> ((offs_k[:, None] % 2) * 4).to(tl.uint8)) & 0xF, CDT, MAGIC)
-
-    @triton.jit
     def _int4_scale_zero(s_ptr, z_ptr, e, rows, nmask, g, stride_se, stride_sn, stride_sk):
         so = e.to(tl.int64) * stride_se + rows.to(tl.int64) * stride_sn + g * stride_sk
         s = tl.load(s_ptr + so, mask=nmask, other=0.0).to(tl.float32)
@@ -501,16 +491,7 @@ if HAS_TRITON:
                                               stride_se, stride_sn, stride_sk)
                 su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn,
                                               stride_se, stride_sn, stride_sk)
-                if INT4_MODE == 3:  # K-ordered nibble tiles, one dot over the whole K tile
-                    a = _load_rows(x_ptr, tok, valid, stride_xt, stride_xd,
-                                   k0 + tl.arange(0, BLOCK_K), D, CDT)
-                    gq = _int4_full(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                    BLOCK_K, CDT, MAGIC)
-                    uq = _int4_full(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                    BLOCK_K, CDT, MAGIC)
-                    acc_g = _int4_tile_dot1(a, gq, sg, zg + BIAS, acc_g, IEEE)
-                    acc_u = _int4_tile_dot1(a, uq, su, zu + BIAS, acc_u, IEEE)
-                elif INT4_MODE == 2:  # interleave the nibbles, one dot over the whole K tile
+                if INT4_MODE == 2:  # interleave the nibbles, one dot over the whole K tile
                     g_lo, g_hi = _int4_raw(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn,
                                            stride_wk, BLOCK_K, CDT, MAGIC)
                     u_lo, u_hi = _int4_raw(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn,
@@ -597,13 +578,7 @@ if HAS_TRITON:
                 gn = tl.minimum(k0 + BLOCK_K, I - 1) // GROUP
                 sc_n, zc_n = _int4_scale_zero(s_ptr, z_ptr, e, offs_n, nmask, gn,
                                               stride_se, stride_sn, stride_sk)
-                if INT4_MODE == 3:
-                    a = _load_rows(h_ptr, offs_m, all_rows, stride_hm, 1,
-                                   k0 + tl.arange(0, BLOCK_K), I, CDT)
-                    wq = _int4_full(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk,
-                                    BLOCK_K, CDT, MAGIC)
-                    acc = _int4_tile_dot1(a, wq, sc, zc + BIAS, acc, IEEE)
-                elif INT4_MODE == 2:
+                if INT4_MODE == 2:
                     w_lo, w_hi = _int4_raw(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn,
                                            stride_wk, BLOCK_K, CDT, MAGIC)
                     a = _load_rows(h_ptr, offs_m, all_rows, stride_hm, 1,

@@ -473,10 +473,11 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
     32768): 48 MiB at 256 rows, 48 MiB at 2048. vocab_tile (or block_v): the kernel's tile.
 
     Measured on an H200 (torch 2.11, triton 3.6; V 262144, D 2816, bf16; one run, medians of
-    5, acceptance and renoise included): 256 rows (batch 1) 2.44 ms and 51 MiB against
-    transformers' 5.01 ms and 1792 MiB (1.90 ms as a CUDA graph); 2048 rows (batch 8) 14.8 ms
-    and 70 MiB against 36.7 ms and 14 GiB. Per 32768 columns at 256 rows: 71 + 64 us of
-    matmul and 73 us of this kernel. The earlier single fused kernel took 9.8 and 87 ms."""
+    5, acceptance and renoise included; benchmarks/results/gpu_check_h200.log): 256 rows
+    (batch 1) 2.53 ms and 51 MiB against transformers' 5.01 ms and 1792 MiB (1.92 ms as a CUDA
+    graph); 2048 rows (batch 8) 14.5 ms and 70 MiB against 36.8 ms and 14 GiB. Per 32768
+    columns at 256 rows: 72 + 65 us of matmul and 73 us of this kernel. The earlier single
+    fused kernel took 9.8 and 87 ms in an earlier run."""
     if triton is None:
         raise RuntimeError("head_sample(impl='triton') needs triton")
     n, d = h.shape
