@@ -92,8 +92,8 @@ def check_kernels(dev, small):
         b = km.moe_forward(x.float(), idx, w, qg, qd, impl="torch")
         print(f"moe {scheme} (triton vs torch twin) rel err {err(a, b):.2e}")
         if scheme == "int4":
-            for cfg in (dict(INT4_MODE=2, MAGIC=False, SWAP_AB=False), dict(INT4_MODE=2, SWAP_AB=False),
-                        dict(SWAP_AB=True), dict(SWAP_AB=True, MAGIC=False), dict(SWAP_AB=True, BLOCK_M=16)):
+            for cfg in (dict(MAGIC=False, SWAP_AB=False), dict(SWAP_AB=False), dict(SWAP_AB=True, MAGIC=False),
+                        dict(SWAP_AB=True, BLOCK_M=16)):
                 try:
                     a = km.moe_forward_triton(x, idx, w, qg, qd, config=cfg)
                     print(f"moe int4 {cfg} rel err {err(a, b):.2e}")
@@ -330,8 +330,8 @@ def moe_sweep(dev, small):
     for scheme in ("int8", "fp8", "int4"):
         weights[scheme] = (q(gu, scheme), q(dn, scheme))
     sw = dict(SWAP_AB=True)
-    int4_cfgs = [("mode2 convert (old default)", dict(INT4_MODE=2, MAGIC=False, SWAP_AB=False)),
-                 ("mode2 magic", dict(INT4_MODE=2, SWAP_AB=False)),
+    int4_cfgs = [("plain, converted (old default)", dict(MAGIC=False, SWAP_AB=False)),
+                 ("plain, magic", dict(SWAP_AB=False)),
                  ("default (swapped, magic)", {}), ("swap convert", dict(sw, MAGIC=False)),
                  ("swap BM16", dict(sw, BLOCK_M=16)), ("swap BM64", dict(sw, BLOCK_M=64)),
                  ("swap BN128 w4", dict(sw, BLOCK_N1=128, BLOCK_N2=128)), ("swap stages3", dict(sw, num_stages=3))]

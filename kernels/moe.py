@@ -411,40 +411,16 @@ if HAS_TRITON:
         return s, z
 
     @triton.jit
-    def _int4_tile_dot(a_ev, a_od, lo, hi, s, z, acc, IEEE: tl.constexpr):
-        """acc += a @ ((q - z) * s) for one K tile inside one group, as
-        s * (a @ q - z * rowsum(a)): the weights stay raw nibbles, no per-element dequant."""
-        d = tl.zeros(acc.shape, dtype=tl.float32)
-        d = _dot(a_ev, lo, d, IEEE)
-        d = _dot(a_od, hi, d, IEEE)
-        asum = tl.sum(a_ev.to(tl.float32), axis=1) + tl.sum(a_od.to(tl.float32), axis=1)
-        return acc + s[None, :] * (d - z[None, :] * asum[:, None])
-
-    @triton.jit
     def _int4_join(lo, hi, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Interleave low/high nibble tiles [BK/2, BN] into the [BK, BN] tile in K order."""
         return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
 
     @triton.jit
-    def _int4_tile_dot1(a, q, s, z, acc, IEEE: tl.constexpr):
+    def _int4_tile_dot(a, q, s, z, acc, IEEE: tl.constexpr):
         """acc += a @ ((q - z) * s), as s * (a @ q - z * rowsum(a)); q is raw nibbles."""
         d = _dot(a, q, tl.zeros(acc.shape, dtype=tl.float32), IEEE)
         asum = tl.sum(a.to(tl.float32), axis=1)
         return acc + s[None, :] * (d - z[None, :] * asum[:, None])
-
-    @triton.jit
-    def _load_rows_int4(ptr, rows, row_mask, stride_m, stride_k, k0, K,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, CDT: tl.constexpr,
-                        INT4_MODE: tl.constexpr):
-        """Even and odd K columns [BM, BK/2] of an activation tile (pairs with the nibbles)."""
-        if INT4_MODE == 1:  # one contiguous load, split in registers
-            a = _load_rows(ptr, rows, row_mask, stride_m, stride_k, k0 + tl.arange(0, BLOCK_K), K, CDT)
-            a_ev, a_od = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
-        else:  # two strided loads
-            offs_ev = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-            a_ev = _load_rows(ptr, rows, row_mask, stride_m, stride_k, offs_ev, K, CDT)
-            a_od = _load_rows(ptr, rows, row_mask, stride_m, stride_k, offs_ev + 1, K, CDT)
-        return a_ev, a_od
 
     @triton.jit
     def _channel_scale(s_ptr, e, rows, nmask, stride_se, stride_sn):
@@ -461,7 +437,7 @@ if HAS_TRITON:
         stride_hm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP: tl.constexpr, WQ: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
-        INT4_TILE_GROUP: tl.constexpr, INT4_MODE: tl.constexpr, MAGIC: tl.constexpr,
+        INT4_TILE_GROUP: tl.constexpr, MAGIC: tl.constexpr,
         BIAS: tl.constexpr,
     ):
         """h[row] = gelu_tanh(gate[e] @ x[tok]) * (up[e] @ x[tok]) for one block x BLOCK_N cols."""
@@ -491,26 +467,13 @@ if HAS_TRITON:
                                               stride_se, stride_sn, stride_sk)
                 su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn,
                                               stride_se, stride_sn, stride_sk)
-                if INT4_MODE == 2:  # interleave the nibbles, one dot over the whole K tile
-                    g_lo, g_hi = _int4_raw(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn,
-                                           stride_wk, BLOCK_K, CDT, MAGIC)
-                    u_lo, u_hi = _int4_raw(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn,
-                                           stride_wk, BLOCK_K, CDT, MAGIC)
-                    a = _load_rows(x_ptr, tok, valid, stride_xt, stride_xd,
-                                   k0 + tl.arange(0, BLOCK_K), D, CDT)
-                    acc_g = _int4_tile_dot1(a, _int4_join(g_lo, g_hi, BLOCK_K, BLOCK_N), sg, zg + BIAS,
-                                            acc_g, IEEE)
-                    acc_u = _int4_tile_dot1(a, _int4_join(u_lo, u_hi, BLOCK_K, BLOCK_N), su, zu + BIAS,
-                                            acc_u, IEEE)
-                else:  # even/odd activation columns against low/high nibbles
-                    g_lo, g_hi = _int4_raw(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn,
-                                           stride_wk, BLOCK_K, CDT, MAGIC)
-                    u_lo, u_hi = _int4_raw(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn,
-                                           stride_wk, BLOCK_K, CDT, MAGIC)
-                    a_ev, a_od = _load_rows_int4(x_ptr, tok, valid, stride_xt, stride_xd, k0, D,
-                                                 BLOCK_M, BLOCK_K, CDT, INT4_MODE)
-                    acc_g = _int4_tile_dot(a_ev, a_od, g_lo, g_hi, sg, zg + BIAS, acc_g, IEEE)
-                    acc_u = _int4_tile_dot(a_ev, a_od, u_lo, u_hi, su, zu + BIAS, acc_u, IEEE)
+                g_lo, g_hi = _int4_raw(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn,
+                                       stride_wk, BLOCK_K, CDT, MAGIC)
+                u_lo, u_hi = _int4_raw(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn,
+                                       stride_wk, BLOCK_K, CDT, MAGIC)
+                a = _load_rows(x_ptr, tok, valid, stride_xt, stride_xd, k0 + tl.arange(0, BLOCK_K), D, CDT)
+                acc_g = _int4_tile_dot(a, _int4_join(g_lo, g_hi, BLOCK_K, BLOCK_N), sg, zg + BIAS, acc_g, IEEE)
+                acc_u = _int4_tile_dot(a, _int4_join(u_lo, u_hi, BLOCK_K, BLOCK_N), su, zu + BIAS, acc_u, IEEE)
                 sg, zg, su, zu = sg_n, zg_n, su_n, zu_n
         else:
             for k0 in range(0, D, BLOCK_K):
@@ -556,7 +519,7 @@ if HAS_TRITON:
         stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP: tl.constexpr, WQ: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
-        INT4_TILE_GROUP: tl.constexpr, INT4_MODE: tl.constexpr, MAGIC: tl.constexpr,
+        INT4_TILE_GROUP: tl.constexpr, MAGIC: tl.constexpr,
         BIAS: tl.constexpr,
     ):
         """out[pair] = w[pair] * down[e] @ h[row] (fp32), one row per (token, slot) pair."""
@@ -578,19 +541,10 @@ if HAS_TRITON:
                 gn = tl.minimum(k0 + BLOCK_K, I - 1) // GROUP
                 sc_n, zc_n = _int4_scale_zero(s_ptr, z_ptr, e, offs_n, nmask, gn,
                                               stride_se, stride_sn, stride_sk)
-                if INT4_MODE == 2:
-                    w_lo, w_hi = _int4_raw(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn,
-                                           stride_wk, BLOCK_K, CDT, MAGIC)
-                    a = _load_rows(h_ptr, offs_m, all_rows, stride_hm, 1,
-                                   k0 + tl.arange(0, BLOCK_K), I, CDT)
-                    acc = _int4_tile_dot1(a, _int4_join(w_lo, w_hi, BLOCK_K, BLOCK_N), sc, zc + BIAS,
-                                          acc, IEEE)
-                else:
-                    w_lo, w_hi = _int4_raw(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn,
-                                           stride_wk, BLOCK_K, CDT, MAGIC)
-                    a_ev, a_od = _load_rows_int4(h_ptr, offs_m, all_rows, stride_hm, 1, k0, I,
-                                                 BLOCK_M, BLOCK_K, CDT, INT4_MODE)
-                    acc = _int4_tile_dot(a_ev, a_od, w_lo, w_hi, sc, zc + BIAS, acc, IEEE)
+                w_lo, w_hi = _int4_raw(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn,
+                                       stride_wk, BLOCK_K, CDT, MAGIC)
+                a = _load_rows(h_ptr, offs_m, all_rows, stride_hm, 1, k0 + tl.arange(0, BLOCK_K), I, CDT)
+                acc = _int4_tile_dot(a, _int4_join(w_lo, w_hi, BLOCK_K, BLOCK_N), sc, zc + BIAS, acc, IEEE)
                 sc, zc = sc_n, zc_n
         else:
             for k0 in range(0, I, BLOCK_K):
@@ -869,14 +823,14 @@ def _default_config(T: int, K: int, E: int, D: int, I: int, interp: bool, int4: 
     if interp:  # few, big programs: the interpreter's cost is programs x ops
         bm = 16 if T * K <= 16 * E else 32
         return dict(BLOCK_M=bm, BLOCK_N1=64, BLOCK_K1=64, BLOCK_N2=64, BLOCK_K2=64,
-                    num_warps=4, num_stages=1, INT4_MODE=2)
+                    num_warps=4, num_stages=1, SWAP_AB=int4)
     per_expert = T * K / max(E, 1)
     if int4:
         bm = 32 if per_expert <= 24 else 64
     else:
         bm = 16 if per_expert <= 24 else 64
     return dict(BLOCK_M=bm, BLOCK_N1=64, BLOCK_K1=128, BLOCK_N2=64, BLOCK_K2=64,
-                num_warps=4, num_stages=4, INT4_MODE=2, SWAP_AB=int4)
+                num_warps=4, num_stages=4, SWAP_AB=int4)
 
 
 def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: dict | None = None):
@@ -931,7 +885,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"],
             GROUP=g1, WQ=wq1, CDT=_tl_dtype(cdt), IEEE=ieee,
             INT4_TILE_GROUP=fold1,
-            INT4_MODE=cfg["INT4_MODE"], MAGIC=magic, BIAS=bias,
+            MAGIC=magic, BIAS=bias,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     q2, s2, z2, sw2, ss2, g2, wq2 = _weight_args(down, dev)
@@ -953,7 +907,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
             GROUP=g2, WQ=wq2, CDT=_tl_dtype(cdt), IEEE=ieee,
             INT4_TILE_GROUP=fold2,
-            INT4_MODE=cfg["INT4_MODE"], MAGIC=magic, BIAS=bias,
+            MAGIC=magic, BIAS=bias,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return pairs.view(T, K, D).sum(dim=1).to(x.dtype)

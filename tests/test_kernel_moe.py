@@ -152,31 +152,30 @@ def test_quantized_matches_dequantised_reference(impl, scheme, sym, group):
 
 
 @needs_triton
-@pytest.mark.parametrize("group,bk,mode", [(64, 32, 0), (64, 64, 1), (64, 32, 2), (16, 64, 2), (64, 32, "swap"),
-                                           (64, 64, "swap")])
-def test_int4_scale_paths(group, bk, mode):
-    """int4 groups spanning K tiles (one scale per row, folded into the accumulator; three
-    ways to pair nibbles with activations, and the swapped kernels, W @ x^T, the GPU default)
-    and several groups per tile (dequantised)."""
+@pytest.mark.parametrize("group,bk,swap", [(64, 32, False), (64, 64, False), (16, 64, False), (64, 32, True),
+                                           (64, 64, True)])
+def test_int4_scale_paths(group, bk, swap):
+    """int4 groups spanning K tiles (one scale per row, folded into the accumulator), by the
+    plain kernels and the swapped ones (W @ x^T, the GPU default), and several groups per tile
+    (dequantised per element)."""
     _, _, q1, q2 = _quantized("int4", group_size=group, device=_device())
     w, idx = make_routing(device=_device())
     x = make_x(device=_device())
-    cfg = dict(BLOCK_K1=bk, BLOCK_K2=bk, INT4_MODE=mode) if mode != "swap" else dict(BLOCK_K1=bk, BLOCK_K2=bk,
-                                                                                     SWAP_AB=True)
+    cfg = dict(BLOCK_K1=bk, BLOCK_K2=bk, SWAP_AB=swap)
     out = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
     close(out, reference(x, idx, w, q1, q2), 1e-5)
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", [0, 2, "swap"])
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("magic", [True, False])
-def test_int4_fp16_nibbles_built_from_bits(mode, magic):
+def test_int4_fp16_nibbles_built_from_bits(swap, magic):
     """fp16 activations on the folded int4 path: nibbles made as 0x6400 | q (= 1024 + q, the
     offset removed with the zero point) or converted; both equal the dequantised reference."""
     _, _, q1, q2 = _quantized("int4", group_size=64, device=_device())
     w, idx = make_routing(device=_device())
     x = make_x(dtype=torch.float16, device=_device())
-    cfg = dict(BLOCK_K1=64, BLOCK_K2=64, MAGIC=magic, **({"SWAP_AB": True} if mode == "swap" else {"INT4_MODE": mode}))
+    cfg = dict(BLOCK_K1=64, BLOCK_K2=64, MAGIC=magic, SWAP_AB=swap)
     out = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
     close(out, reference(x, idx, w, q1, q2), 1e-2)
 
