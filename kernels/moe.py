@@ -61,8 +61,8 @@ benchmarks/results/gpu_check_h200.log): T=256 (batch 1): bf16 weights 0.58 ms (2
 int8 0.46 ms (1.74), fp8 0.44 ms (1.80), int4 0.95 ms (0.46; the unswapped kernel 1.25 ms,
 magic or converted nibbles alike; K-ordered nibble tiles from duplicated byte loads, tried and
 removed, 3.9 ms). T=2048 (batch 8): bf16 1.37 ms, int8 1.53, fp8 1.64, int4 3.01 (unswapped
-3.7). int4 is still far from its byte floor
-(~0.08 ms at T=256); open. The torch twin: ~15-20 ms at T=256.
+3.7). int4 is still far from its byte floor (~0.08 ms at T=256); open. The torch twin:
+~15-20 ms at T=256.
 """
 
 from __future__ import annotations
@@ -423,6 +423,13 @@ if HAS_TRITON:
         return acc + s[None, :] * (d - z[None, :] * asum[:, None])
 
     @triton.jit
+    def _block_pairs(sorted_ids_ptr, pid_m, TK, BLOCK_M: tl.constexpr):
+        """Rows of block pid_m in the sorted order, their (token, slot) pair ids, which are real."""
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m)
+        return offs_m, pair, pair < TK
+
+    @triton.jit
     def _channel_scale(s_ptr, e, rows, nmask, stride_se, stride_sn):
         return tl.load(s_ptr + e.to(tl.int64) * stride_se + rows.to(tl.int64) * stride_sn,
                        mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -446,9 +453,7 @@ if HAS_TRITON:
         e = tl.load(block_expert_ptr + pid_m)
         if e < 0:  # surplus block of the upper-bound grid
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_ids_ptr + offs_m)
-        valid = pair < TK
+        offs_m, pair, valid = _block_pairs(sorted_ids_ptr, pid_m, TK, BLOCK_M)
         tok = pair // TOPK
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < I
@@ -528,9 +533,7 @@ if HAS_TRITON:
         e = tl.load(block_expert_ptr + pid_m)
         if e < 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_ids_ptr + offs_m)
-        valid = pair < TK
+        offs_m, pair, valid = _block_pairs(sorted_ids_ptr, pid_m, TK, BLOCK_M)
         all_rows = offs_m >= 0
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < D
@@ -615,9 +618,7 @@ if HAS_TRITON:
         e = tl.load(block_expert_ptr + pid_m)
         if e < 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_ids_ptr + offs_m)
-        valid = pair < TK
+        offs_m, pair, valid = _block_pairs(sorted_ids_ptr, pid_m, TK, BLOCK_M)
         tok = pair // TOPK
         rows_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rows_g < I
@@ -655,9 +656,7 @@ if HAS_TRITON:
         e = tl.load(block_expert_ptr + pid_m)
         if e < 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_ids_ptr + offs_m)
-        valid = pair < TK
+        offs_m, pair, valid = _block_pairs(sorted_ids_ptr, pid_m, TK, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < D
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -817,9 +816,10 @@ def _weight_args(w, device):
 def _default_config(T: int, K: int, E: int, D: int, I: int, interp: bool, int4: bool = False) -> dict:
     """Tile sizes. GPU numbers behind them (H100, bf16 activations, D=2816, I=704, E=128,
     K=8, one call = one layer): BLOCK_M 16 vs 32 made no difference for bf16/int8 at T=256,
-    BLOCK_M 64 was 5-8% faster at T=1024. int4, swapped (H200): BLOCK_M 32 0.95 ms at T=256
-    against 1.14 (16) and 1.48 (64); BLOCK_N 128 1.10, num_stages 3 1.12, 2 1.06, 5 1.12,
-    num_warps 8 1.20, BLOCK_K 64 1.29; at T=2048 BLOCK_M 64 and 32 within 4%."""
+    BLOCK_M 64 was 5-8% faster at T=1024. int4, swapped, at T=256 (H200, the run in
+    benchmarks/results): the defaults 0.95 ms, BLOCK_M 16 1.13, BLOCK_M 64 1.23, BLOCK_N 128
+    1.02, num_stages 3 1.25; an earlier run (defaults 0.97 ms): num_stages 2 1.06, 5 1.12,
+    BLOCK_K 64 1.29, BLOCK_N 128 with 8 warps 1.20. At T=2048 BLOCK_M 64 and 32 within 4%."""
     if interp:  # few, big programs: the interpreter's cost is programs x ops
         bm = 16 if T * K <= 16 * E else 32
         return dict(BLOCK_M=bm, BLOCK_N1=64, BLOCK_K1=64, BLOCK_N2=64, BLOCK_K2=64,

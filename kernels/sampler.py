@@ -444,22 +444,17 @@ _F32_OUT = [True]  # whether this torch has mm/addmm(out_dtype=float32) for 16-b
 _CHUNK_BUDGET = 64 << 20  # bytes for one chunk's logits (fp32) and weights (E's dtype)
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, add: bool = False):
-    """fp32 a @ b (optionally out += a @ b) with 16-bit operands on the tensor cores."""
-    if a.dtype == torch.float32 or a.dtype != b.dtype:
-        a, b = a.float(), b.float()
-        return out.addmm_(a, b) if add else torch.mm(a, b, out=out)
-    if a.is_cuda and _F32_OUT[0]:
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, add: bool = False):
+    """out = a @ b (or out += a @ b) in fp32, with 16-bit operands on the tensor cores."""
+    if a.is_cuda and a.dtype == b.dtype != torch.float32 and _F32_OUT[0]:
         try:
             if add:
                 return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
             return torch.mm(a, b, out_dtype=torch.float32, out=out)
         except (RuntimeError, TypeError, NotImplementedError):  # torch without fp32-output matmuls
             _F32_OUT[0] = False
-    r = torch.mm(a.float(), b.float())  # CPU (the interpreter's tests): exact products in fp32
-    if add:
-        return out.add_(r)
-    return r if out is None else out.copy_(r)
+    a, b = a.float(), b.float()  # fp32 or mixed inputs, the CPU (interpreter tests), old torch
+    return out.addmm_(a, b) if add else torch.mm(a, b, out=out)
 
 
 def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_offset, want_soft,
@@ -519,7 +514,7 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
         )
         if want_soft:
             _mm_f32(p, e_c, out=soft, add=True)
-    m, z, z_soft, t1 = state[0], state[1], state[2], state[3]
+    z, z_soft, t1 = state[1], state[2], state[3]
     entropy = torch.log(z) - t1 / z
     if want_soft:
         soft.div_(z_soft[:, None])
