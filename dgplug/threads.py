@@ -1,0 +1,72 @@
+"""How many CPU threads dgplug's torch ops use.
+
+One place decides: `configure(n)` is what `--threads N` (CLI) and `DGPLUG_THREADS` set; without
+either, dgplug applies its own default policy (`default_threads`). Code that knows the size of
+its work can narrow the count for a block with `for_work(...)`; a user's explicit choice always
+wins over the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+ENV = "DGPLUG_THREADS"
+_user: int | None = None  # set by configure() from --threads or DGPLUG_THREADS
+
+
+def _parse(value: str | int, where: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}={value!r}: give a whole number of threads >= 1") from None
+    if n < 1:
+        raise ValueError(f"{where}={value!r}: give a whole number of threads >= 1")
+    return n
+
+
+def default_threads() -> int:
+    """dgplug's choice when the user gives none: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure(n: int | None = None) -> int:
+    """Set torch's intra-op threads: n if given, else DGPLUG_THREADS, else the default policy.
+
+    Returns the count in force. An explicit n or DGPLUG_THREADS is remembered as the user's
+    choice, which `for_work` never overrides.
+    """
+    import torch
+
+    global _user
+    if n is not None:
+        _user = _parse(n, "--threads")
+    elif os.environ.get(ENV):
+        _user = _parse(os.environ[ENV], ENV)
+    count = _user if _user is not None else default_threads()
+    torch.set_num_threads(count)
+    return count
+
+
+def user_threads() -> int | None:
+    """The user's explicit thread count, or None when dgplug's policy decides."""
+    return _user
+
+
+@contextlib.contextmanager
+def for_work(threads: int):
+    """Run a block with `threads` intra-op threads unless the user fixed the count."""
+    import torch
+
+    if _user is not None or threads == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
