@@ -442,10 +442,115 @@ def step_timing(dev, small, batches, context):
               f"{f4:>10.2f} {100 * f4 / g:>9.0f}%")
 
 
+# -- 3. end to end: model.generate at full shapes -----------------------------------------------
+def full_models(dev, small, quant="int4"):
+    """transformers' DiffusionGemmaForBlockDiffusion at the release's text shapes (30 layers: 25
+    sliding + 5 full) with random bf16 weights made on the device, and dgplug's model built from
+    the same tensors (shared, not copied) with its experts quantized (int4 group 128)."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from dgplug import names
+    from dgplug.config import from_dict
+    from dgplug.converters.quant import quantize
+    from dgplug.kernels.moe import QuantizedWeight
+    from dgplug.loader import build
+    from dgplug.testing import TINY_VISION
+
+    _, kw = real_text_config(small)
+    n = 6 if small else 30
+    types = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(n)]
+    V = kw["vocab_size"]
+    cfg = DiffusionGemmaConfig(text_config=dict(kw, num_hidden_layers=n, layer_types=types),
+                               vision_config=dict(TINY_VISION), canvas_length=256 if not small else 32,
+                               boi_token_id=V - 3, eoi_token_id=V - 2, image_token_id=V - 1)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            hf = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    finally:
+        torch.set_default_dtype(before)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g, device=dev, dtype=p.dtype) * p.shape[-1] ** -0.5)
+            elif name.endswith("q_norm.weight") or name.endswith("k_norm.weight"):
+                p.fill_(0.25)
+            elif "norm" in name or name.endswith("scale"):
+                p.fill_(1.0)
+
+    dcfg = from_dict(cfg.to_dict())
+    state = hf.state_dict()
+
+    def tensors():  # the checkpoint's names (the state dict also holds tied copies)
+        for spec in names.text_tensors(dcfg.text):
+            name, t = spec.hf, state[spec.hf]
+            if quant and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                q = quantize(t.float(), quant)
+                t = QuantizedWeight(quant, q["qweight"], q["scale"], q.get("zero"))
+            yield name, t
+
+    dg = build(dcfg, tensors(), device=dev, check_finite=False)
+    return hf, dg
+
+
+def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32):
+    """model.generate end to end: prompt, `canvases` canvases of `steps` steps each (the stop test
+    off), dgplug with CUDA graphs and eagerly (DGPLUG_CUDA_GRAPHS=0; the tokens must agree), and
+    transformers' own generate (eager) on the same bf16 weights, in one run."""
+    import os
+
+    from dgplug import ops
+
+    ops.set_backend("kernels")
+    t0 = time.perf_counter()
+    hf, dg = full_models(dev, small)
+    C, V = dg.cfg.canvas_length, dg.tc.vocab_size
+    if small:  # the CPU smoke test: same code, a few steps, batch 1
+        prompt, steps, batches = 40, 3, batches[:1]
+    print(f"built the full-shape models in {time.perf_counter() - t0:.0f}s; prompt {prompt}, {canvases} canvases "
+          f"of {C}, {steps} steps each; dgplug experts int4 g128, transformers bf16", flush=True)
+    settings = dict(max_new_tokens=canvases * C, max_denoising_steps=steps, confidence_threshold=1e-30,
+                    stability_threshold=1)
+    n_steps = canvases * steps
+    floor_bytes = sum(p.numel() * p.element_size() for n, p in dg.named_parameters())
+    floor_bytes += sum(w.nbytes for lay in dg.layers for w in (lay.experts.gate_up_proj, lay.experts.down_proj))
+    for B in batches:
+        ids = torch.randint(5, V - 3, (B, prompt), device=dev, generator=torch.Generator(device=dev).manual_seed(B))
+        ms, toks = {}, {}
+        for tag, graphs in (("graphs", "1"), ("eager", "0")):
+            os.environ["DGPLUG_CUDA_GRAPHS"] = graphs
+            run = lambda: dg.generate(ids, seed=5, **settings)  # noqa: E731
+            toks[tag] = run().sequences  # warm: compiles kernels, captures the graph
+            ms[tag] = timed(run, reps=3, warm=0)
+        os.environ["DGPLUG_CUDA_GRAPHS"] = "1"
+        same = torch.equal(toks["graphs"], toks["eager"])
+        try:
+            torch.manual_seed(0)
+            run_hf = lambda: hf.generate(input_ids=ids, **settings)  # noqa: E731
+            ms["transformers"] = timed(run_hf, reps=2 if not small else 1, warm=1 if not small else 0)
+        except torch.OutOfMemoryError:
+            ms["transformers"] = float("nan")
+            torch.cuda.empty_cache()
+        floor = floor_bytes / HBM * 1e3
+        print(f"B={B}: generate ms: dgplug graphs {ms['graphs']:.0f}, eager {ms['eager']:.0f}, transformers "
+              f"{ms['transformers']:.0f}; tokens graphs == eager: {same}", flush=True)
+        for tag in ("graphs", "eager"):
+            step = ms[tag] / n_steps
+            print(f"RESULT step path=generate quant=int4 batch={B} graphs={int(tag == 'graphs')} ms={step:.2f} "
+                  f"tok_s={16 * B * 1000 / step:.0f} floor_pct={100 * floor / step:.0f} "
+                  f"transformers_ms={ms['transformers'] / n_steps:.2f} generate_tok_s={B * canvases * C * 1000 / ms[tag]:.0f} "
+                  f"transformers_generate_tok_s={B * canvases * C * 1000 / ms['transformers']:.0f} "
+                  f"tokens_equal={same}", flush=True)
+    del hf, dg
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--batches", default="1,8")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--budget", type=float, default=230, help="seconds after which later sections are skipped")
     args = ap.parse_args()
@@ -467,9 +572,12 @@ def main():
         t = timed(lambda: b.copy_(a))
         print(f"device-to-device copy: {2 * 2**30 / t / 1e9:.2f} TB/s (read + write); nominal HBM {HBM / 1e12:.2f} TB/s")
         del a, b
-    for name, fn in (("kernels vs twins", lambda: check_kernels(dev, args.small)),
+    batches = [int(b) for b in args.batches.split(",")]
+    for name, fn in (("end to end: model.generate, full shapes, int4 experts",
+                      lambda: generate_e2e(dev, args.small, [b for b in (1, 8) if b in batches] or batches[:1])),
+                     ("kernels vs twins", lambda: check_kernels(dev, args.small)),
                      ("one denoise step at full shapes",
-                      lambda: step_timing(dev, args.small, [int(b) for b in args.batches.split(",")], args.context)),
+                      lambda: step_timing(dev, args.small, batches, args.context)),
                      ("head + sampler variants", lambda: sampler_variants(dev, args.small)),
                      ("MoE variants (one layer)", lambda: moe_sweep(dev, args.small))):
         if time.time() - t0 > args.budget:

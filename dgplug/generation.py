@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from . import denoise_step
 from . import sampler as sp
 from .errors import InputError
 from .model import KVCache
@@ -86,7 +87,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     device = model.device
     ids = input_ids.to(device)
     B, L0 = ids.shape
-    V = tc.vocab_size
     eos_t = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device) if eos is not None else None
     mask = attention_mask.to(device).bool() if attention_mask is not None else None
     padded = mask is not None and not bool(mask.all())
@@ -96,66 +96,92 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if rng == "counter":
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if seed is None else int(seed)
         gen = torch.Generator(device=device).manual_seed(seed)
-    emb = model.embed_tokens.weight
 
     cache = KVCache.empty(tc.num_hidden_layers)
     finished_seq = torch.zeros(B, dtype=torch.bool, device=device)
     forwards = torch.zeros(B, dtype=torch.int, device=device)
+    n_canvases = math.ceil(max_new_tokens / C)
+    stepper = None
+    if fused:  # static buffers for the whole generation; a CUDA graph on the GPU
+        stepper = denoise_step.for_generation(model, B, L0 + (n_canvases - 1) * C, N, stability)
+        stepper.start(seed=seed, bound=bound, confidence=confidence, t_min=t_min, t_max=t_max)
     steps_used: list[int] = []
-    step_counter = 0
-    for c in range(math.ceil(max_new_tokens / C)):
+    for c in range(n_canvases):
         model.encode(ids if c == 0 else ids[:, -C:], cache, mask if padded else None)
-        noise = torch.randint(0, V, (B, C), device=device, generator=gen)  # drawn even when a canvas is given
-        canvas = decoder_input_ids.to(device) if (c == 0 and decoder_input_ids is not None) else noise
+        first = decoder_input_ids.to(device) if (c == 0 and decoder_input_ids is not None) else None
         lock = locked.to(device).bool() if (c == 0 and locked is not None) else None
-        argmax, sc_logits, sc_soft = canvas, None, None
-        frozen = torch.zeros(B, dtype=torch.bool, device=device)
-        stop = sp.StopTest(stability, confidence)
         dmask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool, device=device)], 1) if padded else None
-        steps = 0
-        for n in range(N, 0, -1):
-            forwards += (~(frozen | finished_seq)).int()
-            T = sp.temperature(n, N, t_min, t_max, device)
-            h = model.denoise(canvas, cache, sc_logits=sc_logits, sc_soft=sc_soft, mask=dmask)
-            if fused:
-                r = sp.step_fused(h, emb, T, tc.final_logit_softcapping, seed, step_counter)
-            else:
-                r = sp.step_unfused(model.head(h), T, emb.dtype, logits_processor, ids, n)
-            step_counter += 1
-            steps += 1
-            renoise = torch.randint(0, V, (B, C), device=device, generator=gen)
-            acc = sp.accept(r.entropy, bound)
-            sampled = r.sampled
-            if lock is not None:
-                acc = acc | lock
-                sampled = torch.where(lock, canvas, sampled)
-            new_canvas = torch.where(acc, sampled, renoise)
-            new_argmax = torch.where(lock, canvas, r.argmax) if lock is not None else r.argmax
-            new_sc_logits, new_sc_soft = r.sc_logits, r.sc_soft
-            if frozen.any():
-                new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
-                new_canvas = torch.where(frozen[:, None], canvas, new_canvas)
-                if new_sc_logits is not None:
-                    new_sc_logits = torch.where(frozen[:, None, None], sc_logits, new_sc_logits)
-                if new_sc_soft is not None:
-                    new_sc_soft = torch.where(frozen[:, None, None], sc_soft, new_sc_soft)
-            frozen |= stop(new_argmax, r.entropy)
-            canvas, argmax, sc_logits, sc_soft = new_canvas, new_argmax, new_sc_logits, new_sc_soft
-            if on_step is not None:
-                on_step(StepInfo(c, steps, argmax, canvas, acc, r.entropy, frozen.clone()))
-            done = frozen if rng == "transformers" else (frozen | finished_seq)
-            if bool(done.all()):
-                break
+        if stepper is not None:
+            stepper.start_canvas(c, cache, dmask, first, lock)
+            steps = 0
+            for _ in range(N):
+                stepper.run()
+                steps += 1
+                if on_step is not None:
+                    on_step(StepInfo(c, steps, stepper.argmax.clone(), stepper.canvas.clone(), stepper.accepted.clone(),
+                                     stepper.entropy.clone(), stepper.frozen.clone()))
+                if bool(stepper.done):  # the one host read of a step
+                    break
+            argmax = stepper.argmax.clone()
+        else:
+            argmax, steps = _denoise_eager(model, ids, cache, dmask, first, lock, finished_seq, forwards, gen, N, bound,
+                                           t_min, t_max, stability, confidence, logits_processor, rng, c, on_step)
         steps_used.append(steps)
         ids = torch.cat([ids, argmax], dim=-1)
         ids, finished_seq = _commit(ids, finished_seq, C, eos_t, pad, max_length)
+        if stepper is not None:
+            stepper.finished.copy_(finished_seq)
         if bool(finished_seq.all()):
             break
         if padded:
             mask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool, device=device)], 1)
+    if stepper is not None:
+        forwards = stepper.forwards.clone()
     new = ids[:, L0:]
     valid = (new != pad).sum(-1) if pad is not None else torch.full((B,), new.shape[1], device=device)
     return GenerateOutput(ids, valid / forwards, forwards, steps_used)
+
+
+def _denoise_eager(model, ids, cache, dmask, first, lock, finished_seq, forwards, gen, N, bound, t_min, t_max,
+                   stability, confidence, logits_processor, rng, c, on_step):
+    """One canvas step by step with full logits (rng="transformers", or logits processors):
+    transformers' order of random draws. Returns (draft canvas, steps)."""
+    B, C, V = ids.shape[0], model.cfg.canvas_length, model.tc.vocab_size
+    device = ids.device
+    noise = torch.randint(0, V, (B, C), device=device, generator=gen)  # drawn even when a canvas is given
+    canvas = first if first is not None else noise
+    argmax, sc_logits = canvas, None
+    frozen = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = sp.StopTest(stability, confidence)
+    steps = 0
+    for n in range(N, 0, -1):
+        forwards += (~(frozen | finished_seq)).int()
+        T = sp.temperature(n, N, t_min, t_max, device)
+        h = model.denoise(canvas, cache, sc_logits=sc_logits, mask=dmask)
+        r = sp.step_unfused(model.head(h), T, model.embed_tokens.weight.dtype, logits_processor, ids, n)
+        steps += 1
+        renoise = torch.randint(0, V, (B, C), device=device, generator=gen)
+        acc = sp.accept(r.entropy, bound)
+        sampled = r.sampled
+        if lock is not None:
+            acc = acc | lock
+            sampled = torch.where(lock, canvas, sampled)
+        new_canvas = torch.where(acc, sampled, renoise)
+        new_argmax = torch.where(lock, canvas, r.argmax) if lock is not None else r.argmax
+        new_sc_logits = r.sc_logits
+        if frozen.any():
+            new_argmax = torch.where(frozen[:, None], argmax, new_argmax)
+            new_canvas = torch.where(frozen[:, None], canvas, new_canvas)
+            if sc_logits is not None:
+                new_sc_logits = torch.where(frozen[:, None, None], sc_logits, new_sc_logits)
+        frozen |= stop(new_argmax, r.entropy)
+        canvas, argmax, sc_logits = new_canvas, new_argmax, new_sc_logits
+        if on_step is not None:
+            on_step(StepInfo(c, steps, argmax, canvas, acc, r.entropy, frozen.clone()))
+        done = frozen if rng == "transformers" else (frozen | finished_seq)
+        if bool(done.all()):
+            break
+    return argmax, steps
 
 
 def _commit(ids, finished, C, eos_t, pad, max_length):

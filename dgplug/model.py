@@ -80,10 +80,7 @@ class Attention(nn.Module):
         """mask: [B, total positions] bool (False = padding) or None; keys look their position up in it."""
         q, k, v = self.project(h, cos, sin)
         B = h.shape[0]
-        keys = torch.cat([cache.keys, k], dim=2) if cache.keys is not None else k
-        values = torch.cat([cache.values, v], dim=2) if cache.values is not None else v
-        k_pos = torch.cat([cache.pos, pos]) if cache.pos is not None else pos
-        valid = mask[:, k_pos] if mask is not None else None
+        keys, values, k_pos, valid = cache.with_canvas(k, v, pos, mask)
         if mode == "encode":
             out = ops.attention(q, keys, values, q_pos=pos, k_pos=k_pos, key_valid=valid, causal=True, window=self.window)
             keep = slice(-(self.window - 1), None) if self.sliding else slice(None)
@@ -177,6 +174,13 @@ class LayerCache:
     values: torch.Tensor | None = None
     pos: torch.Tensor | None = None  # [Lc] absolute positions
 
+    def with_canvas(self, k, v, pos, mask):
+        """Keys, values, positions and validity of [cache; new] (mask: [B, positions] or None)."""
+        keys = torch.cat([self.keys, k], dim=2) if self.keys is not None else k
+        values = torch.cat([self.values, v], dim=2) if self.values is not None else v
+        k_pos = torch.cat([self.pos, pos]) if self.pos is not None else pos
+        return keys, values, k_pos, (mask[:, k_pos] if mask is not None else None)
+
 
 @dataclass
 class KVCache:
@@ -188,6 +192,10 @@ class KVCache:
     @classmethod
     def empty(cls, n_layers: int) -> "KVCache":
         return cls([LayerCache() for _ in range(n_layers)])
+
+    def canvas_positions(self, L: int, device) -> torch.Tensor:
+        """Absolute positions of a canvas of L tokens after the cached ones."""
+        return torch.arange(self.length, self.length + L, device=device)
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """A view of some batch rows (for decoding only the rows still denoising)."""
@@ -236,7 +244,14 @@ class DiffusionGemma(nn.Module):
 
     def embed(self, ids):
         w = self.embed_tokens.weight
-        return F.embedding(ids, w) * ops.embed_scale(self.tc.hidden_size, w.dtype).to(w.device)
+        return F.embedding(ids, w) * self.embed_scale(w.dtype, w.device)
+
+    def embed_scale(self, dtype, device) -> torch.Tensor:
+        """sqrt(hidden) in `dtype` on `device`, made once (no host-to-device copy per step)."""
+        scales = self.__dict__.setdefault("_embed_scales", {})
+        if (dtype, device) not in scales:
+            scales[(dtype, device)] = ops.embed_scale(self.tc.hidden_size, dtype).to(device)
+        return scales[(dtype, device)]
 
     def rope_tables(self, pos, dtype):
         return rope_tables(pos, self.inv_freq_sliding, self.inv_freq_full, dtype)
@@ -252,7 +267,7 @@ class DiffusionGemma(nn.Module):
     def self_conditioning_input(self, canvas, sc_logits=None, sc_soft=None):
         """x0 = rmsnorm_noscale(E[canvas]*sqrt(D) + MLP_sc(pre_norm(soft embedding)))."""
         e = self.embed(canvas)
-        scale = ops.embed_scale(self.tc.hidden_size, e.dtype).to(e.device)
+        scale = self.embed_scale(e.dtype, e.device)
         s = None
         if sc_logits is not None:
             s = ops.soft_embedding(sc_logits, self.embed_tokens.weight) * scale
@@ -284,8 +299,7 @@ class DiffusionGemma(nn.Module):
     @torch.no_grad()
     def denoise(self, canvas, cache: KVCache, sc_logits=None, sc_soft=None, mask=None):
         """Bidirectional pass over the canvas against a read-only cache: final normed states."""
-        L = canvas.shape[1]
-        pos = torch.arange(cache.length, cache.length + L, device=canvas.device)
+        pos = cache.canvas_positions(canvas.shape[1], canvas.device)
         x = self.self_conditioning_input(canvas, sc_logits, sc_soft)
         return self.norm(self.run_layers(x, pos, cache, "denoise", mask))
 

@@ -113,14 +113,35 @@ def _fmix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def canvas_row_keys(seed: int, step: int, rows: int, row_offset: int = 0, device=None) -> torch.Tensor:
-    """Per-row RNG keys [rows] (int64 holding uint32) for (seed, step, row_offset + i)."""
+def seed_key(seed: int) -> int:
+    """The seed's part of every RNG key (a python int holding uint32)."""
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    step = int(step) & _MASK32
-    k = _fmix32_int((seed & _MASK32) ^ _fmix32_int(((seed >> 32) + _GOLDEN) & _MASK32))
-    k = _fmix32_int(k ^ _fmix32_int(((step * _STEP_MUL) & _MASK32) ^ 0x5BD1E995))
+    return _fmix32_int((seed & _MASK32) ^ _fmix32_int(((seed >> 32) + _GOLDEN) & _MASK32))
+
+
+def _with_rows(k, rows: int, row_offset: int, device) -> torch.Tensor:
     row = (torch.arange(rows, dtype=torch.int64, device=device) + int(row_offset)) & _MASK32
     return _fmix32_torch(k ^ _fmix32_torch(_mul32(row, _ROW_MUL) ^ 0x27D4EB2F))
+
+
+def canvas_row_keys(seed: int, step: int, rows: int, row_offset: int = 0, device=None) -> torch.Tensor:
+    """Per-row RNG keys [rows] (int64 holding uint32) for (seed, step, row_offset + i)."""
+    step = int(step) & _MASK32
+    k = _fmix32_int(seed_key(seed) ^ _fmix32_int(((step * _STEP_MUL) & _MASK32) ^ 0x5BD1E995))
+    return _with_rows(k, rows, row_offset, device)
+
+
+def canvas_row_keys_device(key: torch.Tensor, step: torch.Tensor, rows: int, row_offset: int = 0) -> torch.Tensor:
+    """`canvas_row_keys` with seed_key(seed) and the step held in int64 device tensors [1]: the
+    same bits, made on the device (a CUDA graph replays it with new seeds and steps)."""
+    k = _fmix32_torch(key ^ _fmix32_torch(_mul32(step & _MASK32, _STEP_MUL) ^ 0x5BD1E995))
+    return _with_rows(k, rows, row_offset, key.device)
+
+
+def counter_tokens(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """One uniform token id in [0, vocab) per key: the canvas noise of the counter generator
+    (a stream apart from the Gumbel draws made from the same keys)."""
+    return _fmix32_torch(_fmix32_torch(keys ^ 0x3C6EF372) ^ 0x7F4A7C15) % vocab
 
 
 def counter_uniform(keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
@@ -199,7 +220,7 @@ _TORCH_ROWS_CHUNK = 512
 
 
 def _head_sample_torch(h, embedding, *, softcap, temperature, seed, step, row_offset, want_soft,
-                       vocab_tile=None, rows_chunk=None) -> HeadSample:
+                       vocab_tile=None, rows_chunk=None, keys=None) -> HeadSample:
     """Streaming CPU path: row chunks outside, vocabulary tiles inside. Transient memory: one
     row chunk of h in fp32 [rows_chunk, D], one embedding tile in fp32 [vocab_tile, D] and a few
     [rows_chunk, vocab_tile] fp32 tiles (about 15 MiB at the defaults), plus the outputs."""
@@ -209,7 +230,7 @@ def _head_sample_torch(h, embedding, *, softcap, temperature, seed, step, row_of
     vt = int(vocab_tile or _TORCH_VOCAB_TILE)
     rc = int(rows_chunk or _TORCH_ROWS_CHUNK)
     temp = _row_temperature(temperature, n, dev)
-    keys = canvas_row_keys(seed, step, n, row_offset, device=dev)
+    keys = canvas_row_keys(seed, step, n, row_offset, device=dev) if keys is None else keys
     exact_soft = embedding.dtype == torch.float32
     token = torch.empty(n, dtype=torch.long, device=dev)
     argmax = torch.empty(n, dtype=torch.long, device=dev)
@@ -458,7 +479,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, add: bool = Fal
 
 
 def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_offset, want_soft,
-                        vocab_tile=None, chunk=None, block_v=None, num_warps=8) -> HeadSample:
+                        vocab_tile=None, chunk=None, block_v=None, num_warps=8, keys=None) -> HeadSample:
     """GPU path: the vocabulary in chunks; per chunk the logits h @ E_c^T and the soft sum
     P @ E_c run as fp32-output tensor-core matmuls (cuBLAS) and one Triton kernel per chunk
     turns the logits into the running state (argmax, Gumbel-max token, lazily rescaled
@@ -489,7 +510,7 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
         block_v = 128 if _interpreting() else (2048 if n <= 512 else 1024)
     bv = int(min(block_v, triton.next_power_of_2(chunk)))
     temp = _row_temperature(temperature, n, dev)
-    keys = canvas_row_keys(seed, step, n, row_offset, device=dev)
+    keys = canvas_row_keys(seed, step, n, row_offset, device=dev) if keys is None else keys
     f32 = dict(dtype=torch.float32, device=dev)
     state = torch.empty(6, n, **f32)  # m, z, z_soft, t1, top_val, best_score
     state[0].fill_(float("-inf"))
@@ -536,7 +557,7 @@ def _pick_impl(h: torch.Tensor, impl: str | None) -> str:
 
 
 def head_sample(h, embedding, *, softcap=SOFTCAP, temperature=1.0, seed=0, step=0, row_offset=0,
-                want_soft=True, impl=None, vocab_tile=None) -> HeadSample:
+                want_soft=True, impl=None, vocab_tile=None, keys=None) -> HeadSample:
     """The fused head + sampler step for hidden states h [N, D] and the tied embedding [V, D].
 
     temperature: python float or fp32 tensor [N] (per row). seed/step/row_offset key the
@@ -544,11 +565,12 @@ def head_sample(h, embedding, *, softcap=SOFTCAP, temperature=1.0, seed=0, step=
     same tokens. impl: None (Triton on CUDA when importable, else torch; the environment
     variable DGPLUG_KERNELS=torch|triton overrides), "torch" or "triton". vocab_tile: the
     vocabulary tile (Triton: the kernel's tile, a power of two); results other than float
-    rounding do not depend on it.
+    rounding do not depend on it. keys: per-row RNG keys [N] made beforehand (e.g. by
+    canvas_row_keys_device inside a CUDA graph); they replace seed/step/row_offset.
     """
     _check(h, embedding)
     kw = dict(softcap=softcap, temperature=temperature, seed=seed, step=step, row_offset=row_offset,
-              want_soft=want_soft, vocab_tile=vocab_tile)
+              want_soft=want_soft, vocab_tile=vocab_tile, keys=keys)
     if _pick_impl(h, impl) == "triton":
         return _head_sample_triton(h, embedding, **kw)
     return _head_sample_torch(h, embedding, **kw)

@@ -1,0 +1,215 @@
+"""The denoise step on static buffers, replayed as one CUDA graph on a GPU.
+
+`generate` (rng="counter") runs every denoise step through `DenoiseStep.run`: decoder forward
+over [cache; canvas], fused head + sampler, acceptance, re-noise, lock, freeze and stop test,
+all written in place into buffers that keep their addresses for the whole generation. Nothing
+in the step reads a value back to the host or depends on one, so on CUDA the first step runs
+eagerly (it compiles the Triton kernels) and the second captures the step as a CUDA graph that
+every later step, canvas and `generate` call with the same (batch, cache capacity, steps,
+stability) replays. On a CPU the same step simply runs eagerly: one code path, tested here.
+
+What changes from step to step lives in device tensors: the canvas, the global step counter and
+the steps left (which pick the temperature and the RNG keys), the seed's key, the entropy bound
+and confidence threshold. The cache is copied after each encoder pass into fixed-size buffers
+(full layers: capacity slots; sliding layers: the last window - 1), with a validity mask for
+unfilled slots and left padding, and the canvas's keys go to a tail of the same buffers.
+`DGPLUG_CUDA_GRAPHS=0` turns capture off (eager steps on the same buffers, same tokens).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import sampler as sp
+from .model import KVCache
+
+NOISE_STEP = 1 << 31  # RNG step ids of the initial canvases: (NOISE_STEP + canvas index)
+_KEEP = 2  # DenoiseStep objects (and graphs) kept per model
+
+
+def graphs_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("DGPLUG_CUDA_GRAPHS", "1") != "0"
+
+
+def capacity_bucket(length: int) -> int:
+    """Cache slots for a context of `length`: the next power of two (>= 256), so that calls of
+    similar lengths share one graph."""
+    return max(256, 1 << max(0, length - 1).bit_length())
+
+
+class StaticLayerCache:
+    """One layer's keys and values in fixed buffers: `cap` cache slots, then the canvas."""
+
+    def __init__(self, batch, kv_heads, head_dim, cap, canvas, dtype, device):
+        self.cap = cap
+        self.keys = torch.zeros(batch, kv_heads, cap + canvas, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.pos = torch.zeros(cap + canvas, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, cap + canvas, dtype=torch.bool, device=device)
+
+    def load(self, layer, mask, canvas_pos):
+        """Copy an encoder-written LayerCache in; unfilled slots are invalid, the canvas valid."""
+        n = layer.keys.shape[2]
+        if n > self.cap:
+            raise RuntimeError(f"cache of {n} keys does not fit {self.cap} static slots")
+        self.keys[:, :, :n].copy_(layer.keys)
+        self.values[:, :, :n].copy_(layer.values)
+        self.pos[:n].copy_(layer.pos)
+        self.pos[self.cap:].copy_(canvas_pos)
+        self.valid[:, :n] = mask[:, layer.pos] if mask is not None else True
+        self.valid[:, n:self.cap] = False
+        self.valid[:, self.cap:] = True
+
+    def with_canvas(self, k, v, pos, mask):
+        """The denoise pass: the canvas's keys written into the tail; every slot attended, masked."""
+        self.keys[:, :, self.cap:].copy_(k)
+        self.values[:, :, self.cap:].copy_(v)
+        return self.keys, self.values, self.pos, self.valid
+
+
+class StaticKVCache:
+    """What `DiffusionGemma.denoise` reads in place of a KVCache."""
+
+    def __init__(self, model, batch, capacity, device):
+        tc, C = model.tc, model.cfg.canvas_length
+        self.canvas_pos = torch.zeros(C, dtype=torch.long, device=device)
+        self.layers = []
+        for i, layer in enumerate(model.layers):
+            att = layer.self_attn
+            cap = min(capacity, tc.sliding_window - 1) if att.sliding else capacity
+            self.layers.append(StaticLayerCache(batch, att.kv_heads, att.head_dim, cap, C, model.dtype, device))
+
+    def load(self, cache: KVCache, mask):
+        self.canvas_pos.copy_(cache.canvas_positions(self.canvas_pos.numel(), self.canvas_pos.device))
+        for static, layer in zip(self.layers, cache.layers):
+            static.load(layer, mask, self.canvas_pos)
+
+    def canvas_positions(self, L, device):
+        return self.canvas_pos
+
+
+class DenoiseStep:
+    """Static buffers for one (batch, capacity, steps, stability) and the step over them."""
+
+    def __init__(self, model, batch: int, capacity: int, n_steps: int, stability: int, device):
+        C, D = model.cfg.canvas_length, model.tc.hidden_size
+        self.model, self.B, self.C, self.N, self.stability = model, batch, C, n_steps, stability
+        self.cache = StaticKVCache(model, batch, capacity, device)
+        i64, f32 = dict(dtype=torch.long, device=device), dict(dtype=torch.float32, device=device)
+        self.canvas = torch.zeros(batch, C, **i64)  # the next input canvas
+        self.argmax = torch.zeros(batch, C, **i64)  # the draft
+        self.lock = torch.zeros(batch, C, dtype=torch.bool, device=device)
+        self.sc_soft = torch.zeros(batch, C, D, **f32)  # self-conditioning input; zeros = none (exact)
+        self.accepted = torch.zeros(batch, C, dtype=torch.bool, device=device)
+        self.entropy = torch.zeros(batch, C, **f32)
+        self.frozen = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.forwards = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.history = torch.full((max(stability, 1), batch, C), -1, **i64)
+        self.temps = torch.zeros(n_steps + 1, **f32)  # T for n steps left, n = 0..N
+        self.left = torch.zeros(1, **i64)  # steps left in this canvas (indexes temps)
+        self.step = torch.zeros(1, **i64)  # steps so far in this generation (keys the RNG)
+        self.seed = torch.zeros(1, **i64)  # seed_key(seed)
+        self.bound = torch.zeros((), **f32)
+        self.confidence = torch.zeros((), **f32)
+        self.done = torch.zeros((), dtype=torch.bool, device=device)
+        self.graph = None
+        self.warm = False
+
+    # -- per call and per canvas (eager) ------------------------------------------------------
+    def start(self, *, seed: int, bound: float, confidence: float, t_min: float, t_max: float):
+        from dgplug.kernels.sampler import seed_key
+
+        self.seed_int = int(seed)
+        n = torch.arange(self.N + 1, dtype=torch.int32)  # as sampler.temperature, elementwise
+        self.temps.copy_(t_min + ((t_max - t_min) * (n / self.N)))
+        self.seed.fill_(seed_key(seed))
+        self.bound.fill_(bound)
+        self.confidence.fill_(confidence)
+        self.step.zero_()
+        self.forwards.zero_()
+        self.finished.zero_()
+
+    def start_canvas(self, index: int, cache: KVCache, mask, canvas=None, lock=None):
+        """After the encoder pass: load the cache, draw the canvas's noise, reset its state."""
+        from dgplug.kernels.sampler import canvas_row_keys, counter_tokens
+
+        keys = canvas_row_keys(self.seed_int, NOISE_STEP + index, self.B * self.C, device=self.canvas.device)
+        self.canvas.copy_(counter_tokens(keys, self.model.tc.vocab_size).view(self.B, self.C))
+        if canvas is not None:
+            self.canvas.copy_(canvas)
+        self.lock.copy_(lock if lock is not None else torch.zeros_like(self.lock))
+        self.argmax.copy_(self.canvas)
+        self.cache.load(cache, mask)
+        self.sc_soft.zero_()
+        self.frozen.zero_()
+        self.history.fill_(-1)
+        self.left.fill_(self.N)
+        self.done.copy_(self.finished.all())
+
+    # -- the step -----------------------------------------------------------------------------
+    def _step(self):
+        from dgplug.kernels.sampler import canvas_row_keys_device, counter_tokens, head_sample
+
+        m, B, C = self.model, self.B, self.C
+        self.forwards.add_((~(self.frozen | self.finished)).int())
+        h = m.denoise(self.canvas, self.cache, sc_soft=self.sc_soft)
+        keys = canvas_row_keys_device(self.seed, self.step, B * C)
+        r = head_sample(h.reshape(B * C, -1), m.embed_tokens.weight, softcap=m.tc.final_logit_softcapping,
+                        temperature=self.temps.index_select(0, self.left), keys=keys)
+        entropy = r.entropy.view(B, C)
+        acc = sp.accept(entropy, self.bound) | self.lock
+        sampled = torch.where(self.lock, self.canvas, r.token.view(B, C))
+        renoise = counter_tokens(keys, m.tc.vocab_size).view(B, C)
+        keep = self.frozen[:, None]
+        canvas = torch.where(keep, self.canvas, torch.where(acc, sampled, renoise))
+        argmax = torch.where(keep, self.argmax, torch.where(self.lock, self.canvas, r.argmax.view(B, C)))
+        soft = torch.where(keep[..., None], self.sc_soft, r.soft.view(B, C, -1))
+        if self.stability == 0:
+            stable = torch.ones_like(self.frozen)
+        else:
+            stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
+            self.history.copy_(self.history.roll(-1, 0))
+            self.history[-1].copy_(argmax)
+        self.frozen |= stable & (entropy.mean(dim=-1) < self.confidence)
+        self.canvas.copy_(canvas)
+        self.argmax.copy_(argmax)
+        self.sc_soft.copy_(soft)
+        self.accepted.copy_(acc)
+        self.entropy.copy_(entropy)
+        self.step.add_(1)
+        self.left.sub_(1)
+        self.done.copy_((self.frozen | self.finished).all())
+
+    def run(self):
+        """One denoise step: eager the first time (and on CPU), a graph replay after that."""
+        if not graphs_enabled(self.canvas.device):
+            return self._step()
+        if self.graph is not None:
+            return self.graph.replay()
+        if not self.warm:  # the first step compiles kernels; on a side stream, as capture wants
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm = True
+            return None
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # capture records, it does not run: state is unchanged
+            self._step()
+        return self.graph.replay()
+
+
+def for_generation(model, batch: int, context: int, n_steps: int, stability: int) -> DenoiseStep:
+    """The model's DenoiseStep for this shape (made, or reused with its graph)."""
+    device = model.device
+    key = (batch, capacity_bucket(context), n_steps, stability, str(device), model.dtype)
+    steps = model.__dict__.setdefault("_denoise_steps", {})
+    if key not in steps:
+        while len(steps) >= _KEEP:
+            steps.pop(next(iter(steps)))
+        steps[key] = DenoiseStep(model, batch, key[1], n_steps, stability, device)
+    return steps[key]

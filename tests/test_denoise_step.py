@@ -1,0 +1,100 @@
+"""The denoise step on static buffers (dgplug.denoise_step), run eagerly on the CPU: the same
+decoder states as the KVCache path, device-made RNG keys with the same bits, no state carried
+from one generate call into the next. The GPU check replays it as a CUDA graph."""
+
+import pytest
+import torch
+
+import dgplug
+from dgplug import denoise_step
+from dgplug import sampler as sp
+from dgplug.kernels.sampler import canvas_row_keys, canvas_row_keys_device, counter_tokens, seed_key
+from dgplug.model import KVCache
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return dgplug.load(tiny_ckpt, dtype="fp32")
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**31 - 1, 2**40 + 3, 2**64 - 1])
+@pytest.mark.parametrize("step", [0, 1, 255, 2**31 + 5])
+def test_device_keys_equal_host_keys(seed, step):
+    want = canvas_row_keys(seed, step, 300, row_offset=17)
+    got = canvas_row_keys_device(torch.tensor([seed_key(seed)]), torch.tensor([step]), 300, row_offset=17)
+    assert torch.equal(got, want)
+
+
+def test_counter_noise_is_uniform_and_keyed():
+    keys = canvas_row_keys(3, 1, 200_000)
+    tok = counter_tokens(keys, 1000)
+    assert int(tok.min()) >= 0 and int(tok.max()) < 1000
+    counts = torch.bincount(tok, minlength=1000).float()
+    assert float(counts.std() / counts.mean()) < 0.1  # 200 per bin: Poisson spread ~0.07
+    assert not torch.equal(tok, counter_tokens(canvas_row_keys(3, 2, 200_000), 1000))
+
+
+def test_temperature_table_matches_scalar_schedule():
+    step = denoise_step.DenoiseStep.__new__(denoise_step.DenoiseStep)
+    step.N, step.temps = 48, torch.zeros(49)
+    step.seed, step.bound, step.confidence = torch.zeros(1, dtype=torch.long), torch.zeros(()), torch.zeros(())
+    step.step, step.forwards, step.finished = torch.zeros(1, dtype=torch.long), torch.zeros(1), torch.zeros(1)
+    step.start(seed=1, bound=0.1, confidence=0.005, t_min=0.4, t_max=0.8)
+    for n in range(49):
+        assert torch.equal(step.temps[n], sp.temperature(n, 48, 0.4, 0.8))
+
+
+@pytest.mark.parametrize("prompt_len,padded", [(5, False), (9, True), (40, True)])
+def test_static_cache_denoise_equals_kvcache(model, prompt_len, padded):
+    """Decoder states over [static cache; canvas] = over [KVCache; canvas], with left padding
+    and with a prompt longer than the sliding window (static sliding slots = window - 1)."""
+    torch.manual_seed(prompt_len)
+    tc, C, B = model.tc, model.cfg.canvas_length, 2
+    ids = torch.randint(5, tc.vocab_size, (B, prompt_len))
+    mask = torch.ones(B, prompt_len, dtype=torch.bool)
+    if padded:
+        mask[1, :3] = False
+    cache = KVCache.empty(tc.num_hidden_layers)
+    model.encode(ids, cache, mask if padded else None)
+    canvas = torch.randint(0, tc.vocab_size, (B, C))
+    soft = torch.randn(B, C, tc.hidden_size)
+    dmask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool)], 1) if padded else None
+    want = model.denoise(canvas, cache, sc_soft=soft, mask=dmask)
+    static = denoise_step.StaticKVCache(model, B, denoise_step.capacity_bucket(prompt_len), model.device)
+    static.load(cache, dmask)
+    got = model.denoise(canvas, static, sc_soft=soft)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_self_conditioning_is_no_self_conditioning(model):
+    """The static step feeds zeros on a canvas's first step; that is exactly no self-conditioning."""
+    canvas = torch.randint(0, model.tc.vocab_size, (2, model.cfg.canvas_length))
+    zeros = torch.zeros(2, model.cfg.canvas_length, model.tc.hidden_size)
+    assert torch.equal(model.self_conditioning_input(canvas, sc_soft=zeros), model.self_conditioning_input(canvas))
+
+
+def test_first_step_draft_is_the_reference_argmax(model):
+    """Step 1 of generate: the draft is the argmax of transformers-order logits of that canvas."""
+    ids = torch.tensor([[5, 6, 7, 8]])
+    seen = []
+    model.generate(ids, max_new_tokens=16, max_denoising_steps=3, seed=4, on_step=seen.append)
+    step = model._denoise_steps[next(reversed(model._denoise_steps))]
+    keys = canvas_row_keys(4, denoise_step.NOISE_STEP, 16)
+    first_canvas = counter_tokens(keys, model.tc.vocab_size).view(1, 16)
+    logits = model(input_ids=ids, decoder_input_ids=first_canvas).logits
+    assert step.B == 1 and torch.equal(seen[0].draft, logits.argmax(-1))
+
+
+def test_reused_buffers_carry_nothing_between_calls(model):
+    """A second call on the same static buffers (other seed, bound, steps left, finished rows)
+    gives what a fresh model object gives."""
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    kw = dict(max_new_tokens=64, max_denoising_steps=4)
+    model.__dict__.pop("_denoise_steps", None)
+    fresh = model.generate(ids, seed=21, **kw)
+    model.__dict__.pop("_denoise_steps", None)
+    model.generate(ids, seed=3, entropy_bound=5.0, eos_token_id=[5, 6, 7], **kw)  # other state, same buffers
+    assert len(model._denoise_steps) == 1
+    again = model.generate(ids, seed=21, **kw)
+    assert torch.equal(again.sequences, fresh.sequences)
+    assert torch.equal(again.forwards, fresh.forwards) and again.steps == fresh.steps
