@@ -1,0 +1,179 @@
+"""Importance matrices (dgplug/converters/imatrix.py): the collector against the inputs that
+transformers' own modules see, and the file against llama.cpp's imatrix GGUF layout."""
+
+import numpy as np
+import pytest
+import torch
+
+import dgplug
+from dgplug import names
+from dgplug.converters.imatrix import Entry, Imatrix, calibration_chunks, collect, collecting
+from dgplug.errors import FormatError, InputError
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_ckpt):
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_ckpt).eval()
+    return hf, dgplug.load(tiny_ckpt)
+
+
+def _hf_statistics(hf, run):
+    """Sums of x^2 and row counts per GGUF weight name, from hooks on transformers' modules."""
+    gguf_of = {s.hf: s.gguf for s in names.text_tensors(dgplug.config.from_dict(hf.config.to_dict()).text)}
+    E = hf.config.text_config.num_experts
+    stats = {}
+
+    def add(name, x, which=None, n=1):
+        x = x.reshape(-1, x.shape[-1]).double()
+        s2, c = stats.setdefault(name, (torch.zeros(n, x.shape[1], dtype=torch.float64), torch.zeros(n, dtype=torch.long)))
+        if which is None:
+            s2[0] += (x * x).sum(0)
+            c[0] += x.shape[0]
+        else:
+            s2.index_add_(0, which, x * x)
+            c += torch.bincount(which, minlength=n)
+
+    hooks = []
+    for mod_name, mod in hf.named_modules():
+        canon = mod_name.replace("model.encoder.language_model.", "model.decoder.")
+        if isinstance(mod, torch.nn.Linear) and canon + ".weight" in gguf_of:
+            name = gguf_of[canon + ".weight"]
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, name=name: add(name, a[0])))
+        elif canon + ".gate_up_proj" in gguf_of:
+            gu, dn = gguf_of[canon + ".gate_up_proj"], gguf_of[canon + ".down_proj"]
+
+            def experts_hook(m, args, kwargs, gu=gu, dn=dn):
+                x, idx = args[0] if args else kwargs["hidden_states"], args[1] if len(args) > 1 else kwargs["top_k_index"]
+                for k in range(idx.shape[1]):
+                    for e in idx[:, k].unique().tolist():
+                        rows = x[idx[:, k] == e]
+                        which = torch.full((rows.shape[0],), e)
+                        add(gu, rows, which, E)
+                        gate, up = torch.nn.functional.linear(rows, m.gate_up_proj[e]).chunk(2, -1)
+                        add(dn, m.act_fn(gate) * up, which, E)
+
+            hooks.append(mod.register_forward_pre_hook(experts_hook, with_kwargs=True))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def test_collector_sees_what_transformers_modules_see(pair):
+    """Encoder pass + one denoise pass with self-conditioning: every projection, the router, the
+    self-conditioning MLP and each expert get the same rows in dgplug as in transformers."""
+    hf, dg = pair
+    g = torch.Generator().manual_seed(0)
+    V, C = dg.tc.vocab_size, dg.cfg.canvas_length
+    ids = torch.randint(5, V - 3, (2, 11), generator=g)
+    canvas = torch.randint(0, V, (2, C), generator=g)
+    sc = torch.randn(2, C, V, generator=g)
+    with torch.no_grad():
+        want = _hf_statistics(hf, lambda: hf(input_ids=ids, decoder_input_ids=canvas, self_conditioning_logits=sc))
+    with collecting(dg) as col:
+        dg(input_ids=ids, decoder_input_ids=canvas, self_conditioning_logits=sc)
+    got = col.result()
+    assert set(got.entries) == set(want)
+    assert any("exps" in n for n in want) and any("self_cond" in n for n in want) and any("gate_inp" in n for n in want)
+    for name, (s2, c) in want.items():
+        e = got.entries[name]
+        np.testing.assert_array_equal(e.counts, c.numpy(), err_msg=name)
+        np.testing.assert_allclose(e.sum2, s2.numpy(), rtol=2e-5, atol=1e-6, err_msg=name)
+
+
+def test_collect_runs_the_generation_path(pair):
+    """collect(): prompts through generate (encoder + denoise steps): each dense weight of a
+    layer counts prompt rows + canvas rows x steps; the file keeps the chunk bookkeeping."""
+    _, dg = pair
+    C, steps = dg.cfg.canvas_length, 3
+    chunks = calibration_chunks(list(range(5, 5 + 40)), 13)
+    assert [len(c) for c in chunks] == [13, 13, 13]  # the short tail is dropped
+    seen = []
+    im = collect(dg, chunks, steps=steps, datasets=["calib.txt"], on_chunk=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert (im.chunk_count, im.chunk_size, im.datasets) == (3, 13 + C, ["calib.txt"])
+    q = im.entries["blk.0.attn_q.weight"]
+    # per chunk: the prompt (13), at most `steps` denoise passes over the canvas; the committed
+    # canvas is not encoded again after the last canvas
+    assert 3 * (13 + C) <= int(q.counts[0]) <= 3 * (13 + steps * C)
+    exps = im.entries["blk.0.ffn_gate_up_exps.weight"]
+    assert exps.sum2.shape == (dg.tc.num_experts, dg.tc.hidden_size)
+    assert int(exps.counts.sum()) == int(q.counts[0]) * dg.tc.top_k_experts
+    with pytest.raises(InputError, match="no tokens"):
+        calibration_chunks([], 8)
+
+
+def test_file_round_trip_in_llama_cpp_layout(tmp_path):
+    import gguf
+
+    rng = np.random.default_rng(0)
+    im = Imatrix(datasets=["a.txt", "b.txt"], chunk_count=7, chunk_size=512)
+    im.entries["blk.0.attn_q.weight"] = Entry(rng.random((1, 64)), np.array([300]), rng.random((1, 64)))
+    im.entries["blk.0.ffn_gate_up_exps.weight"] = Entry(rng.random((8, 64)), np.array([5, 0, 9, 1, 1, 2, 3, 4]))
+    path = im.save(tmp_path / "imatrix.gguf")
+    assert not list(tmp_path.glob(".*tmp"))
+    r = gguf.GGUFReader(path)
+    assert r.fields["general.type"].contents() == "imatrix" and "general.architecture" not in r.fields
+    assert r.fields["imatrix.datasets"].contents() == ["a.txt", "b.txt"]
+    assert r.fields["imatrix.chunk_count"].contents() == 7 and r.fields["imatrix.chunk_size"].contents() == 512
+    t = {x.name: x for x in r.tensors}
+    # ggml shapes (ne0 first) as llama-imatrix writes them: in_sum2 [cols, matrices], counts [1, matrices]
+    assert list(t["blk.0.ffn_gate_up_exps.weight.in_sum2"].shape) == [64, 8]
+    assert list(t["blk.0.ffn_gate_up_exps.weight.counts"].shape) == [1, 8]
+    assert all(x.tensor_type == gguf.GGMLQuantizationType.F32 for x in r.tensors)
+    back = Imatrix.load(path)
+    for name, e in im.entries.items():
+        np.testing.assert_allclose(back.entries[name].sum2, e.sum2, rtol=1e-6)
+        np.testing.assert_array_equal(back.entries[name].counts, e.counts)
+    w = back.importance("blk.0.ffn_gate_up_exps.weight")
+    np.testing.assert_allclose(w[0], im.entries["blk.0.ffn_gate_up_exps.weight"].sum2[0] / 5, rtol=1e-6)
+    assert (w[1] == 1).all()  # an expert never reached: unweighted
+    assert back.importance("blk.3.attn_q.weight") is None
+
+
+def test_reads_a_llama_imatrix_file(tmp_path):
+    """A file laid out as llama-imatrix writes it (no architecture, no in_sum), via gguf-py."""
+    import gguf
+
+    w = gguf.GGUFWriter(tmp_path / "ll.gguf", "imatrix")
+    w.kv_data[0].pop("general.architecture")
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["wiki.txt"])
+    w.add_uint32("imatrix.chunk_count", 2)
+    w.add_uint32("imatrix.chunk_size", 512)
+    w.add_tensor("blk.1.ffn_down.weight.in_sum2", np.full((1, 32), 8.0, np.float32))
+    w.add_tensor("blk.1.ffn_down.weight.counts", np.full((1, 1), 4.0, np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    im = Imatrix.load(tmp_path / "ll.gguf")
+    assert im.datasets == ["wiki.txt"] and (im.chunk_count, im.chunk_size) == (2, 512)
+    np.testing.assert_allclose(im.importance("blk.1.ffn_down.weight"), np.full((1, 32), 2.0))
+
+
+def test_bad_files_get_one_clear_error(tmp_path, tiny_ckpt):
+    import gguf
+
+    with pytest.raises(InputError, match="no such imatrix file"):
+        Imatrix.load(tmp_path / "missing.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(FormatError, match="junk.gguf: not a GGUF imatrix"):
+        Imatrix.load(tmp_path / "junk.gguf")
+    model_gguf = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(model_gguf, "diffusion-gemma")
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(FormatError, match="model.gguf: general.type is None, not 'imatrix'"):
+        Imatrix.load(model_gguf)
+    half = Imatrix(entries={"blk.0.attn_q.weight": Entry(np.ones((1, 4)), np.array([1]))})
+    half.save(tmp_path / "half.gguf")
+    r = gguf.GGUFReader(tmp_path / "half.gguf")
+    w = gguf.GGUFWriter(tmp_path / "half2.gguf", "imatrix")
+    w.kv_data[0].pop("general.architecture")
+    w.add_type("imatrix")
+    w.add_tensor("blk.0.attn_q.weight.in_sum2", np.array(r.tensors[0].data))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(FormatError, match="blk.0.attn_q.weight has no .counts tensor"):
+        Imatrix.load(tmp_path / "half2.gguf")
