@@ -146,13 +146,22 @@ def _q_groups(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch
     return torch.round(g / scale.float().unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 15)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = 128, mode: str = "asym", clip: bool = False):
+def quantize_int4(w: torch.Tensor, group_size: int = 128, mode: str = "asym", clip: bool = False,
+                  importance: torch.Tensor | None = None):
     """w [..., N, K] -> (qweight uint8 [..., N, K//2], scale fp16 [..., N, K//g], zero uint8 [..., N, K//g]).
 
     mode: "asym" (default, chosen by measured error), "sym" (absmax/7) or "sym8" (Q4_0 style).
     clip: per-group MSE-optimal range shrink (asym only).
+    importance: per input column, broadcastable to [..., 1, K] (an imatrix's mean of squared
+    activations): the clip search then minimises sum_j importance_j * err_j^2 (implies clip).
     """
     g = _groups(w, group_size)
+    imp = None
+    if importance is not None:
+        imp = importance.float()
+        imp = torch.nn.functional.pad(imp, (0, g.shape[-2] * group_size - imp.shape[-1]))  # padding weighs 0
+        imp = imp.reshape(*imp.shape[:-1], g.shape[-2], group_size)
+        clip = True
     if mode == "asym":
         lo, hi = g.amin(-1), g.amax(-1)
         scale, zero = _int4_asym_params(lo, hi)
@@ -161,7 +170,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, mode: str = "asym", cl
             for r in CLIP_RATIOS:
                 s_r, z_r = _int4_asym_params(lo * r, hi * r)
                 q = _q_groups(g, s_r, z_r)
-                err = ((q - z_r.unsqueeze(-1)) * s_r.float().unsqueeze(-1) - g).square().sum(-1)
+                err = ((q - z_r.unsqueeze(-1)) * s_r.float().unsqueeze(-1) - g).square()
+                err = (err if imp is None else err * imp).sum(-1)
                 if best_err is None:
                     best_err, scale, zero = err, s_r, z_r
                 else:
@@ -227,10 +237,11 @@ def dequantize_fp8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 # --------------------------------------------------------------------------- generic
 
 
-def quantize(w: torch.Tensor, scheme: str, group_size: int = 128, clip: bool = False) -> dict[str, torch.Tensor]:
-    """One tensor -> {"qweight", "scale"[, "zero"]} in the dgplug layout."""
+def quantize(w: torch.Tensor, scheme: str, group_size: int = 128, clip: bool = False,
+             importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One tensor -> {"qweight", "scale"[, "zero"]} in the dgplug layout (importance: int4 only)."""
     if scheme == "int4":
-        q, s, z = quantize_int4(w, group_size, "asym", clip)
+        q, s, z = quantize_int4(w, group_size, "asym", clip, importance)
         return {"qweight": q, "scale": s, "zero": z}
     if scheme == "int8":
         q, s = quantize_int8(w)
@@ -488,8 +499,11 @@ def _progress(enabled: bool):
 
 def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, quantize_embedding: bool = False,
                         progress: bool = True, clip: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, imatrix=None) -> Path:
     """Convert a Hugging Face DiffusionGemma checkpoint into a dgplug-quantized safetensors directory.
+
+    imatrix: an importance matrix (path to an imatrix GGUF, or converters.imatrix.Imatrix): int4
+    groups then pick the scale/zero with the least importance-weighted error (see quantize_int4).
 
     Streams tensor by tensor (experts and large tensors in chunks of ~256 MB of fp32), writes into a
     temporary directory beside `out_dir` and renames it into place when complete. Deterministic bytes.
@@ -500,6 +514,7 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
     src = Path(src_dir)
     out = Path(out_dir)
     raw, jobs = plan_conversion(src, scheme, group_size, quantize_embedding)
+    importance = _importance_by_tensor(raw, jobs, imatrix) if imatrix is not None else {}
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: exists and is not empty (pass overwrite=True to replace it)")
     if out.resolve() == src.resolve():
@@ -523,6 +538,7 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
             "modules_to_not_convert": _modules_to_not_convert(jobs),
             "embedding_scheme": "int8" if quantize_embedding else None,
             "clip": bool(clip) if scheme == "int4" else False,
+            "imatrix": bool(importance),
             "format_version": FORMAT_VERSION,
         }
         _write_text(tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
@@ -549,7 +565,7 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
                             handles.clear()  # one source shard open at a time
                             handles[job.file] = safe_open(str(src / job.file), "pt")
                         _convert_job(handles[job.file], job, f, group_size, clip, f"{where} (tensor {job.src})",
-                                     lambda b: bar.advance(task, b))
+                                     lambda b: bar.advance(task, b), importance.get(job.src))
                     try:
                         f.flush()
                         os.fsync(f.fileno())
@@ -586,7 +602,42 @@ def _copy_file(a: Path, b: Path) -> None:
             _write_all(fo, buf, str(b))
 
 
-def _convert_job(handle, job: _Job, f, group_size: int, clip: bool, where: str, advance) -> None:
+def _importance_by_tensor(raw: dict, jobs: list[_Job], imatrix) -> dict[str, torch.Tensor]:
+    """Per int4 job: the imatrix's importance shaped [matrices, 1, K] (experts) or [K] (linears).
+
+    A tensor the imatrix does not cover is quantized unweighted (said once, on stderr); an entry
+    whose matrices or columns disagree with the checkpoint is an error naming the tensor."""
+    import sys
+
+    from dgplug.config import from_dict
+    from dgplug.converters.imatrix import Imatrix
+    from dgplug.names import text_tensors
+
+    im = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
+    gguf_of = {s.hf: s.gguf for s in text_tensors(from_dict(raw).text)}
+    out, missing = {}, []
+    for job in jobs:
+        if job.action != "int4" or job.src not in gguf_of:
+            continue
+        name = gguf_of[job.src]
+        imp = im.importance(name)
+        if imp is None:
+            missing.append(name)
+            continue
+        matrices = job.shape[0] if len(job.shape) == 3 else 1
+        if imp.shape != (matrices, job.shape[-1]):
+            raise InputError(f"imatrix entry {name} has {imp.shape[0]} x {imp.shape[1]} values; tensor {job.src} "
+                             f"needs {matrices} x {job.shape[-1]} (an imatrix of another model?)")
+        imp = torch.from_numpy(imp)
+        out[job.src] = imp[:, None, :] if len(job.shape) == 3 else imp[0]
+    if missing:
+        print(f"imatrix: no entry for {len(missing)} tensor(s) (e.g. {missing[0]}): quantized unweighted",
+              file=sys.stderr)
+    return out
+
+
+def _convert_job(handle, job: _Job, f, group_size: int, clip: bool, where: str, advance,
+                 importance: torch.Tensor | None = None) -> None:
     if job.action == "copy":
         t = handle.get_tensor(job.src)
         _write_all(f, _tensor_bytes(t), where)
@@ -603,7 +654,8 @@ def _convert_job(handle, job: _Job, f, group_size: int, clip: bool, where: str, 
             raise CheckpointError(f"{where}: slice has shape {list(w.shape)}")
         if not torch.isfinite(w).all():
             raise CheckpointError(f"{where}: contains NaN or inf")
-        parts = quantize(w, job.action, group_size, clip and job.action == "int4")
+        imp = importance[a:b] if importance is not None and importance.dim() == 3 else importance
+        parts = quantize(w, job.action, group_size, clip and job.action == "int4", imp)
         _write_all(f, _tensor_bytes(parts.pop("qweight")), where)
         for k, v in parts.items():
             rest.setdefault(k, []).append(v)

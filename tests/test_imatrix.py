@@ -177,3 +177,61 @@ def test_bad_files_get_one_clear_error(tmp_path, tiny_ckpt):
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with pytest.raises(FormatError, match="blk.0.attn_q.weight has no .counts tensor"):
         Imatrix.load(tmp_path / "half2.gguf")
+
+
+def test_int4_importance_weighted_search():
+    """Uniform importance = the plain clip search, byte for byte; skewed importance never does
+    worse than it on the weighted error, and better overall."""
+    from dgplug.converters.quant import dequantize_int4, quantize_int4
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * torch.rand(1, 256, generator=g)
+    w[:, 7] *= 6  # an outlier column
+    plain = quantize_int4(w, 128, "asym", clip=True)
+    for a, b in zip(quantize_int4(w, 128, "asym", importance=torch.ones(256)), plain):
+        assert torch.equal(a, b)
+    imp = torch.rand(256, generator=g) ** 4 * 50 + 0.01
+
+    def werr(q):
+        return float(((dequantize_int4(*q, group_size=128) - w) ** 2 * imp).sum())
+
+    assert werr(quantize_int4(w, 128, "asym", importance=imp)) < 0.97 * werr(plain)
+    # experts: one importance row per expert, broadcast over the expert's rows
+    we = torch.randn(4, 32, 128, generator=g)
+    ie = torch.rand(4, 1, 128, generator=g) ** 4
+    qe = quantize_int4(we, 128, "asym", importance=ie)
+    for e in range(4):
+        one = quantize_int4(we[e], 128, "asym", importance=ie[e, 0])
+        assert all(torch.equal(a[e], b) for a, b in zip(qe, one))
+
+
+def test_int4_checkpoint_with_imatrix(pair, tiny_ckpt, tmp_path, capsys):
+    from dgplug.converters.quant import quantize_checkpoint
+
+    _, dg = pair
+    im = collect(dg, calibration_chunks(list(range(5, 5 + 24)), 12), steps=2)
+    some = "blk.1.attn_output.weight"
+    del im.entries[some]
+    path = im.save(tmp_path / "im.gguf")
+    plain = quantize_checkpoint(tiny_ckpt, tmp_path / "plain", "int4", progress=False)
+    weighted = quantize_checkpoint(tiny_ckpt, tmp_path / "weighted", "int4", progress=False, imatrix=path)
+    assert "no entry for 1 tensor(s) (e.g. blk.1.attn_output.weight): quantized unweighted" in capsys.readouterr().err
+    import json
+    from safetensors.torch import load_file
+
+    assert json.loads((weighted / "config.json").read_text())["quantization_config"]["imatrix"] is True
+    a = {k: v for f in sorted(plain.glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted(weighted.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert a.keys() == b.keys()
+    differ = {k for k in a if not torch.equal(a[k], b[k])}
+    assert any("experts.gate_up_proj" in k for k in differ) and any("q_proj" in k for k in differ)
+    assert not any("layers.1.self_attn.o_proj" in k for k in differ)  # no entry: as without an imatrix
+    out = dgplug.load(weighted)(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert torch.isfinite(out).all()
+    # an imatrix of another model: one error naming the tensor
+    im.entries["blk.0.attn_q.weight"] = Entry(np.ones((1, 17)), np.array([3]))
+    im.save(tmp_path / "other.gguf")
+    with pytest.raises(InputError, match="imatrix entry blk.0.attn_q.weight has 1 x 17 values; tensor "
+                                         "model.decoder.layers.0.self_attn.q_proj.weight needs 1 x 64"):
+        quantize_checkpoint(tiny_ckpt, tmp_path / "bad", "int4", progress=False, imatrix=tmp_path / "other.gguf")
+    assert not (tmp_path / "bad").exists()
