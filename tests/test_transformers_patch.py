@@ -79,3 +79,77 @@ def test_patch_fused_sampler(tmp_path_factory):
     # the identity-like model copies its canvas: both samplers stop early with high tokens per forward
     assert float(out.tokens_per_forward.min()) > 16 / 20
     assert "_denoising_step" not in m.__dict__
+
+
+@pytest.fixture
+def fresh_hf(tiny_ckpt):
+    """A model of its own: transformers keeps compiled functions on the model."""
+    m = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_ckpt).eval()
+    yield m
+    torch._dynamo.reset()
+
+
+def test_patch_static_cache_generate_compiles_fullgraph(fresh_hf, monkeypatch):
+    """generate(cache_implementation="static") compiles the encoder, the decoder forward, the
+    sampler and the stop test with fullgraph=True: patched, every one traces without a graph break
+    (dynamo's "eager" backend: the traced graphs run the eager kernels, so the tokens must equal
+    the unpatched model's, run without compiling)."""
+    m = fresh_hf
+    ids = torch.randint(5, 500, (2, 9), generator=torch.Generator().manual_seed(1))
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[1, :3] = 0
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=32, max_denoising_steps=3, cache_implementation="static")
+    real_compile, compiled = torch.compile, []
+
+    def compile_eager(fn, **opts):  # what transformers asks for, on dynamo's "eager" backend
+        compiled.append((getattr(fn, "__name__", ""), opts.get("fullgraph")))
+        return real_compile(fn, backend="eager", fullgraph=opts.get("fullgraph", False))
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)  # the reference: static cache, nothing compiled
+    torch.manual_seed(5)
+    ref = m.generate(**kw)
+    for k in [k for k in vars(m) if k.startswith("_compiled")]:
+        delattr(m, k)
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    with dgplug.patched(m):
+        torch.manual_seed(5)
+        out = m.generate(**kw)
+    assert ("forward", True) in compiled and len(compiled) >= 4  # transformers really compiled, full-graph
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_patch_decoder_forward_inductor(fresh_hf):
+    """The patched decoder forward as transformers compiles it for a static cache (fullgraph,
+    inductor on CPU, one compile): logits within 1e-4 of the unpatched eager model, for the
+    decoder's key-padding mask (dgplug's attention) and for a mask that is not one (SDPA, picked
+    at run time by torch.cond inside the same graph)."""
+    from transformers import StaticCache
+
+    from dgplug.integrations.transformers_patch import _cache_kwarg
+
+    m = fresh_hf
+    C = m.config.canvas_length
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 500, (2, 9), generator=g)
+    canvas = torch.randint(0, 512, (2, C), generator=g)
+    am = torch.ones(2, 9, dtype=torch.bool)
+    am[1, :3] = False
+    cache = StaticCache(config=m.config.get_text_config(decoder=True), max_cache_len=9 + 2 * C)
+    with torch.no_grad():
+        m.model.encoder(input_ids=ids, attention_mask=am, position_ids=torch.arange(9)[None],
+                        **{_cache_kwarg(m.model.encoder): cache})
+    dam = torch.cat([am, torch.ones(2, C, dtype=torch.bool)], 1)
+    masks = m.model.decoder.create_diffusion_decoder_attention_mask(m.config, canvas.unsqueeze(-1), cache, dam)
+    causal = {k: v.clone() for k, v in masks.items()}  # the canvas made causal: rows differ
+    for v in causal.values():
+        v[..., -C:] &= torch.ones(C, C, dtype=torch.bool).tril()
+    kw = dict(decoder_input_ids=canvas, decoder_position_ids=torch.arange(9, 9 + C)[None], **{_cache_kwarg(m): cache})
+    with torch.no_grad():
+        ref = [m(decoder_attention_mask=mm, **kw).logits for mm in (masks, causal)]
+        with dgplug.patched(m):
+            f = torch.compile(m.forward, fullgraph=True)
+            out = [f(decoder_attention_mask=mm, **kw).logits for mm in (masks, causal)]
+    assert masks["full_attention"].shape[-1] > 9 + C and not bool(masks["full_attention"].all())  # static slots
+    for a, b in zip(ref, out):
+        assert (a - b).abs().max().item() < 1e-4
+    assert (ref[0] - ref[1]).abs().max().item() > 0.1  # the two masks do differ
