@@ -488,16 +488,20 @@ def _progress(enabled: bool):
 
 def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, quantize_embedding: bool = False,
                         progress: bool = True, clip: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, *, revision: str | None = None,
+                        token: str | bool | None = None) -> Path:
     """Convert a Hugging Face DiffusionGemma checkpoint into a dgplug-quantized safetensors directory.
 
     Streams tensor by tensor (experts and large tensors in chunks of ~256 MB of fp32), writes into a
     temporary directory beside `out_dir` and renames it into place when complete. Deterministic bytes.
     Raises a DGPlugError subclass (naming the file/tensor/value) and leaves no `out_dir` on failure.
+    `src_dir` may be a hub id "owner/name" (see dgplug.hub; `revision`, `token`).
     """
     from safetensors import safe_open
 
-    src = Path(src_dir)
+    from dgplug import hub
+
+    src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_dir)
     raw, jobs = plan_conversion(src, scheme, group_size, quantize_embedding)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
