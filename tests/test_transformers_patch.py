@@ -139,7 +139,12 @@ def test_patch_decoder_forward_inductor(fresh_hf):
         m.model.encoder(input_ids=ids, attention_mask=am, position_ids=torch.arange(9)[None],
                         **{_cache_kwarg(m.model.encoder): cache})
     dam = torch.cat([am, torch.ones(2, C, dtype=torch.bool)], 1)
-    masks = m.model.decoder.create_diffusion_decoder_attention_mask(m.config, canvas.unsqueeze(-1), cache, dam)
+    try:
+        masks = m.model.decoder.create_diffusion_decoder_attention_mask(m.config, canvas.unsqueeze(-1), cache, dam)
+    except ValueError:  # transformers 5.11: the 2D mask spans every static cache slot, then the canvas
+        dam = torch.zeros(2, cache.max_cache_len + C, dtype=torch.bool)
+        dam[:, :9], dam[:, -C:] = am, True
+        masks = m.model.decoder.create_diffusion_decoder_attention_mask(m.config, canvas.unsqueeze(-1), cache, dam)
     causal = {k: v.clone() for k, v in masks.items()}  # the canvas made causal: rows differ
     for v in causal.values():
         v[..., -C:] &= torch.ones(C, C, dtype=torch.bool).tril()
