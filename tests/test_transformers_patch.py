@@ -118,43 +118,34 @@ def test_patch_static_cache_generate_compiles_fullgraph(fresh_hf, monkeypatch):
     assert torch.equal(out.sequences, ref.sequences)
 
 
-def test_patch_decoder_forward_inductor(fresh_hf):
+def test_patch_decoder_forward_inductor(fresh_hf, monkeypatch):
     """The patched decoder forward as transformers compiles it for a static cache (fullgraph,
-    inductor on CPU, one compile): logits within 1e-4 of the unpatched eager model, for the
-    decoder's key-padding mask (dgplug's attention) and for a mask that is not one (SDPA, picked
-    at run time by torch.cond inside the same graph)."""
-    from transformers import StaticCache
-
-    from dgplug.integrations.transformers_patch import _cache_kwarg
-
+    inductor on CPU, one compile), called with the very arguments transformers' static-cache
+    generate passes (its 4D masks, left padding included): logits within 1e-4 of the unpatched
+    eager model, for the decoder's key-padding mask (dgplug's attention) and for a mask that is not
+    one (SDPA, picked at run time by torch.cond inside the same graph)."""
     m = fresh_hf
     C = m.config.canvas_length
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 500, (2, 9), generator=g)
-    canvas = torch.randint(0, 512, (2, C), generator=g)
-    am = torch.ones(2, 9, dtype=torch.bool)
-    am[1, :3] = False
-    cache = StaticCache(config=m.config.get_text_config(decoder=True), max_cache_len=9 + 2 * C)
-    with torch.no_grad():
-        m.model.encoder(input_ids=ids, attention_mask=am, position_ids=torch.arange(9)[None],
-                        **{_cache_kwarg(m.model.encoder): cache})
-    dam = torch.cat([am, torch.ones(2, C, dtype=torch.bool)], 1)
-    try:
-        masks = m.model.decoder.create_diffusion_decoder_attention_mask(m.config, canvas.unsqueeze(-1), cache, dam)
-    except ValueError:  # transformers 5.11: the 2D mask spans every static cache slot, then the canvas
-        dam = torch.zeros(2, cache.max_cache_len + C, dtype=torch.bool)
-        dam[:, :9], dam[:, -C:] = am, True
-        masks = m.model.decoder.create_diffusion_decoder_attention_mask(m.config, canvas.unsqueeze(-1), cache, dam)
+    ids = torch.randint(5, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[1, :3] = 0
+    calls, forward = [], m.forward
+    monkeypatch.setattr(m, "forward", lambda **kw: calls.append(kw) or forward(**kw), raising=False)
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
+    m.generate(input_ids=ids, attention_mask=am, max_new_tokens=C, max_denoising_steps=1,
+               cache_implementation="static")  # one canvas, one step: the cache stays as that call saw it
+    monkeypatch.undo()
+    (kw,) = calls
+    masks = kw.pop("decoder_attention_mask")
+    assert masks["full_attention"].dim() == 4 and not bool(masks["full_attention"].all())  # static slots, padding
     causal = {k: v.clone() for k, v in masks.items()}  # the canvas made causal: rows differ
     for v in causal.values():
         v[..., -C:] &= torch.ones(C, C, dtype=torch.bool).tril()
-    kw = dict(decoder_input_ids=canvas, decoder_position_ids=torch.arange(9, 9 + C)[None], **{_cache_kwarg(m): cache})
     with torch.no_grad():
         ref = [m(decoder_attention_mask=mm, **kw).logits for mm in (masks, causal)]
         with dgplug.patched(m):
             f = torch.compile(m.forward, fullgraph=True)
             out = [f(decoder_attention_mask=mm, **kw).logits for mm in (masks, causal)]
-    assert masks["full_attention"].shape[-1] > 9 + C and not bool(masks["full_attention"].all())  # static slots
     for a, b in zip(ref, out):
         assert (a - b).abs().max().item() < 1e-4
     assert (ref[0] - ref[1]).abs().max().item() > 0.1  # the two masks do differ
