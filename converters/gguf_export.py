@@ -42,6 +42,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFWriter, LlamaFileType, TokenType
 from gguf import GGMLQuantizationType as T
 
+from dgplug import hub
 from dgplug.config import Config, load_config, load_generation_defaults
 from dgplug.errors import CheckpointError, FormatError
 from dgplug.names import ROPE_FREQS_GGUF, is_vision, text_tensors
@@ -532,10 +533,13 @@ def _progress(enabled: bool):
 
 
 def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True, workers: int | None = None,
-                name: str | None = None) -> Path:
-    """Convert the HF checkpoint in `src_dir` to a GGUF at `out_path`; returns out_path."""
+                name: str | None = None, *, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub) to
+    a GGUF at `out_path`; returns out_path."""
     quant = quant.upper()
-    src = Path(src_dir)
+    if hub.is_hub_id(src_dir):
+        name = name or str(src_dir)
+    src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_path)
     cfg, items, warnings = plan_export(src, quant)
     gen = load_generation_defaults(src)

@@ -328,6 +328,10 @@ def gguf_to_config(reader) -> dict:
         if v is not None:
             gen[g] = int(v) if isinstance(GENERATION_DEFAULTS[g], int) else _f32(v)
     gen["max_new_tokens"] = int(_field(reader, "diffusion.canvas_length", 256))
+    # a GGUF has no generation config: its tokenizer's EOS / padding ids stand in (llama.cpp stops on them too)
+    for g, key in (("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
+        if _field(reader, f"tokenizer.ggml.{key}") is not None:
+            gen[g] = tid(key, None)
     return {
         "model_type": "diffusion_gemma",
         "architectures": ["DiffusionGemmaForBlockDiffusion"],

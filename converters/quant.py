@@ -499,7 +499,8 @@ def _progress(enabled: bool):
 
 def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, quantize_embedding: bool = False,
                         progress: bool = True, clip: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                        overwrite: bool = False, imatrix=None) -> Path:
+                        overwrite: bool = False, imatrix=None, *, revision: str | None = None,
+                        token: str | bool | None = None) -> Path:
     """Convert a Hugging Face DiffusionGemma checkpoint into a dgplug-quantized safetensors directory.
 
     imatrix: an importance matrix (path to an imatrix GGUF, or converters.imatrix.Imatrix): int4
@@ -508,10 +509,13 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
     Streams tensor by tensor (experts and large tensors in chunks of ~256 MB of fp32), writes into a
     temporary directory beside `out_dir` and renames it into place when complete. Deterministic bytes.
     Raises a DGPlugError subclass (naming the file/tensor/value) and leaves no `out_dir` on failure.
+    `src_dir` may be a hub id "owner/name" (see dgplug.hub; `revision`, `token`).
     """
     from safetensors import safe_open
 
-    src = Path(src_dir)
+    from dgplug import hub
+
+    src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_dir)
     raw, jobs = plan_conversion(src, scheme, group_size, quantize_embedding)
     importance = _importance_by_tensor(raw, jobs, imatrix) if imatrix is not None else {}

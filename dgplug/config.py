@@ -192,3 +192,14 @@ def load_generation_defaults(path: str | Path) -> dict:
         if g.get(k) is not None:
             out[k] = g[k]
     return out
+
+
+def special_token_id(gen: dict, key: str):
+    """eos/pad/bos id as transformers' DiffusionGemma `generate` resolves it: the generation config's
+    value, else the global default of the installed transformers' DiffusionGemmaGenerationConfig
+    (5.11: eos [1, 106, 50] and pad 0; 5.24: none), else None. Never the text config's ids."""
+    if gen.get(key) is not None:
+        return gen[key]
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+    return DiffusionGemmaGenerationConfig._get_default_generation_params().get(key)

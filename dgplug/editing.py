@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import special_token_id
 from .errors import InputError
 
 _SPAN = re.compile(r"\[\[(.*?)\]\]", re.S)
@@ -109,9 +110,9 @@ def edit(model, prompt_ids: torch.Tensor, *, text: str | None = None, ids: list[
          **generate_kw) -> EditResult:
     """Rewrite spans of a text (or of token ids) in place, conditioned on `prompt_ids` [1, L]."""
     d = model.generation_defaults
-    eos = d.get("eos_token_id", model.tc.eos_token_id)
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    pad = d.get("pad_token_id", model.tc.pad_token_id)
+    eos = special_token_id(d, "eos_token_id")  # what generate stops on; else the text config's (one to lock)
+    eos = eos[0] if isinstance(eos, (list, tuple)) else (model.tc.eos_token_id if eos is None else eos)
+    pad = special_token_id(d, "pad_token_id")
     kw = dict(canvas_length=model.cfg.canvas_length, vocab_size=model.tc.vocab_size, eos=eos,
               pad=pad if pad is not None else 0, generator=generator)
     if (text is None) == (ids is None):

@@ -17,6 +17,7 @@ import torch
 
 from . import denoise_step
 from . import sampler as sp
+from .config import special_token_id
 from .errors import InputError
 from .model import KVCache
 
@@ -71,8 +72,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     t_min, t_max = float(_setting(t_min, d, "t_min")), float(_setting(t_max, d, "t_max"))
     stability = int(_setting(stability_threshold, d, "stability_threshold"))
     confidence = float(_setting(confidence_threshold, d, "confidence_threshold"))
-    eos = eos_token_id if eos_token_id is not None else d.get("eos_token_id", tc.eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else d.get("pad_token_id", tc.pad_token_id)
+    eos = eos_token_id if eos_token_id is not None else special_token_id(d, "eos_token_id")
+    pad = pad_token_id if pad_token_id is not None else special_token_id(d, "pad_token_id")
     if rng not in ("counter", "transformers"):
         raise InputError(f"rng={rng!r}: use 'counter' or 'transformers'")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:

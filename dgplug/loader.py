@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import names
+from . import hub, names
 from .checkpoint import SafetensorsCheckpoint, validate
 from .config import Config, load_config, load_generation_defaults
 from .errors import CheckpointError
@@ -94,29 +94,33 @@ def _assign(model, name: str, t):
         setattr(mod, leaf, t)
 
 
-def load(path, dtype=None, device=None, check_finite: bool = True) -> DiffusionGemma:
+def load(path, dtype=None, device=None, check_finite: bool = True, *, revision: str | None = None,
+         token: str | bool | None = None, gguf_file: str | None = None) -> DiffusionGemma:
     """Load a DiffusionGemma checkpoint as a dgplug model.
 
     path: a Hugging Face directory (config.json + safetensors), a dgplug-quantized directory
-    (int4/int8/fp8: weights stay packed in memory), or a .gguf file (or a directory holding one).
+    (int4/int8/fp8: weights stay packed in memory), a .gguf file (or a directory holding one), or
+    a hub id "owner/name" (dgplug.hub: `revision`, `token`, HF_HUB_OFFLINE as in transformers;
+    `gguf_file` names one .gguf file of the repository or directory).
     dtype: torch dtype or name ("bf16", "fp32", ...); default: the checkpoint's own.
     device: where to put the weights (default CPU)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+    repo = str(path) if hub.is_hub_id(path) else None
+    path = hub.resolve(path, revision=revision, token=token, gguf_file=gguf_file)
     dtype = resolve_dtype(dtype)
-    gguf = gguf_file(path)
+    gguf = gguf_file_of(path)
     if gguf is not None:
-        return load_gguf(gguf, dtype, device, check_finite)
-    cfg = load_config(path)
-    if cfg.raw.get("quantization_config"):
-        return load_quantized(path, cfg, dtype, device)
-    ckpt = SafetensorsCheckpoint(path)
-    specs = validate(ckpt, cfg)
-    model = build(cfg, ((s.hf, ckpt.get(s.hf)) for s in specs), dtype, device, load_generation_defaults(path),
-                  check_finite)
-    model.source = str(path)
-    model.tokenizer = load_tokenizer(path)
+        model = load_gguf(gguf, dtype, device, check_finite)
+    elif (cfg := load_config(path)).raw.get("quantization_config"):
+        model = load_quantized(path, cfg, dtype, device)
+    else:
+        ckpt = SafetensorsCheckpoint(path)
+        specs = validate(ckpt, cfg)
+        model = build(cfg, ((s.hf, ckpt.get(s.hf)) for s in specs), dtype, device, load_generation_defaults(path),
+                      check_finite)
+        model.source = str(path)
+        model.tokenizer = load_tokenizer(path)
+    if repo is not None:  # name the model as the user did, not by its cache folder
+        model.source = repo + (f"/{gguf_file}" if gguf_file else "")
     return model
 
 
@@ -131,7 +135,7 @@ def load_tokenizer(path: Path):
         raise CheckpointError(f"{path}: tokenizer files present but unreadable ({e})") from None
 
 
-def gguf_file(path: Path) -> Path | None:
+def gguf_file_of(path: Path) -> Path | None:
     """The GGUF file `path` names: the file itself, or the one .gguf in a directory without safetensors."""
     if path.is_file():
         return path if path.suffix == ".gguf" or path.read_bytes()[:4] == b"GGUF" else None

@@ -72,7 +72,9 @@ def attention_mask(q_pos, k_pos, key_valid, causal: bool, window: int | None, ba
     if window is not None:
         w = (q_pos[:, None] - k_pos[None, :]) < window
         mask = w if mask is None else mask & w
-    if key_valid is not None and not bool(key_valid.all()):
+    # all keys valid: no mask (SDPA's faster unmasked path); under torch.compile the mask is always
+    # built instead of asking the data (the same result, no data-dependent branch)
+    if key_valid is not None and (torch.compiler.is_compiling() or not bool(key_valid.all())):
         kv = key_valid[:, None, None, :]
         mask = kv if mask is None else (mask[None, None] & kv)
     elif mask is not None:

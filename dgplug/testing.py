@@ -126,8 +126,7 @@ def make_checkpoint(path: str | Path, text: dict | None = None, canvas_length: i
         "stability_threshold": 1,
         "confidence_threshold": 0.005,
         "eos_token_id": [1],
-        "pad_token_id": 0,
-        "bos_token_id": 2,
+        "pad_token_id": 0,  # no bos_token_id: transformers 5.11's DiffusionGemmaGenerationConfig rejects it
     }
     gen.update(generation or {})
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))

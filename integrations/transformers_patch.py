@@ -32,24 +32,38 @@ def _dgplug_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """transformers attention-interface function: [B, Hq, Lq, D] in, ([B, Lq, Hq, D], None) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from dgplug.kernels.attention import attention
+    def sdpa(q, k, v, mask):
+        return sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                                      **kw)[0]
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     bidirectional_keys = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4)
     if causal or scaling not in (None, 1.0) or not bidirectional_keys:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kw)
-    key_valid = None
-    if attention_mask is not None:  # the decoder's mask is a key-padding mask: same for every query row
-        key_valid = attention_mask[:, 0, 0, :]
-        if not bool((attention_mask == key_valid[:, None, None, :]).all()):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, **kw)
+        return sdpa(query, key, value, attention_mask), None
+    if attention_mask is None:
+        return _canvas_attention(query, key, value, None), None
+    # the decoder's mask is a key-padding mask (the same for every query row); anything else goes to SDPA
+    per_key = (attention_mask == attention_mask[:, :1, :1, :]).all()
+    if torch.compiler.is_compiling():  # a traced branch: no Python bool of a tensor under torch.compile
+        return torch.cond(per_key, _canvas_attention_4d, sdpa, (query, key, value, attention_mask)), None
+    if bool(per_key):
+        return _canvas_attention_4d(query, key, value, attention_mask), None
+    return sdpa(query, key, value, attention_mask), None
+
+
+def _canvas_attention(query, key, value, key_valid):
+    """dgplug's attention over [cache; canvas]: every query sees every valid key."""
+    from dgplug.kernels.attention import attention
+
     lq, lk = query.shape[2], key.shape[2]
     q_pos = torch.arange(lk - lq, lk, device=query.device)
     k_pos = torch.arange(lk, device=query.device)
     out = attention(query, key, value, q_pos=q_pos, k_pos=k_pos, key_valid=key_valid, causal=False, window=None)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
+
+
+def _canvas_attention_4d(query, key, value, mask):
+    return _canvas_attention(query, key, value, mask[:, 0, 0, :])
 
 
 def _dgplug_experts(self, hidden_states, top_k_index, top_k_weights):

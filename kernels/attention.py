@@ -100,7 +100,7 @@ def attention_torch(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, wind
     if lq <= chunk:
         return ops.attention_reference(q, k, v, q_pos=q_pos, k_pos=k_pos, key_valid=key_valid,
                              causal=causal, window=window)
-    if key_valid is not None and bool(key_valid.all()):
+    if key_valid is not None and not torch.compiler.is_compiling() and bool(key_valid.all()):
         key_valid = None
     groups = hq // hkv
     if groups > 1:  # once, not per chunk

@@ -931,7 +931,22 @@ def moe_forward(x, topk_index, topk_weights, gate_up, down, *, impl: str | None 
     """Fused MoE experts: [T, D] in x.dtype (see the module docstring for the contract)."""
     if _pick_impl(x, impl) == "triton":
         return moe_forward_triton(x, topk_index, topk_weights, gate_up, down)
+    if torch.compiler.is_compiling() and isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):
+        return torch.ops.dgplug.moe_torch(x, topk_index, topk_weights, gate_up, down)
     return moe_forward_torch(x, topk_index, topk_weights, gate_up, down)
+
+
+# Under torch.compile the twin is one opaque operator: its loop runs over the experts actually hit
+# (a data-dependent count), which no graph can hold; the operator runs the very same code.
+@torch.library.custom_op("dgplug::moe_torch", mutates_args=())
+def _moe_torch_op(x: torch.Tensor, topk_index: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor) -> torch.Tensor:
+    return moe_forward_torch(x, topk_index, topk_weights, gate_up, down)
+
+
+@_moe_torch_op.register_fake
+def _(x, topk_index, topk_weights, gate_up, down):
+    return torch.empty_like(x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,3 +142,44 @@ def test_bf16_logits_close(tmp_path_factory):
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
     assert cos.item() > 0.9999
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.fixture(scope="module", params=["no-ids", "no-file"])
+def without_special_ids(request, tmp_path_factory):
+    """A checkpoint whose generation config names no pad/eos ids (or that has none at all), as
+    `save_pretrained` leaves small models; the head favours tokens 0 and 1 (the text config's pad
+    and eos) so that rows generate them."""
+    import json
+
+    from dgplug.testing import build_hf_model, save_tokenizer
+
+    path = tmp_path_factory.mktemp(request.param) / "ckpt"
+    hf = build_hf_model(**CONFIGS["mixed"])
+    with torch.no_grad():
+        hf.model.decoder.embed_tokens.weight[:2] *= 3.0
+    hf.save_pretrained(path)
+    save_tokenizer(path, hf.config.text_config.vocab_size)
+    gen = path / "generation_config.json"
+    if request.param == "no-file":
+        gen.unlink(missing_ok=True)
+    else:
+        gen.write_text(json.dumps({"max_denoising_steps": 4, "t_min": 0.4, "t_max": 0.8}))
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval(), dgplug.load(path)
+
+
+def test_generate_pad_eos_resolved_as_transformers(without_special_ids):
+    """No pad/eos in the generation config: dgplug uses exactly what transformers' generate uses
+    (its DiffusionGemmaGenerationConfig defaults, never the text config's ids): the same tokens and
+    the same tokens_per_forward for every row, over several seeds, left padding included."""
+    hf, dg = without_special_ids
+    C = dg.cfg.canvas_length
+    ids = torch.randint(5, 500, (3, 10), generator=torch.Generator().manual_seed(8))
+    am = torch.ones(3, 10, dtype=torch.long)
+    am[2, :4] = 0
+    special = torch.zeros((), dtype=torch.bool)
+    for seed in range(4):
+        a, b = _generate_both(hf, dg, ids, seed=seed, attention_mask=am, max_new_tokens=2 * C, max_denoising_steps=4)
+        assert torch.equal(a.sequences, b.sequences)
+        assert torch.equal(a.tokens_per_forward.float(), b.tokens_per_forward.float())
+        special |= (a.sequences[:, 10:] <= 1).any()
+    assert special  # rows did generate the text config's pad/eos ids: the case the resolution decides

@@ -44,8 +44,7 @@ GENERATION = {
     "stability_threshold": 1,
     "confidence_threshold": 0.005,
     "eos_token_id": [S.EOS],
-    "pad_token_id": S.PAD,
-    "bos_token_id": S.BOS,
+    "pad_token_id": S.PAD,  # no bos_token_id: transformers 5.11 rejects it in a generation config
 }
 
 
