@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 ENV = "DGPLUG_THREADS"
 _user: int | None = None  # set by configure() from --threads or DGPLUG_THREADS
@@ -68,5 +70,39 @@ def for_work(threads: int):
     torch.set_num_threads(max(1, threads))
     try:
         yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_tasks(tasks, workers: int) -> None:
+    """Run independent callables on `workers` threads (the calling thread is one), each taking
+    the next task from a shared queue, with torch ops single-threaded inside: parallel across
+    tasks, not inside ops, so a core taken by another process slows one worker (the others take
+    its share of the queue) instead of stalling every op at its barrier. The calling thread's
+    torch thread count is restored afterwards; the first exception is raised."""
+    import torch
+
+    before = torch.get_num_threads()
+    pending = iter(tasks)
+    lock = threading.Lock()
+
+    def worker():
+        torch.set_num_threads(1)
+        while True:
+            with lock:
+                task = next(pending, None)
+            if task is None:
+                return
+            task()
+
+    try:
+        if workers <= 1:
+            worker()
+            return
+        with ThreadPoolExecutor(workers - 1, thread_name_prefix="dgplug") as pool:
+            others = [pool.submit(worker) for _ in range(workers - 1)]
+            worker()
+            for f in others:
+                f.result()
     finally:
         torch.set_num_threads(before)

@@ -258,3 +258,45 @@ def test_dispatch(monkeypatch):
     with pytest.raises(ValueError):
         head_sample(h, table, temperature=torch.ones(3))
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------ the CPU twin's pieces
+
+
+def test_int32_hash_equals_counter_uniform():
+    """The CPU path's in-place int32 hash (wrapping multiplies, masked arithmetic shifts, the
+    uniform built from its fp32 bits) against the int64 reference `counter_uniform`."""
+    keys = torch.cat([torch.tensor([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]),
+                      canvas_row_keys(seed=2**40 + 7, step=31, rows=11, row_offset=2**31 - 3)])
+    cols = torch.cat([torch.arange(0, 300), torch.arange(262144 - 300, 262144), torch.tensor([2**31 - 1, 2**31, 2**32 - 1])])
+    x = torch.empty(keys.numel(), cols.numel(), dtype=torch.int32)
+    u = S._uniform_(x, torch.empty_like(x), S._as_int32(keys), S._as_int32(S._mul32(cols, S._GOLDEN)))
+    assert torch.equal(u, counter_uniform(keys[:, None], cols[None, :]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_torch_path_same_for_any_workers_chunks_and_tiles(dtype):
+    """Rows are independent: worker count, row chunks and vocabulary tiles change no token, and
+    every split stays within the reference's tolerances."""
+    h, table, temp = _case(n=70, vocab=1000, d=48, dtype=dtype, scale=0.2)
+    kw = dict(softcap=30.0, temperature=temp, seed=8, step=6, row_offset=5, want_soft=True)
+    ref = head_sample_reference(h, table, **{k: v for k, v in kw.items() if k != "softcap"})
+    base = None
+    for workers, rc, vt in [(1, None, None), (2, 16, 256), (3, 7, 333), (2, 70, 1000)]:
+        out = S._head_sample_torch(h, table, workers=workers, rows_chunk=rc, vocab_tile=vt, **kw)
+        _assert_close_to(out, ref, dtype)
+        base = base or out
+        assert torch.equal(out.token, base.token) and torch.equal(out.argmax, base.argmax)
+
+
+def test_torch_path_budget_bounds_the_tile():
+    """Tile widths from the buffer budget: wide 16-bit tables get narrow tiles (their fp32 copy
+    counts), small fp32 ones the cap; every choice within the budget."""
+    for rows, d, dtype, workers in [(128, 2816, torch.bfloat16, 2), (128, 256, torch.float32, 2),
+                                    (128, 256, torch.bfloat16, 1), (16, 5376, torch.float16, 4)]:
+        vt = S._torch_tile(rows, d, dtype, True, workers)
+        wide = dtype != torch.float32
+        per_worker = vt * (rows * (14 if wide else 12) + (4 * d if wide else 0))
+        assert 256 <= vt <= S._TORCH_VOCAB_TILE and vt & (vt - 1) == 0
+        assert workers * per_worker <= S._TORCH_BUDGET or vt == 256
+    assert S._torch_tile(128, 2816, torch.bfloat16, True, 2) < S._torch_tile(128, 2816, torch.float32, True, 2)
