@@ -30,10 +30,11 @@ class RMSNorm(nn.Module):
 
 
 def linear(x, w):
-    """Bias-free linear; `w` may be a plain tensor or a packed quantized weight."""
+    """Bias-free linear (ops.linear: 16-bit weights upcast at use on CPUs without native 16-bit
+    matmuls); `w` may be a plain tensor or a packed quantized weight."""
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
-    return F.linear(x, w.dequantize(x.dtype))  # packed (QuantizedWeight): dequantised per call
+        return ops.linear(x, w)
+    return ops.linear(x, w.dequantize(x.dtype))  # packed (QuantizedWeight): dequantised per call
 
 
 class MLP(nn.Module):
@@ -267,7 +268,7 @@ class DiffusionGemma(nn.Module):
 
     def head(self, h):
         """Tied, softcapped LM head: fp32 logits [.., V]."""
-        return ops.softcap(F.linear(h, self.embed_tokens.weight).float(), self.tc.final_logit_softcapping)
+        return ops.softcap(ops.linear(h, self.embed_tokens.weight).float(), self.tc.final_logit_softcapping)
 
     # -- the two modes ------------------------------------------------------------------------
     @torch.no_grad()
