@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, threads
 from .config import GENERATION_DEFAULTS, Config, TextConfig
 
 
@@ -244,10 +244,12 @@ class DiffusionGemma(nn.Module):
 
     def run_layers(self, x, pos, cache: KVCache, mode: str, mask=None):
         tables = self.rope_tables(pos, x.dtype)
-        for i, layer in enumerate(self.layers):
-            cos, sin = tables["sliding" if layer.self_attn.sliding else "full"]
-            scalar = layer.layer_scalar if mode == "denoise" else self.encoder_layer_scalar[i : i + 1]
-            x = layer(x, cos, sin, pos, cache.layers[i], mode, scalar, mask)
+        # one thread when the projections (tokens x hidden x hidden) are small (dgplug.threads)
+        with threads.for_flops(2 * x.shape[0] * x.shape[1] * self.tc.hidden_size ** 2):
+            for i, layer in enumerate(self.layers):
+                cos, sin = tables["sliding" if layer.self_attn.sliding else "full"]
+                scalar = layer.layer_scalar if mode == "denoise" else self.encoder_layer_scalar[i : i + 1]
+                x = layer(x, cos, sin, pos, cache.layers[i], mode, scalar, mask)
         return x
 
     def self_conditioning_input(self, canvas, sc_logits=None, sc_soft=None):

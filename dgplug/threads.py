@@ -1,9 +1,20 @@
 """How many CPU threads dgplug's torch ops use.
 
 One place decides: `configure(n)` is what `--threads N` (CLI) and `DGPLUG_THREADS` set; without
-either, dgplug applies its own default policy (`default_threads`). Code that knows the size of
-its work can narrow the count for a block with `for_work(...)`; a user's explicit choice always
-wins over the policy.
+either, dgplug applies its own default policy (`default_threads`: the cores this process may
+run on). That count is a budget, spent two ways:
+
+* Small calls run on one thread (`for_flops`): below SMALL_FLOPS per op, a second intra-op
+  thread costs more than it saves, and on a shared machine every op waits at its barrier for
+  the slower thread (a descheduled one: milliseconds). The layer stack of a small model is such
+  a call (`DiffusionGemma.run_layers`). This rule narrows, never widens, and applies under a
+  user's count too.
+* The CPU head + sampler runs its row chunks as tasks on that many worker threads with
+  single-threaded ops inside (`run_tasks`): no op-level barriers at all, and a worker slowed
+  by another process leaves its share of the queue to the others.
+
+Code that knows better can narrow the count for a block with `for_work(...)`, which a user's
+explicit choice overrides.
 """
 
 from __future__ import annotations
@@ -51,6 +62,28 @@ def configure(n: int | None = None) -> int:
     count = _user if _user is not None else default_threads()
     torch.set_num_threads(count)
     return count
+
+
+# Below this many FLOPs per op, one thread: `python benchmarks/sampler.py --thread-sweep`
+# (fp32 matmuls at 1 and 2 threads, alternated) on this 2-core machine: SWEEP_RESULT.
+SMALL_FLOPS = 64e6
+
+
+@contextlib.contextmanager
+def for_flops(flops: float):
+    """Run a block whose ops each do about `flops` FLOPs: on one thread below SMALL_FLOPS,
+    else with the count in force."""
+    import torch
+
+    before = torch.get_num_threads()
+    if flops >= SMALL_FLOPS or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def user_threads() -> int | None:

@@ -195,8 +195,17 @@ def head_sample_reference(h, embedding, *, softcap=SOFTCAP, temperature=1.0, see
 # walking the vocabulary in cache-sized tiles with single-threaded torch ops
 # --------------------------------------------------------------------------------------------
 
-_TORCH_VOCAB_TILE = 8192  # columns per tile at most (the budget lowers it for wide or 16-bit tables)
-_TORCH_ROWS_CHUNK = 128  # rows per task at most
+# Measured (`python benchmarks/sampler.py --sweep`, one thread, 512 rows, V=65536, D=256, CPU
+# seconds, medians of 3 alternated; a 2-core AVX2 EPYC under load average 16-19): fp32 table,
+# rows x columns 512x2048 1.53, 512x1024 1.57, 256x1024 1.68, 256x2048 1.79, 256x4096 1.98,
+# 256x8192 2.17, 256x16384 2.34, 256x32768 2.97, 128x4096 1.96, 64x4096 2.14; bf16 table
+# 512x1024 1.70, 256x1024 1.82, 256x2048 1.87, 128x2048 2.08, 256x8192 2.46. A tile of
+# 2^18 entries (1 MiB per fp32 buffer, this CPU's L2 per core) is the sweet spot: wider ones
+# spill the ~30 elementwise passes per tile out of the cache, narrower ones cost more in
+# matmul efficiency and per-op overhead. Rows per task: at most 256, so that a batch of 2
+# (512 rows) still makes a task per worker on 2 cores.
+_TORCH_TILE = 1 << 18  # entries (rows x columns) per tile at most
+_TORCH_ROWS_CHUNK = 256  # rows per task at most
 _TORCH_BUDGET = 48 << 20  # bytes of tile buffers, all workers together
 
 
@@ -220,26 +229,45 @@ def _fmix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _uniform_(x: torch.Tensor, tmp: torch.Tensor, keys: torch.Tensor, cols_golden: torch.Tensor) -> torch.Tensor:
-    """counter_uniform(keys[:, None], cols[None, :]) computed in x (int32 [rows, w]) and returned
-    as x's fp32 view; keys: int32 [rows], cols_golden: cols * _GOLDEN as int32 [w]."""
+def _counter_hash_(x: torch.Tensor, tmp: torch.Tensor, keys: torch.Tensor, cols_golden: torch.Tensor) -> torch.Tensor:
+    """The 32 hash bits behind counter_uniform(keys[:, None], cols[None, :]), computed in x
+    (int32 [rows, w]); keys: int32 [rows], cols_golden: cols * _GOLDEN as int32 [w]."""
     torch.bitwise_xor(cols_golden[None, :], keys[:, None], out=x)
     _fmix32_(x, tmp)
     x.add_(keys[:, None])
-    _fmix32_(x, tmp)
-    # ((x >>> 9) + 0.5) * 2^-23 exactly: the fp32 bits of 1 + (x >>> 9) * 2^-23, minus 1 - 2^-24
+    return _fmix32_(x, tmp)
+
+
+def _uniform_(x: torch.Tensor, tmp: torch.Tensor, keys: torch.Tensor, cols_golden: torch.Tensor) -> torch.Tensor:
+    """counter_uniform(keys[:, None], cols[None, :]) computed in x and returned as x's fp32 view:
+    ((x >>> 9) + 0.5) * 2^-23 exactly, as the fp32 bits of 1 + (x >>> 9) * 2^-23, minus 1 - 2^-24."""
+    _counter_hash_(x, tmp, keys, cols_golden)
     x.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
     return x.view(torch.float32).sub_(1.0 - 2.0 ** -24)
 
 
+_SIGN32 = -(1 << 31)  # xor with it maps uint32 order onto int32 order
+
+
+def _hash_floor(gap: torch.Tensor) -> torch.Tensor:
+    """Per row, an int32 floor (in _SIGN32-flipped order) on the hash bits of any entry whose
+    Gumbel noise g = -log(-log u) can reach `gap` (the row's best score minus the tile's largest
+    l, less a rounding margin): g >= gap <=> u >= exp(-exp(-gap)) <=> (bits >>> 9) >= k. One step
+    lower than that, so rounding here never drops an entry; extra entries are checked exactly."""
+    u_min = torch.exp(-torch.exp(-gap.double()))
+    k = (torch.ceil(u_min * 8388608.0 - 0.5) - 1).clamp_(0, 8388607).long()
+    return (k * 512 + _SIGN32).to(torch.int32)[:, None]
+
+
 def _torch_tile(rows: int, d: int, dtype: torch.dtype, want_soft: bool, workers: int) -> int:
-    """Columns per tile: the largest power of two (256 .. _TORCH_VOCAB_TILE) whose buffers fit
-    the budget: per worker, per column, three [rows] 4-byte tiles (logits, hash/probabilities,
-    scratch), a 16-bit one for l rounded to a 16-bit table, and the table's rows in fp32."""
+    """Columns per tile: the largest power of two with rows x columns <= _TORCH_TILE whose
+    buffers fit the budget (at least 256): per worker, per column, three [rows] 4-byte tiles
+    (logits, hash/probabilities, scratch), a bool one (candidates), a 16-bit one for l rounded
+    to a 16-bit table, and the table's rows in fp32."""
     wide = dtype != torch.float32
-    per_col = rows * (12 + (2 if wide and want_soft else 0)) + (4 * d if wide else 0)
-    fit = max(1, _TORCH_BUDGET // (workers * per_col))
-    return max(256, min(_TORCH_VOCAB_TILE, 1 << (fit.bit_length() - 1)))
+    per_col = rows * (13 + (2 if wide and want_soft else 0)) + (4 * d if wide else 0)
+    fit = max(1, min(_TORCH_BUDGET // (workers * per_col), _TORCH_TILE // rows))
+    return max(256, 1 << (fit.bit_length() - 1))
 
 
 def _take_better(x, tile_max, val, idx, v0):
@@ -274,6 +302,7 @@ def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, 
     lbuf = torch.empty(rows * vt, **f32)
     ubuf = torch.empty(rows * vt, dtype=torch.int32, device=dev)
     sbuf = torch.empty(rows * vt, dtype=torch.int32, device=dev)
+    mbuf = torch.empty(rows * vt, dtype=torch.bool, device=dev)
     rbuf = torch.empty(rows * vt, dtype=embedding.dtype, device=dev) if want_soft and not exact_soft else None
     ebuf = None if exact_soft else torch.empty(vt, d, **f32)
     m = torch.full((rows,), float("-inf"), **f32)  # reference max; may trail the true max by <= 8
@@ -295,12 +324,28 @@ def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, 
         tile_max = l.amax(dim=1)
         top_val, top_idx = _take_better(l, tile_max, top_val, top_idx, v0)
 
-        # Gumbel-max: score = l + g = l - log(-log u)
+        # Gumbel-max: score = l + g, g = -log(-log u), u from the counter hash of (row, column)
         scratch = sbuf[: rows * w].view(rows, w)
-        score = _uniform_(ubuf[: rows * w].view(rows, w), scratch, keys, cols_golden[v0:v0 + w])
-        score.log_().neg_().log_()
-        torch.sub(l, score, out=score)
-        best, best_tok = _take_better(score, score.amax(dim=1), best, best_tok, v0)
+        bits = ubuf[: rows * w].view(rows, w)
+        if v0 == 0:  # first tile: every entry is scored
+            score = _uniform_(bits, scratch, keys, cols_golden[v0:v0 + w])
+            score.log_().neg_().log_()
+            torch.sub(l, score, out=score)
+            best, best_tok = _take_better(score, score.amax(dim=1), best, best_tok, v0)
+        else:  # then only entries whose u lifts the tile's largest l past the row's best
+            _counter_hash_(bits, scratch, keys, cols_golden[v0:v0 + w]).bitwise_xor_(_SIGN32)
+            floor = _hash_floor(best - tile_max - _CANDIDATE_MARGIN)
+            ri, ci = torch.ge(bits, floor, out=mbuf[: rows * w].view(rows, w)).nonzero(as_tuple=True)
+            if ri.numel():
+                x = (bits[ri, ci] ^ _SIGN32).long() & _MASK32
+                score = l[ri, ci] + _gumbel(((x >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0))
+                tile_best = torch.full((rows,), float("-inf"), **f32).scatter_reduce_(0, ri, score, "amax")
+                win = score == tile_best[ri]
+                tile_tok = torch.full((rows,), vocab, dtype=torch.long, device=dev)
+                tile_tok.scatter_reduce_(0, ri[win], ci[win] + v0, "amin")  # the first index wins ties
+                better = tile_best > best
+                best = torch.where(better, tile_best, best)
+                best_tok = torch.where(better, tile_tok, best_tok)
 
         # lazy online rescale: move the reference max only when it grows by > _LAZY_RESCALE
         grow = tile_max > m + _LAZY_RESCALE
@@ -316,7 +361,7 @@ def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, 
                 soft.mul_(alpha[:, None])
             m = m_new
 
-        p = score  # the score tile is free: probabilities go there
+        p = bits.view(torch.float32)  # the hash tile is free: probabilities go there
         if want_soft and not exact_soft:  # soft weights from l rounded to the table's dtype
             p.copy_(rbuf[: rows * w].view(rows, w).copy_(l))
             p.sub_(m[:, None]).exp_()

@@ -290,13 +290,13 @@ def test_torch_path_same_for_any_workers_chunks_and_tiles(dtype):
 
 
 def test_torch_path_budget_bounds_the_tile():
-    """Tile widths from the buffer budget: wide 16-bit tables get narrow tiles (their fp32 copy
-    counts), small fp32 ones the cap; every choice within the budget."""
+    """Tile widths from the cache-sized tile and the buffer budget: wide 16-bit tables get
+    narrow tiles (their fp32 copy counts); every choice within both."""
     for rows, d, dtype, workers in [(128, 2816, torch.bfloat16, 2), (128, 256, torch.float32, 2),
                                     (128, 256, torch.bfloat16, 1), (16, 5376, torch.float16, 4)]:
         vt = S._torch_tile(rows, d, dtype, True, workers)
         wide = dtype != torch.float32
-        per_worker = vt * (rows * (14 if wide else 12) + (4 * d if wide else 0))
-        assert 256 <= vt <= S._TORCH_VOCAB_TILE and vt & (vt - 1) == 0
+        per_worker = vt * (rows * (15 if wide else 13) + (4 * d if wide else 0))
+        assert vt >= 256 and vt & (vt - 1) == 0 and (rows * vt <= S._TORCH_TILE or vt == 256)
         assert workers * per_worker <= S._TORCH_BUDGET or vt == 256
-    assert S._torch_tile(128, 2816, torch.bfloat16, True, 2) < S._torch_tile(128, 2816, torch.float32, True, 2)
+    assert S._torch_tile(128, 5376, torch.bfloat16, True, 2) < S._torch_tile(128, 5376, torch.float32, True, 2)
