@@ -244,13 +244,16 @@ class DiffusionGemma(nn.Module):
 
     def run_layers(self, x, pos, cache: KVCache, mode: str, mask=None):
         tables = self.rope_tables(pos, x.dtype)
-        # one thread when the projections (tokens x hidden x hidden) are small (dgplug.threads)
-        with threads.for_flops(2 * x.shape[0] * x.shape[1] * self.tc.hidden_size ** 2):
-            for i, layer in enumerate(self.layers):
-                cos, sin = tables["sliding" if layer.self_attn.sliding else "full"]
-                scalar = layer.layer_scalar if mode == "denoise" else self.encoder_layer_scalar[i : i + 1]
-                x = layer(x, cos, sin, pos, cache.layers[i], mode, scalar, mask)
+        for i, layer in enumerate(self.layers):
+            cos, sin = tables["sliding" if layer.self_attn.sliding else "full"]
+            scalar = layer.layer_scalar if mode == "denoise" else self.encoder_layer_scalar[i : i + 1]
+            x = layer(x, cos, sin, pos, cache.layers[i], mode, scalar, mask)
         return x
+
+    def _threads(self, ids):
+        """A pass over `ids` [B, L] on one thread when its projections (tokens x hidden x
+        hidden) are small (dgplug.threads.for_flops)."""
+        return threads.for_flops(2 * ids.numel() * self.tc.hidden_size ** 2)
 
     def self_conditioning_input(self, canvas, sc_logits=None, sc_soft=None):
         """x0 = rmsnorm_noscale(E[canvas]*sqrt(D) + MLP_sc(pre_norm(soft embedding)))."""
@@ -280,17 +283,19 @@ class DiffusionGemma(nn.Module):
         mask: [B, positions so far + new] bool (False = left padding), or None."""
         L = ids.shape[1]
         pos = torch.arange(cache.length, cache.length + L, device=ids.device)
-        x = self.run_layers(self.embed(ids), pos, cache, "encode", mask)
-        cache.length += L
-        return self.norm(x)
+        with self._threads(ids):
+            x = self.run_layers(self.embed(ids), pos, cache, "encode", mask)
+            cache.length += L
+            return self.norm(x)
 
     @torch.no_grad()
     def denoise(self, canvas, cache: KVCache, sc_logits=None, sc_soft=None, mask=None):
         """Bidirectional pass over the canvas against a read-only cache: final normed states."""
         L = canvas.shape[1]
         pos = torch.arange(cache.length, cache.length + L, device=canvas.device)
-        x = self.self_conditioning_input(canvas, sc_logits, sc_soft)
-        return self.norm(self.run_layers(x, pos, cache, "denoise", mask))
+        with self._threads(canvas):
+            x = self.self_conditioning_input(canvas, sc_logits, sc_soft)
+            return self.norm(self.run_layers(x, pos, cache, "denoise", mask))
 
     @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, self_conditioning_logits=None,

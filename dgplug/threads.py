@@ -64,9 +64,17 @@ def configure(n: int | None = None) -> int:
     return count
 
 
-# Below this many FLOPs per op, one thread: `python benchmarks/sampler.py --thread-sweep`
-# (fp32 matmuls at 1 and 2 threads, alternated) on this 2-core machine: SWEEP_RESULT.
-SMALL_FLOPS = 64e6
+# Below this many FLOPs per op, one thread. `python benchmarks/sampler.py --thread-sweep` (one
+# op at 1 and 2 intra-op threads, alternated, medians of 5) on a 2-core AVX2 EPYC shared with
+# other work (load average 16-17): fp32 matmuls of 8 MFLOP 0.13 vs 40 ms, 34 MFLOP 0.42 vs
+# 0.51 ms, 134 MFLOP 2.3 vs 2.0 ms, 268 MFLOP 17 vs 27 ms, 1.1 GFLOP 57 vs 99 ms, 4.1 GFLOP
+# 190 vs 248 ms, 32 GFLOP 1556 vs 1570 ms; tanh over 2^17 elements 0.57 vs 13.5 ms, over 2^23
+# 206 vs 245 ms. On a shared machine a second thread never paid, and at small sizes it cost
+# 10-300x (each op waits for a descheduled thread). Idle machines gain up to 2x from it on
+# large ops. The line sits where a small model's layer stack (hidden 256: 67 MFLOP per
+# projection at 512 tokens) stays single-threaded and the release's (hidden 2816: 4 GFLOP at
+# 256 tokens) does not.
+SMALL_FLOPS = 1e9
 
 
 @contextlib.contextmanager

@@ -52,3 +52,32 @@ def test_configure_user_choice_and_env(monkeypatch):
     threads._user = None
     with pytest.raises(ValueError, match="DGPLUG_THREADS='zero'"):
         threads.configure()
+
+
+def test_for_flops_narrows_small_calls_only():
+    torch.set_num_threads(2)
+    with threads.for_flops(threads.SMALL_FLOPS / 10):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with threads.for_flops(threads.SMALL_FLOPS * 10):
+        assert torch.get_num_threads() == 2
+    threads._user = 2  # a user's count is a budget: small calls still run on one thread
+    with threads.for_flops(1e6):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+
+
+def test_small_model_passes_run_single_threaded(monkeypatch):
+    """The layer stack of a small model runs inside for_flops on one thread (what matters on a
+    shared machine); the thread count is back afterwards."""
+    from dgplug.assets import tiny_random_model_path
+    import dgplug
+
+    model = dgplug.load(tiny_random_model_path())
+    seen = []
+    orig = model.run_layers
+    monkeypatch.setattr(model, "run_layers", lambda *a, **k: seen.append(torch.get_num_threads()) or orig(*a, **k))
+    torch.set_num_threads(2)
+    model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=model.cfg.canvas_length, max_denoising_steps=2, seed=0)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
