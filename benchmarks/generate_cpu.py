@@ -80,7 +80,7 @@ def child(side: str, path: str, args) -> dict:
     ids = torch.randint(10, 1000, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=256, max_denoising_steps=args.steps)
     if side == "transformers":
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
         from transformers import DiffusionGemmaForBlockDiffusion
 
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()

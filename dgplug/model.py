@@ -9,6 +9,7 @@ The heavy work goes through `dgplug.ops` (attention, route, moe, head) so kernel
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -202,6 +203,18 @@ class Output:
     cache: KVCache | None = None
 
 
+def _single_threaded_when_small(pass_):
+    """A pass over ids [B, L] runs on one thread when its projections (tokens x hidden x hidden
+    FLOPs) are small: dgplug.threads.for_flops."""
+
+    @functools.wraps(pass_)
+    def run(self, ids, *args, **kwargs):
+        with threads.for_flops(2 * ids.numel() * self.tc.hidden_size ** 2):
+            return pass_(self, ids, *args, **kwargs)
+
+    return run
+
+
 class DiffusionGemma(nn.Module):
     """The text model: embedding, the layer stack in two modes, self-conditioning, tied head."""
 
@@ -250,11 +263,6 @@ class DiffusionGemma(nn.Module):
             x = layer(x, cos, sin, pos, cache.layers[i], mode, scalar, mask)
         return x
 
-    def _threads(self, ids):
-        """A pass over `ids` [B, L] on one thread when its projections (tokens x hidden x
-        hidden) are small (dgplug.threads.for_flops)."""
-        return threads.for_flops(2 * ids.numel() * self.tc.hidden_size ** 2)
-
     def self_conditioning_input(self, canvas, sc_logits=None, sc_soft=None):
         """x0 = rmsnorm_noscale(E[canvas]*sqrt(D) + MLP_sc(pre_norm(soft embedding)))."""
         e = self.embed(canvas)
@@ -277,25 +285,25 @@ class DiffusionGemma(nn.Module):
 
     # -- the two modes ------------------------------------------------------------------------
     @torch.no_grad()
+    @_single_threaded_when_small
     def encode(self, ids, cache: KVCache, mask=None):
         """Causal pass over new tokens at positions [cache.length, ...); writes the cache.
 
         mask: [B, positions so far + new] bool (False = left padding), or None."""
         L = ids.shape[1]
         pos = torch.arange(cache.length, cache.length + L, device=ids.device)
-        with self._threads(ids):
-            x = self.run_layers(self.embed(ids), pos, cache, "encode", mask)
-            cache.length += L
-            return self.norm(x)
+        x = self.run_layers(self.embed(ids), pos, cache, "encode", mask)
+        cache.length += L
+        return self.norm(x)
 
     @torch.no_grad()
+    @_single_threaded_when_small
     def denoise(self, canvas, cache: KVCache, sc_logits=None, sc_soft=None, mask=None):
         """Bidirectional pass over the canvas against a read-only cache: final normed states."""
         L = canvas.shape[1]
         pos = torch.arange(cache.length, cache.length + L, device=canvas.device)
-        with self._threads(canvas):
-            x = self.self_conditioning_input(canvas, sc_logits, sc_soft)
-            return self.norm(self.run_layers(x, pos, cache, "denoise", mask))
+        x = self.self_conditioning_input(canvas, sc_logits, sc_soft)
+        return self.norm(self.run_layers(x, pos, cache, "denoise", mask))
 
     @torch.no_grad()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, self_conditioning_logits=None,

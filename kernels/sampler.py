@@ -382,13 +382,14 @@ def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, 
 
 
 def _head_sample_torch(h, embedding, *, softcap, temperature, seed, step, row_offset, want_soft,
-                       vocab_tile=None, rows_chunk=None, workers=None) -> HeadSample:
+                       vocab_tile=None, rows_chunk=None, workers=None, keys=None) -> HeadSample:
     """CPU path: the rows in chunks (tasks), each chunk walking the vocabulary in tiles. The
     chunks run on `workers` threads (default: torch's thread count) with single-threaded torch
     ops inside (dgplug.threads.run_tasks): no op-level parallel regions, so a core taken by
     another process slows one worker instead of stalling every op. Transient memory: per
     worker a few [rows_chunk, vocab_tile] tiles (and a 16-bit table's tile in fp32), within
-    _TORCH_BUDGET (48 MiB) at any batch and width, plus the outputs."""
+    _TORCH_BUDGET (48 MiB) at any batch and width, plus the outputs. keys: per-row RNG keys
+    [N] (int64 holding uint32) made beforehand; they replace seed/step/row_offset."""
     from dgplug.threads import run_tasks
 
     n, d = h.shape
@@ -400,7 +401,7 @@ def _head_sample_torch(h, embedding, *, softcap, temperature, seed, step, row_of
     workers = max(1, min(workers, len(chunks)))
     vt = int(min(vocab_tile or _torch_tile(min(rc, n), d, embedding.dtype, want_soft, workers), vocab))
     temp = _row_temperature(temperature, n, dev)
-    keys = _as_int32(canvas_row_keys(seed, step, n, row_offset, device=dev))
+    keys = _as_int32(canvas_row_keys(seed, step, n, row_offset, device=dev) if keys is None else keys)
     cols_golden = _as_int32(_mul32(torch.arange(vocab, dtype=torch.int64, device=dev), _GOLDEN))
     token = torch.empty(n, dtype=torch.long, device=dev)
     argmax = torch.empty(n, dtype=torch.long, device=dev)
