@@ -300,3 +300,33 @@ def test_torch_path_budget_bounds_the_tile():
         assert vt >= 256 and vt & (vt - 1) == 0 and (rows * vt <= S._TORCH_TILE or vt == 256)
         assert workers * per_worker <= S._TORCH_BUDGET or vt == 256
     assert S._torch_tile(128, 5376, torch.bfloat16, True, 2) < S._torch_tile(128, 5376, torch.float32, True, 2)
+
+
+def test_hash_floor_keeps_every_entry_that_can_reach_the_gap():
+    """_hash_floor never drops an entry whose Gumbel noise reaches the gap: for gaps from -inf
+    to beyond the largest noise, every hash whose uniform gives g >= gap passes the floor."""
+    gaps = torch.tensor([float("-inf"), -30.0, -2.5, 0.0, 0.3, 2.0, 7.5, 12.0, 15.9, 16.7, 40.0])
+    floor = S._hash_floor(gaps).view(-1).long()
+    k = torch.arange(0, 1 << 23, dtype=torch.int64)
+    u = (k.double() + 0.5) / 2**23
+    g = -torch.log(-torch.log(u))
+    lowest = ((k << 9) - (1 << 31))  # the smallest hash with this k, in the flipped (signed) order
+    for gap, fl in zip(gaps.tolist(), floor.tolist()):
+        reach = g >= gap
+        assert bool((lowest[reach] >= fl).all()), gap
+        if 0.0 < gap < 16.0:  # and it is tight: few k below the line pass
+            assert int(((lowest >= fl) & ~reach).sum()) <= 4
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.3, 2.0], ids=["flat", "medium", "peaked"])
+def test_torch_path_many_tiles_matches_reference(scale):
+    """Many tiles after the first, where only entries whose hash can reach the row's best get
+    their Gumbel noise computed: flat rows (every entry a candidate by logits alone), medium
+    and peaked ones; tokens equal to the reference's, which scores every entry."""
+    h, table, temp = _case(n=64, vocab=6000, d=32, scale=scale, seed=4)
+    kw = dict(temperature=temp, seed=21, step=9)
+    ref = head_sample_reference(h, table, **kw)
+    out = S._head_sample_torch(h, table, softcap=30.0, row_offset=0, want_soft=True, vocab_tile=256, **kw)
+    _assert_close_to(out, ref)
+    if scale == 0.01:
+        assert not torch.equal(ref.token, ref.argmax)
