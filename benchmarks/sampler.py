@@ -4,6 +4,8 @@
                                             # transformers batch 1 and 4 (about 10 minutes
                                             # on an idle 2-core machine; longer when shared)
     python benchmarks/sampler.py --quick    # V=32768, batch 1 and 2 (about a minute)
+    python benchmarks/sampler.py --sweep    # dgplug's CPU tiles: rows per task x columns per tile
+    python benchmarks/sampler.py --thread-sweep   # where a second intra-op thread starts to pay
 
 The GPU side (Triton path vs transformers at full size) is in benchmarks/gpu_check.py.
 
@@ -226,6 +228,72 @@ def _spawn(args, side, batch, repeats, vslice):
     return out
 
 
+def _timed(fn):
+    """(wall, CPU of the whole process) seconds of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def sweep(args):
+    """dgplug's CPU head + sampler over a grid of (rows per task, columns per tile), the
+    configurations alternated round by round in one process; medians of wall and CPU time."""
+    import torch
+
+    from dgplug.kernels.sampler import _head_sample_torch
+
+    torch.set_num_threads(args.threads)
+    h, table = _make_inputs(args.batches[0] if args.batches else 2, args.vocab, args.hidden)
+    h = h.float()
+    if args.fp32:
+        table = table.float()
+    grid = [(rc, vt) for rc in args.rows for vt in args.tiles]
+    kw = dict(softcap=SOFTCAP, temperature=TEMPERATURE, seed=0, step=1, row_offset=0, want_soft=True)
+    runs = {g: [] for g in grid}
+    print(f"sweep: {h.shape[0]} rows, V={args.vocab}, D={args.hidden}, {table.dtype} table, "
+          f"{args.threads} threads; {_load()}", flush=True)
+    for _ in range(args.repeats):
+        for rc, vt in grid:
+            runs[(rc, vt)].append(_timed(lambda: _head_sample_torch(h, table, rows_chunk=rc, vocab_tile=vt, **kw)))
+    print(f"{'rows/task':>9} {'cols/tile':>9} {'wall s':>8} {'CPU s':>8}")
+    for (rc, vt), r in runs.items():
+        print(f"{rc:>9} {vt:>9} {statistics.median(x[0] for x in r):>8.2f} {statistics.median(x[1] for x in r):>8.2f}")
+    print(_load())
+
+
+def thread_sweep(args):
+    """One op at a time at 1 and 2 intra-op threads, alternated: fp32 matmuls [M, K] x [K, N]
+    of growing size and an elementwise op of growing length; medians of wall time."""
+    import torch
+
+    sizes = [(64, 256, 256), (256, 256, 256), (512, 256, 512), (512, 256, 1024), (512, 1024, 1024),
+             (256, 2816, 2816), (512, 2816, 2816), (2048, 2816, 2816)]
+    lengths = [2**15, 2**17, 2**19, 2**21, 2**23]
+    print(f"thread sweep: {_load()}", flush=True)
+    cases = []
+    for m, k, n in sizes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        cases.append((f"mm {m}x{k}x{n} ({2 * m * k * n / 1e6:.0f} MFLOP)", lambda a=a, b=b: torch.mm(a, b)))
+    for n in lengths:
+        x = torch.randn(n)
+        cases.append((f"tanh {n} elements", lambda x=x: torch.tanh(x)))
+    inner = 5
+    for name, fn in cases:
+        times = {1: [], 2: []}
+        for _ in range(args.repeats):
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                fn()
+                times[t].append(min(_timed(fn)[0] for _ in range(inner)))
+        one, two = statistics.median(times[1]), statistics.median(times[2])
+        print(f"  {name:<36} 1 thread {one * 1e3:9.3f} ms   2 threads {two * 1e3:9.3f} ms   {one / two:5.2f}x", flush=True)
+    print(_load())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="V=32768, batches 1 and 2")
@@ -237,9 +305,21 @@ def main():
     ap.add_argument("--vslice", type=int, default=None, help="vocabulary slice for transformers' matmuls")
     ap.add_argument("--tf-full-matmuls", action="store_true")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--sweep", action="store_true", help="dgplug's CPU tile sizes (V=65536, D=256 unless given)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256, 512], help="sweep: rows per task")
+    ap.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768],
+                    help="sweep: columns per tile")
+    ap.add_argument("--fp32", action="store_true", help="sweep: an fp32 table instead of bf16")
+    ap.add_argument("--thread-sweep", action="store_true", help="1 vs 2 threads per op size")
     ap.add_argument("--worker", choices=["dgplug", "transformers"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.thread_sweep:
+        return thread_sweep(args)
+    if args.sweep:
+        args.vocab = args.vocab or 65536
+        args.hidden = args.hidden if "--hidden" in sys.argv else 256
+        return sweep(args)
     if args.vocab is None:
         args.vocab = 32768 if args.quick else 262144
     if args.worker:

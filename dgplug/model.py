@@ -9,13 +9,14 @@ The heavy work goes through `dgplug.ops` (attention, route, moe, head) so kernel
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, threads
 from .config import GENERATION_DEFAULTS, Config, TextConfig
 
 
@@ -30,10 +31,11 @@ class RMSNorm(nn.Module):
 
 
 def linear(x, w):
-    """Bias-free linear; `w` may be a plain tensor or a packed quantized weight."""
+    """Bias-free linear (ops.linear: 16-bit weights upcast at use on CPUs without native 16-bit
+    matmuls); `w` may be a plain tensor or a packed quantized weight."""
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
-    return F.linear(x, w.dequantize(x.dtype))  # packed (QuantizedWeight): dequantised per call
+        return ops.linear(x, w)
+    return ops.linear(x, w.dequantize(x.dtype))  # packed (QuantizedWeight): dequantised per call
 
 
 class MLP(nn.Module):
@@ -209,6 +211,18 @@ class Output:
     cache: KVCache | None = None
 
 
+def _single_threaded_when_small(pass_):
+    """A pass over ids [B, L] runs on one thread when its projections (tokens x hidden x hidden
+    FLOPs) are small: dgplug.threads.for_flops."""
+
+    @functools.wraps(pass_)
+    def run(self, ids, *args, **kwargs):
+        with threads.for_flops(2 * ids.numel() * self.tc.hidden_size ** 2):
+            return pass_(self, ids, *args, **kwargs)
+
+    return run
+
+
 class DiffusionGemma(nn.Module):
     """The text model: embedding, the layer stack in two modes, self-conditioning, tied head."""
 
@@ -282,10 +296,11 @@ class DiffusionGemma(nn.Module):
 
     def head(self, h):
         """Tied, softcapped LM head: fp32 logits [.., V]."""
-        return ops.softcap(F.linear(h, self.embed_tokens.weight).float(), self.tc.final_logit_softcapping)
+        return ops.softcap(ops.linear(h, self.embed_tokens.weight).float(), self.tc.final_logit_softcapping)
 
     # -- the two modes ------------------------------------------------------------------------
     @torch.no_grad()
+    @_single_threaded_when_small
     def encode(self, ids, cache: KVCache, mask=None):
         """Causal pass over new tokens at positions [cache.length, ...); writes the cache.
 
@@ -297,6 +312,7 @@ class DiffusionGemma(nn.Module):
         return self.norm(x)
 
     @torch.no_grad()
+    @_single_threaded_when_small
     def denoise(self, canvas, cache: KVCache, sc_logits=None, sc_soft=None, mask=None):
         """Bidirectional pass over the canvas against a read-only cache: final normed states."""
         pos = cache.canvas_positions(canvas.shape[1], canvas.device)

@@ -27,6 +27,7 @@ head_sample(h, embedding, *, softcap, temperature, seed, step, soft_dtype) -> He
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -49,6 +50,47 @@ def set_backend(name: str) -> None:
 
 def _kernels(t: torch.Tensor) -> bool:
     return BACKEND == "kernels" or (BACKEND == "auto" and t.is_cuda)
+
+
+# 16-bit weights on a CPU without native 16-bit matmuls (no AVX512-BF16 / AMX / AVX512-FP16: what
+# torch's oneDNN reports) are upcast at use. DGPLUG_UPCAST_16BIT=1 / 0 forces it on / off.
+_UPCAST_16BIT = os.environ.get("DGPLUG_UPCAST_16BIT", "auto")
+_UPCAST_BLOCK = 1 << 24  # elements of a weight upcast at once (64 MiB in fp32)
+
+
+@functools.cache
+def _native_16bit(dtype: torch.dtype) -> bool:
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a torch without oneDNN: assume the slow case
+        return False
+
+
+def upcast_16bit(t: torch.Tensor) -> bool:
+    """Whether matmuls with this 16-bit CPU tensor should run in fp32 instead (measured on an
+    AVX2 CPU: bf16 matmuls 5 GF/s, fp32 70 GF/s)."""
+    if t.dtype not in (torch.bfloat16, torch.float16) or t.device.type != "cpu" or _UPCAST_16BIT == "0":
+        return False
+    return _UPCAST_16BIT == "1" or not _native_16bit(t.dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T, bias-free. With 16-bit operands that `upcast_16bit` flags: one fp32 matmul on
+    exact fp32 copies of x and w (a CPU's 16-bit matmul accumulates in fp32 too), the result
+    rounded to x's dtype as a 16-bit matmul's would be. Transient: w in fp32, in blocks of
+    output rows for weights over 2^24 elements (the tied head)."""
+    if not (upcast_16bit(w) or upcast_16bit(x)):
+        return F.linear(x, w)
+    x32 = x.float()
+    if w.numel() <= _UPCAST_BLOCK:
+        return F.linear(x32, w.float()).to(x.dtype)
+    out = x.new_empty(*x.shape[:-1], w.shape[0])
+    step = max(1, _UPCAST_BLOCK // w.shape[1])
+    for j in range(0, w.shape[0], step):
+        out[..., j:j + step] = F.linear(x32, w[j:j + step].float())
+    return out
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +145,7 @@ def attention_reference(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, 
 def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float):
     """The MoE router: reads the raw residual, softmax before top-k, per-expert scale."""
     z = rms_norm(r, None, eps) * scale * (r.shape[-1] ** -0.5)
-    probs = torch.softmax(F.linear(z, proj_weight), dim=-1, dtype=torch.float32)
+    probs = torch.softmax(linear(z, proj_weight), dim=-1, dtype=torch.float32)
     w, idx = torch.topk(probs, k=top_k, dim=-1)
     w = w / w.sum(dim=-1, keepdim=True)
     return w * per_expert_scale[idx], idx
@@ -129,8 +171,8 @@ def moe_reference(x, index, weights, gate_up, down):
         # transformers visits tokens ordered by (slot, token); keep that order
         order = torch.argsort(slot * index.shape[0] + rows, stable=True)
         rows, slot = rows[order], slot[order]
-        gate, up = F.linear(x[rows], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(gelu_tanh(gate) * up, down[e]) * weights[rows, slot, None]
+        gate, up = linear(x[rows], gate_up[e]).chunk(2, dim=-1)
+        y = linear(gelu_tanh(gate) * up, down[e]) * weights[rows, slot, None]
         out.index_add_(0, rows, y.to(out.dtype))
     return out
 
@@ -141,8 +183,16 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
 
 def soft_embedding(scaled_logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
     """Self-conditioning soft embedding: softmax(l cast to the table dtype) @ E, unscaled."""
-    probs = torch.softmax(scaled_logits.to(embedding.dtype), dim=-1, dtype=torch.float32)
-    return torch.matmul(probs.to(embedding.dtype), embedding)
+    probs = torch.softmax(scaled_logits.to(embedding.dtype), dim=-1, dtype=torch.float32).to(embedding.dtype)
+    if not upcast_16bit(embedding):
+        return torch.matmul(probs, embedding)
+    # fp32 accumulation over vocabulary blocks upcast at use, rounded once at the end
+    p = probs.reshape(-1, probs.shape[-1])
+    out = torch.zeros(p.shape[0], embedding.shape[1], dtype=torch.float32, device=p.device)
+    step = max(1, _UPCAST_BLOCK // embedding.shape[1])
+    for v0 in range(0, p.shape[1], step):
+        out.addmm_(p[:, v0:v0 + step].float(), embedding[v0:v0 + step].float())
+    return out.to(embedding.dtype).view(*probs.shape[:-1], -1)
 
 
 def embed_scale(hidden: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,15 +1,28 @@
 """How many CPU threads dgplug's torch ops use.
 
 One place decides: `configure(n)` is what `--threads N` (CLI) and `DGPLUG_THREADS` set; without
-either, dgplug applies its own default policy (`default_threads`). Code that knows the size of
-its work can narrow the count for a block with `for_work(...)`; a user's explicit choice always
-wins over the policy.
+either, dgplug applies its own default policy (`default_threads`: the cores this process may
+run on). That count is a budget, spent two ways:
+
+* Small calls run on one thread (`for_flops`): below SMALL_FLOPS per op, a second intra-op
+  thread costs more than it saves, and on a shared machine every op waits at its barrier for
+  the slower thread (a descheduled one: milliseconds). The layer stack of a small model is such
+  a call (`DiffusionGemma.run_layers`). This rule narrows, never widens, and applies under a
+  user's count too.
+* The CPU head + sampler runs its row chunks as tasks on that many worker threads with
+  single-threaded ops inside (`run_tasks`): no op-level barriers at all, and a worker slowed
+  by another process leaves its share of the queue to the others.
+
+Code that knows better can narrow the count for a block with `for_work(...)`, which a user's
+explicit choice overrides.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 ENV = "DGPLUG_THREADS"
 _user: int | None = None  # set by configure() from --threads or DGPLUG_THREADS
@@ -51,6 +64,36 @@ def configure(n: int | None = None) -> int:
     return count
 
 
+# Below this many FLOPs per op, one thread. `python benchmarks/sampler.py --thread-sweep` (one
+# op at 1 and 2 intra-op threads, alternated, medians of 5) on a 2-core AVX2 EPYC shared with
+# other work (load average 16-17): fp32 matmuls of 8 MFLOP 0.13 vs 40 ms, 34 MFLOP 0.42 vs
+# 0.51 ms, 134 MFLOP 2.3 vs 2.0 ms, 268 MFLOP 17 vs 27 ms, 1.1 GFLOP 57 vs 99 ms, 4.1 GFLOP
+# 190 vs 248 ms, 32 GFLOP 1556 vs 1570 ms; tanh over 2^17 elements 0.57 vs 13.5 ms, over 2^23
+# 206 vs 245 ms. On a shared machine a second thread never paid, and at small sizes it cost
+# 10-300x (each op waits for a descheduled thread). Idle machines gain up to 2x from it on
+# large ops. The line sits where a small model's layer stack (hidden 256: 67 MFLOP per
+# projection at 512 tokens) stays single-threaded and the release's (hidden 2816: 4 GFLOP at
+# 256 tokens) does not.
+SMALL_FLOPS = 1e9
+
+
+@contextlib.contextmanager
+def for_flops(flops: float):
+    """Run a block whose ops each do about `flops` FLOPs: on one thread below SMALL_FLOPS,
+    else with the count in force."""
+    import torch
+
+    before = torch.get_num_threads()
+    if flops >= SMALL_FLOPS or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def user_threads() -> int | None:
     """The user's explicit thread count, or None when dgplug's policy decides."""
     return _user
@@ -68,5 +111,39 @@ def for_work(threads: int):
     torch.set_num_threads(max(1, threads))
     try:
         yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_tasks(tasks, workers: int) -> None:
+    """Run independent callables on `workers` threads (the calling thread is one), each taking
+    the next task from a shared queue, with torch ops single-threaded inside: parallel across
+    tasks, not inside ops, so a core taken by another process slows one worker (the others take
+    its share of the queue) instead of stalling every op at its barrier. The calling thread's
+    torch thread count is restored afterwards; the first exception is raised."""
+    import torch
+
+    before = torch.get_num_threads()
+    pending = iter(tasks)
+    lock = threading.Lock()
+
+    def worker():
+        torch.set_num_threads(1)
+        while True:
+            with lock:
+                task = next(pending, None)
+            if task is None:
+                return
+            task()
+
+    try:
+        if workers <= 1:
+            worker()
+            return
+        with ThreadPoolExecutor(workers - 1, thread_name_prefix="dgplug") as pool:
+            others = [pool.submit(worker) for _ in range(workers - 1)]
+            worker()
+            for f in others:
+                f.result()
     finally:
         torch.set_num_threads(before)

@@ -212,107 +212,228 @@ def head_sample_reference(h, embedding, *, softcap=SOFTCAP, temperature=1.0, see
 
 
 # --------------------------------------------------------------------------------------------
-# The torch path: chunked over rows and vocabulary tiles, vectorised, bounded memory
+# The torch path: row chunks as tasks for a few worker threads (dgplug.threads.run_tasks), each
+# walking the vocabulary in cache-sized tiles with single-threaded torch ops
 # --------------------------------------------------------------------------------------------
 
-_TORCH_VOCAB_TILE = 512
-_TORCH_ROWS_CHUNK = 512
+# Measured (`python benchmarks/sampler.py --sweep`, one thread, 512 rows, V=65536, D=256, CPU
+# seconds, medians of 3 alternated; a 2-core AVX2 EPYC under load average 16-19): fp32 table,
+# rows x columns 512x2048 1.53, 512x1024 1.57, 256x1024 1.68, 256x2048 1.79, 256x4096 1.98,
+# 256x8192 2.17, 256x16384 2.34, 256x32768 2.97, 128x4096 1.96, 64x4096 2.14; bf16 table
+# 512x1024 1.70, 256x1024 1.82, 256x2048 1.87, 128x2048 2.08, 256x8192 2.46. A tile of
+# 2^18 entries (1 MiB per fp32 buffer, this CPU's L2 per core) is the sweet spot: wider ones
+# spill the ~30 elementwise passes per tile out of the cache, narrower ones cost more in
+# matmul efficiency and per-op overhead. Rows per task: at most 256, so that a batch of 2
+# (512 rows) still makes a task per worker on 2 cores.
+_TORCH_TILE = 1 << 18  # entries (rows x columns) per tile at most
+_TORCH_ROWS_CHUNK = 256  # rows per task at most
+_TORCH_BUDGET = 48 << 20  # bytes of tile buffers, all workers together
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 tensors holding uint32 values -> int32 with the same bits."""
+    return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
+
+
+def _signed32(c: int) -> int:
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _fmix32_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """_fmix32_torch in place on int32 tensors holding the uint32 bits: int32 multiplies wrap like
+    uint32 ones, and a logical shift is an arithmetic shift with the sign bits masked off."""
+    for shift, mul in ((16, _FMIX_1), (13, _FMIX_2), (16, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp).bitwise_and_((1 << (32 - shift)) - 1)
+        x.bitwise_xor_(tmp)
+        if mul is not None:
+            x.mul_(_signed32(mul))
+    return x
+
+
+def _counter_hash_(x: torch.Tensor, tmp: torch.Tensor, keys: torch.Tensor, cols_golden: torch.Tensor) -> torch.Tensor:
+    """The 32 hash bits behind counter_uniform(keys[:, None], cols[None, :]), computed in x
+    (int32 [rows, w]); keys: int32 [rows], cols_golden: cols * _GOLDEN as int32 [w]."""
+    torch.bitwise_xor(cols_golden[None, :], keys[:, None], out=x)
+    _fmix32_(x, tmp)
+    x.add_(keys[:, None])
+    return _fmix32_(x, tmp)
+
+
+def _uniform_(x: torch.Tensor, tmp: torch.Tensor, keys: torch.Tensor, cols_golden: torch.Tensor) -> torch.Tensor:
+    """counter_uniform(keys[:, None], cols[None, :]) computed in x and returned as x's fp32 view:
+    ((x >>> 9) + 0.5) * 2^-23 exactly, as the fp32 bits of 1 + (x >>> 9) * 2^-23, minus 1 - 2^-24."""
+    _counter_hash_(x, tmp, keys, cols_golden)
+    x.bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).bitwise_or_(0x3F800000)
+    return x.view(torch.float32).sub_(1.0 - 2.0 ** -24)
+
+
+_SIGN32 = -(1 << 31)  # xor with it maps uint32 order onto int32 order
+
+
+def _hash_floor(gap: torch.Tensor) -> torch.Tensor:
+    """Per row, an int32 floor (in _SIGN32-flipped order) on the hash bits of any entry whose
+    Gumbel noise g = -log(-log u) can reach `gap` (the row's best score minus the tile's largest
+    l, less a rounding margin): g >= gap <=> u >= exp(-exp(-gap)) <=> (bits >>> 9) >= k. One step
+    lower than that, so rounding here never drops an entry; extra entries are checked exactly."""
+    u_min = torch.exp(-torch.exp(-gap.double()))
+    k = (torch.ceil(u_min * 8388608.0 - 0.5) - 1).clamp_(0, 8388607).long()
+    return (k * 512 + _SIGN32).to(torch.int32)[:, None]
+
+
+def _torch_tile(rows: int, d: int, dtype: torch.dtype, want_soft: bool, workers: int) -> int:
+    """Columns per tile: the largest power of two with rows x columns <= _TORCH_TILE whose
+    buffers fit the budget (at least 256): per worker, per column, three [rows] 4-byte tiles
+    (logits, hash/probabilities, scratch), a bool one (candidates), a 16-bit one for l rounded
+    to a 16-bit table, and the table's rows in fp32."""
+    wide = dtype != torch.float32
+    per_col = rows * (13 + (2 if wide and want_soft else 0)) + (4 * d if wide else 0)
+    fit = max(1, min(_TORCH_BUDGET // (workers * per_col), _TORCH_TILE // rows))
+    return max(256, 1 << (fit.bit_length() - 1))
+
+
+def _take_better(x, tile_max, val, idx, v0):
+    """Running (max, first argmax) per row after one more tile x [rows, w] with row maxima
+    tile_max: only rows whose maximum beats the running one (strictly: the first index wins
+    ties across tiles) need the index, and argmax (which picks the first index within the
+    tile) is far slower than amax on the CPU, so it runs on those rows only; after the first
+    tiles they are few (a new record in tile k of a row: 1 in k for exchangeable tiles)."""
+    better = tile_max > val
+    rows = better.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return val, idx
+    arg = x.argmax(dim=1) if rows.numel() == x.shape[0] else x[rows].argmax(dim=1)
+    idx = idx.index_put((rows,), arg + v0) if rows.numel() < x.shape[0] else arg + v0
+    return torch.where(better, tile_max, val), idx
+
+
+def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, vt, out):
+    """One row chunk's pass over the whole vocabulary: writes out = (token, argmax, entropy,
+    soft) rows in place. Per tile: one matmul for the logits, softcap and temperature in place,
+    one max for the argmax, the counter hash and Gumbel scores in place (no candidate search: a
+    flat distribution makes every entry one), one max for the sample, one exp and one sum for
+    the normaliser, one product-sum for the entropy, one matmul P @ E for the soft sum."""
+    token, argmax, entropy, soft = out
+    rows, d = h.shape
+    vocab = embedding.shape[0]
+    dev = h.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    h = h.float()
+    t = temp[:, None]
+    exact_soft = embedding.dtype == torch.float32
+    lbuf = torch.empty(rows * vt, **f32)
+    ubuf = torch.empty(rows * vt, dtype=torch.int32, device=dev)
+    sbuf = torch.empty(rows * vt, dtype=torch.int32, device=dev)
+    mbuf = torch.empty(rows * vt, dtype=torch.bool, device=dev)
+    rbuf = torch.empty(rows * vt, dtype=embedding.dtype, device=dev) if want_soft and not exact_soft else None
+    ebuf = None if exact_soft else torch.empty(vt, d, **f32)
+    m = torch.full((rows,), float("-inf"), **f32)  # reference max; may trail the true max by <= 8
+    z = torch.zeros(rows, **f32)  # sum exp(l - m)
+    t1 = torch.zeros(rows, **f32)  # sum exp(l - m) (l - m)
+    z_soft = z if exact_soft else torch.zeros(rows, **f32)  # sum exp(l' - m)
+    top_val = torch.full((rows,), float("-inf"), **f32)
+    top_idx = torch.zeros(rows, dtype=torch.long, device=dev)
+    best = torch.full((rows,), float("-inf"), **f32)
+    best_tok = torch.zeros(rows, dtype=torch.long, device=dev)
+
+    for v0 in range(0, vocab, vt):
+        w = min(vt, vocab - v0)
+        e = embedding[v0:v0 + w]
+        if ebuf is not None:  # 16-bit table: this tile's rows in fp32, for both matmuls
+            e = ebuf[:w].copy_(e)
+        l = torch.mm(h, e.T, out=lbuf[: rows * w].view(rows, w))
+        l.div_(softcap).tanh_().mul_(softcap).div_(t)  # the reference's order of roundings
+        tile_max = l.amax(dim=1)
+        top_val, top_idx = _take_better(l, tile_max, top_val, top_idx, v0)
+
+        # Gumbel-max: score = l + g, g = -log(-log u), u from the counter hash of (row, column)
+        scratch = sbuf[: rows * w].view(rows, w)
+        bits = ubuf[: rows * w].view(rows, w)
+        if v0 == 0:  # first tile: every entry is scored
+            score = _uniform_(bits, scratch, keys, cols_golden[v0:v0 + w])
+            score.log_().neg_().log_()
+            torch.sub(l, score, out=score)
+            best, best_tok = _take_better(score, score.amax(dim=1), best, best_tok, v0)
+        else:  # then only entries whose u lifts the tile's largest l past the row's best
+            _counter_hash_(bits, scratch, keys, cols_golden[v0:v0 + w]).bitwise_xor_(_SIGN32)
+            floor = _hash_floor(best - tile_max - _CANDIDATE_MARGIN)
+            ri, ci = torch.ge(bits, floor, out=mbuf[: rows * w].view(rows, w)).nonzero(as_tuple=True)
+            if ri.numel():
+                x = (bits[ri, ci] ^ _SIGN32).long() & _MASK32
+                score = l[ri, ci] + _gumbel(((x >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0))
+                tile_best = torch.full((rows,), float("-inf"), **f32).scatter_reduce_(0, ri, score, "amax")
+                win = score == tile_best[ri]
+                tile_tok = torch.full((rows,), vocab, dtype=torch.long, device=dev)
+                tile_tok.scatter_reduce_(0, ri[win], ci[win] + v0, "amin")  # the first index wins ties
+                better = tile_best > best
+                best = torch.where(better, tile_best, best)
+                best_tok = torch.where(better, tile_tok, best_tok)
+
+        # lazy online rescale: move the reference max only when it grows by > _LAZY_RESCALE
+        grow = tile_max > m + _LAZY_RESCALE
+        if bool(grow.any()):
+            m_new = torch.where(grow, tile_max, m)
+            first = torch.isinf(m)
+            alpha = torch.where(first, torch.zeros_like(m), torch.exp(m - m_new))
+            delta = torch.where(first, torch.zeros_like(m), m - m_new)
+            t1 = alpha * (t1 + delta * z)
+            z = alpha * z
+            z_soft = z if exact_soft else alpha * z_soft
+            if want_soft:
+                soft.mul_(alpha[:, None])
+            m = m_new
+
+        p = bits.view(torch.float32)  # the hash tile is free: probabilities go there
+        if want_soft and not exact_soft:  # soft weights from l rounded to the table's dtype
+            p.copy_(rbuf[: rows * w].view(rows, w).copy_(l))
+            p.sub_(m[:, None]).exp_()
+            z_soft += p.sum(1)
+            soft.addmm_(p, e)
+        dl = l.sub_(m[:, None])
+        torch.exp(dl, out=p)
+        z += p.sum(1)
+        t1 += torch.mul(p, dl, out=scratch.view(torch.float32)).sum(1)
+        if want_soft and exact_soft:
+            soft.addmm_(p, e)
+
+    token.copy_(best_tok)
+    argmax.copy_(top_idx)
+    entropy.copy_(torch.log(z) - t1 / z)
+    if want_soft:
+        soft.div_(z_soft[:, None])
 
 
 def _head_sample_torch(h, embedding, *, softcap, temperature, seed, step, row_offset, want_soft,
-                       vocab_tile=None, rows_chunk=None, keys=None) -> HeadSample:
-    """Streaming CPU path: row chunks outside, vocabulary tiles inside. Transient memory: one
-    row chunk of h in fp32 [rows_chunk, D], one embedding tile in fp32 [vocab_tile, D] and a few
-    [rows_chunk, vocab_tile] fp32 tiles (about 15 MiB at the defaults), plus the outputs."""
+                       vocab_tile=None, rows_chunk=None, workers=None, keys=None) -> HeadSample:
+    """CPU path: the rows in chunks (tasks), each chunk walking the vocabulary in tiles. The
+    chunks run on `workers` threads (default: torch's thread count) with single-threaded torch
+    ops inside (dgplug.threads.run_tasks): no op-level parallel regions, so a core taken by
+    another process slows one worker instead of stalling every op. Transient memory: per
+    worker a few [rows_chunk, vocab_tile] tiles (and a 16-bit table's tile in fp32), within
+    _TORCH_BUDGET (48 MiB) at any batch and width, plus the outputs. keys: per-row RNG keys
+    [N] (int64 holding uint32) made beforehand; they replace seed/step/row_offset."""
+    from dgplug.threads import run_tasks
+
     n, d = h.shape
     vocab = embedding.shape[0]
     dev = h.device
-    vt = int(vocab_tile or _TORCH_VOCAB_TILE)
-    rc = int(rows_chunk or _TORCH_ROWS_CHUNK)
+    workers = int(workers or (torch.get_num_threads() if dev.type == "cpu" else 1))
+    rc = int(rows_chunk or min(_TORCH_ROWS_CHUNK, max(16, -(-n // workers))))
+    chunks = [(r0, min(r0 + rc, n)) for r0 in range(0, n, rc)]
+    workers = max(1, min(workers, len(chunks)))
+    vt = int(min(vocab_tile or _torch_tile(min(rc, n), d, embedding.dtype, want_soft, workers), vocab))
     temp = _row_temperature(temperature, n, dev)
-    keys = canvas_row_keys(seed, step, n, row_offset, device=dev) if keys is None else keys
-    exact_soft = embedding.dtype == torch.float32
+    keys = _as_int32(canvas_row_keys(seed, step, n, row_offset, device=dev) if keys is None else keys)
+    cols_golden = _as_int32(_mul32(torch.arange(vocab, dtype=torch.int64, device=dev), _GOLDEN))
     token = torch.empty(n, dtype=torch.long, device=dev)
     argmax = torch.empty(n, dtype=torch.long, device=dev)
     entropy = torch.empty(n, dtype=torch.float32, device=dev)
     soft = torch.zeros(n, d, dtype=torch.float32, device=dev) if want_soft else None
 
-    for r0 in range(0, n, rc):
-        r1 = min(r0 + rc, n)
-        rows = r1 - r0
-        h_rows = h[r0:r1].float()
-        t_rows = temp[r0:r1, None]
-        k_rows = keys[r0:r1]
-        soft_rows = soft[r0:r1] if want_soft else None
-        f32 = dict(dtype=torch.float32, device=dev)
-        m = torch.full((rows,), float("-inf"), **f32)  # reference max; may trail the true max by <= 8
-        z = torch.zeros(rows, **f32)  # sum exp(l - m)
-        t1 = torch.zeros(rows, **f32)  # sum exp(l - m) (l - m)
-        z_soft = torch.zeros(rows, **f32)  # sum exp(l' - m)
-        top_val = torch.full((rows,), float("-inf"), **f32)
-        top_idx = torch.zeros(rows, dtype=torch.long, device=dev)
-        best_score = torch.full((rows,), float("-inf"), **f32)
-        best_tok = torch.zeros(rows, dtype=torch.long, device=dev)
+    def task(r0, r1):
+        out = (token[r0:r1], argmax[r0:r1], entropy[r0:r1], soft[r0:r1] if want_soft else None)
+        _walk_vocabulary(h[r0:r1], embedding, temp[r0:r1], keys[r0:r1], cols_golden, softcap, want_soft, vt, out)
 
-        for v0 in range(0, vocab, vt):
-            v1 = min(v0 + vt, vocab)
-            e_tile = embedding[v0:v1].float()
-            # logits tile -> softcap -> temperature, in place: one [rows, vt] fp32 tile
-            l = torch.mm(h_rows, e_tile.T)
-            l.div_(softcap).tanh_().mul_(softcap).div_(t_rows)
-            tile_max, tile_arg = l.max(dim=1)
-            better = tile_max > top_val  # strict: the first index wins ties
-            top_val = torch.where(better, tile_max, top_val)
-            top_idx = torch.where(better, tile_arg + v0, top_idx)
-
-            # lazy online rescale: move the reference max only when it grows by > _LAZY_RESCALE
-            grow = tile_max > m + _LAZY_RESCALE
-            if bool(grow.any()):
-                m_new = torch.where(grow, tile_max, m)
-                first = torch.isinf(m)
-                alpha = torch.where(first, torch.zeros_like(m), torch.exp(m - m_new))
-                delta = torch.where(first, torch.zeros_like(m), m - m_new)
-                t1 = alpha * (t1 + delta * z)
-                z = alpha * z
-                z_soft = alpha * z_soft
-                if want_soft:
-                    soft_rows.mul_(alpha[:, None])
-                m = m_new
-
-            # Gumbel-max, hashing only the entries that can still beat the row's best score
-            floor = torch.maximum(best_score, tile_max + _GUMBEL_MIN)
-            ri, ci = (l >= (floor - (_GUMBEL_MAX + _CANDIDATE_MARGIN))[:, None]).nonzero(as_tuple=True)
-            score = l[ri, ci] + _gumbel(counter_uniform(k_rows[ri], ci + v0))
-            tile_best = torch.full((rows,), float("-inf"), **f32).scatter_reduce_(0, ri, score, "amax")
-            win = score == tile_best[ri]
-            tile_tok = torch.full((rows,), vocab, dtype=torch.long, device=dev)
-            tile_tok.scatter_reduce_(0, ri[win], ci[win] + v0, "amin")
-            better = tile_best > best_score
-            best_score = torch.where(better, tile_best, best_score)
-            best_tok = torch.where(better, tile_tok, best_tok)
-
-            # soft embedding numerator from l rounded to the table's dtype (as transformers)
-            if want_soft and not exact_soft:
-                p_soft = _round_to(l, embedding.dtype).sub_(m[:, None]).exp_()
-                z_soft += p_soft.sum(1)
-                soft_rows.addmm_(p_soft, e_tile)
-                del p_soft
-
-            # normaliser and entropy terms (l becomes l - m in place)
-            dl = l.sub_(m[:, None])
-            p = torch.exp(dl)
-            z += p.sum(1)
-            t1 += torch.bmm(p.unsqueeze(1), dl.unsqueeze(2)).view(-1)
-            if want_soft and exact_soft:
-                z_soft += p.sum(1)
-                soft_rows.addmm_(p, e_tile)
-            del l, p, dl, e_tile
-
-        token[r0:r1] = best_tok
-        argmax[r0:r1] = top_idx
-        entropy[r0:r1] = torch.log(z) - t1 / z
-        if want_soft:
-            soft_rows.div_(z_soft[:, None])
+    run_tasks([lambda c=c: task(*c) for c in chunks], workers)
     return HeadSample(token=token, argmax=argmax, entropy=entropy, soft=soft)
 
 

@@ -258,3 +258,75 @@ def test_dispatch(monkeypatch):
     with pytest.raises(ValueError):
         head_sample(h, table, temperature=torch.ones(3))
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------ the CPU twin's pieces
+
+
+def test_int32_hash_equals_counter_uniform():
+    """The CPU path's in-place int32 hash (wrapping multiplies, masked arithmetic shifts, the
+    uniform built from its fp32 bits) against the int64 reference `counter_uniform`."""
+    keys = torch.cat([torch.tensor([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]),
+                      canvas_row_keys(seed=2**40 + 7, step=31, rows=11, row_offset=2**31 - 3)])
+    cols = torch.cat([torch.arange(0, 300), torch.arange(262144 - 300, 262144), torch.tensor([2**31 - 1, 2**31, 2**32 - 1])])
+    x = torch.empty(keys.numel(), cols.numel(), dtype=torch.int32)
+    u = S._uniform_(x, torch.empty_like(x), S._as_int32(keys), S._as_int32(S._mul32(cols, S._GOLDEN)))
+    assert torch.equal(u, counter_uniform(keys[:, None], cols[None, :]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_torch_path_same_for_any_workers_chunks_and_tiles(dtype):
+    """Rows are independent: worker count, row chunks and vocabulary tiles change no token, and
+    every split stays within the reference's tolerances."""
+    h, table, temp = _case(n=70, vocab=1000, d=48, dtype=dtype, scale=0.2)
+    kw = dict(softcap=30.0, temperature=temp, seed=8, step=6, row_offset=5, want_soft=True)
+    ref = head_sample_reference(h, table, **{k: v for k, v in kw.items() if k != "softcap"})
+    base = None
+    for workers, rc, vt in [(1, None, None), (2, 16, 256), (3, 7, 333), (2, 70, 1000)]:
+        out = S._head_sample_torch(h, table, workers=workers, rows_chunk=rc, vocab_tile=vt, **kw)
+        _assert_close_to(out, ref, dtype)
+        base = base or out
+        assert torch.equal(out.token, base.token) and torch.equal(out.argmax, base.argmax)
+
+
+def test_torch_path_budget_bounds_the_tile():
+    """Tile widths from the cache-sized tile and the buffer budget: wide 16-bit tables get
+    narrow tiles (their fp32 copy counts); every choice within both."""
+    for rows, d, dtype, workers in [(128, 2816, torch.bfloat16, 2), (128, 256, torch.float32, 2),
+                                    (128, 256, torch.bfloat16, 1), (16, 5376, torch.float16, 4)]:
+        vt = S._torch_tile(rows, d, dtype, True, workers)
+        wide = dtype != torch.float32
+        per_worker = vt * (rows * (15 if wide else 13) + (4 * d if wide else 0))
+        assert vt >= 256 and vt & (vt - 1) == 0 and (rows * vt <= S._TORCH_TILE or vt == 256)
+        assert workers * per_worker <= S._TORCH_BUDGET or vt == 256
+    assert S._torch_tile(128, 5376, torch.bfloat16, True, 2) < S._torch_tile(128, 5376, torch.float32, True, 2)
+
+
+def test_hash_floor_keeps_every_entry_that_can_reach_the_gap():
+    """_hash_floor never drops an entry whose Gumbel noise reaches the gap: for gaps from -inf
+    to beyond the largest noise, every hash whose uniform gives g >= gap passes the floor."""
+    gaps = torch.tensor([float("-inf"), -30.0, -2.5, 0.0, 0.3, 2.0, 7.5, 12.0, 15.9, 16.7, 40.0])
+    floor = S._hash_floor(gaps).view(-1).long()
+    k = torch.arange(0, 1 << 23, dtype=torch.int64)
+    u = (k.double() + 0.5) / 2**23
+    g = -torch.log(-torch.log(u))
+    lowest = ((k << 9) - (1 << 31))  # the smallest hash with this k, in the flipped (signed) order
+    for gap, fl in zip(gaps.tolist(), floor.tolist()):
+        reach = g >= gap
+        assert bool((lowest[reach] >= fl).all()), gap
+        if 0.0 < gap < 16.0:  # and it is tight: few k below the line pass
+            assert int(((lowest >= fl) & ~reach).sum()) <= 4
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.3, 2.0], ids=["flat", "medium", "peaked"])
+def test_torch_path_many_tiles_matches_reference(scale):
+    """Many tiles after the first, where only entries whose hash can reach the row's best get
+    their Gumbel noise computed: flat rows (every entry a candidate by logits alone), medium
+    and peaked ones; tokens equal to the reference's, which scores every entry."""
+    h, table, temp = _case(n=64, vocab=6000, d=32, scale=scale, seed=4)
+    kw = dict(temperature=temp, seed=21, step=9)
+    ref = head_sample_reference(h, table, **kw)
+    out = S._head_sample_torch(h, table, softcap=30.0, row_offset=0, want_soft=True, vocab_tile=256, **kw)
+    _assert_close_to(out, ref)
+    if scale == 0.01:
+        assert not torch.equal(ref.token, ref.argmax)
