@@ -10,12 +10,14 @@ Each measurement runs in a fresh subprocess, packed and dequantised alternating 
 
 Per side: bytes of the loaded model's tensors (dgplug.loader.weight_bytes) vs the file size; RSS
 after imports, after the load, and the peak (ru_maxrss) after the load plus the timed denoise steps
-(one step = the decoder over a 256-token canvas against a 32-token prompt's cache + the fused head
-and sampler with its soft embedding, as in generation); ms per denoise step (median of --steps
-steps after one warm-up, medians over the rounds); and the logits of one forward (prompt + canvas,
-self-conditioning logits given), compared between the sides: max abs and max relative difference.
+(one step = the decoder over a 256-token canvas against a 32-token prompt's cache + the tied head's
+fp32 logits [256, 262144]; the fused sampler's Gumbel hashing is left out: it costs the same on
+both sides, on a random model's flat logits it dominates the step, and #17 is rewriting it); ms per denoise step (median of --steps
+steps after --warmup warm-up steps, over the rounds); and the logits of one forward (the 32-token prompt + a 32-token
+canvas, self-conditioning logits given), compared between the sides: max abs and max relative
+difference, argmax agreement.
 
-    python benchmarks/gguf_memory.py [--quant Q8_0 Q4_K_M Q5_K_M Q6_K] [--threads 2] [--rounds 2] [--steps 3]
+    python benchmarks/gguf_memory.py [--quant Q8_0 Q4_K_M Q5_K_M Q6_K] [--threads 2] [--rounds 1] [--steps 2] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 GIB = 1 << 30
-PROMPT, CANVAS = 32, 256
+PROMPT, CANVAS, LOGITS_CANVAS = 32, 256, 32
 
 
 def text_config() -> dict:
@@ -85,7 +87,6 @@ def child(side: str, path: str, args) -> dict:
     import torch
 
     import dgplug
-    from dgplug import sampler as sp
     from dgplug.loader import weight_bytes
     from dgplug.model import KVCache
 
@@ -100,26 +101,26 @@ def child(side: str, path: str, args) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1000, (1, PROMPT), generator=g)
     canvas = torch.randint(0, tc.vocab_size, (1, CANVAS), generator=g)
-    emb = model.embed_tokens.weight
     cache = KVCache.empty(tc.num_hidden_layers)
     with torch.no_grad():
         model.encode(ids, cache)
         soft, times = None, []
-        for step in range(args.steps + 1):  # the first is the warm-up
+        for step in range(args.steps + args.warmup):
             t1 = time.perf_counter()
             h = model.denoise(canvas, cache, sc_soft=soft)
-            r = sp.step_fused(h, emb, torch.tensor(0.6), tc.final_logit_softcapping, 0, step)
+            logits = model.head(h)  # the tied head: the packed table read one chunk of rows at a time
             times.append(time.perf_counter() - t1)
-            canvas, soft = r.sampled, r.sc_soft
+            canvas, soft = logits.argmax(-1), None
+            del logits
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        if args.logits:
+        if args.logits:  # a shorter canvas: the comparison is of numbers, not of speed
             ids2 = torch.randint(10, 1000, (1, PROMPT), generator=g)
-            canvas2 = torch.randint(0, tc.vocab_size, (1, CANVAS), generator=g)
-            sc = torch.randn(1, CANVAS, tc.vocab_size, generator=g) * 3
+            canvas2 = torch.randint(0, tc.vocab_size, (1, LOGITS_CANVAS), generator=g)
+            sc = torch.randn(1, LOGITS_CANVAS, tc.vocab_size, generator=g) * 3
             out = model(input_ids=ids2, decoder_input_ids=canvas2, self_conditioning_logits=sc)
             torch.save(out.logits[0].clone(), args.logits)
     return dict(side=side, load_s=load_s, packed_bytes=packed_b, other_bytes=other_b, base_rss=base,
-                load_rss=after_load, peak_rss=peak, step_ms=[t * 1e3 for t in times[1:]])
+                load_rss=after_load, peak_rss=peak, step_ms=[t * 1e3 for t in times[args.warmup:]])
 
 
 def main():
@@ -127,8 +128,9 @@ def main():
     ap.add_argument("--quant", nargs="+", default=["Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
     ap.add_argument("--workdir", default="/tmp/dgplug_gguf_memory")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "PATH"))
     ap.add_argument("--logits", default=None)
     args = ap.parse_args()
@@ -144,16 +146,18 @@ def main():
     rows = []
     for q in args.quant:
         runs = {"packed": [], "dequantised": []}
-        for rnd in range(args.rounds):  # alternate the sides, one fresh process per run
-            for side in (("packed", "dequantised") if rnd % 2 == 0 else ("dequantised", "packed")):
+        for rnd in range(args.rounds):  # alternate the sides (by round and type), one fresh process per run
+            first = (rnd + args.quant.index(q)) % 2
+            for side in (("packed", "dequantised") if first == 0 else ("dequantised", "packed")):
                 cmd = [sys.executable, __file__, "--child", side, str(files[q]), f"--threads={args.threads}",
-                       f"--steps={args.steps}"]
+                       f"--steps={args.steps}", f"--warmup={args.warmup}"]
                 if rnd == 0:
                     cmd.append(f"--logits={work / f'logits-{q}-{side}.pt'}")
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode:
                     sys.exit(out.stderr[-3000:])
                 runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(q, json.dumps(runs[side][-1]), flush=True)
         a = torch.load(work / f"logits-{q}-packed.pt")
         b = torch.load(work / f"logits-{q}-dequantised.pt")
         diff = (a - b).abs()
@@ -173,7 +177,7 @@ def main():
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     print(f"\nmid-size model (hidden 1024, 6 layers, 16 experts top-4, vocab 262144, canvas 256), {args.threads} threads, "
-          f"{args.rounds} alternated rounds x {args.steps} steps, load average at the end {load}")
+          f"{args.rounds} alternated rounds x {args.steps} steps after {args.warmup} warm-up, load average at the end {load}")
     print(f"{'type':<8}{'side':<13}{'file MiB':>9}{'tensors MiB':>12}{'ratio':>7}{'RSS load':>10}{'peak RSS':>10}"
           f"{'load s':>8}{'ms/step':>9}")
     for r in rows:

@@ -205,6 +205,12 @@ class GGMLWeight:
     def dim(self) -> int:
         return len(self.shape)
 
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
     def element_size(self) -> int:
         """Bytes per element of the rows it serves (what a chunk of dequantised rows costs)."""
         return torch.empty((), dtype=self.dtype).element_size()
