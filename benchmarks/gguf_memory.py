@@ -18,6 +18,7 @@ canvas, self-conditioning logits given), compared between the sides: max abs and
 difference, argmax agreement.
 
     python benchmarks/gguf_memory.py [--quant Q8_0 Q4_K_M Q5_K_M Q6_K] [--threads 2] [--rounds 1] [--steps 2] [--warmup 1]
+        [--no-logits]     (--steps 0 --warmup 0 --no-logits: bytes and RSS of the load alone)
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "PATH"))
     ap.add_argument("--logits", default=None)
+    ap.add_argument("--no-logits", action="store_true", help="skip the logits comparison (memory and speed only)")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args)))
@@ -151,28 +153,31 @@ def main():
             for side in (("packed", "dequantised") if first == 0 else ("dequantised", "packed")):
                 cmd = [sys.executable, __file__, "--child", side, str(files[q]), f"--threads={args.threads}",
                        f"--steps={args.steps}", f"--warmup={args.warmup}"]
-                if rnd == 0:
+                if rnd == 0 and not args.no_logits:
                     cmd.append(f"--logits={work / f'logits-{q}-{side}.pt'}")
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode:
                     sys.exit(out.stderr[-3000:])
                 runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(q, json.dumps(runs[side][-1]), flush=True)
-        a = torch.load(work / f"logits-{q}-packed.pt")
-        b = torch.load(work / f"logits-{q}-dequantised.pt")
-        diff = (a - b).abs()
-        rel = (diff / b.abs().clamp_min(1e-6)).max().item()
-        agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-        for side in ("packed", "dequantised"):
-            (work / f"logits-{q}-{side}.pt").unlink()
+        nan = float("nan")
+        max_abs = max_rel = agree = nan
+        if not args.no_logits:
+            a = torch.load(work / f"logits-{q}-packed.pt")
+            b = torch.load(work / f"logits-{q}-dequantised.pt")
+            diff = (a - b).abs()
+            max_abs, max_rel = diff.max().item(), (diff / b.abs().clamp_min(1e-6)).max().item()
+            agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+            for side in ("packed", "dequantised"):
+                (work / f"logits-{q}-{side}.pt").unlink()
         size = files[q].stat().st_size
         for side, rs in runs.items():
             first = rs[0]
             rows.append(dict(quant=q, side=side, file=size, tensors=first["packed_bytes"] + first["other_bytes"],
                              packed=first["packed_bytes"], base=first["base_rss"], load=first["load_rss"],
                              peak=max(r["peak_rss"] for r in rs), load_s=statistics.median(r["load_s"] for r in rs),
-                             step_ms=statistics.median(t for r in rs for t in r["step_ms"]),
-                             max_abs=diff.max().item(), max_rel=rel, agree=agree))
+                             step_ms=statistics.median([t for r in rs for t in r["step_ms"]] or [nan]),
+                             max_abs=max_abs, max_rel=max_rel, agree=agree))
         print(f"{q}: done", flush=True)
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
