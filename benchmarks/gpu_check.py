@@ -360,6 +360,61 @@ def moe_sweep(dev, small):
                 profile(f"MoE {label}, T=256", lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), rows=6)
 
 
+def gguf_packed(dev, small):
+    """A Q4_K_M GGUF kept packed (kernels.ggml): one layer's experts (gate_up Q4_K, down Q5_0: 704 is
+    not a multiple of 256, llama.cpp's fallback), a Q4_K attention projection and the Q6_K tied table
+    through the head + sampler, against the same weights dequantised to bf16. Random blocks with
+    finite scales (the timing does not depend on the values); RESULT lines carry quant=Q4_K_M."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GT
+
+    from dgplug.kernels import ggml, moe as km
+    from dgplug.kernels.sampler import head_sample
+
+    D, I, E, K, V = (2816, 704, 128, 8, 262144) if not small else (256, 256, 8, 2, 4096)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def blocks(qtype, shape):
+        qk, nb = GGML_QUANT_SIZES[qtype]
+        n = int(torch.tensor(shape[:-1]).prod()) * (shape[-1] // qk)
+        raw = torch.randint(0, 256, (n, nb), dtype=torch.uint8, generator=g)
+        for at in ggml._F16_FIELDS[qtype]:
+            raw[:, at:at + 2] = (torch.randn(n, 1, generator=g) * 2e-3).half().view(torch.uint8)
+        return ggml.GGMLWeight(qtype, raw.reshape(*shape[:-1], -1).to(dev), shape, torch.bfloat16)
+
+    gu, dn = blocks(GT.Q4_K, (E, 2 * I, D)), blocks(GT.Q5_0 if not small else GT.Q6_K, (E, D, I))
+    gu16, dn16 = gu.dequantize(torch.bfloat16), dn.dequantize(torch.bfloat16)
+    impl = "triton" if dev == "cuda" else "torch"
+    for T in ((256, 2048) if not small else (32,)):
+        x = torch.randn(T, D, generator=g).to(dev, torch.bfloat16)
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
+        w = torch.softmax(torch.randn(T, K, generator=g), -1).to(dev)
+        ref = km.moe_forward_torch(x, idx, w, gu, dn)
+        got = km.moe_forward(x, idx, w, gu, dn, impl=impl)
+        touched = idx.unique().numel()
+        nbytes = (gu.nbytes + dn.nbytes) * touched / E
+        t_q = timed(lambda: km.moe_forward(x, idx, w, gu, dn, impl=impl), reps=20, warm=3)
+        t_16 = timed(lambda: km.moe_forward(x, idx, w, gu16, dn16, impl=impl), reps=20, warm=3)
+        print(f"RESULT quant=Q4_K_M part=moe T={T} impl={impl} ms={t_q:.3f} bf16_ms={t_16:.3f} "
+              f"TB/s={nbytes / t_q / 1e9:.3f} err_vs_twin={err(got, ref):.2e}", flush=True)
+    wq = blocks(GT.Q4_K, (16 * (256 if not small else 16), D))
+    xq = torch.randn(256, D, generator=g).to(dev, torch.bfloat16)
+    wq16 = wq.dequantize()
+    t_q = timed(lambda: torch.nn.functional.linear(xq, wq))
+    t_16 = timed(lambda: torch.nn.functional.linear(xq, wq16))
+    print(f"RESULT quant=Q4_K_M part=q_proj rows=256 ms={t_q:.3f} bf16_ms={t_16:.3f} (dequantised per call)", flush=True)
+    table = blocks(GT.Q6_K, (V, D))
+    table16 = table.dequantize()
+    h = torch.randn(256, D, generator=g).to(dev, torch.bfloat16)
+    a = head_sample(h, table, temperature=0.6, seed=1, step=0)
+    b = head_sample(h, table16, temperature=0.6, seed=1, step=0)
+    agree = (a.argmax == b.argmax).float().mean().item()
+    for tag, tb in (("packed", table), ("bf16", table16)):
+        ms, mib = timed_mem(lambda: head_sample(h, tb, temperature=0.6, seed=1, step=0))
+        print(f"RESULT quant=Q4_K_M part=head_sample table={tag} rows=256 ms={ms:.3f} transient_mib={mib:.0f} "
+              f"table_mib={(tb.nbytes if tag == 'packed' else tb.numel() * 2) / 2**20:.0f} argmax_agree={agree:.4f}",
+              flush=True)
+
+
 def step_timing(dev, small, batches, context):
     from dgplug import ops
     from dgplug.model import LayerCache, inv_freq
@@ -578,6 +633,7 @@ def main():
                      ("kernels vs twins", lambda: check_kernels(dev, args.small)),
                      ("one denoise step at full shapes",
                       lambda: step_timing(dev, args.small, batches, args.context)),
+                     ("GGUF Q4_K_M kept packed", lambda: gguf_packed(dev, args.small)),
                      ("head + sampler variants", lambda: sampler_variants(dev, args.small)),
                      ("MoE variants (one layer)", lambda: moe_sweep(dev, args.small))):
         if time.time() - t0 > args.budget:

@@ -15,9 +15,11 @@ Entry points (what `dgplug.load("x.gguf")` and `dgplug inspect FILE.gguf` call):
         "diffusion_gemma", text_config with global_head_dim / num_global_key_value_heads /
         layer_types / rope_parameters, canvas_length), plus "generation_config": the sampler
         defaults stored under diffusion.* (released defaults for absent keys).
-    iter_hf_tensors(path, dtype=None) -> iterator of (hf_name, torch.Tensor)
+    iter_hf_tensors(path, dtype=None, packed=False) -> iterator of (hf_name, torch.Tensor | GGMLWeight)
         Tensor by tensor, dequantised with gguf.quants.dequantize: F32 -> fp32 (bit exact),
-        BF16 -> bf16 (bit exact), everything else -> fp32 (or `dtype` if given). GGUF names are
+        BF16 -> bf16 (bit exact), everything else -> fp32 (or `dtype` if given); with packed=True
+        the weights of the block types in kernels.ggml.PACKED_TYPES stay as their blocks
+        (kernels.ggml.GGMLWeight, a view of the file's memory map). GGUF names are
         mapped back through dgplug.names, ggml's reversed dims undone (the fused expert
         gate_up stays fused, [E, 2I, H]); the encoder layer scalars are included; rope_freqs
         (computed, not a checkpoint tensor) is skipped.
@@ -217,10 +219,11 @@ def validate_gguf(path) -> dict:
                 metadata=meta, tensors=infos)
 
 
-def open_gguf(path) -> GGUFReader:
+def open_gguf(path, mode: str = "r") -> GGUFReader:
+    """Validated, then memory-mapped by gguf-py ("c": copy-on-write, so tensors can view it)."""
     validate_gguf(path)
     try:
-        return GGUFReader(str(path), "r")
+        return GGUFReader(str(path), mode)
     except (ValueError, KeyError, IndexError) as e:
         raise FormatError(f"{path}: malformed GGUF ({e})") from None
 
@@ -372,8 +375,25 @@ def dequantize_tensor(t, dtype=None):
     return out
 
 
-def iter_hf_tensors(path, dtype=None) -> Iterator[tuple[str, "object"]]:
-    reader = _reader(path)
+def packed_tensor(t, dtype=None):
+    """One ReaderTensor of a block type kept packed: a GGMLWeight viewing the file's memory map
+    (numpy = HF dim order; rows of blocks), serving rows in `dtype` (default fp32)."""
+    import torch
+
+    from dgplug.kernels.ggml import GGMLWeight
+
+    shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+    raw = np.asarray(t.data).reshape(-1)
+    blocks = torch.from_numpy(raw.reshape(*shape[:-1], raw.size // int(np.prod(shape[:-1]))))
+    return GGMLWeight(T(int(t.tensor_type)), blocks, shape, dtype or torch.float32)
+
+
+def iter_hf_tensors(path, dtype=None, packed: bool = False) -> Iterator[tuple[str, "object"]]:
+    """packed: weights of a block type dgplug runs packed (kernels.ggml.PACKED_TYPES, 2-D / 3-D)
+    come as GGMLWeight views of the file instead of dequantised tensors."""
+    from dgplug.kernels.ggml import PACKED_TYPES
+
+    reader = path if isinstance(path, GGUFReader) else open_gguf(path, "c" if packed else "r")
     specs = _name_map(gguf_to_config(reader))
     for t in reader.tensors:
         if t.name == ROPE_FREQS_GGUF:
@@ -381,7 +401,10 @@ def iter_hf_tensors(path, dtype=None) -> Iterator[tuple[str, "object"]]:
         s = specs.get(t.name)
         if s is None:
             raise FormatError(f"{path}: unknown tensor {t.name!r}")
-        out = dequantize_tensor(t, dtype)
+        if packed and len(s.shape) >= 2 and T(int(t.tensor_type)) in PACKED_TYPES:
+            out = packed_tensor(t, dtype)
+        else:
+            out = dequantize_tensor(t, dtype)
         if tuple(out.shape) != tuple(s.shape):
             raise FormatError(f"{path}: tensor {t.name!r} has shape {list(out.shape)}, expected {list(s.shape)}")
         yield s.hf, out

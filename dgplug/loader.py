@@ -49,10 +49,12 @@ def build(cfg: Config, tensors, dtype=None, device=None, generation_defaults=Non
     for hf, t in tensors:
         if names.is_vision(hf):
             continue
-        packed = not isinstance(t, torch.Tensor)  # a QuantizedWeight: stays packed in memory
-        if packed and hf.endswith("embed_tokens.weight"):  # also the head and soft-embedding table
-            t, packed = t.dequantize(dtype or torch.bfloat16), False
+        packed = not isinstance(t, torch.Tensor)  # QuantizedWeight / GGMLWeight: stays packed in memory
+        if packed and hf.endswith("embed_tokens.weight") and not hasattr(t, "rows"):
+            t, packed = t.dequantize(dtype or torch.bfloat16), False  # the table must serve row chunks
         if packed:
+            if check_finite and hasattr(t, "nonfinite") and t.nonfinite():
+                raise CheckpointError(f"tensor {hf} holds NaN or Inf values")
             t = t.to(device or "cpu")
         else:
             if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -148,7 +150,9 @@ def gguf_file_of(path: Path) -> Path | None:
 
 
 def load_gguf(path: Path, dtype=None, device=None, check_finite=True) -> DiffusionGemma:
-    """Architecture from the GGUF metadata, weights dequantised tensor by tensor, tokenizer from the vocabulary."""
+    """Architecture from the GGUF metadata, tokenizer from the vocabulary; weights of the ggml block types
+    (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) stay packed (kernels.ggml.GGMLWeight, served in
+    `dtype`, default fp32), every other tensor is dequantised."""
     from dgplug.converters.gguf_import import gguf_to_config, iter_hf_tensors, tokenizer_from_gguf, validate_gguf
 
     from .config import from_dict
@@ -158,7 +162,7 @@ def load_gguf(path: Path, dtype=None, device=None, check_finite=True) -> Diffusi
     gen = raw.pop("generation_config", None)
     raw.pop("mask_token_id", None)
     cfg = from_dict(raw, str(path))
-    model = build(cfg, iter_hf_tensors(path), dtype, device, gen, check_finite)
+    model = build(cfg, iter_hf_tensors(path, dtype, packed=True), dtype, device, gen, check_finite)
     model.source = str(path)
     try:
         model.tokenizer = tokenizer_from_gguf(path)
@@ -183,3 +187,25 @@ def load_quantized(path: Path, cfg: Config, dtype=None, device=None) -> Diffusio
     model.source = str(path)
     model.tokenizer = load_tokenizer(path)
     return model
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of packed weights, bytes of every other parameter and buffer) of a dgplug model,
+    each piece of memory counted once (tied / shared tensors, expert views)."""
+    seen: set = set()
+    packed = other = 0
+
+    def once(t: torch.Tensor) -> int:
+        key = (t.device, t.data_ptr(), t.numel(), t.dtype)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return t.numel() * t.element_size()
+
+    for mod in model.modules():
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            other += once(t)
+        for v in vars(mod).values():
+            if not isinstance(v, torch.Tensor) and hasattr(v, "nbytes") and hasattr(v, "dequantize"):
+                parts = [v.blocks] if hasattr(v, "blocks") else [v.qweight, v.scale] + ([v.zero] if v.zero is not None else [])
+                packed += sum(once(t) for t in parts)
+    return packed, other

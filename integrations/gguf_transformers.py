@@ -36,8 +36,22 @@ transformers' original function unchanged. transformers 5.19 also binds the func
 time), so those bindings are replaced too when they hold the original.
 
 What the loaded model holds: the text stack (decoder weights; the encoder's text layers are tied to
-them by transformers) and the encoder's own layer scalars, all dequantised (F32/BF16 bit exact) in
-the requested dtype (float32 by default). The vision tower is not in a GGUF: the config carries
+them by transformers) and the encoder's own layer scalars. Weights of the ggml block types dgplug
+runs packed (kernels.ggml.PACKED_TYPES: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) stay in
+their blocks: before the weights load, the modules holding them are swapped for packed twins whose
+one uint8 parameter `blocks` takes the file's bytes (`X.blocks` in the state dict; the tie map is
+rewritten so the encoder and the tied lm_head share the decoder's blocks):
+
+* linears (attention, dense MLP, self-conditioning, and the tied lm_head) -> `GGMLLinear`, whose
+  `weight` is a kernels.ggml.GGMLWeight: F.linear decodes it per call (the head a chunk of rows at
+  a time);
+* the token embeddings -> `GGMLEmbedding` (only the rows looked up are decoded; transformers' soft
+  embedding `torch.matmul(probs, embed_tokens.weight)` runs on the packed table chunk by chunk);
+* the routed experts -> `GGMLExperts`, running dgplug's MoE (the Triton kernel decoding the blocks on
+  CUDA, the torch twin dequantising one expert at a time otherwise).
+
+Everything else (norms, router, F32/F16/BF16 weights) is dequantised (F32/BF16 bit exact) in the
+requested dtype (float32 by default), as it is without a model to load into. The vision tower is not in a GGUF: the config carries
 transformers' default Gemma 4 vision config (the released model's) and its weights stay randomly
 initialised, which transformers reports as missing keys. The sampler defaults stored under
 `diffusion.*` become the model's `generation_config`.
@@ -100,10 +114,143 @@ def load_gguf_checkpoint(gguf_checkpoint_path, return_tensors=False, model_to_lo
     config.setdefault("vision_config", {"model_type": "gemma4_vision"})
     out = {"config": config, "tokenizer": {}, "tokenizer_config": {}}
     if return_tensors:
-        out["tensors"] = dict(iter_hf_tensors(gguf_checkpoint_path, dtype=torch_dtype))
+        tensors = iter_hf_tensors(gguf_checkpoint_path, dtype=torch_dtype, packed=model_to_load is not None)
         if model_to_load is not None:
+            out["tensors"] = pack_modules(model_to_load, tensors)
             _apply_generation_config(model_to_load, gen)
+        else:
+            out["tensors"] = dict(tensors)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed twins of transformers' modules
+# ---------------------------------------------------------------------------------------------
+def _module_classes():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from dgplug.kernels.ggml import GGMLWeight
+
+    class GGMLModule(nn.Module):
+        """One packed GGUF weight: the blocks as a frozen uint8 parameter, `weight` a GGMLWeight over them."""
+
+        def __init__(self, w: GGMLWeight):
+            super().__init__()
+            self.qtype, self.logical_shape, self.serve_dtype = w.qtype, tuple(w.shape), w.dtype
+            self.blocks = nn.Parameter(torch.empty(w.blocks.shape, dtype=torch.uint8, device="meta"),
+                                       requires_grad=False)
+
+        @property
+        def weight(self) -> GGMLWeight:
+            return GGMLWeight(self.qtype, self.blocks, self.logical_shape, self.serve_dtype)
+
+        def extra_repr(self) -> str:
+            return f"{self.qtype.name}, shape={list(self.logical_shape)}"
+
+    class GGMLLinear(GGMLModule):
+        def forward(self, x):
+            return F.linear(x, self.weight)
+
+    class GGMLEmbedding(GGMLModule):
+        def __init__(self, w: GGMLWeight, embed_scale: torch.Tensor):
+            super().__init__(w)
+            # a plain 0-dim CPU tensor, not a buffer: transformers re-creates non-persistent buffers
+            # it did not load (as garbage); a CPU scalar still multiplies CUDA tensors
+            self.embed_scale = embed_scale
+
+        def forward(self, input_ids):
+            w = self.weight
+            return F.embedding(input_ids, w) * self.embed_scale.to(w.dtype)
+
+    class GGMLExperts(nn.Module):
+        def __init__(self, old: nn.Module):
+            super().__init__()
+            self.num_experts = old.num_experts
+            self.gate_up_proj: nn.Module | None = None
+            self.down_proj: nn.Module | None = None
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            from dgplug.kernels.moe import moe_forward
+
+            return moe_forward(hidden_states, top_k_index, top_k_weights.float(), self.gate_up_proj.weight,
+                               self.down_proj.weight)
+
+    return GGMLLinear, GGMLEmbedding, GGMLExperts
+
+
+_ENCODER = "model.encoder.language_model."
+_DECODER = "model.decoder."
+
+
+def pack_modules(model, tensors) -> dict:
+    """Swap the modules of a (meta) transformers DiffusionGemma whose weights come packed
+    (kernels.ggml.GGMLWeight) for packed twins; returns the state dict to load: the packed
+    weights' blocks under `<module>.blocks`, every other tensor as it came."""
+    import re
+
+    import torch
+
+    GGMLLinear, GGMLEmbedding, GGMLExperts = _module_classes()
+    out, renamed = {}, {}
+    modules = set(dict(model.named_modules()))
+
+    def swap(path: str, new):
+        parent, _, child = path.rpartition(".")
+        model.get_submodule(parent)._modules[child] = new
+
+    for name, t in tensors:
+        if isinstance(t, torch.Tensor):
+            out[name] = t
+            continue
+        paths = [name]
+        if name.startswith(_DECODER + "layers.") or name == _DECODER + "embed_tokens.weight":
+            twin = _ENCODER + name[len(_DECODER):]
+            if twin.rsplit(".", 1)[0] in modules:
+                paths.append(twin)  # tied to the decoder's by transformers: same blocks
+        if name.endswith("embed_tokens.weight"):
+            scale = torch.tensor(model.get_submodule(name.rsplit(".", 1)[0]).scalar_embed_scale, device="cpu")
+            for p in paths:
+                swap(p.rsplit(".", 1)[0], GGMLEmbedding(t, scale))
+            if hasattr(model, "lm_head"):  # the tied head reads the same table
+                swap("lm_head", GGMLLinear(t))
+                paths.append("lm_head.weight")
+        elif re.search(r"\.experts\.(gate_up|down)_proj$", name):
+            for p in paths:
+                mod_path, _, which = p.rpartition(".")
+                experts = model.get_submodule(mod_path)
+                if not isinstance(experts, GGMLExperts):
+                    experts = GGMLExperts(experts)
+                    swap(mod_path, experts)
+                setattr(experts, which, GGMLLinear(t))
+        else:
+            for p in paths:
+                swap(p.rsplit(".", 1)[0], GGMLLinear(t))
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
+        out[base + ".blocks"] = t.blocks
+        for p in paths:
+            renamed[p] = (p[: -len(".weight")] if p.endswith(".weight") else p) + ".blocks"
+    _rewrite_ties(model, renamed)
+    return out
+
+
+def _rewrite_ties(model, renamed: dict) -> None:
+    """Tie-map entries naming a swapped weight (X.weight, experts.gate_up_proj) -> its blocks."""
+    for prefix, mod in model.named_modules():
+        keys = getattr(mod, "all_tied_weights_keys", None)
+        if not keys:
+            continue
+        pre = prefix + "." if prefix else ""
+        new = {}
+        for tgt, src in keys.items():
+            t, s = renamed.get(pre + tgt), renamed.get(pre + src)
+            if t is not None and s is not None:
+                new[t[len(pre):]] = s[len(pre):]
+            elif t is None and s is None:
+                new[tgt] = src
+            # one side packed, the other not (cannot happen for one file): the tie is dropped
+        mod.all_tied_weights_keys = new
 
 
 load_gguf_checkpoint._dgplug = True

@@ -20,6 +20,10 @@ Layout (vLLM parallel layers, so tensor parallelism works):
   (``dgplug.ops.moe``: the fused Triton kernel on CUDA, packed int4/int8/fp8 weights dequantised
   inside it) on its experts and the partial outputs are all-reduced. Splitting by expert keeps
   int4 groups whole (the expert down projection's K = 704 is not a multiple of 128 / tp).
+  A GGUF's expert stacks, given to ``load_weights`` as ``kernels.ggml.GGMLWeight`` (what
+  ``dgplug.converters.gguf_import.iter_hf_tensors(path, packed=True)`` yields), stay in their ggml
+  blocks (this rank's experts, decoded inside the MoE); its other packed weights are dequantised
+  at load, as the int4/int8/fp8 linears are.
 
 Attention has two paths:
 
@@ -278,6 +282,7 @@ class DGPlugExperts(nn.Module):
                 self.add_module(n, PackedParam(scheme, shp, group_size))
 
     def weights(self):
+        """Dense parameters, packed dgplug tensors, or GGUF blocks (GGMLWeight attributes, see load_weights)."""
         if self.scheme is None:
             return self.gate_up_proj, self.down_proj
         return self.gate_up_proj.quantized_weight(), self.down_proj.quantized_weight()
@@ -548,6 +553,8 @@ class DGPlugDiffusionGemmaForBlockDiffusion(nn.Module):
             if ".experts." in pname:
                 self._load_expert(pname, tensor, parts, params, loaded)
                 return
+            if tensor is not None and not isinstance(tensor, torch.Tensor):  # a GGUF weight in ggml blocks
+                tensor = tensor.dequantize(torch.float32)  # (kernels.ggml.GGMLWeight): dequantised here
             if parts is not None:  # a packed linear: dequantised here, then sharded by vLLM's loader
                 from dgplug.converters.quant import dequantize
 
@@ -602,6 +609,18 @@ class DGPlugDiffusionGemmaForBlockDiffusion(nn.Module):
         layer = int(pname.split(".")[2])
         experts = self.model.layers[layer].experts
         which = pname.rsplit(".", 1)[-1]  # gate_up_proj / down_proj
+        if parts is None and not isinstance(tensor, torch.Tensor):  # GGUF experts: this rank's, still in ggml blocks
+            if experts.scheme is not None:
+                raise ValueError(f"{pname}: GGUF expert weights in a {experts.scheme} checkpoint")
+            from dgplug.kernels.ggml import GGMLWeight
+
+            dense = getattr(experts, which)
+            local = GGMLWeight(tensor.qtype, experts.local_slice(tensor.blocks), (experts.num_local, *tensor.shape[1:]),
+                               dense.dtype)
+            del experts._parameters[which]
+            setattr(experts, which, local.to(dense.device))  # dgplug's MoE decodes the blocks (ops.moe)
+            loaded.add(pname)
+            return
         if parts is None:
             if experts.scheme is not None:
                 raise ValueError(f"{pname}: dense expert weights in a {experts.scheme} checkpoint")

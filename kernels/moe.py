@@ -25,6 +25,11 @@ Quantized layouts (logical weight [..., N, K], "K" the input dimension, "..." th
         work here.)
   int8: qweight int8 [..., N, K], scale fp32 [..., N] (per output channel); w = q * scale.
   fp8:  qweight float8_e4m3fn [..., N, K], scale fp32 [..., N]; w = q.float() * scale.
+  ggml: a GGUF's blocks as they are in the file (kernels.ggml.GGMLWeight: Q8_0, Q4_0, Q4_1, Q5_0,
+        Q5_1, Q4_K, Q5_K, Q6_K); the twin dequantises one expert at a time, the Triton kernels
+        decode each [BLOCK_K, BLOCK_N] weight tile from the blocks (kernels.ggml.tile: per element,
+        its block's fp16 scale(s), 6-bit sub-block scale/min or int8 scale, and quant bits),
+        with no scratch copy of the experts.
 
 Triton path (one step of the denoiser: M = 256 x batch tokens, ~16 (token, slot) pairs per expert
 at batch 1 with top-8 of 128):
@@ -75,9 +80,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .ggml import GGMLWeight
+
 try:  # triton is optional: the torch twin is the CPU path
     import triton
     import triton.language as tl
+
+    from .ggml import tile as ggml_tile
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
@@ -247,8 +256,8 @@ def _wshape(w) -> tuple:
 
 
 def _expert_weight(w, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert e of a plain or quantized [E, N, K] weight, dequantised alone, in `dtype`."""
-    if isinstance(w, QuantizedWeight):
+    """Expert e of a plain or packed (QuantizedWeight, GGMLWeight) [E, N, K] weight, dequantised alone."""
+    if not isinstance(w, torch.Tensor):
         return w[e].dequantize(dtype)
     return w[e].to(dtype)
 
@@ -343,12 +352,16 @@ if HAS_TRITON:
     @triton.jit
     def _load_w(w_ptr, e, rows, nmask, offs_k, K, stride_we, stride_wn, stride_wk,
                 WQ: tl.constexpr, CDT: tl.constexpr):
-        """[BK, BN] tile of weight[e, rows, offs_k]^T (plain, or int8/fp8 without the scale)."""
-        p = (w_ptr + e.to(tl.int64) * stride_we + rows[None, :].to(tl.int64) * stride_wn
-             + offs_k[:, None] * stride_wk)
-        w = tl.load(p, mask=(offs_k[:, None] < K) & nmask[None, :], other=0.0)
-        if WQ != 0:
-            w = w.to(tl.float32)
+        """[BK, BN] tile of weight[e, rows, offs_k]^T (plain, int8/fp8 without the scale, or ggml
+        blocks decoded whole: WQ = 100 + the ggml type)."""
+        if WQ >= 100:
+            w = ggml_tile(w_ptr, e, rows, nmask, offs_k, K, stride_we, stride_wn, WQ - 100)
+        else:
+            p = (w_ptr + e.to(tl.int64) * stride_we + rows[None, :].to(tl.int64) * stride_wn
+                 + offs_k[:, None] * stride_wk)
+            w = tl.load(p, mask=(offs_k[:, None] < K) & nmask[None, :], other=0.0)
+            if WQ != 0:
+                w = w.to(tl.float32)
         return w.to(CDT)
 
     @triton.jit
@@ -505,7 +518,7 @@ if HAS_TRITON:
                                  WQ, CDT)
                     acc_g = _dot(a, wg, acc_g, IEEE)
                     acc_u = _dot(a, wu, acc_u, IEEE)
-        if WQ >= 2:  # int8 / fp8: per-output-channel scale on the accumulator
+        if WQ == 2 or WQ == 3:  # int8 / fp8: per-output-channel scale on the accumulator
             acc_g = acc_g * _channel_scale(s_ptr, e, rows_g, nmask, stride_se, stride_sn)
             acc_u = acc_u * _channel_scale(s_ptr, e, rows_u, nmask, stride_se, stride_sn)
         # gelu_tanh(g) = g * sigmoid(2 * sqrt(2/pi) * (g + 0.044715 g^3))  (exact identity)
@@ -566,7 +579,7 @@ if HAS_TRITON:
                     w = _load_w(w_ptr, e, offs_n, nmask, offs_k, I, stride_we, stride_wn, stride_wk,
                                 WQ, CDT)
                     acc = _dot(a, w, acc, IEEE)
-        if WQ >= 2:
+        if WQ == 2 or WQ == 3:
             acc = acc * _channel_scale(s_ptr, e, offs_n, nmask, stride_se, stride_sn)
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc = acc * rw[:, None]
@@ -799,6 +812,9 @@ def _tl_dtype(dt: torch.dtype):
 
 def _weight_args(w, device):
     """(qweight, scale, zero, strides..., group, wq code) for a plain or quantized [E, N, K]."""
+    if isinstance(w, GGMLWeight):  # the raw blocks; the kernel decodes scales and quants itself
+        b = w.blocks
+        return b, b, b, b.stride(), (0, 0, 0), 1, 100 + int(w.qtype)
     if isinstance(w, QuantizedWeight):
         q = w.qweight
         s = w.scale

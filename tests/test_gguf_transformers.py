@@ -32,7 +32,7 @@ def files(tmp_path_factory):
     src = make_checkpoint(root / "src", text=text, qk_norm_scale=0.25)
     out = root / "gguf"
     out.mkdir()
-    for q in ("F32", "Q8_0"):
+    for q in ("F32", "Q8_0", "Q4_K_M"):
         export_gguf(src, out / f"model-{q}.gguf", quant=q, progress=False, workers=1)
     return src, out
 
@@ -99,7 +99,9 @@ def test_q8_0_auto_class_and_generate(files, reference):
     assert isinstance(m, DiffusionGemmaForBlockDiffusion)
     got = _text_state(m)
     deq = dict(iter_hf_tensors(path))
-    assert all(torch.equal(got[k], v) for k, v in deq.items())  # = gguf.quants.dequantize of the file
+    packed = {k for k, v in deq.items() if k.replace(".weight", "") + ".blocks" in got or k + ".blocks" in got}
+    assert len(packed) > 10  # the Q8_0 weights stayed packed; every other tensor = gguf-py's dequantisation
+    assert all(torch.equal(got[k], v) for k, v in deq.items() if k not in packed)
 
     a, b = _logits(reference), _logits(m)
     la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
@@ -115,6 +117,41 @@ def test_q8_0_auto_class_and_generate(files, reference):
     seq = out.sequences if hasattr(out, "sequences") else out
     assert seq.shape == (1, 12 + 16) and torch.equal(seq[:, :12], ids[:1])
     assert int(seq.max()) < m.config.text_config.vocab_size
+
+
+def test_q4_k_m_stays_packed(files, reference):
+    """Q4_K_M through from_pretrained: linears, experts and the tied embedding / head keep their ggml
+    blocks (one copy, shared by the encoder and lm_head); logits equal transformers' own model holding
+    the same file dequantised (gguf-py), up to summation order."""
+    from gguf import GGMLQuantizationType as T
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dgplug.converters.gguf_import import iter_hf_tensors
+    from dgplug.kernels.ggml import GGMLWeight
+
+    path = files[1] / "model-Q4_K_M.gguf"
+    m = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[1]), gguf_file=path.name)
+    dec, enc = m.model.decoder, m.model.encoder.language_model
+    assert isinstance(dec.embed_tokens.weight, GGMLWeight) and dec.embed_tokens.weight.qtype == T.Q6_K
+    assert enc.embed_tokens.blocks is dec.embed_tokens.blocks and m.lm_head.blocks is dec.embed_tokens.blocks
+    assert enc.layers[1].self_attn.q_proj.blocks is dec.layers[1].self_attn.q_proj.blocks
+    assert dec.layers[0].experts.gate_up_proj.weight.qtype == T.Q4_K
+    assert dec.self_conditioning.gate_proj.weight.qtype == T.Q4_K
+    assert dec.embed_tokens.blocks.dtype == torch.uint8 and dec.embed_tokens.blocks.device.type == "cpu"
+
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[0]), experts_implementation="eager")
+    missing, unexpected = ref.load_state_dict(dict(iter_hf_tensors(path)), strict=False)
+    assert not unexpected and all("vision" in k or "encoder" in k or k == "lm_head.weight" for k in missing)
+    assert ref.model.encoder.language_model.layers[0].mlp.up_proj.weight is ref.model.decoder.layers[0].mlp.up_proj.weight
+    ids, canvas = _inputs()
+    sc = torch.randn(ids.shape[0], canvas.shape[1], 512, generator=torch.Generator().manual_seed(5)) * 3
+    with torch.no_grad():
+        a = m(input_ids=ids, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
+        b = ref(input_ids=ids, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
+    assert (a - b).abs().max().item() <= 1e-4
+    out = m.generate(input_ids=ids[:1], max_new_tokens=16, max_denoising_steps=2)
+    seq = out.sequences if hasattr(out, "sequences") else out
+    assert seq.shape == (1, 12 + 16) and torch.equal(seq[:, :12], ids[:1])
 
 
 def test_tokenizer_from_gguf(files):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_helpers import build_and_load, run_standalone as _run
+from vllm_helpers import build_and_load, make_vllm_config, run_standalone as _run
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,42 @@ def test_quantized_checkpoint(vllm_dist, scheme):
     canvas = torch.randint(0, model.tc.vocab_size, (model.canvas_length,), generator=g)
     a = _run(model, vc, ids, canvas)
     b = _run(ref_model, ref_vc, ids, canvas)
+    assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
+def test_gguf_experts_stay_packed(vllm_dist, quant):
+    """GGUF weights through load_weights: the expert stacks stay in their ggml blocks (dgplug's MoE
+    decodes them), the rest is dequantised; logits equal the same class loaded with every tensor
+    dequantised by gguf-py, up to summation order."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from dgplug.converters.gguf_export import export_gguf
+    from dgplug.converters.gguf_import import iter_hf_tensors
+    from dgplug.integrations.vllm_model import DGPlugDiffusionGemmaForBlockDiffusion
+    from dgplug.kernels.ggml import GGMLWeight
+
+    path = vllm_dist["tmp"] / f"m-{quant}.gguf"
+    if not path.exists():
+        export_gguf(vllm_dist["ckpt"], path, quant=quant, progress=False, workers=1)
+    vc = make_vllm_config(vllm_dist["ckpt"])
+    models = []
+    for packed in (True, False):
+        with set_current_vllm_config(vc), set_default_torch_dtype(vc.model_config.dtype), torch.device("cpu"):
+            model = DGPlugDiffusionGemmaForBlockDiffusion(vllm_config=vc)
+            loaded = model.load_weights(iter_hf_tensors(path, packed=packed))
+            assert {n for n, _ in model.named_parameters()} - loaded - {"lm_head.weight"} == set()
+            process_weights_after_loading(model, vc.model_config, torch.device("cpu"))
+        models.append(model.eval())
+    experts = models[0].model.layers[0].experts
+    assert isinstance(experts.gate_up_proj, GGMLWeight) and isinstance(experts.down_proj, GGMLWeight)
+    assert torch.equal(experts.gate_up_proj.dequantize(), models[1].model.layers[0].experts.gate_up_proj)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(5, 500, (12,), generator=g)
+    canvas = torch.randint(0, models[0].tc.vocab_size, (models[0].canvas_length,), generator=g)
+    a, b = (_run(m, vc, ids, canvas) for m in models)
     assert (a - b).abs().max().item() < 1e-4
 
 

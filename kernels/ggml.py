@@ -1,0 +1,408 @@
+"""GGUF weights kept in ggml's block formats, dequantised where they are used.
+
+A GGUF file stores each quantized weight as rows of blocks; `GGMLWeight` holds those bytes as
+they are (a uint8 tensor [..., N, row bytes], on the target device; on the CPU a view of the
+file's memory map) with the ggml type and the logical shape [..., N, K]. It is dgplug's second
+packed-weight type beside kernels.moe.QuantizedWeight, with the same contract:
+
+    w[e]                    expert e of a [E, N, K] weight, still packed (a view)
+    w.dequantize(dtype)     the whole logical weight (linears: dequantised per call, as int4/int8)
+    w.rows(v0, v1, dtype)   rows v0..v1 of a [N, K] table (the head + sampler read the tied
+                            embedding one chunk of rows at a time)
+    w.lookup(ids, dtype)    the rows `ids` (the embedding lookup: only those blocks are decoded)
+    w[v0:v1]                a slice of a 2-D table = w.rows(v0, v1): code written for a plain
+                            [V, D] table (the sampler's tile loop) reads a packed one unchanged
+    F.linear(x, w), F.embedding(ids, w), torch.matmul(p, w)
+                            handled through torch's __torch_function__ protocol, a chunk of rows
+                            decoded at a time: the head, the embedding lookup and the soft
+                            embedding of dgplug's model and of transformers' modules run packed
+
+`dtype` (the attribute) is the dtype rows are served in by default: the model's dtype.
+
+Block formats (ggml; QK elements per block, little-endian fp16 scales; j = element in block):
+  Q8_0  32 el / 34 B: d, int8 q[32];                              w = q * d
+  Q4_0  32 / 18: d, 16 B nibbles (j < 16 low, j >= 16 high);      w = d * (q - 8)
+  Q4_1  32 / 20: d, m, nibbles;                                   w = d * q + m
+  Q5_0  32 / 22: d, qh (bit j = 5th bit of j), nibbles;           w = d * (q - 16)
+  Q5_1  32 / 24: d, m, qh, nibbles;                               w = d * q + m
+  Q4_K 256 / 144: d, dmin, 12 B of 6-bit (scale, min) for 8 sub-blocks of 32, 128 B nibbles
+                  (byte 32g + l: low nibble = element 64g + l, high = 64g + 32 + l);
+                  w = (d * sc) * q - dmin * m
+  Q5_K 256 / 176: as Q4_K plus qh[32] (bit s of byte l = 5th bit of element 32s + l)
+  Q6_K 256 / 210: ql[128], qh[64], int8 scales[16] (one per 16 elements), d at the end;
+                  w = (d * scale) * (q - 32), q = 4 low bits from ql, 2 high from qh
+The torch dequantisers below follow gguf-py's `gguf.quants.dequantize` operation by operation,
+so they agree with it bit for bit in fp32 (tests/test_ggml.py); `tile` is the same decoding for
+one [BLOCK_K, BLOCK_N] tile inside the Triton MoE kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["GGMLWeight", "PACKED_TYPES", "dequantize_blocks"]
+
+PACKED_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+_CHUNK = 1 << 20  # elements decoded at once (bounds the int/fp32 temporaries)
+# byte offsets of the fp16 scale fields of one block (their finiteness is the weight's)
+_F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q4_K: (0, 2),
+               T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch dequantisers: blocks uint8 [n, bytes] -> fp32 [n, QK]
+# ---------------------------------------------------------------------------------------------
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 field at byte `at` of every block, as fp32 [n, 1]."""
+    return b[:, at:at + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[n, G, L] bytes -> [n, G, 2, L]: low nibbles, then high nibbles."""
+    return torch.stack((qs & 15, qs >> 4), dim=-2)
+
+
+def _bits(qh: torch.Tensor, n_bits: int, width: int) -> torch.Tensor:
+    """[n, L] bytes -> [n, n_bits, L] fields of `width` bits, field s = bits width*s.."""
+    shifts = torch.arange(0, n_bits * width, width, dtype=torch.uint8, device=qh.device)
+    return (qh[:, None, :] >> shifts[None, :, None]) & ((1 << width) - 1)
+
+
+def _q8_0(b):
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+
+
+def _q4_0(b):
+    q = _nibbles(b[:, None, 2:]).reshape(b.shape[0], 32).to(torch.int8) - 8
+    return _f16(b, 0) * q.float()
+
+
+def _q4_1(b):
+    q = _nibbles(b[:, None, 4:]).reshape(b.shape[0], 32).float()
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
+def _q5(b, at_qh):
+    """5-bit values of a Q5_0 / Q5_1 block: nibbles | (bit j of the 32-bit qh) << 4."""
+    n = b.shape[0]
+    low = _nibbles(b[:, None, at_qh + 4:]).reshape(n, 32)
+    high = _bits(b[:, at_qh:at_qh + 4], 8, 1).transpose(1, 2).reshape(n, 32)  # byte j // 8, bit j % 8
+    return low | (high << 4)
+
+
+def _q5_0(b):
+    return _f16(b, 0) * (_q5(b, 2).to(torch.int8) - 16).float()
+
+
+def _q5_1(b):
+    return _f16(b, 0) * _q5(b, 4).float() + _f16(b, 2)
+
+
+def _scale_min_k4(s: torch.Tensor):
+    """The 8 6-bit (scale, min) pairs of a Q4_K / Q5_K block from its 12 bytes."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat((d & 63, (md & 15) | ((d >> 2) & 48)), dim=1)
+    mn = torch.cat((m & 63, (md >> 4) | ((m >> 2) & 48)), dim=1)
+    return sc, mn
+
+
+def _k4_affine(b, q):
+    """(d * sc) * q - dmin * m for Q4_K / Q5_K with q [n, 8, 32]."""
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d = (_f16(b, 0) * sc.float())[:, :, None]
+    dm = (_f16(b, 2) * mn.float())[:, :, None]
+    return (d * q.float() - dm).reshape(b.shape[0], 256)
+
+
+def _q4_k(b):
+    return _k4_affine(b, _nibbles(b[:, 16:].reshape(-1, 4, 32)).reshape(-1, 8, 32))
+
+
+def _q5_k(b):
+    low = _nibbles(b[:, 48:].reshape(-1, 4, 32)).reshape(-1, 8, 32)
+    return _k4_affine(b, low | (_bits(b[:, 16:48], 8, 1) << 4))
+
+
+def _q6_k(b):
+    n = b.shape[0]
+    low = _nibbles(b[:, :128].reshape(n, 2, 64)).reshape(n, 8, 32)
+    high = _bits(b[:, 128:192].reshape(2 * n, 32), 4, 2).reshape(n, 8, 32)  # 2 halves x 4 shifts
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, 16, 16).float()
+    d = _f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()
+    return (d[:, :, None] * q).reshape(n, 256)
+
+
+_DECODE = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q4_K: _q4_k,
+           T.Q5_K: _q5_k, T.Q6_K: _q6_k}
+
+
+def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32) -> torch.Tensor:
+    """uint8 rows [..., row bytes] of ggml type `qtype` -> [..., elements] in `dtype` (math in fp32),
+    decoded _CHUNK elements at a time into the output."""
+    qtype = T(qtype)
+    qk, nb = GGML_QUANT_SIZES[qtype]
+    if raw.dtype != torch.uint8 or raw.shape[-1] % nb:
+        raise ValueError(f"{qtype.name} rows must be uint8 with a multiple of {nb} bytes, got "
+                         f"{raw.dtype}{list(raw.shape)}")
+    lead, row_bytes = tuple(raw.shape[:-1]), raw.shape[-1]
+    k = row_bytes // nb * qk
+    flat = raw.reshape(-1, row_bytes)
+    out = torch.empty(flat.shape[0], k, dtype=dtype, device=raw.device)
+    step = max(1, _CHUNK // max(k, 1))
+    decode = _DECODE[qtype]
+    for r0 in range(0, flat.shape[0], step):
+        r1 = min(r0 + step, flat.shape[0])
+        out[r0:r1] = decode(flat[r0:r1].reshape(-1, nb)).reshape(r1 - r0, k)
+    return out.reshape(*lead, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed weight
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class GGMLWeight:
+    """A GGUF weight of logical shape [..., N, K] kept as its ggml blocks [..., N, K / QK * bytes]."""
+
+    qtype: T
+    blocks: torch.Tensor
+    shape: tuple
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        self.qtype = T(self.qtype)
+        if self.qtype not in PACKED_TYPES:
+            raise ValueError(f"ggml type {self.qtype.name} is not kept packed (supported: "
+                             f"{', '.join(t.name for t in PACKED_TYPES)})")
+        self.shape = tuple(int(s) for s in self.shape)
+        qk, nb = GGML_QUANT_SIZES[self.qtype]
+        want = self.shape[:-1] + (self.shape[-1] // qk * nb,)
+        if self.shape[-1] % qk or self.blocks.dtype != torch.uint8 or tuple(self.blocks.shape) != want:
+            raise ValueError(f"{self.qtype.name} weight of shape {list(self.shape)} needs uint8 blocks "
+                             f"{list(want)}, got {self.blocks.dtype}{list(self.blocks.shape)}")
+
+    # -- tensor-like ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def element_size(self) -> int:
+        """Bytes per element of the rows it serves (what a chunk of dequantised rows costs)."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice) and len(self.shape) == 2:
+            v0, v1, step = i.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("a packed table is sliced in steps of 1")
+            return self.rows(v0, max(v0, v1))
+        if len(self.shape) < 3 or not isinstance(i, int):
+            raise IndexError(f"a packed {self.qtype.name} weight of shape {list(self.shape)} takes an expert index "
+                             f"(3-D) or a row slice (2-D), not {i!r}")
+        return GGMLWeight(self.qtype, self.blocks[i], self.shape[1:], self.dtype)
+
+    def to(self, device=None, dtype=None) -> "GGMLWeight":
+        """Blocks to `device`; `dtype` changes the dtype rows are served in (the blocks stay)."""
+        blocks = self.blocks.to(device) if device is not None else self.blocks
+        return GGMLWeight(self.qtype, blocks, self.shape, dtype or self.dtype)
+
+    def contiguous(self) -> "GGMLWeight":
+        return self
+
+    def float(self) -> torch.Tensor:
+        return self.dequantize(torch.float32)
+
+    # -- decoding ------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The logical weight [..., N, K] in `dtype` (default: self.dtype; math in fp32)."""
+        return dequantize_blocks(self.blocks, self.qtype, dtype or self.dtype)
+
+    def rows(self, v0: int, v1: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows v0..v1 of a 2-D table [N, K], dequantised: [v1 - v0, K]."""
+        if len(self.shape) != 2:
+            raise IndexError(f"rows() reads a 2-D table; this weight is {list(self.shape)}")
+        return dequantize_blocks(self.blocks[v0:v1], self.qtype, dtype or self.dtype)
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """F.embedding(ids, table) for a packed 2-D table: only the rows asked for are decoded."""
+        if len(self.shape) != 2:
+            raise IndexError(f"lookup() reads a 2-D table; this weight is {list(self.shape)}")
+        return dequantize_blocks(self.blocks[ids], self.qtype, dtype or self.dtype)
+
+    def _row_chunks(self, dtype):
+        """(v0, v1, rows v0..v1) over a 2-D weight, _CHUNK elements at a time."""
+        if len(self.shape) != 2:
+            raise IndexError(f"a [N, K] weight is read by rows; this one is {list(self.shape)}")
+        step = max(1, _CHUNK // self.shape[1])
+        for v0 in range(0, self.shape[0], step):
+            v1 = min(v0 + step, self.shape[0])
+            yield v0, v1, self.rows(v0, v1, dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """F.linear(x, W) = x @ W^T in x's dtype, W decoded a chunk of rows at a time (one chunk for
+        a linear layer's weight; the tied head reads the table in V / chunk pieces)."""
+        out = None
+        for v0, v1, rows in self._row_chunks(x.dtype):
+            if v0 == 0 and v1 == self.shape[0]:
+                return torch.nn.functional.linear(x, rows)
+            if out is None:
+                out = torch.empty(*x.shape[:-1], self.shape[0], dtype=x.dtype, device=x.device)
+            out[..., v0:v1] = torch.nn.functional.linear(x, rows)
+        return out
+
+    def product(self, p: torch.Tensor) -> torch.Tensor:
+        """p @ W ([.., N] @ [N, K]: the soft embedding) in p's dtype, summed chunk by chunk of rows."""
+        out = None
+        for v0, v1, rows in self._row_chunks(p.dtype):
+            part = torch.matmul(p[..., v0:v1], rows)
+            out = part if out is None else out.add_(part)
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """The torch calls a [N, K] weight meets in a model, on the packed blocks: F.linear(x, W),
+        F.embedding(ids, W) and torch.matmul(p, W) (so transformers' own modules and dgplug's model
+        run on it unchanged); anything else asks for an explicit .dequantize()."""
+        kwargs = kwargs or {}
+        w = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(w, GGMLWeight) and isinstance(x, torch.Tensor):
+            if func is torch.nn.functional.linear and (len(args) < 3 or args[2] is None) \
+                    and kwargs.get("bias") is None:
+                return w.linear(x)
+            if func is torch.nn.functional.embedding:
+                return w.lookup(x)
+            if func is torch.matmul:
+                return w.product(x)
+        name = getattr(func, "__name__", str(func))
+        raise TypeError(f"{name} does not take a packed GGUF weight ({cls.__name__}); call .dequantize() first")
+
+    def nonfinite(self) -> bool:
+        """Whether any value is NaN or Inf: exactly when an fp16 scale field is (the quants are integers)."""
+        nb = GGML_QUANT_SIZES[self.qtype][1]
+        b = self.blocks.reshape(-1, nb)
+        for at in _F16_FIELDS[self.qtype]:
+            bits = b[:, at:at + 2].contiguous().view(torch.int16)
+            if bool(((bits & 0x7C00) == 0x7C00).any()):
+                return True
+        return False
+
+    def __repr__(self) -> str:
+        return f"GGMLWeight({self.qtype.name}, shape={list(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: one [BLOCK_K, BLOCK_N] tile decoded from the blocks (the MoE kernels' weight loader)
+# ---------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _byte(p, mask):
+        return tl.load(p, mask=mask, other=0).to(tl.int32)
+
+    @triton.jit
+    def _half(p, mask):
+        """The little-endian fp16 at p, as fp32."""
+        bits = tl.load(p, mask=mask, other=0).to(tl.uint16) | (tl.load(p + 1, mask=mask, other=0).to(tl.uint16) << 8)
+        return bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _tile_32(row, k, mask, NB: tl.constexpr, QS: tl.constexpr, QH: tl.constexpr, MIN: tl.constexpr,
+                 OFFSET: tl.constexpr):
+        """Q4_0 / Q4_1 / Q5_0 / Q5_1: 32-element blocks of NB bytes, nibbles at QS, 5th bits at QH (0: none)."""
+        blk = row + (k // 32) * NB
+        j = k % 32
+        q = (_byte(blk + QS + j % 16, mask) >> (4 * (j // 16))) & 15
+        if QH != 0:
+            q = q | (((_byte(blk + QH + j // 8, mask) >> (j % 8)) & 1) << 4)
+        if MIN:
+            return _half(blk, mask) * q.to(tl.float32) + _half(blk + 2, mask)
+        else:
+            return _half(blk, mask) * (q - OFFSET).to(tl.float32)
+
+    @triton.jit
+    def _tile_k45(row, k, mask, NB: tl.constexpr, QS: tl.constexpr, FIVE: tl.constexpr):
+        """Q4_K (NB 144, nibbles at 16) / Q5_K (NB 176, 5th bits at 16, nibbles at 48)."""
+        blk = row + (k // 256) * NB
+        j = k % 256
+        s = j // 32
+        q = (_byte(blk + QS + (j // 64) * 32 + j % 32, mask) >> (4 * (s % 2))) & 15
+        if FIVE:
+            q = q | (((_byte(blk + 16 + j % 32, mask) >> s) & 1) << 4)
+        low = s < 4
+        a = _byte(blk + 4 + s, mask)
+        b = _byte(blk + 8 + s, mask)
+        c = _byte(blk + 4 + tl.where(low, s, s - 4), mask)
+        sc = tl.where(low, a & 63, (b & 15) | ((c >> 6) << 4))
+        mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
+        return (_half(blk, mask) * sc.to(tl.float32)) * q.to(tl.float32) - _half(blk + 2, mask) * mn.to(tl.float32)
+
+    @triton.jit
+    def _tile_q6_k(row, k, mask):
+        blk = row + (k // 256) * 210
+        j = k % 256
+        h = j // 128
+        i = j % 128
+        ql = (_byte(blk + h * 64 + i % 64, mask) >> (4 * (i // 64))) & 15
+        qh = (_byte(blk + 128 + h * 32 + i % 32, mask) >> (2 * (i // 32))) & 3
+        sc = tl.load(blk + 192 + j // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        return (_half(blk + 208, mask) * sc) * ((ql | (qh << 4)) - 32).to(tl.float32)
+
+    @triton.jit
+    def tile(w_ptr, e, rows, nmask, offs_k, K, stride_we, stride_wn, QT: tl.constexpr):
+        """fp32 [BK, BN] tile of weight[e, rows, offs_k]^T decoded from ggml blocks (QT: the ggml
+        type id; strides in bytes), zero outside K / the masked rows."""
+        mask = (offs_k[:, None] < K) & nmask[None, :]
+        row = w_ptr + e.to(tl.int64) * stride_we + rows[None, :].to(tl.int64) * stride_wn
+        k = offs_k[:, None]
+        if QT == 8:  # Q8_0
+            blk = row + (k // 32) * 34
+            q = tl.load(blk + 2 + k % 32, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            w = q * _half(blk, mask)
+        elif QT == 2:  # Q4_0
+            w = _tile_32(row, k, mask, 18, 2, 0, False, 8)
+        elif QT == 3:  # Q4_1
+            w = _tile_32(row, k, mask, 20, 4, 0, True, 0)
+        elif QT == 6:  # Q5_0
+            w = _tile_32(row, k, mask, 22, 6, 2, False, 16)
+        elif QT == 7:  # Q5_1
+            w = _tile_32(row, k, mask, 24, 8, 4, True, 0)
+        elif QT == 12:  # Q4_K
+            w = _tile_k45(row, k, mask, 144, 16, False)
+        elif QT == 13:  # Q5_K
+            w = _tile_k45(row, k, mask, 176, 48, True)
+        else:  # Q6_K
+            w = _tile_q6_k(row, k, mask)
+        return tl.where(mask, w, 0.0)
