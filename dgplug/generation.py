@@ -9,13 +9,14 @@ Batches are left-padded; a row that meets the stop test is frozen while others g
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from . import denoise_step
+from . import denoise_step, threads
 from . import sampler as sp
 from .config import special_token_id
 from .errors import InputError
@@ -47,6 +48,21 @@ def _setting(value, defaults: dict, key: str):
     return defaults[key] if value is None else value
 
 
+def _transformers_threads_for_transformers_rng(fn):
+    """rng="transformers" promises transformers' tokens: its ops then run on transformers'
+    thread count (threads.as_transformers), since fp32 sums depend on it."""
+
+    @functools.wraps(fn)
+    def run(*args, rng: str = "counter", **kwargs):
+        if rng != "transformers":
+            return fn(*args, rng=rng, **kwargs)
+        with threads.as_transformers():
+            return fn(*args, rng=rng, **kwargs)
+
+    return run
+
+
+@_transformers_threads_for_transformers_rng
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int | None = None, max_denoising_steps: int | None = None,

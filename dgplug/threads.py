@@ -75,16 +75,30 @@ def configure(n: int | None = None) -> int:
 # projection at 512 tokens) stays single-threaded and the release's (hidden 2816: 4 GFLOP at
 # 256 tokens) does not.
 SMALL_FLOPS = 1e9
+_exact = threading.local()  # .on: for_flops keeps the count in force (same numerics as transformers)
+
+
+@contextlib.contextmanager
+def as_transformers():
+    """Within this block for_flops narrows nothing: ops run on the thread count transformers
+    runs them on, so fp32 sums (whose order depends on the thread count) match its bits. For
+    rng="transformers", whose promise is transformers' tokens, token for token."""
+    was = getattr(_exact, "on", False)
+    _exact.on = True
+    try:
+        yield
+    finally:
+        _exact.on = was
 
 
 @contextlib.contextmanager
 def for_flops(flops: float):
     """Run a block whose ops each do about `flops` FLOPs: on one thread below SMALL_FLOPS,
-    else with the count in force."""
+    else with the count in force (always the count in force inside as_transformers())."""
     import torch
 
     before = torch.get_num_threads()
-    if flops >= SMALL_FLOPS or before == 1:
+    if flops >= SMALL_FLOPS or before == 1 or getattr(_exact, "on", False):
         yield
         return
     torch.set_num_threads(1)
@@ -124,11 +138,13 @@ def run_tasks(tasks, workers: int) -> None:
     import torch
 
     before = torch.get_num_threads()
+    grad = torch.is_grad_enabled()  # grad mode is per thread: workers take the caller's
     pending = iter(tasks)
     lock = threading.Lock()
 
     def worker():
         torch.set_num_threads(1)
+        torch.set_grad_enabled(grad)
         while True:
             with lock:
                 task = next(pending, None)
