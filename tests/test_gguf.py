@@ -4,7 +4,6 @@ contract check, and rejection of malformed files."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
@@ -105,95 +104,7 @@ def test_search_beats_naive_minmax(qtype, naive):
     assert ours < 0.97 * base, (ours, base)
 
 
-# A scalar, loop-by-loop statement of ggml's reference algorithms (quantize_row_q{4,5,6}_K_ref)
-# written from their description, used as the oracle for the vectorised encoders' quality.
-def _ref_affine(x, nmax, rmin, rdelta, nstep):
-    w = [math.sqrt(sum(v * v for v in x) / len(x)) + abs(v) for v in x]
-    lo, hi = min(min(x), 0.0), max(x)
-    if hi == lo:
-        return 0.0, -lo
-    sw, sx = sum(w), sum(a * b for a, b in zip(w, x))
-
-    def quants(iscale, mn):
-        return [min(nmax, max(0, round(iscale * (v - mn)))) for v in x]
-
-    def error(s, mn, q):
-        return sum(wi * (s * qi + mn - xi) ** 2 for wi, qi, xi in zip(w, q, x))
-
-    best_s, best_m = (hi - lo) / nmax, lo
-    best_e = error(best_s, best_m, quants(nmax / (hi - lo), lo))
-    for k in range(nstep + 1):
-        q = quants((rmin + rdelta * k + nmax) / (hi - lo), lo)
-        sl = sum(a * b for a, b in zip(w, q))
-        sl2 = sum(a * b * b for a, b in zip(w, q))
-        sxl = sum(a * b * c for a, b, c in zip(w, q, x))
-        D = sw * sl2 - sl * sl
-        if D <= 0:
-            continue
-        s, mn = (sw * sxl - sx * sl) / D, (sl2 * sx - sl * sxl) / D
-        if mn > 0:
-            s, mn = sxl / sl2, 0.0
-        e = error(s, mn, q)
-        if e < best_e:
-            best_s, best_m, best_e = s, mn, e
-    return best_s, -best_m
-
-
-def _ref_symmetric(x, nmax):
-    amax_i = max(range(len(x)), key=lambda i: (abs(x[i]), -i))
-    vmax = x[amax_i]
-    if abs(vmax) < 1e-15:
-        return 0.0
-    best_s, best = 0.0, -1.0
-    for k in [0] + [k for k in range(-9, 10) if k]:
-        iscale = -(nmax + 0.1 * k) / vmax
-        q = [min(nmax - 1, max(-nmax, round(iscale * v))) for v in x]
-        slx = sum(v ** 3 * l for v, l in zip(x, q))
-        sl2 = sum(v * v * l * l for v, l in zip(x, q))
-        if sl2 > 0 and (best < 0 or slx * slx > best * sl2):
-            best_s, best = slx / sl2, slx * slx / sl2
-    return best_s
-
-
-def _ref_decode(x, qtype):
-    """Encode+decode one row with the scalar reference (fp16 super-scales as in ggml)."""
-    f16 = lambda v: float(np.float16(v))  # noqa: E731
-    out = []
-    for b0 in range(0, len(x), 256):
-        blk = [float(v) for v in x[b0:b0 + 256]]
-        if qtype == T.Q6_K:
-            subs = [blk[i:i + 16] for i in range(0, 256, 16)]
-            sc = [_ref_symmetric(s, 32) for s in subs]
-            m = max(sc, key=abs)
-            if abs(m) < 1e-15:
-                out += [0.0] * 256
-                continue
-            iscale = -128.0 / m
-            d = f16(1 / iscale)
-            for s, v in zip(subs, sc):
-                dl = d * min(127, round(iscale * v))
-                out += [dl * min(31, max(-32, round(xi / dl))) if dl else 0.0 for xi in s]
-            continue
-        nmax, rmin, nstep = (15, -1.0, 20) if qtype == T.Q4_K else (31, -0.5, 15)
-        subs = [blk[i:i + 32] for i in range(0, 256, 32)]
-        fits = [_ref_affine(s, nmax, rmin, 0.1, nstep) for s in subs]
-        ms, mm = max(f[0] for f in fits), max(f[1] for f in fits)
-        d, dmin = f16(ms / 63), f16(mm / 63)
-        for s, (sc, mn) in zip(subs, fits):
-            dl = d * min(63, round(63 / ms * sc)) if ms > 0 else 0.0
-            ml = dmin * min(63, round(63 / mm * mn)) if mm > 0 else 0.0
-            out += [dl * min(nmax, max(0, round((xi + ml) / dl))) - ml if dl else -ml for xi in s]
-    return np.array(out)
-
-
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
-def test_quality_matches_the_reference_algorithm(qtype):
-    rng = np.random.default_rng(3)
-    x = np.concatenate([rng.standard_normal((2, 512)) * 0.02, rng.standard_t(3, (1, 512))]).astype(np.float32)
-    ours = gq.dequantize(kq.quantize(x, qtype), qtype)
-    ref = np.stack([_ref_decode(r, qtype) for r in x])
-    for i in range(len(x)):
-        assert _rmse(ours[i], x[i]) <= 1.003 * _rmse(ref[i], x[i]), i
+# Byte identity with ggml's reference quantizers: tests/test_kquants.py
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16])
