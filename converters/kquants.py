@@ -82,6 +82,29 @@ def _seq_sum(a: np.ndarray) -> np.ndarray:
     return np.add.reduce(a, axis=0)
 
 
+def _einsum_exact() -> bool:
+    """Whether np.einsum('ij,ij->j') is `_seq_sum(a*b)`: products rounded, then added row after
+    row (numpy's x86-64 wheels; a fused multiply-add or another order would differ). One pass
+    instead of two where it holds."""
+    rng = np.random.default_rng(0)
+    for shape in ((32, 8), (16, 1000), (32, 8195)):
+        a = rng.standard_normal(shape, dtype=_F32) * _F32(1e3)
+        b = rng.standard_normal(shape, dtype=_F32)
+        if not np.array_equal(np.einsum("ij,ij->j", a, b), _seq_sum(a * b)):
+            return False
+    return True
+
+
+_EINSUM = _einsum_exact()
+
+
+def _dot_cols(a: np.ndarray, b: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """sum_i a[i]*b[i] per column, in C's order (tmp: scratch of a's shape)."""
+    if _EINSUM and a.shape[1] >= 8 and a.flags.c_contiguous and b.flags.c_contiguous:
+        return np.einsum("ij,ij->j", a, b)
+    return _seq_sum(np.multiply(a, b, out=tmp))
+
+
 def _clamp(q, lo, hi, ends):
     """np.clip(q, lo, hi) on the columns that need it. `ends` are the columns' smallest and largest
     values, transformed as q was (element-wise float32 maps are monotonic, so these are exactly
@@ -134,8 +157,7 @@ def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
         np.add(t, m, out=t)
         np.subtract(t, x, out=t)
         np.multiply(t, t, out=t)
-        np.multiply(t, w, out=t)
-        return _seq_sum(t)
+        return _dot_cols(t, w, t)
 
     ends = (xmin, mx)
     _qkx2_quants(x, mn, isc, nmax, l, ends)
@@ -145,10 +167,8 @@ def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
         _qkx2_quants(x, mn, ik, nmax, l, ends)
         np.multiply(w, l, out=wl)
         sl = _seq_sum(wl)
-        np.multiply(wl, l, out=t)
-        sl2 = _seq_sum(t)
-        np.multiply(wl, x, out=t)
-        sxl = _seq_sum(t)
+        sl2 = _dot_cols(wl, l, t)
+        sxl = _dot_cols(wl, x, t)
         D = sum_w * sl2 - sl * sl
         s = (sum_w * sxl - sum_x * sl) / D  # garbage where D <= 0: those columns cannot win
         m = (sl2 * sum_x - sl * sxl) / D
@@ -195,7 +215,8 @@ def _encode_qk_asym(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep:
     scale, the_min, isc, base = (np.empty(ns, f) for _ in range(4))
     for c0 in range(0, ns, _SUB_COLS):
         c = slice(c0, min(c0 + _SUB_COLS, ns))
-        scale[c], the_min[c], isc[c], base[c] = _qkx2_search(xt[:, c], w[:, c], nmax, rmin, rdelta, nstep)
+        xc, wc = np.ascontiguousarray(xt[:, c]), np.ascontiguousarray(w[:, c])
+        scale[c], the_min[c], isc[c], base[c] = _qkx2_search(xc, wc, nmax, rmin, rdelta, nstep)
     scale = scale.reshape(nb, 8)
     the_min = the_min.reshape(nb, 8)
     max_scale = np.maximum(scale.max(axis=1), f(0))
@@ -288,11 +309,9 @@ def _qx_search(x: np.ndarray, w: np.ndarray, nmax: int):
     l, t = np.empty_like(x), np.empty_like(x)
     for k in _QX_TRIALS:
         _qx_quants(x, _qx_trial_iscale(k, nmax, vmax), nmax, l, ends)
-        np.multiply(wx, l, out=t)
-        slx = _seq_sum(t)
+        slx = _dot_cols(wx, l, t)
         np.multiply(w, l, out=t)
-        np.multiply(t, l, out=t)
-        sl2 = _seq_sum(t)
+        sl2 = _dot_cols(t, l, t)
         s = slx / sl2  # 0/0 where sl2 == 0: such a trial never wins
         if k == 0:
             scale = np.where(sl2 != 0, s, f(0))
@@ -316,7 +335,7 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
     live, kbest = np.empty(ns, bool), np.empty(ns, np.int8)
     for c0 in range(0, ns, 2 * _SUB_COLS):
         c = slice(c0, min(c0 + 2 * _SUB_COLS, ns))
-        xc = xt[:, c]
+        xc = np.ascontiguousarray(xt[:, c])
         scales[c], live[c], kbest[c], vmax[c] = _qx_search(xc, xc * xc, 32)
     scales = scales.reshape(nb, 16)
     absS = np.abs(scales)

@@ -185,7 +185,7 @@ def sample_rows(seed=0, cols=1024):
     return np.stack(rows).astype(F)
 
 
-K_TYPES = [T.Q4_K, T.Q5_K, T.Q6_K]
+K_TYPES = [pytest.param(q, id=q.name) for q in (T.Q4_K, T.Q5_K, T.Q6_K)]
 
 
 @pytest.mark.parametrize("qtype", K_TYPES)
@@ -208,12 +208,15 @@ def test_bytes_identical_to_ggml_reference(qtype):
 
 
 @pytest.mark.parametrize("qtype", K_TYPES)
-def test_chunking_does_not_change_bytes(qtype, monkeypatch):
+@pytest.mark.parametrize("einsum", [True, False])
+def test_chunking_and_sum_paths_do_not_change_bytes(qtype, einsum, monkeypatch):
     # the search runs on column chunks and clamps only the columns that need it; small chunks
-    # exercise both the whole-chunk and the per-column clamp and the chunk edges
+    # exercise the whole-chunk and the per-column clamp and the chunk edges (with fewer than 8
+    # columns the sums are never einsum's); without einsum every sum is a product then a reduction
     x = sample_rows(2, 1024)
     want = kq.quantize(x, qtype)
-    monkeypatch.setattr(kq, "_SUB_COLS", 24)
+    monkeypatch.setattr(kq, "_SUB_COLS", 23)
+    monkeypatch.setattr(kq, "_EINSUM", einsum and kq._EINSUM)
     assert np.array_equal(kq.quantize(x, qtype), want)
 
 
