@@ -120,12 +120,23 @@ def _clamp(q, lo, hi, ends):
     return q
 
 
-def _qkx2_quants(x, mn, iscale, nmax, out, ends):
-    """clamp(nearest_int(iscale*(x - mn)), 0, nmax) per column (ggml's nearest_int is np.rint)."""
+def _qkx2_quants(x, mn, iscale, nmax, out, c=None, xmin=None):
+    """clamp(nearest_int(iscale*(x - mn)), 0, nmax) per column (ggml's nearest_int is np.rint).
+
+    With iscale = c/(max - min) (c the trial's rmin + rdelta*k + nmax) no quant exceeds c*(1+u)^2,
+    so the upper clamp is needed only when that can round above nmax; the lower one only in the
+    columns whose smallest value (xmin) quantises below 0 (the same float32 operations on the
+    column's smallest value give its smallest quant: rounding is monotonic).
+    """
     np.subtract(x, mn, out=out)
     np.multiply(out, iscale, out=out)
     np.rint(out, out=out)
-    return _clamp(out, 0, nmax, [(e - mn) * iscale for e in ends])
+    if c is None or float(c) * (1 + 2.0**-21) >= nmax + 0.5:
+        return np.clip(out, _F32(0), _F32(nmax), out=out)
+    j = np.flatnonzero(np.rint((xmin - mn) * iscale) < 0)
+    if j.size:
+        out[:, j] = np.maximum(out[:, j], _F32(0))
+    return out
 
 
 def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
@@ -135,7 +146,7 @@ def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
     min, fits (scale, min) by weighted least squares (min <= 0), and replaces the best when its
     weighted squared error is strictly smaller; the new min is where later trials start.
     Returns (scale, the_min, isc, base): the best fit, and the inverse scale and min its quants
-    were made with (`_qkx2_quants(x, base, isc, nmax)` gives ggml's L for the column).
+    were made with (`_qkx2_quants(x, base, isc, nmax, out)` gives ggml's L for the column).
     """
     f = _F32
     xmin = x.min(axis=0)
@@ -159,12 +170,12 @@ def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
         np.multiply(t, t, out=t)
         return _dot_cols(t, w, t)
 
-    ends = (xmin, mx)
-    _qkx2_quants(x, mn, isc, nmax, l, ends)
+    _qkx2_quants(x, mn, isc, nmax, l, f(nmax), xmin)
     best = error(scale, mn)
     for k in range(nstep + 1):
-        ik = (f(rmin) + f(rdelta) * f(k) + f(nmax)) / (mx - mn)
-        _qkx2_quants(x, mn, ik, nmax, l, ends)
+        c = f(rmin) + f(rdelta) * f(k) + f(nmax)
+        ik = c / (mx - mn)
+        _qkx2_quants(x, mn, ik, nmax, l, c, xmin)
         np.multiply(w, l, out=wl)
         sl = _seq_sum(wl)
         sl2 = _dot_cols(wl, l, t)
@@ -238,7 +249,7 @@ def _encode_qk_asym(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep:
     if kept.any():
         j = np.flatnonzero(kept)
         xj = xt[:, j]
-        q.reshape(ns, 32)[j] = _qkx2_quants(xj, base[j], isc[j], nmax, np.empty_like(xj), (xj.min(0), xj.max(0))).T
+        q.reshape(ns, 32)[j] = _qkx2_quants(xj, base[j], isc[j], nmax, np.empty_like(xj)).T
     return d, dmin, _pack_scales_k4(ls, lm), q.astype(np.uint8).reshape(nb, QK_K)
 
 

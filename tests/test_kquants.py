@@ -210,8 +210,8 @@ def test_bytes_identical_to_ggml_reference(qtype):
 @pytest.mark.parametrize("qtype", K_TYPES)
 @pytest.mark.parametrize("einsum", [True, False])
 def test_chunking_and_sum_paths_do_not_change_bytes(qtype, einsum, monkeypatch):
-    # the search runs on column chunks and clamps only the columns that need it; small chunks
-    # exercise the whole-chunk and the per-column clamp and the chunk edges (with fewer than 8
+    # the search runs on column chunks and clamps only where needed; small chunks exercise the
+    # whole-chunk and the per-column clamps and the chunk edges (with fewer than 8
     # columns the sums are never einsum's); without einsum every sum is a product then a reduction
     x = sample_rows(2, 1024)
     want = kq.quantize(x, qtype)
@@ -230,7 +230,7 @@ def test_weighted_affine_search(nmax, rmin, rdelta, nstep):
     scale, the_min, isc, base = kq._qkx2_search(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), nmax, rmin,
                                                 rdelta, nstep)
     xt = np.ascontiguousarray(x.T)
-    L = kq._qkx2_quants(xt, base, isc, nmax, np.empty_like(xt), (xt.min(0), xt.max(0))).T
+    L = kq._qkx2_quants(xt, base, isc, nmax, np.empty_like(xt)).T
     for i in range(len(x)):
         s, m, l = ggml_make_qkx2(x[i], w[i], nmax, rmin, rdelta, nstep)
         assert (scale[i], the_min[i]) == (s, m) and np.array_equal(L[i], l), i
