@@ -21,6 +21,10 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
   deterministic and independent of the worker count.
 * Output goes to a hidden temporary file beside OUT, renamed on success; any error or Ctrl-C
   removes it (no OUT left behind).
+* Metadata as llama.cpp's converter writes it: general.* from gguf-py's Metadata heuristics over
+  the model directory (name, basename, finetune, size label, license, ...); token types by the
+  rule of gguf-py's LlamaHfVocab (what the converter's Gemma 4 vocabulary uses) with Gemma 4's
+  channel/tool tokens USER_DEFINED.
 * Tokenizer: tokenizer.json (+ tokenizer_config.json, chat_template.jinja) -> tokenizer.ggml.*
   with model "gemma4". Mask token: the tokenizer's mask_token if it declares one, else a token
   spelled "<mask>" if the vocabulary has one, else the pad id (documented fallback: the
