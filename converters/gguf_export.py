@@ -398,7 +398,11 @@ def _add_general(w: GGUFWriter, src: Path, name: str | None) -> None:
     import gguf
 
     total, shared, expert, n_expert = w.get_total_parameter_count()
-    meta = gguf.Metadata.load(None, src, name, total)
+    try:
+        meta = gguf.Metadata.load(None, src, name, total)
+    except Exception as e:  # noqa: BLE001 - a malformed model card or config, named
+        raise CheckpointError(f"{src}: cannot read the model metadata (README.md model card, config.json): "
+                              f"{type(e).__name__}: {e}") from None
     if meta.name is None:
         meta.name = src.resolve().name
     if meta.size_label is None and total > 0:
@@ -558,7 +562,6 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     out = Path(out_path)
     cfg, items, warnings = plan_export(src, quant)
     gen = load_generation_defaults(src)
-    tokv = read_tokenizer(src, cfg.text.vocab_size, cfg.raw)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     quantised = any(it.qtype not in (T.F32, T.F16, T.BF16) and it.src is not None for it in items)
@@ -573,6 +576,8 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             import multiprocessing as mp
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             pool = ctx.Pool(workers, initializer=_worker_init)
+        # after the fork: the workers need none of what reading the tokenizer imports and keeps
+        tokv = read_tokenizer(src, cfg.text.vocab_size, cfg.raw)
         w = GGUFWriter(tmp, ARCH)
         for it in items:
             w.add_tensor_info(it.gguf, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.qtype)

@@ -368,6 +368,10 @@ def test_general_metadata_as_llama_cpp(ckpt, exported, tmp_path):
             got.pop(k, None)
         assert got == want_kv
     assert want_kv["general.name"] == "Ckpt" and want_kv["general.size_label"] == "8x2.9M"
+    (src / "README.md").write_text("---\nlicense: [apache\n---\n")  # malformed YAML: one clear error
+    with pytest.raises(CheckpointError, match="diffusiongemma-tiny-it: cannot read the model metadata"):
+        ge.export_gguf(src, tmp_path / "bad.gguf", quant="F16", progress=False, workers=1)
+    assert not list(tmp_path.glob("*bad.gguf*"))
     r = gi.open_gguf(tmp_path / "m.gguf")
     assert r.get_field("general.license").contents() == "apache-2.0"
     assert r.get_field("general.base_model.0.organization").contents() == "Google"
