@@ -21,6 +21,10 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
   deterministic and independent of the worker count.
 * Output goes to a hidden temporary file beside OUT, renamed on success; any error or Ctrl-C
   removes it (no OUT left behind).
+* Metadata as llama.cpp's converter writes it: general.* from gguf-py's Metadata heuristics over
+  the model directory (name, basename, finetune, size label, license, ...); token types by the
+  rule of gguf-py's LlamaHfVocab (what the converter's Gemma 4 vocabulary uses) with Gemma 4's
+  channel/tool tokens USER_DEFINED.
 * Tokenizer: tokenizer.json (+ tokenizer_config.json, chat_template.jinja) -> tokenizer.ggml.*
   with model "gemma4". Mask token: the tokenizer's mask_token if it declares one, else a token
   spelled "<mask>" if the vocabulary has one, else the pad id (documented fallback: the
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 from collections import deque
@@ -45,7 +50,7 @@ from gguf import GGMLQuantizationType as T
 from dgplug import hub
 from dgplug.config import Config, load_config, load_generation_defaults
 from dgplug.errors import CheckpointError, FormatError
-from dgplug.names import ROPE_FREQS_GGUF, is_vision, text_tensors
+from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, is_vision, text_tensors
 
 from . import kquants
 
@@ -262,14 +267,25 @@ def _worker_init():
 # ---------------------------------------------------------------------------------------------
 # Metadata and tokenizer
 # ---------------------------------------------------------------------------------------------
-GEMMA4_VISIBLE = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
-                  "<tool_response|>", '<|"|>'}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _tok_content(v):
     if isinstance(v, dict):
         return v.get("content")
     return v
+
+
+def _hf_specials(src: Path) -> tuple[set[int], set[str], int]:
+    """transformers' all_special_ids / all_special_tokens and the size of the tokenizer model's own
+    vocabulary (without added tokens): what llama.cpp's converter keys token types on."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - reported with the directory
+        raise CheckpointError(f"{src}: transformers cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    return set(tok.all_special_ids), {str(t) for t in tok.all_special_tokens}, int(tok.vocab_size)
 
 
 def read_tokenizer(src: Path, vocab_size: int, cfg_raw: dict) -> dict:
@@ -309,25 +325,19 @@ def read_tokenizer(src: Path, vocab_size: int, cfg_raw: dict) -> dict:
             id2tok[i] = t
     for i, a in added.items():
         id2tok[i] = a["content"]
-    # special tokens: the named ones, the extra/additional ones and added tokens flagged special
+    # the named special tokens (their ids are written below)
     named = {}
     for key in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
         c = _tok_content(tcfg.get(f"{key}_token"))
         if c is not None and c in vocab:
             named[key] = vocab[c]
-    special_ids = set(named.values())
-    for key in ("additional_special_tokens", "extra_special_tokens"):
-        extra = tcfg.get(key) or []
-        if isinstance(extra, dict):
-            extra = list(extra.values())
-        for c in extra:
-            c = _tok_content(c)
-            if c in vocab:
-                special_ids.add(vocab[c])
-    special_ids |= {i for i, a in added.items() if a.get("special")}
+    special_ids, special_tokens, n_model = _hf_specials(src)
     tokens, scores, types = [], [], []
-    import re
-    byte_re = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+    # token types as llama.cpp's converter sets them for Gemma 4 (gguf-py's LlamaHfVocab, then
+    # Gemma4Model.set_vocab): tokens of the tokenizer model's own vocabulary are BYTE, CONTROL
+    # (transformers' all_special_ids) or NORMAL; added tokens past it are CONTROL when transformers
+    # counts them special, else USER_DEFINED ("special": true in tokenizer.json alone does not
+    # count); the Gemma 4 tokens the chat parser must see are always USER_DEFINED.
     for i, t in enumerate(id2tok):
         if t is None:
             tokens.append(f"[PAD{i}]")
@@ -336,14 +346,14 @@ def read_tokenizer(src: Path, vocab_size: int, cfg_raw: dict) -> dict:
             continue
         tokens.append(t)
         scores.append(scores_by_id.get(i, -1000.0))
-        if byte_re.fullmatch(t):
-            types.append(int(TokenType.BYTE))
-        elif t in GEMMA4_VISIBLE:
+        if t in GEMMA4_VISIBLE_TOKENS:
             types.append(int(TokenType.USER_DEFINED))
+        elif i >= n_model:
+            types.append(int(TokenType.CONTROL if t in special_tokens else TokenType.USER_DEFINED))
+        elif _BYTE_TOKEN.fullmatch(t):
+            types.append(int(TokenType.BYTE))
         elif i in special_ids:
             types.append(int(TokenType.CONTROL))
-        elif i in added:
-            types.append(int(TokenType.USER_DEFINED))
         else:
             types.append(int(TokenType.NORMAL))
     merges = []
@@ -381,20 +391,33 @@ def read_tokenizer(src: Path, vocab_size: int, cfg_raw: dict) -> dict:
     return dict(tokens=tokens, scores=scores, types=types, merges=merges, ids=ids, chat_template=template)
 
 
-def _size_label(tc) -> str:
-    from gguf.utility import size_label
-    H, I, E, Im, V = tc.hidden_size, tc.intermediate_size, tc.num_experts, tc.moe_intermediate_size, tc.vocab_size
-    expert = tc.num_hidden_layers * E * 3 * H * Im
-    total = sum(int(np.prod(s.shape)) for s in text_tensors(tc))
-    return size_label(total, total - expert, expert // max(E, 1) * tc.top_k_experts, tc.top_k_experts)
+def _add_general(w: GGUFWriter, src: Path, name: str | None) -> None:
+    """general.* as llama.cpp's converter writes them: gguf-py's Metadata heuristics over the model
+    directory (name, basename, finetune, size label from the directory/repo name; license, tags,
+    base models from the README model card; sampling defaults from generation_config.json), then
+    the size label from the parameter count of the tensors already declared in `w`."""
+    import gguf
+
+    total, shared, expert, n_expert = w.get_total_parameter_count()
+    try:
+        meta = gguf.Metadata.load(None, src, name, total)
+    except Exception as e:  # noqa: BLE001 - a malformed model card or config, named
+        raise CheckpointError(f"{src}: cannot read the model metadata (README.md model card, config.json): "
+                              f"{type(e).__name__}: {e}") from None
+    if meta.name is None:
+        meta.name = src.resolve().name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+    meta.set_gguf_meta_model(w)
 
 
-def _add_metadata(w: GGUFWriter, cfg: Config, gen: dict, tokv: dict, quant: str, name: str) -> None:
+def _add_metadata(w: GGUFWriter, src: Path, cfg: Config, gen: dict, tokv: dict, quant: str,
+                  name: str | None) -> None:
+    """Every key-value of the file; the tensors must be declared in `w` first (size label)."""
     tc = cfg.text
     a = ARCH
     w.add_type("model")
-    w.add_name(name)
-    w.add_size_label(_size_label(tc))
+    _add_general(w, src, name)
     w.add_uint32(f"{a}.block_count", tc.num_hidden_layers)
     w.add_uint32(f"{a}.context_length", tc.max_position_embeddings)
     w.add_uint32(f"{a}.embedding_length", tc.hidden_size)
@@ -543,9 +566,6 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     out = Path(out_path)
     cfg, items, warnings = plan_export(src, quant)
     gen = load_generation_defaults(src)
-    tokv = read_tokenizer(src, cfg.text.vocab_size, cfg.raw)
-    name = name or cfg.raw.get("_name_or_path") or src.resolve().name
-    name = Path(str(name)).name or "diffusion-gemma"
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     quantised = any(it.qtype not in (T.F32, T.F16, T.BF16) and it.src is not None for it in items)
@@ -560,10 +580,12 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             import multiprocessing as mp
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             pool = ctx.Pool(workers, initializer=_worker_init)
+        # after the fork: the workers need none of what reading the tokenizer imports and keeps
+        tokv = read_tokenizer(src, cfg.text.vocab_size, cfg.raw)
         w = GGUFWriter(tmp, ARCH)
-        _add_metadata(w, cfg, gen, tokv, quant, name)
         for it in items:
             w.add_tensor_info(it.gguf, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.qtype)
+        _add_metadata(w, src, cfg, gen, tokv, quant, name)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

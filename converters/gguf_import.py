@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFValueType as VT
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFValueType as VT, TokenType
 
 from dgplug.errors import FormatError
-from dgplug.names import ROPE_FREQS_GGUF, text_tensors
+from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, text_tensors
 
 ARCH = "diffusion-gemma"
 GGUF_MAGIC = b"GGUF"
@@ -55,7 +55,7 @@ _SCALAR_FMT = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", V
                VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
 
 REQUIRED_KEYS = [
-    "general.architecture", "general.file_type", "general.quantization_version",
+    "general.architecture", "general.type", "general.name", "general.file_type", "general.quantization_version",
     *[f"{ARCH}.{k}" for k in (
         "block_count", "context_length", "embedding_length", "feed_forward_length", "expert_feed_forward_length",
         "expert_count", "expert_used_count", "attention.head_count", "attention.head_count_kv",
@@ -453,6 +453,10 @@ def check_contract(path) -> list[str]:
     tok = reader.get_field("tokenizer.ggml.tokens")
     if tok is not None and len(tok.data) != tc["vocab_size"]:
         problems.append(f"tokenizer has {len(tok.data)} tokens but token_embd has {tc['vocab_size']} rows")
+    tokens, types = _field(reader, "tokenizer.ggml.tokens") or [], _field(reader, "tokenizer.ggml.token_type") or []
+    for t, ty in zip(tokens, types):  # llama.cpp's chat parser reads these: they must be rendered
+        if t in GEMMA4_VISIBLE_TOKENS and int(ty) != int(TokenType.USER_DEFINED):
+            problems.append(f"token {t!r} has type {TokenType(int(ty)).name}, expected USER_DEFINED")
     return problems
 
 
@@ -511,9 +515,13 @@ def tokenizer_from_gguf(path):
     else:
         tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk or tokens[0]))
         tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # CONTROL tokens are special; USER_DEFINED ones are added tokens that stay whole and are rendered
     specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if int(ty) == 3]
     if specials:
         tk.add_special_tokens(specials)
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if int(ty) == 4]
+    if user:
+        tk.add_tokens(user)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"), unk_token=unk,
         pad_token=tok("padding_token_id"), mask_token=tok("mask_token_id"),

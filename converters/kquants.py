@@ -1,25 +1,29 @@
 """Vectorised numpy encoders for ggml's K-quants (Q4_K, Q5_K, Q6_K) and one `quantize` front.
 
 The gguf package (gguf-py) decodes every ggml type but encodes none of the K-quants; this module
-fills that gap. The block layouts are ggml's, byte for byte (``gguf.quants.dequantize`` is the
-check), and the scale search is the one of ggml's reference quantizers
-(``quantize_row_q{4,5,6}_K_ref``, i.e. what ``llama-quantize`` does without an importance matrix):
+fills that gap. The bytes are those of ggml's reference quantizers (``quantize_row_q{4,5,6}_K_ref``,
+i.e. what ``llama-quantize`` writes without an importance matrix), block for block: the same
+float32 operations in the same order, vectorised across sub-blocks (tests/test_kquants.py holds a
+scalar statement of ggml's loops and compares bytes; ``gguf.quants.dequantize`` checks the format).
 
 * Q4_K / Q5_K: super-blocks of 256 = 8 sub-blocks of 32. Per sub-block an affine fit
   ``x ~ s*q - m`` (q in 0..15 or 0..31) found by ggml's ``make_qkx2_quants`` search: weights
-  ``w = rms(sub-block) + |x|``, 21 (Q4_K: rmin -1, step 0.1) or 16 (Q5_K: rmin -0.5, step 0.1)
-  trial inverse scales, a weighted least-squares (scale, min) for each, the lowest weighted
-  squared error kept. The 8 scales and 8 mins are then quantized to 6 bits against fp16 super
-  scales ``d`` / ``dmin`` and the values are re-quantized with the final scales.
+  ``w = rms(sub-block) + |x|``; a min/max start, then 21 (Q4_K: rmin -1, step 0.1) or 16 (Q5_K:
+  rmin -0.5, step 0.1) trial inverse scales, each quantising from the RUNNING min (a trial that
+  wins replaces the min, later trials start from it), a weighted least-squares (scale, min) per
+  trial, kept when its weighted squared error is strictly lower. The 8 scales and 8 mins are then
+  quantized to 6 bits against fp16 super scales ``d`` / ``dmin`` and the values re-quantized with
+  the final scales (a sub-block whose 6-bit scale is 0 keeps the quants of its search, as in ggml).
   Block = d (f16) | dmin (f16) | 12 bytes of packed 6-bit scales/mins | [Q5_K: 32 bytes of high
   bits] | 128 bytes of 4-bit quants  (144 / 176 bytes).
 * Q6_K: 16 sub-blocks of 16, symmetric ``x ~ s*q`` (q in -32..31) with ggml's ``make_qx_quants``
-  search (weights x^2, 19 trial scales), scales quantized to int8 against an fp16 ``d``.
+  search (weights x^2, 19 trial scales, the float32 test ``sumlx^2 > best*suml2``), scales
+  quantized to int8 against an fp16 ``d``.
   Block = ql (128) | qh (64) | int8 scales (16) | d (f16)  (210 bytes).
 
-The search runs over all sub-blocks at once (numpy, float32), one pass per trial scale; the
-squared error of a trial is computed in closed form from the same weighted sums that give its
-least-squares fit, so nothing per element is kept between trials.
+Both searches take the weights as an argument (``_qkx2_search(x, w, ...)``, ``_qx_search(x, w,
+...)``): ggml's importance-matrix variants (``quant_weights``) run the same loops with other
+weights and trial grids.
 
 Entry points:
     quantize(array, qtype, name="tensor") -> np.ndarray[uint8 or float]
@@ -40,8 +44,8 @@ from dgplug.errors import FormatError
 QK_K = 256
 _F32 = np.float32
 GROUP_MAX_EPS = 1e-15
-# rows of a sub-block matrix processed at once (keeps the working set in cache)
-_SUB_ROWS = 4096
+# sub-blocks searched at once (columns of the search matrices; keeps the working set in cache)
+_SUB_COLS = 8192
 
 K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
 GGUF_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1)
@@ -65,79 +69,130 @@ def check_finite(x: np.ndarray, name: str) -> None:
     )
 
 
-def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.einsum("ij,ij->i", a, b)
+# ---------------------------------------------------------------------------------------------
+# The float32 arithmetic of ggml's loops, vectorised across sub-blocks
+# ---------------------------------------------------------------------------------------------
+# A search works on a (values, sub-blocks) matrix: column j is one sub-block. Element-wise float32
+# numpy rounds exactly as the C does per element; numpy's reduction along axis 0 adds the rows one
+# after another (row 0 + row 1, then + row 2, ...), which is C's `s += v[i]` loop order, so every
+# sum, and therefore every decision of the search, is the one ggml takes (pairwise or SIMD sums
+# along a row would not be).
+
+def _seq_sum(a: np.ndarray) -> np.ndarray:
+    return np.add.reduce(a, axis=0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Q4_K / Q5_K: asymmetric sub-blocks of 32 with the make_qkx2_quants search
-# ---------------------------------------------------------------------------------------------
+def _einsum_exact() -> bool:
+    """Whether np.einsum('ij,ij->j') is `_seq_sum(a*b)`: products rounded, then added row after
+    row (numpy's x86-64 wheels; a fused multiply-add or another order would differ). One pass
+    instead of two where it holds."""
+    rng = np.random.default_rng(0)
+    for shape in ((32, 8), (16, 1000), (32, 8195)):
+        a = rng.standard_normal(shape, dtype=_F32) * _F32(1e3)
+        b = rng.standard_normal(shape, dtype=_F32)
+        if not np.array_equal(np.einsum("ij,ij->j", a, b), _seq_sum(a * b)):
+            return False
+    return True
+
+
+_EINSUM = _einsum_exact()
+
+
+def _dot_cols(a: np.ndarray, b: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """sum_i a[i]*b[i] per column, in C's order (tmp: scratch of a's shape)."""
+    if _EINSUM and a.shape[1] >= 8 and a.flags.c_contiguous and b.flags.c_contiguous:
+        return np.einsum("ij,ij->j", a, b)
+    return _seq_sum(np.multiply(a, b, out=tmp))
+
+
+def _clamp(q, lo, hi, ends):
+    """np.clip(q, lo, hi) on the columns that need it. `ends` are the columns' smallest and largest
+    values, transformed as q was (element-wise float32 maps are monotonic, so these are exactly
+    the extreme quants of each column); most trials need no clamping at all."""
+    a, b = (np.rint(e) for e in ends)
+    need = np.maximum(a, b) > hi
+    need |= np.minimum(a, b) < lo
+    j = np.flatnonzero(need)
+    if j.size > need.size // 8:
+        np.clip(q, _F32(lo), _F32(hi), out=q)
+    elif j.size:
+        q[:, j] = np.clip(q[:, j], _F32(lo), _F32(hi))
+    return q
+
+
+def _qkx2_quants(x, mn, iscale, nmax, out, c=None, xmin=None):
+    """clamp(nearest_int(iscale*(x - mn)), 0, nmax) per column (ggml's nearest_int is np.rint).
+
+    With iscale = c/(max - min) (c the trial's rmin + rdelta*k + nmax) no quant exceeds c*(1+u)^2,
+    so the upper clamp is needed only when that can round above nmax; the lower one only in the
+    columns whose smallest value (xmin) quantises below 0 (the same float32 operations on the
+    column's smallest value give its smallest quant: rounding is monotonic).
+    """
+    np.subtract(x, mn, out=out)
+    np.multiply(out, iscale, out=out)
+    np.rint(out, out=out)
+    if c is None or float(c) * (1 + 2.0**-21) >= nmax + 0.5:
+        return np.clip(out, _F32(0), _F32(nmax), out=out)
+    j = np.flatnonzero(np.rint((xmin - mn) * iscale) < 0)
+    if j.size:
+        out[:, j] = np.maximum(out[:, j], _F32(0))
+    return out
+
 
 def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Best (scale, the_min) per row of x (rows = sub-blocks), weighted squared error.
+    """ggml's make_qkx2_quants on every column of x (n values x sub-blocks), weights w.
 
-    Returns scale >= 0 and the_min >= 0 with x ~ scale*q - the_min, q in 0..nmax.
+    Trial k quantises with inverse scale (rmin + rdelta*k + nmax)/(max - min) from the running
+    min, fits (scale, min) by weighted least squares (min <= 0), and replaces the best when its
+    weighted squared error is strictly smaller; the new min is where later trials start.
+    Returns (scale, the_min, isc, base): the best fit, and the inverse scale and min its quants
+    were made with (`_qkx2_quants(x, base, isc, nmax, out)` gives ggml's L for the column).
     """
-    nmax_f = _F32(nmax)
-    xmin = np.minimum(x.min(axis=1), _F32(0))
-    xmax = x.max(axis=1)
-    rng = xmax - xmin
-    live = rng > 0
-    rng = np.where(live, rng, _F32(1))
-    # u in [0, 1]: the position of each value in its sub-block's [min, max]
-    u = (x - xmin[:, None]) / rng[:, None]
-    wx = w * x
-    f64 = np.float64
-    ones = np.ones_like(w)
-    sum_w = _rowdot(w, ones).astype(f64)
-    sum_x = _rowdot(wx, ones).astype(f64)
-    sum_x2 = _rowdot(wx, x).astype(f64)
-    t = np.empty_like(x)
-    wl = np.empty_like(x)
+    f = _F32
+    xmin = x.min(axis=0)
+    mn = np.minimum(xmin, f(0))
+    mx = x.max(axis=0)
+    live = mx != mn
+    # ggml returns early for max == min (scale 0, L = 0); those columns quantise to all-zero L
+    # here (x - min = 0), so their D is 0 and no trial wins; max := min + 1 keeps the divisions finite
+    mx = np.where(live, mx, mn + f(1))
+    sum_w = _seq_sum(w)
+    sum_x = _seq_sum(w * x)
+    isc = np.where(live, f(nmax) / (mx - mn), f(0)).astype(f)
+    scale = np.where(live, f(1) / isc, f(0)).astype(f)
+    base = mn.copy()
+    l, wl, t = np.empty_like(x), np.empty_like(x), np.empty_like(x)
 
-    def sums(c):
-        np.multiply(u, c, out=t)
-        np.rint(t, out=t)
-        if c >= nmax_f + _F32(0.5):  # u <= 1, so only the top trial scales can overshoot nmax
-            np.clip(t, _F32(0), nmax_f, out=t)
-        np.multiply(t, w, out=wl)
-        return _rowdot(wl, ones), _rowdot(wl, t), _rowdot(wl, x)
+    def error(s, m):  # sum w*((s*l + m) - x)^2, in the C's order
+        np.multiply(l, s, out=t)
+        np.add(t, m, out=t)
+        np.subtract(t, x, out=t)
+        np.multiply(t, t, out=t)
+        return _dot_cols(t, w, t)
 
-    def err(s, m, sl, sl2, sxl):
-        # sum w*(s*l + m - x)^2, expanded
-        return s * (s * sl2 + 2 * m * sl - 2 * sxl) + m * (m * sum_w - 2 * sum_x) + sum_x2
-
-    # every trial's sums first (the per-element work), then the fits of all trials at once
-    K = nstep + 1
-    sl, sl2, sxl = (np.empty((x.shape[0], K)) for _ in range(3))
-    for k in range(K):
-        sl[:, k], sl2[:, k], sxl[:, k] = sums(_F32(rmin) + _F32(rdelta) * _F32(k) + nmax_f)
-    sw, sx = sum_w[:, None], sum_x[:, None]
-    D = sw * sl2 - sl * sl
-    ok = D > 0
-    Dz = np.where(ok, D, 1.0)
-    s = (sw * sxl - sx * sl) / Dz
-    m = (sl2 * sx - sl * sxl) / Dz
-    pos = m > 0  # a positive min is not allowed: refit the scale alone with min 0
-    if pos.any():
-        m[pos] = 0
-        s[pos] = sxl[pos] / np.where(sl2[pos] > 0, sl2[pos], 1.0)
-    # weighted squared error of each least-squares fit: sum w x^2 - s sum w l x - m sum w x
-    # (the residual is orthogonal to the fitted terms; with m = 0 too)
-    e = np.where(ok, sum_x2[:, None] - s * sxl - m * sx, np.inf)
-    # ggml's starting point: the plain min/max fit (its quants are those of the trial c = nmax)
-    k0 = int(round(-rmin / rdelta))
-    best_s = rng.astype(f64) / nmax
-    best_m = xmin.astype(f64)
-    best_e = err(best_s, best_m, sl[:, k0], sl2[:, k0], sxl[:, k0])
-    kb = np.argmin(e, axis=1)  # the first of equal errors, as ggml's strict '<' scan
-    rows = np.arange(x.shape[0])
-    better = e[rows, kb] < best_e
-    best_s = np.where(better, s[rows, kb], best_s)
-    best_m = np.where(better, m[rows, kb], best_m)
-    scale = np.where(live, best_s, 0.0).astype(_F32)
-    the_min = np.where(live, -best_m, -xmin).astype(_F32)
-    return scale, the_min
+    _qkx2_quants(x, mn, isc, nmax, l, f(nmax), xmin)
+    best = error(scale, mn)
+    for k in range(nstep + 1):
+        c = f(rmin) + f(rdelta) * f(k) + f(nmax)
+        ik = c / (mx - mn)
+        _qkx2_quants(x, mn, ik, nmax, l, c, xmin)
+        np.multiply(w, l, out=wl)
+        sl = _seq_sum(wl)
+        sl2 = _dot_cols(wl, l, t)
+        sxl = _dot_cols(wl, x, t)
+        D = sum_w * sl2 - sl * sl
+        s = (sum_w * sxl - sum_x * sl) / D  # garbage where D <= 0: those columns cannot win
+        m = (sl2 * sum_x - sl * sxl) / D
+        pos = m > 0  # a positive min is not allowed: min 0 and the scale refitted alone
+        if pos.any():
+            m[pos] = 0
+            s[pos] = sxl[pos] / sl2[pos]
+        e = error(s, m)
+        win = D > 0
+        win &= e < best
+        for state, new in ((best, e), (scale, s), (isc, ik), (base, mn), (mn, m)):
+            np.putmask(state, win, new)
+    return scale, -mn, isc, base
 
 
 def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -150,38 +205,51 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
+def _six_bits(inv: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """ggml: uint8_t l = nearest_int(inv*v); l = MIN(63, l)  (the store to uint8 wraps)."""
+    return np.minimum(np.rint(inv[:, None] * v).astype(np.int32) & 0xFF, 63).astype(np.uint8)
+
+
+def _columns(x: np.ndarray, n: int) -> np.ndarray:
+    """(nb, 256) super-blocks -> (n, nb*256/n): one sub-block of n values per column."""
+    return np.ascontiguousarray(x.reshape(-1, n).T)
+
+
 def _encode_qk_asym(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Shared Q4_K/Q5_K part: x (nb, 256) -> (d f16, dmin f16, packed scales, L uint8 (nb, 256))."""
+    f = _F32
     nb = x.shape[0]
-    xs = x.reshape(nb * 8, 32)
-    av = np.sqrt(_rowdot(xs, xs) / _F32(32)).astype(_F32)
-    w = np.abs(xs) + av[:, None]
-    scale = np.empty(nb * 8, _F32)
-    the_min = np.empty(nb * 8, _F32)
-    for r0 in range(0, nb * 8, _SUB_ROWS):
-        r1 = min(r0 + _SUB_ROWS, nb * 8)
-        scale[r0:r1], the_min[r0:r1] = _qkx2_search(xs[r0:r1], w[r0:r1], nmax, rmin, rdelta, nstep)
+    xt = _columns(x, 32)
+    av = np.sqrt(_seq_sum(xt * xt) / f(32))
+    w = av + np.abs(xt)
+    ns = nb * 8
+    scale, the_min, isc, base = (np.empty(ns, f) for _ in range(4))
+    for c0 in range(0, ns, _SUB_COLS):
+        c = slice(c0, min(c0 + _SUB_COLS, ns))
+        xc, wc = np.ascontiguousarray(xt[:, c]), np.ascontiguousarray(w[:, c])
+        scale[c], the_min[c], isc[c], base[c] = _qkx2_search(xc, wc, nmax, rmin, rdelta, nstep)
     scale = scale.reshape(nb, 8)
     the_min = the_min.reshape(nb, 8)
-    max_scale = scale.max(axis=1)
-    max_min = the_min.max(axis=1)
+    max_scale = np.maximum(scale.max(axis=1), f(0))
+    max_min = np.maximum(the_min.max(axis=1), f(0))
     with np.errstate(divide="ignore"):
-        inv_s = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0)).astype(_F32)
-        inv_m = np.where(max_min > 0, _F32(63) / max_min, _F32(0)).astype(_F32)
-    ls = np.clip(np.rint(inv_s[:, None] * scale), 0, 63).astype(np.uint8)
-    lm = np.clip(np.rint(inv_m[:, None] * the_min), 0, 63).astype(np.uint8)
-    d = (max_scale / _F32(63)).astype(np.float16)
-    dmin = (max_min / _F32(63)).astype(np.float16)
+        inv_s = np.where(max_scale > 0, f(63) / max_scale, f(0)).astype(f)
+        inv_m = np.where(max_min > 0, f(63) / max_min, f(0)).astype(f)
+    ls, lm = _six_bits(inv_s, scale), _six_bits(inv_m, the_min)
+    d = (max_scale / f(63)).astype(np.float16)
+    dmin = (max_min / f(63)).astype(np.float16)
     if not (np.isfinite(d).all() and np.isfinite(dmin).all()):
         raise OverflowError("block scale overflows fp16")
-    dl = d.astype(_F32)[:, None] * ls.astype(_F32)  # (nb, 8)
-    ml = dmin.astype(_F32)[:, None] * lm.astype(_F32)
-    live = dl > 0
-    dz = np.where(live, dl, _F32(1))
-    q = (x.reshape(nb, 8, 32) + ml[:, :, None]) / dz[:, :, None]
+    dl = d.astype(f)[:, None] * ls.astype(f)  # (nb, 8)
+    ml = dmin.astype(f)[:, None] * lm.astype(f)
+    kept = dl == 0  # ggml skips these sub-blocks: their quants stay those of the search
+    q = (x.reshape(nb, 8, 32) + ml[:, :, None]) / np.where(kept, f(1), dl)[:, :, None]
     np.rint(q, out=q)
-    np.clip(q, _F32(0), _F32(nmax), out=q)
-    q *= live[:, :, None]
+    np.clip(q, f(0), f(nmax), out=q)
+    if kept.any():
+        j = np.flatnonzero(kept)
+        xj = xt[:, j]
+        q.reshape(ns, 32)[j] = _qkx2_quants(xj, base[j], isc[j], nmax, np.empty_like(xj)).T
     return d, dmin, _pack_scales_k4(ls, lm), q.astype(np.uint8).reshape(nb, QK_K)
 
 
@@ -218,72 +286,92 @@ def _q5_k_blocks(x: np.ndarray) -> np.ndarray:
 # Q6_K: symmetric sub-blocks of 16 with the make_qx_quants search (rmse_type 1: weights x^2)
 # ---------------------------------------------------------------------------------------------
 
-def _qx_search(x: np.ndarray, nmax: int) -> np.ndarray:
-    """Signed scale per row (x ~ scale*l, l in -nmax..nmax-1), maximising (sum w x l)^2 / sum w l^2."""
-    n = x.shape[0]
-    ax = np.abs(x)
-    idx = ax.argmax(axis=1)  # first index of the largest |x|, as ggml's strict '>' scan
-    vmax = x[np.arange(n), idx]
+def _qx_quants(x, iscale, nmax, out, ends):
+    """clamp(nearest_int(iscale*x), -nmax, nmax - 1) per column."""
+    np.multiply(x, iscale, out=out)
+    np.rint(out, out=out)
+    return _clamp(out, -nmax, nmax - 1, [e * iscale for e in ends])
+
+
+def _qx_trial_iscale(k, nmax, vmax):
+    # ggml: -nmax/max for the first trial, -(nmax + 0.1f*is)/max for is = -9..9 (is != 0)
+    return -(_F32(nmax) + _F32(0.1) * _F32(k)) / vmax
+
+
+_QX_TRIALS = [0] + [k for k in range(-9, 10) if k]
+
+
+def _qx_search(x: np.ndarray, w: np.ndarray, nmax: int):
+    """ggml's make_qx_quants (rmse_type 1) on every column of x (16 values x sub-blocks), weights w.
+
+    Symmetric x ~ scale*l, l in -nmax..nmax-1 (ggml's weights: x^2, or quant_weights). Trial
+    inverse scales -(nmax + 0.1 k)/max, k = 0 then -9..9 (max: the first value of largest |x|);
+    a trial replaces the best when sumlx^2 > best*suml2 in float32. Returns (scale, live, k, max):
+    live is False for all-zero columns (ggml: scale 0, L = 0), k the winning trial (its quants:
+    `_qx_quants(x, _qx_trial_iscale(k, nmax, max), ...)`).
+    """
+    f = _F32
+    n = x.shape[1]
+    vmax = x[np.abs(x).argmax(axis=0), np.arange(n)]  # the first of equal |x| (C: strict '>')
     live = np.abs(vmax) >= GROUP_MAX_EPS
-    vmax = np.where(live, vmax, _F32(1))
-    w = x * x
+    vmax = np.where(live, vmax, f(1))
     wx = w * x
-    # v = -x/max in [-1, 1]: trial j quantises v * (nmax + 0.1 j) (ggml: x * (-(nmax + 0.1 j)/max))
-    v = x / (-vmax)[:, None]
-    t = np.empty_like(x)
-    lo, hi = _F32(-nmax), _F32(nmax - 1)
-
-    def sums(num):
-        np.multiply(v, _F32(num), out=t)
-        np.rint(t, out=t)
-        if num >= hi + _F32(0.5):  # |v| <= 1: only the larger trials can leave [-nmax, nmax-1]
-            np.clip(t, lo, hi, out=t)
-        slx = _rowdot(t, wx)
-        np.multiply(t, t, out=t)
-        return slx, _rowdot(t, w)
-
-    # trial order as ggml's scan: the plain nmax first, then nmax - 0.9 ... nmax + 0.9; a later
-    # trial replaces the best only when strictly better, so the first of equal ones wins
-    order = [0] + [k for k in range(-9, 10) if k != 0]
-    slx, sl2 = (np.empty((n, len(order))) for _ in range(2))
-    for j, k in enumerate(order):
-        slx[:, j], sl2[:, j] = sums(_F32(nmax) + _F32(0.1) * _F32(k))
-    pos = sl2 > 0
-    scale = np.where(pos, slx / np.where(pos, sl2, 1.0), 0.0)
-    score = scale * slx  # (sum w x l)^2 / sum w l^2, the error reduction of the best fit
-    score[:, 1:][~pos[:, 1:]] = -np.inf
-    jb = np.argmax(score, axis=1)
-    scale = scale[np.arange(n), jb]
-    return np.where(live, scale, 0.0).astype(_F32)
+    ends = (x.min(axis=0), x.max(axis=0))
+    l, t = np.empty_like(x), np.empty_like(x)
+    for k in _QX_TRIALS:
+        _qx_quants(x, _qx_trial_iscale(k, nmax, vmax), nmax, l, ends)
+        slx = _dot_cols(wx, l, t)
+        np.multiply(w, l, out=t)
+        sl2 = _dot_cols(t, l, t)
+        s = slx / sl2  # 0/0 where sl2 == 0: such a trial never wins
+        if k == 0:
+            scale = np.where(sl2 != 0, s, f(0))
+            best = scale * slx
+            kbest = np.zeros(n, np.int8)
+            continue
+        win = sl2 > 0
+        win &= slx * slx > best * sl2
+        np.putmask(scale, win, s)
+        np.putmask(best, win, s * slx)
+        np.putmask(kbest, win, k)
+    return np.where(live, scale, f(0)), live, kbest, vmax
 
 
 def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
+    f = _F32
     nb = x.shape[0]
-    xs = x.reshape(nb * 16, 16)
-    scales = np.empty(nb * 16, _F32)
-    for r0 in range(0, nb * 16, 2 * _SUB_ROWS):
-        r1 = min(r0 + 2 * _SUB_ROWS, nb * 16)
-        scales[r0:r1] = _qx_search(xs[r0:r1], 32)
+    ns = nb * 16
+    xt = _columns(x, 16)
+    scales, vmax = np.empty(ns, f), np.empty(ns, f)
+    live, kbest = np.empty(ns, bool), np.empty(ns, np.int8)
+    for c0 in range(0, ns, 2 * _SUB_COLS):
+        c = slice(c0, min(c0 + 2 * _SUB_COLS, ns))
+        xc = np.ascontiguousarray(xt[:, c])
+        scales[c], live[c], kbest[c], vmax[c] = _qx_search(xc, xc * xc, 32)
     scales = scales.reshape(nb, 16)
     absS = np.abs(scales)
-    imax = absS.argmax(axis=1)
-    max_scale = scales[np.arange(nb), imax]
-    zero = absS[np.arange(nb), imax] < GROUP_MAX_EPS
-    ms = np.where(zero, _F32(1), max_scale)
-    iscale = (_F32(-128) / ms).astype(_F32)
-    d = np.where(zero, _F32(0), _F32(1) / iscale).astype(np.float16)
+    imax = absS.argmax(axis=1)  # the first of equal |scale|, as ggml's strict '>' scan
+    rows = np.arange(nb)
+    max_scale = scales[rows, imax]
+    zero = absS[rows, imax] < GROUP_MAX_EPS
+    iscale = (f(-128) / np.where(zero, f(1), max_scale)).astype(f)
+    d = np.where(zero, f(0), f(1) / iscale).astype(np.float16)
     if not np.isfinite(d).all():
         raise OverflowError("block scale overflows fp16")
-    sc = np.minimum(np.rint(iscale[:, None] * scales), _F32(127))
-    sc = np.where(zero[:, None], _F32(0), sc).astype(np.int8)
-    dl = d.astype(_F32)[:, None] * sc.astype(_F32)  # (nb, 16)
-    live = dl != 0
-    dz = np.where(live, dl, _F32(1))
-    q = x.reshape(nb, 16, 16) / dz[:, :, None]
+    sc = np.minimum(np.rint(iscale[:, None] * scales), f(127))
+    sc = np.where(zero[:, None], f(0), sc).astype(np.int8)
+    dl = d.astype(f)[:, None] * sc.astype(f)  # (nb, 16)
+    kept = dl == 0  # ggml skips these sub-blocks: their quants stay those of the search
+    q = x.reshape(nb, 16, 16) / np.where(kept, f(1), dl)[:, :, None]
     np.rint(q, out=q)
-    np.clip(q, _F32(-32), _F32(31), out=q)
-    q *= live[:, :, None]
-    L = (q.astype(np.int8) + np.int8(32)).view(np.uint8).reshape(nb, 2, 4, 32)  # [half, quarter, l]
+    np.clip(q, f(-32), f(31), out=q)
+    q += f(32)
+    if kept.any():
+        j = np.flatnonzero(kept)
+        xj = xt[:, j]
+        lj = _qx_quants(xj, _qx_trial_iscale(kbest[j].astype(f), 32, vmax[j]), 32, np.empty_like(xj), (xj.min(0), xj.max(0)))
+        q.reshape(ns, 16)[j] = np.where(live[j], lj + f(32), f(0)).T  # all-zero sub-blocks: L = 0
+    L = q.astype(np.uint8).reshape(nb, 2, 4, 32)  # [half, quarter, l]
     lo = L & 0x0F
     hi = L >> 4
     ql = np.empty((nb, 2, 2, 32), np.uint8)

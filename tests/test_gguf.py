@@ -4,7 +4,6 @@ contract check, and rejection of malformed files."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import struct
@@ -105,95 +104,7 @@ def test_search_beats_naive_minmax(qtype, naive):
     assert ours < 0.97 * base, (ours, base)
 
 
-# A scalar, loop-by-loop statement of ggml's reference algorithms (quantize_row_q{4,5,6}_K_ref)
-# written from their description, used as the oracle for the vectorised encoders' quality.
-def _ref_affine(x, nmax, rmin, rdelta, nstep):
-    w = [math.sqrt(sum(v * v for v in x) / len(x)) + abs(v) for v in x]
-    lo, hi = min(min(x), 0.0), max(x)
-    if hi == lo:
-        return 0.0, -lo
-    sw, sx = sum(w), sum(a * b for a, b in zip(w, x))
-
-    def quants(iscale, mn):
-        return [min(nmax, max(0, round(iscale * (v - mn)))) for v in x]
-
-    def error(s, mn, q):
-        return sum(wi * (s * qi + mn - xi) ** 2 for wi, qi, xi in zip(w, q, x))
-
-    best_s, best_m = (hi - lo) / nmax, lo
-    best_e = error(best_s, best_m, quants(nmax / (hi - lo), lo))
-    for k in range(nstep + 1):
-        q = quants((rmin + rdelta * k + nmax) / (hi - lo), lo)
-        sl = sum(a * b for a, b in zip(w, q))
-        sl2 = sum(a * b * b for a, b in zip(w, q))
-        sxl = sum(a * b * c for a, b, c in zip(w, q, x))
-        D = sw * sl2 - sl * sl
-        if D <= 0:
-            continue
-        s, mn = (sw * sxl - sx * sl) / D, (sl2 * sx - sl * sxl) / D
-        if mn > 0:
-            s, mn = sxl / sl2, 0.0
-        e = error(s, mn, q)
-        if e < best_e:
-            best_s, best_m, best_e = s, mn, e
-    return best_s, -best_m
-
-
-def _ref_symmetric(x, nmax):
-    amax_i = max(range(len(x)), key=lambda i: (abs(x[i]), -i))
-    vmax = x[amax_i]
-    if abs(vmax) < 1e-15:
-        return 0.0
-    best_s, best = 0.0, -1.0
-    for k in [0] + [k for k in range(-9, 10) if k]:
-        iscale = -(nmax + 0.1 * k) / vmax
-        q = [min(nmax - 1, max(-nmax, round(iscale * v))) for v in x]
-        slx = sum(v ** 3 * l for v, l in zip(x, q))
-        sl2 = sum(v * v * l * l for v, l in zip(x, q))
-        if sl2 > 0 and (best < 0 or slx * slx > best * sl2):
-            best_s, best = slx / sl2, slx * slx / sl2
-    return best_s
-
-
-def _ref_decode(x, qtype):
-    """Encode+decode one row with the scalar reference (fp16 super-scales as in ggml)."""
-    f16 = lambda v: float(np.float16(v))  # noqa: E731
-    out = []
-    for b0 in range(0, len(x), 256):
-        blk = [float(v) for v in x[b0:b0 + 256]]
-        if qtype == T.Q6_K:
-            subs = [blk[i:i + 16] for i in range(0, 256, 16)]
-            sc = [_ref_symmetric(s, 32) for s in subs]
-            m = max(sc, key=abs)
-            if abs(m) < 1e-15:
-                out += [0.0] * 256
-                continue
-            iscale = -128.0 / m
-            d = f16(1 / iscale)
-            for s, v in zip(subs, sc):
-                dl = d * min(127, round(iscale * v))
-                out += [dl * min(31, max(-32, round(xi / dl))) if dl else 0.0 for xi in s]
-            continue
-        nmax, rmin, nstep = (15, -1.0, 20) if qtype == T.Q4_K else (31, -0.5, 15)
-        subs = [blk[i:i + 32] for i in range(0, 256, 32)]
-        fits = [_ref_affine(s, nmax, rmin, 0.1, nstep) for s in subs]
-        ms, mm = max(f[0] for f in fits), max(f[1] for f in fits)
-        d, dmin = f16(ms / 63), f16(mm / 63)
-        for s, (sc, mn) in zip(subs, fits):
-            dl = d * min(63, round(63 / ms * sc)) if ms > 0 else 0.0
-            ml = dmin * min(63, round(63 / mm * mn)) if mm > 0 else 0.0
-            out += [dl * min(nmax, max(0, round((xi + ml) / dl))) - ml if dl else -ml for xi in s]
-    return np.array(out)
-
-
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
-def test_quality_matches_the_reference_algorithm(qtype):
-    rng = np.random.default_rng(3)
-    x = np.concatenate([rng.standard_normal((2, 512)) * 0.02, rng.standard_t(3, (1, 512))]).astype(np.float32)
-    ours = gq.dequantize(kq.quantize(x, qtype), qtype)
-    ref = np.stack([_ref_decode(r, qtype) for r in x])
-    for i in range(len(x)):
-        assert _rmse(ours[i], x[i]) <= 1.003 * _rmse(ref[i], x[i]), i
+# Byte identity with ggml's reference quantizers: tests/test_kquants.py
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.F16])
@@ -347,6 +258,123 @@ def test_tokenizer_from_gguf(exported):
     tok = gi.tokenizer_from_gguf(exported["Q8_0"])
     assert tok.convert_tokens_to_ids(["<mask>", "w7"]) == [4, 7]
     assert tok.mask_token_id == 4 and tok.bos_token_id == 2
+
+
+def _gemma4_like_tokenizer(path):
+    """A byte-fallback BPE tokenizer laid out like Gemma 4's: named specials, 256 byte tokens,
+    words, then added tokens past the model vocabulary: the image tokens and chat tokens flagged
+    special in tokenizer.json only, one declared model-specific special token, Gemma 4's rendered
+    tool/channel tokens, and a plain added word."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    named = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    vocab = {t: i for i, t in enumerate(named)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for t in ["▁", "a", "b", "ab", "▁ab"]:
+        vocab[t] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("▁", "ab")], unk_token="<unk>", byte_fallback=True,
+                              fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "▁")
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in named])
+    tk.add_tokens([AddedToken(t, special=True, normalized=False) for t in
+                   ["<|image>", "<image|>", "<|image|>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", '<|"|>']])
+    tk.add_tokens([AddedToken("hello", special=False, normalized=False)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", extra_special_tokens={"audio_token": "<|turn>"})
+    fast.save_pretrained(str(path))
+    return len(fast)
+
+
+def test_token_types_as_llama_cpp(tmp_path):
+    # llama.cpp's converter (Gemma4Model.set_vocab) takes the types from gguf-py's LlamaHfVocab and
+    # then marks Gemma 4's channel/tool tokens USER_DEFINED: the same rule must come out of dgplug
+    from gguf import TokenType
+    from gguf.vocab import LlamaHfVocab
+
+    from dgplug.names import GEMMA4_VISIBLE_TOKENS
+    n = _gemma4_like_tokenizer(tmp_path)
+    want_tokens, want_types = [], []
+    for text, _, ty in LlamaHfVocab(tmp_path).all_tokens():
+        want_tokens.append(text.decode())
+        want_types.append(int(TokenType.USER_DEFINED) if text.decode() in GEMMA4_VISIBLE_TOKENS else int(ty))
+    got = ge.read_tokenizer(tmp_path, n, {})
+    assert got["tokens"] == want_tokens and got["types"] == want_types
+    by_text = dict(zip(got["tokens"], got["types"]))
+    # the image tokens: special in tokenizer.json only -> USER_DEFINED (not CONTROL)
+    assert {by_text[t] for t in ("<|image>", "<image|>", "<|image|>")} == {int(TokenType.USER_DEFINED)}
+    assert by_text["<|turn>"] == int(TokenType.CONTROL) and by_text["<bos>"] == int(TokenType.CONTROL)
+    assert by_text["<0x41>"] == int(TokenType.BYTE) and by_text["<|channel>"] == int(TokenType.USER_DEFINED)
+
+
+def test_user_defined_tokens_round_trip(tmp_path):
+    n = _gemma4_like_tokenizer(tmp_path)
+    tokv = ge.read_tokenizer(tmp_path, n, {})
+    p = tmp_path / "tok.gguf"
+    w = GGUFWriter(p, "diffusion-gemma")
+    w.add_string("tokenizer.ggml.model", "gemma4")
+    w.add_array("tokenizer.ggml.tokens", tokv["tokens"])
+    w.add_array("tokenizer.ggml.token_type", tokv["types"])
+    w.add_array("tokenizer.ggml.merges", tokv["merges"])
+    w.add_uint32("tokenizer.ggml.unknown_token_id", 3)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    tok = gi.tokenizer_from_gguf(p)
+    ids = tok.encode("ab<|image>hello", add_special_tokens=False)
+    assert ids[-2:] == [tokv["tokens"].index("<|image>"), tokv["tokens"].index("hello")]
+    assert tok.decode(ids[-2:], skip_special_tokens=True) == "<|image>hello"  # rendered, not skipped
+
+
+def _param_counts(reader):
+    """(total, shared, one expert of every layer, experts) from a file's tensor table, counted as
+    llama.cpp's converter counts them for general.size_label (GGUFWriter.get_total_parameter_count)."""
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}  # ggml order: experts last
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    exps = [s for k, s in shapes.items() if "_exps." in k and len(s) == 3]
+    shared = total - sum(int(np.prod(s)) for s in exps)
+    return total, shared, sum(int(np.prod(s[:2])) for s in exps), exps[0][2] if exps else 0
+
+
+def test_general_metadata_as_llama_cpp(ckpt, exported, tmp_path):
+    # llama.cpp's converter (prepare_metadata): gguf-py's Metadata heuristics over the model
+    # directory (its name, config.json, README model card, generation_config.json) with the
+    # total parameter count, the directory name if that gives no name, the size label from the
+    # parameter counts if it gives none; then Metadata.set_gguf_meta_model.
+    import gguf
+    from gguf.utility import size_label
+    src = tmp_path / "diffusiongemma-tiny-it"
+    src.mkdir()
+    for f in Path(ckpt).iterdir():
+        (src / f.name).symlink_to(f)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: google/diffusiongemma-26B-A4B\n"
+                                   "tags:\n- text-diffusion\n---\n# DiffusionGemma\n")
+    for d, path in ((src, ge.export_gguf(src, tmp_path / "m.gguf", quant="F16", progress=False, workers=1)),
+                    (Path(ckpt), exported["Q4_K_M"])):
+        r = gi.open_gguf(path)
+        total, shared, per_expert, n_exp = _param_counts(r)
+        want = gguf.Metadata.load(None, d, None, total)
+        want.name = want.name or d.name
+        want.size_label = want.size_label or size_label(total, shared, per_expert, n_exp)
+        w = GGUFWriter(tmp_path / "unused.gguf", "diffusion-gemma")
+        want.set_gguf_meta_model(w)
+        want_kv = {k: v.value for kv in w.kv_data for k, v in kv.items()
+                   if k.startswith("general.") and k != "general.architecture"}
+        got = {k: f.contents() for k, f in r.fields.items() if k.startswith("general.")}
+        assert got.pop("general.type") == "model"
+        for k in ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment"):
+            got.pop(k, None)
+        assert got == want_kv
+    assert want_kv["general.name"] == "Ckpt" and want_kv["general.size_label"] == "8x2.9M"
+    (src / "README.md").write_text("---\nlicense: [apache\n---\n")  # malformed YAML: one clear error
+    with pytest.raises(CheckpointError, match="diffusiongemma-tiny-it: cannot read the model metadata"):
+        ge.export_gguf(src, tmp_path / "bad.gguf", quant="F16", progress=False, workers=1)
+    assert not list(tmp_path.glob("*bad.gguf*"))
+    r = gi.open_gguf(tmp_path / "m.gguf")
+    assert r.get_field("general.license").contents() == "apache-2.0"
+    assert r.get_field("general.base_model.0.organization").contents() == "Google"
 
 
 def test_deterministic_and_worker_independent(ckpt, exported, tmp_path, monkeypatch):
@@ -517,9 +545,12 @@ def test_inspect_table_and_contract_problems(exported, tmp_path):
     p = tmp_path / "partial.gguf"
     w = GGUFWriter(p, "diffusion-gemma")
     for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k in ("general.architecture", "tokenizer.ggml.mask_token_id"):
+        if k.startswith("GGUF.") or k in ("general.architecture", "general.name", "tokenizer.ggml.mask_token_id"):
             continue
-        w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+        v = f.contents()
+        if k == "tokenizer.ggml.tokens":
+            v = ["<|channel>"] + v[1:]  # a token llama.cpp's chat parser must see, typed CONTROL below
+        w.add_key_value(k, v, f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
     for t in r.tensors:
         if t.name != "blk.1.ffn_norm.weight":
             w.add_tensor(t.name, np.array(t.data))
@@ -529,4 +560,6 @@ def test_inspect_table_and_contract_problems(exported, tmp_path):
     w.close()
     probs = gi.check_contract(p)
     assert "missing metadata key tokenizer.ggml.mask_token_id" in probs
+    assert "missing metadata key general.name" in probs
     assert "missing tensor blk.1.ffn_norm.weight" in probs
+    assert "token '<|channel>' has type CONTROL, expected USER_DEFINED" in probs
