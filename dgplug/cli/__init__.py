@@ -8,7 +8,6 @@ shows the traceback), results go to stdout, and no text is ever read as rich mar
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -47,7 +46,7 @@ def main(debug: bool = DEBUG, quiet: bool = QUIET,
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., help="Checkpoint directory (safetensors or dgplug-quantized), "
+def info(path: str = typer.Argument(..., help="Checkpoint directory (safetensors or dgplug-quantized), "
                                                 ".gguf file, or a directory holding one."),
          as_json: bool = JSON, debug: bool = DEBUG, quiet: bool = QUIET):
     """Architecture, layer pattern, parameter counts (total / active), format, dtype and size.
@@ -72,7 +71,7 @@ def info(path: Path = typer.Argument(..., help="Checkpoint directory (safetensor
 
 @app.command()
 def generate(
-    path: Path = typer.Argument(..., help="Checkpoint directory or .gguf file."),
+    path: str = typer.Argument(..., help="Checkpoint directory or .gguf file."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (the checkpoint's tokenizer)."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Prompt token ids, comma separated (instead of --prompt)."),
     max_new_tokens: Optional[int] = typer.Option(
@@ -161,7 +160,7 @@ def convert(
 
 
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="A .gguf file (or a directory holding one)."),
+def inspect(path: str = typer.Argument(..., help="A .gguf file (or a directory holding one)."),
             as_json: bool = JSON, debug: bool = DEBUG, quiet: bool = QUIET):
     """GGUF metadata, tensor table, and a check against the DiffusionGemma GGUF contract.
 

@@ -54,25 +54,40 @@ def message(e: BaseException) -> str:
 
 
 # -- signals ------------------------------------------------------------------------------------
-_main_pid = os.getpid()
 _caught: list[int] = []
+_active = False
 
 
 def _on_signal(signum, frame):
-    if os.getpid() != _main_pid:  # a forked worker of a converter's pool: leave quietly, the parent cleans up
-        os._exit(128 + signum)
     if _caught:  # a second signal while cleaning up: let the cleanup finish
         return
     _caught.append(signum)
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
 
 
+def _after_fork_in_child():
+    """A worker forked during a command (the converters' pools) leaves the terminal's process group,
+    so Ctrl-C and `kill -- -PGID` reach the main process only, which ends its pool in order
+    (multiprocessing's Pool deadlocks when a worker dies on its own holding the task queue's lock).
+    The pool's own SIGTERM then ends the worker at once, with the default action: no Python handler
+    (which can miss a signal that lands just before a blocking wait), no traceback."""
+    if _active:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @contextmanager
 def signals():
-    """SIGINT and SIGTERM raise in the main process (so temporary outputs are removed) and end
-    forked workers without a traceback. Restores the previous handlers afterwards."""
-    global _main_pid
-    _main_pid = os.getpid()
+    """SIGINT and SIGTERM raise in the main process (so temporary outputs are removed); forked
+    workers are left to their parent (see _after_fork_in_child). Restores the handlers afterwards."""
+    global _active
     _caught.clear()
     old = {}
     try:
@@ -80,9 +95,11 @@ def signals():
             old[s] = signal.signal(s, _on_signal)
     except ValueError:  # not the main thread: leave the handlers alone
         pass
+    _active = True
     try:
         yield
     finally:
+        _active = False
         for s, h in old.items():
             signal.signal(s, h)
 

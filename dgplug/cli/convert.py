@@ -38,13 +38,18 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
     user_threads = common.threads_arg(threads)
     common.set_threads(user_threads)
     say(f"converting {src} to {q}")
-    if q in QUANT_SCHEMES:
-        from dgplug.converters.quant import quantize_checkpoint
+    try:
+        if q in QUANT_SCHEMES:
+            from dgplug.converters.quant import quantize_checkpoint
 
-        quantize_checkpoint(source, target, q, group_size=group_size or 128, progress=not quiet,
-                            overwrite=overwrite)
-    else:
-        from dgplug.converters.gguf_export import export_gguf
+            quantize_checkpoint(source, target, q, group_size=group_size or 128, progress=not quiet,
+                                overwrite=overwrite)
+        else:
+            from dgplug.converters.gguf_export import export_gguf
 
-        export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads)
+            export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads)
+    except OSError as e:  # e.g. a full disk: name the output (its temporary file is already gone)
+        if e.filename is None:
+            e.filename = str(target)
+        raise
     common.out.print(f"wrote {target}")

@@ -175,23 +175,27 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     shown = min(shown, len(items))
     view = None
     animate = live and err.is_terminal and not STATE["quiet"]
-    if animate:
+    if err.is_terminal and not STATE["quiet"]:
         from rich.live import Live
 
         view = Live(console=err, refresh_per_second=20, transient=True)
         view.start()
+    t0 = time.perf_counter()
 
     def hook(s):
-        if view is None:
+        if STATE["quiet"]:
             return
-        done = int(s.finished.sum())
+        status = Text(f"step {s.step} of {N}: {int(s.finished.sum())} of {len(items)} grids settled, "
+                      f"{time.perf_counter() - t0:.1f}s", style="cyan")
+        if view is None:  # not a terminal: plain lines
+            err.print(status)
+            return
         frames = [S.render(puzzles[k], s.draft[k].tolist(), s.accepted[k].tolist(),
-                           f"puzzle {k + 1} ({items[k]['givens']} givens)") for k in range(shown)]
-        view.update(Group(Text(f"step {s.step} of {N}: {done} of {len(items)} grids settled", style="cyan"),
-                          *frames))
-        time.sleep(0.08)  # slow enough to watch; the summary's speed excludes nothing (see below)
+                           f"puzzle {k + 1} ({items[k]['givens']} givens)") for k in range(shown)] if animate else []
+        view.update(Group(status, *frames))
+        if animate:
+            time.sleep(0.08)  # slow enough to watch; subtracted from the speed below
 
-    t0 = time.perf_counter()
     try:
         res = model.generate(prompt, decoder_input_ids=canvas.to(model.device), locked=lock.to(model.device),
                              max_denoising_steps=steps, seed=seed, on_step=hook)
