@@ -97,7 +97,8 @@ class Sudoku:
         return all(sorted(g[i] for i in u) == list(range(1, 10)) for u in UNITS)
 
     def render(self, puzzle: str, ids, accepted=None, title: str = "") -> Text:
-        text = Text(title + "\n", style="cyan")
+        text = Text()
+        text.append(title + "\n", style="cyan")
         for r in range(9):
             if r and r % 3 == 0:
                 text.append("------+-------+------\n", style="dim")

@@ -175,7 +175,8 @@ def run(o: Options) -> None:
     model = load(path, dtype=o.dtype, device=device)
     threads = common.set_threads(user_threads, architecture(model.cfg)["params_total"])
     say(f"loaded in {time.perf_counter() - t0:.1f}s ({model.tc.num_hidden_layers} layers, "
-        f"{str(model.embed_tokens.weight.dtype).replace('torch.', '')}, {device or 'cpu'}, {threads} threads)")
+        f"{str(model.embed_tokens.weight.dtype).replace('torch.', '')}, {device or 'cpu'}, "
+        f"{threads} thread{'s' if threads > 1 else ''})")
     ids = prompt_ids(model, o)
     C = model.cfg.canvas_length
     N = o.steps or int(model.generation_defaults["max_denoising_steps"])
@@ -214,7 +215,8 @@ def run(o: Options) -> None:
         return
     out.print(Text(text))
     say(f"{generated} tokens in {dt:.2f}s = {generated / dt:.1f} tokens/s; {summary['tokens_per_forward']:.2f} "
-        f"tokens per forward; steps per canvas {list(res.steps)}; {threads} threads", style="dim")
+        f"tokens per forward; steps per canvas {list(res.steps)}; {threads} thread{'s' if threads > 1 else ''}",
+        style="dim")
 
 
 def _edit(model, prompt_ids, o: Options, N: int, threads: int) -> None:
