@@ -126,11 +126,13 @@ def demo(
     """
     from .demo import run
 
-    if sample is not None and n is not None and sample != n:
-        common.run(lambda: (_ for _ in ()).throw(common.CLIError("give --n (or its older name --sample), not both")),
-                   debug, quiet)
-    common.run(lambda: run(n if n is not None else sample, givens, puzzle, shown, steps, seed, live, threads, device),
-               debug, quiet)
+    def go():
+        if sample is not None and n is not None:
+            raise common.CLIError("give --n (or its older name --sample), not both")
+        run(n if n is not None else sample, givens, puzzle, shown, steps, seed, live, threads, device,
+            "--sample" if sample is not None else "--n")
+
+    common.run(go, debug, quiet)
 
 
 @app.command()

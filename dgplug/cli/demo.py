@@ -117,23 +117,23 @@ class Sudoku:
         return text
 
 
-def pick(bank: list[dict], band: tuple[int, int], n: int) -> list[dict]:
+def pick(bank: list[dict], band: tuple[int, int], n: int, n_flag: str = "--n") -> list[dict]:
     have = [p for p in bank if band[0] <= p["givens"] <= band[1]]
     if not have:
         lo, hi = min(p["givens"] for p in bank), max(p["givens"] for p in bank)
         raise CLIError(f"--givens {band[0]}-{band[1]}: the embedded bank has no puzzle in that band "
                        f"(it has {len(bank)} puzzles with {lo}-{hi} givens)")
     if n > len(have):
-        raise CLIError(f"--n {n}: the embedded bank has {len(have)} puzzles with {band[0]}-{band[1]} givens")
+        raise CLIError(f"{n_flag} {n}: the embedded bank has {len(have)} puzzles with {band[0]}-{band[1]} givens")
     return have[:n]
 
 
 def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps: int | None, seed: int,
-        live: bool, threads: int | None, device: str | None) -> None:
+        live: bool, threads: int | None, device: str | None, n_flag: str = "--n") -> None:
     from . import common
 
     if n is not None and n < 1:
-        raise CLIError(f"--n {n}: give a number of puzzles >= 1")
+        raise CLIError(f"{n_flag} {n}: give a number of puzzles >= 1")
     if shown < 0:
         raise CLIError(f"--puzzles {shown}: give a number of grids to show >= 0")
     if steps is not None and steps < 1:
@@ -153,7 +153,7 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
         return _tiny_fallback(path, steps, seed, user_threads, device)
     bank = json.loads((path / "puzzles.json").read_text())
     items = [dict(puzzle=mine, givens=81 - mine.count("."), solution=None)] if mine else \
-        pick(bank, band, n or DEFAULT_N)
+        pick(bank, band, n or DEFAULT_N, n_flag)
 
     import torch
 
