@@ -175,7 +175,10 @@ def set_threads(n: int | None, work_params: int | None = None) -> int:
     return threads.configure(None) if work_params is None else _policy(work_params)
 
 
-SMALL_MODEL_PARAMS = 50_000_000  # below this, one thread is faster (benchmarks/cli_threads.py)
+# Below this, one thread: on 2 cores one thread ran 8-27x faster than two for models of 0.4M, 1.9M
+# and 52M parameters, quiet and loaded (benchmarks/cli_threads.py; the "quiet" machine was at load
+# 11-17). Where more threads start to pay is not measured; larger models get dgplug's policy.
+SMALL_MODEL_PARAMS = 60_000_000
 
 
 def _policy(params: int) -> int:
