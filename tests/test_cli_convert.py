@@ -102,8 +102,9 @@ def _convert_and_signal(cmd, out_dir, sig, group: bool, env=None):
                          ids=["term-main", "term-group", "int-group"])
 def test_signal_during_gguf_export(big_ckpt, tmp_path, sig, group):
     rc, stderr, workers = _convert_and_signal(CLI + ["convert", str(big_ckpt), str(tmp_path / "m.gguf"), "-q",
-                                                     "Q4_K_M", "--threads", "2"], tmp_path, sig, group)
-    assert len(workers) >= 2  # the pool was there
+                                                     "Q4_K_M"], tmp_path, sig, group)
+    if (os.cpu_count() or 1) >= 2:
+        assert len(workers) >= 2  # the worker pool was there (default: min(2, cores) workers)
     want = ("terminated", 143) if sig == signal.SIGTERM else ("interrupted", 130)
     assert rc == want[1], stderr
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
@@ -143,9 +144,8 @@ def test_full_disk_during_gguf_export(tiny_ckpt_smooth, tmp_path):
     mnt.mkdir()
     cli = " ".join(f"'{c}'" for c in CLI)
     script = (f"mount -t tmpfs -o size=256k tmpfs '{mnt}' && {cli} convert '{tiny_ckpt_smooth}' '{mnt}/m.gguf' "
-              f"-q F32 --quiet; echo RC=$?; ls -A '{mnt}'")
+              f"-q F32; echo RC=$?; ls -A '{mnt}'")
     r = subprocess.run(prefix + ["sh", "-c", script], capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert f"error: {mnt}/m.gguf: no space left on device\n" in r.stderr, (r.stdout, r.stderr)
     assert "RC=1" in r.stdout, (r.stdout, r.stderr)
-    assert lines[-1] == f"error: {mnt}/m.gguf: no space left on device", lines
     assert r.stdout.split("RC=1")[1].strip() == ""  # nothing left on the full filesystem

@@ -16,11 +16,11 @@ runner = CliRunner()
 
 
 def _one_error_line(r, *needles):
-    assert r.exit_code == 1, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines[-1].startswith("error: ") and "Traceback" not in r.output, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in r.output, r.output
     for n in needles:
         assert n in lines[-1], (n, lines[-1])
+    assert r.exit_code == 1 and lines[-1] in r.stderr, r.output  # on stderr, exit status 1
     return lines[-1]
 
 
@@ -39,7 +39,7 @@ def test_file_given_for_a_directory(tiny_ckpt, tmp_path):
 
 def test_gguf_given_to_convert(tiny_ckpt_smooth, tmp_path):
     g = tmp_path / "m.gguf"
-    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "F16", "--quiet"]).exit_code == 0
+    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "F16"]).exit_code == 0
     _one_error_line(runner.invoke(app, ["convert", str(g), str(tmp_path / "o"), "-q", "int8"]),
                     "is a GGUF file", "Hugging Face checkpoint directory")
     assert not (tmp_path / "o").exists()
@@ -87,7 +87,7 @@ def test_brackets_survive(tiny_ckpt, tiny_ckpt_smooth, tmp_path, monkeypatch):
     r = runner.invoke(app, ["info", str(ck)])
     assert r.exit_code == 0, r.output
     out = tmp_path / "out[q8].gguf"
-    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(out), "-q", "Q8_0", "--quiet"])
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(out), "-q", "Q8_0"])
     assert r.exit_code == 0 and f"wrote {out}" in r.stdout and out.exists(), r.output
     r = runner.invoke(app, ["inspect", str(out)])
     assert r.exit_code == 0 and "out[q8].gguf" in r.stdout
@@ -107,16 +107,18 @@ def test_brackets_survive(tiny_ckpt, tiny_ckpt_smooth, tmp_path, monkeypatch):
 def test_info_every_format(tiny_ckpt_smooth, tmp_path):
     g = tmp_path / "one" / "m.gguf"
     g.parent.mkdir()
-    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "Q8_0", "--quiet"]).exit_code == 0
+    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "Q8_0"]).exit_code == 0
     q = tmp_path / "q8"
-    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(q), "-q", "int8", "--quiet"]).exit_code == 0
+    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(q), "-q", "int8"]).exit_code == 0
+    paths = {"hf": tiny_ckpt_smooth, "gguf": g, "gguf dir": g.parent, "int8": q}
+    for name, p in paths.items():
+        r = runner.invoke(app, ["info", str(p)])
+        assert r.exit_code == 0 and "parameters" in r.stdout, (name, r.output)
     facts = {}
-    for name, p in (("hf", tiny_ckpt_smooth), ("gguf", g), ("gguf dir", g.parent), ("int8", q)):
+    for name, p in paths.items():
         r = runner.invoke(app, ["info", str(p), "--json"])
         assert r.exit_code == 0, (name, r.output)
         facts[name] = json.loads(r.stdout)
-        r = runner.invoke(app, ["info", str(p)])
-        assert r.exit_code == 0 and "parameters" in r.stdout, (name, r.output)
     assert facts["gguf"]["format"] == "GGUF Q8_0" and facts["gguf dir"]["format"] == "GGUF Q8_0"
     assert facts["int8"]["format"] == "int8 (dgplug)" and facts["hf"]["format"] == "safetensors"
     counts = {k: (v["params_total"], v["params_active"], v["layer_pattern"]) for k, v in facts.items()}
@@ -153,12 +155,12 @@ def test_conflicting_and_bad_options(tiny_ckpt, tiny_ckpt_smooth, tmp_path, monk
 def test_q4_0_on_a_64_wide_model(tiny_ckpt_smooth, tmp_path):
     """The tied embedding's Q6_K falls back to Q8_0 on 64-wide rows, as llama.cpp does."""
     g = tmp_path / "q40.gguf"
-    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "Q4_0", "--quiet"])
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "Q4_0"])
     assert r.exit_code == 0, r.output
     info = json.loads(runner.invoke(app, ["inspect", str(g), "--json"]).stdout)
     types = {t["name"]: t["type"] for t in info["tensors"]}
     assert types["token_embd.weight"] == "Q8_0" and info["contract_problems"] == []
-    r = runner.invoke(app, ["generate", str(g), "--ids", "5,6", "--steps", "2", "--quiet"])
+    r = runner.invoke(app, ["generate", str(g), "--ids", "5,6", "--steps", "2"])
     assert r.exit_code == 0, r.output
 
 
