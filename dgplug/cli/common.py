@@ -208,7 +208,3 @@ def device_arg(device: str | None) -> str | None:
     if index and int(index) >= torch.cuda.device_count():
         raise CLIError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

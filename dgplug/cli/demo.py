@@ -155,8 +155,6 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     items = [dict(puzzle=mine, givens=81 - mine.count("."), solution=None)] if mine else \
         pick(bank, band, n or DEFAULT_N, n_flag)
 
-    import torch
-
     from dgplug import load
 
     from .info import architecture
