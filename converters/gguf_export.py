@@ -110,8 +110,8 @@ def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], *, n_layers:
     if gguf_name == "token_embd.weight":
         if ncols % GGML_QUANT_SIZES[base][0]:
             return T.Q8_0 if ncols % 32 == 0 else T.F16
-        return r["embd"] or base
-    if ".attn_v." in gguf_name:
+        t = r["embd"] or base  # Q6_K on rows that are not a multiple of 256 falls back below (Q4_0 on 64-wide)
+    elif ".attn_v." in gguf_name:
         if r["v_more"] and use_more_bits(attn_v_index, n_attn_v):
             t = r["v_more"]
         if n_experts == 8 and r["kv8"]:
@@ -253,6 +253,11 @@ def _encode(st: SrcTensor | None, data: np.ndarray | None, r0: int, r1: int, col
     x = _to_f32(raw, dt)
     out = kquants.quantize(x, qtype, name=gname)
     return np.ascontiguousarray(out).view(np.uint8).reshape(-1)
+
+
+def _write(fout, data: np.ndarray) -> None:
+    """Through the file object (not ndarray.tofile): a full disk raises OSError(ENOSPC), not a byte count."""
+    fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
 
 
 def _job(args):
@@ -616,15 +621,15 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
                     if len(pending) <= 2 * workers:
                         continue
                     res, nb = pending.popleft()
-                    res.get().tofile(fout)
+                    _write(fout, res.get())
                 else:
-                    _encode(*args).tofile(fout)
+                    _write(fout, _encode(*args))
                     nb = in_bytes
                 if prog is not None and it.src is not None:
                     prog.advance(task, nb)
             while pending:
                 res, nb = pending.popleft()
-                res.get().tofile(fout)
+                _write(fout, res.get())
                 if prog is not None and it.src is not None:
                     prog.advance(task, nb)
             written = fout.tell() - start

@@ -6,14 +6,31 @@
 
     hf_model = DiffusionGemmaForBlockDiffusion.from_pretrained(...)
     dgplug.patch(hf_model)                              # transformers model on dgplug's kernels
+
+`import dgplug` is light: torch and transformers load on first use (`dgplug.load`, the CLI's
+commands), so `dgplug --help` answers at once. The contract that after `import dgplug`
+transformers' Auto classes read dgplug-quantized and GGUF checkpoints holds in either import
+order: dgplug registers at once when transformers is already imported, otherwise right after
+transformers finishes importing (a one-shot import hook, `_AfterTransformers`).
 """
 
+import importlib.abc
+import importlib.util
+import sys
+
 from .errors import CheckpointError, DGPlugError, FormatError, InputError
-from .loader import load
 
 __version__ = "0.1.0"
 __all__ = ["load", "patch", "unpatch", "patched", "DGPlugError", "CheckpointError", "FormatError", "InputError",
            "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "load":
+        from .loader import load
+
+        return load
+    raise AttributeError(f"module 'dgplug' has no attribute {name!r}")
 
 
 def patch(model, attention: bool = True, experts: bool = True, sampler: str = "transformers"):
@@ -38,7 +55,7 @@ def patched(model, **kwargs):
 
 
 def _register_with_transformers() -> None:
-    """`import dgplug` makes transformers' Auto classes load dgplug-quantized checkpoints."""
+    """Make transformers' Auto classes load dgplug-quantized and GGUF checkpoints."""
     import warnings
 
     try:
@@ -52,4 +69,28 @@ def _register_with_transformers() -> None:
         warnings.warn(f"dgplug: could not register its quantizer with transformers ({e})", stacklevel=2)
 
 
-_register_with_transformers()
+class _AfterTransformers(importlib.abc.MetaPathFinder):
+    """Fires once: finds `transformers` the normal way and registers dgplug after its module has run."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "transformers":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _register_with_transformers()
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(f, _AfterTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterTransformers())

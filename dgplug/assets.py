@@ -1,7 +1,8 @@
 """The embedded default model.
 
 The default is a small DiffusionGemma trained to solve Sudoku (examples/sudoku/), shipped with
-the package under dgplug/data/sudoku/ (config, generation config, bf16 safetensors, tokenizer).
+the package under dgplug/data/sudoku/ (config, generation config, safetensors weights, tokenizer,
+a bank of held-out puzzles).
 `tiny_random_model_path()` is the older default, kept as a fallback: a tiny random DiffusionGemma
 built deterministically by transformers itself (seed 0) and cached under $DGPLUG_CACHE
 (default ~/.cache/dgplug).

@@ -140,7 +140,10 @@ def load_tokenizer(path: Path):
 def gguf_file_of(path: Path) -> Path | None:
     """The GGUF file `path` names: the file itself, or the one .gguf in a directory without safetensors."""
     if path.is_file():
-        return path if path.suffix == ".gguf" or path.read_bytes()[:4] == b"GGUF" else None
+        if path.suffix == ".gguf":
+            return path
+        with open(path, "rb") as f:  # the magic only: a checkpoint file can be tens of GB
+            return path if f.read(4) == b"GGUF" else None
     found = sorted(path.glob("*.gguf"))
     if not found or any(path.glob("*.safetensors")):
         return None

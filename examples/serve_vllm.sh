@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Serve DiffusionGemma with vLLM (GPU) through dgplug's plugin, OpenAI-compatible on :8000.
 #
-#   pip install torch==2.13.0 'dgplug[vllm]'      # on a GPU machine: the GPU vllm wheel instead
+#   pip install torch==2.13.0 -e '.[vllm]'        # from a dgplug checkout (dgplug is not on PyPI), or
+#   pip install './dist/dgplug-0.1.0-py3-none-any.whl[vllm]'   # the wheel (python -m build)
+#   # on a GPU machine: install vllm>=0.32,<0.33 (GPU wheel) and dgplug without the extra instead
 #   examples/serve_vllm.sh ./diffusiongemma-int4   # a dgplug-converted (or the original) checkpoint
 #   python examples/openai_client.py
 #

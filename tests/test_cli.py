@@ -19,7 +19,7 @@ def test_info(tiny_ckpt):
 def test_generate_ids_and_prompt(tiny_ckpt):
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6,7", "--steps", "2", "--max-new-tokens", "16"])
     assert r.exit_code == 0, r.output
-    assert "tokens per forward" in r.output and "tok/s" in r.output
+    assert "tokens per forward" in r.output and "tokens/s" in r.output
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--prompt", "w5 w6 w7", "--steps", "2", "--live"])
     assert r.exit_code == 0, r.output
     assert "w" in r.output

@@ -71,7 +71,7 @@ def test_cli_edit(tiny_ckpt):
     runner = CliRunner()
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w40 w41 [[w42]] w43", "--steps", "3"])
     assert r.exit_code == 0, r.output
-    first = r.output.splitlines()[0].split()
+    first = r.stdout.splitlines()[0].split()  # the text on stdout; loading and summary lines on stderr
     assert first[:2] == ["w40", "w41"] and first[3] == "w43" and "1 of 4 tokens rewritten" in r.output
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w40 [[w41", "--steps", "3"])
     assert r.exit_code == 1 and r.output.startswith("error:") and "unbalanced" in r.output

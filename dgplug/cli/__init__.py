@@ -1,0 +1,180 @@
+"""The `dgplug` command line (typer): thin commands over dgplug/cli/*.py.
+
+Importing this module imports neither torch nor transformers (`dgplug --help` answers at once);
+each command imports what it needs when it runs. Errors print one line on stderr (`--debug`
+shows the traceback), results go to stdout, and no text is ever read as rich markup.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from . import common
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="DiffusionGemma, run with dgplug. Every command takes --debug and --quiet; "
+                       "those that compute take --threads (or DGPLUG_THREADS).")
+
+# options shared by the commands (accepted before or after the subcommand)
+DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
+QUIET = typer.Option(False, "--quiet", help="Only results (and errors) on the terminal: no loading or progress lines.")
+THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: DGPLUG_THREADS if set, else "
+                                               "dgplug's choice for the model's size).", show_default=False)
+DEVICE = typer.Option(None, "--device", help="cpu (default), cuda or cuda:N.", show_default=False)
+JSON = typer.Option(False, "--json", help="Print one JSON object instead of tables and text.")
+
+
+def _version(value: bool):
+    if value:
+        from dgplug import __version__
+
+        common.out.print(f"dgplug {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(debug: bool = DEBUG, quiet: bool = QUIET,
+         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print dgplug's version and exit.")):
+    common.STATE.update(debug=debug, quiet=quiet)
+
+
+@app.command()
+def info(path: str = typer.Argument(..., help="Checkpoint directory (safetensors or dgplug-quantized), "
+                                                ".gguf file, or a directory holding one."),
+         as_json: bool = JSON, debug: bool = DEBUG, quiet: bool = QUIET):
+    """Architecture, layer pattern, parameter counts (total / active), format, dtype and size.
+
+    Example: dgplug info ./diffusiongemma-int4
+    """
+
+    def go():
+        from .info import describe, show_info
+        from .paths import model_arg
+
+        d = describe(model_arg(str(path)))
+        if as_json:
+            import json
+
+            common.out.print(json.dumps(d))
+        else:
+            show_info(d)
+
+    common.run(go, debug, quiet)
+
+
+@app.command()
+def generate(
+    path: str = typer.Argument(..., help="Checkpoint directory or .gguf file."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (the checkpoint's tokenizer)."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Prompt token ids, comma separated (instead of --prompt)."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", "-n", show_default=False,
+        help="Tokens to print (default: the checkpoint's). Whole canvases are generated and cut to this."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Max denoising steps per canvas.", show_default=False),
+    seed: int = typer.Option(0, "--seed"),
+    rng: str = typer.Option("counter", "--rng", help="counter (fused, default) or transformers (bit-exact)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: the checkpoint's).",
+                                        show_default=False),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the chat template."),
+    live: bool = typer.Option(False, "--live", help="Show the canvas being denoised."),
+    edit: Optional[str] = typer.Option(
+        None, "--edit", show_default=False,
+        help=escape("In-line edit: TEXT with [[spans to rewrite]] and [[+N]] insertions of N tokens; the rest stays "
+                    "locked on the canvas (the prompt, if any, is the instruction).")),
+    threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, as_json: bool = JSON,
+    debug: bool = DEBUG, quiet: bool = QUIET,
+):
+    """Generate text with the EntropyBound block-diffusion sampler (or edit a text in place).
+
+    Example: dgplug generate ./ckpt --prompt "Why is the sky blue?" --max-new-tokens 64 --live
+    """
+    from .generate import Options, run
+
+    o = Options(path, prompt, ids, max_new_tokens, steps, seed, rng, dtype, chat, live, edit, threads, device, as_json)
+    common.run(lambda: run(o), debug, quiet)
+
+
+@app.command()
+def demo(
+    n: Optional[int] = typer.Option(None, "--n", help="Puzzles solved in the batch (default 20).",
+                                    show_default=False),
+    givens: Optional[str] = typer.Option(None, "--givens", show_default=False,
+                                         help="Band of givens, e.g. 25-29 (default 36-45)."),
+    puzzle: Optional[str] = typer.Option(None, "--puzzle", show_default=False,
+                                         help="Your own puzzle: 81 characters row by row, digits 1-9, '.' or 0 "
+                                              "for blanks."),
+    shown: int = typer.Option(1, "--puzzles", help="Grids drawn (live, then final)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Max denoising steps (default: the checkpoint's).",
+                                        show_default=False),
+    seed: int = typer.Option(0, "--seed"),
+    live: bool = typer.Option(True, "--live/--no-live", help="Redraw the grids as they are denoised."),
+    sample: Optional[int] = typer.Option(None, "--sample", hidden=True),  # older name of --n
+    threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, debug: bool = DEBUG, quiet: bool = QUIET,
+):
+    """The embedded default model: Sudoku solved on the canvas (live), then a one-line summary.
+
+    Example: dgplug demo --givens 25-29 --n 10
+
+    Example: dgplug demo --puzzle 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
+    """
+    from .demo import run
+
+    def go():
+        if sample is not None and n is not None:
+            raise common.CLIError("give --n (or its older name --sample), not both")
+        run(n if n is not None else sample, givens, puzzle, shown, steps, seed, live, threads, device,
+            "--sample" if sample is not None else "--n")
+
+    common.run(go, debug, quiet)
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="Hugging Face DiffusionGemma directory."),
+    out: str = typer.Argument(..., help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
+    quant: str = typer.Option(..., "--quant", "-q",
+                              help="F32 F16 BF16 Q8_0 Q4_0 Q4_K_M Q5_K_M Q6_K (GGUF) or int4 int8 fp8 (safetensors)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", show_default=False,
+                                             help="int4 only: group size along the input dimension (default 128)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (file or directory)."),
+    threads: Optional[int] = typer.Option(None, "--threads", show_default=False,
+                                          help="GGUF: worker processes; int4/int8/fp8: torch threads "
+                                               "(default: DGPLUG_THREADS, else dgplug's choice)."),
+    debug: bool = DEBUG, quiet: bool = QUIET,
+):
+    """Convert a checkpoint to GGUF (K-quants) or quantized safetensors, streaming.
+
+    Example: dgplug convert ./diffusiongemma ./dg-Q4_K_M.gguf --quant Q4_K_M
+
+    Example: dgplug convert ./diffusiongemma ./dg-int4 --quant int4 --group-size 64
+    """
+    from .convert import run
+
+    common.run(lambda: run(src, out, quant, group_size, overwrite, threads, quiet or common.STATE["quiet"]),
+               debug, quiet)
+
+
+@app.command()
+def inspect(path: str = typer.Argument(..., help="A .gguf file (or a directory holding one)."),
+            as_json: bool = JSON, debug: bool = DEBUG, quiet: bool = QUIET):
+    """GGUF metadata, tensor table, and a check against the DiffusionGemma GGUF contract.
+
+    Example: dgplug inspect ./dg-Q4_K_M.gguf
+    """
+
+    def go():
+        from .info import inspect as show
+        from .paths import gguf_arg
+
+        code = show(gguf_arg(str(path)), as_json)
+        if code:
+            raise typer.Exit(code)
+
+    common.run(go, debug, quiet)

@@ -1,0 +1,210 @@
+"""What every command shares: two consoles that never read markup, the one error funnel,
+signals, threads and device.
+
+Results (tables, generated text, JSON) go to stdout; messages (loading, progress, notes,
+errors) go to stderr, so `dgplug generate ... > out.txt` keeps only the text. Neither console
+interprets rich markup: user text, paths and exception messages print exactly as they are
+(styles are applied with `Text(..., style=...)`, never with [tags]).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+out = Console(markup=False, highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True, emoji=False)
+STATE = {"debug": False, "quiet": False}
+
+
+class CLIError(Exception):
+    """A bad argument or option, found before any work: printed as one line."""
+
+
+class Terminated(BaseException):
+    """SIGTERM in the main process, raised like KeyboardInterrupt is for SIGINT (cleanup runs)."""
+
+
+def say(*parts, style: str | None = None) -> None:
+    """A message line on stderr (silenced by --quiet)."""
+    if not STATE["quiet"]:
+        err.print(Text(" ".join(str(p) for p in parts), style=style or ""))
+
+
+def note(msg: str) -> None:
+    """A line the user should see even with --quiet (e.g. that the output was cut)."""
+    err.print(Text("note: ", style="yellow") + Text(msg))
+
+
+def message(e: BaseException) -> str:
+    """One line for an exception: OSErrors name their file and say what happened in words."""
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename if e.filename is not None else getattr(e, "dgplug_where", None)
+        what = e.strerror[0].lower() + e.strerror[1:]
+        return f"{where}: {what}" if where is not None else what
+    if isinstance(e, typer.BadParameter):
+        return e.format_message()
+    return str(e) or e.__class__.__name__
+
+
+# -- signals ------------------------------------------------------------------------------------
+_caught: list[int] = []
+_active = False
+
+
+def _on_signal(signum, frame):
+    if _caught:  # a second signal while cleaning up: let the cleanup finish
+        return
+    _caught.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+
+
+def _after_fork_in_child():
+    """A worker forked during a command (the converters' pools) leaves the terminal's process group,
+    so Ctrl-C and `kill -- -PGID` reach the main process only, which ends its pool in order
+    (multiprocessing's Pool deadlocks when a worker dies on its own holding the task queue's lock).
+    The pool's own SIGTERM then ends the worker at once, with the default action: no Python handler
+    (which can miss a signal that lands just before a blocking wait), no traceback."""
+    if _active:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextmanager
+def signals():
+    """SIGINT and SIGTERM raise in the main process (so temporary outputs are removed); forked
+    workers are left to their parent (see _after_fork_in_child). Restores the handlers afterwards."""
+    global _active
+    _caught.clear()
+    old = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, _on_signal)
+    except ValueError:  # not the main thread: leave the handlers alone
+        pass
+    _active = True
+    try:
+        yield
+    finally:
+        _active = False
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run(fn, debug: bool = False, quiet: bool = False):
+    """Call fn; any error becomes one line on stderr (exit 1) unless --debug; Ctrl-C exits 130, SIGTERM 143."""
+    STATE["debug"] = STATE["debug"] or debug
+    STATE["quiet"] = STATE["quiet"] or quiet
+    try:
+        with signals(), _threads_restored():
+            return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        err.print(Text("interrupted", style="red"))
+        raise typer.Exit(130) from None
+    except Terminated:
+        err.print(Text("terminated", style="red"))
+        raise typer.Exit(143) from None
+    except Exception as e:  # noqa: BLE001 - the CLI's single error funnel
+        if STATE["debug"]:
+            raise
+        err.print(Text("error: ", style="red") + Text(message(e)))
+        raise typer.Exit(1) from None
+
+
+# -- threads, device, backend -------------------------------------------------------------------
+@contextmanager
+def _threads_restored():
+    """A command's thread choice ends with it (matters when commands run in one process, as in tests)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    from dgplug import threads
+
+    before = (threads._user, torch.get_num_threads())
+    try:
+        yield
+    finally:
+        threads._user = before[0]
+        torch.set_num_threads(before[1])
+
+
+def check_backend() -> None:
+    """DGPLUG_OPS must name a backend (dgplug.ops reads it at import and would ignore a typo)."""
+    value = os.environ.get("DGPLUG_OPS")
+    if value is not None and value not in ("auto", "kernels", "reference"):
+        raise CLIError(f"DGPLUG_OPS={value!r}: use auto, kernels or reference")
+
+
+def threads_arg(n: int | None) -> int | None:
+    """--threads N, else DGPLUG_THREADS, checked before any work; None: dgplug's policy decides."""
+    from dgplug.threads import ENV, _parse
+
+    try:
+        if n is not None:
+            return _parse(n, "--threads")
+        if os.environ.get(ENV):
+            return _parse(os.environ[ENV], ENV)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return None
+
+
+def set_threads(n: int | None, work_params: int | None = None) -> int:
+    """Apply the thread count: the user's (--threads / DGPLUG_THREADS) if any, else the policy,
+    given the size of the work (parameters of the model) when known. Returns the count."""
+    from dgplug import threads
+
+    if n is not None or os.environ.get(threads.ENV):
+        return threads.configure(n)
+    return threads.configure(None) if work_params is None else _policy(work_params)
+
+
+# Below this, one thread: on 2 cores one thread ran 8-27x faster than two for models of 0.4M, 1.9M
+# and 52M parameters, quiet and loaded (benchmarks/cli_threads.py; the "quiet" machine was at load
+# 11-17). Where more threads start to pay is not measured; larger models get dgplug's policy.
+SMALL_MODEL_PARAMS = 60_000_000
+
+
+def _policy(params: int) -> int:
+    """dgplug's default for a model of `params` parameters (see benchmarks/cli_threads.py)."""
+    import torch
+
+    from dgplug import threads
+
+    n = threads.configure(None)
+    if params < SMALL_MODEL_PARAMS:
+        n = 1
+        torch.set_num_threads(n)
+    return n
+
+
+def device_arg(device: str | None) -> str | None:
+    """--device: cpu, cuda or cuda:N; checked against what torch sees."""
+    if device is None or device == "cpu":
+        return device
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise CLIError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: torch sees no CUDA device")
+    if index and int(index) >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -1,0 +1,55 @@
+"""`dgplug convert`: every option checked before a byte is read, one overwrite rule, threads.
+
+SIGINT and SIGTERM are handled by the CLI's `signals()` (see common.py): the main process
+raises, the converter's cleanup removes its temporary output, and forked workers leave quietly.
+"""
+
+from __future__ import annotations
+
+from .common import CLIError, say
+from .paths import QUANT_SCHEMES, output_arg, source_arg
+
+
+def quant_arg(quant: str, group_size: int | None) -> str:
+    from dgplug.converters.gguf_export import FILE_TYPES as GGUF_TYPES
+
+    q = quant.strip()
+    if q.lower() in QUANT_SCHEMES:
+        q = q.lower()
+    elif q.upper() in GGUF_TYPES:
+        q = q.upper()
+    else:
+        raise CLIError(f"--quant {quant!r}: choose a GGUF type ({', '.join(GGUF_TYPES)}) "
+                       f"or a safetensors scheme ({', '.join(QUANT_SCHEMES)})")
+    if group_size is not None and q != "int4":
+        raise CLIError(f"--group-size applies to int4 only ({q} {'uses fixed blocks' if q in GGUF_TYPES else 'scales per row'})")
+    if group_size is not None and (group_size <= 0 or group_size % 2):
+        raise CLIError(f"--group-size {group_size}: give a positive even number")
+    return q
+
+
+def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool, threads: int | None,
+        quiet: bool) -> None:
+    from . import common
+
+    q = quant_arg(quant, group_size)
+    source = source_arg(src)
+    target = output_arg(out, source, q, overwrite)
+    user_threads = common.threads_arg(threads)
+    common.set_threads(user_threads)
+    say(f"converting {src} to {q}")
+    try:
+        if q in QUANT_SCHEMES:
+            from dgplug.converters.quant import quantize_checkpoint
+
+            quantize_checkpoint(source, target, q, group_size=group_size or 128, progress=not quiet,
+                                overwrite=overwrite)
+        else:
+            from dgplug.converters.gguf_export import export_gguf
+
+            export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads)
+    except OSError as e:  # e.g. a full disk: name the output (its temporary file is already gone)
+        if e.filename is None:
+            e.filename = str(target)
+        raise
+    common.out.print(f"wrote {target}")

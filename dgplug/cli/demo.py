@@ -1,0 +1,243 @@
+"""`dgplug demo`: the embedded Sudoku model solving a batch of puzzles on the canvas.
+
+The givens are placed on the canvas and locked (the in-line editing mechanism); every blank is
+denoised in parallel. The whole batch is solved at once while the live view redraws the first
+grid(s) step by step; then one summary line: solved, blanks right, forwards per grid, tokens/s.
+Puzzles come from the bank shipped beside the model (dgplug/data/sudoku/puzzles.json, bands of
+givens) or from --puzzle (81 characters).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from rich.console import Group
+from rich.text import Text
+
+from .common import CLIError, STATE, err, out, say
+
+UNITS = ([[r * 9 + c for c in range(9)] for r in range(9)] + [[r * 9 + c for r in range(9)] for c in range(9)]
+         + [[(br + r) * 9 + bc + c for r in range(3) for c in range(3)] for br in (0, 3, 6) for bc in (0, 3, 6)])
+UNIT_NAMES = [f"row {r + 1}" for r in range(9)] + [f"column {c + 1}" for c in range(9)] + \
+             [f"box {b + 1}" for b in range(9)]
+DEFAULT_BAND = "36-45"
+DEFAULT_N = 20
+
+
+def parse_band(s: str) -> tuple[int, int]:
+    """'25-29' or '30' -> (lo, hi)."""
+    lo, sep, hi = s.partition("-")
+    try:
+        band = (int(lo), int(hi) if sep else int(lo))
+    except ValueError:
+        raise CLIError(f"--givens {s!r}: give a band such as 25-29 (or one number)") from None
+    if not 0 <= band[0] <= band[1] <= 81:
+        raise CLIError(f"--givens {s!r}: a band LO-HI with 0 <= LO <= HI <= 81")
+    return band
+
+
+def parse_puzzle(s: str) -> str:
+    """An 81-character puzzle (digits 1-9; '.' or 0 for a blank) -> the '.'-blank form, checked."""
+    p = s.strip()
+    if len(p) != 81:
+        raise CLIError(f"--puzzle: {len(p)} characters; a puzzle is 81 (row by row, digits 1-9, '.' or 0 for blanks)")
+    for i, ch in enumerate(p):
+        if ch not in "123456789.0":
+            raise CLIError(f"--puzzle: character {i + 1} (r{i // 9 + 1}c{i % 9 + 1}) is {ch!r}; "
+                           f"use digits 1-9, and '.' or 0 for blanks")
+    p = p.replace("0", ".")
+    for unit, name in zip(UNITS, UNIT_NAMES):
+        seen = {}
+        for i in unit:
+            if p[i] == ".":
+                continue
+            if p[i] in seen:
+                j = seen[p[i]]
+                raise CLIError(f"--puzzle: r{j // 9 + 1}c{j % 9 + 1}={p[j]} and r{i // 9 + 1}c{i % 9 + 1}={p[i]} "
+                               f"conflict ({name})")
+            seen[p[i]] = i
+    return p
+
+
+class Sudoku:
+    """Puzzles <-> the model's prompt and canvas tokens (the format of examples/sudoku)."""
+
+    def __init__(self, model, seed: int):
+        self.model, self.seed = model, seed
+        tok = model.tokenizer
+        self.tok = tok
+        self.digit = [tok.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
+        self.to_digit = {t: d + 1 for d, t in enumerate(self.digit)}
+
+    def encode(self, puzzles: list[str]):
+        """Prompt ids (the puzzle in the prompt), the canvas with the givens placed, the lock mask."""
+        import torch
+
+        tok, m = self.tok, self.model
+        texts = [[tok.bos_token] + [f"r{i // 9 + 1}c{i % 9 + 1}={ch}" for i, ch in enumerate(p)] for p in puzzles]
+        prompt = torch.tensor([tok.convert_tokens_to_ids(t) for t in texts])
+        g = torch.Generator().manual_seed(self.seed)
+        canvas = torch.randint(0, m.tc.vocab_size, (len(puzzles), m.cfg.canvas_length), generator=g)
+        lock = torch.zeros_like(canvas, dtype=torch.bool)
+        for b, p in enumerate(puzzles):
+            for i, ch in enumerate(p):
+                if ch != ".":
+                    canvas[b, i], lock[b, i] = self.digit[int(ch) - 1], True
+            canvas[b, 81], lock[b, 81] = tok.eos_token_id, True
+        return prompt, canvas, lock
+
+    def grid(self, ids) -> list[int]:
+        return [self.to_digit.get(int(t), 0) for t in ids[:81]]
+
+    @staticmethod
+    def solved(puzzle: str, g: list[int]) -> bool:
+        if any(ch != "." and int(ch) != v for ch, v in zip(puzzle, g)):
+            return False
+        return all(sorted(g[i] for i in u) == list(range(1, 10)) for u in UNITS)
+
+    def render(self, puzzle: str, ids, accepted=None, title: str = "") -> Text:
+        text = Text()
+        text.append(title + "\n", style="cyan")
+        for r in range(9):
+            if r and r % 3 == 0:
+                text.append("------+-------+------\n", style="dim")
+            for c in range(9):
+                i = r * 9 + c
+                if c and c % 3 == 0:
+                    text.append("| ", style="dim")
+                d = self.to_digit.get(int(ids[i]))
+                if puzzle[i] != ".":
+                    text.append(puzzle[i] + " ", style="bold")
+                elif d is None:
+                    text.append("? ", style="red")
+                else:
+                    text.append(f"{d} ", style="bold green" if accepted is None or accepted[i] else "dim")
+            text.append("\n")
+        return text
+
+
+def pick(bank: list[dict], band: tuple[int, int], n: int, n_flag: str = "--n") -> list[dict]:
+    have = [p for p in bank if band[0] <= p["givens"] <= band[1]]
+    if not have:
+        lo, hi = min(p["givens"] for p in bank), max(p["givens"] for p in bank)
+        raise CLIError(f"--givens {band[0]}-{band[1]}: the embedded bank has no puzzle in that band "
+                       f"(it has {len(bank)} puzzles with {lo}-{hi} givens)")
+    if n > len(have):
+        raise CLIError(f"{n_flag} {n}: the embedded bank has {len(have)} puzzles with {band[0]}-{band[1]} givens")
+    return have[:n]
+
+
+def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps: int | None, seed: int,
+        live: bool, threads: int | None, device: str | None, n_flag: str = "--n") -> None:
+    from . import common
+
+    if n is not None and n < 1:
+        raise CLIError(f"{n_flag} {n}: give a number of puzzles >= 1")
+    if shown < 0:
+        raise CLIError(f"--puzzles {shown}: give a number of grids to show >= 0")
+    if steps is not None and steps < 1:
+        raise CLIError(f"--steps {steps}: give a number >= 1")
+    if puzzle is not None and (givens is not None or (n is not None and n != 1)):
+        raise CLIError("--puzzle solves one given puzzle: leave out --givens and --n")
+    band = parse_band(givens or DEFAULT_BAND)
+    mine = parse_puzzle(puzzle) if puzzle is not None else None
+    common.check_backend()
+    user_threads = common.threads_arg(threads)
+    device = common.device_arg(device)
+
+    from dgplug.assets import default_model_path
+
+    path = default_model_path()
+    if not (path / "puzzles.json").exists():
+        return _tiny_fallback(path, steps, seed, user_threads, device)
+    bank = json.loads((path / "puzzles.json").read_text())
+    items = [dict(puzzle=mine, givens=81 - mine.count("."), solution=None)] if mine else \
+        pick(bank, band, n or DEFAULT_N, n_flag)
+
+    from dgplug import load
+
+    from .info import architecture
+
+    common.set_threads(user_threads)
+    say(f"loading the embedded model {path}")
+    model = load(path, dtype="fp32", device=device)
+    nthreads = common.set_threads(user_threads, architecture(model.cfg)["params_total"])
+    tc = model.tc
+    say(f"Sudoku DiffusionGemma ({tc.num_hidden_layers} layers, hidden {tc.hidden_size}, {tc.num_experts} experts "
+        f"top-{tc.top_k_experts}, canvas {model.cfg.canvas_length}): givens placed on the canvas and locked, "
+        f"every blank denoised in parallel; {len(items)} puzzle(s) in one batch")
+    S = Sudoku(model, seed)
+    puzzles = [it["puzzle"] for it in items]
+    prompt, canvas, lock = S.encode(puzzles)
+    N = steps or int(model.generation_defaults["max_denoising_steps"])
+    shown = min(shown, len(items))
+    view = None
+    animate = live and err.is_terminal and not STATE["quiet"]
+    if err.is_terminal and not STATE["quiet"]:
+        from rich.live import Live
+
+        view = Live(console=err, refresh_per_second=20, transient=True)
+        view.start()
+    t0 = time.perf_counter()
+
+    def hook(s):
+        if STATE["quiet"]:
+            return
+        status = Text(f"step {s.step} of {N}: {int(s.finished.sum())} of {len(items)} grids settled, "
+                      f"{time.perf_counter() - t0:.1f}s", style="cyan")
+        if view is None:  # not a terminal: plain lines
+            err.print(status)
+            return
+        frames = [S.render(puzzles[k], s.draft[k].tolist(), s.accepted[k].tolist(),
+                           f"puzzle {k + 1} ({items[k]['givens']} givens)") for k in range(shown)] if animate else []
+        view.update(Group(status, *frames))
+        if animate:
+            time.sleep(0.08)  # slow enough to watch; subtracted from the speed below
+
+    try:
+        res = model.generate(prompt, decoder_input_ids=canvas.to(model.device), locked=lock.to(model.device),
+                             max_denoising_steps=steps, seed=seed, on_step=hook)
+    finally:
+        if view is not None:
+            view.stop()
+    dt = time.perf_counter() - t0
+    if animate:
+        dt -= 0.08 * res.steps[0]
+    L0 = prompt.shape[1]
+    grids = [S.grid(res.sequences[b, L0:].tolist()) for b in range(len(items))]
+    ok = [S.solved(p, g) for p, g in zip(puzzles, grids)]
+    for k in range(shown):
+        out.print(S.render(puzzles[k], res.sequences[k, L0:].tolist(),
+                           title=f"puzzle {k + 1} ({items[k]['givens']} givens): "
+                                 f"{'solved' if ok[k] else 'not solved'}"))
+    pad = model.generation_defaults.get("pad_token_id", 0)
+    n_tok = int((res.sequences[:, L0:] != pad).sum())
+    fwd = float(res.forwards.float().mean())
+    if mine:
+        right = "blanks right n/a (no reference solution)"
+    else:
+        blanks = [(b, i) for b, p in enumerate(puzzles) for i, ch in enumerate(p) if ch == "."]
+        good = sum(grids[b][i] == int(items[b]["solution"][i]) for b, i in blanks)
+        right = f"blanks right {good}/{len(blanks)} = {100 * good / max(len(blanks), 1):.0f}%"
+    where = "your puzzle" if mine else f"{band[0]}-{band[1]} givens"
+    tpf = float(res.tokens_per_forward.float().mean())
+    out.print(f"solve rate {sum(ok)}/{len(items)} = {100 * sum(ok) / len(items):.0f}% ({where}); {right}; "
+              f"{fwd:.1f} forwards per grid ({tpf:.1f} tokens per forward); {n_tok / dt:.0f} tokens/s on "
+              f"{nthreads} thread{'s' if nthreads > 1 else ''}")
+
+
+def _tiny_fallback(path, steps, seed, user_threads, device) -> None:
+    """No Sudoku model shipped (package data missing): plain generation with the tiny random model."""
+    import torch
+
+    from dgplug import load
+
+    from . import common
+
+    common.set_threads(user_threads, 0)
+    model = load(path, device=device)
+    res = model.generate(torch.tensor([[2, 7, 8, 9, 10, 11]]), max_new_tokens=model.cfg.canvas_length,
+                         max_denoising_steps=steps or 16, seed=seed)
+    out.print(f"no Sudoku model shipped; tiny random default at {path}: "
+              f"{float(res.tokens_per_forward[0]):.2f} tokens per forward, denoising steps {res.steps}")

@@ -1,0 +1,237 @@
+"""`dgplug generate`: options checked before loading, a loading line, a progress line (or the
+live canvas), the output cut to exactly --max-new-tokens, and a summary line.
+
+The model generates whole canvases (as transformers' DiffusionGemma does); the CLI keeps the
+first --max-new-tokens of them and says so on stderr when it rounds. Text goes to stdout,
+everything else to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from rich.text import Text
+
+from .common import CLIError, STATE, err, note, out, say
+from .paths import model_arg
+
+RNGS = ("counter", "transformers")
+DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class Options:
+    path: object
+    prompt: str | None = None
+    ids: str | None = None
+    max_new_tokens: int | None = None
+    steps: int | None = None
+    seed: int = 0
+    rng: str = "counter"
+    dtype: str | None = None
+    chat: bool = True
+    live: bool = False
+    edit: str | None = None
+    threads: int | None = None
+    device: str | None = None
+    as_json: bool = False
+
+
+def check(o: Options) -> None:
+    """Everything that can be refused without the model."""
+    if o.prompt is not None and o.ids is not None:
+        raise CLIError("give --prompt TEXT or --ids 1,2,3, not both")
+    if o.prompt is None and o.ids is None and o.edit is None:
+        raise CLIError("give --prompt TEXT or --ids 1,2,3 (or --edit TEXT)")
+    if o.edit is not None and o.max_new_tokens is not None:
+        raise CLIError("--max-new-tokens does not apply to --edit (the edit text fixes the length)")
+    if o.max_new_tokens is not None and o.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens {o.max_new_tokens}: give a number >= 1")
+    if o.steps is not None and o.steps < 1:
+        raise CLIError(f"--steps {o.steps}: give a number >= 1")
+    if o.rng not in RNGS:
+        raise CLIError(f"--rng {o.rng!r}: use counter or transformers")
+    if o.dtype is not None and o.dtype not in DTYPES:
+        raise CLIError(f"--dtype {o.dtype!r}: use fp32, bf16 or fp16")
+    if o.ids is not None:
+        try:
+            parsed = [int(x) for x in o.ids.split(",") if x.strip()]
+        except ValueError:
+            raise CLIError(f"--ids {o.ids!r}: expected comma-separated integers") from None
+        if not parsed:
+            raise CLIError(f"--ids {o.ids!r}: no token ids")
+    if o.edit is not None:
+        from dgplug.editing import parse_edit
+
+        parse_edit(o.edit)  # a malformed edit text fails before the model loads
+
+
+def prompt_ids(model, o: Options):
+    import torch
+
+    if o.ids is not None:
+        ids = torch.tensor([[int(x) for x in o.ids.split(",") if x.strip()]])
+        V = model.tc.vocab_size
+        bad = [int(i) for i in ids[0] if not 0 <= int(i) < V]
+        if bad:
+            raise CLIError(f"--ids: token id {bad[0]} is outside the vocabulary [0, {V})")
+        return ids
+    if o.prompt is None:  # an edit without an instruction: a lone BOS
+        bos = model.generation_defaults.get("bos_token_id", model.tc.bos_token_id)
+        return torch.tensor([[bos if bos is not None else 0]])
+    tok = model.tokenizer
+    if tok is None:
+        raise CLIError(f"{model.source} has no tokenizer: use --ids")
+    if o.chat and getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template([{"role": "user", "content": o.prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_tensors="pt", return_dict=True)
+        return enc["input_ids"]
+    return tok(o.prompt, return_tensors="pt").input_ids
+
+
+def decode(model, ids: list[int]) -> str:
+    tok = model.tokenizer
+    if tok is None:
+        return " ".join(str(int(i)) for i in ids)
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+class Watch:
+    """The on_step hook: a progress line (canvas k of n, step, tokens/s) or, with --live, the
+    draft canvas detokenised as a whole. On a terminal both redraw in place on stderr and vanish
+    at the end; otherwise they degrade to plain lines (progress: one per canvas; live: one per step)."""
+
+    def __init__(self, model, canvases: int, steps: int, live: bool):
+        self.model, self.canvases, self.steps, self.live = model, canvases, steps, live
+        self.C = model.cfg.canvas_length
+        self.t0 = time.perf_counter()
+        self.canvas = 0
+        self.last_step = 0
+        self.view = None
+        if err.is_terminal and not STATE["quiet"]:
+            from rich.live import Live
+
+            self.view = Live(console=err, refresh_per_second=12, transient=True)
+            self.view.start()
+
+    def rate(self, tokens: int) -> float:
+        return tokens / max(time.perf_counter() - self.t0, 1e-9)
+
+    def __call__(self, s) -> None:
+        if s.canvas_index != self.canvas:
+            self._canvas_done()
+            self.canvas = s.canvas_index
+        self.last_step = s.step
+        if STATE["quiet"]:
+            return
+        head = f"canvas {s.canvas_index + 1} of {self.canvases}, step {s.step} of {self.steps}"
+        if self.live:
+            acc = int(s.accepted[0].sum())
+            text = decode(self.model, s.draft[0].tolist())
+            if self.view is not None:
+                self.view.update(Text(f"{head}, {acc}/{self.C} accepted\n", style="cyan") + Text(text))
+            else:
+                err.print(Text(f"{head}: ") + Text(text.replace("\n", " ")))
+        elif self.view is not None:
+            done = self.canvas * self.C
+            speed = f"{self.rate(done):.1f} tokens/s" if done else f"{time.perf_counter() - self.t0:.1f}s"
+            self.view.update(Text(f"{head}, {speed}", style="cyan"))
+
+    def _canvas_done(self) -> None:
+        if self.view is None and not self.live and not STATE["quiet"]:
+            done = (self.canvas + 1) * self.C
+            err.print(f"canvas {self.canvas + 1} of {self.canvases}: {self.last_step} steps, "
+                      f"{self.rate(done):.1f} tokens/s")
+
+    def close(self, finished: bool) -> None:
+        if self.view is not None:
+            self.view.stop()
+        elif finished:
+            self._canvas_done()
+
+
+def run(o: Options) -> None:
+    from . import common
+
+    check(o)
+    common.check_backend()
+    user_threads = common.threads_arg(o.threads)
+    path = model_arg(str(o.path))
+    device = common.device_arg(o.device)
+    common.set_threads(user_threads)
+
+    import torch
+
+    from dgplug import load
+
+    from .info import architecture
+
+    torch.manual_seed(o.seed)
+    say(f"loading {path}")
+    t0 = time.perf_counter()
+    model = load(path, dtype=o.dtype, device=device)
+    threads = common.set_threads(user_threads, architecture(model.cfg)["params_total"])
+    say(f"loaded in {time.perf_counter() - t0:.1f}s ({model.tc.num_hidden_layers} layers, "
+        f"{str(model.embed_tokens.weight.dtype).replace('torch.', '')}, {device or 'cpu'}, "
+        f"{threads} thread{'s' if threads > 1 else ''})")
+    ids = prompt_ids(model, o)
+    C = model.cfg.canvas_length
+    N = o.steps or int(model.generation_defaults["max_denoising_steps"])
+    if o.edit is not None:
+        return _edit(model, ids, o, N, threads)
+    n = o.max_new_tokens or int(model.generation_defaults.get("max_new_tokens") or C)
+    canvases = math.ceil(n / C)
+    context = model.tc.max_position_embeddings
+    if ids.shape[1] + canvases * C > context:
+        raise CLIError(f"--max-new-tokens {n}: the prompt's {ids.shape[1]} tokens + {canvases} canvas(es) of {C} "
+                       f"need {ids.shape[1] + canvases * C} positions; the model's context is {context} "
+                       f"(max_position_embeddings)")
+    watch = Watch(model, canvases, N, o.live)
+    t0 = time.perf_counter()
+    try:
+        res = model.generate(ids, max_new_tokens=n, max_denoising_steps=o.steps, rng=o.rng, seed=o.seed,
+                             on_step=watch)
+    finally:
+        watch.close(finished=True)
+    dt = time.perf_counter() - t0
+    pad = model.generation_defaults.get("pad_token_id", model.tc.pad_token_id)
+    new = res.sequences[0, ids.shape[1]:].tolist()
+    generated = sum(1 for t in new if t != pad)
+    kept = new[:n]
+    while kept and kept[-1] == pad:  # the padding after EOS
+        kept.pop()
+    if len(new) > n and generated > n:
+        note(f"the canvas is {C} tokens: generated {len(new)}, printing the first {n} (--max-new-tokens {n})")
+    text = decode(model, kept)
+    summary = dict(prompt_tokens=int(ids.shape[1]), new_tokens=len(kept), generated_tokens=generated,
+                   max_new_tokens=n, canvas_length=C, canvases=len(res.steps), seconds=round(dt, 4),
+                   tokens_per_second=round(generated / dt, 2), tokens_per_forward=round(float(res.tokens_per_forward[0]), 3),
+                   steps=list(res.steps), threads=threads, device=device or "cpu")
+    if o.as_json:
+        out.print(json.dumps(dict(text=text, ids=kept, **summary)))
+        return
+    out.print(Text(text))
+    say(f"{generated} tokens in {dt:.2f}s = {generated / dt:.1f} tokens/s; {summary['tokens_per_forward']:.2f} "
+        f"tokens per forward; steps per canvas {list(res.steps)}; {threads} thread{'s' if threads > 1 else ''}",
+        style="dim")
+
+
+def _edit(model, prompt_ids, o: Options, N: int, threads: int) -> None:
+    watch = Watch(model, 1, N, o.live)
+    t0 = time.perf_counter()
+    try:
+        res = model.edit(prompt_ids, text=o.edit, max_denoising_steps=o.steps, rng=o.rng, seed=o.seed, on_step=watch)
+    finally:
+        watch.close(finished=True)
+    dt = time.perf_counter() - t0
+    text = res.text if res.text is not None else " ".join(map(str, res.ids))
+    n_free = sum(not k for k in res.locked)
+    if o.as_json:
+        out.print(json.dumps(dict(text=text, ids=list(res.ids), rewritten=n_free, seconds=round(dt, 4),
+                                  steps=list(res.output.steps), threads=threads)))
+        return
+    out.print(Text(text))
+    say(f"{n_free} of {len(res.ids)} tokens rewritten in {dt:.2f}s; steps {res.output.steps}", style="dim")

@@ -1,0 +1,210 @@
+"""`dgplug info` (every format `dgplug.load` reads) and `dgplug inspect` (one GGUF file).
+
+Parameter counts come from the architecture (`dgplug.names.text_tensors`), so they are the same
+for a checkpoint in any format; only the storage lines differ. Nothing large is read: headers,
+config and metadata only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+
+from .common import out
+
+ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
+            "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64",
+            "BOOL": "bool"}
+ST_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4,
+            "I32": 4, "F64": 8, "I64": 8}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.2f}{suffix}{unit}" if suffix else f"{n:.0f}{unit}"
+        n /= 1000
+    return f"{n:.2f}P{unit}"
+
+
+def architecture(cfg) -> dict:
+    """What every format shares: shapes, layer pattern and parameter counts of the text model."""
+    from dgplug.names import text_tensors
+
+    tc = cfg.text
+    specs = text_tensors(tc)
+    total = sum(_numel(s.shape) for s in specs if s.kind != "scalar")
+    experts = sum(_numel(s.shape) for s in specs if s.kind == "experts")
+    embed = sum(_numel(s.shape) for s in specs if s.kind == "embed")
+    return dict(
+        layers=tc.num_hidden_layers, hidden=tc.hidden_size, vocab=tc.vocab_size, canvas=cfg.canvas_length,
+        context=tc.max_position_embeddings,
+        layer_pattern="".join("S" if t == "sliding_attention" else "F" for t in tc.layer_types),
+        sliding_window=tc.sliding_window, heads=tc.num_attention_heads,
+        sliding_kv=f"{tc.num_key_value_heads} x {tc.head_dim}",
+        full_kv=f"{tc.num_global_key_value_heads} x {tc.global_head_dim}",
+        experts=tc.num_experts, top_k=tc.top_k_experts, expert_size=tc.moe_intermediate_size,
+        dense_mlp=tc.intermediate_size, params_total=total,
+        params_active=total - experts + experts * tc.top_k_experts // tc.num_experts,
+        params_experts=experts, params_embedding=embed,
+    )
+
+
+def describe(path) -> dict:
+    """info's facts for a checkpoint directory (plain or dgplug-quantized), a GGUF file, a
+    directory holding one, or a hub id (handed to the library as it is)."""
+    from dgplug.loader import gguf_file_of
+
+    p = Path(path)
+    g = gguf_file_of(p) if p.exists() else None
+    if g is not None:
+        return _describe_gguf(g)
+    from dgplug.config import load_config
+
+    cfg = load_config(path)
+    d = dict(path=str(path), **architecture(cfg))
+    qc = cfg.raw.get("quantization_config")
+    if qc:
+        d.update(_storage_quantized(p, qc))
+    else:
+        d.update(_storage_safetensors(p, cfg))
+    return d
+
+
+def _safetensors_headers(p: Path):
+    """(file, {name: {"dtype", "shape"}}) for each shard, header only."""
+    import struct
+
+    from dgplug.errors import CheckpointError
+
+    for f in sorted(p.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            try:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                if n > f.stat().st_size - 8:
+                    raise ValueError(f"header length {n} exceeds the file")
+                hdr = json.loads(fh.read(n))
+            except (struct.error, ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{f}: unreadable safetensors header ({e})") from None
+        hdr.pop("__metadata__", None)
+        yield f, hdr
+
+
+def _storage_safetensors(p: Path, cfg) -> dict:
+    from dgplug.checkpoint import SafetensorsCheckpoint, validate
+    from dgplug.names import is_vision
+
+    validate(SafetensorsCheckpoint(p), cfg)  # names and shapes against the config
+    dtypes: Counter = Counter()
+    vision = 0
+    size = 0
+    for f, hdr in _safetensors_headers(p):
+        size += f.stat().st_size
+        for k, v in hdr.items():
+            if is_vision(k):
+                vision += 1
+            else:
+                dtypes[ST_NAMES.get(v["dtype"], v["dtype"])] += 1
+    return dict(format="safetensors", dtypes=dict(dtypes), vision_tensors=vision, bytes_on_disk=size)
+
+
+def _storage_quantized(p: Path, qc: dict) -> dict:
+    packed = kept = size = 0
+    for f, hdr in _safetensors_headers(p):
+        size += f.stat().st_size
+        for k, v in hdr.items():
+            n = _numel(v["shape"]) * ST_BYTES.get(v["dtype"], 4)
+            if k.endswith((".qweight", ".scale", ".zero")):
+                packed += n
+            else:
+                kept += n
+    return dict(format=f"{qc.get('scheme')} (dgplug)", group_size=qc.get("group_size"),
+                not_converted=list(qc.get("modules_to_not_convert") or []), packed_bytes=packed, kept_bytes=kept,
+                bytes_on_disk=size)
+
+
+def _describe_gguf(path: Path) -> dict:
+    from gguf import LlamaFileType
+
+    from dgplug.config import from_dict
+    from dgplug.converters.gguf_import import gguf_to_config, inspect_table
+
+    raw = gguf_to_config(path)
+    raw.pop("generation_config", None)
+    raw.pop("mask_token_id", None)
+    cfg = from_dict(raw, str(path))
+    table = inspect_table(path)
+    ft = table["metadata"].get("general.file_type")
+    try:
+        ft = LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (TypeError, ValueError):
+        ft = str(ft)
+    types = Counter(typ for _, typ, _, _ in table["tensors"])
+    return dict(path=str(path), **architecture(cfg), format=f"GGUF {ft}", tensor_types=dict(types),
+                bytes_on_disk=path.stat().st_size)
+
+
+def show_info(d: dict) -> None:
+    t = Table(show_header=False, box=None)
+    t.add_row("architecture", f"DiffusionGemma ({d['layers']} layers, hidden {d['hidden']}, vocab {d['vocab']}, "
+                              f"canvas {d['canvas']}, context {d['context']})")
+    t.add_row("layer pattern", f"{d['layer_pattern']}  (S sliding window {d['sliding_window']}, F full)")
+    t.add_row("attention", f"{d['heads']} heads; sliding {d['sliding_kv']} kv; full {d['full_kv']} kv (K = V)")
+    t.add_row("experts", f"{d['experts']} x {d['expert_size']}, top-{d['top_k']}; dense MLP {d['dense_mlp']}")
+    t.add_row("parameters", f"{human(d['params_total'])} total, {human(d['params_active'])} active per token "
+                            f"({human(d['params_experts'])} in experts, {human(d['params_embedding'])} embedding)")
+    t.add_row("format", d["format"])
+    if "dtypes" in d:
+        t.add_row("dtype", ", ".join(f"{k} ({v} tensors)" for k, v in d["dtypes"].items()))
+        t.add_row("vision tensors", f"{d['vision_tensors']} (skipped: dgplug runs the text model)")
+    if "tensor_types" in d:
+        t.add_row("tensor types", ", ".join(f"{k} x {v}" for k, v in sorted(d["tensor_types"].items())))
+    if "packed_bytes" in d:
+        t.add_row("quantization", f"group size {d['group_size']}, not converted: "
+                                  f"{', '.join(d['not_converted']) or '-'}")
+        t.add_row("weight bytes", f"{human(d['packed_bytes'], 'B')} packed + {human(d['kept_bytes'], 'B')} kept "
+                                  f"(norms, router, embedding, vision)")
+    t.add_row("size", f"{human(d['bytes_on_disk'], 'B')} on disk")
+    out.print(t)
+
+
+def inspect(path: Path, as_json: bool) -> int:
+    """Print the metadata, the tensor table and the contract check; returns the exit code."""
+    from dgplug.converters.gguf_import import check_contract, inspect_table
+
+    table = inspect_table(path)
+    meta, rows = table["metadata"], table["tensors"]
+    problems = check_contract(path)
+    if as_json:
+        out.print(json.dumps({"path": str(path), "metadata": meta,
+                              "tensors": [dict(name=n, type=ty, shape=list(s), bytes=b) for n, ty, s, b in rows],
+                              "contract_problems": problems}, default=str))
+        return 1 if problems else 0
+    t = Table(title=Text(str(path)))
+    for col in ("key", "value"):
+        t.add_column(col)
+    for k, v in meta.items():
+        t.add_row(Text(k), Text(str(v)[:100]))
+    out.print(t)
+    t = Table()
+    for col in ("tensor", "type", "shape (ggml order)", "bytes"):
+        t.add_column(col)
+    for name, typ, shape, nbytes in rows:
+        t.add_row(Text(name), typ, Text(str(list(shape))), human(nbytes, "B"))
+    out.print(t)
+    for p in problems:
+        out.print(Text("contract: ", style="red") + Text(p))
+    if not problems:
+        out.print(Text("matches the diffusion-gemma GGUF contract", style="green"))
+    return 1 if problems else 0

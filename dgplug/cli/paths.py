@@ -1,0 +1,112 @@
+"""Path arguments checked for kind before any work: a directory, a GGUF file (magic), a
+safetensors file (header), another file, or a Hugging Face hub id. Reads at most a few bytes, so
+a multi-GB file given by mistake costs nothing; every refusal is one line naming the path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import CLIError
+
+FILE_SUFFIXES = {".gguf", ".safetensors", ".json", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".txt",
+                 ".jinja", ".model", ".onnx", ".npz", ".npy", ".zip", ".tar", ".gz"}
+QUANT_SCHEMES = ("int4", "int8", "fp8")
+
+
+def looks_like_hub_id(s: str) -> bool:
+    """"owner/name": exactly one '/', no leading '/', '.' or '~', and no file suffix."""
+    owner, _, name = s.partition("/")
+    return (s.count("/") == 1 and bool(owner) and bool(name) and not s.startswith((".", "~"))
+            and Path(name).suffix.lower() not in FILE_SUFFIXES)
+
+
+def kind(s: str) -> str:
+    """'dir', 'gguf', 'safetensors', 'file' or 'hub'; a path that is none of these is an error."""
+    p = Path(s)
+    if p.is_dir():
+        return "dir"
+    if p.is_file():
+        try:
+            with open(p, "rb") as f:
+                head = f.read(9)
+        except OSError as e:
+            raise CLIError(f"{s}: {(e.strerror or str(e)).lower()}") from None
+        if head[:4] == b"GGUF":
+            return "gguf"
+        n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+        if head[8:9] == b"{" and 2 <= n <= p.stat().st_size - 8:
+            return "safetensors"
+        return "file"
+    if p.exists():
+        raise CLIError(f"{s}: neither a file nor a directory")
+    if looks_like_hub_id(s):
+        return "hub"
+    raise CLIError(f"no such file or directory: {s}")
+
+
+def _not_a_model(s: str, k: str, wanted: str) -> CLIError:
+    if k == "safetensors":
+        parent = Path(s).resolve().parent
+        return CLIError(f"{s} is a safetensors file: give the checkpoint directory that holds it ({parent})")
+    if k == "gguf":
+        return CLIError(f"{s} is a GGUF file: {wanted}")
+    return CLIError(f"{s} is not {wanted} (it is a file that is neither GGUF nor safetensors)")
+
+
+def model_arg(s: str):
+    """What `dgplug.load` accepts: a checkpoint directory, a .gguf file, or a hub id (passed on as is)."""
+    k = kind(s)
+    if k == "hub":
+        return s
+    if k in ("dir", "gguf"):
+        return Path(s)
+    raise _not_a_model(s, k, "a checkpoint directory or a GGUF file")
+
+
+def source_arg(s: str):
+    """convert's SRC: a Hugging Face checkpoint directory (or a hub id)."""
+    k = kind(s)
+    if k == "hub":
+        return s
+    if k == "dir":
+        return Path(s)
+    raise _not_a_model(s, k, "convert reads a Hugging Face checkpoint directory (config.json + safetensors)")
+
+
+def gguf_arg(s: str) -> Path:
+    """inspect's FILE: a .gguf file, or a directory holding exactly one."""
+    k = kind(s)
+    p = Path(s)
+    if k == "gguf":
+        return p
+    if k == "dir":
+        found = sorted(p.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise CLIError(f"{s} is a directory without a .gguf file: inspect reads one GGUF file")
+        raise CLIError(f"{s} holds several .gguf files ({', '.join(f.name for f in found)}): name one")
+    if k == "hub":
+        raise CLIError(f"no such file or directory: {s}")
+    raise CLIError(f"{s} is not a GGUF file (it does not start with the GGUF magic)")
+
+
+def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
+    """convert's OUT, one rule for files and directories: an existing output is refused unless
+    --overwrite; GGUF types write one file, int4/int8/fp8 a directory."""
+    p = Path(out)
+    gguf = quant not in QUANT_SCHEMES
+    if isinstance(src, Path) and p.exists() and p.resolve() == src.resolve():
+        raise CLIError(f"{out} is the source: choose another output")
+    if gguf:
+        if p.is_dir():
+            raise CLIError(f"{out} is a directory: {quant} writes one GGUF file (e.g. {p / ('model-' + quant + '.gguf')})")
+    else:
+        if p.suffix.lower() == ".gguf":
+            raise CLIError(f"{out}: {quant} writes a directory of safetensors, not a .gguf file "
+                           f"(choose a directory name, or a GGUF type such as Q8_0)")
+        if p.exists() and not p.is_dir():
+            raise CLIError(f"{out} is a file: {quant} writes a directory")
+    if p.exists() and not overwrite and (p.is_file() or any(p.iterdir())):
+        raise CLIError(f"{out} exists: pass --overwrite to replace it")
+    return p

@@ -1,0 +1,151 @@
+"""`dgplug convert` (issue 14, items 4, 5 and 8): one overwrite rule, SIGINT/SIGTERM on a real
+conversion (main process and workers), a full disk named in one line."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from dgplug.cli import app
+
+runner = CliRunner()
+CLI = [sys.executable, "-c", "from dgplug.cli import app; app()"]
+
+
+# -- item 5: overwrite ---------------------------------------------------------------------------
+def test_overwrite_rule(tiny_ckpt_smooth, tmp_path):
+    src = str(tiny_ckpt_smooth)
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"keep me")
+    r = runner.invoke(app, ["convert", src, str(g), "-q", "Q8_0"])
+    assert r.exit_code == 1 and f"{g} exists: pass --overwrite to replace it" in r.stderr, r.output
+    assert g.read_bytes() == b"keep me"
+    r = runner.invoke(app, ["convert", src, str(g), "-q", "Q8_0", "--overwrite", "--quiet"])
+    assert r.exit_code == 0 and g.read_bytes()[:4] == b"GGUF", r.output
+    d = tmp_path / "q"
+    d.mkdir()
+    (d / "old.txt").write_text("keep me")
+    r = runner.invoke(app, ["convert", src, str(d), "-q", "int8"])
+    assert r.exit_code == 1 and f"{d} exists: pass --overwrite to replace it" in r.stderr
+    assert "overwrite=True" not in r.output and (d / "old.txt").exists()
+    r = runner.invoke(app, ["convert", src, str(d), "-q", "int8", "--overwrite", "--quiet"])
+    assert r.exit_code == 0 and (d / "config.json").exists() and not (d / "old.txt").exists()
+    # a GGUF name for a directory format, a directory for a GGUF type: refused, nothing made
+    r = runner.invoke(app, ["convert", src, str(tmp_path / "x.gguf"), "-q", "int8"])
+    assert r.exit_code == 1 and "writes a directory" in r.stderr and not (tmp_path / "x.gguf").exists()
+    r = runner.invoke(app, ["convert", src, str(d), "-q", "Q8_0", "--overwrite"])
+    assert r.exit_code == 1 and "writes one GGUF file" in r.stderr and (d / "config.json").exists()
+
+
+# -- item 4: signals -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big_ckpt(tmp_path_factory):
+    """~25M parameters (fp32, ~100 MB): a Q4_K_M conversion takes seconds and uses the worker pool."""
+    from dgplug.testing import make_checkpoint, tiny_text_config
+
+    text = tiny_text_config(vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                            num_experts=16, moe_intermediate_size=256, head_dim=64, global_head_dim=128)
+    return make_checkpoint(tmp_path_factory.mktemp("big") / "ckpt", text=text, qk_norm_scale=0.25)
+
+
+def _hidden(d):
+    return [p.name for p in d.iterdir() if p.name.startswith(".")]
+
+
+def _children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _convert_and_signal(cmd, out_dir, sig, group: bool, env=None):
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=dict(os.environ, **(env or {})))
+    deadline = time.time() + 240
+    while not _hidden(out_dir):  # the temporary output exists: the conversion is under way
+        assert p.poll() is None, f"conversion ended before the signal: {p.communicate()}"
+        assert time.time() < deadline, "no temporary output appeared"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    workers = _children(p.pid)
+    assert p.poll() is None, "conversion finished before the signal: make the model bigger"
+    if group:  # Ctrl-C in a terminal, docker/systemd stopping a control group: every process gets it
+        os.killpg(p.pid, sig)
+    else:  # `kill PID`: the main process only
+        os.kill(p.pid, sig)
+    stdout, stderr = p.communicate(timeout=120)
+    time.sleep(0.5)
+    assert all(_gone(w) for w in workers), "a worker outlived the conversion"
+    return p.returncode, stderr, workers
+
+
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
+                         ids=["term-main", "term-group", "int-group"])
+def test_signal_during_gguf_export(big_ckpt, tmp_path, sig, group):
+    rc, stderr, workers = _convert_and_signal(CLI + ["convert", str(big_ckpt), str(tmp_path / "m.gguf"), "-q",
+                                                     "Q4_K_M"], tmp_path, sig, group)
+    if (os.cpu_count() or 1) >= 2:
+        assert len(workers) >= 2  # the worker pool was there (default: min(2, cores) workers)
+    want = ("terminated", 143) if sig == signal.SIGTERM else ("interrupted", 130)
+    assert rc == want[1], stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == want[0]
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())  # neither the output nor its temporary file
+
+
+def test_sigterm_during_quantize(big_ckpt, tmp_path):
+    """int8 writes a directory; a short pause per tensor (injected) keeps it mid-conversion."""
+    slow = ("import time\nimport dgplug.converters.quant as Q\nf = Q._convert_job\n"
+            "Q._convert_job = lambda *a, **k: (time.sleep(0.05), f(*a, **k))[1]\n"
+            "from dgplug.cli import app\napp()")
+    rc, stderr, _ = _convert_and_signal([sys.executable, "-c", slow, "convert", str(big_ckpt), str(tmp_path / "q8"),
+                                      "-q", "int8"], tmp_path, signal.SIGTERM, False)
+    assert rc == 143 and "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "terminated", stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- item 8: a full disk -------------------------------------------------------------------------
+def _private_mount_prefix():
+    """A command prefix that runs its argument in a private mount namespace, or None."""
+    if shutil.which("unshare") is None:
+        return None
+    for prefix in (["unshare", "-m"], ["unshare", "-rm"]):
+        ok = subprocess.run(prefix + ["sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt && umount /mnt"],
+                            capture_output=True)
+        if ok.returncode == 0:
+            return prefix
+    return None
+
+
+def test_full_disk_during_gguf_export(tiny_ckpt_smooth, tmp_path):
+    prefix = _private_mount_prefix()
+    if prefix is None:
+        pytest.skip("no private mount namespace here (unshare -m / -rm): cannot make a small filesystem")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    cli = " ".join(f"'{c}'" for c in CLI)
+    script = (f"mount -t tmpfs -o size=256k tmpfs '{mnt}' && {cli} convert '{tiny_ckpt_smooth}' '{mnt}/m.gguf' "
+              f"-q F32; echo RC=$?; ls -A '{mnt}'")
+    r = subprocess.run(prefix + ["sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert f"error: {mnt}/m.gguf: no space left on device\n" in r.stderr, (r.stdout, r.stderr)
+    assert "RC=1" in r.stdout, (r.stdout, r.stderr)
+    assert r.stdout.split("RC=1")[1].strip() == ""  # nothing left on the full filesystem

@@ -1,0 +1,52 @@
+"""`dgplug demo` (issue 14 item 7, issue 13 item 3): progress while the batch is solved, a
+one-line summary, --givens / --n / --puzzle with one-line errors."""
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from dgplug.assets import sudoku_model_path
+from dgplug.cli import app
+
+pytestmark = pytest.mark.skipif(sudoku_model_path() is None, reason="the Sudoku package data is missing")
+runner = CliRunner()
+WIKI = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+SUMMARY = re.compile(r"solve rate (\d+)/(\d+) = \d+% \((.*?)\); blanks right (.*?); ([\d.]+) forwards per grid "
+                     r"\(([\d.]+) tokens per forward\); (\d+) tokens/s on \d+ threads?")
+
+
+def test_demo_band_and_progress():
+    r = runner.invoke(app, ["demo", "--no-live", "--givens", "25-29", "--n", "2", "--steps", "4"])
+    assert r.exit_code == 0, r.output
+    steps = [ln for ln in r.stderr.splitlines() if ln.startswith("step ")]
+    assert steps and steps[0].startswith("step 1 of 4: ") and "grids settled" in steps[0]  # no silent batch
+    m = SUMMARY.search(r.stdout.splitlines()[-1])
+    assert m and m.group(2) == "2" and m.group(3) == "25-29 givens" and m.group(4).endswith("%"), r.stdout
+    assert "puzzle 1 (2" in r.stdout  # the first grid, drawn once, with its givens (25-29)
+
+
+def test_demo_own_puzzle():
+    r = runner.invoke(app, ["demo", "--no-live", "--puzzle", WIKI, "--steps", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    m = SUMMARY.search(r.stdout.splitlines()[-1])
+    assert m and m.group(2) == "1" and m.group(3) == "your puzzle" and "n/a" in m.group(4)
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--puzzle", WIKI[:80]], "--puzzle: 80 characters; a puzzle is 81"),
+    (["--puzzle", WIKI[:10] + "x" + WIKI[11:]], "character 11 (r2c2) is 'x'"),
+    (["--puzzle", "55" + WIKI[2:]], "r1c1=5 and r1c2=5 conflict (row 1)"),
+    (["--puzzle", WIKI, "--givens", "30-35"], "leave out --givens and --n"),
+    (["--givens", "50-60"], "no puzzle in that band"),
+    (["--givens", "x"], "--givens 'x'"),
+    (["--n", "0"], "--n 0"),
+    (["--n", "1000"], "--n 1000: the embedded bank has"),
+    (["--n", "2", "--sample", "3"], "not both"),
+])
+def test_demo_errors_are_one_line(args, needle):
+    r = runner.invoke(app, ["demo", "--no-live"] + args)
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.output

@@ -1,0 +1,52 @@
+"""What the README and examples tell people (issue 14, item 11): install lines that can work, and
+claims that match the shipped files and the code."""
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUDOKU = ROOT / "dgplug" / "data" / "sudoku"
+DTYPE_WORDS = {"F32": ("float32", "fp32"), "BF16": ("bfloat16", "bf16"), "F16": ("float16", "fp16")}
+FROM_INDEX = re.compile(r"pip install[^\n#]*?(?<![\w./-])['\"]?dgplug(\[[^\]]*\])?(?![\w./-])")
+
+
+@pytest.mark.parametrize("name", ["README.md", "examples/serve_vllm.sh"])
+def test_no_install_from_the_index(name):
+    """dgplug is not on PyPI: `pip install 'dgplug[vllm]'` cannot work; checkout or wheel lines can."""
+    text = (ROOT / name).read_text()
+    bad = [m.group(0) for m in FROM_INDEX.finditer(text)]
+    assert not bad, bad
+    assert FROM_INDEX.search("pip install 'dgplug[vllm]'") and not FROM_INDEX.search(
+        "pip install './dist/dgplug-0.1.0-py3-none-any.whl[vllm]'")
+
+
+def _sudoku_dtypes():
+    with open(SUDOKU / "model.safetensors", "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        hdr = json.loads(f.read(n))
+    hdr.pop("__metadata__", None)
+    return {v["dtype"] for v in hdr.values()}
+
+
+@pytest.mark.skipif(not (SUDOKU / "model.safetensors").exists(), reason="no Sudoku package data")
+def test_sudoku_size_and_dtype_as_shipped():
+    m = re.search(r"`dgplug/data/sudoku`, ([\d.]+) MB of (\w+) weights", (ROOT / "README.md").read_text())
+    assert m, "the README should state the embedded model's size and dtype"
+    size = sum(f.stat().st_size for f in SUDOKU.glob("*.safetensors"))
+    assert float(m.group(1)) == round(size / 1e6, 1), (m.group(1), size)
+    (dtype,) = _sudoku_dtypes()
+    assert m.group(2) in DTYPE_WORDS[dtype], (m.group(2), dtype)
+    import dgplug.assets
+
+    wrong = [w for d, words in DTYPE_WORDS.items() if d != dtype for w in words if w in dgplug.assets.__doc__]
+    assert not wrong, f"dgplug/assets.py's docstring calls the {dtype} weights {wrong}"
+
+
+def test_f32_gguf_claim():
+    """An F32 GGUF has the same weights bit for bit, not bit-identical logits (alignment)."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "bit-identical logits" not in text and "same weights bit for bit" in text

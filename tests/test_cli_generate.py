@@ -1,0 +1,72 @@
+"""`dgplug generate` as people use it (issue 14, items 6, 7 and 9): exact lengths, the context
+limit, loading and progress lines, the live view off a terminal, JSON."""
+
+import json
+import re
+
+from typer.testing import CliRunner
+
+from dgplug.cli import app
+
+runner = CliRunner()
+WORDS = re.compile(r"(w\d+ )*w\d+")
+
+
+def test_max_new_tokens_is_exact(tiny_ckpt):
+    """The canvas (16) is generated whole; the output is cut to 5 tokens and stderr says so."""
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "--steps", "2", "--max-new-tokens", "5",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["max_new_tokens"] == 5 and d["canvas_length"] == 16
+    assert len(d["ids"]) <= 5 and len(d["text"].split()) == len(d["ids"])
+    if d["generated_tokens"] > 5:  # no EOS inside the first 5 tokens: exactly 5, and a note
+        assert len(d["ids"]) == 5
+        assert "note: the canvas is 16 tokens: generated 16, printing the first 5" in r.stderr
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "--steps", "2", "-n", "32"])
+    assert r.exit_code == 0 and "note:" not in r.stderr  # a whole number of canvases: no rounding
+
+
+def test_lengths_past_the_context_are_refused(tiny_ckpt):
+    for n in ("1000000000", "4096"):  # tiny model: max_position_embeddings 4096, canvas 16, prompt 2
+        r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "-n", n])
+        assert r.exit_code == 1 and "max_position_embeddings" in r.stderr and "context is 4096" in r.stderr, r.output
+        assert "canvas 1 of" not in r.output  # refused before generating
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "-n", "0"])
+    assert r.exit_code == 1 and "--max-new-tokens 0" in r.stderr
+
+
+def test_loading_and_progress_lines(tiny_ckpt):
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "--steps", "2", "-n", "48"])
+    assert r.exit_code == 0, r.output
+    err = r.stderr.splitlines()
+    assert err[0] == f"loading {tiny_ckpt}" and err[1].startswith("loaded in ")
+    progress = [ln for ln in err if ln.startswith("canvas ")]
+    assert [p.split(":")[0] for p in progress] == ["canvas 1 of 3", "canvas 2 of 3", "canvas 3 of 3"]
+    assert all("tokens/s" in p for p in progress)
+    assert r.stdout.count("\n") == 1 and WORDS.fullmatch(r.stdout.strip())  # only the text on stdout
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "--steps", "2", "--quiet"])
+    assert r.exit_code == 0 and r.stderr == "" and r.stdout.strip()
+
+
+def test_live_off_a_terminal(tiny_ckpt):
+    """Plain lines on stderr, the canvas detokenised as a whole (tokens separated as the tokenizer
+    joins them, not run together), the text once on stdout on a line of its own."""
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--prompt", "w5 w6 w7", "--steps", "3", "-n", "32", "--live"])
+    assert r.exit_code == 0, r.output
+    frames = [ln for ln in r.stderr.splitlines() if ln.startswith("canvas ")]
+    assert len(frames) >= 2 and frames[0].startswith("canvas 1 of 2, step 1 of 3: ")
+    for f in frames:
+        assert WORDS.fullmatch(f.split(": ", 1)[1]), f
+    text = r.stdout.strip()
+    assert r.stdout.count("\n") == 1 and WORDS.fullmatch(text) and 16 < len(text.split()) <= 32
+    assert r.output.count(text) == 1  # the final text is printed once
+
+
+def test_json_generate(tiny_ckpt):
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6,7", "--steps", "2", "-n", "16", "--json",
+                            "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["prompt_tokens"] == 3 and d["threads"] == 1 and d["steps"] == [2] and d["device"] == "cpu"
+    assert d["tokens_per_second"] > 0 and len(d["ids"]) == d["new_tokens"]

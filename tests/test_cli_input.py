@@ -1,0 +1,171 @@
+"""CLI input checks (issue 14, items 2, 3, 8 and 10): path kinds before any read, hub ids passed
+on, brackets printed as they are, `info` on every format, options that used to be ignored."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from dgplug.cli import app
+
+runner = CliRunner()
+
+
+def _one_error_line(r, *needles):
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in r.output, r.output
+    for n in needles:
+        assert n in lines[-1], (n, lines[-1])
+    assert r.exit_code == 1 and lines[-1] in r.stderr, r.output  # on stderr, exit status 1
+    return lines[-1]
+
+
+# -- item 2: a file where a directory is expected ----------------------------------------------
+def test_file_given_for_a_directory(tiny_ckpt, tmp_path):
+    st = tiny_ckpt / "model.safetensors"
+    _one_error_line(runner.invoke(app, ["info", str(st)]), "is a safetensors file", str(tiny_ckpt))
+    _one_error_line(runner.invoke(app, ["generate", str(st), "--ids", "1"]), "is a safetensors file")
+    junk = tmp_path / "notes.bin"
+    junk.write_bytes(os.urandom(4096))
+    _one_error_line(runner.invoke(app, ["info", str(junk)]), str(junk), "neither GGUF nor safetensors")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"\x00" * 64)
+    _one_error_line(runner.invoke(app, ["inspect", str(fake)]), str(fake), "not a GGUF file")
+
+
+def test_gguf_given_to_convert(tiny_ckpt_smooth, tmp_path):
+    g = tmp_path / "m.gguf"
+    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "F16"]).exit_code == 0
+    _one_error_line(runner.invoke(app, ["convert", str(g), str(tmp_path / "o"), "-q", "int8"]),
+                    "is a GGUF file", "Hugging Face checkpoint directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_big_file_is_not_read(tmp_path):
+    """A 1 GiB (sparse) file given to generate: one line, and the process never holds it in memory."""
+    big = tmp_path / "weights.bin"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)
+    code = ("from dgplug.cli import app\n"
+            f"try:\n    app(['generate', {str(big)!r}, '--ids', '1'])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "hwm = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0]\n"
+            "print('RC', rc, 'RSS_KB', hwm)\n")  # VmHWM: this process's peak (ru_maxrss survives exec)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    rc, rss = r.stdout.split()[1], int(r.stdout.split()[3])
+    assert rc == "1" and "neither GGUF nor safetensors" in r.stderr and "codec" not in r.stderr, r.stderr
+    assert rss < 400 * 1024, f"peak RSS {rss / 1024:.0f} MiB: the file was read"
+
+
+def test_missing_paths_and_hub_ids(monkeypatch, tmp_path):
+    """'owner/name' that does not exist locally goes to the library unchanged; anything else that
+    does not exist is one line."""
+    seen = []
+
+    def fake_load(path, **kw):
+        seen.append(path)
+        raise RuntimeError(f"library got {path!r}")
+
+    monkeypatch.setattr("dgplug.loader.load", fake_load)
+    monkeypatch.chdir(tmp_path)
+    _one_error_line(runner.invoke(app, ["generate", "google/diffusiongemma-26B-A4B-it", "--ids", "1"]),
+                    "library got 'google/diffusiongemma-26B-A4B-it'")
+    assert seen == ["google/diffusiongemma-26B-A4B-it"]
+    for bad in ("./owner/name", "a/b/c", "x.gguf", "owner/model.safetensors", "/owner/name", "~/owner"):
+        _one_error_line(runner.invoke(app, ["generate", bad, "--ids", "1"]), f"no such file or directory: {bad}")
+    assert seen == ["google/diffusiongemma-26B-A4B-it"]
+
+
+# -- item 3: no markup in messages, paths or help ------------------------------------------------
+def test_brackets_survive(tiny_ckpt, tiny_ckpt_smooth, tmp_path, monkeypatch):
+    _one_error_line(runner.invoke(app, ["info", str(tmp_path / "ck[v2]")]), "ck[v2]")
+    ck = tmp_path / "ck[v2]"
+    shutil.copytree(tiny_ckpt, ck)
+    r = runner.invoke(app, ["info", str(ck)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out[q8].gguf"
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(out), "-q", "Q8_0"])
+    assert r.exit_code == 0 and f"wrote {out}" in r.stdout and out.exists(), r.output
+    r = runner.invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0 and "out[q8].gguf" in r.stdout
+
+    def fake_load(path, **kw):
+        raise ValueError("input_ids must be [batch, length>0], got [1, 0] ([bold]x[/bold])")
+
+    monkeypatch.setattr("dgplug.loader.load", fake_load)
+    _one_error_line(runner.invoke(app, ["generate", str(ck), "--ids", "1"]),
+                    "input_ids must be [batch, length>0], got [1, 0] ([bold]x[/bold])")
+    r = runner.invoke(app, ["generate", "--help"])
+    flat = " ".join(r.output.replace("│", " ").split())  # the help box wraps lines
+    assert "[[spans to rewrite]] and [[+N]] insertions" in flat
+
+
+# -- item 8: info on every format, inspect on a directory -----------------------------------------
+def test_info_every_format(tiny_ckpt_smooth, tmp_path):
+    g = tmp_path / "one" / "m.gguf"
+    g.parent.mkdir()
+    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "Q8_0"]).exit_code == 0
+    q = tmp_path / "q8"
+    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(q), "-q", "int8"]).exit_code == 0
+    paths = {"hf": tiny_ckpt_smooth, "gguf": g, "gguf dir": g.parent, "int8": q}
+    for name, p in paths.items():
+        r = runner.invoke(app, ["info", str(p)])
+        assert r.exit_code == 0 and "parameters" in r.stdout, (name, r.output)
+    facts = {}
+    for name, p in paths.items():
+        r = runner.invoke(app, ["info", str(p), "--json"])
+        assert r.exit_code == 0, (name, r.output)
+        facts[name] = json.loads(r.stdout)
+    assert facts["gguf"]["format"] == "GGUF Q8_0" and facts["gguf dir"]["format"] == "GGUF Q8_0"
+    assert facts["int8"]["format"] == "int8 (dgplug)" and facts["hf"]["format"] == "safetensors"
+    counts = {k: (v["params_total"], v["params_active"], v["layer_pattern"]) for k, v in facts.items()}
+    assert len(set(counts.values())) == 1, counts  # one architecture, whatever the format
+    r = runner.invoke(app, ["inspect", str(g.parent), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["contract_problems"] == []
+    _one_error_line(runner.invoke(app, ["inspect", str(tiny_ckpt_smooth)]), "directory without a .gguf file")
+
+
+# -- item 10: options that were ignored without a word --------------------------------------------
+def test_conflicting_and_bad_options(tiny_ckpt, tiny_ckpt_smooth, tmp_path, monkeypatch):
+    _one_error_line(runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5", "--prompt", "w5"]), "not both")
+    for q in ("Q8_0", "int8"):
+        _one_error_line(runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / f"g-{q}"), "-q", q,
+                                            "--group-size", "64"]), "--group-size applies to int4 only")
+    line = _one_error_line(runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "x.gguf"), "-q",
+                                               "Q9"]), "Q9")
+    assert "Q4_K_M" in line and "int4" in line and "fp8" in line
+    assert not (tmp_path / "x.gguf").exists()
+    monkeypatch.setenv("DGPLUG_OPS", "bogus")
+    _one_error_line(runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5"]), "DGPLUG_OPS='bogus'")
+    monkeypatch.delenv("DGPLUG_OPS")
+    monkeypatch.setenv("DGPLUG_THREADS", "zero")
+    _one_error_line(runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5"]), "DGPLUG_THREADS='zero'")
+    monkeypatch.delenv("DGPLUG_THREADS")
+    _one_error_line(runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5", "--threads", "0"]), "--threads")
+    for v in ("-3", "100000"):
+        _one_error_line(runner.invoke(app, ["demo", "--sample", v, "--no-live"]), v)
+    # --debug after the subcommand: the traceback is raised instead of the one line
+    r = runner.invoke(app, ["info", str(tmp_path / "nope"), "--debug"])
+    assert r.exit_code == 1 and r.exception is not None and "no such file or directory" in str(r.exception)
+
+
+def test_q4_0_on_a_64_wide_model(tiny_ckpt_smooth, tmp_path):
+    """The tied embedding's Q6_K falls back to Q8_0 on 64-wide rows, as llama.cpp does."""
+    g = tmp_path / "q40.gguf"
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "Q4_0"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(runner.invoke(app, ["inspect", str(g), "--json"]).stdout)
+    types = {t["name"]: t["type"] for t in info["tensors"]}
+    assert types["token_embd.weight"] == "Q8_0" and info["contract_problems"] == []
+    r = runner.invoke(app, ["generate", str(g), "--ids", "5,6", "--steps", "2"])
+    assert r.exit_code == 0, r.output
+
+
+def test_threads_option(tiny_ckpt, monkeypatch):
+    args = ["generate", str(tiny_ckpt), "--ids", "5,6", "--steps", "1", "--json", "--quiet"]
+    assert json.loads(runner.invoke(app, args + ["--threads", "2"]).stdout)["threads"] == 2
+    monkeypatch.setenv("DGPLUG_THREADS", "1")
+    assert json.loads(runner.invoke(app, args).stdout)["threads"] == 1
+    assert json.loads(runner.invoke(app, args + ["--threads", "2"]).stdout)["threads"] == 2  # the option wins

@@ -1,0 +1,52 @@
+"""Start-up (issue 14, item 7): `--help` without torch or transformers, one example per command,
+`--version`; `import dgplug` stays light and still registers with transformers in either order."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from dgplug.cli import app
+
+COMMANDS = ["info", "generate", "demo", "convert", "inspect"]
+
+
+def _py(code: str) -> str:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]] + [[c, "--help"] for c in COMMANDS])
+def test_help_imports_neither_torch_nor_transformers(argv):
+    out = _py("import sys\nfrom dgplug.cli import app\n"
+              f"try:\n    app({argv!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+              "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'numpy', 'gguf') if m in sys.modules))")
+    assert out.strip().endswith("HEAVY []"), out
+
+
+def test_every_command_has_an_example():
+    r = CliRunner()
+    for c in COMMANDS:
+        res = r.invoke(app, [c, "--help"])
+        assert res.exit_code == 0 and f"Example: dgplug {c} " in res.output, c
+    res = r.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.startswith("dgplug 0.")
+
+
+REGISTERED = ("from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+              "from transformers import modeling_gguf_pytorch_utils as mg\n"
+              "print('dgplug' in AUTO_QUANTIZER_MAPPING, getattr(mg.load_gguf_checkpoint, '_dgplug', False))")
+
+
+@pytest.mark.parametrize("first", ["import dgplug\nimport transformers", "import transformers\nimport dgplug",
+                                   "import dgplug\nfrom transformers import AutoModelForImageTextToText"])
+def test_registration_in_either_import_order(first):
+    assert _py(first + "\n" + REGISTERED).split() == ["True", "True"]
+
+
+def test_import_dgplug_is_light():
+    out = _py("import sys, dgplug\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+              "print(callable(dgplug.load), 'torch' in sys.modules)")
+    assert out.split("\n")[:2] == ["[]", "True True"]
