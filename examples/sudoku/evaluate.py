@@ -31,7 +31,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 import sudoku as S  # noqa: E402
 
-HELD_OUT_SEED = 777
+HELD_OUT_SEED = 777  # the evaluation set (README tables)
+VALIDATION_SEED = 555  # a second held-out set, for choosing sampler settings without touching the first
 
 
 def puzzles(n: int, lo: int, hi: int, seed: int = HELD_OUT_SEED):
@@ -93,8 +94,9 @@ def solve_l2r(model, puz, seed=0, temperature=0.4):
     return S.canvas_to_grid(canvas.numpy()), forwards, dt
 
 
-def evaluate(model, n: int, lo: int, hi: int, mode: str, batch: int = 50, seed: int = 0) -> dict:
-    puz_all, sol_all = puzzles(n, lo, hi)
+def evaluate(model, n: int, lo: int, hi: int, mode: str, batch: int = 50, seed: int = 0,
+             puzzle_seed: int = HELD_OUT_SEED) -> dict:
+    puz_all, sol_all = puzzles(n, lo, hi, puzzle_seed)
     solved, fwd, secs, cells, right = [], [], 0.0, 0, 0
     for i in range(0, n, batch):
         puz = puz_all[i:i + batch]
@@ -133,6 +135,10 @@ def main():
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--steps", type=int, default=None, help="override max_denoising_steps")
     ap.add_argument("--entropy-bound", type=float, default=None, help="override the sampler's entropy bound")
+    ap.add_argument("--t-min", type=float, default=None, help="override the last step's temperature")
+    ap.add_argument("--t-max", type=float, default=None, help="override the first step's temperature")
+    ap.add_argument("--split", default="test", choices=["test", "val"],
+                    help="test: the held-out evaluation set; val: the set for tuning sampler settings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--export-puzzles", default=None, help="write the demo's puzzle bank here and exit")
@@ -146,13 +152,15 @@ def main():
     model = dgplug.load(args.path, dtype="fp32")
     if args.steps:
         model.generation_defaults["max_denoising_steps"] = args.steps
-    if args.entropy_bound is not None:
-        model.generation_defaults["entropy_bound"] = args.entropy_bound
+    for key in ("entropy_bound", "t_min", "t_max"):
+        if getattr(args, key) is not None:
+            model.generation_defaults[key] = getattr(args, key)
     rows = []
     for band in args.bands.split(","):
         lo, hi = (int(x) for x in band.split("-"))
         for mode in args.modes.split(","):
-            r = evaluate(model, args.n, lo, hi, mode, args.batch)
+            r = evaluate(model, args.n, lo, hi, mode, args.batch,
+                         puzzle_seed=HELD_OUT_SEED if args.split == "test" else VALIDATION_SEED)
             rows.append(r)
             print(json.dumps(r), flush=True)
     report(rows, ["band", "mode"], args.json)

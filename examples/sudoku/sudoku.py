@@ -89,41 +89,49 @@ def _backtrack(rng: random.Random) -> np.ndarray:
     return g.reshape(9, 9)
 
 
-def _shuffle(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Validity-preserving transforms: digit relabelling, rows within bands, bands, cols, stacks, transpose."""
-    perm = np.concatenate([[0], rng.permutation(9) + 1])
-    g = perm[g]
-    rows = np.concatenate([b * 3 + rng.permutation(3) for b in rng.permutation(3)])
-    cols = np.concatenate([b * 3 + rng.permutation(3) for b in rng.permutation(3)])
-    g = g[rows][:, cols]
-    return g.T.copy() if rng.random() < 0.5 else g
+def _lines(rng: np.random.Generator, n: int) -> np.ndarray:
+    """[n, 9] row (or column) orders that keep the bands: a permutation of the 3 bands, and of the 3 lines in each."""
+    bands = rng.permuted(np.tile(np.arange(3), (n, 1)), axis=1)
+    within = rng.permuted(np.tile(np.arange(3), (n, 3, 1)), axis=2)
+    return (3 * bands[:, :, None] + within).reshape(n, 9)
 
 
 class Generator:
-    """Random valid grids (a pool made by randomised backtracking, each draw shuffled) and puzzles."""
+    """Random valid grids (a pool made by randomised backtracking; each draw re-shuffled by validity-preserving
+    transforms: digit relabelling, rows within bands, bands, columns within stacks, stacks, transposition) and
+    puzzles (cells kept at random), vectorised over the batch."""
 
     def __init__(self, seed: int, pool: int = 256):
         self.rng = np.random.default_rng(seed)
         prng = random.Random(seed)
-        self.pool = [_backtrack(prng) for _ in range(pool)]
+        self.pool = np.stack([_backtrack(prng) for _ in range(pool)])
+
+    def grids(self, n: int) -> np.ndarray:
+        """[n, 9, 9] valid grids."""
+        rng = self.rng
+        g = self.pool[rng.integers(len(self.pool), size=n)]
+        digits = np.concatenate([np.zeros((n, 1), np.int64), rng.permuted(np.tile(np.arange(1, 10), (n, 1)), axis=1)], 1)
+        g = np.take_along_axis(digits, g.reshape(n, 81), 1).reshape(n, 9, 9)
+        g = np.take_along_axis(g, _lines(rng, n)[:, :, None], 1)
+        g = np.take_along_axis(g, _lines(rng, n)[:, None, :], 2)
+        t = rng.random(n) < 0.5
+        g[t] = g[t].transpose(0, 2, 1)
+        return g
 
     def grid(self) -> np.ndarray:
-        return _shuffle(self.pool[self.rng.integers(len(self.pool))], self.rng)
+        return self.grids(1)[0]
+
+    def batch(self, n: int, lo: int, hi: int):
+        """n puzzles with givens uniform in [lo, hi]: (puzzles [n, 81] with 0 = blank, solutions [n, 81])."""
+        sol = self.grids(n).reshape(n, 81)
+        givens = self.rng.integers(lo, hi + 1, size=(n, 1))
+        rank = np.argsort(np.argsort(self.rng.random((n, 81)), axis=1), axis=1)
+        return np.where(rank < givens, sol, 0), sol
 
     def puzzle(self, givens: int) -> tuple[np.ndarray, np.ndarray]:
         """(puzzle with 0 = blank, solution), both [9, 9]; `givens` cells kept at random."""
-        sol = self.grid()
-        keep = np.zeros(81, dtype=bool)
-        keep[self.rng.choice(81, size=givens, replace=False)] = True
-        return np.where(keep.reshape(9, 9), sol, 0), sol
-
-    def batch(self, n: int, lo: int, hi: int):
-        """n puzzles with givens uniform in [lo, hi]: (puzzles [n, 81], solutions [n, 81])."""
-        ps, ss = [], []
-        for _ in range(n):
-            p, s = self.puzzle(int(self.rng.integers(lo, hi + 1)))
-            ps.append(p.reshape(-1)), ss.append(s.reshape(-1))
-        return np.stack(ps), np.stack(ss)
+        p, s = self.batch(1, givens, givens)
+        return p.reshape(9, 9), s.reshape(9, 9)
 
 
 def is_valid_grid(g) -> bool:
