@@ -176,7 +176,8 @@ def main():
     start_lo, start_hi = (int(x) for x in (args.givens_start or args.givens).split(","))
 
     model = build_model(args).to(dev).train()
-    if cuda:  # the per-expert loop: plain linears that autocast runs in bf16 (grouped_mm gets fp32 master weights)
+    if cuda and hasattr(model, "set_experts_implementation"):
+        # the per-expert loop: plain linears, which autocast runs in bf16 (grouped_mm would get fp32 master weights)
         model.set_experts_implementation("eager")
     n_text = sum(p.numel() for n, p in model.named_parameters() if "vision" not in n and "lm_head" not in n)
     print(f"text params {n_text / 1e6:.2f}M", flush=True)
