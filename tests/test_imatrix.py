@@ -235,3 +235,47 @@ def test_int4_checkpoint_with_imatrix(pair, tiny_ckpt, tmp_path, capsys):
                                          "model.decoder.layers.0.self_attn.q_proj.weight needs 1 x 64"):
         quantize_checkpoint(tiny_ckpt, tmp_path / "bad", "int4", progress=False, imatrix=tmp_path / "other.gguf")
     assert not (tmp_path / "bad").exists()
+
+
+# -- the command line: `dgplug imatrix` and `convert --imatrix` -----------------------------------
+def test_cli_imatrix_then_convert(tiny_ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from dgplug.cli import app
+
+    runner = CliRunner()
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    (calib / "b.txt").write_text("Block diffusion denoises a whole canvas at once. " * 8)
+    out = tmp_path / "im.gguf"
+    args = ["imatrix", str(tiny_ckpt), "--calib", str(calib), "-o", str(out), "--chunk-size", "16", "--chunks", "3",
+            "--steps", "2", "--quiet"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == f"wrote {out}"
+    im = Imatrix.load(out)
+    assert im.datasets == ["a.txt", "b.txt"] and im.chunk_count == 3
+    experts = [n for n in im.entries if "_exps" in n]
+    assert experts and len(experts) < len(im.entries), sorted(im.entries)
+    # every linear saw every prompt and canvas token; every expert table some routed tokens
+    assert all(int(e.counts.min()) > 0 for n, e in im.entries.items() if n not in experts)
+    assert all(int(im.entries[n].counts.sum()) > 0 for n in experts)
+    # the same output again: refused unless --overwrite, the file kept as it was
+    before = out.read_bytes()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and f"{out} exists: pass --overwrite" in r.stderr and out.read_bytes() == before
+    # bad calibration input: one line naming it
+    r = runner.invoke(app, ["imatrix", str(tiny_ckpt), "--calib", str(tmp_path / "none.txt"), "-o", str(tmp_path / "x.gguf")])
+    assert r.exit_code == 1 and "none.txt: no such file or directory" in r.stderr
+    # convert --imatrix: int4 weighted, recorded in the quantization config
+    q = tmp_path / "q4"
+    r = runner.invoke(app, ["convert", str(tiny_ckpt), str(q), "-q", "int4", "--group-size", "16", "--imatrix", str(out),
+                            "--quiet"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert json.loads((q / "config.json").read_text())["quantization_config"]["imatrix"] is True
+    # GGUF types: not weighted yet, refused before any work
+    r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "m.gguf"), "-q", "Q4_K_M", "--imatrix", str(out)])
+    assert r.exit_code == 1 and "--imatrix applies to --quant int4" in r.stderr and not (tmp_path / "m.gguf").exists()

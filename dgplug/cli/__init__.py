@@ -147,6 +147,9 @@ def convert(
     threads: Optional[int] = typer.Option(None, "--threads", show_default=False,
                                           help="GGUF: worker processes; int4/int8/fp8: torch threads "
                                                "(default: DGPLUG_THREADS, else dgplug's choice)."),
+    imatrix: Optional[str] = typer.Option(None, "--imatrix", show_default=False,
+                                          help="int4: an importance matrix (imatrix GGUF from `dgplug imatrix` or "
+                                               "llama-imatrix) weights the scale search."),
     debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Convert a checkpoint to GGUF (K-quants) or quantized safetensors, streaming.
@@ -157,8 +160,35 @@ def convert(
     """
     from .convert import run
 
-    common.run(lambda: run(src, out, quant, group_size, overwrite, threads, quiet or common.STATE["quiet"]),
+    common.run(lambda: run(src, out, quant, group_size, overwrite, threads, quiet or common.STATE["quiet"], imatrix),
                debug, quiet)
+
+
+@app.command("imatrix")
+def imatrix_cmd(
+    src: str = typer.Argument(..., help="Checkpoint directory or .gguf file (with its tokenizer)."),
+    calib: str = typer.Option(..., "--calib", help="Calibration text: a UTF-8 .txt file or a directory of them."),
+    out: str = typer.Option(..., "--output", "-o", help="The imatrix GGUF to write."),
+    chunk_size: int = typer.Option(512, "--chunk-size", help="Tokens per calibration prompt."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", show_default=False, help="Use at most this many prompts."),
+    batch: int = typer.Option(1, "--batch", help="Prompts per generate call."),
+    steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
+                                        help="Max denoising steps per canvas (default: the checkpoint's)."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output if it exists."),
+    threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, debug: bool = DEBUG, quiet: bool = QUIET,
+):
+    """Importance matrix for calibrated quantization, in llama.cpp's imatrix GGUF layout.
+
+    Runs the model's own block-diffusion path (encoder over each prompt, denoise steps over one
+    canvas) and records, for every linear and every expert, the mean of squared inputs per column.
+
+    Example: dgplug imatrix ./diffusiongemma --calib calib.txt -o imatrix.gguf
+    """
+    from .imatrix import run
+
+    common.run(lambda: run(src, calib, out, chunk_size, chunks, batch, steps, seed, overwrite, threads, device,
+                           quiet or common.STATE["quiet"]), debug, quiet)
 
 
 @app.command()

@@ -29,10 +29,18 @@ def quant_arg(quant: str, group_size: int | None) -> str:
 
 
 def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool, threads: int | None,
-        quiet: bool) -> None:
+        quiet: bool, imatrix: str | None = None) -> None:
+    from pathlib import Path
+
     from . import common
 
     q = quant_arg(quant, group_size)
+    if imatrix is not None:
+        if q != "int4":
+            raise CLIError(f"--imatrix applies to --quant int4 for now ({q}: importance-weighted GGUF K-quants are "
+                           f"not written yet)")
+        if not Path(imatrix).is_file():
+            raise CLIError(f"--imatrix {imatrix}: no such file")
     source = source_arg(src)
     target = output_arg(out, source, q, overwrite)
     user_threads = common.threads_arg(threads)
@@ -43,7 +51,7 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
             from dgplug.converters.quant import quantize_checkpoint
 
             quantize_checkpoint(source, target, q, group_size=group_size or 128, progress=not quiet,
-                                overwrite=overwrite)
+                                overwrite=overwrite, imatrix=imatrix)
         else:
             from dgplug.converters.gguf_export import export_gguf
 

@@ -1,0 +1,108 @@
+"""`dgplug imatrix`: an importance matrix from dgplug's own forward over calibration text.
+
+The model runs its real block-diffusion path (dgplug.converters.imatrix.collect: the encoder over
+each prompt, the denoise steps over one canvas per prompt); the result is written in
+llama.cpp's imatrix GGUF layout under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .common import CLIError, out, say
+
+
+def calibration_text(calib: str) -> tuple[str, list[str]]:
+    """The text of FILE.txt, or of every *.txt in a directory (sorted, joined by blank lines);
+    returns (text, dataset names as llama-imatrix records them)."""
+    p = Path(calib)
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.txt") if f.is_file())
+        if not files:
+            raise CLIError(f"--calib {calib}: a directory without .txt files")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise CLIError(f"--calib {calib}: no such file or directory")
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise CLIError(f"--calib {f}: not UTF-8 text") from None
+    text = "\n\n".join(t for t in texts if t.strip())
+    if not text.strip():
+        raise CLIError(f"--calib {calib}: no text")
+    return text, [f.name for f in files]
+
+
+def output_path(o: str, overwrite: bool) -> Path:
+    p = Path(o)
+    if p.is_dir():
+        raise CLIError(f"-o {o} is a directory: the imatrix is one GGUF file (e.g. {p / 'imatrix.gguf'})")
+    if p.exists() and not overwrite:
+        raise CLIError(f"{o} exists: pass --overwrite to replace it")
+    if not p.parent.exists():
+        raise CLIError(f"-o {o}: no such directory {p.parent}")
+    return p
+
+
+def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch: int, steps: int | None,
+        seed: int, overwrite: bool, threads: int | None, device: str | None, quiet: bool) -> None:
+    from . import common
+    from .paths import model_arg
+
+    if chunk_size < 1:
+        raise CLIError(f"--chunk-size {chunk_size}: give a number of tokens >= 1")
+    if chunks is not None and chunks < 1:
+        raise CLIError(f"--chunks {chunks}: give a number >= 1")
+    if batch < 1:
+        raise CLIError(f"--batch {batch}: give a number >= 1")
+    if steps is not None and steps < 1:
+        raise CLIError(f"--steps {steps}: give a number >= 1")
+    path = model_arg(src)
+    text, datasets = calibration_text(calib)
+    target = output_path(o, overwrite)
+    user_threads = common.threads_arg(threads)
+    device = common.device_arg(device)
+
+    from dgplug import load
+    from dgplug.converters.imatrix import calibration_chunks, collect
+
+    from .info import architecture
+
+    say(f"loading {src}")
+    model = load(path, device=device)
+    n = common.set_threads(user_threads, architecture(model.cfg)["params_total"])
+    tok = model.tokenizer
+    if tok is None:
+        raise CLIError(f"{src} has no tokenizer: calibration text cannot be tokenized")
+    ids = tok(text, add_special_tokens=False).input_ids
+    parts = calibration_chunks(ids, chunk_size)
+    if chunks is not None:
+        parts = parts[:chunks]
+    C = model.cfg.canvas_length
+    if len(parts[0]) + C > model.tc.max_position_embeddings:
+        raise CLIError(f"--chunk-size {chunk_size}: a prompt of {len(parts[0])} tokens + a canvas of {C} passes the "
+                       f"model's context ({model.tc.max_position_embeddings})")
+    say(f"{len(ids)} calibration tokens: {len(parts)} prompt(s) of {len(parts[0])} tokens, one canvas of {C} each, "
+        f"{n} thread{'s' if n > 1 else ''}")
+    t0 = time.perf_counter()
+    progress = None
+    if not quiet:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("imatrix"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=common.err, transient=True)
+        task = progress.add_task("chunks", total=len(parts))
+        progress.start()
+    try:
+        im = collect(model, parts, batch=batch, steps=steps, seed=seed, datasets=datasets,
+                     on_chunk=(lambda done, total: progress.update(task, completed=done)) if progress else None)
+    finally:
+        if progress is not None:
+            progress.stop()
+    im.save(target)
+    say(f"{len(im.entries)} weights, {len(parts)} chunks in {time.perf_counter() - t0:.1f}s")
+    out.print(f"wrote {target}")
