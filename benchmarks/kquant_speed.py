@@ -1,0 +1,74 @@
+"""K-quant encoder throughput at two revisions of converters/kquants.py (issue 19, item 4).
+
+The encoders are the limit of a K-quant conversion (benchmarks/convert.py measures the whole
+pipeline); this times them alone, on the same rows, in one process, alternating the two
+revisions, and prints the median per type and the ratio. Rows: a [704, 2816] slab (one expert's
+down projection in the release's shapes, bf16-rounded Gaussian x 0.02).
+
+    python benchmarks/kquant_speed.py [--old 6e760e3] [--reps 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_at(rev: str | None, name: str):
+    """converters/kquants.py as of git revision `rev` (None: the working tree), imported under `name`."""
+    if rev is None:
+        path = ROOT / "converters" / "kquants.py"
+    else:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:converters/kquants.py"], check=True,
+                             capture_output=True, text=True).stdout
+        path = Path(tempfile.mkdtemp()) / f"{name}.py"
+        path.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", default="6e760e3", help="the revision to compare against")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[v] = str(args.threads)
+    import numpy as np
+
+    from gguf import GGMLQuantizationType as T
+
+    old, new = module_at(args.old, "kquants_old"), module_at(None, "kquants_new")
+    x = np.random.default_rng(0).standard_normal((704, 2816), dtype=np.float32) * 0.02
+    x = ((x.view(np.uint32) >> 16) << 16).view(np.float32)  # bf16 values, as a checkpoint holds
+    mb = x.size * 2 / 1e6  # bf16 bytes of input
+    print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} thread(s), rows {x.shape}, {args.reps} alternated reps")
+    print(f"{'type':6} {'old ms':>9} {'new ms':>9} {'new/old':>8} {'old MB/s':>9} {'new MB/s':>9}  same bytes")
+    for qt in (T.Q4_K, T.Q5_K, T.Q6_K):
+        times = {"old": [], "new": []}
+        outs = {}
+        for _ in range(args.reps):
+            for key, mod in (("old", old), ("new", new)):
+                t0 = time.perf_counter()
+                outs[key] = mod.quantize(x, qt, "bench")
+                times[key].append(time.perf_counter() - t0)
+        a, b = statistics.median(times["old"]), statistics.median(times["new"])
+        same = np.mean(np.all(outs["old"].reshape(x.shape[0], -1) == outs["new"].reshape(x.shape[0], -1), axis=1))
+        print(f"{qt.name:6} {a * 1e3:9.1f} {b * 1e3:9.1f} {b / a:8.2f} {mb / a:9.1f} {mb / b:9.1f}  {same:.1%} of rows")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
