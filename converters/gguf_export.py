@@ -39,6 +39,7 @@ import os
 import re
 import struct
 import sys
+import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,7 +397,7 @@ def read_tokenizer(src: Path, vocab_size: int, cfg_raw: dict) -> dict:
     return dict(tokens=tokens, scores=scores, types=types, merges=merges, ids=ids, chat_template=template)
 
 
-def _add_general(w: GGUFWriter, src: Path, name: str | None) -> None:
+def _add_general(w: GGUFWriter, src: Path, name: str | None, repo: str | None = None) -> None:
     """general.* as llama.cpp's converter writes them: gguf-py's Metadata heuristics over the model
     directory (name, basename, finetune, size label from the directory/repo name; license, tags,
     base models from the README model card; sampling defaults from generation_config.json), then
@@ -405,7 +406,16 @@ def _add_general(w: GGUFWriter, src: Path, name: str | None) -> None:
 
     total, shared, expert, n_expert = w.get_total_parameter_count()
     try:
-        meta = gguf.Metadata.load(None, src, name, total)
+        if repo is None:
+            meta = gguf.Metadata.load(None, src, name, total)
+        else:  # a hub snapshot's directory is a commit hash: the heuristics read the repository's name
+            with tempfile.TemporaryDirectory() as d:
+                view = Path(d) / repo.rstrip("/").split("/")[-1]
+                view.mkdir()
+                for f in ("README.md", "config.json", "generation_config.json"):
+                    if (src / f).is_file():
+                        (view / f).symlink_to((src / f).resolve())
+                meta = gguf.Metadata.load(None, view, name, total)
     except Exception as e:  # noqa: BLE001 - a malformed model card or config, named
         raise CheckpointError(f"{src}: cannot read the model metadata (README.md model card, config.json): "
                               f"{type(e).__name__}: {e}") from None
@@ -417,12 +427,12 @@ def _add_general(w: GGUFWriter, src: Path, name: str | None) -> None:
 
 
 def _add_metadata(w: GGUFWriter, src: Path, cfg: Config, gen: dict, tokv: dict, quant: str,
-                  name: str | None) -> None:
+                  name: str | None, repo: str | None = None) -> None:
     """Every key-value of the file; the tensors must be declared in `w` first (size label)."""
     tc = cfg.text
     a = ARCH
     w.add_type("model")
-    _add_general(w, src, name)
+    _add_general(w, src, name, repo)
     w.add_uint32(f"{a}.block_count", tc.num_hidden_layers)
     w.add_uint32(f"{a}.context_length", tc.max_position_embeddings)
     w.add_uint32(f"{a}.embedding_length", tc.hidden_size)
@@ -565,8 +575,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub) to
     a GGUF at `out_path`; returns out_path."""
     quant = quant.upper()
-    if hub.is_hub_id(src_dir):
-        name = name or str(src_dir)
+    repo = str(src_dir) if hub.is_hub_id(src_dir) else None
     src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_path)
     cfg, items, warnings = plan_export(src, quant)
@@ -590,7 +599,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
         w = GGUFWriter(tmp, ARCH)
         for it in items:
             w.add_tensor_info(it.gguf, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.qtype)
-        _add_metadata(w, src, cfg, gen, tokv, quant, name)
+        _add_metadata(w, src, cfg, gen, tokv, quant, name, repo)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
