@@ -104,5 +104,5 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
         if progress is not None:
             progress.stop()
     im.save(target)
-    say(f"{len(im.entries)} weights, {len(parts)} chunks in {time.perf_counter() - t0:.1f}s")
+    say(f"{len(im.entries)} weights, {len(parts)} chunk{'s' if len(parts) > 1 else ''} in {time.perf_counter() - t0:.1f}s")
     out.print(f"wrote {target}")
