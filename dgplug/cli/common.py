@@ -31,6 +31,12 @@ class Terminated(BaseException):
     """SIGTERM in the main process, raised like KeyboardInterrupt is for SIGINT (cleanup runs)."""
 
 
+def at_least(flag: str, value: int | None, low: int = 1, what: str = "a number") -> None:
+    """A count option below its floor (None: not given) is one line naming the flag."""
+    if value is not None and value < low:
+        raise CLIError(f"{flag} {value}: give {what} >= {low}")
+
+
 def say(*parts, style: str | None = None) -> None:
     """A message line on stderr (silenced by --quiet)."""
     if not STATE["quiet"]:

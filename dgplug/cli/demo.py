@@ -134,10 +134,8 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
 
     if n is not None and n < 1:
         raise CLIError(f"{n_flag} {n}: give a number of puzzles >= 1")
-    if shown < 0:
-        raise CLIError(f"--puzzles {shown}: give a number of grids to show >= 0")
-    if steps is not None and steps < 1:
-        raise CLIError(f"--steps {steps}: give a number >= 1")
+    common.at_least("--puzzles", shown, 0, "a number of grids to show")
+    common.at_least("--steps", steps)
     if puzzle is not None and (givens is not None or (n is not None and n != 1)):
         raise CLIError("--puzzle solves one given puzzle: leave out --givens and --n")
     band = parse_band(givens or DEFAULT_BAND)

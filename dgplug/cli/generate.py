@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from .common import CLIError, STATE, err, note, out, say
+from .common import CLIError, STATE, at_least, err, note, out, say
 from .paths import model_arg
 
 RNGS = ("counter", "transformers")
@@ -48,10 +48,8 @@ def check(o: Options) -> None:
         raise CLIError("give --prompt TEXT or --ids 1,2,3 (or --edit TEXT)")
     if o.edit is not None and o.max_new_tokens is not None:
         raise CLIError("--max-new-tokens does not apply to --edit (the edit text fixes the length)")
-    if o.max_new_tokens is not None and o.max_new_tokens < 1:
-        raise CLIError(f"--max-new-tokens {o.max_new_tokens}: give a number >= 1")
-    if o.steps is not None and o.steps < 1:
-        raise CLIError(f"--steps {o.steps}: give a number >= 1")
+    at_least("--max-new-tokens", o.max_new_tokens)
+    at_least("--steps", o.steps)
     if o.rng not in RNGS:
         raise CLIError(f"--rng {o.rng!r}: use counter or transformers")
     if o.dtype is not None and o.dtype not in DTYPES:

@@ -53,14 +53,9 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
     from . import common
     from .paths import model_arg
 
-    if chunk_size < 1:
-        raise CLIError(f"--chunk-size {chunk_size}: give a number of tokens >= 1")
-    if chunks is not None and chunks < 1:
-        raise CLIError(f"--chunks {chunks}: give a number >= 1")
-    if batch < 1:
-        raise CLIError(f"--batch {batch}: give a number >= 1")
-    if steps is not None and steps < 1:
-        raise CLIError(f"--steps {steps}: give a number >= 1")
+    for flag, value, what in (("--chunk-size", chunk_size, "a number of tokens"), ("--chunks", chunks, "a number"),
+                              ("--batch", batch, "a number"), ("--steps", steps, "a number")):
+        common.at_least(flag, value, what=what)
     path = model_arg(src)
     text, datasets = calibration_text(calib)
     target = output_path(o, overwrite)
