@@ -1,5 +1,11 @@
 """What an importance matrix buys: each quantized type with and without `--imatrix`.
 
+Formats (`--formats`, default both): int4 (round to nearest, clip search, clip search weighted
+by the imatrix; converters/quant.py) and the GGUF Q4_K_M mix (export_gguf with and without the
+imatrix; read back dequantized by gguf-py through converters/gguf_import.iter_hf_tensors). In
+the tiny model the Q4_K_M mix has Q4_K, Q5_K, Q6_K tensors (rows of 256) and Q5_0 expert down
+projections (rows of 128, not weighted).
+
 The model and the measure are benchmarks/quant_quality.py's (a tiny random DiffusionGemma with
 the real layer pattern, bf16; mean KL of the next-step distribution against bf16 and argmax
 agreement over 8 prompts x 2 canvas steps). The imatrix is collected by `dgplug imatrix`'s
@@ -8,7 +14,7 @@ another seed than the evaluation prompts. `--outliers F` multiplies a few channe
 pre-projection norm by F, the activation outliers real LLMs have (a random model has none, so
 there is little for an imatrix to find without them).
 
-Run: `.venv/bin/python benchmarks/imatrix_quality.py [--outliers 8]`.
+Run: `.venv/bin/python benchmarks/imatrix_quality.py [--outliers 8] [--formats int4,Q4_K_M]`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quant_quality as QQ  # noqa: E402
 
 import dgplug  # noqa: E402
+from dgplug.converters import gguf_import as GI  # noqa: E402
 from dgplug.converters import quant as Q  # noqa: E402
+from dgplug.converters.gguf_export import export_gguf  # noqa: E402
 from dgplug.converters.imatrix import calibration_chunks, collect  # noqa: E402
 from dgplug.testing import make_checkpoint  # noqa: E402
 
@@ -53,7 +61,9 @@ def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--outliers", type=float, default=8.0, help="factor on a few norm channels (1: none)")
     ap.add_argument("--calib", type=int, default=16, help="calibration prompts (24 tokens each)")
+    ap.add_argument("--formats", default="int4,Q4_K_M", help="comma-separated: int4, Q4_K_M")
     args = ap.parse_args(argv)
+    formats = {f.strip().upper() for f in args.formats.split(",")}
     torch.set_num_threads(int(os.environ.get("DGPLUG_THREADS", 2)))
     t0 = time.time()
     rows = []
@@ -74,12 +84,23 @@ def main(argv=None) -> str:
         t_collect = time.time() - t1
         print(f"imatrix collected in {t_collect:.0f} s", file=sys.stderr, flush=True)
         im_path = im.save(tmp / "imatrix.gguf")
-        for label, scheme, kw in (("int4 g128", "int4", {}), ("int4 g128 + clip search", "int4", {"clip": True}),
-                                  ("int4 g128 + imatrix", "int4", {"imatrix": im_path})):
+        runs = []
+        if "INT4" in formats:
+            runs += [("int4 g128", "int4", {}), ("int4 g128 + clip search", "int4", {"clip": True}),
+                     ("int4 g128 + imatrix", "int4", {"imatrix": im_path})]
+        if "Q4_K_M" in formats:
+            runs += [("Q4_K_M", "Q4_K_M", {}), ("Q4_K_M + imatrix", "Q4_K_M", {"imatrix": im_path})]
+        for label, scheme, kw in runs:
             t1 = time.time()
-            out = Q.quantize_checkpoint(src, tmp / label.replace(" ", "_"), scheme, progress=False, **kw)
+            dst = tmp / label.replace(" ", "_")
+            if scheme == "int4":
+                out = Q.quantize_checkpoint(src, dst, scheme, progress=False, **kw)
+                weights = Q.load_quantized_tensors(out, as_quantized_weight=False)
+            else:
+                out = export_gguf(src, dst.with_suffix(".gguf"), quant=scheme, progress=False, workers=1, **kw)
+                weights = dict(GI.iter_hf_tensors(out))
             dt = time.time() - t1
-            QQ.set_weights(model, Q.load_quantized_tensors(out, as_quantized_weight=False))
+            QQ.set_weights(model, weights)
             kl, ag = QQ.compare(ref, QQ.logits_two_steps(model, prompts, canvases, half, ref_step1=ref[0]))
             rows.append((label, kl, ag, dt))
             print(f"{label}: KL {kl:.3e}, convert {dt:.0f} s", file=sys.stderr, flush=True)

@@ -3,7 +3,7 @@
 
 Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
 
-    export_gguf(src_dir, out_path, quant="Q4_K_M", progress=True, workers=None) -> Path
+    export_gguf(src_dir, out_path, quant="Q4_K_M", progress=True, workers=None, imatrix=None) -> Path
 
 * `quant` is one of FILE_TYPES: F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K. The tensor types
   of each file type come from ONE table, `RECIPES`, applied by `tensor_type()` (llama.cpp's
@@ -19,6 +19,14 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
 * Quantised types use a pool of `workers` processes (default: min(2, cpu count)) over row
   chunks; results are written in submission order, so the output is byte-for-byte
   deterministic and independent of the worker count.
+* `imatrix` (a llama.cpp imatrix GGUF, or converters.imatrix.Imatrix), for the K-quant file
+  types (IMATRIX_FILE_TYPES): every Q4_K/Q5_K/Q6_K tensor is encoded as llama-quantize does
+  with that imatrix (its entry by GGUF name; experts: one row per expert), byte for byte (see
+  converters/kquants.py). The other types of the mix encode as without: llama.cpp's Q8_0 has
+  no imatrix path; its Q5_0/Q5_1 (the fallbacks of Q4_K/Q5_K for rows that are not a multiple
+  of 256, e.g. the 704- and 2112-wide down projections) and Q4_0 have one, not written yet.
+  The file records it as llama-quantize does: quantize.imatrix.file / .dataset (the first) /
+  .entries_count / .chunks_count.
 * Output goes to a hidden temporary file beside OUT, renamed on success; any error or Ctrl-C
   removes it (no OUT left behind).
 * Metadata as llama.cpp's converter writes it: general.* from gguf-py's Metadata heuristics over
@@ -50,7 +58,7 @@ from gguf import GGMLQuantizationType as T
 
 from dgplug import hub
 from dgplug.config import Config, load_config, load_generation_defaults
-from dgplug.errors import CheckpointError, FormatError
+from dgplug.errors import CheckpointError, FormatError, InputError
 from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, is_vision, text_tensors
 
 from . import kquants
@@ -83,6 +91,7 @@ RECIPES: dict[str, dict] = {
     "Q6_K":   dict(ftype=LlamaFileType.MOSTLY_Q6_K,   base=T.Q6_K, embd=T.Q6_K, kv8=T.Q8_0, out8=None, v_more=None, down_more=None),
 }
 FILE_TYPES = tuple(RECIPES)
+IMATRIX_FILE_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K")  # the file types whose K-quants take an imatrix
 # llama.cpp's tensor_type_fallback for rows that are not a multiple of the block size
 FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q4_0: T.F16, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16}
 
@@ -237,8 +246,11 @@ _FDS: dict = {}
 
 
 def _encode(st: SrcTensor | None, data: np.ndarray | None, r0: int, r1: int, cols: int, qtype: int,
-            gname: str) -> np.ndarray:
-    """Encode rows [r0, r1) of a tensor (from the file, or from `data`) as ggml type qtype."""
+            gname: str, imp: tuple | None = None) -> np.ndarray:
+    """Encode rows [r0, r1) of a tensor (from the file, or from `data`) as ggml type qtype.
+
+    imp: (rows per matrix, index of the matrix row r0 is in, the importance rows of the matrices
+    rows r0..r1-1 are in): each matrix's rows are encoded with its own row (experts)."""
     qtype = T(qtype)
     if data is not None:
         raw, dt = data.reshape(-1, cols)[r0:r1], "F32"
@@ -252,7 +264,12 @@ def _encode(st: SrcTensor | None, data: np.ndarray | None, r0: int, r1: int, col
         kquants.check_finite(raw, gname)
         return np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     x = _to_f32(raw, dt)
-    out = kquants.quantize(x, qtype, name=gname)
+    if imp is None:
+        out = kquants.quantize(x, qtype, name=gname)
+    else:
+        per, m0, rows = imp
+        out = np.concatenate([kquants.quantize(x[max(r0, m * per) - r0:min(r1, (m + 1) * per) - r0], qtype, gname,
+                                               importance=rows[m - m0]) for m in range(m0, m0 + len(rows))])
     return np.ascontiguousarray(out).view(np.uint8).reshape(-1)
 
 
@@ -427,7 +444,7 @@ def _add_general(w: GGUFWriter, src: Path, name: str | None, repo: str | None = 
 
 
 def _add_metadata(w: GGUFWriter, src: Path, cfg: Config, gen: dict, tokv: dict, quant: str,
-                  name: str | None, repo: str | None = None) -> None:
+                  name: str | None, repo: str | None = None, imatrix: tuple | None = None) -> None:
     """Every key-value of the file; the tensors must be declared in `w` first (size label)."""
     tc = cfg.text
     a = ARCH
@@ -459,6 +476,15 @@ def _add_metadata(w: GGUFWriter, src: Path, cfg: Config, gen: dict, tokv: dict, 
     w.add_float32(f"{a}.final_logit_softcapping", tc.final_logit_softcapping)
     w.add_uint32("general.file_type", int(RECIPES[quant]["ftype"]))
     w.add_uint32("general.quantization_version", 2)
+    if imatrix is not None:  # llama-quantize's keys (its integer overrides are written as u32)
+        path, im = imatrix
+        if path is not None:
+            w.add_string("quantize.imatrix.file", str(path))
+        if im.datasets:
+            w.add_string("quantize.imatrix.dataset", im.datasets[0])  # llama-quantize: the first only
+        w.add_uint32("quantize.imatrix.entries_count", len(im.entries))
+        if im.chunk_count > 0:
+            w.add_uint32("quantize.imatrix.chunks_count", im.chunk_count)
     # the diffusion CLI's keys (no arch prefix); nulls were already replaced by released defaults
     w.add_uint32("diffusion.canvas_length", cfg.canvas_length)
     w.add_uint32("diffusion.eb_max_steps", int(gen["max_denoising_steps"]))
@@ -571,14 +597,25 @@ def _progress(enabled: bool):
 
 
 def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True, workers: int | None = None,
-                name: str | None = None, *, revision: str | None = None, token: str | bool | None = None) -> Path:
+                name: str | None = None, *, revision: str | None = None, token: str | bool | None = None,
+                imatrix=None) -> Path:
     """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub) to
-    a GGUF at `out_path`; returns out_path."""
+    a GGUF at `out_path`; returns out_path. `imatrix`: see the module docstring."""
     quant = quant.upper()
+    if imatrix is not None and quant not in IMATRIX_FILE_TYPES:
+        raise InputError(f"an imatrix applies to the K-quant file types ({', '.join(IMATRIX_FILE_TYPES)}), not {quant}")
     repo = str(src_dir) if hub.is_hub_id(src_dir) else None
     src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_path)
     cfg, items, warnings = plan_export(src, quant)
+    imps, im_meta = {}, None
+    if imatrix is not None:
+        from .imatrix import Imatrix
+
+        im = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
+        im_meta = (None if isinstance(imatrix, Imatrix) else imatrix, im)
+        imps = im.for_tensors((it.gguf, it.src.name, it.shape) for it in items
+                              if it.src is not None and it.qtype in kquants.K_TYPES)
     gen = load_generation_defaults(src)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
@@ -599,7 +636,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
         w = GGUFWriter(tmp, ARCH)
         for it in items:
             w.add_tensor_info(it.gguf, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.qtype)
-        _add_metadata(w, src, cfg, gen, tokv, quant, name, repo)
+        _add_metadata(w, src, cfg, gen, tokv, quant, name, repo, im_meta)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -623,8 +660,11 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             jobs = list(_jobs_for(it))
             use_pool = pool is not None and it.qtype not in (T.F32, T.F16, T.BF16) and len(jobs) > 1
             pending: deque = deque()
+            imp = imps.get(it.gguf)  # [matrices, cols]: a job carries only the rows of its matrices
+            per = jobs[-1][1] // len(imp) if imp is not None else 0
             for r0, r1, cols, in_bytes in jobs:
-                args = (it.src, it.data, r0, r1, cols, int(it.qtype), it.gguf)
+                sl = None if imp is None else (per, r0 // per, imp[r0 // per:(r1 - 1) // per + 1])
+                args = (it.src, it.data, r0, r1, cols, int(it.qtype), it.gguf, sl)
                 if use_pool:
                     pending.append((pool.apply_async(_job, (args,)), in_bytes))
                     if len(pending) <= 2 * workers:

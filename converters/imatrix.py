@@ -47,13 +47,42 @@ class Imatrix:
 
     def importance(self, name: str) -> np.ndarray | None:
         """Mean of squares per column, [matrices, columns] float32; matrices never reached get
-        ones (no weighting); None when the file has no entry for `name`."""
+        ones (no weighting); None when the file has no entry for `name`. As llama-quantize reads
+        the file: the F32 sums divided by the count in float32 (an in-memory Imatrix gives the
+        values of its saved file)."""
         e = self.entries.get(name)
         if e is None:
             return None
         out = np.ones_like(e.sum2, dtype=np.float32)
         seen = e.counts > 0
-        out[seen] = (e.sum2[seen] / e.counts[seen, None]).astype(np.float32)
+        out[seen] = e.sum2[seen].astype(np.float32) / e.counts[seen, None].astype(np.float32)
+        return out
+
+    def for_tensors(self, tensors) -> dict[str, np.ndarray]:
+        """Importance [matrices, columns] per weight, for the weights (GGUF name, name to report,
+        numpy shape) a converter quantizes with it; 3-D weights are one matrix per expert.
+
+        A weight the imatrix does not cover is left out (quantized unweighted), said once on
+        stderr; an entry whose matrices or columns disagree with the weight, or that holds
+        non-finite values, is one InputError naming both."""
+        import sys
+
+        out, missing = {}, []
+        for name, label, shape in tensors:
+            imp = self.importance(name)
+            if imp is None:
+                missing.append(name)
+                continue
+            matrices = shape[0] if len(shape) == 3 else 1
+            if imp.shape != (matrices, shape[-1]):
+                raise InputError(f"imatrix entry {name} has {imp.shape[0]} x {imp.shape[1]} values; tensor {label} "
+                                 f"needs {matrices} x {shape[-1]} (an imatrix of another model?)")
+            if not np.isfinite(imp).all():
+                raise InputError(f"imatrix entry {name} (for tensor {label}) holds non-finite values")
+            out[name] = imp
+        if missing:
+            print(f"imatrix: no entry for {len(missing)} tensor(s) (e.g. {missing[0]}): quantized unweighted",
+                  file=sys.stderr)
         return out
 
     # -- llama.cpp's file ---------------------------------------------------------------------

@@ -21,16 +21,24 @@ scalar statement of ggml's loops and compares bytes; ``gguf.quants.dequantize`` 
   quantized to int8 against an fp16 ``d``.
   Block = ql (128) | qh (64) | int8 scales (16) | d (f16)  (210 bytes).
 
-Both searches take the weights as an argument (``_qkx2_search(x, w, ...)``, ``_qx_search(x, w,
-...)``): ggml's importance-matrix variants (``quant_weights``) run the same loops with other
-weights and trial grids.
+With an importance matrix (``importance=``: one value per column, an imatrix's in_sum2/counts)
+the bytes are those of llama.cpp's ``quantize_q{4,5,6}_K`` with ``quant_weights``
+(``quantize_row_q{4,5,6}_K_impl``), the same way (tests/test_kquants.py has their scalar port):
+
+* Q4_K / Q5_K: per super-block sigma2 = 2*sum(x^2)/256, weights ``qw*sqrt(sigma2 + x^2)``;
+  ``make_qkx3_quants`` (the same running-min search, trials rmin -0.9 + 0.05 k, k = 0..36,
+  guarded against an infinite inverse scale); the 8 scales and 8 mins put on the 6-bit grid
+  by ``make_qp_quants`` (a weighted fit of the grid step, each sub-block weighted by its sum
+  of weights; ``_qp_quants``), not by max/63. Q5_K caps them at 63, Q4_K packs them as is.
+* Q6_K: ``make_qx_quants`` with the importance itself as weights; the rest as without.
 
 Entry points:
-    quantize(array, qtype, name="tensor") -> np.ndarray[uint8 or float]
+    quantize(array, qtype, name="tensor", importance=None) -> np.ndarray[uint8 or float]
         F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1 through ``gguf.quants.quantize``; Q4_K, Q5_K, Q6_K
         here. The last dimension must be a multiple of the type's block size. NaN/Inf in the input
-        raise ``FormatError`` naming the tensor (for every type).
-    quantize_q4_k / quantize_q5_k / quantize_q6_k(rows) -> (n_rows, bytes_per_row) uint8
+        raise ``FormatError`` naming the tensor (for every type). Only the K types use `importance`.
+    quantize_q4_k / quantize_q5_k / quantize_q6_k(rows, name, importance=None)
+        -> (n_rows, bytes_per_row) uint8
 """
 
 from __future__ import annotations
@@ -120,27 +128,39 @@ def _clamp(q, lo, hi, ends):
     return q
 
 
-def _qkx2_quants(x, mn, iscale, nmax, out, c=None, xmin=None):
+def _qkx2_quants(x, mn, iscale, nmax, out, c=None, xmin=None, guard=False):
     """clamp(nearest_int(iscale*(x - mn)), 0, nmax) per column (ggml's nearest_int is np.rint).
 
     With iscale = c/(max - min) (c the trial's rmin + rdelta*k + nmax) no quant exceeds c*(1+u)^2,
     so the upper clamp is needed only when that can round above nmax; the lower one only in the
     columns whose smallest value (xmin) quantises below 0 (the same float32 operations on the
-    column's smallest value give its smallest quant: rounding is monotonic).
+    column's smallest value give its smallest quant: rounding is monotonic). `guard`: the
+    quantisation of make_qkx3_quants (the same but for an infinite iscale).
     """
     np.subtract(x, mn, out=out)
     np.multiply(out, iscale, out=out)
     np.rint(out, out=out)
     if c is None or float(c) * (1 + 2.0**-21) >= nmax + 0.5:
-        return np.clip(out, _F32(0), _F32(nmax), out=out)
-    j = np.flatnonzero(np.rint((xmin - mn) * iscale) < 0)
-    if j.size:
-        out[:, j] = np.maximum(out[:, j], _F32(0))
+        np.clip(out, _F32(0), _F32(nmax), out=out)
+    else:
+        j = np.flatnonzero(np.rint((xmin - mn) * iscale) < 0)
+        if j.size:
+            out[:, j] = np.maximum(out[:, j], _F32(0))
+    if guard:
+        # make_qkx3_quants: `v > 0 ? nearest_int(MIN(v, nmax)) : 0`, the clamp above wherever v is
+        # finite; an infinite iscale (running min == max) gives inf or 0*inf = NaN, which it maps
+        # to nmax or 0
+        j = np.flatnonzero(~np.isfinite(iscale))
+        if j.size:
+            v = (x[:, j] - mn[j]) * iscale[j]
+            out[:, j] = np.where(v > 0, np.rint(np.minimum(v, _F32(nmax))), _F32(0))
     return out
 
 
-def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """ggml's make_qkx2_quants on every column of x (n values x sub-blocks), weights w.
+def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                 guard: bool = False):
+    """ggml's make_qkx2_quants on every column of x (n values x sub-blocks), weights w; with
+    guard=True its importance-matrix twin make_qkx3_quants (same loop, other quantisation guard).
 
     Trial k quantises with inverse scale (rmin + rdelta*k + nmax)/(max - min) from the running
     min, fits (scale, min) by weighted least squares (min <= 0), and replaces the best when its
@@ -175,7 +195,7 @@ def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
     for k in range(nstep + 1):
         c = f(rmin) + f(rdelta) * f(k) + f(nmax)
         ik = c / (mx - mn)
-        _qkx2_quants(x, mn, ik, nmax, l, c, xmin)
+        _qkx2_quants(x, mn, ik, nmax, l, c, xmin, guard)
         np.multiply(w, l, out=wl)
         sl = _seq_sum(wl)
         sl2 = _dot_cols(wl, l, t)
@@ -210,34 +230,134 @@ def _six_bits(inv: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.minimum(np.rint(inv[:, None] * v).astype(np.int32) & 0xFF, 63).astype(np.uint8)
 
 
+def _nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int bit for bit (add 1.5*2**23 in float32, read the low mantissa bits), also
+    where it is not rounding (|v| > 2**22, inf, NaN), as the C runs it with asserts off."""
+    b = (np.asarray(v, _F32) + _F32(12582912.0)).view(np.int32)
+    return (b & 0x007FFFFF) - 0x00400000
+
+
+def _unpack_scales_k4(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's get_scale_min_k4 for j = 0..7: the 12 packed bytes -> six-bit scales and mins."""
+    ls = np.concatenate([sc[:, 0:4] & 63, (sc[:, 8:12] & 0x0F) | ((sc[:, 0:4] >> 6) << 4)], axis=1)
+    lm = np.concatenate([sc[:, 4:8] & 63, (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)], axis=1)
+    return ls, lm
+
+
+def _qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_qp_quants on every column of x (n values >= 0 x blocks), weights w -> (L uint8,
+    scale): the block's sub-block scales (or mins) on a grid of 0..nmax, used with an importance
+    matrix. Start nmax/max and 8 trial inverse scales (nmax + 0.1 is)/max (kept on a strictly
+    lower weighted error), then up to 5 sweeps moving one L at a time to nearest_int(x*sl2/slx)
+    when that raises sumlx^2/suml2 (float32 test `slx*slx*suml2 > sumlx*sumlx*sl2`). A sweep
+    that changes nothing leaves the state as it was, so ggml's early stop per block is the same
+    as sweeping on. L is uint8 as in the C (a negative nearest_int wraps when stored)."""
+    f = _F32
+    vmax = np.maximum.reduce(x, axis=0, initial=0)
+    zero = vmax < GROUP_MAX_EPS
+    vmax = np.where(zero, f(1), vmax).astype(f)
+
+    def mse(iscale, clamp):  # sum w*(x - l/iscale)^2 with l = nearest_int(iscale*x)
+        li = _nearest_int(iscale * x)
+        lf = (np.minimum(li, nmax) if clamp else li & 0xFF).astype(f)
+        diff = x - (f(1) / iscale) * lf
+        return _seq_sum(w * diff * diff)
+
+    iscale = f(nmax) / vmax
+    best = mse(iscale, False)  # the first L is stored unclamped
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        ik = (f(0.1) * f(k) + f(nmax)) / vmax
+        e = mse(ik, True)
+        win = e < best
+        np.putmask(best, win, e)
+        np.putmask(iscale, win, ik)
+    li = np.minimum(_nearest_int(iscale * x), nmax)
+    L = (li & 0xFF).astype(np.uint8)
+    lf = li.astype(f)
+    wx = w * x
+    sumlx = _seq_sum(wx * lf)
+    suml2 = _seq_sum(w * lf * lf)
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[0]):
+            Li = L[i].astype(f)
+            slx = sumlx - wx[i] * Li  # the sums without value i
+            sl2 = suml2 - w[i] * Li * Li
+            new = np.minimum(_nearest_int(x[i] * sl2 / slx), nmax)
+            ok = (slx > 0) & (sl2 > 0) & (new != L[i])
+            nf = new.astype(f)
+            slx += wx[i] * nf  # ... and with the new L
+            sl2 += w[i] * nf * nf
+            ok &= slx * slx * suml2 > sumlx * sumlx * sl2
+            if ok.any():
+                changed = True
+                np.putmask(L[i], ok, (new & 0xFF).astype(np.uint8))
+                np.putmask(sumlx, ok, slx)
+                np.putmask(suml2, ok, sl2)
+        if not changed:
+            break
+    scale = np.where(suml2 > 0, sumlx / suml2, f(0)).astype(f)
+    L[:, zero] = 0
+    return L, np.where(zero, f(0), scale).astype(f)
+
+
 def _columns(x: np.ndarray, n: int) -> np.ndarray:
     """(nb, 256) super-blocks -> (n, nb*256/n): one sub-block of n values per column."""
     return np.ascontiguousarray(x.reshape(-1, n).T)
 
 
-def _encode_qk_asym(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Shared Q4_K/Q5_K part: x (nb, 256) -> (d f16, dmin f16, packed scales, L uint8 (nb, 256))."""
+def _imatrix_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K with an importance matrix: per super-block sigma2 = 2*sum(x^2)/256 (summed in
+    index order), weights qw*sqrt(sigma2 + x^2), as (32, sub-blocks) columns."""
+    f = _F32
+    xt = np.ascontiguousarray(x.T)  # (256, nb): the reduction over axis 0 is C's loop order
+    sigma2 = f(2) * _seq_sum(xt * xt) / f(QK_K)
+    return _columns(qw * np.sqrt(sigma2[:, None] + x * x), 32)
+
+
+def _encode_qk_asym(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, qw=None):
+    """Shared Q4_K/Q5_K part: x (nb, 256) -> (d f16, dmin f16, packed scales, L uint8 (nb, 256)).
+
+    qw (nb, 256): the importance of each value (quantize_row_q{4,5}_K_impl): weights from it,
+    the make_qkx3_quants grid (rmin -0.9, step 0.05, 37 trials), and the 6-bit scales and mins
+    fitted by make_qp_quants (weighted by each sub-block's sum of weights) instead of
+    max-scaled. Q5_K caps them at 63 before packing, Q4_K packs them as they are (as ggml)."""
     f = _F32
     nb = x.shape[0]
     xt = _columns(x, 32)
-    av = np.sqrt(_seq_sum(xt * xt) / f(32))
-    w = av + np.abs(xt)
+    if qw is None:
+        av = np.sqrt(_seq_sum(xt * xt) / f(32))
+        w = av + np.abs(xt)
+    else:
+        w = _imatrix_weights(x, qw)
+        rmin, rdelta, nstep = -0.9, 0.05, 36
     ns = nb * 8
     scale, the_min, isc, base = (np.empty(ns, f) for _ in range(4))
     for c0 in range(0, ns, _SUB_COLS):
         c = slice(c0, min(c0 + _SUB_COLS, ns))
         xc, wc = np.ascontiguousarray(xt[:, c]), np.ascontiguousarray(w[:, c])
-        scale[c], the_min[c], isc[c], base[c] = _qkx2_search(xc, wc, nmax, rmin, rdelta, nstep)
+        scale[c], the_min[c], isc[c], base[c] = _qkx2_search(xc, wc, nmax, rmin, rdelta, nstep, qw is not None)
     scale = scale.reshape(nb, 8)
     the_min = the_min.reshape(nb, 8)
-    max_scale = np.maximum(scale.max(axis=1), f(0))
-    max_min = np.maximum(the_min.max(axis=1), f(0))
-    with np.errstate(divide="ignore"):
-        inv_s = np.where(max_scale > 0, f(63) / max_scale, f(0)).astype(f)
-        inv_m = np.where(max_min > 0, f(63) / max_min, f(0)).astype(f)
-    ls, lm = _six_bits(inv_s, scale), _six_bits(inv_m, the_min)
-    d = (max_scale / f(63)).astype(np.float16)
-    dmin = (max_min / f(63)).astype(np.float16)
+    if qw is None:
+        max_scale = np.maximum(scale.max(axis=1), f(0))
+        max_min = np.maximum(the_min.max(axis=1), f(0))
+        with np.errstate(divide="ignore"):
+            inv_s = np.where(max_scale > 0, f(63) / max_scale, f(0)).astype(f)
+            inv_m = np.where(max_min > 0, f(63) / max_min, f(0)).astype(f)
+        ls, lm = _six_bits(inv_s, scale), _six_bits(inv_m, the_min)
+        d = (max_scale / f(63)).astype(np.float16)
+        dmin = (max_min / f(63)).astype(np.float16)
+        packed = _pack_scales_k4(ls, lm)
+    else:
+        sw = np.ascontiguousarray(_seq_sum(w).reshape(nb, 8).T)
+        ls, d_block = _qp_quants(np.ascontiguousarray(scale.T), sw, 63)
+        lm, m_block = _qp_quants(np.ascontiguousarray(the_min.T), sw, 63)
+        if nmax == 31:
+            ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+        d, dmin = d_block.astype(np.float16), m_block.astype(np.float16)
+        packed = _pack_scales_k4(ls.T, lm.T)
+        ls, lm = _unpack_scales_k4(packed)  # what the requantisation reads back (ggml: get_scale_min_k4)
     if not (np.isfinite(d).all() and np.isfinite(dmin).all()):
         raise OverflowError("block scale overflows fp16")
     dl = d.astype(f)[:, None] * ls.astype(f)  # (nb, 8)
@@ -249,13 +369,13 @@ def _encode_qk_asym(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep:
     if kept.any():
         j = np.flatnonzero(kept)
         xj = xt[:, j]
-        q.reshape(ns, 32)[j] = _qkx2_quants(xj, base[j], isc[j], nmax, np.empty_like(xj)).T
-    return d, dmin, _pack_scales_k4(ls, lm), q.astype(np.uint8).reshape(nb, QK_K)
+        q.reshape(ns, 32)[j] = _qkx2_quants(xj, base[j], isc[j], nmax, np.empty_like(xj), guard=qw is not None).T
+    return d, dmin, packed, q.astype(np.uint8).reshape(nb, QK_K)
 
 
-def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
+def _q4_k_blocks(x: np.ndarray, qw=None) -> np.ndarray:
     nb = x.shape[0]
-    d, dmin, sc, L = _encode_qk_asym(x, 15, -1.0, 0.1, 20)
+    d, dmin, sc, L = _encode_qk_asym(x, 15, -1.0, 0.1, 20, qw)
     L = L.reshape(nb, 4, 2, 32)
     out = np.empty((nb, 144), np.uint8)
     out[:, 0:2] = d.reshape(nb, 1).view(np.uint8)
@@ -265,9 +385,9 @@ def _q4_k_blocks(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q5_k_blocks(x: np.ndarray) -> np.ndarray:
+def _q5_k_blocks(x: np.ndarray, qw=None) -> np.ndarray:
     nb = x.shape[0]
-    d, dmin, sc, L = _encode_qk_asym(x, 31, -0.5, 0.1, 15)
+    d, dmin, sc, L = _encode_qk_asym(x, 31, -0.5, 0.1, 15, qw)
     L = L.reshape(nb, 4, 2, 32)
     hi = L >> 4  # (nb, 4, 2, 32): bit 2c (+1 for the second half) of qh[j]
     shifts = (2 * np.arange(4, dtype=np.uint8)[:, None] + np.arange(2, dtype=np.uint8)[None, :])[None, :, :, None]
@@ -337,17 +457,21 @@ def _qx_search(x: np.ndarray, w: np.ndarray, nmax: int):
     return np.where(live, scale, f(0)), live, kbest, vmax
 
 
-def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
+def _q6_k_blocks(x: np.ndarray, qw=None) -> np.ndarray:
+    """quantize_row_q6_K_ref; with qw (nb, 256) quantize_row_q6_K_impl, whose only change is the
+    search's weights: the importance itself instead of x^2."""
     f = _F32
     nb = x.shape[0]
     ns = nb * 16
     xt = _columns(x, 16)
+    wt = None if qw is None else _columns(qw, 16)
     scales, vmax = np.empty(ns, f), np.empty(ns, f)
     live, kbest = np.empty(ns, bool), np.empty(ns, np.int8)
     for c0 in range(0, ns, 2 * _SUB_COLS):
         c = slice(c0, min(c0 + 2 * _SUB_COLS, ns))
         xc = np.ascontiguousarray(xt[:, c])
-        scales[c], live[c], kbest[c], vmax[c] = _qx_search(xc, xc * xc, 32)
+        wc = xc * xc if wt is None else np.ascontiguousarray(wt[:, c])
+        scales[c], live[c], kbest[c], vmax[c] = _qx_search(xc, wc, 32)
     scales = scales.reshape(nb, 16)
     absS = np.abs(scales)
     imax = absS.argmax(axis=1)  # the first of equal |scale|, as ggml's strict '>' scan
@@ -391,7 +515,16 @@ def _q6_k_blocks(x: np.ndarray) -> np.ndarray:
 _BLOCK_FN = {T.Q4_K: _q4_k_blocks, T.Q5_K: _q5_k_blocks, T.Q6_K: _q6_k_blocks}
 
 
-def _quantize_k(rows: np.ndarray, qtype: T, name: str) -> np.ndarray:
+def _check_importance(importance, cols: int, name: str) -> np.ndarray:
+    imp = np.asarray(importance, dtype=_F32)
+    if imp.ndim != 1 or imp.shape[0] != cols:
+        raise FormatError(f"{name}: importance has shape {list(imp.shape)}, expected [{cols}] (one value per column)")
+    if not np.isfinite(imp).all() or (imp < 0).any():
+        raise FormatError(f"{name}: importance has non-finite or negative values")
+    return imp
+
+
+def _quantize_k(rows: np.ndarray, qtype: T, name: str, importance=None) -> np.ndarray:
     rows = np.ascontiguousarray(rows, dtype=_F32)
     if rows.shape[-1] % QK_K:
         raise FormatError(f"{name}: row length {rows.shape[-1]} is not a multiple of {QK_K} ({qtype.name})")
@@ -399,13 +532,17 @@ def _quantize_k(rows: np.ndarray, qtype: T, name: str) -> np.ndarray:
     type_size = GGML_QUANT_SIZES[qtype][1]
     lead = rows.shape[:-1]
     blocks = rows.reshape(-1, QK_K)
+    per_row = rows.shape[-1] // QK_K
+    imp = None if importance is None else _check_importance(importance, rows.shape[-1], name).reshape(per_row, QK_K)
     out = np.empty((blocks.shape[0], type_size), np.uint8)
     step = 2048  # super-blocks per call: bounds the temporaries to a few MB
     fn = _BLOCK_FN[qtype]
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
             for b0 in range(0, blocks.shape[0], step):
-                out[b0:b0 + step] = fn(blocks[b0:b0 + step])
+                b1 = min(b0 + step, blocks.shape[0])
+                qw = None if imp is None else imp[np.arange(b0, b1) % per_row]  # block b: columns of b % per_row
+                out[b0:b1] = fn(blocks[b0:b1], qw)
     except OverflowError:
         raise FormatError(
             f"{name}: values up to {float(np.abs(rows).max()):.3g} are too large for {qtype.name} "
@@ -414,23 +551,30 @@ def _quantize_k(rows: np.ndarray, qtype: T, name: str) -> np.ndarray:
     return out.reshape(*lead, rows.shape[-1] // QK_K * type_size)
 
 
-def quantize_q4_k(rows: np.ndarray, name: str = "tensor") -> np.ndarray:
-    return _quantize_k(rows, T.Q4_K, name)
+def quantize_q4_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
+    return _quantize_k(rows, T.Q4_K, name, importance)
 
 
-def quantize_q5_k(rows: np.ndarray, name: str = "tensor") -> np.ndarray:
-    return _quantize_k(rows, T.Q5_K, name)
+def quantize_q5_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
+    return _quantize_k(rows, T.Q5_K, name, importance)
 
 
-def quantize_q6_k(rows: np.ndarray, name: str = "tensor") -> np.ndarray:
-    return _quantize_k(rows, T.Q6_K, name)
+def quantize_q6_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
+    return _quantize_k(rows, T.Q6_K, name, importance)
 
 
-def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor") -> np.ndarray:
+def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance=None) -> np.ndarray:
     """Encode `array` (any float dtype; last dim = row) as ggml type `qtype`.
 
     Returns float32/float16 arrays for F32/F16, and uint8 arrays of shape
     (*lead, bytes_per_row) for BF16 and the block types (the layout GGUFWriter expects).
+
+    importance: an importance matrix's values for this matrix, one per column (an imatrix's
+    in_sum2/counts), float32 [row length]; or, for a 3-D array of matrices (experts), one row per
+    matrix [array.shape[0], row length]. The K types then encode as llama.cpp's
+    quantize_q{4,5,6}_K with quant_weights. The other types ignore it: ggml's Q8_0 has no
+    importance path; its Q4_0/Q5_0/Q5_1 have one (quantize_row_q4_0_impl, ...), not written
+    here yet, so they encode as without.
     """
     if isinstance(qtype, str):
         try:
@@ -441,7 +585,12 @@ def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor") -> np.ndar
     if arr.dtype.kind != "f" and arr.dtype != np.uint16:
         raise FormatError(f"{name}: cannot quantize dtype {arr.dtype}")
     if qtype in K_TYPES:
-        return _quantize_k(arr, qtype, name)
+        if importance is not None and np.ndim(importance) == 2:
+            if arr.ndim != 3 or np.shape(importance)[0] != arr.shape[0]:
+                raise FormatError(f"{name}: importance has shape {list(np.shape(importance))}; one row per matrix "
+                                  f"needs a 3-D array with as many matrices (array {list(arr.shape)})")
+            return np.stack([_quantize_k(a, qtype, name, i) for a, i in zip(arr, importance)])
+        return _quantize_k(arr, qtype, name, importance)
     if qtype not in GGUF_TYPES:
         raise FormatError(f"{name}: no encoder for ggml type {qtype.name}")
     block = GGML_QUANT_SIZES[qtype][0]

@@ -607,36 +607,22 @@ def _copy_file(a: Path, b: Path) -> None:
 
 
 def _importance_by_tensor(raw: dict, jobs: list[_Job], imatrix) -> dict[str, torch.Tensor]:
-    """Per int4 job: the imatrix's importance shaped [matrices, 1, K] (experts) or [K] (linears).
-
-    A tensor the imatrix does not cover is quantized unweighted (said once, on stderr); an entry
-    whose matrices or columns disagree with the checkpoint is an error naming the tensor."""
-    import sys
-
+    """Per int4 job: the imatrix's importance shaped [matrices, 1, K] (experts) or [K] (linears)
+    (Imatrix.for_tensors: missing entries said once, mismatches one error naming the tensor)."""
     from dgplug.config import from_dict
     from dgplug.converters.imatrix import Imatrix
     from dgplug.names import text_tensors
 
     im = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
     gguf_of = {s.hf: s.gguf for s in text_tensors(from_dict(raw).text)}
-    out, missing = {}, []
+    jobs = [j for j in jobs if j.action == "int4" and j.src in gguf_of]
+    found = im.for_tensors((gguf_of[j.src], j.src, j.shape) for j in jobs)
+    out = {}
     for job in jobs:
-        if job.action != "int4" or job.src not in gguf_of:
-            continue
-        name = gguf_of[job.src]
-        imp = im.importance(name)
-        if imp is None:
-            missing.append(name)
-            continue
-        matrices = job.shape[0] if len(job.shape) == 3 else 1
-        if imp.shape != (matrices, job.shape[-1]):
-            raise InputError(f"imatrix entry {name} has {imp.shape[0]} x {imp.shape[1]} values; tensor {job.src} "
-                             f"needs {matrices} x {job.shape[-1]} (an imatrix of another model?)")
-        imp = torch.from_numpy(imp)
-        out[job.src] = imp[:, None, :] if len(job.shape) == 3 else imp[0]
-    if missing:
-        print(f"imatrix: no entry for {len(missing)} tensor(s) (e.g. {missing[0]}): quantized unweighted",
-              file=sys.stderr)
+        imp = found.get(gguf_of[job.src])
+        if imp is not None:
+            imp = torch.from_numpy(imp)
+            out[job.src] = imp[:, None, :] if len(job.shape) == 3 else imp[0]
     return out
 
 

@@ -563,3 +563,81 @@ def test_inspect_table_and_contract_problems(exported, tmp_path):
     assert "missing metadata key general.name" in probs
     assert "missing tensor blk.1.ffn_norm.weight" in probs
     assert "token '<|channel>' has type CONTROL, expected USER_DEFINED" in probs
+
+
+# ---------------------------------------------------------------------------------------------
+# Export with an importance matrix
+# ---------------------------------------------------------------------------------------------
+def _synthetic_imatrix(ckpt, skip=()):
+    """An imatrix for every linear and expert table of the checkpoint (what `dgplug imatrix`
+    records), lognormal importances, random counts."""
+    from dgplug.config import load_config
+    from dgplug.converters.imatrix import Entry, Imatrix
+    from dgplug.names import text_tensors
+
+    rng = np.random.default_rng(11)
+    im = Imatrix(datasets=["calib.txt", "more.txt"], chunk_count=5, chunk_size=48)
+    for s in text_tensors(load_config(ckpt).text):
+        if s.kind in ("linear", "experts") and s.gguf not in skip:
+            m = s.shape[0] if len(s.shape) == 3 else 1
+            counts = rng.integers(1, 50, m)
+            im.entries[s.gguf] = Entry(np.exp(rng.normal(0, 1.5, (m, s.shape[-1]))) * counts[:, None], counts)
+    return im
+
+
+def test_export_with_imatrix(ckpt, exported, hf_tensors, tmp_path, monkeypatch, capsys):
+    import gguf
+    from test_kquants import ggml_quantize  # the scalar port of llama.cpp's quantize_row_q*_K_impl
+
+    from dgplug.errors import InputError
+    from dgplug.names import text_tensors
+    from dgplug.config import load_config
+
+    im = _synthetic_imatrix(ckpt, skip=("blk.1.attn_q.weight",))
+    im.entries["blk.0.ffn_gate_up_exps.weight"].counts[3] = 0  # an expert no token reached: weights 1
+    path = im.save(tmp_path / "im.gguf")
+    # jobs of 300 rows: they straddle the experts' 512-row matrices, and go through the pool
+    monkeypatch.setattr(ge, "CHUNK_ELEMS", 300 * 256)
+    a = ge.export_gguf(ckpt, tmp_path / "a.gguf", quant="Q4_K_M", progress=False, workers=2, imatrix=path)
+    err = capsys.readouterr().err
+    assert "imatrix: no entry for 2 tensor(s) (e.g. token_embd.weight): quantized unweighted" in err, err
+    b = ge.export_gguf(ckpt, tmp_path / "b.gguf", quant="Q4_K_M", progress=False, workers=1, imatrix=im)
+    ra, rb, rp = (gguf.GGUFReader(p) for p in (a, b, exported["Q4_K_M"]))
+    f = lambda k: ra.get_field(k).contents()  # noqa: E731
+    assert f("quantize.imatrix.file") == str(path) and f("quantize.imatrix.dataset") == "calib.txt"
+    assert f("quantize.imatrix.entries_count") == len(im.entries) and f("quantize.imatrix.chunks_count") == 5
+    assert ra.get_field("quantize.imatrix.entries_count").types == [gguf.GGUFValueType.UINT32]
+    assert rb.get_field("quantize.imatrix.file") is None  # an in-memory imatrix has no file
+    ta, tb, tp = ({t.name: t for t in r.tensors} for r in (ra, rb, rp))
+    weighted = set()
+    for n, t in ta.items():
+        assert np.array_equal(t.data, tb[n].data), n  # worker count and job size change nothing
+        if t.tensor_type in (T.Q4_K, T.Q5_K, T.Q6_K) and n in im.entries:
+            weighted.add(n)
+            assert not np.array_equal(t.data, tp[n].data), n
+        else:  # no entry (blk.1.attn_q, token_embd), Q8_0, F32: as without an imatrix
+            assert np.array_equal(t.data, tp[n].data), n
+    assert {"blk.0.attn_output.weight", "blk.3.ffn_down_exps.weight", "blk.0.attn_q.weight"} <= weighted
+    # the bytes are llama.cpp's: rows at the experts' edges (and an expert never reached)
+    # against the scalar port, each expert with its own importance row
+    hf = {s.gguf: s.hf for s in text_tensors(load_config(ckpt).text)}
+    for n, qt, rows in (("blk.0.ffn_gate_up_exps.weight", T.Q4_K, [(0, 0), (0, 511), (1, 0), (3, 7), (7, 511)]),
+                        ("blk.3.ffn_down_exps.weight", T.Q6_K, [(2, 255), (5, 0)]),
+                        ("blk.0.attn_output.weight", T.Q5_K, [(0, 0), (0, 100)]),
+                        ("blk.2.attn_q.weight", T.Q4_K, [(0, 3)])):
+        assert ta[n].tensor_type == qt
+        w = hf_tensors[hf[n]].float().numpy()
+        w = w.reshape((-1,) + w.shape[-2:])
+        imp = im.importance(n)
+        data = np.asarray(ta[n].data).reshape(w.shape[0], w.shape[1], -1)
+        for e, r in rows:
+            assert np.array_equal(data[e, r], ggml_quantize(w[e, r], qt, imp[e]).reshape(-1)), (n, e, r)
+    # another model's imatrix: one error naming the tensor, nothing written; a file type without K-quants
+    im.entries["blk.0.attn_q.weight"].sum2 = np.ones((1, 17))
+    with pytest.raises(InputError, match="imatrix entry blk.0.attn_q.weight has 1 x 17 values; tensor "
+                                         "model.decoder.layers.0.self_attn.q_proj.weight needs 1 x 256"):
+        ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q5_K_M", progress=False, imatrix=im)
+    with pytest.raises(InputError, match=r"an imatrix applies to the K-quant file types \(Q4_K_M, Q5_K_M, Q6_K\), "
+                                         "not Q8_0"):
+        ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q8_0", progress=False, imatrix=path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf", "im.gguf"]

@@ -276,6 +276,19 @@ def test_cli_imatrix_then_convert(tiny_ckpt, tmp_path):
     import json
 
     assert json.loads((q / "config.json").read_text())["quantization_config"]["imatrix"] is True
-    # GGUF types: not weighted yet, refused before any work
-    r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "m.gguf"), "-q", "Q4_K_M", "--imatrix", str(out)])
-    assert r.exit_code == 1 and "--imatrix applies to --quant int4" in r.stderr and not (tmp_path / "m.gguf").exists()
+    # GGUF K-quant mixes: weighted as llama-quantize --imatrix, recorded as it records it
+    import gguf
+
+    g = tmp_path / "m.gguf"
+    r = runner.invoke(app, ["convert", str(tiny_ckpt), str(g), "-q", "q4_k_m", "--imatrix", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    f = gguf.GGUFReader(g).fields
+    assert f["quantize.imatrix.file"].contents() == str(out) and f["quantize.imatrix.dataset"].contents() == "a.txt"
+    assert f["quantize.imatrix.entries_count"].contents() == len(im.entries)
+    assert f["quantize.imatrix.chunks_count"].contents() == 3
+    # file types with no importance path here: refused before any work, one line saying why
+    for qt, why in (("Q8_0", "llama.cpp's Q8_0 has no importance path"), ("Q4_0", "importance-weighted Q4_0 is not "
+                   "written yet"), ("F16", "not quantized"), ("int8", "no search to weight")):
+        r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "x.gguf"), "-q", qt, "--imatrix", str(out)])
+        assert r.exit_code == 1 and f"--imatrix applies to --quant int4, Q4_K_M, Q5_K_M, Q6_K ({qt}: {why})" in r.stderr
+    assert not (tmp_path / "x.gguf").exists()

@@ -6,7 +6,10 @@ accumulated in index order, ggml's `nearest_int` bit trick, uint8/int8 stores), 
 `llama-quantize` runs without an importance matrix): `make_qkx2_quants` with its running min (a
 trial that wins replaces min, and later trials quantise from the new min) and `make_qx_quants`
 with its float32 comparison `sumlx*sumlx > best*suml2`. They were written here from the
-algorithm; dgplug's vectorised encoders (converters/kquants.py) must give the same bytes.
+algorithm; dgplug's vectorised encoders (converters/kquants.py) must give the same bytes. With an
+importance matrix the same goes for `quantize_row_q{4,5,6}_K_impl` (`ggml_q45_k_block_imatrix`:
+make_qkx3_quants, make_qp_quants for the 6-bit scales; Q6_K: make_qx_quants weighted by the
+importance).
 gguf-py's decoder stays the check that the bytes are the block format.
 
 Each sub-block is one Python-level state machine here (per-trial decisions, per-sub-block L
@@ -43,8 +46,9 @@ def _fsum(v) -> F:
     return np.add.accumulate(np.asarray(v, F))[-1]
 
 
-def ggml_make_qkx2(x, w, nmax, rmin, rdelta, nstep):
-    """-> (scale, the_min, L uint8) for one sub-block."""
+def ggml_make_qkx2(x, w, nmax, rmin, rdelta, nstep, qkx3=False):
+    """-> (scale, the_min, L uint8) for one sub-block. qkx3: make_qkx3_quants, the same loop
+    whose trials quantise as `v > 0 ? nearest_int(MIN(v, nmax)) : 0` (safe for an infinite v)."""
     mn, mx = x.min(), x.max()
     sum_w, sum_x = _fsum(w), _fsum(w * x)
     if mn > 0:
@@ -58,7 +62,11 @@ def ggml_make_qkx2(x, w, nmax, rmin, rdelta, nstep):
     best = _fsum(w * (diff * diff))
     for k in range(nstep + 1):
         iscale = (F(rmin) + F(rdelta) * F(k) + F(nmax)) / (mx - mn)  # mn: the running min
-        la = _clamp(_nearest_int(iscale * (x - mn)), 0, nmax)
+        if qkx3:
+            v = iscale * (x - mn)
+            la = np.where(v > 0, _nearest_int(np.minimum(v, F(nmax))), 0)
+        else:
+            la = _clamp(_nearest_int(iscale * (x - mn)), 0, nmax)
         lf = la.astype(F)
         sum_l, sum_l2, sum_xl = _fsum(w * lf), _fsum(w * lf * lf), _fsum(w * lf * x)
         D = sum_w * sum_l2 - sum_l * sum_l
@@ -115,17 +123,35 @@ def ggml_q45_k_block(x, nmax):
     ls = np.minimum(_nearest_int(inv_scale * scales) & 0xFF, 63)  # stored to uint8, then MIN(63, .)
     lm = np.minimum(_nearest_int(inv_min * mins) & 0xFF, 63)
     d, dmin = np.float16(max_scale / F(63)), np.float16(max_min / F(63))
+    return q45_k_bytes(x, nmax, d, dmin, ls, lm, L)
+
+
+def q45_k_bytes(x, nmax, d, dmin, ls, lm, L):
+    """The end both Q4_K/Q5_K quantizers share: 6-bit scales/mins packed into 12 bytes, values
+    re-quantised with what get_scale_min_k4 reads back (sub-blocks whose scale is 0 keep the
+    search's L), then the block layout."""
+    sc = [0] * 12
+    for j in range(8):  # ggml's packing loop, uint8 stores
+        a, b = int(ls[j]) & 0xFF, int(lm[j]) & 0xFF
+        if j < 4:
+            sc[j], sc[j + 4] = a, b
+        else:
+            sc[j + 4] = (a & 0xF) | ((b & 0xF) << 4)
+            sc[j - 4] = (sc[j - 4] | ((a >> 4) << 6)) & 0xFF
+            sc[j] = (sc[j] | ((b >> 4) << 6)) & 0xFF
+    L = L.copy()
     for j in range(8):
-        dl = F(d) * F(ls[j])
+        if j < 4:  # get_scale_min_k4
+            s6, m6 = sc[j] & 63, sc[j + 4] & 63
+        else:
+            s6, m6 = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+        dl = F(d) * F(s6)
         if dl == 0:  # keeps the search's quants
             continue
-        dm = F(dmin) * F(lm[j])
+        dm = F(dmin) * F(m6)
         xs = x[32 * j:32 * j + 32]
         L[32 * j:32 * j + 32] = _clamp(_nearest_int((xs + dm) / dl), 0, nmax)
-    sc = np.zeros(12, np.uint8)
-    sc[0:4] = ls[0:4] | ((ls[4:8] >> 4) << 6)
-    sc[4:8] = lm[0:4] | ((lm[4:8] >> 4) << 6)
-    sc[8:12] = (ls[4:8] & 0xF) | ((lm[4:8] & 0xF) << 4)
+    sc = np.array(sc, np.uint8)
     head = np.array([d, dmin], np.float16).view(np.uint8)
     qs = np.zeros(128, np.uint8)
     qh = np.zeros(32, np.uint8)
@@ -137,12 +163,14 @@ def ggml_q45_k_block(x, nmax):
     return np.concatenate(parts)
 
 
-def ggml_q6_k_block(x):
-    """quantize_row_q6_K_ref for one super-block -> 210 bytes."""
+def ggml_q6_k_block(x, qw=None):
+    """quantize_row_q6_K_ref for one super-block -> 210 bytes; with qw (the block's 256
+    importances) quantize_row_q6_K_impl, which hands qw to make_qx_quants as its weights."""
     scales, L = np.zeros(16, F), np.zeros(256, np.uint8)
     max_scale, max_abs = F(0), F(0)
     for ib in range(16):
-        scales[ib], L[16 * ib:16 * ib + 16] = ggml_make_qx(x[16 * ib:16 * ib + 16], 32)
+        w = None if qw is None else qw[16 * ib:16 * ib + 16]
+        scales[ib], L[16 * ib:16 * ib + 16] = ggml_make_qx(x[16 * ib:16 * ib + 16], 32, w)
         if abs(scales[ib]) > max_abs:
             max_abs, max_scale = abs(scales[ib]), scales[ib]
     if max_abs < EPS:
@@ -164,10 +192,87 @@ def ggml_q6_k_block(x):
     return np.concatenate([ql, qh, sc.view(np.uint8), np.array([d], np.float16).view(np.uint8)])
 
 
-def ggml_quantize(x, qtype):
-    fn = {T.Q4_K: lambda b: ggml_q45_k_block(b, 15), T.Q5_K: lambda b: ggml_q45_k_block(b, 31),
-          T.Q6_K: ggml_q6_k_block}[qtype]
-    return np.stack([fn(b) for b in np.asarray(x, F).reshape(-1, 256)])
+def ggml_make_qp(x, nmax, qw):
+    """make_qp_quants(n, nmax, x, L, quant_weights=qw) -> (scale, L uint8): a grid 0..nmax for
+    non-negative values (the sub-block scales or mins), plain loops over the n values."""
+    n = len(x)
+    vmax = F(0)
+    for v in x:
+        vmax = vmax if vmax > v else v
+    if vmax < EPS:
+        return F(0), np.zeros(n, np.uint8)
+    ni = lambda v: int(_nearest_int(v))  # noqa: E731
+    iscale = F(nmax) / vmax
+    L = [ni(iscale * x[i]) & 0xFF for i in range(n)]  # uint8 stores
+    scale = F(1) / iscale
+    best = F(0)
+    for i in range(n):
+        diff = x[i] - scale * F(L[i])
+        best = best + qw[i] * diff * diff
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale_k = (F(0.1) * F(k) + F(nmax)) / vmax
+        scale_k = F(1) / iscale_k
+        mse = F(0)
+        for i in range(n):
+            diff = x[i] - scale_k * F(min(nmax, ni(iscale_k * x[i])))
+            mse = mse + qw[i] * diff * diff
+        if mse < best:
+            best, iscale = mse, iscale_k
+    sumlx = suml2 = F(0)
+    for i in range(n):
+        l = min(nmax, ni(iscale * x[i]))
+        L[i] = l & 0xFF
+        sumlx = sumlx + qw[i] * x[i] * F(l)
+        suml2 = suml2 + qw[i] * F(l) * F(l)
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            w = qw[i]
+            slx = sumlx - w * x[i] * F(L[i])
+            sl2 = suml2 - w * F(L[i]) * F(L[i])
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, ni(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    slx = slx + w * x[i] * F(new_l)
+                    sl2 = sl2 + w * F(new_l) * F(new_l)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i], sumlx, suml2 = new_l & 0xFF, slx, sl2
+                        changed += 1
+        if not changed:
+            break
+    return (sumlx / suml2 if suml2 > 0 else F(0)), np.array(L, np.uint8)
+
+
+def ggml_q45_k_block_imatrix(x, qw, nmax):
+    """quantize_row_q4_K_impl (nmax 15) / q5_K_impl (nmax 31) with quant_weights for one super-block."""
+    sum_x2 = _fsum(x * x)
+    sigma2 = F(2) * sum_x2 / F(256)
+    scales, mins, sw, L = np.zeros(8, F), np.zeros(8, F), np.zeros(8, F), np.zeros(256, np.uint8)
+    for j in range(8):
+        xs = x[32 * j:32 * j + 32]
+        w = qw[32 * j:32 * j + 32] * np.sqrt(sigma2 + xs * xs)
+        sw[j] = _fsum(w)
+        scales[j], mins[j], L[32 * j:32 * j + 32] = ggml_make_qkx2(xs, w, nmax, -0.9, 0.05, 36, qkx3=True)
+    d_block, ls = ggml_make_qp(scales, 63, sw)
+    m_block, lm = ggml_make_qp(mins, 63, sw)
+    if nmax == 31:  # q5_K_impl caps them at 63 before packing; q4_K_impl does not
+        ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+    return q45_k_bytes(x, nmax, np.float16(d_block), np.float16(m_block), ls, lm, L)
+
+
+def ggml_quantize(x, qtype, importance=None):
+    """Rows x -> bytes; importance (one value per column) selects the _impl quantizers."""
+    x = np.asarray(x, F)
+    if importance is None:
+        fn = {T.Q4_K: lambda b, _: ggml_q45_k_block(b, 15), T.Q5_K: lambda b, _: ggml_q45_k_block(b, 31),
+              T.Q6_K: lambda b, _: ggml_q6_k_block(b)}[qtype]
+        qw = np.zeros((x.size // 256, 256), F)
+    else:
+        fn = {T.Q4_K: lambda b, w: ggml_q45_k_block_imatrix(b, w, 15),
+              T.Q5_K: lambda b, w: ggml_q45_k_block_imatrix(b, w, 31), T.Q6_K: ggml_q6_k_block}[qtype]
+        qw = np.broadcast_to(np.asarray(importance, F).reshape(-1, 256), (x.size // x.shape[-1],) +
+                             (x.shape[-1] // 256, 256)).reshape(-1, 256)
+    return np.stack([fn(b, w) for b, w in zip(x.reshape(-1, 256), qw)])
 
 
 def sample_rows(seed=0, cols=1024):
@@ -212,12 +317,15 @@ def test_bytes_identical_to_ggml_reference(qtype):
 def test_chunking_and_sum_paths_do_not_change_bytes(qtype, einsum, monkeypatch):
     # the search runs on column chunks and clamps only where needed; small chunks exercise the
     # whole-chunk and the per-column clamps and the chunk edges (with fewer than 8
-    # columns the sums are never einsum's); without einsum every sum is a product then a reduction
+    # columns the sums are never einsum's); without einsum every sum is a product then a reduction.
+    # The same with an importance matrix.
     x = sample_rows(2, 1024)
-    want = kq.quantize(x, qtype)
+    imp = sample_importance(2, 1024)
+    want = kq.quantize(x, qtype), kq.quantize(x, qtype, importance=imp)
     monkeypatch.setattr(kq, "_SUB_COLS", 23)
     monkeypatch.setattr(kq, "_EINSUM", einsum and kq._EINSUM)
-    assert np.array_equal(kq.quantize(x, qtype), want)
+    assert np.array_equal(kq.quantize(x, qtype), want[0])
+    assert np.array_equal(kq.quantize(x, qtype, importance=imp), want[1])
 
 
 @pytest.mark.parametrize("nmax,rmin,rdelta,nstep", [(15, -1.0, 0.1, 20), (31, -0.5, 0.1, 15), (15, -0.9, 0.05, 36)])
@@ -245,3 +353,67 @@ def test_weighted_symmetric_search():
         s, l = ggml_make_qx(x[i], 32, w[i])
         lk = _clamp(_nearest_int(kq._qx_trial_iscale(F(k[i]), 32, vmax[i]) * x[i]), -32, 31) + 32
         assert scale[i] == s and np.array_equal(lk, l), i
+
+
+# -- with an importance matrix: llama.cpp's quantize_q{4,5,6}_K with quant_weights ----------------
+def sample_importance(seed, cols, dead=0):
+    """Per-column importances as an imatrix holds them (means of squared activations): a
+    lognormal spread over three orders of magnitude, a few outlier channels, and `dead` columns
+    from 40 on that no activation reached (0: a whole sub-block without weight)."""
+    rng = np.random.default_rng(100 + seed)
+    imp = np.exp(rng.normal(0.0, 1.5, cols))
+    imp[rng.choice(cols, 8, replace=False)] *= 300.0
+    imp[40:40 + dead] = 0
+    return imp.astype(F)
+
+
+@pytest.mark.parametrize("qtype", K_TYPES)
+def test_imatrix_bytes_identical_to_ggml_impl(qtype):
+    # 2 x 15 rows x 8 super-blocks = 240 blocks per type, the rows of the test above (Gaussian,
+    # Student-t, outliers, sparse, constant, all-zero, one-signed, ...), each seed with its own
+    # importance vector (seed 1 with 48 dead columns)
+    blocks = same = 0
+    bad = []
+    for seed in (0, 1):
+        x = sample_rows(seed, 2048)
+        imp = sample_importance(seed, 2048, dead=48 * seed)
+        ref = ggml_quantize(x, qtype, imp)
+        ours = kq.quantize(x, qtype, name="w", importance=imp).reshape(ref.shape)
+        eq = (ours == ref).all(axis=1)
+        blocks, same = blocks + eq.size, same + int(eq.sum())
+        bad += [(seed, int(i)) for i in np.flatnonzero(~eq)]
+        assert np.isfinite(gq.dequantize(ours.reshape(x.shape[0], -1), qtype)).all()  # the block format
+    print(f"{qtype.name} with importance: {same}/{blocks} blocks byte-identical ({100 * same / blocks:.2f} %)")
+    # The same float32 operations in the same order decide alike, equal scores included (the
+    # first trial keeps its place, as the C's strict comparisons): no block is left to explain.
+    assert not bad, f"{len(bad)}/{blocks} blocks differ, first (seed, block) {bad[:5]}"
+
+
+def test_imatrix_importance_per_matrix_and_checks():
+    # a 3-D array of matrices takes one importance row per matrix, as llama.cpp hands each expert its slice
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 2, 512)).astype(F)
+    imp = np.stack([sample_importance(s, 512) for s in range(3)])
+    both = kq.quantize(x, T.Q4_K, importance=imp)
+    for e in range(3):
+        assert np.array_equal(both[e], kq.quantize(x[e], T.Q4_K, importance=imp[e]))
+    with pytest.raises(kq.FormatError, match=r"w: importance has shape \[256\], expected \[512\]"):
+        kq.quantize(x[0], T.Q5_K, name="w", importance=imp[0, :256])
+    with pytest.raises(kq.FormatError, match="w: importance has non-finite or negative values"):
+        kq.quantize(x[0], T.Q6_K, name="w", importance=np.full(512, np.nan, F))
+
+
+@pytest.mark.parametrize("qtype", K_TYPES)
+def test_imatrix_lowers_the_weighted_error(qtype):
+    # what the importance is for: sum_j imp_j * (x_j - deq_j)^2 over Gaussian and Student-t rows
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.standard_normal((8, 2048)), rng.standard_t(3, (8, 2048))]).astype(F)
+    imp = sample_importance(7, 2048)
+
+    def werr(q):
+        return float(((gq.dequantize(q, qtype) - x) ** 2 * imp).sum(axis=1).mean())
+
+    plain, weighted = werr(kq.quantize(x, qtype)), werr(kq.quantize(x, qtype, importance=imp))
+    print(f"{qtype.name}: importance-weighted squared error {plain:.4g} -> {weighted:.4g} "
+          f"({100 * (1 - weighted / plain):.1f} % less)")
+    assert weighted < 0.9 * plain

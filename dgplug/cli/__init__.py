@@ -148,8 +148,9 @@ def convert(
                                           help="GGUF: worker processes; int4/int8/fp8: torch threads "
                                                "(default: DGPLUG_THREADS, else dgplug's choice)."),
     imatrix: Optional[str] = typer.Option(None, "--imatrix", show_default=False,
-                                          help="int4: an importance matrix (imatrix GGUF from `dgplug imatrix` or "
-                                               "llama-imatrix) weights the scale search."),
+                                          help="int4, Q4_K_M, Q5_K_M, Q6_K: an importance matrix (imatrix GGUF "
+                                               "from `dgplug imatrix` or llama-imatrix) weights the scale search "
+                                               "(K-quants: as llama-quantize --imatrix)."),
     debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Convert a checkpoint to GGUF (K-quants) or quantized safetensors, streaming.

@@ -36,9 +36,12 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
 
     q = quant_arg(quant, group_size)
     if imatrix is not None:
-        if q != "int4":
-            raise CLIError(f"--imatrix applies to --quant int4 for now ({q}: importance-weighted GGUF K-quants are "
-                           f"not written yet)")
+        from dgplug.converters.gguf_export import IMATRIX_FILE_TYPES
+
+        if q not in ("int4",) + IMATRIX_FILE_TYPES:
+            why = {"Q8_0": "llama.cpp's Q8_0 has no importance path", "Q4_0": "importance-weighted Q4_0 is not "
+                   "written yet"}.get(q, "no search to weight" if q in ("int8", "fp8") else "not quantized")
+            raise CLIError(f"--imatrix applies to --quant int4, {', '.join(IMATRIX_FILE_TYPES)} ({q}: {why})")
         if not Path(imatrix).is_file():
             raise CLIError(f"--imatrix {imatrix}: no such file")
     source = source_arg(src)
@@ -55,7 +58,7 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
         else:
             from dgplug.converters.gguf_export import export_gguf
 
-            export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads)
+            export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads, imatrix=imatrix)
     except OSError as e:  # e.g. a full disk: name the output (its temporary file is already gone)
         if e.filename is None:
             e.filename = str(target)
