@@ -62,6 +62,7 @@ from dgplug.errors import CheckpointError, FormatError, InputError
 from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, is_vision, text_tensors
 
 from . import kquants
+from .progress import conversion_progress
 
 ARCH = "diffusion-gemma"
 QK_K = 256
@@ -587,15 +588,6 @@ def _jobs_for(item: PlanItem):
         yield (r0, r1, cols, (r1 - r0) * cols * (item.src.nbytes // max(1, rows * cols) if item.src else 4))
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-    return Progress(TextColumn("{task.description:<40}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), transient=False)
-
-
 def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True, workers: int | None = None,
                 name: str | None = None, *, revision: str | None = None, token: str | bool | None = None,
                 imatrix=None) -> Path:
@@ -642,12 +634,14 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
         w.write_ti_data_to_file()
         fout = w.fout[0]
         total_in = sum(it.src.nbytes for it in items if it.src is not None)
-        prog = _progress(progress)
+        prog = conversion_progress() if progress else None
         task = None
         if prog is not None:
             prog.start()
             for msg in warnings:
-                prog.console.print(f"[yellow]{msg}")
+                from rich.text import Text
+
+                prog.console.print(Text(msg, style="yellow"))
             task = prog.add_task(f"{quant}", total=total_in)
         align = w.data_alignment
         for it in items:

@@ -64,6 +64,8 @@ import torch
 from dgplug.config import read_config_json
 from dgplug.errors import CheckpointError, DGPlugError, FormatError, InputError
 
+from .progress import conversion_progress
+
 SCHEMES = ("int4", "int8", "fp8")
 FORMAT_VERSION = 1
 QUANT_METHOD = "dgplug"
@@ -487,16 +489,6 @@ def _rows_per_chunk(job: _Job, budget: int = 256 << 20) -> int:
     return max(1, budget // max(1, row))
 
 
-def _progress(enabled: bool):
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"), disable=not enabled, transient=False,
-    )
-
-
 def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, quantize_embedding: bool = False,
                         progress: bool = True, clip: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                         overwrite: bool = False, imatrix=None, *, revision: str | None = None,
@@ -553,7 +545,7 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
         weight_map: dict[str, str] = {}
         total_size = 0
         handles: dict[str, object] = {}
-        with _progress(progress) as bar:
+        with conversion_progress(progress, tensor_column=True) as bar:
             task = bar.add_task(f"{scheme}", total=total_in, tensor="")
             for shard, fname in zip(shards, names):
                 outs = [o for j in shard for o in j.outs]

@@ -149,3 +149,31 @@ def test_full_disk_during_gguf_export(tiny_ckpt_smooth, tmp_path):
     assert f"error: {mnt}/m.gguf: no space left on device\n" in r.stderr, (r.stdout, r.stderr)
     assert "RC=1" in r.stdout, (r.stdout, r.stderr)
     assert r.stdout.split("RC=1")[1].strip() == ""  # nothing left on the full filesystem
+
+
+def test_overwrite_never_takes_the_source_or_the_working_directory(tiny_ckpt_smooth, tmp_path, monkeypatch):
+    parent = tmp_path / "parent"
+    src = parent / "ck"
+    shutil.copytree(tiny_ckpt_smooth, src)
+    (parent / "notes.txt").write_text("keep me")
+    r = runner.invoke(app, ["convert", str(src), str(parent), "-q", "int8", "--overwrite"])
+    assert r.exit_code == 1 and f"{parent} holds the source {src}: choose another output" in r.stderr, r.output
+    assert (src / "config.json").exists() and (parent / "notes.txt").read_text() == "keep me"
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work / "sub")
+    for out in (".", str(work)):
+        r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), out, "-q", "int8", "--overwrite"])
+        assert r.exit_code == 1 and "holds the current directory: choose another output" in r.stderr, r.output
+    assert (work / "sub").is_dir()
+
+
+@pytest.mark.parametrize("quant,out", [("Q8_0", "m.gguf"), ("int8", "q8")])
+def test_progress_goes_to_stderr(tiny_ckpt_smooth, tmp_path, quant, out):
+    """stdout keeps the result line only; the progress bar is on stderr (README: Command line)."""
+    target = tmp_path / out
+    p = subprocess.run(CLI + ["convert", str(tiny_ckpt_smooth), str(target), "-q", quant], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"wrote {target}", p.stdout
+    assert quant in p.stderr

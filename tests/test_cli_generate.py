@@ -19,7 +19,10 @@ def test_max_new_tokens_is_exact(tiny_ckpt):
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     assert d["max_new_tokens"] == 5 and d["canvas_length"] == 16
-    assert len(d["ids"]) <= 5 and len(d["text"].split()) == len(d["ids"])
+    from dgplug.loader import load_tokenizer
+
+    assert len(d["ids"]) <= 5  # the text is those ids, decoded as the CLI decodes (special tokens left out)
+    assert d["text"] == load_tokenizer(tiny_ckpt).decode(d["ids"], skip_special_tokens=True)
     if d["generated_tokens"] > 5:  # no EOS inside the first 5 tokens: exactly 5, and a note
         assert len(d["ids"]) == 5
         assert "note: the canvas is 16 tokens: generated 16, printing the first 5" in r.stderr
@@ -31,7 +34,10 @@ def test_lengths_past_the_context_are_refused(tiny_ckpt):
     for n in ("1000000000", "4096"):  # tiny model: max_position_embeddings 4096, canvas 16, prompt 2
         r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "-n", n])
         assert r.exit_code == 1 and "max_position_embeddings" in r.stderr and "context is 4096" in r.stderr, r.output
-        assert "canvas 1 of" not in r.output  # refused before generating
+        assert "canvas 1 of" not in r.output and "loading" not in r.stderr  # refused before the weights are read
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,600000"])
+    assert r.exit_code == 1 and "token id 600000 is outside the vocabulary [0, 512)" in r.stderr
+    assert "loading" not in r.stderr
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "-n", "0"])
     assert r.exit_code == 1 and "--max-new-tokens 0" in r.stderr
 

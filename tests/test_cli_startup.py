@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dgplug.cli import app
 
-COMMANDS = ["info", "generate", "demo", "convert", "inspect"]
+COMMANDS = ["info", "generate", "demo", "convert", "inspect", "imatrix"]
 
 
 def _py(code: str) -> str:

@@ -292,3 +292,15 @@ def test_cli_imatrix_then_convert(tiny_ckpt, tmp_path):
         r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "x.gguf"), "-q", qt, "--imatrix", str(out)])
         assert r.exit_code == 1 and f"--imatrix applies to --quant int4, Q4_K_M, Q5_K_M, Q6_K ({qt}: {why})" in r.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_imatrix_checks_the_backend(tiny_ckpt, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from dgplug.cli import app
+
+    (tmp_path / "c.txt").write_text("some text " * 20)
+    monkeypatch.setenv("DGPLUG_OPS", "bogus")
+    r = CliRunner().invoke(app, ["imatrix", str(tiny_ckpt), "--calib", str(tmp_path / "c.txt"), "-o",
+                                 str(tmp_path / "im.gguf")])
+    assert r.exit_code == 1 and "DGPLUG_OPS='bogus'" in r.stderr and not (tmp_path / "im.gguf").exists()

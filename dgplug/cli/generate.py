@@ -67,6 +67,32 @@ def check(o: Options) -> None:
         parse_edit(o.edit)  # a malformed edit text fails before the model loads
 
 
+def check_length(prompt: int, n: int, C: int, context: int) -> None:
+    """Whole canvases after the prompt must fit the model's context (max_position_embeddings)."""
+    canvases = math.ceil(n / C)
+    if prompt + canvases * C > context:
+        raise CLIError(f"--max-new-tokens {n}: the prompt's {prompt} tokens + {canvases} canvas(es) of {C} "
+                       f"need {prompt + canvases * C} positions; the model's context is {context} "
+                       f"(max_position_embeddings)")
+
+
+def check_against_config(path, o: Options) -> None:
+    """What the config alone can refuse (config.json or GGUF metadata, no weights): --ids outside the
+    vocabulary, --max-new-tokens past the context (a --prompt counts as at least one token here;
+    its exact length is checked again after tokenizing)."""
+    from .info import config_of
+
+    cfg = config_of(path)
+    if cfg is None or o.edit is not None:
+        return
+    ids = [int(x) for x in o.ids.split(",") if x.strip()] if o.ids is not None else None
+    bad = [i for i in ids or [] if not 0 <= i < cfg.text.vocab_size]
+    if bad:
+        raise CLIError(f"--ids: token id {bad[0]} is outside the vocabulary [0, {cfg.text.vocab_size})")
+    if o.max_new_tokens is not None:
+        check_length(len(ids) if ids else 1, o.max_new_tokens, cfg.canvas_length, cfg.text.max_position_embeddings)
+
+
 def prompt_ids(model, o: Options):
     import torch
 
@@ -168,6 +194,7 @@ def run(o: Options) -> None:
     from .info import architecture
 
     torch.manual_seed(o.seed)
+    check_against_config(path, o)  # lengths and ids refused before the weights are read
     say(f"loading {path}")
     t0 = time.perf_counter()
     model = load(path, dtype=o.dtype, device=device)
@@ -182,11 +209,7 @@ def run(o: Options) -> None:
         return _edit(model, ids, o, N, threads)
     n = o.max_new_tokens or int(model.generation_defaults.get("max_new_tokens") or C)
     canvases = math.ceil(n / C)
-    context = model.tc.max_position_embeddings
-    if ids.shape[1] + canvases * C > context:
-        raise CLIError(f"--max-new-tokens {n}: the prompt's {ids.shape[1]} tokens + {canvases} canvas(es) of {C} "
-                       f"need {ids.shape[1] + canvases * C} positions; the model's context is {context} "
-                       f"(max_position_embeddings)")
+    check_length(int(ids.shape[1]), n, C, model.tc.max_position_embeddings)
     watch = Watch(model, canvases, N, o.live)
     t0 = time.perf_counter()
     try:

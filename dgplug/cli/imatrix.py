@@ -56,6 +56,7 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
     for flag, value, what in (("--chunk-size", chunk_size, "a number of tokens"), ("--chunks", chunks, "a number"),
                               ("--batch", batch, "a number"), ("--steps", steps, "a number")):
         common.at_least(flag, value, what=what)
+    common.check_backend()
     path = model_arg(src)
     text, datasets = calibration_text(calib)
     target = output_path(o, overwrite)

@@ -134,16 +134,32 @@ def _storage_quantized(p: Path, qc: dict) -> dict:
                 bytes_on_disk=size)
 
 
+def config_of(path):
+    """The model's Config from its config.json or GGUF metadata alone (no weights read); None for a
+    hub id, which only the library resolves."""
+    from dgplug.config import from_dict, load_config
+    from dgplug.loader import gguf_file_of
+
+    p = Path(path)
+    if not p.exists():
+        return None
+    g = gguf_file_of(p)
+    if g is None:
+        return load_config(p)
+    from dgplug.converters.gguf_import import gguf_to_config
+
+    raw = gguf_to_config(g)
+    raw.pop("generation_config", None)
+    raw.pop("mask_token_id", None)
+    return from_dict(raw, str(g))
+
+
 def _describe_gguf(path: Path) -> dict:
     from gguf import LlamaFileType
 
-    from dgplug.config import from_dict
-    from dgplug.converters.gguf_import import gguf_to_config, inspect_table
+    from dgplug.converters.gguf_import import inspect_table
 
-    raw = gguf_to_config(path)
-    raw.pop("generation_config", None)
-    raw.pop("mask_token_id", None)
-    cfg = from_dict(raw, str(path))
+    cfg = config_of(path)
     table = inspect_table(path)
     ft = table["metadata"].get("general.file_type")
     try:

@@ -98,6 +98,12 @@ def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
     gguf = quant not in QUANT_SCHEMES
     if isinstance(src, Path) and p.exists() and p.resolve() == src.resolve():
         raise CLIError(f"{out} is the source: choose another output")
+    if p.exists() and p.is_dir():  # replacing OUT must not take the source or the working directory with it
+        if isinstance(src, Path) and p.resolve() in src.resolve().parents:
+            raise CLIError(f"{out} holds the source {src}: choose another output")
+        cwd = Path.cwd().resolve()
+        if p.resolve() == cwd or p.resolve() in cwd.parents:
+            raise CLIError(f"{out} holds the current directory: choose another output")
     if gguf:
         if p.is_dir():
             raise CLIError(f"{out} is a directory: {quant} writes one GGUF file (e.g. {p / ('model-' + quant + '.gguf')})")
