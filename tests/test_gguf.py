@@ -47,11 +47,15 @@ def _test_rows(seed=0, cols=512):
 # Derivation: half a quantisation step of the sub-block (range/15, /31, absmax/31.5) plus the
 # 6-bit (K4/K5) or 8-bit (K6) rounding of the sub-block scale; measured maxima are ~2/3 of these.
 # (fp16 subnormal step 2**-24 times the largest scale*quant product of the type).
-BOUNDS = {T.Q4_K: (0.14, 1e-4), T.Q5_K: (0.07, 2e-4), T.Q6_K: (0.03, 3e-4), T.Q8_0: (1 / 254 + 1e-3, 1e-5),
-          T.Q4_0: (1 / 8 + 1e-3, 1e-6)}
+# Q3_K: quants -4..3 of a step ~max|x|/4 of the sub-block; the value of the sign opposite to the
+# largest maps to +4 and is clamped to 3 (a full step, 0.25), plus the 6-bit scale rounding
+# (measured maxima 0.2). Q2_K: 0..3 over the range (<= 2 max|x|): half a step 1/3, plus the 4-bit
+# rounding of the scale (1.5 d <= max/10 * 2/3) and of the min (dmin/2 <= max/30) (measured 0.37).
+BOUNDS = {T.Q2_K: (0.45, 1e-4), T.Q3_K: (0.3, 1e-4), T.Q4_K: (0.14, 1e-4), T.Q5_K: (0.07, 2e-4),
+          T.Q6_K: (0.03, 3e-4), T.Q8_0: (1 / 254 + 1e-3, 1e-5), T.Q4_0: (1 / 8 + 1e-3, 1e-6)}
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0])
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0])
 def test_encoder_roundtrip_within_bound(qtype):
     x = _test_rows()
     b = kq.quantize(x, qtype, name="w")
@@ -94,6 +98,8 @@ def _naive_sym(x, nmax, sub):
     (T.Q4_K, lambda x: _naive_asym(x, 15, 32)),
     (T.Q5_K, lambda x: _naive_asym(x, 31, 32)),
     (T.Q6_K, lambda x: _naive_sym(x, 32, 16)),
+    (T.Q3_K, lambda x: _naive_sym(x, 4, 16)),
+    (T.Q2_K, lambda x: _naive_asym(x, 3, 16)),
 ])
 def test_search_beats_naive_minmax(qtype, naive):
     rng = np.random.default_rng(1)
