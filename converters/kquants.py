@@ -29,8 +29,8 @@ scalar statement of ggml's loops and compares bytes; ``gguf.quants.dequantize`` 
   grids by their maxima. Block = 16 bytes (scale | min << 4) | qs (64) | d | dmin  (84 bytes).
 
 With an importance matrix (``importance=``: one value per column, an imatrix's in_sum2/counts)
-the bytes are those of llama.cpp's ``quantize_q{4,5,6}_K`` with ``quant_weights``
-(``quantize_row_q{4,5,6}_K_impl``), the same way (tests/test_kquants.py has their scalar port):
+the bytes are those of llama.cpp's ``quantize_q{2..6}_K`` with ``quant_weights``
+(``quantize_row_q{2..6}_K_impl``), the same way (tests/test_kquants.py has their scalar port):
 
 * Q4_K / Q5_K: per super-block sigma2 = 2*sum(x^2)/256, weights ``qw*sqrt(sigma2 + x^2)``;
   ``make_qkx3_quants`` (the same running-min search, trials rmin -0.9 + 0.05 k, k = 0..36,
