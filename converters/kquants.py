@@ -265,10 +265,8 @@ def _qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.
     """ggml's make_qp_quants on every column of x (n values >= 0 x blocks), weights w -> (L uint8,
     scale): the block's sub-block scales (or mins) on a grid of 0..nmax, used with an importance
     matrix. Start nmax/max and 8 trial inverse scales (nmax + 0.1 is)/max (kept on a strictly
-    lower weighted error), then up to 5 sweeps moving one L at a time to nearest_int(x*sl2/slx)
-    when that raises sumlx^2/suml2 (float32 test `slx*slx*suml2 > sumlx*sumlx*sl2`). A sweep
-    that changes nothing leaves the state as it was, so ggml's early stop per block is the same
-    as sweeping on. L is uint8 as in the C (a negative nearest_int wraps when stored)."""
+    lower weighted error), then `_sweeps` (quants capped at nmax). L is uint8 as in the C (a
+    negative nearest_int wraps when stored)."""
     f = _F32
     vmax = np.maximum.reduce(x, axis=0, initial=0)
     zero = vmax < GROUP_MAX_EPS
@@ -288,34 +286,52 @@ def _qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.
         win = e < best
         np.putmask(best, win, e)
         np.putmask(iscale, win, ik)
-    li = np.minimum(_nearest_int(iscale * x), nmax)
-    L = (li & 0xFF).astype(np.uint8)
-    lf = li.astype(f)
+    L, sumlx, suml2 = _sweeps(x, w, np.minimum(_nearest_int(iscale * x), nmax), None, nmax, qp=True)
+    scale = np.where(suml2 > 0, sumlx / suml2, f(0)).astype(f)
+    L = L.astype(np.uint8)
+    L[:, zero] = 0
+    return L, np.where(zero, f(0), scale).astype(f)
+
+
+def _sweeps(x: np.ndarray, w: np.ndarray, li: np.ndarray, lo, hi, qp: bool):
+    """The refinement make_qp_quants and make_q3_quants share, on every column of x (weights w, start
+    quants li int32): up to 5 sweeps over the values, each moving one quant to
+    clamp(nearest_int(x*sl2/slx), lo, hi) (sl2, slx: the sums without it) when that raises
+    sumlx^2/suml2 (float32 test `slx*slx*suml2 > sumlx*sumlx*sl2`). make_qp_quants (qp=True)
+    stores quants to uint8 (a negative one wraps, and is read back so) and moves only where both
+    sums without the value are positive; make_q3_quants where slx is and the new sl2 is. A sweep
+    that changes nothing in a column leaves it as it was, so ggml's early stop per column is the
+    same as sweeping on. -> (L int32, sumlx, suml2); the sums start from li, as in the C."""
+    f = _F32
     wx = w * x
+    lf = li.astype(f)
     sumlx = _seq_sum(wx * lf)
     suml2 = _seq_sum(w * lf * lf)
+    L = li & 0xFF if qp else li.copy()
     for _ in range(5):
         changed = False
         for i in range(x.shape[0]):
             Li = L[i].astype(f)
             slx = sumlx - wx[i] * Li  # the sums without value i
             sl2 = suml2 - w[i] * Li * Li
-            new = np.minimum(_nearest_int(x[i] * sl2 / slx), nmax)
-            ok = (slx > 0) & (sl2 > 0) & (new != L[i])
+            new = np.clip(_nearest_int(x[i] * sl2 / slx), lo, hi)  # garbage where slx <= 0: not taken
+            ok = (slx > 0) & (new != L[i])
+            if qp:
+                ok &= sl2 > 0
             nf = new.astype(f)
-            slx += wx[i] * nf  # ... and with the new L
+            slx += wx[i] * nf  # ... and with the new quant
             sl2 += w[i] * nf * nf
+            if not qp:
+                ok &= sl2 > 0
             ok &= slx * slx * suml2 > sumlx * sumlx * sl2
             if ok.any():
                 changed = True
-                np.putmask(L[i], ok, (new & 0xFF).astype(np.uint8))
+                np.putmask(L[i], ok, new & 0xFF if qp else new)
                 np.putmask(sumlx, ok, slx)
                 np.putmask(suml2, ok, sl2)
         if not changed:
             break
-    scale = np.where(suml2 > 0, sumlx / suml2, f(0)).astype(f)
-    L[:, zero] = 0
-    return L, np.where(zero, f(0), scale).astype(f)
+    return L, sumlx, suml2
 
 
 def _columns(x: np.ndarray, n: int) -> np.ndarray:
@@ -539,42 +555,14 @@ def _q3_quants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     -> (scale, L uint8 in 0..7).
 
     Symmetric x ~ scale*l, l in -4..3: l = nearest_int(-4/max * x) (max: the first value of
-    largest |x|), then up to 5 sweeps over the values moving one l at a time to
-    nearest_int(x*sl2/slx) (the sums without it; weights x^2) when that raises sumlx^2/suml2
-    (float32 test `slx*slx*suml2 > sumlx*sumlx*sl2`, only for slx > 0 and a positive new sl2).
-    A sweep that changes nothing in a column leaves it as it was, so ggml's early stop per
-    sub-block is the same as sweeping on. All-zero columns (max |x| < 1e-15): scale 0, L = 0."""
+    largest |x|), then `_sweeps` with weights x^2. All-zero columns (max |x| < 1e-15): scale 0,
+    L = 0."""
     f = _F32
     n = x.shape[1]
     vmax = x[np.abs(x).argmax(axis=0), np.arange(n)]  # the first of equal |x| (C: strict '>')
     live = np.abs(vmax) >= GROUP_MAX_EPS
     vmax = np.where(live, vmax, f(1)).astype(f)
-    L = np.clip(_nearest_int((f(-4) / vmax) * x), -4, 3)
-    w = x * x
-    wx = w * x
-    lf = L.astype(f)
-    sumlx = _seq_sum(wx * lf)
-    suml2 = _seq_sum(w * lf * lf)
-    for _ in range(5):
-        changed = False
-        for i in range(x.shape[0]):
-            li = L[i].astype(f)
-            slx = sumlx - wx[i] * li  # the sums without value i
-            sl2 = suml2 - w[i] * li * li
-            new = np.clip(_nearest_int(x[i] * sl2 / slx), -4, 3)  # garbage where slx <= 0: not taken
-            ok = (slx > 0) & (new != L[i])
-            nf = new.astype(f)
-            slx += wx[i] * nf  # ... and with the new l
-            sl2 += w[i] * nf * nf
-            ok &= sl2 > 0
-            ok &= slx * slx * suml2 > sumlx * sumlx * sl2
-            if ok.any():
-                changed = True
-                np.putmask(L[i], ok, new)
-                np.putmask(sumlx, ok, slx)
-                np.putmask(suml2, ok, sl2)
-        if not changed:
-            break
+    L, sumlx, suml2 = _sweeps(x, x * x, np.clip(_nearest_int((f(-4) / vmax) * x), -4, 3), -4, 3, qp=False)
     scale = np.where(live & (suml2 > 0), sumlx / suml2, f(0)).astype(f)
     return scale, np.where(live, L + 4, 0).astype(np.uint8)
 
