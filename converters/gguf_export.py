@@ -571,6 +571,20 @@ class PlanItem:
         return n // bs * ts
 
 
+def tensor_types(tc, quant: str) -> list[tuple]:
+    """(tensor spec, ggml type) for every text tensor of a model with text config `tc`, in the
+    canonical order: the file type's recipe from the shapes alone (also what sizes are projected from)."""
+    specs = text_tensors(tc)
+    n_attn_v = sum(1 for s in specs if ".attn_v." in s.gguf)
+    n_gqa = tc.num_attention_heads // tc.layer_dims(0)[1]  # llama.cpp's hparams.n_gqa(): layer 0
+    out, v_i = [], 0
+    for s in specs:
+        out.append((s, tensor_type(quant, s.gguf, s.shape, n_layers=tc.num_hidden_layers, n_experts=tc.num_experts,
+                                   layer=s.layer, attn_v_index=v_i, n_attn_v=n_attn_v, n_gqa=n_gqa)))
+        v_i += ".attn_v." in s.gguf
+    return out
+
+
 def plan_export(src_dir, quant: str = "Q4_K_M") -> tuple[Config, list[PlanItem], list[str]]:
     """Config, the ordered tensor plan (name, shape, type, source) and warnings, without writing."""
     if quant not in RECIPES:
@@ -579,13 +593,10 @@ def plan_export(src_dir, quant: str = "Q4_K_M") -> tuple[Config, list[PlanItem],
     cfg = load_config(src)
     tc = cfg.text
     st = read_safetensors_index(src)
-    specs = text_tensors(tc)
-    n_attn_v = sum(1 for s in specs if ".attn_v." in s.gguf)
-    n_gqa = tc.num_attention_heads // tc.layer_dims(0)[1]  # llama.cpp's hparams.n_gqa(): layer 0
     items = [PlanItem(ROPE_FREQS_GGUF, (tc.global_head_dim // 2,), T.F32, None, rope_freqs(tc))]
-    v_i = 0
     missing = []
-    for s in specs:
+    types = tensor_types(tc, quant)
+    for s, qt in types:
         t = st.get(s.hf)
         if t is None:
             missing.append(s.hf)
@@ -594,15 +605,11 @@ def plan_export(src_dir, quant: str = "Q4_K_M") -> tuple[Config, list[PlanItem],
             raise CheckpointError(f"{t.file}: tensor {s.hf} has shape {list(t.shape)}, expected {list(s.shape)}")
         if t.dtype not in _ST_DTYPES:
             raise CheckpointError(f"{t.file}: tensor {s.hf} has unsupported dtype {t.dtype}")
-        qt = tensor_type(quant, s.gguf, s.shape, n_layers=tc.num_hidden_layers, n_experts=tc.num_experts,
-                         layer=s.layer, attn_v_index=v_i, n_attn_v=n_attn_v, n_gqa=n_gqa)
-        if ".attn_v." in s.gguf:
-            v_i += 1
         items.append(PlanItem(s.gguf, tuple(s.shape), qt, t))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{src}: checkpoint lacks {', '.join(missing[:5])}{more}")
-    known = {s.hf for s in specs}
+    known = {s.hf for s, _ in types}
     warnings = [f"ignoring tensor {n}" for n in sorted(st) if n not in known and not is_vision(n)]
     return cfg, items, warnings
 
