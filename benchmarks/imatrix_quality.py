@@ -1,10 +1,11 @@
 """What an importance matrix buys: each quantized type with and without `--imatrix`.
 
-Formats (`--formats`, default both): int4 (round to nearest, clip search, clip search weighted
-by the imatrix; converters/quant.py) and the GGUF Q4_K_M mix (export_gguf with and without the
-imatrix; read back dequantized by gguf-py through converters/gguf_import.iter_hf_tensors). In
-the tiny model the Q4_K_M mix has Q4_K, Q5_K, Q6_K tensors (rows of 256) and Q5_0 expert down
-projections (rows of 128, not weighted).
+Formats (`--formats`, default int4,Q4_K_M): int4 (round to nearest, clip search, clip search
+weighted by the imatrix; converters/quant.py) and any GGUF K-quant mix (Q4_K_M, Q3_K_M, Q2_K, ...:
+export_gguf with and without the imatrix, Q2_K_S with it only; read back dequantized by gguf-py
+through converters/gguf_import.iter_hf_tensors). In the tiny model (16 experts) the expert down
+projections have rows of 128, so they take llama.cpp's fallbacks (Q4_K_M and Q3_K_M: Q5_0; Q2_K:
+Q4_0), not weighted; every other tensor is a K-quant of the mix, weighted.
 
 The model and the measure are benchmarks/quant_quality.py's (a tiny random DiffusionGemma with
 the real layer pattern, bf16; mean KL of the next-step distribution against bf16 and argmax
@@ -14,7 +15,7 @@ another seed than the evaluation prompts. `--outliers F` multiplies a few channe
 pre-projection norm by F, the activation outliers real LLMs have (a random model has none, so
 there is little for an imatrix to find without them).
 
-Run: `.venv/bin/python benchmarks/imatrix_quality.py [--outliers 8] [--formats int4,Q4_K_M]`.
+Run: `.venv/bin/python benchmarks/imatrix_quality.py [--outliers 8] [--formats int4,Q4_K_M,Q3_K_M,Q2_K]`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import quant_quality as QQ  # noqa: E402
 import dgplug  # noqa: E402
 from dgplug.converters import gguf_import as GI  # noqa: E402
 from dgplug.converters import quant as Q  # noqa: E402
-from dgplug.converters.gguf_export import export_gguf  # noqa: E402
+from dgplug.converters.gguf_export import IMATRIX_FILE_TYPES, RECIPES, export_gguf  # noqa: E402
 from dgplug.converters.imatrix import calibration_chunks, collect  # noqa: E402
 from dgplug.testing import make_checkpoint  # noqa: E402
 
@@ -61,9 +62,13 @@ def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--outliers", type=float, default=8.0, help="factor on a few norm channels (1: none)")
     ap.add_argument("--calib", type=int, default=16, help="calibration prompts (24 tokens each)")
-    ap.add_argument("--formats", default="int4,Q4_K_M", help="comma-separated: int4, Q4_K_M")
+    ap.add_argument("--formats", default="int4,Q4_K_M",
+                    help=f"comma-separated: int4 and GGUF types ({', '.join(IMATRIX_FILE_TYPES)})")
     args = ap.parse_args(argv)
-    formats = {f.strip().upper() for f in args.formats.split(",")}
+    formats = [f.strip().upper() for f in args.formats.split(",")]
+    bad = [f for f in formats if f != "INT4" and f not in IMATRIX_FILE_TYPES]
+    if bad:
+        ap.error(f"--formats {','.join(bad)}: choose int4 or {', '.join(IMATRIX_FILE_TYPES)}")
     torch.set_num_threads(int(os.environ.get("DGPLUG_THREADS", 2)))
     t0 = time.time()
     rows = []
@@ -88,8 +93,9 @@ def main(argv=None) -> str:
         if "INT4" in formats:
             runs += [("int4 g128", "int4", {}), ("int4 g128 + clip search", "int4", {"clip": True}),
                      ("int4 g128 + imatrix", "int4", {"imatrix": im_path})]
-        if "Q4_K_M" in formats:
-            runs += [("Q4_K_M", "Q4_K_M", {}), ("Q4_K_M + imatrix", "Q4_K_M", {"imatrix": im_path})]
+        for q in (f for f in formats if f in IMATRIX_FILE_TYPES):
+            runs += [] if RECIPES[q]["imatrix"] else [(q, q, {})]  # Q2_K_S: with an imatrix only
+            runs += [(f"{q} + imatrix", q, {"imatrix": im_path})]
         for label, scheme, kw in runs:
             t1 = time.time()
             dst = tmp / label.replace(" ", "_")
@@ -107,8 +113,13 @@ def main(argv=None) -> str:
     lines = [f"Tiny DiffusionGemma (quant_quality.py's), outlier channels x{args.outliers:g}; imatrix from "
              f"{args.calib} calibration prompts (collection {t_collect:.1f} s); {torch.get_num_threads()} threads, "
              f"load average {os.getloadavg()[0]:.1f}.", "",
-             "| format | mean KL vs bf16 (nats) | argmax agreement | convert s |", "|---|---:|---:|---:|"]
-    lines += [f"| {label} | {kl:.3e} | {ag * 100:.2f}% | {dt:.1f} |" for label, kl, ag, dt in rows]
+             "| format | mean KL vs bf16 (nats) | argmax agreement | convert s | 26B release: GB (bits/weight) |",
+             "|---|---:|---:|---:|---:|"]
+    for label, kl, ag, dt in rows:
+        q = label.split()[0]
+        size = "" if q == "int4" else "{:.2f} ({:.2f})".format(*(v / d for v, d in zip(QQ.gguf_projected_bytes(q),
+                                                                                           (1e9, 1))))
+        lines.append(f"| {label} | {kl:.3e} | {ag * 100:.2f}% | {dt:.1f} | {size} |")
     lines += ["", f"({time.time() - t0:.0f} s)"]
     table = "\n".join(lines)
     print(table)

@@ -43,6 +43,21 @@ RELEASED = TextConfig(
 )
 
 
+def gguf_projected_bytes(quant: str) -> tuple[int, float]:
+    """(bytes, bits per weight) of the released text weights as a GGUF of file type `quant`: the
+    recipe's per-tensor types (converters.gguf_export.tensor_types) on the release's shapes."""
+    from gguf import GGML_QUANT_SIZES
+
+    from dgplug.converters.gguf_export import tensor_types
+
+    total = params = 0
+    for s, t in tensor_types(RELEASED, quant):
+        bs, ts = GGML_QUANT_SIZES[t]
+        total += math.prod(s.shape) // bs * ts
+        params += math.prod(s.shape)
+    return total, 8 * total / params
+
+
 def projected_bytes(scheme: str | None, group_size: int = 128, quantize_embedding: bool = False) -> int:
     """Bytes of the released text weights (bf16 source) under a scheme, from shapes alone."""
     total = 0

@@ -5,12 +5,14 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
 
     export_gguf(src_dir, out_path, quant="Q4_K_M", progress=True, workers=None, imatrix=None) -> Path
 
-* `quant` is one of FILE_TYPES: F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K. The tensor types
-  of each file type come from ONE table, `RECIPES`, applied by `tensor_type()` (llama.cpp's
-  `llama_tensor_get_type` rules for this architecture, including its `use_more_bits` layer rule
-  and its fallbacks for rows that are not a multiple of 256: Q4_K -> Q5_0, Q5_K -> Q5_1,
-  Q6_K -> Q8_0, the tied token embedding -> Q8_0; 32-block types whose rows are not a multiple
-  of 32 -> F16).
+* `quant` is one of FILE_TYPES: F32, F16, BF16, Q8_0, Q4_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q3_K_S,
+  Q2_K, Q2_K_S. The tensor types of each file type come from ONE table, `RECIPES`, applied by
+  `tensor_type()` (llama.cpp's `llama_tensor_get_type` rules for this architecture, including its
+  `use_more_bits` layer rule and its fallbacks for rows that are not a multiple of 256: Q2_K and
+  Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, the tied token embedding -> Q8_0;
+  32-block types whose rows are not a multiple of 32 -> F16). Q2_K_S is refused without an
+  imatrix, as llama-quantize refuses it (and Q2_K, Q3_K_S, Q3_K_M are not: llama.cpp makes them
+  without one, with its reference quantizers).
 * Streaming: tensors are read row range by row range straight from the safetensors shards
   (plain positional reads, no mmap, no torch), in the canonical order of `dgplug.names`, and
   written sequentially. The header, metadata and tensor table are written first (shapes and
@@ -20,11 +22,11 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
   chunks; results are written in submission order, so the output is byte-for-byte
   deterministic and independent of the worker count.
 * `imatrix` (a llama.cpp imatrix GGUF, or converters.imatrix.Imatrix), for the K-quant file
-  types (IMATRIX_FILE_TYPES): every Q4_K/Q5_K/Q6_K tensor is encoded as llama-quantize does
+  types (IMATRIX_FILE_TYPES): every Q2_K..Q6_K tensor is encoded as llama-quantize does
   with that imatrix (its entry by GGUF name; experts: one row per expert), byte for byte (see
   converters/kquants.py). The other types of the mix encode as without: llama.cpp's Q8_0 has
-  no imatrix path; its Q5_0/Q5_1 (the fallbacks of Q4_K/Q5_K for rows that are not a multiple
-  of 256, e.g. the 704- and 2112-wide down projections) and Q4_0 have one, not written yet.
+  no imatrix path; its Q4_0/Q5_0/Q5_1 (the fallbacks of Q2_K/Q3_K, Q4_K, Q5_K for rows that are
+  not a multiple of 256, e.g. the 704- and 2112-wide down projections) have one, not written yet.
   The file records it as llama-quantize does: quantize.imatrix.file / .dataset (the first) /
   .entries_count / .chunks_count.
 * Output goes to a hidden temporary file beside OUT, renamed on success; any error or Ctrl-C
@@ -69,37 +71,69 @@ QK_K = 256
 CHUNK_ELEMS = 1 << 21  # elements per job (8 MB of fp32)
 
 # ---------------------------------------------------------------------------------------------
-# The recipe table: one row per file type.
+# The recipe table: one row per file type (llama.cpp's llama_tensor_get_type, for this
+# architecture: not Falcon, tied embeddings, no fused QKV, n_gqa = heads / kv heads of layer 0).
 #   ftype     general.file_type
-#   base      type of every quantisable 2-D/3-D weight unless a rule below says otherwise
+#   base      llama.cpp's default type of the file type: every quantisable 2-D/3-D weight
+#             unless a rule below says otherwise
 #   embd      tied token embedding (llama.cpp quantises it as the output head): Q6_K unless the
 #             base is Q8_0 or not a block type
-#   kv8       attn_k and attn_v when the model has exactly 8 experts (llama.cpp: n_expert == 8)
+#   v         attn_v: a rule (i = index among the attn_v tensors, n = their count)
+#   v_gqa4    attn_v when n_gqa >= 4 (instead of `v`)
+#   down      ffn_down and ffn_down_exps: a rule (i = layer, n = layers)
+#   out       attn_output unless the model has exactly 8 experts (llama.cpp: n_expert == 8)
 #   out8      attn_output when the model has exactly 8 experts
-#   v_more    attn_v in the layers use_more_bits() picks (counted over attn_v tensors)
-#   down_more ffn_down and ffn_down_exps in the layers use_more_bits() picks
+#   kv8       attn_k and attn_v when the model has exactly 8 experts (over every rule above)
+#   imatrix   llama-quantize refuses the file type without an importance matrix (and a missing
+#             entry for one of its `base` tensors)
+# A rule is None (the base type), a type, or (type, WHEN, other type or None = the base), WHEN one
+# of "more_bits" (use_more_bits(i, n)), "i<2", "i<n/8", "i<n/16".
 # "Quantisable" = llama.cpp's rule: >= 2 dims, name ends in "weight", not a norm, not
 # ffn_gate_inp (the router). Everything else (1-D tensors, the router) is F32.
 # ---------------------------------------------------------------------------------------------
+_NO = dict(embd=None, v=None, v_gqa4=None, down=None, out=None, out8=None, kv8=None, imatrix=False)
+_MORE6 = (T.Q6_K, "more_bits", None)
 RECIPES: dict[str, dict] = {
-    "F32":    dict(ftype=LlamaFileType.ALL_F32,       base=T.F32,  embd=None, kv8=None, out8=None, v_more=None, down_more=None),
-    "F16":    dict(ftype=LlamaFileType.MOSTLY_F16,    base=T.F16,  embd=None, kv8=None, out8=None, v_more=None, down_more=None),
-    "BF16":   dict(ftype=LlamaFileType.MOSTLY_BF16,   base=T.BF16, embd=None, kv8=None, out8=None, v_more=None, down_more=None),
-    "Q8_0":   dict(ftype=LlamaFileType.MOSTLY_Q8_0,   base=T.Q8_0, embd=None, kv8=T.Q8_0, out8=None, v_more=None, down_more=None),
-    "Q4_0":   dict(ftype=LlamaFileType.MOSTLY_Q4_0,   base=T.Q4_0, embd=T.Q6_K, kv8=T.Q8_0, out8=None, v_more=None, down_more=None),
-    "Q4_K_M": dict(ftype=LlamaFileType.MOSTLY_Q4_K_M, base=T.Q4_K, embd=T.Q6_K, kv8=T.Q8_0, out8=T.Q5_K, v_more=T.Q6_K, down_more=T.Q6_K),
-    "Q5_K_M": dict(ftype=LlamaFileType.MOSTLY_Q5_K_M, base=T.Q5_K, embd=T.Q6_K, kv8=T.Q8_0, out8=None, v_more=T.Q6_K, down_more=T.Q6_K),
-    "Q6_K":   dict(ftype=LlamaFileType.MOSTLY_Q6_K,   base=T.Q6_K, embd=T.Q6_K, kv8=T.Q8_0, out8=None, v_more=None, down_more=None),
+    "F32":    dict(_NO, ftype=LlamaFileType.ALL_F32,       base=T.F32),
+    "F16":    dict(_NO, ftype=LlamaFileType.MOSTLY_F16,    base=T.F16),
+    "BF16":   dict(_NO, ftype=LlamaFileType.MOSTLY_BF16,   base=T.BF16),
+    "Q8_0":   dict(_NO, ftype=LlamaFileType.MOSTLY_Q8_0,   base=T.Q8_0, kv8=T.Q8_0),
+    "Q4_0":   dict(_NO, ftype=LlamaFileType.MOSTLY_Q4_0,   base=T.Q4_0, embd=T.Q6_K, kv8=T.Q8_0),
+    "Q6_K":   dict(_NO, ftype=LlamaFileType.MOSTLY_Q6_K,   base=T.Q6_K, embd=T.Q6_K, kv8=T.Q8_0),
+    "Q5_K_M": dict(_NO, ftype=LlamaFileType.MOSTLY_Q5_K_M, base=T.Q5_K, embd=T.Q6_K, kv8=T.Q8_0, v=_MORE6, down=_MORE6),
+    "Q4_K_M": dict(_NO, ftype=LlamaFileType.MOSTLY_Q4_K_M, base=T.Q4_K, embd=T.Q6_K, kv8=T.Q8_0, v=_MORE6, down=_MORE6,
+                   out8=T.Q5_K),
+    "Q3_K_M": dict(_NO, ftype=LlamaFileType.MOSTLY_Q3_K_M, base=T.Q3_K, embd=T.Q6_K, kv8=T.Q8_0,
+                   v=(T.Q5_K, "i<2", T.Q4_K), down=(T.Q5_K, "i<n/16", T.Q4_K), out=T.Q4_K, out8=T.Q5_K),
+    "Q3_K_S": dict(_NO, ftype=LlamaFileType.MOSTLY_Q3_K_S, base=T.Q3_K, embd=T.Q6_K, kv8=T.Q8_0, out8=T.Q5_K),
+    "Q2_K":   dict(_NO, ftype=LlamaFileType.MOSTLY_Q2_K,   base=T.Q2_K, embd=T.Q6_K, kv8=T.Q8_0, v=T.Q3_K,
+                   v_gqa4=T.Q4_K, down=T.Q3_K, out=T.Q3_K, out8=T.Q5_K),
+    "Q2_K_S": dict(_NO, ftype=LlamaFileType.MOSTLY_Q2_K_S, base=T.Q2_K, embd=T.Q6_K, kv8=T.Q8_0, v_gqa4=T.Q4_K,
+                   down=(T.Q4_K, "i<n/8", None), imatrix=True),
 }
 FILE_TYPES = tuple(RECIPES)
-IMATRIX_FILE_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K")  # the file types whose K-quants take an imatrix
+# the file types whose K-quants take an imatrix (the others' types have no importance path here)
+IMATRIX_FILE_TYPES = ("Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
 # llama.cpp's tensor_type_fallback for rows that are not a multiple of the block size
-FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q4_0: T.F16, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16}
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q4_0: T.F16,
+            T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16}
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
     """llama.cpp's layer rule for the '_M' mixes (first/last eighth and every third layer)."""
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+_WHEN = {"more_bits": use_more_bits, "i<2": lambda i, n: i < 2, "i<n/8": lambda i, n: i < n // 8,
+         "i<n/16": lambda i, n: i < n // 16}
+
+
+def _apply(rule, base: T, i: int | None, n: int) -> T:
+    """A recipe rule (see the table) for tensor i of n."""
+    if rule is None or isinstance(rule, T):
+        return rule or base
+    then, when, other = rule
+    return then if i is not None and _WHEN[when](i, n) else (other or base)
 
 
 def quantisable(gguf_name: str, ndim: int) -> bool:
@@ -108,7 +142,7 @@ def quantisable(gguf_name: str, ndim: int) -> bool:
 
 
 def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], *, n_layers: int, n_experts: int,
-                layer: int | None = None, attn_v_index: int = 0, n_attn_v: int = 0) -> T:
+                layer: int | None = None, attn_v_index: int = 0, n_attn_v: int = 0, n_gqa: int = 1) -> T:
     """The ggml type of one tensor in a file of type `quant` (numpy `shape`, row = last dim)."""
     r = RECIPES[quant]
     if not quantisable(gguf_name, len(shape)):
@@ -123,19 +157,16 @@ def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], *, n_layers:
             return T.Q8_0 if ncols % 32 == 0 else T.F16
         t = r["embd"] or base  # Q6_K on rows that are not a multiple of 256 falls back below (Q4_0 on 64-wide)
     elif ".attn_v." in gguf_name:
-        if r["v_more"] and use_more_bits(attn_v_index, n_attn_v):
-            t = r["v_more"]
+        t = r["v_gqa4"] if n_gqa >= 4 and r["v_gqa4"] else _apply(r["v"], base, attn_v_index, n_attn_v)
         if n_experts == 8 and r["kv8"]:
             t = r["kv8"]
     elif ".attn_k." in gguf_name:
         if n_experts == 8 and r["kv8"]:
             t = r["kv8"]
     elif ".attn_output." in gguf_name:
-        if n_experts == 8 and r["out8"]:
-            t = r["out8"]
+        t = (r["out8"] if n_experts == 8 else r["out"]) or base
     elif ".ffn_down" in gguf_name:
-        if r["down_more"] and layer is not None and use_more_bits(layer, n_layers):
-            t = r["down_more"]
+        t = _apply(r["down"], base, layer, n_layers)
     while ncols % GGML_QUANT_SIZES[t][0]:
         t = FALLBACK[t]
     return t
@@ -541,6 +572,20 @@ class PlanItem:
         return n // bs * ts
 
 
+def tensor_types(tc, quant: str) -> list[tuple]:
+    """(tensor spec, ggml type) for every text tensor of a model with text config `tc`, in the
+    canonical order: the file type's recipe from the shapes alone (also what sizes are projected from)."""
+    specs = text_tensors(tc)
+    n_attn_v = sum(1 for s in specs if ".attn_v." in s.gguf)
+    n_gqa = tc.num_attention_heads // tc.layer_dims(0)[1]  # llama.cpp's hparams.n_gqa(): layer 0
+    out, v_i = [], 0
+    for s in specs:
+        out.append((s, tensor_type(quant, s.gguf, s.shape, n_layers=tc.num_hidden_layers, n_experts=tc.num_experts,
+                                   layer=s.layer, attn_v_index=v_i, n_attn_v=n_attn_v, n_gqa=n_gqa)))
+        v_i += ".attn_v." in s.gguf
+    return out
+
+
 def plan_export(src_dir, quant: str = "Q4_K_M") -> tuple[Config, list[PlanItem], list[str]]:
     """Config, the ordered tensor plan (name, shape, type, source) and warnings, without writing."""
     if quant not in RECIPES:
@@ -549,12 +594,10 @@ def plan_export(src_dir, quant: str = "Q4_K_M") -> tuple[Config, list[PlanItem],
     cfg = load_config(src)
     tc = cfg.text
     st = read_safetensors_index(src)
-    specs = text_tensors(tc)
-    n_attn_v = sum(1 for s in specs if ".attn_v." in s.gguf)
     items = [PlanItem(ROPE_FREQS_GGUF, (tc.global_head_dim // 2,), T.F32, None, rope_freqs(tc))]
-    v_i = 0
     missing = []
-    for s in specs:
+    types = tensor_types(tc, quant)
+    for s, qt in types:
         t = st.get(s.hf)
         if t is None:
             missing.append(s.hf)
@@ -563,15 +606,11 @@ def plan_export(src_dir, quant: str = "Q4_K_M") -> tuple[Config, list[PlanItem],
             raise CheckpointError(f"{t.file}: tensor {s.hf} has shape {list(t.shape)}, expected {list(s.shape)}")
         if t.dtype not in _ST_DTYPES:
             raise CheckpointError(f"{t.file}: tensor {s.hf} has unsupported dtype {t.dtype}")
-        qt = tensor_type(quant, s.gguf, s.shape, n_layers=tc.num_hidden_layers, n_experts=tc.num_experts,
-                         layer=s.layer, attn_v_index=v_i, n_attn_v=n_attn_v)
-        if ".attn_v." in s.gguf:
-            v_i += 1
         items.append(PlanItem(s.gguf, tuple(s.shape), qt, t))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{src}: checkpoint lacks {', '.join(missing[:5])}{more}")
-    known = {s.hf for s in specs}
+    known = {s.hf for s, _ in types}
     warnings = [f"ignoring tensor {n}" for n in sorted(st) if n not in known and not is_vision(n)]
     return cfg, items, warnings
 
@@ -596,6 +635,9 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     quant = quant.upper()
     if imatrix is not None and quant not in IMATRIX_FILE_TYPES:
         raise InputError(f"an imatrix applies to the K-quant file types ({', '.join(IMATRIX_FILE_TYPES)}), not {quant}")
+    if imatrix is None and quant in RECIPES and RECIPES[quant]["imatrix"]:
+        raise InputError(f"{quant} needs an importance matrix (llama-quantize refuses it without one): make one with "
+                         "`dgplug imatrix SRC --calib TEXT -o imatrix.gguf` and pass it with --imatrix")
     repo = str(src_dir) if hub.is_hub_id(src_dir) else None
     src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_path)
@@ -606,6 +648,14 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
 
         im = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
         im_meta = (None if isinstance(imatrix, Imatrix) else imatrix, im)
+        if RECIPES[quant]["imatrix"]:  # llama-quantize: no unweighted tensor of the base type in such a file
+            base = RECIPES[quant]["base"]
+            lack = [it.gguf for it in items if it.qtype == base and it.src is not None
+                    and it.gguf != "token_embd.weight" and it.gguf not in im.entries]
+            if lack:
+                more = f" (and {len(lack) - 1} more)" if len(lack) > 1 else ""
+                raise InputError(f"imatrix has no entry for {lack[0]}{more}: {quant} needs one for every "
+                                 f"{base.name} tensor (a very low-bit quantization)")
         imps = im.for_tensors((it.gguf, it.src.name, it.shape) for it in items
                               if it.src is not None and it.qtype in kquants.K_TYPES)
     gen = load_generation_defaults(src)

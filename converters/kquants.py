@@ -1,7 +1,7 @@
-"""Vectorised numpy encoders for ggml's K-quants (Q4_K, Q5_K, Q6_K) and one `quantize` front.
+"""Vectorised numpy encoders for ggml's K-quants (Q2_K .. Q6_K) and one `quantize` front.
 
 The gguf package (gguf-py) decodes every ggml type but encodes none of the K-quants; this module
-fills that gap. The bytes are those of ggml's reference quantizers (``quantize_row_q{4,5,6}_K_ref``,
+fills that gap. The bytes are those of ggml's reference quantizers (``quantize_row_q{2..6}_K_ref``,
 i.e. what ``llama-quantize`` writes without an importance matrix), block for block: the same
 float32 operations in the same order, vectorised across sub-blocks (tests/test_kquants.py holds a
 scalar statement of ggml's loops and compares bytes; ``gguf.quants.dequantize`` checks the format).
@@ -20,10 +20,17 @@ scalar statement of ggml's loops and compares bytes; ``gguf.quants.dequantize`` 
   search (weights x^2, 19 trial scales, the float32 test ``sumlx^2 > best*suml2``), scales
   quantized to int8 against an fp16 ``d``.
   Block = ql (128) | qh (64) | int8 scales (16) | d (f16)  (210 bytes).
+* Q3_K: 16 sub-blocks of 16, symmetric (q in -4..3) by ggml's ``make_q3_quants`` (start -4/max,
+  then sweeps moving one quant at a time while sumlx^2/suml2 rises, weights x^2); the signed
+  scales on a 6-bit grid by the largest |scale|. Block = hmask (32: the 3rd bits) | qs (64: 2 low
+  bits) | 12 bytes of packed 6-bit scales | d (f16)  (110 bytes).
+* Q2_K: 16 sub-blocks of 16, affine (q in 0..3) by ``make_qkx2_quants`` with weights |x| and the
+  weighted ABSOLUTE error (use_mad; rmin -0.5, step 0.1, 16 trials); scales and mins on 4-bit
+  grids by their maxima. Block = 16 bytes (scale | min << 4) | qs (64) | d | dmin  (84 bytes).
 
 With an importance matrix (``importance=``: one value per column, an imatrix's in_sum2/counts)
-the bytes are those of llama.cpp's ``quantize_q{4,5,6}_K`` with ``quant_weights``
-(``quantize_row_q{4,5,6}_K_impl``), the same way (tests/test_kquants.py has their scalar port):
+the bytes are those of llama.cpp's ``quantize_q{2..6}_K`` with ``quant_weights``
+(``quantize_row_q{2..6}_K_impl``), the same way (tests/test_kquants.py has their scalar port):
 
 * Q4_K / Q5_K: per super-block sigma2 = 2*sum(x^2)/256, weights ``qw*sqrt(sigma2 + x^2)``;
   ``make_qkx3_quants`` (the same running-min search, trials rmin -0.9 + 0.05 k, k = 0..36,
@@ -31,13 +38,19 @@ the bytes are those of llama.cpp's ``quantize_q{4,5,6}_K`` with ``quant_weights`
   by ``make_qp_quants`` (a weighted fit of the grid step, each sub-block weighted by its sum
   of weights; ``_qp_quants``), not by max/63. Q5_K caps them at 63, Q4_K packs them as is.
 * Q6_K: ``make_qx_quants`` with the importance itself as weights; the rest as without.
+* Q3_K: weights ``qw*sqrt(sigma2 + x^2)`` (sigma2 as Q4_K); ``make_qx_quants`` (nmax 4) with
+  them per sub-block, and the 16 scales fitted to the 6-bit grid by ``make_qx_quants`` (nmax 32)
+  weighted by each sub-block's sum of weights.
+* Q2_K: weights ``qw*sqrt(sigma2 + x^2)`` with sigma2 = sum(x^2)/256 (no factor 2 here);
+  ``make_qkx3_quants`` (squared error, rmin -0.9, step 0.05, 37 trials); scales and mins fitted
+  to their 4-bit grids by ``make_qp_quants`` weighted by the sub-blocks' sums of weights.
 
 Entry points:
     quantize(array, qtype, name="tensor", importance=None) -> np.ndarray[uint8 or float]
-        F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1 through ``gguf.quants.quantize``; Q4_K, Q5_K, Q6_K
+        F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1 through ``gguf.quants.quantize``; Q2_K .. Q6_K
         here. The last dimension must be a multiple of the type's block size. NaN/Inf in the input
         raise ``FormatError`` naming the tensor (for every type). Only the K types use `importance`.
-    quantize_q4_k / quantize_q5_k / quantize_q6_k(rows, name, importance=None)
+    quantize_q2_k / quantize_q3_k / ... / quantize_q6_k(rows, name, importance=None)
         -> (n_rows, bytes_per_row) uint8
 """
 
@@ -55,7 +68,7 @@ GROUP_MAX_EPS = 1e-15
 # sub-blocks searched at once (columns of the search matrices; keeps the working set in cache)
 _SUB_COLS = 8192
 
-K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 GGUF_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1)
 
 
@@ -158,9 +171,10 @@ def _qkx2_quants(x, mn, iscale, nmax, out, c=None, xmin=None, guard=False):
 
 
 def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
-                 guard: bool = False):
+                 guard: bool = False, mad: bool = False):
     """ggml's make_qkx2_quants on every column of x (n values x sub-blocks), weights w; with
     guard=True its importance-matrix twin make_qkx3_quants (same loop, other quantisation guard).
+    mad=True: the error of a fit is sum w*|diff| instead of sum w*diff^2 (ggml's use_mad, Q2_K).
 
     Trial k quantises with inverse scale (rmin + rdelta*k + nmax)/(max - min) from the running
     min, fits (scale, min) by weighted least squares (min <= 0), and replaces the best when its
@@ -187,7 +201,10 @@ def _qkx2_search(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
         np.multiply(l, s, out=t)
         np.add(t, m, out=t)
         np.subtract(t, x, out=t)
-        np.multiply(t, t, out=t)
+        if mad:
+            np.abs(t, out=t)
+        else:
+            np.multiply(t, t, out=t)
         return _dot_cols(t, w, t)
 
     _qkx2_quants(x, mn, isc, nmax, l, f(nmax), xmin)
@@ -248,10 +265,8 @@ def _qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.
     """ggml's make_qp_quants on every column of x (n values >= 0 x blocks), weights w -> (L uint8,
     scale): the block's sub-block scales (or mins) on a grid of 0..nmax, used with an importance
     matrix. Start nmax/max and 8 trial inverse scales (nmax + 0.1 is)/max (kept on a strictly
-    lower weighted error), then up to 5 sweeps moving one L at a time to nearest_int(x*sl2/slx)
-    when that raises sumlx^2/suml2 (float32 test `slx*slx*suml2 > sumlx*sumlx*sl2`). A sweep
-    that changes nothing leaves the state as it was, so ggml's early stop per block is the same
-    as sweeping on. L is uint8 as in the C (a negative nearest_int wraps when stored)."""
+    lower weighted error), then `_sweeps` (quants capped at nmax). L is uint8 as in the C (a
+    negative nearest_int wraps when stored)."""
     f = _F32
     vmax = np.maximum.reduce(x, axis=0, initial=0)
     zero = vmax < GROUP_MAX_EPS
@@ -271,34 +286,52 @@ def _qp_quants(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.
         win = e < best
         np.putmask(best, win, e)
         np.putmask(iscale, win, ik)
-    li = np.minimum(_nearest_int(iscale * x), nmax)
-    L = (li & 0xFF).astype(np.uint8)
-    lf = li.astype(f)
+    L, sumlx, suml2 = _sweeps(x, w, np.minimum(_nearest_int(iscale * x), nmax), None, nmax, qp=True)
+    scale = np.where(suml2 > 0, sumlx / suml2, f(0)).astype(f)
+    L = L.astype(np.uint8)
+    L[:, zero] = 0
+    return L, np.where(zero, f(0), scale).astype(f)
+
+
+def _sweeps(x: np.ndarray, w: np.ndarray, li: np.ndarray, lo, hi, qp: bool):
+    """The refinement make_qp_quants and make_q3_quants share, on every column of x (weights w, start
+    quants li int32): up to 5 sweeps over the values, each moving one quant to
+    clamp(nearest_int(x*sl2/slx), lo, hi) (sl2, slx: the sums without it) when that raises
+    sumlx^2/suml2 (float32 test `slx*slx*suml2 > sumlx*sumlx*sl2`). make_qp_quants (qp=True)
+    stores quants to uint8 (a negative one wraps, and is read back so) and moves only where both
+    sums without the value are positive; make_q3_quants where slx is and the new sl2 is. A sweep
+    that changes nothing in a column leaves it as it was, so ggml's early stop per column is the
+    same as sweeping on. -> (L int32, sumlx, suml2); the sums start from li, as in the C."""
+    f = _F32
     wx = w * x
+    lf = li.astype(f)
     sumlx = _seq_sum(wx * lf)
     suml2 = _seq_sum(w * lf * lf)
+    L = li & 0xFF if qp else li.copy()
     for _ in range(5):
         changed = False
         for i in range(x.shape[0]):
             Li = L[i].astype(f)
             slx = sumlx - wx[i] * Li  # the sums without value i
             sl2 = suml2 - w[i] * Li * Li
-            new = np.minimum(_nearest_int(x[i] * sl2 / slx), nmax)
-            ok = (slx > 0) & (sl2 > 0) & (new != L[i])
+            new = np.clip(_nearest_int(x[i] * sl2 / slx), lo, hi)  # garbage where slx <= 0: not taken
+            ok = (slx > 0) & (new != L[i])
+            if qp:
+                ok &= sl2 > 0
             nf = new.astype(f)
-            slx += wx[i] * nf  # ... and with the new L
+            slx += wx[i] * nf  # ... and with the new quant
             sl2 += w[i] * nf * nf
+            if not qp:
+                ok &= sl2 > 0
             ok &= slx * slx * suml2 > sumlx * sumlx * sl2
             if ok.any():
                 changed = True
-                np.putmask(L[i], ok, (new & 0xFF).astype(np.uint8))
+                np.putmask(L[i], ok, new & 0xFF if qp else new)
                 np.putmask(sumlx, ok, slx)
                 np.putmask(suml2, ok, sl2)
         if not changed:
             break
-    scale = np.where(suml2 > 0, sumlx / suml2, f(0)).astype(f)
-    L[:, zero] = 0
-    return L, np.where(zero, f(0), scale).astype(f)
+    return L, sumlx, suml2
 
 
 def _columns(x: np.ndarray, n: int) -> np.ndarray:
@@ -306,13 +339,14 @@ def _columns(x: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(-1, n).T)
 
 
-def _imatrix_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    """Q4_K/Q5_K with an importance matrix: per super-block sigma2 = 2*sum(x^2)/256 (summed in
-    index order), weights qw*sqrt(sigma2 + x^2), as (32, sub-blocks) columns."""
+def _imatrix_weights(x: np.ndarray, qw: np.ndarray, n: int = 32, two: bool = True) -> np.ndarray:
+    """The weights of the K-quants with an importance matrix: per super-block sigma2 =
+    2*sum(x^2)/256 (Q3_K..Q5_K; Q2_K: sum(x^2)/256), summed in index order, weights
+    qw*sqrt(sigma2 + x^2), as (n, sub-blocks) columns."""
     f = _F32
     xt = np.ascontiguousarray(x.T)  # (256, nb): the reduction over axis 0 is C's loop order
-    sigma2 = f(2) * _seq_sum(xt * xt) / f(QK_K)
-    return _columns(qw * np.sqrt(sigma2[:, None] + x * x), 32)
+    sigma2 = f(2 if two else 1) * _seq_sum(xt * xt) / f(QK_K)
+    return _columns(qw * np.sqrt(sigma2[:, None] + x * x), n)
 
 
 def _encode_qk_asym(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, qw=None):
@@ -512,7 +546,165 @@ def _q6_k_blocks(x: np.ndarray, qw=None) -> np.ndarray:
     return out
 
 
-_BLOCK_FN = {T.Q4_K: _q4_k_blocks, T.Q5_K: _q5_k_blocks, T.Q6_K: _q6_k_blocks}
+# ---------------------------------------------------------------------------------------------
+# Q3_K and Q2_K: 16 sub-blocks of 16, 2 low bits of each quant packed four to a byte
+# ---------------------------------------------------------------------------------------------
+
+def _q3_quants(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's make_q3_quants(16, nmax 4, do_rmse) on every column of x (16 values x sub-blocks)
+    -> (scale, L uint8 in 0..7).
+
+    Symmetric x ~ scale*l, l in -4..3: l = nearest_int(-4/max * x) (max: the first value of
+    largest |x|), then `_sweeps` with weights x^2. All-zero columns (max |x| < 1e-15): scale 0,
+    L = 0."""
+    f = _F32
+    n = x.shape[1]
+    vmax = x[np.abs(x).argmax(axis=0), np.arange(n)]  # the first of equal |x| (C: strict '>')
+    live = np.abs(vmax) >= GROUP_MAX_EPS
+    vmax = np.where(live, vmax, f(1)).astype(f)
+    L, sumlx, suml2 = _sweeps(x, x * x, np.clip(_nearest_int((f(-4) / vmax) * x), -4, 3), -4, 3, qp=False)
+    scale = np.where(live & (suml2 > 0), sumlx / suml2, f(0)).astype(f)
+    return scale, np.where(live, L + 4, 0).astype(np.uint8)
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """(nb, 256) quants in 0..3 -> ggml's 64 bytes: byte 32h + l holds elements 128h + 32s + l in
+    bits 2s, 2s+1 (s = 0..3)."""
+    L = L.reshape(-1, 2, 4, 32)
+    return (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _q3_k_blocks(x: np.ndarray, qw=None) -> np.ndarray:
+    """quantize_row_q3_K_ref: make_q3_quants per sub-block, the 16 signed scales put on a 6-bit grid
+    by the largest |scale| (-32/max, clamped to -32..31), d = max/-32. With qw (nb, 256)
+    quantize_row_q3_K_impl: weights qw*sqrt(sigma2 + x^2), make_qx_quants (nmax 4) with them per
+    sub-block, and the 16 scales fitted to the 6-bit grid by make_qx_quants (nmax 32) weighted
+    by each sub-block's sum of weights. Then as in ggml: values re-quantised with the packed
+    scales (sub-blocks whose scale is 0 keep the search's quants), 3rd bits to hmask.
+    Block = hmask (32) | qs (64) | 12 bytes of packed 6-bit scales | d (f16)  (110 bytes)."""
+    f = _F32
+    nb = x.shape[0]
+    ns = nb * 16
+    xt = _columns(x, 16)
+    scales = np.empty(ns, f)
+    if qw is None:
+        Ls = np.empty((16, ns), np.uint8)
+        for c0 in range(0, ns, 2 * _SUB_COLS):
+            c = slice(c0, min(c0 + 2 * _SUB_COLS, ns))
+            scales[c], Ls[:, c] = _q3_quants(np.ascontiguousarray(xt[:, c]))
+    else:
+        w = _imatrix_weights(x, qw, 16)
+        live, kbest, vmax = np.empty(ns, bool), np.empty(ns, np.int8), np.empty(ns, f)
+        for c0 in range(0, ns, 2 * _SUB_COLS):
+            c = slice(c0, min(c0 + 2 * _SUB_COLS, ns))
+            scales[c], live[c], kbest[c], vmax[c] = _qx_search(np.ascontiguousarray(xt[:, c]),
+                                                               np.ascontiguousarray(w[:, c]), 4)
+    scales = scales.reshape(nb, 16)
+    if qw is None:
+        imax = np.abs(scales).argmax(axis=1)  # the first of equal |scale|
+        max_scale = scales[np.arange(nb), imax]
+        nz = max_scale != 0
+        iscale = (f(-32) / np.where(nz, max_scale, f(1))).astype(f)
+        ls = np.clip(_nearest_int(iscale[:, None] * scales).astype(np.int8), -32, 31).astype(np.int32) + 32
+        ls[~nz] = 0  # ggml leaves the scale bytes zeroed (and d = 0)
+        d = np.where(nz, f(1) / iscale, f(0)).astype(np.float16)
+    else:
+        st = np.ascontiguousarray(scales.T)
+        sw = np.ascontiguousarray(_seq_sum(w).reshape(nb, 16).T)
+        d_block, live_b, kb, vb = _qx_search(st, sw, 32)
+        lb = _qx_quants(st, _qx_trial_iscale(kb.astype(f), 32, vb), 32, np.empty_like(st), (st.min(0), st.max(0)))
+        ls = np.where(live_b, lb + f(32), f(0)).T.astype(np.int32)
+        d = d_block.astype(np.float16)
+    if not np.isfinite(d).all():
+        raise OverflowError("block scale overflows fp16")
+    dl = d.astype(f)[:, None] * (ls - 32).astype(f)  # (nb, 16)
+    kept = dl == 0  # ggml skips these sub-blocks: their quants stay those of the search
+    q = np.clip(_nearest_int(x.reshape(nb, 16, 16) / np.where(kept, f(1), dl)[:, :, None]), -4, 3) + 4
+    if kept.any():
+        j = np.flatnonzero(kept)
+        if qw is None:
+            q.reshape(ns, 16)[j] = Ls[:, j].T
+        else:
+            xj = xt[:, j]
+            lj = _qx_quants(xj, _qx_trial_iscale(kbest[j].astype(f), 4, vmax[j]), 4, np.empty_like(xj),
+                            (xj.min(0), xj.max(0)))
+            q.reshape(ns, 16)[j] = np.where(live[j], lj + f(4), f(0)).T.astype(np.int32)
+    L = q.astype(np.uint8).reshape(nb, 256)
+    hi = (L >> 2).reshape(nb, 8, 32)  # the 3rd bit of element 32b + m goes to bit b of hmask[m]
+    hmask = np.bitwise_or.reduce(hi << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+    ls = ls.astype(np.uint8)
+    lo, top = ls & 0x0F, ls >> 4
+    out = np.empty((nb, 110), np.uint8)
+    out[:, 0:32] = hmask
+    out[:, 32:96] = _pack_2bit(L & 3)
+    out[:, 96:104] = lo[:, 0:8] | (lo[:, 8:16] << 4)
+    out[:, 104:108] = top[:, 0:4] | (top[:, 4:8] << 2) | (top[:, 8:12] << 4) | (top[:, 12:16] << 6)
+    out[:, 108:110] = d.reshape(nb, 1).view(np.uint8)
+    return out
+
+
+def _q2_k_blocks(x: np.ndarray, qw=None) -> np.ndarray:
+    """quantize_row_q2_K_ref: an affine fit x ~ s*q - m (q in 0..3) per sub-block by
+    make_qkx2_quants with weights |x| and the absolute error (use_mad; trials rmin -0.5, step 0.1,
+    16 trials), the 16 scales and 16 mins put on 4-bit grids by their maxima (15/max, d = max/15).
+    With qw (nb, 256) quantize_row_q2_K_impl: weights qw*sqrt(sigma2 + x^2) (sigma2 =
+    sum(x^2)/256, no factor 2 here), make_qkx3_quants (squared error, rmin -0.9, step 0.05, 37
+    trials), and the scales and mins fitted to their 4-bit grids by make_qp_quants weighted by
+    each sub-block's sum of weights. Then values re-quantised with the packed scale and min
+    (sub-blocks whose scale is 0 keep the search's quants).
+    Block = 16 bytes (scale | min << 4) | qs (64) | d (f16) | dmin (f16)  (84 bytes)."""
+    f = _F32
+    nb = x.shape[0]
+    ns = nb * 16
+    xt = _columns(x, 16)
+    if qw is None:
+        w, trials, guard = np.abs(xt), (-0.5, 0.1, 15), False
+    else:
+        w, trials, guard = _imatrix_weights(x, qw, 16, two=False), (-0.9, 0.05, 36), True
+    scale, the_min, isc, base = (np.empty(ns, f) for _ in range(4))
+    for c0 in range(0, ns, _SUB_COLS):
+        c = slice(c0, min(c0 + _SUB_COLS, ns))
+        scale[c], the_min[c], isc[c], base[c] = _qkx2_search(np.ascontiguousarray(xt[:, c]),
+                                                             np.ascontiguousarray(w[:, c]), 3, *trials,
+                                                             guard=guard, mad=qw is None)
+    scale = scale.reshape(nb, 16)
+    the_min = the_min.reshape(nb, 16)
+    if qw is None:
+        max_scale = np.maximum(scale.max(axis=1), f(0))
+        max_min = np.maximum(the_min.max(axis=1), f(0))
+        inv_s = (f(15) / np.where(max_scale > 0, max_scale, f(1))).astype(f)
+        inv_m = (f(15) / np.where(max_min > 0, max_min, f(1))).astype(f)
+        ls = np.where(max_scale[:, None] > 0, _nearest_int(inv_s[:, None] * scale), 0)
+        lm = np.where(max_min[:, None] > 0, _nearest_int(inv_m[:, None] * the_min), 0)
+        sc = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)  # uint8 stores, as the C
+        d = (max_scale / f(15)).astype(np.float16)
+        dmin = (max_min / f(15)).astype(np.float16)
+    else:
+        sw = np.ascontiguousarray(_seq_sum(w).reshape(nb, 16).T)
+        ls, d_block = _qp_quants(np.ascontiguousarray(scale.T), sw, 15)
+        lm, m_block = _qp_quants(np.ascontiguousarray(the_min.T), sw, 15)
+        sc = (ls | (lm << 4)).T
+        d, dmin = d_block.astype(np.float16), m_block.astype(np.float16)
+    if not (np.isfinite(d).all() and np.isfinite(dmin).all()):
+        raise OverflowError("block scale overflows fp16")
+    dl = d.astype(f)[:, None] * (sc & 0x0F).astype(f)  # (nb, 16)
+    ml = dmin.astype(f)[:, None] * (sc >> 4).astype(f)
+    kept = dl == 0  # ggml skips these sub-blocks: their quants stay those of the search
+    q = np.clip(_nearest_int((x.reshape(nb, 16, 16) + ml[:, :, None]) / np.where(kept, f(1), dl)[:, :, None]), 0, 3)
+    if kept.any():
+        j = np.flatnonzero(kept)
+        xj = xt[:, j]
+        q.reshape(ns, 16)[j] = _qkx2_quants(xj, base[j], isc[j], 3, np.empty_like(xj), guard=guard).T
+    out = np.empty((nb, 84), np.uint8)
+    out[:, 0:16] = sc
+    out[:, 16:80] = _pack_2bit(q.astype(np.uint8).reshape(nb, 256))
+    out[:, 80:82] = d.reshape(nb, 1).view(np.uint8)
+    out[:, 82:84] = dmin.reshape(nb, 1).view(np.uint8)
+    return out
+
+
+_BLOCK_FN = {T.Q2_K: _q2_k_blocks, T.Q3_K: _q3_k_blocks, T.Q4_K: _q4_k_blocks, T.Q5_K: _q5_k_blocks,
+             T.Q6_K: _q6_k_blocks}
 
 
 def _check_importance(importance, cols: int, name: str) -> np.ndarray:
@@ -549,6 +741,14 @@ def _quantize_k(rows: np.ndarray, qtype: T, name: str, importance=None) -> np.nd
             "(a block scale overflows fp16)"
         ) from None
     return out.reshape(*lead, rows.shape[-1] // QK_K * type_size)
+
+
+def quantize_q2_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
+    return _quantize_k(rows, T.Q2_K, name, importance)
+
+
+def quantize_q3_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
+    return _quantize_k(rows, T.Q3_K, name, importance)
 
 
 def quantize_q4_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:

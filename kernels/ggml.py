@@ -31,6 +31,12 @@ Block formats (ggml; QK elements per block, little-endian fp16 scales; j = eleme
   Q5_K 256 / 176: as Q4_K plus qh[32] (bit s of byte l = 5th bit of element 32s + l)
   Q6_K 256 / 210: ql[128], qh[64], int8 scales[16] (one per 16 elements), d at the end;
                   w = (d * scale) * (q - 32), q = 4 low bits from ql, 2 high from qh
+  Q2_K 256 / 84:  scales[16] (low nibble: scale, high: min, one pair per 16 elements), qs[64]
+                  (byte 32h + l, bits 2s: element 128h + 32s + l), d, dmin;
+                  w = (d * sc) * q - dmin * m
+  Q3_K 256 / 110: hmask[32] (bit b of byte l: 3rd bit of element 32b + l), qs[64] (as Q2_K),
+                  12 B of 6-bit scales (low 4 bits: nibble t % 8 >> 4 (t // 8); high 2: byte
+                  8 + t % 4 >> 2 (t // 4)), d; w = (d * (sc - 32)) * (q - 4 * (1 - 3rd bit))
 The torch dequantisers below follow gguf-py's `gguf.quants.dequantize` operation by operation,
 so they agree with it bit for bit in fp32 (tests/test_ggml.py); `tile` is the same decoding for
 one [BLOCK_K, BLOCK_N] tile inside the Triton MoE kernels.
@@ -55,11 +61,11 @@ except Exception:  # pragma: no cover - depends on the environment
 
 __all__ = ["GGMLWeight", "PACKED_TYPES", "dequantize_blocks"]
 
-PACKED_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+PACKED_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 _CHUNK = 1 << 20  # elements decoded at once (bounds the int/fp32 temporaries)
 # byte offsets of the fp16 scale fields of one block (their finiteness is the weight's)
 _F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q4_K: (0, 2),
-               T.Q5_K: (0, 2), T.Q6_K: (208,)}
+               T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q2_K: (80, 82), T.Q3_K: (108,)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +151,28 @@ def _q6_k(b):
     return (d[:, :, None] * q).reshape(n, 256)
 
 
+def _q2_k(b):
+    n = b.shape[0]
+    sc = b[:, :16]
+    d = _f16(b, 80) * (sc & 15).float()
+    m = _f16(b, 82) * (sc >> 4).float()
+    q = _bits(b[:, 16:80].reshape(2 * n, 32), 4, 2).reshape(n, 16, 16).float()  # 2 halves x 4 shifts
+    return (d[:, :, None] * q - m[:, :, None]).reshape(n, 256)
+
+
+def _q3_k(b):
+    n = b.shape[0]
+    s = b[:, 96:108]
+    sc = _bits(s[:, :8], 2, 4).reshape(n, 16) | (_bits(s[:, 8:], 4, 2).reshape(n, 16) << 4)
+    d = _f16(b, 108) * (sc.to(torch.int8) - 32).float()
+    low = _bits(b[:, 32:96].reshape(2 * n, 32), 4, 2).reshape(n, 16, 16)
+    third = _bits(b[:, :32], 8, 1).reshape(n, 16, 16)
+    q = (low.to(torch.int8) - ((third ^ 1) << 2).to(torch.int8)).float()  # 3rd bit 0: q - 4
+    return (d[:, :, None] * q).reshape(n, 256)
+
+
 _DECODE = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q4_K: _q4_k,
-           T.Q5_K: _q5_k, T.Q6_K: _q6_k}
+           T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.Q2_K: _q2_k, T.Q3_K: _q3_k}
 
 
 def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32) -> torch.Tensor:
@@ -381,6 +407,30 @@ if HAS_TRITON:
         return (_half(blk + 208, mask) * sc) * ((ql | (qh << 4)) - 32).to(tl.float32)
 
     @triton.jit
+    def _low2(blk, j, mask, QS: tl.constexpr):
+        """The 2 low bits of element j of a Q2_K / Q3_K block (qs at QS)."""
+        return (_byte(blk + QS + (j // 128) * 32 + j % 32, mask) >> (2 * ((j % 128) // 32))) & 3
+
+    @triton.jit
+    def _tile_q2_k(row, k, mask):
+        blk = row + (k // 256) * 84
+        j = k % 256
+        sc = _byte(blk + j // 16, mask)
+        q = _low2(blk, j, mask, 16).to(tl.float32)
+        return (_half(blk + 80, mask) * (sc & 15).to(tl.float32)) * q - _half(blk + 82, mask) * (sc >> 4).to(tl.float32)
+
+    @triton.jit
+    def _tile_q3_k(row, k, mask):
+        blk = row + (k // 256) * 110
+        j = k % 256
+        t = j // 16
+        sc = ((_byte(blk + 96 + t % 8, mask) >> (4 * (t // 8))) & 15) | \
+            (((_byte(blk + 104 + t % 4, mask) >> (2 * (t // 4))) & 3) << 4)
+        third = (_byte(blk + j % 32, mask) >> (j // 32)) & 1
+        q = _low2(blk, j, mask, 32) - 4 * (1 - third)
+        return (_half(blk + 108, mask) * (sc - 32).to(tl.float32)) * q.to(tl.float32)
+
+    @triton.jit
     def tile(w_ptr, e, rows, nmask, offs_k, K, stride_we, stride_wn, QT: tl.constexpr):
         """fp32 [BK, BN] tile of weight[e, rows, offs_k]^T decoded from ggml blocks (QT: the ggml
         type id; strides in bytes), zero outside K / the masked rows."""
@@ -399,6 +449,10 @@ if HAS_TRITON:
             w = _tile_32(row, k, mask, 22, 6, 2, False, 16)
         elif QT == 7:  # Q5_1
             w = _tile_32(row, k, mask, 24, 8, 4, True, 0)
+        elif QT == 10:  # Q2_K
+            w = _tile_q2_k(row, k, mask)
+        elif QT == 11:  # Q3_K
+            w = _tile_q3_k(row, k, mask)
         elif QT == 12:  # Q4_K
             w = _tile_k45(row, k, mask, 144, 16, False)
         elif QT == 13:  # Q5_K

@@ -20,7 +20,7 @@ from dgplug.converters import gguf_import as gi
 from dgplug.converters import kquants as kq
 from dgplug.errors import CheckpointError, FormatError
 
-QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
+QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q3_K_S", "Q2_K"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,11 +47,15 @@ def _test_rows(seed=0, cols=512):
 # Derivation: half a quantisation step of the sub-block (range/15, /31, absmax/31.5) plus the
 # 6-bit (K4/K5) or 8-bit (K6) rounding of the sub-block scale; measured maxima are ~2/3 of these.
 # (fp16 subnormal step 2**-24 times the largest scale*quant product of the type).
-BOUNDS = {T.Q4_K: (0.14, 1e-4), T.Q5_K: (0.07, 2e-4), T.Q6_K: (0.03, 3e-4), T.Q8_0: (1 / 254 + 1e-3, 1e-5),
-          T.Q4_0: (1 / 8 + 1e-3, 1e-6)}
+# Q3_K: quants -4..3 of a step ~max|x|/4 of the sub-block; the value of the sign opposite to the
+# largest maps to +4 and is clamped to 3 (a full step, 0.25), plus the 6-bit scale rounding
+# (measured maxima 0.2). Q2_K: 0..3 over the range (<= 2 max|x|): half a step 1/3, plus the 4-bit
+# rounding of the scale (1.5 d <= max/10 * 2/3) and of the min (dmin/2 <= max/30) (measured 0.37).
+BOUNDS = {T.Q2_K: (0.45, 1e-4), T.Q3_K: (0.3, 1e-4), T.Q4_K: (0.14, 1e-4), T.Q5_K: (0.07, 2e-4),
+          T.Q6_K: (0.03, 3e-4), T.Q8_0: (1 / 254 + 1e-3, 1e-5), T.Q4_0: (1 / 8 + 1e-3, 1e-6)}
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0])
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0])
 def test_encoder_roundtrip_within_bound(qtype):
     x = _test_rows()
     b = kq.quantize(x, qtype, name="w")
@@ -94,6 +98,8 @@ def _naive_sym(x, nmax, sub):
     (T.Q4_K, lambda x: _naive_asym(x, 15, 32)),
     (T.Q5_K, lambda x: _naive_asym(x, 31, 32)),
     (T.Q6_K, lambda x: _naive_sym(x, 32, 16)),
+    (T.Q3_K, lambda x: _naive_sym(x, 4, 16)),
+    (T.Q2_K, lambda x: _naive_asym(x, 3, 16)),
 ])
 def test_search_beats_naive_minmax(qtype, naive):
     rng = np.random.default_rng(1)
@@ -220,6 +226,49 @@ def test_recipe_rules_for_the_released_shapes():
     assert ge.tensor_type("BF16", "blk.0.attn_q.weight", (4096, 2816), layer=0, **kw) == T.BF16
 
 
+def test_low_bit_mixes(exported):
+    # the tiny model has 8 experts: llama.cpp's n_expert == 8 rules (attn_k/attn_v Q8_0, attn_output Q5_K)
+    for q, base, down in (("Q3_K_M", "Q3_K", "Q4_K"), ("Q3_K_S", "Q3_K", "Q3_K"), ("Q2_K", "Q2_K", "Q3_K")):
+        types = {n: t for n, t, _, _ in gi.inspect_table(exported[q])["tensors"]}
+        assert types["token_embd.weight"] == "Q6_K", q
+        assert types["blk.0.attn_k.weight"] == "Q8_0" and types["blk.1.attn_v.weight"] == "Q8_0", q
+        assert types["blk.0.attn_output.weight"] == "Q5_K", q
+        for L in range(4):  # Q3_K_M: Q5_K only below n_layers/16 = 0 here
+            assert types[f"blk.{L}.attn_q.weight"] == base and types[f"blk.{L}.ffn_gate_up_exps.weight"] == base
+            assert types[f"blk.{L}.ffn_down.weight"] == down and types[f"blk.{L}.ffn_down_exps.weight"] == down
+        assert types["self_cond_down.weight"] == base
+
+
+@pytest.mark.parametrize("quant,want", [
+    # attn_v (0, 1, 2), attn_k, attn_q, attn_output, ffn_down (layer 0, 2, 3), experts' down (0, 3), gate_up
+    ("Q3_K_M", "Q5_K Q5_K Q4_K Q3_K Q3_K Q4_K Q5_1 Q5_0 Q5_0 Q5_1 Q5_0 Q3_K"),
+    ("Q3_K_S", "Q3_K Q3_K Q3_K Q3_K Q3_K Q3_K Q4_0 Q4_0 Q4_0 Q4_0 Q4_0 Q3_K"),
+    ("Q2_K", "Q3_K Q3_K Q3_K Q2_K Q2_K Q3_K Q4_0 Q4_0 Q4_0 Q4_0 Q4_0 Q2_K"),
+    ("Q2_K_S", "Q2_K Q2_K Q2_K Q2_K Q2_K Q2_K Q5_0 Q5_0 Q4_0 Q5_0 Q4_0 Q2_K"),
+    ("Q4_K_M", "Q6_K Q6_K Q6_K Q4_K Q4_K Q4_K Q8_0 Q8_0 Q5_0 Q8_0 Q5_0 Q4_K"),
+])
+def test_low_bit_recipes_for_the_released_shapes(quant, want):
+    # llama.cpp's llama_tensor_get_type for 30 layers, 128 experts, n_gqa 16/8 = 2; rows of 2112 and
+    # 704 are not multiples of 256: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
+    kw = dict(n_layers=30, n_experts=128, n_gqa=2)
+    t = lambda name, shape, **k: ge.tensor_type(quant, name, shape, **kw, **k).name  # noqa: E731
+    got = [t("blk.0.attn_v.weight", (2048, 2816), attn_v_index=i, n_attn_v=25) for i in range(3)]
+    got += [t("blk.0.attn_k.weight", (2048, 2816)), t("blk.0.attn_q.weight", (4096, 2816)),
+            t("blk.5.attn_output.weight", (2816, 8192))]
+    got += [t(f"blk.{L}.ffn_down.weight", (2816, 2112), layer=L) for L in (0, 2, 3)]
+    got += [t(f"blk.{L}.ffn_down_exps.weight", (128, 2816, 704), layer=L) for L in (0, 3)]
+    got += [t("blk.0.ffn_gate_up_exps.weight", (128, 1408, 2816), layer=0)]
+    assert " ".join(got) == want
+    assert t("token_embd.weight", (262144, 2816)) == "Q6_K"
+    # more KV sharing (n_gqa >= 4) gives Q2_K/Q2_K_S's attn_v Q4_K; 8 experts: attn_k/v Q8_0, attn_output Q5_K
+    if quant.startswith("Q2_K"):
+        assert ge.tensor_type(quant, "blk.0.attn_v.weight", (2048, 2816), n_layers=30, n_experts=128, n_gqa=4) == T.Q4_K
+    eight = dict(n_layers=30, n_experts=8)
+    assert ge.tensor_type(quant, "blk.0.attn_k.weight", (2048, 2816), **eight) == T.Q8_0
+    out8 = ge.tensor_type(quant, "blk.0.attn_output.weight", (2816, 4096), **eight)
+    assert out8 == (T.Q2_K if quant == "Q2_K_S" else T.Q5_K)
+
+
 def test_f32_round_trip_is_exact(exported, hf_tensors):
     got = dict(gi.iter_hf_tensors(exported["F32"]))
     want = {k: v for k, v in hf_tensors.items() if not k.startswith(("model.encoder.vision", "model.encoder.embed_vision"))}
@@ -230,7 +279,8 @@ def test_f32_round_trip_is_exact(exported, hf_tensors):
 
 
 # per file type: max |err| / max|w| over every tensor
-ROUND_TRIP = {"F16": 1e-3, "BF16": 4e-3, "Q8_0": 5e-3, "Q4_0": 0.13, "Q4_K_M": 0.14, "Q5_K_M": 0.07, "Q6_K": 0.03}
+ROUND_TRIP = {"F16": 1e-3, "BF16": 4e-3, "Q8_0": 5e-3, "Q4_0": 0.13, "Q4_K_M": 0.14, "Q5_K_M": 0.07, "Q6_K": 0.03,
+              "Q3_K_M": 0.3, "Q3_K_S": 0.3, "Q2_K": 0.45}  # the encoders' bounds (BOUNDS above) for the base type
 
 
 @pytest.mark.parametrize("quant", list(ROUND_TRIP))
@@ -439,7 +489,7 @@ def test_nan_in_checkpoint_is_named_and_leaves_nothing(ckpt, tmp_path):
 
 def test_bad_quant_and_missing_tensor(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="unknown file type"):
-        ge.export_gguf(ckpt, tmp_path / "m.gguf", quant="Q3_K_S")
+        ge.export_gguf(ckpt, tmp_path / "m.gguf", quant="Q3_K_L")
     src = tmp_path / "src"
     src.mkdir()
     for p in Path(ckpt).iterdir():
@@ -637,7 +687,46 @@ def test_export_with_imatrix(ckpt, exported, hf_tensors, tmp_path, monkeypatch, 
     with pytest.raises(InputError, match="imatrix entry blk.0.attn_q.weight has 1 x 17 values; tensor "
                                          "model.decoder.layers.0.self_attn.q_proj.weight needs 1 x 256"):
         ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q5_K_M", progress=False, imatrix=im)
-    with pytest.raises(InputError, match=r"an imatrix applies to the K-quant file types \(Q4_K_M, Q5_K_M, Q6_K\), "
-                                         "not Q8_0"):
+    with pytest.raises(InputError, match=r"an imatrix applies to the K-quant file types \(Q2_K_S, Q2_K, Q3_K_S, "
+                                         r"Q3_K_M, Q4_K_M, Q5_K_M, Q6_K\), not Q8_0"):
         ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q8_0", progress=False, imatrix=path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf", "im.gguf"]
+
+
+def test_export_low_bit_with_imatrix(ckpt, exported, hf_tensors, tmp_path, capsys):
+    import gguf
+    from test_kquants import ggml_quantize
+
+    from dgplug.config import load_config
+    from dgplug.errors import InputError
+    from dgplug.names import text_tensors
+
+    im = _synthetic_imatrix(ckpt)
+    hf = {s.gguf: s.hf for s in text_tensors(load_config(ckpt).text)}
+    for quant, checks in (("Q2_K", (("blk.0.ffn_gate_up_exps.weight", T.Q2_K, [(0, 0), (5, 300)]),
+                                    ("blk.2.ffn_down_exps.weight", T.Q3_K, [(1, 17)]))),
+                          ("Q3_K_M", (("blk.1.attn_q.weight", T.Q3_K, [(0, 5)]),
+                                      ("blk.3.ffn_down.weight", T.Q4_K, [(0, 9)])))):
+        r = gguf.GGUFReader(ge.export_gguf(ckpt, tmp_path / f"{quant}.gguf", quant=quant, progress=False, workers=1,
+                                           imatrix=im))
+        assert gi.check_contract(tmp_path / f"{quant}.gguf") == []
+        ts, plain = {t.name: t for t in r.tensors}, {t.name: t for t in gguf.GGUFReader(exported[quant]).tensors}
+        for n, qt, rows in checks:  # llama-quantize --imatrix's bytes, each expert with its own row
+            assert ts[n].tensor_type == qt and not np.array_equal(ts[n].data, plain[n].data), n
+            w = hf_tensors[hf[n]].float().numpy()
+            w = w.reshape((-1,) + w.shape[-2:])
+            data = np.asarray(ts[n].data).reshape(w.shape[0], w.shape[1], -1)
+            for e, row in rows:
+                assert np.array_equal(data[e, row], ggml_quantize(w[e, row], qt, im.importance(n)[e]).reshape(-1))
+    # Q2_K_S: refused without an imatrix (as llama-quantize), and with one that lacks a Q2_K tensor
+    with pytest.raises(InputError, match=r"Q2_K_S needs an importance matrix .*dgplug imatrix"):
+        ge.export_gguf(ckpt, tmp_path / "s.gguf", quant="Q2_K_S", progress=False)
+    lacking = _synthetic_imatrix(ckpt, skip=("blk.1.attn_q.weight", "blk.2.ffn_up.weight"))
+    with pytest.raises(InputError, match=r"imatrix has no entry for blk.1.attn_q.weight \(and 1 more\): Q2_K_S "
+                                         "needs one for every Q2_K tensor"):
+        ge.export_gguf(ckpt, tmp_path / "s.gguf", quant="Q2_K_S", progress=False, imatrix=lacking)
+    assert not (tmp_path / "s.gguf").exists()
+    s = ge.export_gguf(ckpt, tmp_path / "s.gguf", quant="Q2_K_S", progress=False, workers=1, imatrix=im)
+    types = {n: t for n, t, _, _ in gi.inspect_table(s)["tensors"]}
+    assert types["blk.0.ffn_down_exps.weight"] == "Q2_K" and types["token_embd.weight"] == "Q6_K"
+    assert gi.check_contract(s) == [] and gguf.GGUFReader(s).get_field("general.file_type").contents() == 21

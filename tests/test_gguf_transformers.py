@@ -32,7 +32,7 @@ def files(tmp_path_factory):
     src = make_checkpoint(root / "src", text=text, qk_norm_scale=0.25)
     out = root / "gguf"
     out.mkdir()
-    for q in ("F32", "Q8_0", "Q4_K_M"):
+    for q in ("F32", "Q8_0", "Q4_K_M", "Q2_K"):
         export_gguf(src, out / f"model-{q}.gguf", quant=q, progress=False, workers=1)
     return src, out
 
@@ -119,24 +119,26 @@ def test_q8_0_auto_class_and_generate(files, reference):
     assert int(seq.max()) < m.config.text_config.vocab_size
 
 
-def test_q4_k_m_stays_packed(files, reference):
-    """Q4_K_M through from_pretrained: linears, experts and the tied embedding / head keep their ggml
-    blocks (one copy, shared by the encoder and lm_head); logits equal transformers' own model holding
-    the same file dequantised (gguf-py), up to summation order."""
+@pytest.mark.parametrize("quant,base,down", [("Q4_K_M", "Q4_K", "Q6_K"), ("Q2_K", "Q2_K", "Q3_K")])
+def test_k_quants_stay_packed(files, reference, quant, base, down):
+    """Q4_K_M and Q2_K through from_pretrained: linears, experts and the tied embedding / head keep their
+    ggml blocks (one copy, shared by the encoder and lm_head); logits equal transformers' own model
+    holding the same file dequantised (gguf-py), up to summation order."""
     from gguf import GGMLQuantizationType as T
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from dgplug.converters.gguf_import import iter_hf_tensors
     from dgplug.kernels.ggml import GGMLWeight
 
-    path = files[1] / "model-Q4_K_M.gguf"
+    path = files[1] / f"model-{quant}.gguf"
     m = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[1]), gguf_file=path.name)
     dec, enc = m.model.decoder, m.model.encoder.language_model
     assert isinstance(dec.embed_tokens.weight, GGMLWeight) and dec.embed_tokens.weight.qtype == T.Q6_K
     assert enc.embed_tokens.blocks is dec.embed_tokens.blocks and m.lm_head.blocks is dec.embed_tokens.blocks
     assert enc.layers[1].self_attn.q_proj.blocks is dec.layers[1].self_attn.q_proj.blocks
-    assert dec.layers[0].experts.gate_up_proj.weight.qtype == T.Q4_K
-    assert dec.self_conditioning.gate_proj.weight.qtype == T.Q4_K
+    assert dec.layers[0].experts.gate_up_proj.weight.qtype == T[base]
+    assert dec.layers[3].experts.down_proj.weight.qtype == T[down]  # a use_more_bits layer (Q4_K_M)
+    assert dec.self_conditioning.gate_proj.weight.qtype == T[base]
     assert dec.embed_tokens.blocks.dtype == torch.uint8 and dec.embed_tokens.blocks.device.type == "cpu"
 
     ref = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[0]), experts_implementation="eager")

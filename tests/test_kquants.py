@@ -2,14 +2,16 @@
 
 `ggml_*` below restate, loop by loop and in float32 like the C (one rounding per operation, sums
 accumulated in index order, ggml's `nearest_int` bit trick, uint8/int8 stores), what
-`quantize_row_q4_K_ref`, `quantize_row_q5_K_ref` and `quantize_row_q6_K_ref` do (what
-`llama-quantize` runs without an importance matrix): `make_qkx2_quants` with its running min (a
-trial that wins replaces min, and later trials quantise from the new min) and `make_qx_quants`
-with its float32 comparison `sumlx*sumlx > best*suml2`. They were written here from the
-algorithm; dgplug's vectorised encoders (converters/kquants.py) must give the same bytes. With an
-importance matrix the same goes for `quantize_row_q{4,5,6}_K_impl` (`ggml_q45_k_block_imatrix`:
-make_qkx3_quants, make_qp_quants for the 6-bit scales; Q6_K: make_qx_quants weighted by the
-importance).
+`quantize_row_q{2,3,4,5,6}_K_ref` do (what `llama-quantize` runs without an importance
+matrix): `make_qkx2_quants` with its running min (a trial that wins replaces min, and later
+trials quantise from the new min; Q2_K scores trials by the absolute error), `make_qx_quants`
+with its float32 comparison `sumlx*sumlx > best*suml2`, and Q3_K's `make_q3_quants` (sweeps of
+single-value moves). They were written here from the algorithm; dgplug's vectorised encoders
+(converters/kquants.py) must give the same bytes. With an importance matrix the same goes for
+`quantize_row_q{2,3,4,5,6}_K_impl` (`ggml_q45_k_block_imatrix`: make_qkx3_quants, make_qp_quants
+for the 6-bit scales; Q6_K: make_qx_quants weighted by the importance; Q3_K: make_qx_quants for
+the values and for the 16 scales; Q2_K: make_qkx3_quants, make_qp_quants for the 4-bit scales
+and mins).
 gguf-py's decoder stays the check that the bytes are the block format.
 
 Each sub-block is one Python-level state machine here (per-trial decisions, per-sub-block L
@@ -46,9 +48,11 @@ def _fsum(v) -> F:
     return np.add.accumulate(np.asarray(v, F))[-1]
 
 
-def ggml_make_qkx2(x, w, nmax, rmin, rdelta, nstep, qkx3=False):
+def ggml_make_qkx2(x, w, nmax, rmin, rdelta, nstep, qkx3=False, mad=False):
     """-> (scale, the_min, L uint8) for one sub-block. qkx3: make_qkx3_quants, the same loop
-    whose trials quantise as `v > 0 ? nearest_int(MIN(v, nmax)) : 0` (safe for an infinite v)."""
+    whose trials quantise as `v > 0 ? nearest_int(MIN(v, nmax)) : 0` (safe for an infinite v).
+    mad: ggml's use_mad, errors sum w*|diff| (Q2_K)."""
+    err = (lambda d: np.abs(d)) if mad else (lambda d: d * d)  # noqa: E731
     mn, mx = x.min(), x.max()
     sum_w, sum_x = _fsum(w), _fsum(w * x)
     if mn > 0:
@@ -59,7 +63,7 @@ def ggml_make_qkx2(x, w, nmax, rmin, rdelta, nstep, qkx3=False):
     scale = F(1) / iscale
     L = _clamp(_nearest_int(iscale * (x - mn)), 0, nmax)
     diff = scale * L.astype(F) + mn - x
-    best = _fsum(w * (diff * diff))
+    best = _fsum(w * err(diff))
     for k in range(nstep + 1):
         iscale = (F(rmin) + F(rdelta) * F(k) + F(nmax)) / (mx - mn)  # mn: the running min
         if qkx3:
@@ -77,7 +81,7 @@ def ggml_make_qkx2(x, w, nmax, rmin, rdelta, nstep, qkx3=False):
                 this_min = F(0)
                 this_scale = sum_xl / sum_l2
             diff = this_scale * lf + this_min - x
-            cur = _fsum(w * (diff * diff))
+            cur = _fsum(w * err(diff))
             if cur < best:
                 L, best, scale, mn = la, cur, this_scale, this_min
     return scale, -mn, L.astype(np.uint8)
@@ -260,15 +264,165 @@ def ggml_q45_k_block_imatrix(x, qw, nmax):
     return q45_k_bytes(x, nmax, np.float16(d_block), np.float16(m_block), ls, lm, L)
 
 
+def ggml_make_q3(x):
+    """make_q3_quants(16, nmax 4, x, L, do_rmse=true) -> (scale, L uint8): one value at a time."""
+    n, nmax = len(x), 4
+    vmax = x[np.argmax(np.abs(x))]
+    if abs(vmax) < EPS:
+        return F(0), np.zeros(n, np.uint8)
+    ni = lambda v: int(_nearest_int(v))  # noqa: E731
+    iscale = F(-nmax) / vmax
+    L = [min(max(ni(iscale * x[i]), -nmax), nmax - 1) for i in range(n)]
+    sumlx = suml2 = F(0)
+    for i in range(n):
+        w = x[i] * x[i]
+        sumlx = sumlx + w * x[i] * F(L[i])
+        suml2 = suml2 + w * F(L[i]) * F(L[i])
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            slx = sumlx - w * x[i] * F(L[i])
+            if slx > 0:
+                sl2 = suml2 - w * F(L[i]) * F(L[i])
+                new_l = min(max(ni(x[i] * sl2 / slx), -nmax), nmax - 1)
+                if new_l != L[i]:
+                    slx = slx + w * x[i] * F(new_l)
+                    sl2 = sl2 + w * F(new_l) * F(new_l)
+                    if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i], sumlx, suml2 = new_l, slx, sl2
+                        changed += 1
+        if not changed:
+            break
+    return (sumlx / suml2 if suml2 > 0 else F(0)), np.array(L, np.int64).astype(np.uint8) + nmax
+
+
+def _pack_2bit(L):
+    """ggml's loop: qs[j/4 + l] = L[j+l] | L[j+l+32] << 2 | L[j+l+64] << 4 | L[j+l+96] << 6."""
+    qs = np.zeros(64, np.uint8)
+    for j in (0, 128):
+        for l in range(32):
+            qs[j // 4 + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6)
+    return qs
+
+
+def ggml_q3_k_block(x, qw=None):
+    """quantize_row_q3_K_ref for one super-block -> 110 bytes; with qw quantize_row_q3_K_impl
+    (weights qw*sqrt(sigma2 + x^2), make_qx_quants per sub-block and for the 16 scales)."""
+    ni = lambda v: int(_nearest_int(v))  # noqa: E731
+    scales, L = np.zeros(16, F), np.zeros(256, np.int64)
+    ls = None
+    if qw is None:
+        for j in range(16):
+            scales[j], L[16 * j:16 * j + 16] = ggml_make_q3(x[16 * j:16 * j + 16])
+        max_scale = amax = F(0)
+        for j in range(16):
+            if abs(scales[j]) > amax:
+                amax, max_scale = abs(scales[j]), scales[j]
+        if max_scale != 0:
+            iscale = F(-32) / max_scale
+            ls = []
+            for j in range(16):
+                l = np.array(ni(iscale * scales[j])).astype(np.int8)  # int8_t l = nearest_int(...)
+                ls.append(min(max(int(l), -32), 31) + 32)
+            d = np.float16(F(1) / iscale)
+        else:
+            d = np.float16(0)
+    else:
+        sigma2 = F(2) * _fsum(x * x) / F(256)
+        sw = np.zeros(16, F)
+        for j in range(16):
+            xs = x[16 * j:16 * j + 16]
+            w = qw[16 * j:16 * j + 16] * np.sqrt(sigma2 + xs * xs)
+            sw[j] = _fsum(w)
+            scales[j], L[16 * j:16 * j + 16] = ggml_make_qx(xs, 4, w)
+        d_block, Ls = ggml_make_qx(scales, 32, sw)
+        ls, d = [int(v) for v in Ls], np.float16(d_block)
+    sc = [0] * 12
+    if ls is not None:
+        for j in range(16):  # ggml's packing loop
+            l = ls[j]
+            if j < 8:
+                sc[j] = l & 0xF
+            else:
+                sc[j - 8] |= (l & 0xF) << 4
+            sc[j % 4 + 8] |= (l >> 4) << (2 * (j // 4))
+    for j in range(16):
+        s6 = sc[j] & 0xF if j < 8 else sc[j - 8] >> 4
+        s6 = (s6 | (((sc[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+        dl = F(d) * F(s6)
+        if dl == 0:
+            continue
+        for i in range(16 * j, 16 * j + 16):
+            L[i] = min(max(ni(x[i] / dl), -4), 3) + 4
+    hmask = np.zeros(32, np.uint8)
+    m, hm = 0, 1
+    for j in range(256):
+        if L[j] > 3:
+            hmask[m] |= hm
+            L[j] -= 4
+        m += 1
+        if m == 32:
+            m, hm = 0, hm << 1
+    return np.concatenate([hmask, _pack_2bit(L), np.array(sc, np.uint8), np.array([d], np.float16).view(np.uint8)])
+
+
+def ggml_q2_k_block(x, qw=None):
+    """quantize_row_q2_K_ref for one super-block -> 84 bytes; with qw quantize_row_q2_K_impl
+    (weights qw*sqrt(sigma2 + x^2) with sigma2 = sum(x^2)/256, make_qkx3_quants, make_qp_quants
+    for the 4-bit scales and mins)."""
+    ni = lambda v: int(_nearest_int(v))  # noqa: E731
+    scales, mins, L = np.zeros(16, F), np.zeros(16, F), np.zeros(256, np.int64)
+    sc = [0] * 16
+    if qw is None:
+        for j in range(16):
+            xs = x[16 * j:16 * j + 16]
+            scales[j], mins[j], L[16 * j:16 * j + 16] = ggml_make_qkx2(xs, np.abs(xs), 3, -0.5, 0.1, 15, mad=True)
+        max_scale = max_min = F(0)
+        for j in range(16):
+            max_scale = scales[j] if scales[j] > max_scale else max_scale
+            max_min = mins[j] if mins[j] > max_min else max_min
+        d = dmin = np.float16(0)
+        if max_scale > 0:
+            iscale = F(15) / max_scale
+            sc = [ni(iscale * scales[j]) & 0xFF for j in range(16)]  # uint8 stores
+            d = np.float16(max_scale / F(15))
+        if max_min > 0:
+            iscale = F(15) / max_min
+            sc = [(sc[j] | (ni(iscale * mins[j]) << 4)) & 0xFF for j in range(16)]
+            dmin = np.float16(max_min / F(15))
+    else:
+        sigma2 = _fsum(x * x) / F(256)
+        sw = np.zeros(16, F)
+        for j in range(16):
+            xs = x[16 * j:16 * j + 16]
+            w = qw[16 * j:16 * j + 16] * np.sqrt(sigma2 + xs * xs)
+            sw[j] = _fsum(w)
+            scales[j], mins[j], L[16 * j:16 * j + 16] = ggml_make_qkx2(xs, w, 3, -0.9, 0.05, 36, qkx3=True)
+        dm, Ls = ggml_make_qp(scales, 15, sw)
+        mm, Lm = ggml_make_qp(mins, 15, sw)
+        sc = [(int(Ls[j]) | (int(Lm[j]) << 4)) & 0xFF for j in range(16)]
+        d, dmin = np.float16(dm), np.float16(mm)
+    for j in range(16):
+        dl = F(d) * F(sc[j] & 0xF)
+        if dl == 0:
+            continue
+        dm = F(dmin) * F(sc[j] >> 4)
+        for i in range(16 * j, 16 * j + 16):
+            L[i] = min(max(ni((x[i] + dm) / dl), 0), 3)
+    return np.concatenate([np.array(sc, np.uint8), _pack_2bit(L), np.array([d, dmin], np.float16).view(np.uint8)])
+
+
 def ggml_quantize(x, qtype, importance=None):
     """Rows x -> bytes; importance (one value per column) selects the _impl quantizers."""
     x = np.asarray(x, F)
     if importance is None:
-        fn = {T.Q4_K: lambda b, _: ggml_q45_k_block(b, 15), T.Q5_K: lambda b, _: ggml_q45_k_block(b, 31),
+        fn = {T.Q2_K: lambda b, _: ggml_q2_k_block(b), T.Q3_K: lambda b, _: ggml_q3_k_block(b),
+              T.Q4_K: lambda b, _: ggml_q45_k_block(b, 15), T.Q5_K: lambda b, _: ggml_q45_k_block(b, 31),
               T.Q6_K: lambda b, _: ggml_q6_k_block(b)}[qtype]
         qw = np.zeros((x.size // 256, 256), F)
     else:
-        fn = {T.Q4_K: lambda b, w: ggml_q45_k_block_imatrix(b, w, 15),
+        fn = {T.Q2_K: ggml_q2_k_block, T.Q3_K: ggml_q3_k_block, T.Q4_K: lambda b, w: ggml_q45_k_block_imatrix(b, w, 15),
               T.Q5_K: lambda b, w: ggml_q45_k_block_imatrix(b, w, 31), T.Q6_K: ggml_q6_k_block}[qtype]
         qw = np.broadcast_to(np.asarray(importance, F).reshape(-1, 256), (x.size // x.shape[-1],) +
                              (x.shape[-1] // 256, 256)).reshape(-1, 256)
@@ -290,7 +444,7 @@ def sample_rows(seed=0, cols=1024):
     return np.stack(rows).astype(F)
 
 
-K_TYPES = [pytest.param(q, id=q.name) for q in (T.Q4_K, T.Q5_K, T.Q6_K)]
+K_TYPES = [pytest.param(q, id=q.name) for q in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)]
 
 
 @pytest.mark.parametrize("qtype", K_TYPES)
@@ -328,20 +482,35 @@ def test_chunking_and_sum_paths_do_not_change_bytes(qtype, einsum, monkeypatch):
     assert np.array_equal(kq.quantize(x, qtype, importance=imp), want[1])
 
 
-@pytest.mark.parametrize("nmax,rmin,rdelta,nstep", [(15, -1.0, 0.1, 20), (31, -0.5, 0.1, 15), (15, -0.9, 0.05, 36)])
-def test_weighted_affine_search(nmax, rmin, rdelta, nstep):
+@pytest.mark.parametrize("nmax,rmin,rdelta,nstep,mad", [(15, -1.0, 0.1, 20, False), (31, -0.5, 0.1, 15, False),
+                                                       (15, -0.9, 0.05, 36, False), (3, -0.5, 0.1, 15, True)])
+def test_weighted_affine_search(nmax, rmin, rdelta, nstep, mad):
     # the search takes any positive weights (ggml's quant_weights seam, used with an importance
-    # matrix: make_qkx3_quants runs the same loop with rmin -0.9, step 0.05, 37 trials)
+    # matrix: make_qkx3_quants runs the same loop with rmin -0.9, step 0.05, 37 trials); Q2_K
+    # scores the trials by the weighted absolute error (use_mad)
     rng = np.random.default_rng(nstep)
-    x = np.concatenate([rng.standard_normal((48, 32)), rng.standard_t(3, (48, 32)) * 0.1]).astype(F)
+    n = 16 if nmax == 3 else 32
+    x = np.concatenate([rng.standard_normal((48, n)), rng.standard_t(3, (48, n)) * 0.1]).astype(F)
     w = (rng.exponential(1.0, x.shape) + 0.01).astype(F)
     scale, the_min, isc, base = kq._qkx2_search(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), nmax, rmin,
-                                                rdelta, nstep)
+                                                rdelta, nstep, mad=mad)
     xt = np.ascontiguousarray(x.T)
     L = kq._qkx2_quants(xt, base, isc, nmax, np.empty_like(xt)).T
     for i in range(len(x)):
-        s, m, l = ggml_make_qkx2(x[i], w[i], nmax, rmin, rdelta, nstep)
+        s, m, l = ggml_make_qkx2(x[i], w[i], nmax, rmin, rdelta, nstep, mad=mad)
         assert (scale[i], the_min[i]) == (s, m) and np.array_equal(L[i], l), i
+
+
+def test_q3_search():
+    # make_q3_quants (Q3_K without an importance matrix): the 5 sweeps of single-value moves, per column
+    rng = np.random.default_rng(6)
+    x = np.concatenate([rng.standard_normal((64, 16)), rng.standard_t(2, (64, 16)) * 0.1, np.zeros((2, 16)),
+                        np.repeat(rng.standard_normal((4, 1)), 16, axis=1)]).astype(F)
+    with np.errstate(invalid="ignore", divide="ignore"):  # as quantize() runs it: 0/0 where nothing is taken
+        scale, L = kq._q3_quants(np.ascontiguousarray(x.T))
+    for i in range(len(x)):
+        s, l = ggml_make_q3(x[i])
+        assert scale[i] == s and np.array_equal(L[:, i], l), i
 
 
 def test_weighted_symmetric_search():

@@ -35,6 +35,12 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
     from . import common
 
     q = quant_arg(quant, group_size)
+    if imatrix is None and q not in QUANT_SCHEMES:
+        from dgplug.converters.gguf_export import RECIPES
+
+        if RECIPES[q]["imatrix"]:
+            raise CLIError(f"--quant {q} needs --imatrix (llama-quantize refuses {q} without an importance matrix): "
+                           f"make one with `dgplug imatrix {src} --calib TEXT -o imatrix.gguf`")
     if imatrix is not None:
         from dgplug.converters.gguf_export import IMATRIX_FILE_TYPES
 
