@@ -119,9 +119,10 @@ def test_gguf_experts_stay_packed(vllm_dist, quant):
     path = vllm_dist["tmp"] / f"m-{quant}.gguf"
     if not path.exists():
         export_gguf(vllm_dist["ckpt"], path, quant=quant, progress=False, workers=1)
-    vc = make_vllm_config(vllm_dist["ckpt"])
-    models = []
+    models, configs = [], []
     for packed in (True, False):
+        vc = make_vllm_config(vllm_dist["ckpt"])  # one config per model: vLLM registers each layer by name
+        configs.append(vc)
         with set_current_vllm_config(vc), set_default_torch_dtype(vc.model_config.dtype), torch.device("cpu"):
             model = DGPlugDiffusionGemmaForBlockDiffusion(vllm_config=vc)
             loaded = model.load_weights(iter_hf_tensors(path, packed=packed))
@@ -134,7 +135,7 @@ def test_gguf_experts_stay_packed(vllm_dist, quant):
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(5, 500, (12,), generator=g)
     canvas = torch.randint(0, models[0].tc.vocab_size, (models[0].canvas_length,), generator=g)
-    a, b = (_run(m, vc, ids, canvas) for m in models)
+    a, b = (_run(m, c, ids, canvas) for m, c in zip(models, configs))
     assert (a - b).abs().max().item() < 1e-4
 
 
