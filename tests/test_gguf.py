@@ -51,11 +51,16 @@ def _test_rows(seed=0, cols=512):
 # largest maps to +4 and is clamped to 3 (a full step, 0.25), plus the 6-bit scale rounding
 # (measured maxima 0.2). Q2_K: 0..3 over the range (<= 2 max|x|): half a step 1/3, plus the 4-bit
 # rounding of the scale (1.5 d <= max/10 * 2/3) and of the min (dmin/2 <= max/30) (measured 0.37).
+# IQ4_XS / IQ4_NL: levels -127..113 of a step d ~ max|x|/127 (the least-squares scale); half the
+# widest gap between levels (24, 89 -> 113) is 12/127 = 0.094 of the block's max, plus IQ4_XS's
+# 6-bit rounding of the block scale (1/64 of the largest) (measured maxima 0.075 / 0.088); the ABS
+# term: fp16's subnormal step 2**-24 times 127.
 BOUNDS = {T.Q2_K: (0.45, 1e-4), T.Q3_K: (0.3, 1e-4), T.Q4_K: (0.14, 1e-4), T.Q5_K: (0.07, 2e-4),
-          T.Q6_K: (0.03, 3e-4), T.Q8_0: (1 / 254 + 1e-3, 1e-5), T.Q4_0: (1 / 8 + 1e-3, 1e-6)}
+          T.Q6_K: (0.03, 3e-4), T.Q8_0: (1 / 254 + 1e-3, 1e-5), T.Q4_0: (1 / 8 + 1e-3, 1e-6),
+          T.IQ4_XS: (0.11, 1e-5), T.IQ4_NL: (0.11, 1e-5)}
 
 
-@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0])
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.IQ4_XS, T.IQ4_NL])
 def test_encoder_roundtrip_within_bound(qtype):
     x = _test_rows()
     b = kq.quantize(x, qtype, name="w")
@@ -63,7 +68,7 @@ def test_encoder_roundtrip_within_bound(qtype):
     y = gq.dequantize(b, qtype)
     assert y.shape == x.shape
     rel, ab = BOUNDS[qtype]
-    blk = 256 if qtype in kq.K_TYPES else 32
+    blk = 256 if qtype in kq.K_TYPES or qtype == T.IQ4_XS else 32
     xb, yb = x.reshape(-1, blk), y.reshape(-1, blk)
     bound = rel * np.abs(xb).max(axis=1, keepdims=True) + ab
     assert (np.abs(yb - xb) <= bound).all(), float((np.abs(yb - xb) / bound).max())
