@@ -447,6 +447,7 @@ def sample_rows(seed=0, cols=1024):
 
 
 K_TYPES = [pytest.param(q, id=q.name) for q in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)]
+IQ4_TYPES = [pytest.param(q, id=q.name) for q in (T.IQ4_XS, T.IQ4_NL)]
 
 
 @pytest.mark.parametrize("qtype", K_TYPES)
@@ -468,7 +469,7 @@ def test_bytes_identical_to_ggml_reference(qtype):
                           gq.dequantize(ref.reshape(x.shape[0], -1), qtype))
 
 
-@pytest.mark.parametrize("qtype", K_TYPES)
+@pytest.mark.parametrize("qtype", K_TYPES + IQ4_TYPES)
 @pytest.mark.parametrize("einsum", [True, False])
 def test_chunking_and_sum_paths_do_not_change_bytes(qtype, einsum, monkeypatch):
     # the search runs on column chunks and clamps only where needed; small chunks exercise the
@@ -574,7 +575,7 @@ def test_imatrix_importance_per_matrix_and_checks():
         kq.quantize(x[0], T.Q6_K, name="w", importance=np.full(512, np.nan, F))
 
 
-@pytest.mark.parametrize("qtype", K_TYPES)
+@pytest.mark.parametrize("qtype", K_TYPES + IQ4_TYPES)
 def test_imatrix_lowers_the_weighted_error(qtype):
     # what the importance is for: sum_j imp_j * (x_j - deq_j)^2 over Gaussian and Student-t rows
     rng = np.random.default_rng(7)
@@ -698,8 +699,6 @@ def ggml_quantize_iq4(x, qtype, importance=None):
     return np.stack(out)
 
 
-IQ4_TYPES = [pytest.param(q, id=q.name) for q in (T.IQ4_XS, T.IQ4_NL)]
-
 
 @pytest.mark.parametrize("qtype", IQ4_TYPES)
 @pytest.mark.parametrize("weighted", [False, True], ids=["reference", "imatrix"])
@@ -732,29 +731,3 @@ def test_iq4_index_is_best_index_int8():
                         np.random.default_rng(0).uniform(-130, 130, 500).astype(F)]).astype(F)
     with np.errstate(invalid="ignore"):
         assert [int(i) for i in kq._iq4_index(v)] == [ggml_best_index_int8(t) for t in v]
-
-
-@pytest.mark.parametrize("qtype", IQ4_TYPES)
-def test_iq4_chunking_does_not_change_bytes(qtype, monkeypatch):
-    x = sample_rows(2, 1024)
-    imp = sample_importance(2, 1024)
-    want = kq.quantize(x, qtype), kq.quantize(x, qtype, importance=imp)
-    monkeypatch.setattr(kq, "_SUB_COLS", 23)
-    monkeypatch.setattr(kq, "_EINSUM", False)
-    assert np.array_equal(kq.quantize(x, qtype), want[0])
-    assert np.array_equal(kq.quantize(x, qtype, importance=imp), want[1])
-
-
-@pytest.mark.parametrize("qtype", IQ4_TYPES)
-def test_iq4_imatrix_lowers_the_weighted_error(qtype):
-    rng = np.random.default_rng(7)
-    x = np.concatenate([rng.standard_normal((8, 2048)), rng.standard_t(3, (8, 2048))]).astype(F)
-    imp = sample_importance(7, 2048)
-
-    def werr(q):
-        return float(((gq.dequantize(q, qtype) - x) ** 2 * imp).sum(axis=1).mean())
-
-    plain, weighted = werr(kq.quantize(x, qtype)), werr(kq.quantize(x, qtype, importance=imp))
-    print(f"{qtype.name}: importance-weighted squared error {plain:.4g} -> {weighted:.4g} "
-          f"({100 * (1 - weighted / plain):.1f} % less)")
-    assert weighted < 0.9 * plain
