@@ -134,6 +134,13 @@ def test_encoder_rejects_bad_rows_and_overflow():
         kq.quantize(np.full((1, 256), 1e9, np.float32) * np.linspace(-1, 1, 256, dtype=np.float32), T.Q4_K)
     with pytest.raises(FormatError, match="overflow F16"):
         kq.quantize(np.full((1, 32), 1e6, np.float32), T.F16, name="t")
+    with pytest.raises(FormatError, match=r"t: row length 96 is not a multiple of 256 \(IQ4_XS\)"):
+        kq.quantize(np.zeros((2, 96), np.float32), T.IQ4_XS, name="t")
+    assert kq.quantize(np.zeros((2, 96), np.float32), T.IQ4_NL).shape == (2, 3 * 18)  # blocks of 32
+    for qtype in (T.IQ4_XS, T.IQ4_NL):
+        with pytest.raises(FormatError, match=f"t: values up to 1e\\+09 are too large for {qtype.name}"):
+            kq.quantize(np.full((1, 256), 1e9, np.float32) * np.linspace(-1, 1, 256, dtype=np.float32), qtype,
+                        name="t")
 
 
 # ---------------------------------------------------------------------------------------------
