@@ -1,7 +1,7 @@
 """What an importance matrix buys: each quantized type with and without `--imatrix`.
 
 Formats (`--formats`, default int4,Q4_K_M): int4 (round to nearest, clip search, clip search
-weighted by the imatrix; converters/quant.py) and any GGUF K-quant mix (Q4_K_M, Q3_K_M, Q2_K, ...:
+weighted by the imatrix; converters/quant.py) and any GGUF K-quant or IQ4_XS mix (Q4_K_M, Q3_K_M, Q2_K, ...:
 export_gguf with and without the imatrix, Q2_K_S with it only; read back dequantized by gguf-py
 through converters/gguf_import.iter_hf_tensors). In the tiny model (16 experts) the expert down
 projections have rows of 128, so they take llama.cpp's fallbacks (Q4_K_M and Q3_K_M: Q5_0; Q2_K:
@@ -117,8 +117,8 @@ def main(argv=None) -> str:
              "|---|---:|---:|---:|---:|"]
     for label, kl, ag, dt in rows:
         q = label.split()[0]
-        size = "" if q == "int4" else "{:.2f} ({:.2f})".format(*(v / d for v, d in zip(QQ.gguf_projected_bytes(q),
-                                                                                           (1e9, 1))))
+        proj = None if q == "int4" else QQ.gguf_projected_bytes(q, "imatrix" in label)
+        size = "" if proj is None else f"{proj[0] / 1e9:.2f} ({proj[1]:.2f})"
         lines.append(f"| {label} | {kl:.3e} | {ag * 100:.2f}% | {dt:.1f} | {size} |")
     lines += ["", f"({time.time() - t0:.0f} s)"]
     table = "\n".join(lines)

@@ -43,15 +43,16 @@ RELEASED = TextConfig(
 )
 
 
-def gguf_projected_bytes(quant: str) -> tuple[int, float]:
-    """(bytes, bits per weight) of the released text weights as a GGUF of file type `quant`: the
-    recipe's per-tensor types (converters.gguf_export.tensor_types) on the release's shapes."""
+def gguf_projected_bytes(quant: str, imatrix: bool = False) -> tuple[int, float]:
+    """(bytes, bits per weight) of the released text weights as a GGUF of file type `quant` (made with
+    an imatrix or not: IQ4_XS's mix depends on it): the recipe's per-tensor types
+    (converters.gguf_export.tensor_types) on the release's shapes."""
     from gguf import GGML_QUANT_SIZES
 
     from dgplug.converters.gguf_export import tensor_types
 
     total = params = 0
-    for s, t in tensor_types(RELEASED, quant):
+    for s, t in tensor_types(RELEASED, quant, imatrix):
         bs, ts = GGML_QUANT_SIZES[t]
         total += math.prod(s.shape) // bs * ts
         params += math.prod(s.shape)

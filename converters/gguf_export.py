@@ -6,13 +6,14 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
     export_gguf(src_dir, out_path, quant="Q4_K_M", progress=True, workers=None, imatrix=None) -> Path
 
 * `quant` is one of FILE_TYPES: F32, F16, BF16, Q8_0, Q4_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q3_K_S,
-  Q2_K, Q2_K_S. The tensor types of each file type come from ONE table, `RECIPES`, applied by
+  Q2_K, Q2_K_S, IQ4_XS. The tensor types of each file type come from ONE table, `RECIPES`, applied by
   `tensor_type()` (llama.cpp's `llama_tensor_get_type` rules for this architecture, including its
   `use_more_bits` layer rule and its fallbacks for rows that are not a multiple of 256: Q2_K and
-  Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, the tied token embedding -> Q8_0;
-  32-block types whose rows are not a multiple of 32 -> F16). Q2_K_S is refused without an
-  imatrix, as llama-quantize refuses it (and Q2_K, Q3_K_S, Q3_K_M are not: llama.cpp makes them
-  without one, with its reference quantizers).
+  Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, the tied token
+  embedding -> Q8_0; 32-block types whose rows are not a multiple of 32 -> F16). Q2_K_S is
+  refused without an imatrix, as llama-quantize refuses it (and Q2_K, Q3_K_S, Q3_K_M, IQ4_XS are
+  not: llama.cpp makes them without one, with its reference quantizers; its IQ4_XS mix then gives
+  the first eighth of the ffn_down layers Q5_K, with an imatrix IQ4_XS).
 * Streaming: tensors are read row range by row range straight from the safetensors shards
   (plain positional reads, no mmap, no torch), in the canonical order of `dgplug.names`, and
   written sequentially. The header, metadata and tensor table are written first (shapes and
@@ -22,7 +23,7 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
   chunks; results are written in submission order, so the output is byte-for-byte
   deterministic and independent of the worker count.
 * `imatrix` (a llama.cpp imatrix GGUF, or converters.imatrix.Imatrix), for the K-quant file
-  types (IMATRIX_FILE_TYPES): every Q2_K..Q6_K tensor is encoded as llama-quantize does
+  types (IMATRIX_FILE_TYPES): every Q2_K..Q6_K, IQ4_XS and IQ4_NL tensor is encoded as llama-quantize does
   with that imatrix (its entry by GGUF name; experts: one row per expert), byte for byte (see
   converters/kquants.py). The other types of the mix encode as without: llama.cpp's Q8_0 has
   no imatrix path; its Q4_0/Q5_0/Q5_1 (the fallbacks of Q2_K/Q3_K, Q4_K, Q5_K for rows that are
@@ -80,14 +81,15 @@ CHUNK_ELEMS = 1 << 21  # elements per job (8 MB of fp32)
 #             base is Q8_0 or not a block type
 #   v         attn_v: a rule (i = index among the attn_v tensors, n = their count)
 #   v_gqa4    attn_v when n_gqa >= 4 (instead of `v`)
-#   down      ffn_down and ffn_down_exps: a rule (i = layer, n = layers)
+#   down      ffn_down and ffn_down_exps: a rule (i = layer, n = layers; IQ4_XS's depends on
+#             whether an imatrix is given)
 #   out       attn_output unless the model has exactly 8 experts (llama.cpp: n_expert == 8)
 #   out8      attn_output when the model has exactly 8 experts
 #   kv8       attn_k and attn_v when the model has exactly 8 experts (over every rule above)
 #   imatrix   llama-quantize refuses the file type without an importance matrix (and a missing
 #             entry for one of its `base` tensors)
 # A rule is None (the base type), a type, or (type, WHEN, other type or None = the base), WHEN one
-# of "more_bits" (use_more_bits(i, n)), "i<2", "i<n/8", "i<n/16".
+# of "more_bits" (use_more_bits(i, n)), "i<2", "i<n/8", "i<n/16", "i<n/8 without imatrix".
 # "Quantisable" = llama.cpp's rule: >= 2 dims, name ends in "weight", not a norm, not
 # ffn_gate_inp (the router). Everything else (1-D tensors, the router) is F32.
 # ---------------------------------------------------------------------------------------------
@@ -110,13 +112,15 @@ RECIPES: dict[str, dict] = {
                    v_gqa4=T.Q4_K, down=T.Q3_K, out=T.Q3_K, out8=T.Q5_K),
     "Q2_K_S": dict(_NO, ftype=LlamaFileType.MOSTLY_Q2_K_S, base=T.Q2_K, embd=T.Q6_K, kv8=T.Q8_0, v_gqa4=T.Q4_K,
                    down=(T.Q4_K, "i<n/8", None), imatrix=True),
+    "IQ4_XS": dict(_NO, ftype=LlamaFileType.MOSTLY_IQ4_XS, base=T.IQ4_XS, embd=T.Q6_K, kv8=T.Q8_0, v_gqa4=T.Q5_K,
+                   down=(T.Q5_K, "i<n/8 without imatrix", None), out8=T.Q5_K),
 }
 FILE_TYPES = tuple(RECIPES)
 # the file types whose K-quants take an imatrix (the others' types have no importance path here)
-IMATRIX_FILE_TYPES = ("Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
+IMATRIX_FILE_TYPES = ("Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS")
 # llama.cpp's tensor_type_fallback for rows that are not a multiple of the block size
-FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q4_0: T.F16,
-            T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16}
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
+            T.Q4_0: T.F16, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16, T.IQ4_NL: T.F16}
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -124,16 +128,17 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-_WHEN = {"more_bits": use_more_bits, "i<2": lambda i, n: i < 2, "i<n/8": lambda i, n: i < n // 8,
-         "i<n/16": lambda i, n: i < n // 16}
+_WHEN = {"more_bits": lambda i, n, im: use_more_bits(i, n), "i<2": lambda i, n, im: i < 2,
+         "i<n/8": lambda i, n, im: i < n // 8, "i<n/16": lambda i, n, im: i < n // 16,
+         "i<n/8 without imatrix": lambda i, n, im: i < n // 8 and not im}
 
 
-def _apply(rule, base: T, i: int | None, n: int) -> T:
-    """A recipe rule (see the table) for tensor i of n."""
+def _apply(rule, base: T, i: int | None, n: int, imatrix: bool = False) -> T:
+    """A recipe rule (see the table) for tensor i of n (imatrix: whether one is given)."""
     if rule is None or isinstance(rule, T):
         return rule or base
     then, when, other = rule
-    return then if i is not None and _WHEN[when](i, n) else (other or base)
+    return then if i is not None and _WHEN[when](i, n, imatrix) else (other or base)
 
 
 def quantisable(gguf_name: str, ndim: int) -> bool:
@@ -142,8 +147,10 @@ def quantisable(gguf_name: str, ndim: int) -> bool:
 
 
 def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], *, n_layers: int, n_experts: int,
-                layer: int | None = None, attn_v_index: int = 0, n_attn_v: int = 0, n_gqa: int = 1) -> T:
-    """The ggml type of one tensor in a file of type `quant` (numpy `shape`, row = last dim)."""
+                layer: int | None = None, attn_v_index: int = 0, n_attn_v: int = 0, n_gqa: int = 1,
+                imatrix: bool = False) -> T:
+    """The ggml type of one tensor in a file of type `quant` (numpy `shape`, row = last dim); `imatrix`:
+    whether the file is made with one (llama.cpp's qs.has_imatrix)."""
     r = RECIPES[quant]
     if not quantisable(gguf_name, len(shape)):
         return T.F32
@@ -166,7 +173,7 @@ def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], *, n_layers:
     elif ".attn_output." in gguf_name:
         t = (r["out8"] if n_experts == 8 else r["out"]) or base
     elif ".ffn_down" in gguf_name:
-        t = _apply(r["down"], base, layer, n_layers)
+        t = _apply(r["down"], base, layer, n_layers, imatrix)
     while ncols % GGML_QUANT_SIZES[t][0]:
         t = FALLBACK[t]
     return t
@@ -572,22 +579,25 @@ class PlanItem:
         return n // bs * ts
 
 
-def tensor_types(tc, quant: str) -> list[tuple]:
+def tensor_types(tc, quant: str, imatrix: bool = False) -> list[tuple]:
     """(tensor spec, ggml type) for every text tensor of a model with text config `tc`, in the
-    canonical order: the file type's recipe from the shapes alone (also what sizes are projected from)."""
+    canonical order: the file type's recipe from the shapes alone (also what sizes are projected from);
+    `imatrix`: whether the file is made with one."""
     specs = text_tensors(tc)
     n_attn_v = sum(1 for s in specs if ".attn_v." in s.gguf)
     n_gqa = tc.num_attention_heads // tc.layer_dims(0)[1]  # llama.cpp's hparams.n_gqa(): layer 0
     out, v_i = [], 0
     for s in specs:
         out.append((s, tensor_type(quant, s.gguf, s.shape, n_layers=tc.num_hidden_layers, n_experts=tc.num_experts,
-                                   layer=s.layer, attn_v_index=v_i, n_attn_v=n_attn_v, n_gqa=n_gqa)))
+                                   layer=s.layer, attn_v_index=v_i, n_attn_v=n_attn_v, n_gqa=n_gqa,
+                                   imatrix=imatrix)))
         v_i += ".attn_v." in s.gguf
     return out
 
 
-def plan_export(src_dir, quant: str = "Q4_K_M") -> tuple[Config, list[PlanItem], list[str]]:
-    """Config, the ordered tensor plan (name, shape, type, source) and warnings, without writing."""
+def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False) -> tuple[Config, list[PlanItem], list[str]]:
+    """Config, the ordered tensor plan (name, shape, type, source) and warnings, without writing
+    (`imatrix`: whether the file is made with one)."""
     if quant not in RECIPES:
         raise CheckpointError(f"unknown file type {quant!r}; choose one of {', '.join(FILE_TYPES)}")
     src = Path(src_dir)
@@ -596,7 +606,7 @@ def plan_export(src_dir, quant: str = "Q4_K_M") -> tuple[Config, list[PlanItem],
     st = read_safetensors_index(src)
     items = [PlanItem(ROPE_FREQS_GGUF, (tc.global_head_dim // 2,), T.F32, None, rope_freqs(tc))]
     missing = []
-    types = tensor_types(tc, quant)
+    types = tensor_types(tc, quant, imatrix)
     for s, qt in types:
         t = st.get(s.hf)
         if t is None:
@@ -641,7 +651,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     repo = str(src_dir) if hub.is_hub_id(src_dir) else None
     src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_path)
-    cfg, items, warnings = plan_export(src, quant)
+    cfg, items, warnings = plan_export(src, quant, imatrix is not None)
     imps, im_meta = {}, None
     if imatrix is not None:
         from .imatrix import Imatrix
@@ -657,7 +667,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
                 raise InputError(f"imatrix has no entry for {lack[0]}{more}: {quant} needs one for every "
                                  f"{base.name} tensor (a very low-bit quantization)")
         imps = im.for_tensors((it.gguf, it.src.name, it.shape) for it in items
-                              if it.src is not None and it.qtype in kquants.K_TYPES)
+                              if it.src is not None and it.qtype in kquants.ENCODED_TYPES)
     gen = load_generation_defaults(src)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)

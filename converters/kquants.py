@@ -1,4 +1,4 @@
-"""Vectorised numpy encoders for ggml's K-quants (Q2_K .. Q6_K) and one `quantize` front.
+"""Vectorised numpy encoders for ggml's K-quants (Q2_K .. Q6_K), IQ4_XS / IQ4_NL, and one `quantize` front.
 
 The gguf package (gguf-py) decodes every ggml type but encodes none of the K-quants; this module
 fills that gap. The bytes are those of ggml's reference quantizers (``quantize_row_q{2..6}_K_ref``,
@@ -27,6 +27,15 @@ scalar statement of ggml's loops and compares bytes; ``gguf.quants.dequantize`` 
 * Q2_K: 16 sub-blocks of 16, affine (q in 0..3) by ``make_qkx2_quants`` with weights |x| and the
   weighted ABSOLUTE error (use_mad; rmin -0.5, step 0.1, 16 trials); scales and mins on 4-bit
   grids by their maxima. Block = 16 bytes (scale | min << 4) | qs (64) | d | dmin  (84 bytes).
+* IQ4_XS / IQ4_NL (ggml's quantize_iq4_xs / quantize_iq4_nl, both quantize_row_iq4_nl_impl with
+  ntry 7, what llama-quantize runs): 4-bit indices into the non-linear levels kvalues_iq4nl
+  (-127 .. 113), looked up by best_index_int8 (level i once 2x >= val[i-1] + val[i]). Per block
+  of 32 a scale search with weights x^2: start max/127, refit by weighted least squares, then
+  15 trial inverse scales (itry - 127)/max, itry = -7..7, each refitted, kept on a strictly
+  higher sumqx^2/sumq2. IQ4_XS: super-blocks of 256 = 8 such blocks, the 8 scales on a signed
+  6-bit grid of d = -max/32 (the first largest |scale|), values re-indexed with d*l.
+  Block = d | scales_h (u16) | scales_l (4) | qs (128)  (136 bytes). IQ4_NL: one block of 32,
+  d = fp16(scale), values re-indexed with the float32 scale. Block = d | qs (16)  (18 bytes).
 
 With an importance matrix (``importance=``: one value per column, an imatrix's in_sum2/counts)
 the bytes are those of llama.cpp's ``quantize_q{2..6}_K`` with ``quant_weights``
@@ -44,13 +53,17 @@ the bytes are those of llama.cpp's ``quantize_q{2..6}_K`` with ``quant_weights``
 * Q2_K: weights ``qw*sqrt(sigma2 + x^2)`` with sigma2 = sum(x^2)/256 (no factor 2 here);
   ``make_qkx3_quants`` (squared error, rmin -0.9, step 0.05, 37 trials); scales and mins fitted
   to their 4-bit grids by ``make_qp_quants`` weighted by the sub-blocks' sums of weights.
+* IQ4_XS / IQ4_NL: weights ``qw*sqrt(sigma2 + x^2)``, sigma2 = 2*sum(x^2)/(super-block size);
+  the rest as without.
 
 Entry points:
     quantize(array, qtype, name="tensor", importance=None) -> np.ndarray[uint8 or float]
-        F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1 through ``gguf.quants.quantize``; Q2_K .. Q6_K
-        here. The last dimension must be a multiple of the type's block size. NaN/Inf in the input
-        raise ``FormatError`` naming the tensor (for every type). Only the K types use `importance`.
-    quantize_q2_k / quantize_q3_k / ... / quantize_q6_k(rows, name, importance=None)
+        F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1 through ``gguf.quants.quantize``; Q2_K .. Q6_K,
+        IQ4_XS, IQ4_NL here. The last dimension must be a multiple of the type's block size.
+        NaN/Inf in the input raise ``FormatError`` naming the tensor (for every type). Only the
+        types encoded here (ENCODED_TYPES) use `importance`.
+    quantize_q2_k / quantize_q3_k / ... / quantize_q6_k / quantize_iq4_xs / quantize_iq4_nl(rows, name,
+                                                                                     importance=None)
         -> (n_rows, bytes_per_row) uint8
 """
 
@@ -69,6 +82,9 @@ GROUP_MAX_EPS = 1e-15
 _SUB_COLS = 8192
 
 K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+IQ_TYPES = (T.IQ4_XS, T.IQ4_NL)
+# the types encoded here, all with an importance path
+ENCODED_TYPES = K_TYPES + IQ_TYPES
 GGUF_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1)
 
 
@@ -703,8 +719,138 @@ def _q2_k_blocks(x: np.ndarray, qw=None) -> np.ndarray:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# IQ4_XS and IQ4_NL: 4-bit indices into ggml's non-linear table kvalues_iq4nl
+# ---------------------------------------------------------------------------------------------
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+_IQ4_Q = IQ4_VALUES.astype(_F32)
+# ggml's best_index_int8: level i once 2x reaches val[i-1] + val[i] (a branchless binary search
+# over these 15 sums; NaN compares false everywhere: level 0)
+_IQ4_MID2 = (IQ4_VALUES[:-1].astype(np.int32) + IQ4_VALUES[1:]).astype(_F32)
+
+
+def _iq4_index(v: np.ndarray) -> np.ndarray:
+    """best_index_int8(16, kvalues_iq4nl, v) element-wise (int64 in 0..15)."""
+    v2 = v + v
+    i = np.searchsorted(_IQ4_MID2, v2, side="right")
+    nan = np.isnan(v2)
+    if nan.any():
+        i[nan] = 0
+    return i
+
+
+def _iq4_scales(xt: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The per-block scale search of ggml's quantize_row_iq4_nl_impl (ntry 7) on every column of
+    xt (32 values x blocks), weights w: a start d = max/127 (max: the first value of largest
+    |x|) refitted by weighted least squares on its indices, then the 15 trial inverse scales
+    (itry - 127)/max, itry = -7..7, each refitted, kept when sumqx^2 > best*sumq2 (float32,
+    strict). Blocks with max |x| < 1e-15 get scale 0."""
+    f = _F32
+    n = xt.shape[1]
+    vmax = xt[np.abs(xt).argmax(axis=0), np.arange(n)]
+    live = np.abs(vmax) >= GROUP_MAX_EPS
+    vmax = np.where(live, vmax, f(1)).astype(f)
+    t = np.empty_like(xt)
+
+    def fit(iscale):  # the indices of iscale*x -> (sumqx, sumq2) in the C's order
+        q = _IQ4_Q[_iq4_index(iscale * xt)]
+        wq = w * q
+        return _dot_cols(wq, xt, t), _dot_cols(wq, q, t)
+
+    sumqx, sumq2 = fit(f(1) / (-vmax / f(-127)))
+    d = np.where(sumq2 > 0, sumqx / sumq2, f(0)).astype(f)
+    best = d * sumqx
+    for itry in range(-7, 8):
+        sumqx, sumq2 = fit(f(itry - 127) / vmax)
+        win = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        if win.any():
+            dn = sumqx / sumq2
+            np.putmask(d, win, dn)
+            np.putmask(best, win, dn * sumqx)
+    return np.where(live, d, f(0)).astype(f)
+
+
+def _iq4_weights(x: np.ndarray, qw) -> np.ndarray:
+    """quantize_row_iq4_nl_impl's weights as (32, blocks) columns: x^2, or with an importance
+    qw*sqrt(sigma2 + x^2), sigma2 = sum(x^2) (index order) * 2/super-block size."""
+    f = _F32
+    if qw is None:
+        return _columns(x * x, 32)
+    xt = np.ascontiguousarray(x.T)
+    sigma2 = _seq_sum(xt * xt) * f(2.0 / x.shape[1])
+    return _columns(qw * np.sqrt(sigma2[:, None] + x * x), 32)
+
+
+def _pack_nibbles(L: np.ndarray) -> np.ndarray:
+    """(n, 32k) indices -> ggml's 16k bytes: byte 16i + j holds index 32i + j (low nibble) and
+    32i + 16 + j (high)."""
+    L = L.astype(np.uint8).reshape(L.shape[0], -1, 2, 16)
+    return (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(L.shape[0], -1)
+
+
+def _iq4_xs_blocks(x: np.ndarray, qw=None) -> np.ndarray:
+    """quantize_iq4_xs (quantize_row_iq4_nl_impl with super-block 256, blocks of 32, ntry 7;
+    without qw the reference quantizer's x^2 weights): the scale search per block, then the 8
+    scales on a signed 6-bit grid by the first largest |scale| (d = -max/32 in float32; l =
+    nearest_int(scale/d) clamped to -32..31); the values re-indexed with d*l (the float32 d, not
+    its fp16). Block = d (f16) | scales_h (u16: bits 4-5 of l+32, 2 per block) | scales_l (4
+    bytes: bits 0-3 of l+32, 2 per byte) | qs (128)  (136 bytes)."""
+    f = _F32
+    nb = x.shape[0]
+    xt = _columns(x, 32)
+    w = _iq4_weights(x, qw)
+    scales = np.empty(nb * 8, f)
+    for c0 in range(0, nb * 8, _SUB_COLS):
+        c = slice(c0, min(c0 + _SUB_COLS, nb * 8))
+        scales[c] = _iq4_scales(np.ascontiguousarray(xt[:, c]), np.ascontiguousarray(w[:, c]))
+    scales = scales.reshape(nb, 8)
+    max_scale = scales[np.arange(nb), np.abs(scales).argmax(axis=1)]
+    d = -max_scale / f(32)
+    dh = d.astype(np.float16)
+    if not np.isfinite(dh).all():
+        raise OverflowError("block scale overflows fp16")
+    nz = d != 0
+    inv = np.where(nz, f(1) / np.where(nz, d, f(1)), f(0)).astype(f)
+    ls = np.clip(_nearest_int(inv[:, None] * scales), -32, 31)
+    dl = d[:, None] * ls.astype(f)
+    idl = np.where(dl != 0, f(1) / np.where(dl != 0, dl, f(1)), f(0)).astype(f)
+    L = _iq4_index(x.reshape(nb, 8, 32) * idl[:, :, None]).reshape(nb, QK_K)
+    u = (ls + 32).astype(np.uint16)
+    out = np.empty((nb, 136), np.uint8)
+    out[:, 0:2] = dh.reshape(nb, 1).view(np.uint8)
+    sh = np.bitwise_or.reduce((u >> 4) << (2 * np.arange(8, dtype=np.uint16)), axis=1).astype(np.uint16)
+    out[:, 2:4] = sh.reshape(nb, 1).view(np.uint8)
+    lo = (u & 0x0F).astype(np.uint8)
+    out[:, 4:8] = lo[:, 0::2] | (lo[:, 1::2] << 4)
+    out[:, 8:136] = _pack_nibbles(L)
+    return out
+
+
+def _iq4_nl_blocks(x: np.ndarray, qw=None) -> np.ndarray:
+    """quantize_iq4_nl (quantize_row_iq4_nl_impl with one block of 32, ntry 7, as llama-quantize
+    runs it with or without an importance): d = fp16(scale) and the values re-indexed with the
+    float32 scale. Block = d (f16) | qs (16)  (18 bytes)."""
+    f = _F32
+    nb = x.shape[0]
+    xt = np.ascontiguousarray(x.T)
+    w = _iq4_weights(x, qw)
+    scales = np.empty(nb, f)
+    for c0 in range(0, nb, _SUB_COLS):
+        c = slice(c0, min(c0 + _SUB_COLS, nb))
+        scales[c] = _iq4_scales(np.ascontiguousarray(xt[:, c]), np.ascontiguousarray(w[:, c]))
+    dh = scales.astype(np.float16)
+    if not np.isfinite(dh).all():
+        raise OverflowError("block scale overflows fp16")
+    nz = scales != 0
+    inv = np.where(nz, f(1) / np.where(nz, scales, f(1)), f(0)).astype(f)
+    out = np.empty((nb, 18), np.uint8)
+    out[:, 0:2] = dh.reshape(nb, 1).view(np.uint8)
+    out[:, 2:18] = _pack_nibbles(_iq4_index(x * inv[:, None]))
+    return out
+
+
 _BLOCK_FN = {T.Q2_K: _q2_k_blocks, T.Q3_K: _q3_k_blocks, T.Q4_K: _q4_k_blocks, T.Q5_K: _q5_k_blocks,
-             T.Q6_K: _q6_k_blocks}
+             T.Q6_K: _q6_k_blocks, T.IQ4_XS: _iq4_xs_blocks, T.IQ4_NL: _iq4_nl_blocks}
 
 
 def _check_importance(importance, cols: int, name: str) -> np.ndarray:
@@ -718,16 +864,16 @@ def _check_importance(importance, cols: int, name: str) -> np.ndarray:
 
 def _quantize_k(rows: np.ndarray, qtype: T, name: str, importance=None) -> np.ndarray:
     rows = np.ascontiguousarray(rows, dtype=_F32)
-    if rows.shape[-1] % QK_K:
-        raise FormatError(f"{name}: row length {rows.shape[-1]} is not a multiple of {QK_K} ({qtype.name})")
+    qk, type_size = GGML_QUANT_SIZES[qtype]
+    if rows.shape[-1] % qk:
+        raise FormatError(f"{name}: row length {rows.shape[-1]} is not a multiple of {qk} ({qtype.name})")
     check_finite(rows, name)
-    type_size = GGML_QUANT_SIZES[qtype][1]
     lead = rows.shape[:-1]
-    blocks = rows.reshape(-1, QK_K)
-    per_row = rows.shape[-1] // QK_K
-    imp = None if importance is None else _check_importance(importance, rows.shape[-1], name).reshape(per_row, QK_K)
+    blocks = rows.reshape(-1, qk)
+    per_row = rows.shape[-1] // qk
+    imp = None if importance is None else _check_importance(importance, rows.shape[-1], name).reshape(per_row, qk)
     out = np.empty((blocks.shape[0], type_size), np.uint8)
-    step = 2048  # super-blocks per call: bounds the temporaries to a few MB
+    step = 2048 * QK_K // qk  # blocks per call (2048 super-blocks): bounds the temporaries to a few MB
     fn = _BLOCK_FN[qtype]
     try:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
@@ -740,7 +886,7 @@ def _quantize_k(rows: np.ndarray, qtype: T, name: str, importance=None) -> np.nd
             f"{name}: values up to {float(np.abs(rows).max()):.3g} are too large for {qtype.name} "
             "(a block scale overflows fp16)"
         ) from None
-    return out.reshape(*lead, rows.shape[-1] // QK_K * type_size)
+    return out.reshape(*lead, per_row * type_size)
 
 
 def quantize_q2_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
@@ -763,6 +909,14 @@ def quantize_q6_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np
     return _quantize_k(rows, T.Q6_K, name, importance)
 
 
+def quantize_iq4_xs(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
+    return _quantize_k(rows, T.IQ4_XS, name, importance)
+
+
+def quantize_iq4_nl(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
+    return _quantize_k(rows, T.IQ4_NL, name, importance)
+
+
 def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance=None) -> np.ndarray:
     """Encode `array` (any float dtype; last dim = row) as ggml type `qtype`.
 
@@ -771,8 +925,8 @@ def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance
 
     importance: an importance matrix's values for this matrix, one per column (an imatrix's
     in_sum2/counts), float32 [row length]; or, for a 3-D array of matrices (experts), one row per
-    matrix [array.shape[0], row length]. The K types then encode as llama.cpp's
-    quantize_q{4,5,6}_K with quant_weights. The other types ignore it: ggml's Q8_0 has no
+    matrix [array.shape[0], row length]. The K types and IQ4_XS/IQ4_NL then encode as llama.cpp's
+    quantize_q{2..6}_K / quantize_iq4_{xs,nl} with quant_weights. The other types ignore it: ggml's Q8_0 has no
     importance path; its Q4_0/Q5_0/Q5_1 have one (quantize_row_q4_0_impl, ...), not written
     here yet, so they encode as without.
     """
@@ -784,7 +938,7 @@ def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance
     arr = np.asarray(array)
     if arr.dtype.kind != "f" and arr.dtype != np.uint16:
         raise FormatError(f"{name}: cannot quantize dtype {arr.dtype}")
-    if qtype in K_TYPES:
+    if qtype in ENCODED_TYPES:
         if importance is not None and np.ndim(importance) == 2:
             if arr.ndim != 3 or np.shape(importance)[0] != arr.shape[0]:
                 raise FormatError(f"{name}: importance has shape {list(np.shape(importance))}; one row per matrix "

@@ -154,7 +154,7 @@ def gguf_file_of(path: Path) -> Path | None:
 
 def load_gguf(path: Path, dtype=None, device=None, check_finite=True) -> DiffusionGemma:
     """Architecture from the GGUF metadata, tokenizer from the vocabulary; weights of the ggml block types
-    (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K) stay packed (kernels.ggml.GGMLWeight, served in
+    (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K, IQ4_XS, IQ4_NL) stay packed (kernels.ggml.GGMLWeight, served in
     `dtype`, default fp32), every other tensor is dequantised."""
     from dgplug.converters.gguf_import import gguf_to_config, iter_hf_tensors, tokenizer_from_gguf, validate_gguf
 

@@ -37,7 +37,7 @@ time), so those bindings are replaced too when they hold the original.
 
 What the loaded model holds: the text stack (decoder weights; the encoder's text layers are tied to
 them by transformers) and the encoder's own layer scalars. Weights of the ggml block types dgplug
-runs packed (kernels.ggml.PACKED_TYPES: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K) stay in
+runs packed (kernels.ggml.PACKED_TYPES: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K, IQ4_XS, IQ4_NL) stay in
 their blocks: before the weights load, the modules holding them are swapped for packed twins whose
 one uint8 parameter `blocks` takes the file's bytes (`X.blocks` in the state dict; the tie map is
 rewritten so the encoder and the tied lm_head share the decoder's blocks):

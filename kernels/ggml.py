@@ -61,11 +61,13 @@ except Exception:  # pragma: no cover - depends on the environment
 
 __all__ = ["GGMLWeight", "PACKED_TYPES", "dequantize_blocks"]
 
-PACKED_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+PACKED_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL,
+                T.IQ4_XS)
 _CHUNK = 1 << 20  # elements decoded at once (bounds the int/fp32 temporaries)
 # byte offsets of the fp16 scale fields of one block (their finiteness is the weight's)
 _F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q4_K: (0, 2),
-               T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q2_K: (80, 82), T.Q3_K: (108,)}
+               T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q2_K: (80, 82), T.Q3_K: (108,), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +173,28 @@ def _q3_k(b):
     return (d[:, :, None] * q).reshape(n, 256)
 
 
+def _iq4_levels(q: torch.Tensor) -> torch.Tensor:
+    """4-bit indices -> kvalues_iq4nl's levels, fp32."""
+    return torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=q.device)[q.long()]
+
+
+def _iq4_nl(b):
+    return _f16(b, 0) * _iq4_levels(_nibbles(b[:, None, 2:]).reshape(b.shape[0], 32))
+
+
+def _iq4_xs(b):
+    n = b.shape[0]
+    sl = b[:, 4:8]
+    low = torch.stack((sl & 15, sl >> 4), dim=-1).reshape(n, 8)  # block 2i: low nibble of byte i
+    sh = b[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    high = (sh >> torch.arange(0, 16, 2, dtype=torch.int32, device=b.device)) & 3
+    dl = _f16(b, 0) * ((low.to(torch.int32) | (high << 4)) - 32).float()
+    q = _nibbles(b[:, 8:].reshape(n, 8, 16)).reshape(n, 8, 32)
+    return (dl[:, :, None] * _iq4_levels(q)).reshape(n, 256)
+
+
 _DECODE = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q4_K: _q4_k,
-           T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.Q2_K: _q2_k, T.Q3_K: _q3_k}
+           T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs}
 
 
 def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32) -> torch.Tensor:
@@ -431,6 +453,32 @@ if HAS_TRITON:
         return (_half(blk + 108, mask) * (sc - 32).to(tl.float32)) * q.to(tl.float32)
 
     @triton.jit
+    def _iq4_level(q):
+        """kvalues_iq4nl[q] for 4-bit q: the 16 int8 levels packed four to an int32 (little-endian)."""
+        packed = tl.where(q < 8, tl.where(q < 4, -1079142271, -152379953), tl.where(q < 12, 639175937, 1901675829))
+        v = (packed >> (8 * (q % 4))) & 255
+        return ((v ^ 128) - 128).to(tl.float32)
+
+    @triton.jit
+    def _tile_iq4(row, k, mask, XS: tl.constexpr):
+        """IQ4_XS (256-element blocks of 136 bytes) / IQ4_NL (32 / 18)."""
+        if XS:
+            blk = row + (k // 256) * 136
+            j = k % 256
+            s = j // 32
+            i = j % 32
+            q = (_byte(blk + 8 + s * 16 + i % 16, mask) >> (4 * (i // 16))) & 15
+            sc = ((_byte(blk + 4 + s // 2, mask) >> (4 * (s % 2))) & 15) | \
+                (((_byte(blk + 2 + s // 4, mask) >> (2 * (s % 4))) & 3) << 4)
+            d = _half(blk, mask) * (sc - 32).to(tl.float32)
+        else:
+            blk = row + (k // 32) * 18
+            j = k % 32
+            q = (_byte(blk + 2 + j % 16, mask) >> (4 * (j // 16))) & 15
+            d = _half(blk, mask)
+        return d * _iq4_level(q)
+
+    @triton.jit
     def tile(w_ptr, e, rows, nmask, offs_k, K, stride_we, stride_wn, QT: tl.constexpr):
         """fp32 [BK, BN] tile of weight[e, rows, offs_k]^T decoded from ggml blocks (QT: the ggml
         type id; strides in bytes), zero outside K / the masked rows."""
@@ -457,6 +505,10 @@ if HAS_TRITON:
             w = _tile_k45(row, k, mask, 144, 16, False)
         elif QT == 13:  # Q5_K
             w = _tile_k45(row, k, mask, 176, 48, True)
+        elif QT == 20:  # IQ4_NL
+            w = _tile_iq4(row, k, mask, False)
+        elif QT == 23:  # IQ4_XS
+            w = _tile_iq4(row, k, mask, True)
         else:  # Q6_K
             w = _tile_q6_k(row, k, mask)
         return tl.where(mask, w, 0.0)

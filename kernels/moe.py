@@ -26,9 +26,10 @@ Quantized layouts (logical weight [..., N, K], "K" the input dimension, "..." th
   int8: qweight int8 [..., N, K], scale fp32 [..., N] (per output channel); w = q * scale.
   fp8:  qweight float8_e4m3fn [..., N, K], scale fp32 [..., N]; w = q.float() * scale.
   ggml: a GGUF's blocks as they are in the file (kernels.ggml.GGMLWeight: Q8_0, Q4_0, Q4_1, Q5_0,
-        Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K); the twin dequantises one expert at a time, the Triton
-        kernels decode each [BLOCK_K, BLOCK_N] weight tile from the blocks (kernels.ggml.tile: per
-        element, its block's fp16 scale(s), 4/6-bit sub-block scale/min or int8 scale, and quant bits),
+        Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, IQ4_NL); the twin dequantises one expert at a
+        time, the Triton kernels decode each [BLOCK_K, BLOCK_N] weight tile from the blocks
+        (kernels.ggml.tile: per element, its block's fp16 scale(s), 4/6-bit sub-block scale/min or
+        int8 scale, and quant bits; IQ4: the non-linear level of its 4-bit index),
         with no scratch copy of the experts.
 
 Triton path (one step of the denoiser: M = 256 x batch tokens, ~16 (token, slot) pairs per expert

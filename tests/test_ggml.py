@@ -27,8 +27,8 @@ def _random_blocks(qtype, rows, cols, seed=0) -> np.ndarray:
 
 
 def _encoded_blocks(qtype, w: np.ndarray) -> np.ndarray:
-    """Real weights encoded by gguf-py (32-element types) or dgplug's K-quant encoder."""
-    if qtype in kq.K_TYPES:
+    """Real weights encoded by gguf-py (32-element types) or dgplug's K-quant / IQ4 encoders."""
+    if qtype in kq.ENCODED_TYPES:
         return kq.quantize(w, qtype, name="w")
     return gq.quantize(w, qtype)
 
@@ -99,7 +99,8 @@ def test_nonfinite_is_read_from_the_scales(qtype):
 # The MoE: Triton (interpreter) reading the blocks vs the torch twin dequantising per expert
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gate_type,down_type", [(T.Q4_K, T.Q6_K), (T.Q5_K, T.Q5_0), (T.Q8_0, T.Q5_1),
-                                                 (T.Q4_0, T.Q4_1), (T.Q3_K, T.Q2_K)], ids=lambda t: t.name)
+                                                 (T.Q4_0, T.Q4_1), (T.Q3_K, T.Q2_K), (T.IQ4_XS, T.IQ4_NL)],
+                         ids=lambda t: t.name)
 def test_triton_moe_reads_the_blocks(gate_type, down_type):
     from dgplug.kernels import moe
 
@@ -128,7 +129,7 @@ def test_triton_moe_reads_the_blocks(gate_type, down_type):
 # ---------------------------------------------------------------------------------------------
 # A GGUF model loaded packed vs the same file dequantised at load (the path before packing)
 # ---------------------------------------------------------------------------------------------
-QUANTS = ["Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K"]
+QUANTS = ["Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "IQ4_XS"]
 
 
 @pytest.fixture(scope="module")

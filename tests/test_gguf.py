@@ -20,7 +20,7 @@ from dgplug.converters import gguf_import as gi
 from dgplug.converters import kquants as kq
 from dgplug.errors import CheckpointError, FormatError
 
-QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q3_K_S", "Q2_K"]
+QUANTS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,11 +51,16 @@ def _test_rows(seed=0, cols=512):
 # largest maps to +4 and is clamped to 3 (a full step, 0.25), plus the 6-bit scale rounding
 # (measured maxima 0.2). Q2_K: 0..3 over the range (<= 2 max|x|): half a step 1/3, plus the 4-bit
 # rounding of the scale (1.5 d <= max/10 * 2/3) and of the min (dmin/2 <= max/30) (measured 0.37).
+# IQ4_XS / IQ4_NL: levels -127..113 of a step d ~ max|x|/127 (the least-squares scale); half the
+# widest gap between levels (24, 89 -> 113) is 12/127 = 0.094 of the block's max, plus IQ4_XS's
+# 6-bit rounding of the block scale (1/64 of the largest) (measured maxima 0.075 / 0.088); the ABS
+# term: fp16's subnormal step 2**-24 times 127.
 BOUNDS = {T.Q2_K: (0.45, 1e-4), T.Q3_K: (0.3, 1e-4), T.Q4_K: (0.14, 1e-4), T.Q5_K: (0.07, 2e-4),
-          T.Q6_K: (0.03, 3e-4), T.Q8_0: (1 / 254 + 1e-3, 1e-5), T.Q4_0: (1 / 8 + 1e-3, 1e-6)}
+          T.Q6_K: (0.03, 3e-4), T.Q8_0: (1 / 254 + 1e-3, 1e-5), T.Q4_0: (1 / 8 + 1e-3, 1e-6),
+          T.IQ4_XS: (0.11, 1e-5), T.IQ4_NL: (0.11, 1e-5)}
 
 
-@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0])
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.IQ4_XS, T.IQ4_NL])
 def test_encoder_roundtrip_within_bound(qtype):
     x = _test_rows()
     b = kq.quantize(x, qtype, name="w")
@@ -63,7 +68,7 @@ def test_encoder_roundtrip_within_bound(qtype):
     y = gq.dequantize(b, qtype)
     assert y.shape == x.shape
     rel, ab = BOUNDS[qtype]
-    blk = 256 if qtype in kq.K_TYPES else 32
+    blk = 256 if qtype in kq.K_TYPES or qtype == T.IQ4_XS else 32
     xb, yb = x.reshape(-1, blk), y.reshape(-1, blk)
     bound = rel * np.abs(xb).max(axis=1, keepdims=True) + ab
     assert (np.abs(yb - xb) <= bound).all(), float((np.abs(yb - xb) / bound).max())
@@ -129,6 +134,13 @@ def test_encoder_rejects_bad_rows_and_overflow():
         kq.quantize(np.full((1, 256), 1e9, np.float32) * np.linspace(-1, 1, 256, dtype=np.float32), T.Q4_K)
     with pytest.raises(FormatError, match="overflow F16"):
         kq.quantize(np.full((1, 32), 1e6, np.float32), T.F16, name="t")
+    with pytest.raises(FormatError, match=r"t: row length 96 is not a multiple of 256 \(IQ4_XS\)"):
+        kq.quantize(np.zeros((2, 96), np.float32), T.IQ4_XS, name="t")
+    assert kq.quantize(np.zeros((2, 96), np.float32), T.IQ4_NL).shape == (2, 3 * 18)  # blocks of 32
+    for qtype in (T.IQ4_XS, T.IQ4_NL):
+        with pytest.raises(FormatError, match=f"t: values up to 1e\\+09 are too large for {qtype.name}"):
+            kq.quantize(np.full((1, 256), 1e9, np.float32) * np.linspace(-1, 1, 256, dtype=np.float32), qtype,
+                        name="t")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +240,8 @@ def test_recipe_rules_for_the_released_shapes():
 
 def test_low_bit_mixes(exported):
     # the tiny model has 8 experts: llama.cpp's n_expert == 8 rules (attn_k/attn_v Q8_0, attn_output Q5_K)
-    for q, base, down in (("Q3_K_M", "Q3_K", "Q4_K"), ("Q3_K_S", "Q3_K", "Q3_K"), ("Q2_K", "Q2_K", "Q3_K")):
+    for q, base, down in (("Q3_K_M", "Q3_K", "Q4_K"), ("Q3_K_S", "Q3_K", "Q3_K"), ("Q2_K", "Q2_K", "Q3_K"),
+                          ("IQ4_XS", "IQ4_XS", "IQ4_XS")):
         types = {n: t for n, t, _, _ in gi.inspect_table(exported[q])["tensors"]}
         assert types["token_embd.weight"] == "Q6_K", q
         assert types["blk.0.attn_k.weight"] == "Q8_0" and types["blk.1.attn_v.weight"] == "Q8_0", q
@@ -246,6 +259,8 @@ def test_low_bit_mixes(exported):
     ("Q2_K", "Q3_K Q3_K Q3_K Q2_K Q2_K Q3_K Q4_0 Q4_0 Q4_0 Q4_0 Q4_0 Q2_K"),
     ("Q2_K_S", "Q2_K Q2_K Q2_K Q2_K Q2_K Q2_K Q5_0 Q5_0 Q4_0 Q5_0 Q4_0 Q2_K"),
     ("Q4_K_M", "Q6_K Q6_K Q6_K Q4_K Q4_K Q4_K Q8_0 Q8_0 Q5_0 Q8_0 Q5_0 Q4_K"),
+    # without an imatrix the first eighth of the ffn_down layers Q5_K (-> Q5_1), IQ4_XS -> IQ4_NL
+    ("IQ4_XS", "IQ4_XS IQ4_XS IQ4_XS IQ4_XS IQ4_XS IQ4_XS Q5_1 Q5_1 IQ4_NL Q5_1 IQ4_NL IQ4_XS"),
 ])
 def test_low_bit_recipes_for_the_released_shapes(quant, want):
     # llama.cpp's llama_tensor_get_type for 30 layers, 128 experts, n_gqa 16/8 = 2; rows of 2112 and
@@ -261,12 +276,18 @@ def test_low_bit_recipes_for_the_released_shapes(quant, want):
     assert " ".join(got) == want
     assert t("token_embd.weight", (262144, 2816)) == "Q6_K"
     # more KV sharing (n_gqa >= 4) gives Q2_K/Q2_K_S's attn_v Q4_K; 8 experts: attn_k/v Q8_0, attn_output Q5_K
-    if quant.startswith("Q2_K"):
-        assert ge.tensor_type(quant, "blk.0.attn_v.weight", (2048, 2816), n_layers=30, n_experts=128, n_gqa=4) == T.Q4_K
+    if quant.startswith("Q2_K") or quant == "IQ4_XS":
+        assert ge.tensor_type(quant, "blk.0.attn_v.weight", (2048, 2816), n_layers=30, n_experts=128,
+                              n_gqa=4) == (T.Q5_K if quant == "IQ4_XS" else T.Q4_K)
     eight = dict(n_layers=30, n_experts=8)
     assert ge.tensor_type(quant, "blk.0.attn_k.weight", (2048, 2816), **eight) == T.Q8_0
     out8 = ge.tensor_type(quant, "blk.0.attn_output.weight", (2816, 4096), **eight)
     assert out8 == (T.Q2_K if quant == "Q2_K_S" else T.Q5_K)
+    # with an imatrix (llama.cpp's has_imatrix) IQ4_XS keeps its first ffn_down layers; the others' mixes are the same
+    im = [t(f"blk.{L}.ffn_down.weight", (2816, 2112), layer=L, imatrix=True) for L in (0, 2, 3)]
+    assert im == (["IQ4_NL"] * 3 if quant == "IQ4_XS" else got[6:9])
+    if quant == "IQ4_XS":  # rows not a multiple of 32: IQ4_NL falls back to F16, as llama.cpp
+        assert t("blk.5.ffn_down.weight", (2816, 2120), layer=5) == "F16"
 
 
 def test_f32_round_trip_is_exact(exported, hf_tensors):
@@ -280,7 +301,8 @@ def test_f32_round_trip_is_exact(exported, hf_tensors):
 
 # per file type: max |err| / max|w| over every tensor
 ROUND_TRIP = {"F16": 1e-3, "BF16": 4e-3, "Q8_0": 5e-3, "Q4_0": 0.13, "Q4_K_M": 0.14, "Q5_K_M": 0.07, "Q6_K": 0.03,
-              "Q3_K_M": 0.3, "Q3_K_S": 0.3, "Q2_K": 0.45}  # the encoders' bounds (BOUNDS above) for the base type
+              "Q3_K_M": 0.3, "Q3_K_S": 0.3, "Q2_K": 0.45,
+              "IQ4_XS": 0.11}  # the encoders' bounds (BOUNDS above) for the base type
 
 
 @pytest.mark.parametrize("quant", list(ROUND_TRIP))
@@ -688,14 +710,14 @@ def test_export_with_imatrix(ckpt, exported, hf_tensors, tmp_path, monkeypatch, 
                                          "model.decoder.layers.0.self_attn.q_proj.weight needs 1 x 256"):
         ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q5_K_M", progress=False, imatrix=im)
     with pytest.raises(InputError, match=r"an imatrix applies to the K-quant file types \(Q2_K_S, Q2_K, Q3_K_S, "
-                                         r"Q3_K_M, Q4_K_M, Q5_K_M, Q6_K\), not Q8_0"):
+                                         r"Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS\), not Q8_0"):
         ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q8_0", progress=False, imatrix=path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf", "im.gguf"]
 
 
 def test_export_low_bit_with_imatrix(ckpt, exported, hf_tensors, tmp_path, capsys):
     import gguf
-    from test_kquants import ggml_quantize
+    from test_kquants import ggml_quantize, ggml_quantize_iq4
 
     from dgplug.config import load_config
     from dgplug.errors import InputError
@@ -706,7 +728,10 @@ def test_export_low_bit_with_imatrix(ckpt, exported, hf_tensors, tmp_path, capsy
     for quant, checks in (("Q2_K", (("blk.0.ffn_gate_up_exps.weight", T.Q2_K, [(0, 0), (5, 300)]),
                                     ("blk.2.ffn_down_exps.weight", T.Q3_K, [(1, 17)]))),
                           ("Q3_K_M", (("blk.1.attn_q.weight", T.Q3_K, [(0, 5)]),
-                                      ("blk.3.ffn_down.weight", T.Q4_K, [(0, 9)])))):
+                                      ("blk.3.ffn_down.weight", T.Q4_K, [(0, 9)]))),
+                          ("IQ4_XS", (("blk.0.ffn_gate_up_exps.weight", T.IQ4_XS, [(0, 0), (7, 511)]),
+                                      ("blk.1.attn_q.weight", T.IQ4_XS, [(0, 5)]),
+                                      ("blk.0.attn_output.weight", T.Q5_K, [(0, 3)])))):
         r = gguf.GGUFReader(ge.export_gguf(ckpt, tmp_path / f"{quant}.gguf", quant=quant, progress=False, workers=1,
                                            imatrix=im))
         assert gi.check_contract(tmp_path / f"{quant}.gguf") == []
@@ -717,7 +742,8 @@ def test_export_low_bit_with_imatrix(ckpt, exported, hf_tensors, tmp_path, capsy
             w = w.reshape((-1,) + w.shape[-2:])
             data = np.asarray(ts[n].data).reshape(w.shape[0], w.shape[1], -1)
             for e, row in rows:
-                assert np.array_equal(data[e, row], ggml_quantize(w[e, row], qt, im.importance(n)[e]).reshape(-1))
+                ref = ggml_quantize_iq4 if qt == T.IQ4_XS else ggml_quantize
+                assert np.array_equal(data[e, row], ref(w[e, row], qt, im.importance(n)[e]).reshape(-1))
     # Q2_K_S: refused without an imatrix (as llama-quantize), and with one that lacks a Q2_K tensor
     with pytest.raises(InputError, match=r"Q2_K_S needs an importance matrix .*dgplug imatrix"):
         ge.export_gguf(ckpt, tmp_path / "s.gguf", quant="Q2_K_S", progress=False)

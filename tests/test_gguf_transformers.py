@@ -32,7 +32,7 @@ def files(tmp_path_factory):
     src = make_checkpoint(root / "src", text=text, qk_norm_scale=0.25)
     out = root / "gguf"
     out.mkdir()
-    for q in ("F32", "Q8_0", "Q4_K_M", "Q2_K"):
+    for q in ("F32", "Q8_0", "Q4_K_M", "Q2_K", "IQ4_XS"):
         export_gguf(src, out / f"model-{q}.gguf", quant=q, progress=False, workers=1)
     return src, out
 
@@ -119,9 +119,10 @@ def test_q8_0_auto_class_and_generate(files, reference):
     assert int(seq.max()) < m.config.text_config.vocab_size
 
 
-@pytest.mark.parametrize("quant,base,down", [("Q4_K_M", "Q4_K", "Q6_K"), ("Q2_K", "Q2_K", "Q3_K")])
+@pytest.mark.parametrize("quant,base,down", [("Q4_K_M", "Q4_K", "Q6_K"), ("Q2_K", "Q2_K", "Q3_K"),
+                                            ("IQ4_XS", "IQ4_XS", "IQ4_XS")])
 def test_k_quants_stay_packed(files, reference, quant, base, down):
-    """Q4_K_M and Q2_K through from_pretrained: linears, experts and the tied embedding / head keep their
+    """Q4_K_M, Q2_K and IQ4_XS through from_pretrained: linears, experts and the tied embedding / head keep their
     ggml blocks (one copy, shared by the encoder and lm_head); logits equal transformers' own model
     holding the same file dequantised (gguf-py), up to summation order."""
     from gguf import GGMLQuantizationType as T

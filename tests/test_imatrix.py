@@ -291,7 +291,7 @@ def test_cli_imatrix_then_convert(tiny_ckpt, tmp_path):
                    "written yet"), ("F16", "not quantized"), ("int8", "no search to weight")):
         r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "x.gguf"), "-q", qt, "--imatrix", str(out)])
         assert r.exit_code == 1 and (f"--imatrix applies to --quant int4, Q2_K_S, Q2_K, Q3_K_S, Q3_K_M, Q4_K_M, "
-                                     f"Q5_K_M, Q6_K ({qt}: {why})") in r.stderr
+                                     f"Q5_K_M, Q6_K, IQ4_XS ({qt}: {why})") in r.stderr
     # Q2_K_S without an imatrix: refused as llama-quantize refuses it, saying how to make one
     r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "x.gguf"), "-q", "q2_k_s"])
     assert r.exit_code == 1 and "--quant Q2_K_S needs --imatrix" in r.stderr and "dgplug imatrix" in r.stderr

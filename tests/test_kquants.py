@@ -12,6 +12,8 @@ single-value moves). They were written here from the algorithm; dgplug's vectori
 for the 6-bit scales; Q6_K: make_qx_quants weighted by the importance; Q3_K: make_qx_quants for
 the values and for the 16 scales; Q2_K: make_qkx3_quants, make_qp_quants for the 4-bit scales
 and mins).
+IQ4_XS / IQ4_NL: `ggml_iq4_block` restates quantize_row_iq4_nl_impl (as quantize_iq4_xs and
+quantize_iq4_nl call it, ntry 7, with or without quant_weights) and best_index_int8.
 gguf-py's decoder stays the check that the bytes are the block format.
 
 Each sub-block is one Python-level state machine here (per-trial decisions, per-sub-block L
@@ -445,6 +447,7 @@ def sample_rows(seed=0, cols=1024):
 
 
 K_TYPES = [pytest.param(q, id=q.name) for q in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)]
+IQ4_TYPES = [pytest.param(q, id=q.name) for q in (T.IQ4_XS, T.IQ4_NL)]
 
 
 @pytest.mark.parametrize("qtype", K_TYPES)
@@ -466,7 +469,7 @@ def test_bytes_identical_to_ggml_reference(qtype):
                           gq.dequantize(ref.reshape(x.shape[0], -1), qtype))
 
 
-@pytest.mark.parametrize("qtype", K_TYPES)
+@pytest.mark.parametrize("qtype", K_TYPES + IQ4_TYPES)
 @pytest.mark.parametrize("einsum", [True, False])
 def test_chunking_and_sum_paths_do_not_change_bytes(qtype, einsum, monkeypatch):
     # the search runs on column chunks and clamps only where needed; small chunks exercise the
@@ -572,7 +575,7 @@ def test_imatrix_importance_per_matrix_and_checks():
         kq.quantize(x[0], T.Q6_K, name="w", importance=np.full(512, np.nan, F))
 
 
-@pytest.mark.parametrize("qtype", K_TYPES)
+@pytest.mark.parametrize("qtype", K_TYPES + IQ4_TYPES)
 def test_imatrix_lowers_the_weighted_error(qtype):
     # what the importance is for: sum_j imp_j * (x_j - deq_j)^2 over Gaussian and Student-t rows
     rng = np.random.default_rng(7)
@@ -586,3 +589,145 @@ def test_imatrix_lowers_the_weighted_error(qtype):
     print(f"{qtype.name}: importance-weighted squared error {plain:.4g} -> {weighted:.4g} "
           f"({100 * (1 - weighted / plain):.1f} % less)")
     assert weighted < 0.9 * plain
+
+
+# -- IQ4_XS / IQ4_NL: quantize_row_iq4_nl_impl (llama.cpp's quantize_iq4_xs / quantize_iq4_nl) ------
+KVALUES_IQ4NL = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
+def ggml_best_index_int8(x):
+    """best_index_int8(16, kvalues_iq4nl, x): x2 = x + x, then the branchless binary search
+    (step 8, 4, 2, 1; idx moves to j when x2 >= val[j-1] + val[j])."""
+    x2 = F(x) + F(x)
+    idx = 0
+    step = 8
+    while step > 0:
+        j = idx + step
+        if x2 >= F(KVALUES_IQ4NL[j - 1] + KVALUES_IQ4NL[j]):
+            idx = j
+        step >>= 1
+    return idx
+
+
+def ggml_iq4_block(x, qw, super_block):
+    """quantize_row_iq4_nl_impl(super_block, 32, 16 values, ..., kvalues_iq4nl, qw, ntry 7) for
+    one super-block of 256 (IQ4_XS) or one block of 32 (IQ4_NL) -> bytes."""
+    vals = KVALUES_IQ4NL
+    sigma2 = F(0)
+    for j in range(super_block):
+        sigma2 = F(sigma2 + F(x[j] * x[j]))
+    sigma2 = F(sigma2 * F(F(2) / F(super_block)))
+    nblk = super_block // 32
+    scales = [F(0)] * nblk
+    max_scale, amax_scale = F(0), F(0)
+    for ib in range(nblk):
+        xb = x[32 * ib:32 * ib + 32]
+        if qw is None:
+            weight = [F(v * v) for v in xb]
+        else:
+            wb = qw[32 * ib:32 * ib + 32]
+            weight = [F(wb[j] * np.sqrt(F(sigma2 + F(xb[j] * xb[j])), dtype=F)) for j in range(32)]
+        amax, mx = F(0), F(0)
+        for v in xb:
+            if abs(v) > amax:
+                amax, mx = F(abs(v)), v
+        if amax < EPS:
+            scales[ib] = F(0)
+            continue
+
+        def sums(iscale):
+            sqx = sq2 = F(0)
+            for j in range(32):
+                q = F(vals[ggml_best_index_int8(F(iscale * xb[j]))])
+                wq = F(weight[j] * q)
+                sqx = F(sqx + F(wq * xb[j]))
+                sq2 = F(sq2 + F(wq * q))
+            return sqx, sq2
+
+        d = F(-mx / F(vals[0]))
+        sumqx, sumq2 = sums(F(F(1) / d))
+        d = F(sumqx / sumq2) if sumq2 > 0 else F(0)
+        best = F(d * sumqx)
+        for itry in range(-7, 8):
+            sumqx, sumq2 = sums(F(F(itry + vals[0]) / mx))
+            if sumq2 > 0 and F(sumqx * sumqx) > F(best * sumq2):
+                d = F(sumqx / sumq2)
+                best = F(d * sumqx)
+        scales[ib] = d
+        if abs(d) > amax_scale:
+            amax_scale, max_scale = F(abs(d)), d
+    L = [0] * super_block
+    if nblk > 1:
+        d = F(-max_scale / F(32))
+        dh = np.float16(d)
+        inv = F(F(1) / d) if d else F(0)
+        scales_h, scales_l = 0, [0] * (nblk // 2)
+        for ib in range(nblk):
+            l = int(_nearest_int(F(inv * scales[ib])))
+            l = max(-32, min(31, l))
+            dl = F(d * F(l))
+            idl = F(F(1) / dl) if dl else F(0)
+            for j in range(32):
+                L[32 * ib + j] = ggml_best_index_int8(F(idl * x[32 * ib + j]))
+            l += 32
+            if ib % 2 == 0:
+                scales_l[ib // 2] = l & 0xF
+            else:
+                scales_l[ib // 2] |= (l & 0xF) << 4
+            scales_h |= (l >> 4) << (2 * (ib % 8))
+        head = [np.array([dh]).view(np.uint8), np.array([scales_h], np.uint16).view(np.uint8),
+                np.array(scales_l, np.uint8)]
+    else:
+        head = [np.array([np.float16(scales[0])]).view(np.uint8)]
+        inv = F(F(1) / scales[0]) if scales[0] else F(0)
+        for j in range(super_block):
+            L[j] = ggml_best_index_int8(F(inv * x[j]))
+    qs = [L[32 * i + j] | (L[32 * i + 16 + j] << 4) for i in range(super_block // 32) for j in range(16)]
+    return np.concatenate(head + [np.array(qs, np.uint8)])
+
+
+def ggml_quantize_iq4(x, qtype, importance=None):
+    """Rows x -> bytes of quantize_iq4_xs / quantize_iq4_nl (importance: one value per column)."""
+    x = np.asarray(x, F)
+    sb = 256 if qtype == T.IQ4_XS else 32
+    cols = x.shape[-1]
+    out = []
+    for row in x.reshape(-1, cols):
+        for b in range(cols // sb):
+            qw = None if importance is None else np.asarray(importance, F)[sb * b:sb * b + sb]
+            out.append(ggml_iq4_block(row[sb * b:sb * b + sb], qw, sb))
+    return np.stack(out)
+
+
+
+@pytest.mark.parametrize("qtype", IQ4_TYPES)
+@pytest.mark.parametrize("weighted", [False, True], ids=["reference", "imatrix"])
+def test_iq4_bytes_identical_to_ggml(qtype, weighted):
+    # the sample rows of the K types (2 x 15 rows x 2048: 240 IQ4_XS super-blocks, 1920 IQ4_NL
+    # blocks), without and with an importance vector per seed (seed 1 with 48 dead columns)
+    blocks = same = 0
+    bad = []
+    for seed in (0, 1):
+        x = sample_rows(seed, 2048)
+        imp = sample_importance(seed, 2048, dead=48 * seed) if weighted else None
+        ref = ggml_quantize_iq4(x, qtype, imp)
+        ours = kq.quantize(x, qtype, name="w", importance=imp).reshape(ref.shape)
+        eq = (ours == ref).all(axis=1)
+        blocks, same = blocks + eq.size, same + int(eq.sum())
+        bad += [(seed, int(i)) for i in np.flatnonzero(~eq)]
+        # the block format: gguf-py decodes our bytes as the reference's
+        assert np.array_equal(gq.dequantize(ours.reshape(x.shape[0], -1), qtype),
+                              gq.dequantize(ref.reshape(x.shape[0], -1), qtype))
+    print(f"{qtype.name} {'with' if weighted else 'without'} importance: {same}/{blocks} blocks byte-identical "
+          f"({100 * same / blocks:.2f} %)")
+    assert not bad, f"{len(bad)}/{blocks} blocks differ, first (seed, block) {bad[:5]}"
+
+
+def test_iq4_index_is_best_index_int8():
+    # the vectorised lookup on the midpoints themselves, their float32 neighbours, the ends, inf and NaN
+    mids = kq._IQ4_MID2 / F(2)
+    v = np.concatenate([mids, np.nextafter(mids, F(-np.inf)), np.nextafter(mids, F(np.inf)),
+                        np.array([-200, 200, 0, -0.0, np.inf, -np.inf, np.nan], F),
+                        np.random.default_rng(0).uniform(-130, 130, 500).astype(F)]).astype(F)
+    with np.errstate(invalid="ignore"):
+        assert [int(i) for i in kq._iq4_index(v)] == [ggml_best_index_int8(t) for t in v]

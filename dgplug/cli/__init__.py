@@ -140,7 +140,7 @@ def convert(
     src: str = typer.Argument(..., help="Hugging Face DiffusionGemma directory."),
     out: str = typer.Argument(..., help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
     quant: str = typer.Option(..., "--quant", "-q",
-                              help="F32 F16 BF16 Q8_0 Q4_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q3_K_S Q2_K Q2_K_S (GGUF; "
+                              help="F32 F16 BF16 Q8_0 Q4_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q3_K_S Q2_K Q2_K_S IQ4_XS (GGUF; "
                                    "Q2_K_S needs --imatrix) or int4 int8 fp8 (safetensors)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", show_default=False,
                                              help="int4 only: group size along the input dimension (default 128)."),
@@ -149,7 +149,7 @@ def convert(
                                           help="GGUF: worker processes; int4/int8/fp8: torch threads "
                                                "(default: DGPLUG_THREADS, else dgplug's choice)."),
     imatrix: Optional[str] = typer.Option(None, "--imatrix", show_default=False,
-                                          help="int4 and the K-quant GGUF types (Q6_K .. Q2_K_S): an importance "
+                                          help="int4 and the K-quant/IQ4_XS GGUF types (Q6_K .. Q2_K_S, IQ4_XS): an importance "
                                                "matrix (imatrix GGUF from `dgplug imatrix` or llama-imatrix) weights "
                                                "the scale search (K-quants: as llama-quantize --imatrix)."),
     debug: bool = DEBUG, quiet: bool = QUIET,
