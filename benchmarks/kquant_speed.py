@@ -6,6 +6,8 @@ revisions, and prints the median per type and the ratio. Rows: a [704, 2816] sla
 down projection in the release's shapes, bf16-rounded Gaussian x 0.02).
 
     python benchmarks/kquant_speed.py [--old 6e760e3] [--reps 5] [--threads 1]
+    python benchmarks/kquant_speed.py --types      # every block type of the working tree, without and
+                                                   # with an importance vector (per-type conversion speed)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main():
     ap.add_argument("--old", default="6e760e3", help="the revision to compare against")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--types", action="store_true", help="each type of the working tree, without / with importance")
     args = ap.parse_args()
     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[v] = str(args.threads)
@@ -50,10 +53,12 @@ def main():
 
     from gguf import GGMLQuantizationType as T
 
-    old, new = module_at(args.old, "kquants_old"), module_at(None, "kquants_new")
     x = np.random.default_rng(0).standard_normal((704, 2816), dtype=np.float32) * 0.02
     x = ((x.view(np.uint32) >> 16) << 16).view(np.float32)  # bf16 values, as a checkpoint holds
     mb = x.size * 2 / 1e6  # bf16 bytes of input
+    if args.types:
+        return per_type(x, mb, args.reps, args.threads)
+    old, new = module_at(args.old, "kquants_old"), module_at(None, "kquants_new")
     print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} thread(s), rows {x.shape}, {args.reps} alternated reps")
     print(f"{'type':6} {'old ms':>9} {'new ms':>9} {'new/old':>8} {'old MB/s':>9} {'new MB/s':>9}  same bytes")
     for qt in (T.Q4_K, T.Q5_K, T.Q6_K):
@@ -67,6 +72,30 @@ def main():
         a, b = statistics.median(times["old"]), statistics.median(times["new"])
         same = np.mean(np.all(outs["old"].reshape(x.shape[0], -1) == outs["new"].reshape(x.shape[0], -1), axis=1))
         print(f"{qt.name:6} {a * 1e3:9.1f} {b * 1e3:9.1f} {b / a:8.2f} {mb / a:9.1f} {mb / b:9.1f}  {same:.1%} of rows")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+def per_type(x, mb: float, reps: int, threads: int) -> None:
+    """Encoder throughput of every block type, without and with an importance vector, alternated."""
+    import numpy as np
+
+    from gguf import GGMLQuantizationType as T
+
+    kq = module_at(None, "kquants_new")
+    imp = (np.random.default_rng(1).random(x.shape[1], dtype=np.float32) * 2 + 0.01) ** 2
+    types = [T.Q8_0, T.Q4_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ4_NL]
+    print(f"load average {os.getloadavg()[0]:.2f}, {threads} thread(s), rows {x.shape}, {reps} alternated reps; "
+          f"MB/s of bf16 input")
+    print(f"{'type':7} {'plain ms':>9} {'MB/s':>7} {'imatrix ms':>11} {'MB/s':>7}")
+    for qt in types:
+        t = {False: [], True: []}
+        for _ in range(reps):
+            for weighted in (False, True):
+                t0 = time.perf_counter()
+                kq.quantize(x, qt, "bench", importance=imp if weighted else None)
+                t[weighted].append(time.perf_counter() - t0)
+        a, b = statistics.median(t[False]), statistics.median(t[True])
+        print(f"{qt.name:7} {a * 1e3:9.1f} {mb / a:7.1f} {b * 1e3:11.1f} {mb / b:7.1f}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
