@@ -60,7 +60,8 @@ def main():
         return per_type(x, mb, args.reps, args.threads)
     old, new = module_at(args.old, "kquants_old"), module_at(None, "kquants_new")
     print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} thread(s), rows {x.shape}, {args.reps} alternated reps")
-    print(f"{'type':6} {'old ms':>9} {'new ms':>9} {'new/old':>8} {'old MB/s':>9} {'new MB/s':>9}  same bytes")
+    print(f"{'type':6} {'old ms':>9} {'new ms':>9} {'new/old':>8} {'old MB/s':>9} {'new MB/s':>9} {'old RMSE':>10} "
+          f"{'new RMSE':>10}  same bytes")
     for qt in (T.Q4_K, T.Q5_K, T.Q6_K):
         times = {"old": [], "new": []}
         outs = {}
@@ -71,7 +72,12 @@ def main():
                 times[key].append(time.perf_counter() - t0)
         a, b = statistics.median(times["old"]), statistics.median(times["new"])
         same = np.mean(np.all(outs["old"].reshape(x.shape[0], -1) == outs["new"].reshape(x.shape[0], -1), axis=1))
-        print(f"{qt.name:6} {a * 1e3:9.1f} {b * 1e3:9.1f} {b / a:8.2f} {mb / a:9.1f} {mb / b:9.1f}  {same:.1%} of rows")
+        from gguf import quants as gq
+
+        rmse = [float(np.sqrt(np.mean((gq.dequantize(outs[k].reshape(x.shape[0], -1), qt) - x) ** 2)))
+                for k in ("old", "new")]  # decoded by gguf-py, against the input
+        print(f"{qt.name:6} {a * 1e3:9.1f} {b * 1e3:9.1f} {b / a:8.2f} {mb / a:9.1f} {mb / b:9.1f} {rmse[0]:10.4e} "
+              f"{rmse[1]:10.4e}  {same:.1%} of rows")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
