@@ -62,9 +62,6 @@ Entry points:
         IQ4_XS, IQ4_NL here. The last dimension must be a multiple of the type's block size.
         NaN/Inf in the input raise ``FormatError`` naming the tensor (for every type). Only the
         types encoded here (ENCODED_TYPES) use `importance`.
-    quantize_q2_k / quantize_q3_k / ... / quantize_q6_k / quantize_iq4_xs / quantize_iq4_nl(rows, name,
-                                                                                     importance=None)
-        -> (n_rows, bytes_per_row) uint8
 """
 
 from __future__ import annotations
@@ -889,32 +886,11 @@ def _quantize_k(rows: np.ndarray, qtype: T, name: str, importance=None) -> np.nd
     return out.reshape(*lead, per_row * type_size)
 
 
-def quantize_q2_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
-    return _quantize_k(rows, T.Q2_K, name, importance)
 
 
-def quantize_q3_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
-    return _quantize_k(rows, T.Q3_K, name, importance)
 
 
-def quantize_q4_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
-    return _quantize_k(rows, T.Q4_K, name, importance)
 
-
-def quantize_q5_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
-    return _quantize_k(rows, T.Q5_K, name, importance)
-
-
-def quantize_q6_k(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
-    return _quantize_k(rows, T.Q6_K, name, importance)
-
-
-def quantize_iq4_xs(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
-    return _quantize_k(rows, T.IQ4_XS, name, importance)
-
-
-def quantize_iq4_nl(rows: np.ndarray, name: str = "tensor", importance=None) -> np.ndarray:
-    return _quantize_k(rows, T.IQ4_NL, name, importance)
 
 
 def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance=None) -> np.ndarray:
