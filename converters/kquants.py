@@ -886,13 +886,6 @@ def _quantize_k(rows: np.ndarray, qtype: T, name: str, importance=None) -> np.nd
     return out.reshape(*lead, per_row * type_size)
 
 
-
-
-
-
-
-
-
 def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance=None) -> np.ndarray:
     """Encode `array` (any float dtype; last dim = row) as ggml type `qtype`.
 
