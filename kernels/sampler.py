@@ -197,16 +197,17 @@ def head_sample_reference(h, embedding, *, softcap=SOFTCAP, temperature=1.0, see
 # walking the vocabulary in cache-sized tiles with single-threaded torch ops
 # --------------------------------------------------------------------------------------------
 
-# Measured (`python benchmarks/sampler.py --sweep`: one thread, 512 rows, V=65536, D=256, CPU
-# seconds, medians of 5 alternated; a 2-core AVX2 EPYC shared with other work, load average
-# 10-11), rows x columns: fp32 table 256x1024 1.61, 256x2048 1.51, 256x4096 1.65, 512x512 1.67,
-# 512x1024 1.51, 512x2048 1.51, 512x4096 1.91; bf16 table 256x1024 1.64, 256x2048 1.73,
-# 256x4096 1.82, 512x512 1.71, 512x1024 1.53, 512x2048 1.77, 512x4096 1.89 (an earlier sweep:
-# 16384 and 32768 columns 1.4x and 1.8x slower than 2048). Tiles of 2^19 entries (2 MiB per
-# fp32 buffer; this CPU has 1 MiB of L2 per core and 32 MiB of L3) are the sweet spot: wider
-# ones spill the ~35 elementwise passes per tile out of the caches, narrower ones pay more for
-# the per-tile bookkeeping and smaller matmuls. Rows per task: up to 512 (wider matmuls), fewer
-# when that leaves a worker without a task (a batch of 2 on 2 threads: 2 tasks of 256 rows).
+# Measured (`python benchmarks/sampler.py --sweep --threads 1 [--fp32] --rows 256 512 --tiles
+# 512 1024 2048 4096`: 512 rows, V=65536, D=256, CPU seconds, medians of 3 alternated; a 2-core
+# AVX2 EPYC shared with other work, load average 10-11), rows x columns: fp32 table 256x512
+# 1.87, 256x1024 1.49, 256x2048 1.43, 256x4096 1.41, 512x512 1.40, 512x1024 1.48, 512x2048 1.56,
+# 512x4096 1.66; bf16 table 256x512 1.97, 256x1024 1.90, 256x2048 1.65, 256x4096 1.67, 512x512
+# 1.67, 512x1024 1.49, 512x2048 1.75, 512x4096 2.02 (earlier sweeps: 16384 and 32768 columns
+# 1.3x and 1.7x slower than 2048). Tiles of 2^19 entries (2 MiB per fp32 buffer; this CPU has
+# 1 MiB of L2 per core and 32 MiB of L3) are the sweet spot: wider ones spill the ~35
+# elementwise passes per tile out of the caches, narrower ones pay more for the per-tile
+# bookkeeping and smaller matmuls. Rows per task: up to 512 (wider matmuls), fewer when that
+# leaves a worker without a task (a batch of 2 on 2 threads: 2 tasks of 256 rows).
 _TORCH_TILE = 1 << 19  # entries (rows x columns) per tile at most
 _TORCH_ROWS_CHUNK = 512  # rows per task at most
 _TORCH_BUDGET = 48 << 20  # bytes of tile buffers, all workers together
