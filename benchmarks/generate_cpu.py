@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def main():
     ap.add_argument("--load-seconds", type=float, default=900, help="longest life of a busy process")
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "PATH"))
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # run the clean-ups below
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args)))
         return

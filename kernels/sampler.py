@@ -31,8 +31,10 @@ Three implementations, one semantics:
     the chunk's logits into the running per-row state and the soft-embedding weights P. (A
     single fused kernel that kept the [rows, D] soft accumulator in global memory was 2-6x
     slower on an H200 and is gone.);
-  * `_head_sample_torch`: the CPU path, chunked over rows and vocabulary tiles (bounded memory)
-    and vectorised; the Gumbel noise is hashed only for the few entries that can still win;
+  * `_head_sample_torch`: the CPU path: row chunks as tasks for a few worker threads (torch
+    ops single-threaded inside them), each walking the vocabulary in cache-sized tiles with a
+    few dozen big ops per tile; bounded memory; Gumbel noise computed only for entries whose
+    hash can still win;
   * `head_sample_reference`: the plain unfused twin over full logits, for tests.
 """
 
@@ -216,17 +218,19 @@ def head_sample_reference(h, embedding, *, softcap=SOFTCAP, temperature=1.0, see
 # walking the vocabulary in cache-sized tiles with single-threaded torch ops
 # --------------------------------------------------------------------------------------------
 
-# Measured (`python benchmarks/sampler.py --sweep`, one thread, 512 rows, V=65536, D=256, CPU
-# seconds, medians of 3 alternated; a 2-core AVX2 EPYC under load average 16-19): fp32 table,
-# rows x columns 512x2048 1.53, 512x1024 1.57, 256x1024 1.68, 256x2048 1.79, 256x4096 1.98,
-# 256x8192 2.17, 256x16384 2.34, 256x32768 2.97, 128x4096 1.96, 64x4096 2.14; bf16 table
-# 512x1024 1.70, 256x1024 1.82, 256x2048 1.87, 128x2048 2.08, 256x8192 2.46. A tile of
-# 2^18 entries (1 MiB per fp32 buffer, this CPU's L2 per core) is the sweet spot: wider ones
-# spill the ~30 elementwise passes per tile out of the cache, narrower ones cost more in
-# matmul efficiency and per-op overhead. Rows per task: at most 256, so that a batch of 2
-# (512 rows) still makes a task per worker on 2 cores.
-_TORCH_TILE = 1 << 18  # entries (rows x columns) per tile at most
-_TORCH_ROWS_CHUNK = 256  # rows per task at most
+# Measured (`python benchmarks/sampler.py --sweep --threads 1 [--fp32] --rows 256 512 --tiles
+# 512 1024 2048 4096`: 512 rows, V=65536, D=256, CPU seconds, medians of 3 alternated; a 2-core
+# AVX2 EPYC shared with other work, load average 10-11), rows x columns: fp32 table 256x512
+# 1.87, 256x1024 1.49, 256x2048 1.43, 256x4096 1.41, 512x512 1.40, 512x1024 1.48, 512x2048 1.56,
+# 512x4096 1.66; bf16 table 256x512 1.97, 256x1024 1.90, 256x2048 1.65, 256x4096 1.67, 512x512
+# 1.67, 512x1024 1.49, 512x2048 1.75, 512x4096 2.02 (earlier sweeps: 16384 and 32768 columns
+# 1.3x and 1.7x slower than 2048). Tiles of 2^19 entries (2 MiB per fp32 buffer; this CPU has
+# 1 MiB of L2 per core and 32 MiB of L3) are the sweet spot: wider ones spill the ~35
+# elementwise passes per tile out of the caches, narrower ones pay more for the per-tile
+# bookkeeping and smaller matmuls. Rows per task: up to 512 (wider matmuls), fewer when that
+# leaves a worker without a task (a batch of 2 on 2 threads: 2 tasks of 256 rows).
+_TORCH_TILE = 1 << 19  # entries (rows x columns) per tile at most
+_TORCH_ROWS_CHUNK = 512  # rows per task at most
 _TORCH_BUDGET = 48 << 20  # bytes of tile buffers, all workers together
 
 
@@ -273,11 +277,10 @@ _SIGN32 = -(1 << 31)  # xor with it maps uint32 order onto int32 order
 def _hash_floor(gap: torch.Tensor) -> torch.Tensor:
     """Per row, an int32 floor (in _SIGN32-flipped order) on the hash bits of any entry whose
     Gumbel noise g = -log(-log u) can reach `gap` (the row's best score minus the tile's largest
-    l, less a rounding margin): g >= gap <=> u >= exp(-exp(-gap)) <=> (bits >>> 9) >= k. One step
-    lower than that, so rounding here never drops an entry; extra entries are checked exactly."""
-    u_min = torch.exp(-torch.exp(-gap.double()))
-    k = (torch.ceil(u_min * 8388608.0 - 0.5) - 1).clamp_(0, 8388607).long()
-    return (k * 512 + _SIGN32).to(torch.int32)[:, None]
+    l, less a rounding margin): g >= gap <=> u >= exp(-exp(-gap)) <=> (bits >>> 9) >= k. Four
+    steps of k lower than that (fp32 rounding here never drops an entry; extras are checked)."""
+    k = gap.neg().exp_().neg_().exp_().mul_(8388608.0).sub_(4.0).clamp_(0, 8388607).to(torch.int32)
+    return k.bitwise_left_shift_(9).bitwise_xor_(_SIGN32)[:, None]
 
 
 def _torch_tile(rows: int, d: int, dtype: torch.dtype, want_soft: bool, workers: int) -> int:
@@ -308,10 +311,14 @@ def _take_better(x, tile_max, val, idx, v0):
 
 def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, vt, out):
     """One row chunk's pass over the whole vocabulary: writes out = (token, argmax, entropy,
-    soft) rows in place. Per tile: one matmul for the logits, softcap and temperature in place,
-    one max for the argmax, the counter hash and Gumbel scores in place (no candidate search: a
-    flat distribution makes every entry one), one max for the sample, one exp and one sum for
-    the normaliser, one product-sum for the entropy, one matmul P @ E for the soft sum."""
+    soft) rows in place. Per tile, in a few reused buffers: one matmul for the logits; softcap
+    and temperature in place (the reference's four roundings); one amax (argmax only for the
+    rows it improves); the counter hash of every entry, in place on int32 (23 ops); from the
+    second tile on, one compare against a per-row floor on the hash and one nonzero give the few
+    entries whose noise can lift the tile's largest logit past the row's best score, and only
+    they get -log(-log u) (the first tile scores every entry); one exp and one sum for the
+    normaliser, one product and one sum for the entropy, one matmul P @ E for the soft sum
+    (16-bit tables: l rounded to the table's dtype, one more exp and sum)."""
     token, argmax, entropy, soft = out
     rows, d = h.shape
     vocab = embedding.shape[0]
@@ -355,18 +362,20 @@ def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, 
             best, best_tok = _take_better(score, score.amax(dim=1), best, best_tok, v0)
         else:  # then only entries whose u lifts the tile's largest l past the row's best
             _counter_hash_(bits, scratch, keys, cols_golden[v0:v0 + w]).bitwise_xor_(_SIGN32)
-            floor = _hash_floor(best - tile_max - _CANDIDATE_MARGIN)
+            floor = _hash_floor(best.sub(tile_max).sub_(_CANDIDATE_MARGIN))
             ri, ci = torch.ge(bits, floor, out=mbuf[: rows * w].view(rows, w)).nonzero(as_tuple=True)
             if ri.numel():
-                x = (bits[ri, ci] ^ _SIGN32).long() & _MASK32
-                score = l[ri, ci] + _gumbel(((x >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0))
-                tile_best = torch.full((rows,), float("-inf"), **f32).scatter_reduce_(0, ri, score, "amax")
-                win = score == tile_best[ri]
-                tile_tok = torch.full((rows,), vocab, dtype=torch.long, device=dev)
-                tile_tok.scatter_reduce_(0, ri[win], ci[win] + v0, "amin")  # the first index wins ties
-                better = tile_best > best
-                best = torch.where(better, tile_best, best)
-                best_tok = torch.where(better, tile_tok, best_tok)
+                # the candidates' u exactly as counter_uniform: flipping bit 31 of the hash flips
+                # bit 22 of (hash >>> 9)
+                k = bits[ri, ci].bitwise_right_shift_(9).bitwise_and_(0x7FFFFF).bitwise_xor_(0x400000)
+                score = l[ri, ci] - k.float().add_(0.5).mul_(1.0 / 8388608.0).log_().neg_().log_()
+                tile_best = best.clone().scatter_reduce_(0, ri, score, "amax")
+                better = tile_best > best  # strictly: an earlier tile's winner keeps a tie
+                if bool(better.any()):
+                    win = score == tile_best[ri]  # in the rows that improve: the candidates at the top
+                    tok = best_tok.new_full((rows,), vocab).scatter_reduce_(0, ri[win], ci[win] + v0, "amin")
+                    best_tok = torch.where(better, tok, best_tok)
+                    best = tile_best
 
         # lazy online rescale: move the reference max only when it grows by > _LAZY_RESCALE
         grow = tile_max > m + _LAZY_RESCALE

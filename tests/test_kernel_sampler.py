@@ -314,8 +314,7 @@ def test_hash_floor_keeps_every_entry_that_can_reach_the_gap():
     for gap, fl in zip(gaps.tolist(), floor.tolist()):
         reach = g >= gap
         assert bool((lowest[reach] >= fl).all()), gap
-        if 0.0 < gap < 16.0:  # and it is tight: few k below the line pass
-            assert int(((lowest >= fl) & ~reach).sum()) <= 4
+        assert int(((lowest >= fl) & ~reach).sum()) <= 8  # and tight: a few k below the line pass
 
 
 @pytest.mark.parametrize("scale", [0.01, 0.3, 2.0], ids=["flat", "medium", "peaked"])
