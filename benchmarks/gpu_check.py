@@ -99,6 +99,31 @@ def check_kernels(dev, small):
                     print(f"moe int4 {cfg} rel err {err(a, b):.2e}")
                 except Exception as ex:  # noqa: BLE001
                     print(f"moe int4 {cfg} failed: {type(ex).__name__}: {str(ex)[:300]}")
+    # the layer glue (dgplug.kernels.norm) vs its twins, bf16 at the release's row sizes, and its time
+    from dgplug.kernels import norm as kn
+    rows, H = (256, 2816) if not small else (16, 96)
+    xs = [rnd(rows, H).to(bf) for _ in range(3)]
+    ws = [(1 + 0.1 * rnd(H)).to(bf) for _ in range(3)]
+    sc = torch.tensor([0.8], dtype=bf, device=dev)
+    for name, call in (
+            ("rms_norm + residual", lambda i: kn.rms_norm(xs[0], ws[0], 1e-6, residual=xs[1], impl=i)),
+            ("layer_out", lambda i: kn.layer_out(xs[0], xs[1], xs[2], *ws, sc, 1e-6, impl=i))):
+        print(f"glue {name:<22} rel err {err(call('triton'), call('torch')):.2e}  "
+              f"{timed(lambda: call('triton')) * 1e3:.1f} us vs twin {timed(lambda: call('torch')) * 1e3:.1f} us")
+    from dgplug.kernels import router as kr
+    rw, rs, pes = (rnd(128, H) * H ** -0.5).to(bf), (1 + 0.1 * rnd(H)).to(bf), (1 + 0.1 * rnd(128)).abs().to(bf)
+    call = lambda i: kr.route(xs[0], rw, rs, pes, 8, 1e-6, impl=i)  # noqa: E731
+    (tw, ti), (ow, oi) = call("triton"), call("torch")
+    print(f"glue router top-8 of 128   experts equal {(ti == oi).float().mean().item():.4f}, weights rel err "
+          f"{err(tw, ow):.2e}  {timed(lambda: call('triton')) * 1e3:.1f} us vs twin {timed(lambda: call('torch')) * 1e3:.1f} us")
+    for hd in ((256, 512) if not small else (32, 64)):
+        q = rnd(1, rows, 16, hd).to(bf)
+        ang = torch.arange(rows, device=dev)[:, None].float() * torch.rand(hd // 2, device=dev)[None, :]
+        cos, sin = torch.cat((ang, ang), -1).cos().to(bf), torch.cat((ang, ang), -1).sin().to(bf)
+        wq = (1 + 0.1 * rnd(hd)).to(bf)
+        call = lambda i: kn.head_norm_rope(q, wq, 1e-6, cos, sin, impl=i)  # noqa: E731
+        print(f"glue head_norm_rope d={hd:<6} rel err {err(call('triton'), call('torch')):.2e}  "
+              f"{timed(lambda: call('triton')) * 1e3:.1f} us vs twin {timed(lambda: call('torch')) * 1e3:.1f} us")
     # fused head + sampler vs the unfused reference
     N, V = (512, 262144) if not small else (32, 1000)
     h = rnd(N, D).to(bf)

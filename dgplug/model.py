@@ -73,9 +73,9 @@ class Attention(nn.Module):
         q = linear(h, self.q_proj.weight).view(B, L, -1, self.head_dim)
         k = linear(h, self.k_proj.weight).view(B, L, -1, self.head_dim)
         v = linear(h, self.v_proj.weight).view(B, L, -1, self.head_dim) if self.v_proj is not None else k
-        q = rope(self.q_norm(q), cos, sin).transpose(1, 2)
-        k = rope(self.k_norm(k), cos, sin).transpose(1, 2)
-        v = ops.rms_norm(v, None, self.eps).transpose(1, 2)
+        q = ops.head_norm_rope(q, self.q_norm.weight, self.eps, cos, sin).transpose(1, 2)
+        k = ops.head_norm_rope(k, self.k_norm.weight, self.eps, cos, sin).transpose(1, 2)
+        v = ops.head_norm_rope(v, None, self.eps).transpose(1, 2)
         return q, k, v
 
     def forward(self, h, cos, sin, pos, cache: "LayerCache", mode: str, mask=None):
@@ -124,27 +124,18 @@ class Layer(nn.Module):
             setattr(self, n, RMSNorm(H, eps))
         self.layer_scalar = nn.Parameter(torch.ones(1))
 
-    def moe_block(self, r):
-        """Dense MLP beside the routed experts; the router reads the raw residual."""
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
-        flat = r.reshape(-1, r.shape[-1])
+    def forward(self, x, cos, sin, pos, cache, mode, scalar, mask=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, mode, mask)
+        x = ops.rms_norm(attn, self.post_attention_layernorm.weight, self.eps, residual=x)
+        # dense MLP beside the routed experts; the router reads the raw residual
+        dense = self.mlp(self.pre_feedforward_layernorm(x))
+        flat = x.reshape(-1, x.shape[-1])
         w, idx = ops.route(flat, self.router.proj.weight, self.router.scale, self.router.per_expert_scale,
                            self.top_k, self.eps)
         moe = ops.moe(self.pre_feedforward_layernorm_2(flat), idx, w, self.experts.gate_up_proj, self.experts.down_proj)
-        moe = self.post_feedforward_layernorm_2(moe.reshape(r.shape))
-        return self.post_feedforward_layernorm(dense + moe)
-
-    def forward(self, x, cos, sin, pos, cache, mode, scalar, mask=None):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, mode, mask))
-        x = x + self.moe_block(x)
-        return x * scalar
-
-
-def rope(x, cos, sin):
-    """Rotate-half RoPE on [B, L, heads, d] with cos/sin [L, d]."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
+        return ops.layer_out(x, dense, moe.reshape(x.shape), self.post_feedforward_layernorm_1.weight,
+                             self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
+                             scalar, self.eps)
 
 
 def inv_freq(tc: TextConfig, sliding: bool) -> torch.Tensor:

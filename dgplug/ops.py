@@ -97,13 +97,62 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _glue_kernels(x: torch.Tensor) -> bool:
+    return _kernels(x) and not torch.compiler.is_compiling()  # compiled graphs fuse the glue themselves
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None):
+    """residual + RMSNorm(x) * weight (dgplug.kernels.norm on the GPU: one launch)."""
+    if _glue_kernels(x):
+        from dgplug.kernels.norm import rms_norm as fused
+
+        return fused(x, weight, eps, residual=residual)
+    y = rms_norm_reference(x, weight, eps)
+    return y if residual is None else residual + y
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm in fp32, cast back; the weight is used as is (no 1 + w)."""
     h = x.float()
     h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
         h = h * weight.float()
     return h.type_as(x)
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE on [B, L, heads, d] with cos/sin [L, d]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def head_norm_rope(x, weight, eps: float, cos=None, sin=None):
+    """Per-head RMSNorm of x [..., L, heads, d], then RoPE when cos/sin [L, d] are given."""
+    if _glue_kernels(x):
+        from dgplug.kernels.norm import head_norm_rope as fused
+
+        return fused(x, weight, eps, cos, sin)
+    return head_norm_rope_reference(x, weight, eps, cos, sin)
+
+
+def head_norm_rope_reference(x, weight, eps: float, cos=None, sin=None):
+    y = rms_norm_reference(x, weight, eps)
+    return y if cos is None else rope(y, cos, sin)
+
+
+def layer_out(x, dense, moe, w1, w2, w, scalar, eps: float):
+    """The end of a decoder layer: (x + norm(norm(dense) * w1 + norm(moe) * w2) * w) * scalar."""
+    if _glue_kernels(x):
+        from dgplug.kernels.norm import layer_out as fused
+
+        return fused(x, dense, moe, w1, w2, w, scalar, eps)
+    return layer_out_reference(x, dense, moe, w1, w2, w, scalar, eps)
+
+
+def layer_out_reference(x, dense, moe, w1, w2, w, scalar, eps: float):
+    a = rms_norm_reference(dense, w1, eps) + rms_norm_reference(moe, w2, eps)
+    return (x + rms_norm_reference(a, w, eps)) * scalar
 
 
 def attention_mask(q_pos, k_pos, key_valid, causal: bool, window: int | None, batch: int):
@@ -143,8 +192,17 @@ def attention_reference(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, 
 
 
 def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float):
-    """The MoE router: reads the raw residual, softmax before top-k, per-expert scale."""
-    z = rms_norm(r, None, eps) * scale * (r.shape[-1] ** -0.5)
+    """The MoE router: reads the raw residual, softmax before top-k, per-expert scale (one
+    launch on the GPU: dgplug.kernels.router)."""
+    if _glue_kernels(r):
+        from dgplug.kernels.router import route as fused
+
+        return fused(r, proj_weight, scale, per_expert_scale, top_k, eps)
+    return route_reference(r, proj_weight, scale, per_expert_scale, top_k, eps)
+
+
+def route_reference(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float):
+    z = rms_norm_reference(r, None, eps) * scale * (r.shape[-1] ** -0.5)
     probs = torch.softmax(linear(z, proj_weight), dim=-1, dtype=torch.float32)
     w, idx = torch.topk(probs, k=top_k, dim=-1)
     w = w / w.sum(dim=-1, keepdim=True)

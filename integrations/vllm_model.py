@@ -64,7 +64,7 @@ from torch import nn
 
 from dgplug import names, ops
 from dgplug.config import from_dict as dgplug_config_from_dict
-from dgplug.model import inv_freq, rope, rope_tables
+from dgplug.model import inv_freq, rope_tables
 
 from vllm.config import VllmConfig
 from vllm.distributed import (
@@ -196,9 +196,9 @@ class DGPlugAttention(nn.Module):
         T = h.shape[0]
         qkv, _ = self.qkv_proj(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rope(self.q_norm(q.view(1, T, -1, self.head_dim)), cos, sin)[0]
-        k = rope(self.k_norm(k.view(1, T, -1, self.head_dim)), cos, sin)[0]
-        v = ops.rms_norm(v.view(T, -1, self.head_dim), None, self.eps)
+        q = ops.head_norm_rope(q.view(T, -1, self.head_dim), self.q_norm.weight, self.eps, cos, sin)
+        k = ops.head_norm_rope(k.view(T, -1, self.head_dim), self.k_norm.weight, self.eps, cos, sin)
+        v = ops.head_norm_rope(v.view(T, -1, self.head_dim), None, self.eps)
         return q, k, v
 
     def forward(self, h, cos, sin, pos, mode: str | None, cache: LayerKV | None):
@@ -317,15 +317,15 @@ class DGPlugLayer(nn.Module):
         self.layer_scalar = nn.Parameter(torch.ones(1), requires_grad=False)
 
     def forward(self, x, cos, sin, pos, mode, cache, scalar):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, pos, mode, cache))
-        r = x
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
-        w, idx = ops.route(r, self.router.proj.weight, self.router.scale, self.router.per_expert_scale, self.top_k,
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, pos, mode, cache)
+        x = ops.rms_norm(attn, self.post_attention_layernorm.weight, self.eps, residual=x)
+        dense = self.mlp(self.pre_feedforward_layernorm(x))
+        w, idx = ops.route(x, self.router.proj.weight, self.router.scale, self.router.per_expert_scale, self.top_k,
                            self.eps)
-        moe = _all_reduce(self.experts(self.pre_feedforward_layernorm_2(r), idx, w))
-        moe = self.post_feedforward_layernorm_2(moe)
-        x = r + self.post_feedforward_layernorm(dense + moe)
-        return x * scalar
+        moe = _all_reduce(self.experts(self.pre_feedforward_layernorm_2(x), idx, w))
+        return ops.layer_out(x, dense, moe, self.post_feedforward_layernorm_1.weight,
+                             self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
+                             scalar, self.eps)
 
 
 class DGPlugTextModel(nn.Module):

@@ -2,8 +2,11 @@
 decoder states as the KVCache path, device-made RNG keys with the same bits, no state carried
 from one generate call into the next. The GPU check replays it as a CUDA graph."""
 
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dgplug
 from dgplug import denoise_step
@@ -98,3 +101,43 @@ def test_reused_buffers_carry_nothing_between_calls(model):
     again = model.generate(ids, seed=21, **kw)
     assert torch.equal(again.sequences, fresh.sequences)
     assert torch.equal(again.forwards, fresh.forwards) and again.steps == fresh.steps
+
+
+# operations that read a value back to the host or give a shape that depends on data: none may run
+# inside a captured step (torch.cuda.graph would fail, or freeze the value of the capture)
+HOST_SYNC = {"_local_scalar_dense", "nonzero", "nonzero_static", "unique", "_unique2", "unique_consecutive",
+             "masked_select", "is_nonzero", "equal"}
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["kernels", "reference"])
+def test_step_on_the_kernels_never_syncs(model, monkeypatch, backend):
+    """The step as a GPU runs it (every hot op on dgplug.kernels: Triton in the interpreter here)
+    dispatches no operation that syncs with the host. The references do (the MoE twin's loop
+    over the experts hit), which shows the probe sees them."""
+    monkeypatch.setattr(dgplug.ops, "BACKEND", backend)
+    monkeypatch.setenv("DGPLUG_KERNELS", "triton" if backend == "kernels" else "torch")
+    tc, B = model.tc, 2
+    cache = KVCache.empty(tc.num_hidden_layers)
+    model.encode(torch.randint(5, tc.vocab_size, (B, 9)), cache, None)
+    step = denoise_step.DenoiseStep(model, B, 256, 4, 1, torch.device("cpu"))
+    step.start(seed=1, bound=0.1, confidence=0.005, t_min=0.4, t_max=0.8)
+    step.start_canvas(0, cache, None)
+    probe = _Ops()
+    with probe:
+        step.run()
+    synced = {k: v for k, v in probe.seen.items() if k in HOST_SYNC}
+    assert sum(probe.seen.values()) > 500
+    if backend == "kernels":
+        assert not synced, synced
+    else:
+        assert synced.get("nonzero", 0) >= tc.num_hidden_layers, synced

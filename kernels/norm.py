@@ -1,0 +1,173 @@
+"""The glue of a decoder layer as one Triton kernel each: RMSNorm (with the residual add), the
+per-head q/k/v norm with RoPE, and the end of a layer. Their PyTorch twins are the references in
+`dgplug.ops` (transformers' order of operations), which the CPU path runs.
+
+    rms_norm(x, weight, eps, residual=None)      residual + norm(x) * weight     (norm: fp32 math)
+    head_norm_rope(x, weight, eps, cos, sin)      rope(norm(x) * weight) per head, x [..., L, H, d]
+    layer_out(x, dense, moe, w1, w2, w, scalar, eps)
+                                                  (x + norm(norm(dense)*w1 + norm(moe)*w2) * w) * scalar
+
+Eager PyTorch runs each norm as about seven kernels (cast, square, mean, add, rsqrt, two
+multiplies, cast back) and RoPE as five more: about 60 launches of the glue per decoder layer,
+each a few microseconds on a GPU even when replayed in a CUDA graph. Here a layer's glue is seven
+launches (three norms, the q/k/v head kernels, the post-attention residual norm, the layer end).
+
+Every kernel keeps the twin's roundings: each intermediate the twin holds in the activation dtype
+(the normed vector before RoPE, each RoPE product, the sum of the two MoE-block branches, the
+residual sum before the layer scalar) is rounded to that dtype here too, so the kernels differ
+from the twins only by the order of the fp32 sum of squares (a few fp32 ulps of the scale).
+
+One program per row (a token's hidden vector, or one head of it); the row lives in registers
+(BLOCK = the next power of two of its length). impl: None picks Triton for CUDA tensors (the
+environment variable DGPLUG_KERNELS=torch|triton overrides), "torch" or "triton" forces one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .moe import HAS_TRITON, _pick_impl
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _inv_rms(x, mask, N, eps):
+        """1 / sqrt(mean(x^2) + eps) of one fp32 row (masked lanes hold 0)."""
+        return 1.0 / tl.sqrt(tl.sum(tl.where(mask, x * x, 0.0), axis=0) / N + eps)
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, r_ptr, out_ptr, N, stride_x, stride_r, stride_o, eps,
+                         HAS_W: tl.constexpr, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        y = x * _inv_rms(x, mask, N, eps)
+        if HAS_W:
+            y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = y.to(out_ptr.dtype.element_ty)
+        if HAS_R:  # the residual add of the twin: both operands in the activation dtype
+            r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+            y = (r + y.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * stride_o + offs, y, mask=mask)
+
+    @triton.jit
+    def _head_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, D, stride_t, stride_h,
+                               stride_c, eps, HAS_W: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr):
+        """One head of one token: x [tokens, H, D] -> out [tokens, H, D] contiguous."""
+        pid = tl.program_id(0)
+        tok = pid // H
+        head = pid % H
+        base = x_ptr + tok.to(tl.int64) * stride_t + head * stride_h
+        offs = tl.arange(0, BLOCK)
+        mask = offs < D
+        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        inv = _inv_rms(x, mask, D, eps)
+        y = x * inv
+        if HAS_W:
+            y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dt = out_ptr.dtype.element_ty
+        y = y.to(dt)
+        if ROPE:  # rotate half: out = y * cos + cat(-y[half:], y[:half]) * sin, products rounded
+            half = D // 2
+            rot = tl.where(offs < half, offs + half, offs - half)
+            xr = tl.load(base + rot, mask=mask, other=0.0).to(tl.float32)
+            yr = xr * inv
+            if HAS_W:
+                yr = yr * tl.load(w_ptr + rot, mask=mask, other=0.0).to(tl.float32)
+            yr = tl.where(offs < half, -(yr.to(dt).to(tl.float32)), yr.to(dt).to(tl.float32))
+            pos = (tok % L).to(tl.int64) * stride_c
+            c = tl.load(cos_ptr + pos + offs, mask=mask, other=0.0).to(tl.float32)
+            s = tl.load(sin_ptr + pos + offs, mask=mask, other=0.0).to(tl.float32)
+            a = (y.to(tl.float32) * c).to(dt).to(tl.float32)
+            b = (yr * s).to(dt).to(tl.float32)
+            y = (a + b).to(dt)
+        tl.store(out_ptr + pid.to(tl.int64) * D + offs, y, mask=mask)
+
+    @triton.jit
+    def _layer_out_kernel(x_ptr, d_ptr, m_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr, N,
+                          stride_x, stride_d, stride_m, stride_o, eps, BLOCK: tl.constexpr):
+        """(x + norm(norm(dense) * w1 + norm(moe) * w2) * w) * scalar for one token."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        dt = out_ptr.dtype.element_ty
+        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+        d = (d * _inv_rms(d, mask, N, eps) * tl.load(w1_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        m = tl.load(m_ptr + row * stride_m + offs, mask=mask, other=0.0).to(tl.float32)
+        m = (m * _inv_rms(m, mask, N, eps) * tl.load(w2_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        a = (d.to(tl.float32) + m.to(tl.float32)).to(dt).to(tl.float32)
+        a = (a * _inv_rms(a, mask, N, eps) * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        x = (x + a.to(tl.float32)).to(dt).to(tl.float32)
+        y = (x * tl.load(s_ptr).to(tl.float32)).to(dt)
+        tl.store(out_ptr + row * stride_o + offs, y, mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, N] with unit stride along N (a view when the strides allow, else a copy)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, residual: torch.Tensor | None = None,
+             impl: str | None = None) -> torch.Tensor:
+    """residual + rms_norm(x) * weight (no residual: the norm alone; no weight: no scale)."""
+    from dgplug import ops
+
+    if _pick_impl(x, impl) == "torch":
+        y = ops.rms_norm_reference(x, weight, eps)
+        return y if residual is None else residual + y
+    x2 = _rows(x)
+    r2 = _rows(residual) if residual is not None else x2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o2 = out.view(-1, x.shape[-1])
+    n = x.shape[-1]
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, weight if weight is not None else x2, r2, o2, n, x2.stride(0), r2.stride(0), o2.stride(0), eps,
+        HAS_W=weight is not None, HAS_R=residual is not None, BLOCK=_block(n), num_warps=4 if n > 1024 else 1)
+    return out
+
+
+def head_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
+                   sin: torch.Tensor | None = None, *, impl: str | None = None) -> torch.Tensor:
+    """Per-head norm (and rotate-half RoPE when cos/sin [L, d] are given) of x [..., L, H, d]."""
+    from dgplug import ops
+
+    if _pick_impl(x, impl) == "torch":
+        return ops.head_norm_rope_reference(x, weight, eps, cos, sin)
+    L, H, D = x.shape[-3:]
+    x3 = x.reshape(-1, H, D)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rope = cos is not None
+    if rope:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    _head_norm_rope_kernel[(x3.shape[0] * H,)](
+        x3, weight if weight is not None else x3, cos if rope else x3, sin if rope else x3, out, H, L, D,
+        x3.stride(0), x3.stride(1), cos.stride(0) if rope else 0, eps,
+        HAS_W=weight is not None, ROPE=rope, BLOCK=_block(D), num_warps=2 if D > 256 else 1)
+    return out
+
+
+def layer_out(x, dense, moe, w1, w2, w, scalar, eps: float, *, impl: str | None = None) -> torch.Tensor:
+    """The end of a decoder layer: (x + norm(norm(dense) * w1 + norm(moe) * w2) * w) * scalar."""
+    from dgplug import ops
+
+    if _pick_impl(x, impl) == "torch" or scalar.dtype != x.dtype:
+        return ops.layer_out_reference(x, dense, moe, w1, w2, w, scalar, eps)
+    x2, d2, m2 = _rows(x), _rows(dense), _rows(moe)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o2 = out.view(-1, x.shape[-1])
+    n = x.shape[-1]
+    _layer_out_kernel[(x2.shape[0],)](
+        x2, d2, m2, w1, w2, w, scalar, o2, n, x2.stride(0), d2.stride(0), m2.stride(0), o2.stride(0), eps,
+        BLOCK=_block(n), num_warps=4 if n > 1024 else 1)
+    return out

@@ -1,0 +1,118 @@
+"""The layer glue kernels (dgplug.kernels.norm; the router's in test_kernel_router): Triton (interpreter on CPU, or CUDA) against their
+twins, the references in dgplug.ops; and the model's layers through the kernels against the model
+on the references."""
+
+import pytest
+import torch
+
+from dgplug import ops
+from dgplug.kernels import norm as N
+from dgplug.kernels import router as R
+from dgplug.kernels.moe import HAS_TRITON
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 1e-6
+
+
+def rnd(*shape, seed=0, scale=1.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(DEV, dtype)
+
+
+def assert_close(a, b, dtype):
+    """fp32: a few ulps of the sum-of-squares order; 16-bit: one rounding step of the output."""
+    a, b = a.float().cpu(), b.float().cpu()
+    tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    err = ((a - b).abs() / (b.abs() + 1.0)).max().item()
+    assert err <= tol, f"max relative err {err:.3e} (tol {tol:.1e})"
+
+
+DTYPES = [torch.float32, torch.float16]  # bf16 arithmetic is wrong in the interpreter; the GPU check runs it
+if DEV == "cuda":
+    DTYPES.append(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [96, 2816])  # a ragged block and the release's hidden size
+@pytest.mark.parametrize("weight,residual", [(True, False), (False, False), (True, True)])
+def test_rms_norm_matches_twin(dtype, n, weight, residual):
+    x = rnd(3, 5, n, seed=1, scale=3.0, dtype=dtype)
+    w = rnd(n, seed=2, dtype=dtype) if weight else None
+    r = rnd(3, 5, n, seed=3, dtype=dtype) if residual else None
+    got = N.rms_norm(x, w, EPS, residual=r, impl="triton")
+    want = ops.rms_norm_reference(x, w, EPS) if r is None else r + ops.rms_norm_reference(x, w, EPS)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    assert_close(got, want, dtype)
+
+
+def test_rms_norm_reads_strided_rows():
+    """Rows of a wider buffer (a split of a fused projection): no copy needed, same result."""
+    buf = rnd(7, 3 * 64, seed=4)
+    x = buf[:, 64:128]
+    assert_close(N.rms_norm(x, None, EPS, impl="triton"), ops.rms_norm_reference(x, None, EPS), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [32, 256])
+@pytest.mark.parametrize("case", ["q", "v", "strided"])
+def test_head_norm_rope_matches_twin(dtype, d, case):
+    B, L, H = 2, 5, 3
+    x = rnd(B, L, H, d, seed=5, scale=2.0, dtype=dtype)
+    if case == "strided":  # q out of a fused qkv projection: heads of a wider row (the vLLM layer)
+        x = rnd(B * L, 2 * H * d, seed=6, dtype=dtype)[:, H * d:].view(B * L, H, d)
+        L = B * L
+    freqs = torch.arange(L, dtype=torch.float32)[:, None] * (1e4 ** (-torch.arange(0, d, 2) / d))[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
+    w = rnd(d, seed=7, dtype=dtype)
+    args = (None, EPS, None, None) if case == "v" else (w, EPS, cos, sin)
+    got = N.head_norm_rope(x, *args, impl="triton")
+    want = ops.head_norm_rope_reference(x, *args)
+    assert got.shape == x.shape and got.is_contiguous()
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [96, 2816])
+def test_layer_out_matches_twin(dtype, n):
+    x, dense, moe = (rnd(2, 4, n, seed=s, scale=c, dtype=dtype) for s, c in ((8, 5.0), (9, 0.3), (10, 2.0)))
+    w1, w2, w = (rnd(n, seed=s, dtype=dtype) for s in (11, 12, 13))
+    scalar = torch.tensor([0.75], dtype=dtype, device=DEV)
+    got = N.layer_out(x, dense, moe, w1, w2, w, scalar, EPS, impl="triton")
+    assert_close(got, ops.layer_out_reference(x, dense, moe, w1, w2, w, scalar, EPS), dtype)
+
+
+def test_twins_are_the_model_order():
+    """The references are the model's former unfused code: RoPE of the normed heads, and the
+    layer end as x + post_ff(post_ff_1(dense) + post_ff_2(moe)), then the scalar."""
+    x, d, m = rnd(4, 64, seed=14), rnd(4, 64, seed=15), rnd(4, 64, seed=16)
+    w1, w2, w = rnd(64, seed=17), rnd(64, seed=18), rnd(64, seed=19)
+    s = torch.tensor([1.5], device=DEV)
+    want = (x + ops.rms_norm(ops.rms_norm(d, w1, EPS) + ops.rms_norm(m, w2, EPS), w, EPS)) * s
+    torch.testing.assert_close(ops.layer_out_reference(x, d, m, w1, w2, w, s, EPS), want, rtol=0, atol=0)
+    assert not torch.equal(ops.layer_out_reference(x, d, m, w1, w2, w, s, EPS),
+                           ops.layer_out_reference(x, m, d, w1, w2, w, s, EPS))  # argument order matters
+
+
+def test_model_through_the_glue_kernels(monkeypatch, tmp_path):
+    """A tiny model with its glue on the Triton kernels (the interpreter on a CPU) gives the logits
+    of the same model on the references, and every layer went through the kernels."""
+    import dgplug
+    from dgplug.testing import make_checkpoint, probe_logits
+
+    model = dgplug.load(make_checkpoint(tmp_path / "ck"))
+    want = probe_logits(model)
+    calls = {}
+    for mod, name in ((N, "rms_norm"), (N, "head_norm_rope"), (N, "layer_out"), (R, "route")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1})
+                            or _fn(*a, **{**k, "impl": "triton"}))
+    monkeypatch.setattr(ops, "_glue_kernels", lambda x: True)
+    got = probe_logits(model)
+    layers = 2 * model.tc.num_hidden_layers  # the encoder pass and the canvas pass
+    # per layer: input norm, post-attention residual norm, pre-ff norm, pre-ff-2 norm; q, k, v heads;
+    # the layer end; plus the final norm and the self-conditioning input norm per pass
+    assert calls["layer_out"] == calls["route"] == layers and calls["head_norm_rope"] == 3 * layers, calls
+    assert calls["rms_norm"] >= 4 * layers, calls
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32 sums in another order, 4 layers deep
