@@ -5,6 +5,8 @@
 #   pip install './dist/dgplug-0.1.0-py3-none-any.whl[vllm]'   # the wheel (python -m build)
 #   # on a GPU machine: install vllm>=0.32,<0.33 (GPU wheel) and dgplug without the extra instead
 #   examples/serve_vllm.sh ./diffusiongemma-int4   # a dgplug-converted (or the original) checkpoint
+#   python -m dgplug.integrations.vllm_gguf m-Q4_K_M.gguf ./dg-q4km   # a GGUF: config + tokenizer from it
+#   examples/serve_vllm.sh ./dg-q4km               # a directory with one .gguf: --load-format dgplug-gguf
 #   python examples/openai_client.py
 #
 # What it relies on (see integrations/vllm_plugin.py):
@@ -30,7 +32,10 @@ PORT="${PORT:-8000}"
 TP="${TP:-1}"
 MAX_SEQS="${MAX_SEQS:-8}"
 
-exec vllm serve "$MODEL" \
+EXTRA=()
+if compgen -G "$MODEL/*.gguf" > /dev/null; then EXTRA+=(--load-format dgplug-gguf); fi  # experts stay in ggml blocks
+
+exec vllm serve "$MODEL" "${EXTRA[@]}" \
   --served-model-name diffusiongemma \
   --hf-overrides '{"architectures": ["DGPlugDiffusionGemmaForBlockDiffusion"]}' \
   --diffusion-config '{"canvas_length": 256}' \

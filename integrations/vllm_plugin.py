@@ -15,7 +15,8 @@ vLLM loads every entry point of group ``vllm.general_plugins`` in every process 
 * gives dgplug's architecture names vLLM's own DiffusionGemma config hook (diffusion config from
   ``canvas_length``, attention backend choice, max_num_seqs default), which vLLM keys by name;
 * registers the ``quant_method = "dgplug"`` quantization config, so dgplug-quantized checkpoints
-  (docs/quantized-format.md) pass vLLM's config validation.
+  (docs/quantized-format.md) pass vLLM's config validation;
+* registers the load format ``dgplug-gguf`` (a directory holding one GGUF; integrations/vllm_gguf.py).
 
 Every step is idempotent: calling :func:`register` twice (vLLM does, once per process and
 sometimes more) changes nothing the second time.
@@ -184,6 +185,9 @@ def register() -> tuple[str, ...]:
         ModelRegistry.register_model(name, MODEL_REF)
     _register_config_hook(names)
     _register_quant_config()
+    from .vllm_gguf import register_loader
+
+    register_loader()  # --load-format dgplug-gguf
     _STATE["registered"] = True
     _STATE["names"] = tuple(sorted(set(_STATE["names"]) | set(names)))
     return _STATE["names"]

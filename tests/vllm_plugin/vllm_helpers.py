@@ -13,20 +13,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_vllm_config(path, dtype="float32", **model_kw):
+def make_vllm_config(path, dtype="float32", load_format=None, **model_kw):
     """VllmConfig for a local checkpoint, built offline by vLLM's own classes.
 
     vLLM's CPU build refuses to build a VllmConfig for a diffusion model (its V1 runner does not
     support them and V2 needs Triton), so the diffusion flag is masked while VllmConfig validates
     and restored after; nothing here starts a runner."""
-    from vllm.config import ModelConfig, VllmConfig
+    from vllm.config import LoadConfig, ModelConfig, VllmConfig
 
     mc = ModelConfig(model=str(path), dtype=dtype, max_model_len=512, enforce_eager=True,
                      hf_overrides={"architectures": [ARCH]}, **model_kw)
     assert mc.is_diffusion
     mc.__dict__["is_diffusion"] = False
     try:
-        vc = VllmConfig(model_config=mc)
+        vc = VllmConfig(model_config=mc, **({"load_config": LoadConfig(load_format=load_format)} if load_format else {}))
     finally:
         mc.__dict__["is_diffusion"] = True
     return vc

@@ -1,0 +1,163 @@
+"""GGUF in vLLM: `vllm serve DIR --load-format dgplug-gguf` with dgplug's model class.
+
+vLLM 0.32 has no GGUF loader of its own. dgplug's plugin registers the load format
+``dgplug-gguf``: the weights come from the one ``.gguf`` file in DIR through
+``converters.gguf_import.iter_hf_tensors(packed=True)`` into the model's ``load_weights``, so the
+expert stacks stay in their ggml blocks (decoded inside dgplug's MoE) and the other tensors are
+dequantised to the model dtype, as for ``dgplug.load``.
+
+vLLM reads config.json and the tokenizer from DIR before any weight. A GGUF alone (llama.cpp's
+converter, a hub GGUF repository) becomes such a directory with
+
+    python -m dgplug.integrations.vllm_gguf MODEL.gguf DIR
+
+which writes config.json (architecture DGPlugDiffusionGemmaForBlockDiffusion) and
+generation_config.json from the GGUF's metadata, the tokenizer from its vocabulary, and links the
+file. A checkpoint directory that already has config.json and a tokenizer just needs the .gguf
+beside them (then pass ``--hf-overrides '{"architectures": ["DGPlugDiffusionGemmaForBlockDiffusion"]}'``).
+
+The loader is registered when vLLM's model_loader module is imported (an import hook; importing
+it at plugin load would cost seconds in every vLLM process).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+LOAD_FORMAT = "dgplug-gguf"
+LOADER_MODULE = "vllm.model_executor.model_loader"
+ARCH = "DGPlugDiffusionGemmaForBlockDiffusion"
+
+
+def find_gguf(model) -> Path:
+    """The one .gguf file of the model directory `model` (vLLM's --model)."""
+    d = Path(model)
+    if d.is_file():
+        raise ValueError(f"{d}: --load-format {LOAD_FORMAT} takes the directory holding the .gguf and its "
+                         f"config.json (make one with: python -m dgplug.integrations.vllm_gguf {d} DIR)")
+    files = sorted(d.glob("*.gguf"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise ValueError(f"{d}: --load-format {LOAD_FORMAT} needs exactly one .gguf file in the directory "
+                         f"(found: {found})")
+    return files[0]
+
+
+def prepare_serving_dir(gguf, out, overwrite: bool = False) -> Path:
+    """Write DIR for `vllm serve DIR --load-format dgplug-gguf` from a GGUF file alone."""
+    from dgplug.converters.gguf_import import gguf_to_config, tokenizer_from_gguf, validate_gguf
+
+    gguf, out = Path(gguf).resolve(), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: pass overwrite=True to replace it")
+    validate_gguf(gguf)
+    raw = gguf_to_config(gguf)
+    gen = raw.pop("generation_config")
+    mask = raw.pop("mask_token_id", None)
+    raw["architectures"] = [ARCH]
+    if mask is not None:
+        raw["mask_token_id"] = mask
+    bound = gen.pop("entropy_bound", None)
+    if bound is not None:
+        gen["sampler_config"] = {"entropy_bound": bound, "_cls_name": "EntropyBoundSamplerConfig"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        tokenizer_from_gguf(gguf).save_pretrained(str(tmp))
+        os.symlink(gguf, tmp / gguf.name)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def loader_class():
+    """vLLM's BaseModelLoader for a directory holding one GGUF (built on first use)."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    from dgplug.converters.gguf_import import iter_hf_tensors, validate_gguf
+
+    class DGPlugGGUFLoader(BaseModelLoader):
+        def download_model(self, model_config) -> None:  # local files only
+            validate_gguf(find_gguf(model_config.model))
+
+        def load_weights(self, model, model_config) -> None:
+            path = find_gguf(model_config.model)
+            if type(model).__name__ != ARCH:
+                raise ValueError(f"{path}: --load-format {LOAD_FORMAT} loads dgplug's {ARCH} only, not "
+                                 f"{type(model).__name__} (pass --hf-overrides '{{\"architectures\": [\"{ARCH}\"]}}')")
+            validate_gguf(path)
+            loaded = model.load_weights(iter_hf_tensors(path, packed=True))
+            missing = {n for n, _ in model.named_parameters()} - set(loaded) - {"lm_head.weight"}
+            if missing:
+                raise ValueError(f"{path}: no tensor for {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+
+    return DGPlugGGUFLoader
+
+
+def _register(module) -> None:
+    table = module._LOAD_FORMAT_TO_MODEL_LOADER
+    if LOAD_FORMAT not in table:
+        table[LOAD_FORMAT] = loader_class()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `_register` on vLLM's model_loader module right after it is first imported."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != LOADER_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _register(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_loader() -> None:
+    """Make `--load-format dgplug-gguf` known to vLLM (now, or when its loader module loads)."""
+    if LOADER_MODULE in sys.modules:
+        _register(sys.modules[LOADER_MODULE])
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m dgplug.integrations.vllm_gguf",
+                                 description="Make a directory for `vllm serve DIR --load-format dgplug-gguf`.")
+    ap.add_argument("gguf")
+    ap.add_argument("out")
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        out = prepare_serving_dir(a.gguf, a.out, a.overwrite)
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}: vllm serve {out} --load-format {LOAD_FORMAT} --diffusion-config '{{\"canvas_length\": 256}}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
