@@ -97,8 +97,14 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+# The layer glue (norms, RoPE, residuals, router) on dgplug.kernels.norm / router where the other
+# kernels run; DGPLUG_GLUE_KERNELS=0 (or GLUE_KERNELS = False) keeps it on the references (the GPU
+# check times both).
+GLUE_KERNELS = os.environ.get("DGPLUG_GLUE_KERNELS", "1") != "0"
+
+
 def _glue_kernels(x: torch.Tensor) -> bool:
-    return _kernels(x) and not torch.compiler.is_compiling()  # compiled graphs fuse the glue themselves
+    return GLUE_KERNELS and _kernels(x) and not torch.compiler.is_compiling()  # compile fuses the glue itself
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None):

@@ -10,7 +10,7 @@ from dgplug.kernels.moe import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def inputs(T, D, E, dtype, seed=0):
@@ -29,8 +29,17 @@ def test_route_matches_twin(dtype, T, D, E, K):
     gw, gi = R.route(r, w, scale, pes, K, 1e-6, impl="triton")
     ww, wi = ops.route_reference(r, w, scale, pes, K, 1e-6)
     assert gw.dtype == ww.dtype == torch.float32 and gi.dtype == wi.dtype and gi.shape == wi.shape == (T, K)
-    assert torch.equal(gi.cpu(), wi.cpu())  # the same experts, in the same (descending) order
-    torch.testing.assert_close(gw.cpu(), ww.cpu(), rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-6)
+    gi, wi, gw, ww = gi.cpu(), wi.cpu(), gw.cpu(), ww.cpu()
+    if dtype == torch.float32:  # the same experts in the same (descending) order
+        assert torch.equal(gi, wi)
+        torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-6)
+    else:  # the logits are rounded to 16 bits, as the reference's matmul output: another summation
+        # order can move one by an ulp (bf16: 1/128 relative, a weight by up to ~6% at logits ~4) and
+        # tied experts come in either order; the same experts per token, each with its weight
+        (gi, go), (wi, wo) = gi.sort(1), wi.sort(1)
+        assert torch.equal(gi, wi)
+        tol = 1e-2 if dtype == torch.float16 else 8e-2
+        torch.testing.assert_close(gw.gather(1, go), ww.gather(1, wo), rtol=tol, atol=1e-4)
 
 
 def test_route_strided_rows_and_fallbacks():
