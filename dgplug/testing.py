@@ -52,7 +52,7 @@ def tiny_text_config(**overrides) -> dict:
 
 def build_hf_model(text: dict | None = None, canvas_length: int = 16, seed: int = 0, dtype=torch.float32,
                    qk_norm_scale: float | None = None, peaked: float | None = None, layer_scalars=None,
-                   damp: float | None = None):
+                   damp: float | None = None, image_token_id: int | None = None):
     """A transformers DiffusionGemmaForBlockDiffusion with random weights.
 
     qk_norm_scale: multiply q_norm/k_norm weights (0.25 keeps bf16 rounding harmless, spec section 8).
@@ -60,6 +60,8 @@ def build_hf_model(text: dict | None = None, canvas_length: int = 16, seed: int 
     layer_scalars: optional (decoder_list, encoder_list) of per-layer scalars.
     damp: multiply every layer's output norms (post-attention, post-feedforward) by this factor, so
     the residual stream keeps the canvas token's identity (with `peaked`: confident, stable logits).
+    image_token_id: default vocab - 1; one past the vocabulary keeps it out of generated text
+    (transformers 5.11 embeds a generated image-token id as pad, 5.24 and dgplug as itself).
     """
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
@@ -71,7 +73,7 @@ def build_hf_model(text: dict | None = None, canvas_length: int = 16, seed: int 
         canvas_length=canvas_length,
         boi_token_id=v - 3,
         eoi_token_id=v - 2,
-        image_token_id=v - 1,
+        image_token_id=v - 1 if image_token_id is None else image_token_id,
     )
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()

@@ -40,7 +40,8 @@ WINDOW = 8
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    path = make_checkpoint(tmp_path_factory.mktemp("port") / "ckpt", text=tiny_text_config(sliding_window=WINDOW))
+    path = make_checkpoint(tmp_path_factory.mktemp("port") / "ckpt", text=tiny_text_config(sliding_window=WINDOW),
+                           image_token_id=512)  # out of the vocabulary: see dgplug.testing.build_hf_model
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path, experts_implementation="eager").eval()
     return hf, dgplug.load(path)
 
@@ -240,7 +241,8 @@ def test_generate_options_token_for_token(pair, name):
 def test_generate_beyond_sliding_window(tmp_path_factory):
     """test_generate_beyond_sliding_window: a prompt shorter than the window, generation past it."""
     window = 24
-    path = make_checkpoint(tmp_path_factory.mktemp("window") / "ckpt", text=tiny_text_config(sliding_window=window))
+    path = make_checkpoint(tmp_path_factory.mktemp("window") / "ckpt", text=tiny_text_config(sliding_window=window),
+                           image_token_id=512)
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path, experts_implementation="eager").eval()
     dg = dgplug.load(path)
     ids = torch.randint(5, 500, (2, 20), generator=torch.Generator().manual_seed(6))
