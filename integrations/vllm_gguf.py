@@ -23,7 +23,7 @@ it at plugin load would cost seconds in every vLLM process).
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import json
 import os
 import shutil
@@ -54,9 +54,11 @@ def prepare_serving_dir(gguf, out, overwrite: bool = False) -> Path:
     """Write DIR for `vllm serve DIR --load-format dgplug-gguf` from a GGUF file alone."""
     from dgplug.converters.gguf_import import gguf_to_config, tokenizer_from_gguf, validate_gguf
 
-    gguf, out = Path(gguf).resolve(), Path(out)
+    gguf, out = Path(gguf).resolve(), Path(out).absolute()
+    if out.resolve() == gguf.parent or out.resolve() in gguf.parents:
+        raise ValueError(f"{out} holds {gguf}: choose another output directory")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists: pass overwrite=True to replace it")
+        raise FileExistsError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
     validate_gguf(gguf)
     raw = gguf_to_config(gguf)
     gen = raw.pop("generation_config")
@@ -69,17 +71,26 @@ def prepare_serving_dir(gguf, out, overwrite: bool = False) -> Path:
         gen["sampler_config"] = {"entropy_bound": bound, "_cls_name": "EntropyBoundSamplerConfig"}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; vLLM may run as another user
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         tokenizer_from_gguf(gguf).save_pretrained(str(tmp))
-        os.symlink(gguf, tmp / gguf.name)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
+        os.symlink(gguf, tmp / (gguf.name if gguf.suffix == ".gguf" else gguf.name + ".gguf"))
+        if out.exists() or out.is_symlink():  # the old one aside until the new one is in place
+            old = out.with_name(f".{out.name}.old.{os.getpid()}")
+            os.replace(out, old)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
         raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     return out
 
 
@@ -108,25 +119,32 @@ def loader_class():
 
 
 def _register(module) -> None:
-    table = module._LOAD_FORMAT_TO_MODEL_LOADER
-    if LOAD_FORMAT not in table:
-        table[LOAD_FORMAT] = loader_class()
+    if LOAD_FORMAT in getattr(module, "_LOAD_FORMAT_TO_MODEL_LOADER", {}):
+        return
+    try:
+        module.register_model_loader(LOAD_FORMAT)(loader_class())
+    except Exception as e:  # noqa: BLE001 - never break vLLM's own import of its loaders
+        import logging
+
+        logging.getLogger("dgplug.vllm").warning("dgplug: could not register --load-format %s: %s", LOAD_FORMAT, e)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs `_register` on vLLM's model_loader module right after it is first imported."""
+    """Registers the load format right after vLLM's model_loader module is imported (the real
+    import: a find_spec alone changes nothing; the finder leaves sys.meta_path once it ran)."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != LOADER_MODULE:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        run = spec.loader.exec_module
+        run, finder = spec.loader.exec_module, self
 
         def exec_module(module):
             run(module)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
             _register(module)
 
         spec.loader.exec_module = exec_module
@@ -148,7 +166,7 @@ def main(argv=None) -> int:
                                  description="Make a directory for `vllm serve DIR --load-format dgplug-gguf`.")
     ap.add_argument("gguf")
     ap.add_argument("out")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     a = ap.parse_args(argv)
     try:
         out = prepare_serving_dir(a.gguf, a.out, a.overwrite)

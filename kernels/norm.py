@@ -15,7 +15,11 @@ launches (three norms, the q/k/v head kernels, the post-attention residual norm,
 Every kernel keeps the twin's roundings: each intermediate the twin holds in the activation dtype
 (the normed vector before RoPE, each RoPE product, the sum of the two MoE-block branches, the
 residual sum before the layer scalar) is rounded to that dtype here too, so the kernels differ
-from the twins only by the order of the fp32 sum of squares (a few fp32 ulps of the scale).
+from the twins only in the fp32 scale 1/sqrt(mean(x^2) + eps): the order of the sum of squares,
+and on a GPU the last bits of Triton's fast sqrt and division (the twin's own CUDA rsqrt is not
+correctly rounded either). In the interpreter the fp16 outputs equal the twins' bit for bit.
+Inputs the model never passes (a residual, dense or MoE branch of another shape or dtype, cos/sin
+other than [L, d] in x's dtype) go to the twin.
 
 One program per row (a token's hidden vector, or one head of it); the row lives in registers
 (BLOCK = the next power of two of its length). impl: None picks Triton for CUDA tensors (the
@@ -112,6 +116,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _same(t: torch.Tensor, x: torch.Tensor) -> bool:
+    return t.shape == x.shape and t.dtype == x.dtype and t.device == x.device
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -121,7 +129,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, residu
     """residual + rms_norm(x) * weight (no residual: the norm alone; no weight: no scale)."""
     from dgplug import ops
 
-    if _pick_impl(x, impl) == "torch":
+    if _pick_impl(x, impl) == "torch" or (residual is not None and not _same(residual, x)):
         y = ops.rms_norm_reference(x, weight, eps)
         return y if residual is None else residual + y
     x2 = _rows(x)
@@ -140,9 +148,10 @@ def head_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos
     """Per-head norm (and rotate-half RoPE when cos/sin [L, d] are given) of x [..., L, H, d]."""
     from dgplug import ops
 
-    if _pick_impl(x, impl) == "torch":
-        return ops.head_norm_rope_reference(x, weight, eps, cos, sin)
     L, H, D = x.shape[-3:]
+    if _pick_impl(x, impl) == "torch" or (cos is not None and not all(
+            t.shape == (L, D) and t.dtype == x.dtype for t in (cos, sin))):
+        return ops.head_norm_rope_reference(x, weight, eps, cos, sin)
     x3 = x.reshape(-1, H, D)
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
@@ -161,7 +170,7 @@ def layer_out(x, dense, moe, w1, w2, w, scalar, eps: float, *, impl: str | None 
     """The end of a decoder layer: (x + norm(norm(dense) * w1 + norm(moe) * w2) * w) * scalar."""
     from dgplug import ops
 
-    if _pick_impl(x, impl) == "torch" or scalar.dtype != x.dtype:
+    if _pick_impl(x, impl) == "torch" or scalar.dtype != x.dtype or not (_same(dense, x) and _same(moe, x)):
         return ops.layer_out_reference(x, dense, moe, w1, w2, w, scalar, eps)
     x2, d2, m2 = _rows(x), _rows(dense), _rows(moe)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -66,6 +66,7 @@ if HAS_TRITON:
         for k in tl.static_range(K):
             m = tl.max(p, axis=1)
             idx = tl.min(tl.where(p == m[:, None], offs_e[None, :], BLOCK_E), axis=1)
+            idx = tl.minimum(idx, E - 1)  # NaN logits match nothing: still a valid expert
             top_w = tl.where(offs_k[None, :] == k, m[:, None], top_w)
             top_i = tl.where(offs_k[None, :] == k, idx[:, None], top_i)
             p = tl.where(offs_e[None, :] == idx[:, None], -1.0, p)
@@ -89,8 +90,9 @@ def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float, *, im
     w = torch.empty(T, top_k, dtype=torch.float32, device=r.device)
     idx = torch.empty(T, top_k, dtype=torch.long, device=r.device)
     bt = 16
+    pw = proj_weight.contiguous()
     _route_kernel[(triton.cdiv(T, bt),)](
-        r, proj_weight.contiguous(), scale, per_expert_scale, w, idx, T, D, E, r.stride(0), proj_weight.stride(0),
+        r, pw, scale.contiguous(), per_expert_scale.contiguous(), w, idx, T, D, E, r.stride(0), pw.stride(0),
         eps, D ** -0.5, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=bt, BLOCK_D=128, BLOCK_E=max(16, triton.next_power_of_2(E)),
         num_warps=4)
     return w, idx

@@ -105,8 +105,10 @@ def test_reused_buffers_carry_nothing_between_calls(model):
 
 # operations that read a value back to the host or give a shape that depends on data: none may run
 # inside a captured step (torch.cuda.graph would fail, or freeze the value of the capture)
+# (what a CPU cannot show: copies to the host, .cpu() / .tolist(); the GPU check captures the step)
 HOST_SYNC = {"_local_scalar_dense", "nonzero", "nonzero_static", "unique", "_unique2", "unique_consecutive",
-             "masked_select", "is_nonzero", "equal"}
+             "masked_select", "masked_scatter", "is_nonzero", "equal", "bincount", "histc", "repeat_interleave",
+             "index(bool)", "index_put(bool)"}
 
 
 class _Ops(TorchDispatchMode):
@@ -115,7 +117,11 @@ class _Ops(TorchDispatchMode):
         self.seen = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen[func.overloadpacket.__name__] += 1
+        name = func.overloadpacket.__name__.rstrip("_")
+        if name in ("index", "index_put") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())):
+            name += "(bool)"  # a boolean mask index: its shape depends on the data
+        self.seen[name] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -21,11 +21,20 @@ def rnd(*shape, seed=0, scale=1.0, dtype=torch.float32):
 
 
 def assert_close(a, b, dtype):
-    """fp32: a few ulps of the sum-of-squares order; 16-bit: one rounding step of the output."""
+    """fp32: within a few ulps (the sum-of-squares order moves the per-row scale). 16-bit: the same
+    fp32 scale moves an output rounding now and then, by one step: most elements are equal and
+    none is off by more than a step (a kernel that skipped one of the twin's roundings to the
+    activation dtype would differ in most elements)."""
     a, b = a.float().cpu(), b.float().cpu()
-    tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    err = ((a - b).abs() / (b.abs() + 1.0)).max().item()
-    assert err <= tol, f"max relative err {err:.3e} (tol {tol:.1e})"
+    if dtype == torch.float32:
+        err = ((a - b).abs() / (b.abs() + 1.0)).max().item()
+        assert err <= 2e-6, f"max relative err {err:.3e}"
+        return
+    step = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    diff = (a - b).abs()
+    assert (diff <= step * 2.01 * (b.abs() + 2 ** -14)).all(), f"max abs diff {diff.max().item():.3e}"
+    share = (diff > 0).float().mean().item()
+    assert share <= (0.02 if DEV == "cpu" else 0.1), f"{share:.1%} of the elements differ"
 
 
 DTYPES = [torch.float32, torch.float16]  # bf16 arithmetic is wrong in the interpreter; the GPU check runs it
@@ -83,16 +92,15 @@ def test_layer_out_matches_twin(dtype, n):
     assert_close(got, ops.layer_out_reference(x, dense, moe, w1, w2, w, scalar, EPS), dtype)
 
 
-def test_twins_are_the_model_order():
-    """The references are the model's former unfused code: RoPE of the normed heads, and the
-    layer end as x + post_ff(post_ff_1(dense) + post_ff_2(moe)), then the scalar."""
-    x, d, m = rnd(4, 64, seed=14), rnd(4, 64, seed=15), rnd(4, 64, seed=16)
-    w1, w2, w = rnd(64, seed=17), rnd(64, seed=18), rnd(64, seed=19)
-    s = torch.tensor([1.5], device=DEV)
-    want = (x + ops.rms_norm(ops.rms_norm(d, w1, EPS) + ops.rms_norm(m, w2, EPS), w, EPS)) * s
-    torch.testing.assert_close(ops.layer_out_reference(x, d, m, w1, w2, w, s, EPS), want, rtol=0, atol=0)
-    assert not torch.equal(ops.layer_out_reference(x, d, m, w1, w2, w, s, EPS),
-                           ops.layer_out_reference(x, m, d, w1, w2, w, s, EPS))  # argument order matters
+def test_inputs_the_kernels_do_not_take_go_to_the_twins():
+    """A residual that broadcasts, or cos/sin in another dtype: the twin's result, not a wrong read."""
+    x, w = rnd(4, 6, 64, seed=20), rnd(64, seed=21)
+    r = rnd(6, 64, seed=22)  # broadcasts over the first dim
+    assert torch.equal(N.rms_norm(x, w, EPS, residual=r, impl="triton"), r + ops.rms_norm_reference(x, w, EPS))
+    q = rnd(1, 5, 2, 32, seed=23, dtype=torch.float16)
+    cos, sin = rnd(5, 32, seed=24), rnd(5, 32, seed=25)  # fp32 tables with fp16 heads: the twin promotes
+    got = N.head_norm_rope(q, None, EPS, cos, sin, impl="triton")
+    assert got.dtype == torch.float32 and torch.equal(got, ops.head_norm_rope_reference(q, None, EPS, cos, sin))
 
 
 def test_model_through_the_glue_kernels(monkeypatch, tmp_path):

@@ -43,7 +43,7 @@ def test_route_matches_twin(dtype, T, D, E, K):
 
 
 def test_route_strided_rows_and_fallbacks():
-    """Rows of a wider buffer are read in place; a router weight in another dtype takes the twin."""
+    """Rows of a wider buffer and a strided weight are read right; a [B, L, D] input takes the twin."""
     r, w, scale, pes = inputs(12, 192, 8, torch.float32, seed=1)
     view = torch.cat((r, r), dim=1)[:, :192]
     assert view.stride(0) == 384
@@ -51,6 +51,17 @@ def test_route_strided_rows_and_fallbacks():
     want = ops.route_reference(r, w, scale, pes, 2, 1e-6)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    wide = torch.stack((w, w), dim=1).reshape(-1, w.shape[1])[::2]  # a row-strided router weight
+    assert not wide.is_contiguous() and torch.equal(wide, w)
+    got = R.route(r, wide, scale, pes, 2, 1e-6, impl="triton")
+    assert torch.equal(got[1], want[1])
     r3 = r.view(3, 4, 192)  # not [T, D]: the twin, bit for bit
     for a, b in zip(R.route(r3, w, scale, pes, 2, 1e-6, impl="triton"), ops.route_reference(r3, w, scale, pes, 2, 1e-6)):
         assert torch.equal(a, b)
+
+
+def test_nan_logits_still_give_valid_experts():
+    r, w, scale, pes = inputs(16, 64, 8, torch.float32, seed=2)
+    r[3] = float("nan")
+    _, idx = R.route(r, w, scale, pes, 2, 1e-6, impl="triton")
+    assert int(idx.min()) >= 0 and int(idx.max()) < 8  # the MoE reads expert idx: never out of range

@@ -74,7 +74,8 @@ def test_serving_dir_from_a_gguf_alone_loads_through_vllms_loader(vllm_dist, ggu
     assert a.shape[-1] == 512 and (a - b).abs().max().item() < 1e-4
 
 
-def test_loader_errors_name_the_directory(vllm_dist, gguf, tmp_path):
+def test_loader_errors_name_the_directory(vllm_dist, gguf, tmp_path, monkeypatch):
+    from dgplug.converters import gguf_import
     from dgplug.integrations.vllm_gguf import find_gguf, prepare_serving_dir
 
     d = prepare_serving_dir(gguf, tmp_path / "two")
@@ -85,7 +86,23 @@ def test_loader_errors_name_the_directory(vllm_dist, gguf, tmp_path):
         find_gguf(gguf)
     with pytest.raises(FileExistsError, match="exists"):
         prepare_serving_dir(gguf, d)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # nothing half-written beside it
+    with pytest.raises(ValueError, match="holds"):  # would delete the GGUF it links to
+        prepare_serving_dir(gguf, gguf.parent, overwrite=True)
+
+    def broken(path):
+        raise RuntimeError("tokenizer went wrong")
+
+    monkeypatch.setattr(gguf_import, "tokenizer_from_gguf", broken)
+    with pytest.raises(RuntimeError, match="tokenizer went wrong"):
+        prepare_serving_dir(gguf, tmp_path / "new")
+    with pytest.raises(RuntimeError, match="tokenizer went wrong"):
+        prepare_serving_dir(gguf, d, overwrite=True)  # the old directory survives a failed replace
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]  # no half-written or temporary directory
+    assert (d / "other.gguf").is_symlink() and (d / "config.json").exists()
+    monkeypatch.undo()
+    prepare_serving_dir(gguf, d, overwrite=True)
+    assert not (d / "other.gguf").exists() and find_gguf(d).resolve() == gguf.resolve()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
 
 
 def test_load_format_is_registered_when_vllms_loader_module_loads():
