@@ -107,12 +107,44 @@ def _glue_kernels(x: torch.Tensor) -> bool:
     return GLUE_KERNELS and _kernels(x) and not torch.compiler.is_compiling()  # compile fuses the glue itself
 
 
+@functools.cache
+def _build_errors() -> tuple:
+    """Triton's errors for a kernel that cannot be built here (compiler, ptxas, resources)."""
+    try:
+        from triton.compiler import errors as ce
+        from triton.runtime import errors as re_
+    except Exception:  # noqa: BLE001 - no triton: nothing to catch
+        return ()
+    return tuple(c for c in (getattr(ce, "CompilationError", None), getattr(re_, "OutOfResources", None),
+                             getattr(re_, "PTXASError", None)) if isinstance(c, type))
+
+
+def _glue_call(module: str, name: str, reference, *args, **kwargs):
+    """dgplug.kernels.<module>.<name>(*args, **kwargs); if that kernel cannot be built on this
+    machine (an older Triton, another GPU), one warning, the glue goes back to the references for
+    the rest of the process, and this call returns the reference's result."""
+    global GLUE_KERNELS
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"dgplug.kernels.{module}"), name)(*args, **kwargs)
+    except _build_errors() as e:
+        GLUE_KERNELS = False
+        import warnings
+
+        warnings.warn(f"dgplug: the {module}.{name} kernel cannot be built here ({type(e).__name__}: "
+                      f"{str(e)[:300]}); the layer glue runs on PyTorch ops from now on", RuntimeWarning, stacklevel=3)
+        return reference(*args, **kwargs)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None):
     """residual + RMSNorm(x) * weight (dgplug.kernels.norm on the GPU: one launch)."""
     if _glue_kernels(x):
-        from dgplug.kernels.norm import rms_norm as fused
+        return _glue_call("norm", "rms_norm", _add_rms_norm_reference, x, weight, eps, residual=residual)
+    return _add_rms_norm_reference(x, weight, eps, residual)
 
-        return fused(x, weight, eps, residual=residual)
+
+def _add_rms_norm_reference(x, weight, eps, residual=None):
     y = rms_norm_reference(x, weight, eps)
     return y if residual is None else residual + y
 
@@ -136,9 +168,7 @@ def rope(x, cos, sin):
 def head_norm_rope(x, weight, eps: float, cos=None, sin=None):
     """Per-head RMSNorm of x [..., L, heads, d], then RoPE when cos/sin [L, d] are given."""
     if _glue_kernels(x):
-        from dgplug.kernels.norm import head_norm_rope as fused
-
-        return fused(x, weight, eps, cos, sin)
+        return _glue_call("norm", "head_norm_rope", head_norm_rope_reference, x, weight, eps, cos, sin)
     return head_norm_rope_reference(x, weight, eps, cos, sin)
 
 
@@ -150,9 +180,7 @@ def head_norm_rope_reference(x, weight, eps: float, cos=None, sin=None):
 def layer_out(x, dense, moe, w1, w2, w, scalar, eps: float):
     """The end of a decoder layer: (x + norm(norm(dense) * w1 + norm(moe) * w2) * w) * scalar."""
     if _glue_kernels(x):
-        from dgplug.kernels.norm import layer_out as fused
-
-        return fused(x, dense, moe, w1, w2, w, scalar, eps)
+        return _glue_call("norm", "layer_out", layer_out_reference, x, dense, moe, w1, w2, w, scalar, eps)
     return layer_out_reference(x, dense, moe, w1, w2, w, scalar, eps)
 
 
@@ -201,9 +229,7 @@ def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float):
     """The MoE router: reads the raw residual, softmax before top-k, per-expert scale (one
     launch on the GPU: dgplug.kernels.router)."""
     if _glue_kernels(r):
-        from dgplug.kernels.router import route as fused
-
-        return fused(r, proj_weight, scale, per_expert_scale, top_k, eps)
+        return _glue_call("router", "route", route_reference, r, proj_weight, scale, per_expert_scale, top_k, eps)
     return route_reference(r, proj_weight, scale, per_expert_scale, top_k, eps)
 
 

@@ -2,6 +2,8 @@
 twins, the references in dgplug.ops; and the model's layers through the kernels against the model
 on the references."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -124,3 +126,24 @@ def test_model_through_the_glue_kernels(monkeypatch, tmp_path):
     assert calls["layer_out"] == calls["route"] == layers and calls["head_norm_rope"] == 3 * layers, calls
     assert calls["rms_norm"] >= 4 * layers, calls
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32 sums in another order, 4 layers deep
+    assert ops.GLUE_KERNELS  # no kernel fell back to the references
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_once(monkeypatch):
+    """A Triton build error (an older Triton, another GPU) warns once, and the glue runs on the
+    references from then on: the result is the reference's."""
+    from triton.compiler.errors import CompilationError
+
+    def broken(*a, **k):
+        raise CompilationError(None, None, "no such intrinsic")
+
+    monkeypatch.setattr(N, "rms_norm", broken)
+    monkeypatch.setattr(ops, "_glue_kernels", lambda x: ops.GLUE_KERNELS)
+    monkeypatch.setattr(ops, "GLUE_KERNELS", True)
+    x, w, r = rnd(3, 64, seed=30), rnd(64, seed=31), rnd(3, 64, seed=32)
+    with pytest.warns(RuntimeWarning, match="norm.rms_norm kernel cannot be built"):
+        got = ops.rms_norm(x, w, EPS, residual=r)
+    assert torch.equal(got, r + ops.rms_norm_reference(x, w, EPS)) and ops.GLUE_KERNELS is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(ops.rms_norm(x, w, EPS), ops.rms_norm_reference(x, w, EPS))  # no second warning
