@@ -23,6 +23,11 @@ moe(x, index, weights, gate_up, down) -> [T, D]
 
 head_sample(h, embedding, *, softcap, temperature, seed, step, soft_dtype) -> HeadSample
     The fused head + sampler step (see dgplug.kernels.sampler).
+
+The layer glue (dgplug.kernels.norm, one launch each on the GPU):
+rms_norm(x, weight, eps, residual=None) -> residual + RMSNorm(x) * weight (fp32 math, cast back)
+head_norm_rope(x, weight, eps, cos=None, sin=None) -> per-head norm of x [..., L, heads, d], RoPE
+layer_out(x, dense, moe, w1, w2, w, scalar, eps) -> (x + norm(norm(dense)*w1 + norm(moe)*w2)*w) * scalar
 """
 
 from __future__ import annotations
