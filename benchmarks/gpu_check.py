@@ -78,7 +78,7 @@ def check_kernels(dev, small):
         r = ops.attention_reference(q.float(), k.float(), v.float(), q_pos=qp, k_pos=kp, causal=causal, window=window)
         print(f"attention {name:<22} rel err {err(a, r):.2e}")
     # MoE: bf16 and each quantized layout vs the torch twin on the same weights
-    T, D, I, E, K = (256, 2816, 704, 128, 8) if not small else (32, 64, 48, 8, 2)
+    T, D, I, E, K = (256, 2816, 704, 128, 8) if not small else (32, 128, 64, 8, 2)  # K tiles of 128 / 64 fit
     x = rnd(T, D).to(bf)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
     w = torch.softmax(rnd(T, K), -1)
@@ -92,13 +92,17 @@ def check_kernels(dev, small):
         b = km.moe_forward(x.float(), idx, w, qg, qd, impl="torch")
         print(f"moe {scheme} (triton vs torch twin) rel err {err(a, b):.2e}")
         if scheme == "int4":
-            for cfg in (dict(MAGIC=False, SWAP_AB=False), dict(SWAP_AB=False), dict(SWAP_AB=True, MAGIC=False),
-                        dict(SWAP_AB=True, BLOCK_M=16)):
+            runs = [(str(c), c, None) for c in (dict(MAGIC=False, SWAP_AB=False), dict(SWAP_AB=False),
+                                                dict(SWAP_AB=True, MAGIC=False), dict(SWAP_AB=True, BLOCK_M=16))]
+            runs.append(("swap halves (kpack 128 / 64)", dict(SWAP_AB=True, BLOCK_K1=128, BLOCK_K2=64), (128, 64)))
+            for label, cfg, kpack in runs:
                 try:
-                    a = km.moe_forward_triton(x, idx, w, qg, qd, config=cfg)
-                    print(f"moe int4 {cfg} rel err {err(a, b):.2e}")
+                    wg, wd = (qg, qd) if kpack is None else (km.repack_int4_halves(qg, kpack[0]),
+                                                             km.repack_int4_halves(qd, kpack[1]))
+                    a = km.moe_forward_triton(x, idx, w, wg, wd, config=cfg)
+                    print(f"moe int4 {label} rel err {err(a, b):.2e}")
                 except Exception as ex:  # noqa: BLE001
-                    print(f"moe int4 {cfg} failed: {type(ex).__name__}: {str(ex)[:300]}")
+                    print(f"moe int4 {label} failed: {type(ex).__name__}: {str(ex)[:300]}")
     # the layer glue (dgplug.kernels.norm) vs its twins, bf16 at the release's row sizes, and its time
     from dgplug.kernels import norm as kn
     rows, H = (256, 2816) if not small else (16, 96)
@@ -340,11 +344,12 @@ def sampler_variants(dev, small):
 
 def moe_sweep(dev, small):
     """One layer's experts at real sizes: bf16/int8/fp8 defaults, then int4 variants (nibble
-    pairing mode, magic-number conversion, tiles). Bytes = weights of the experts touched."""
+    pairing mode, magic-number conversion, tiles, warps, the halves nibble order). Bytes = weights of
+    the experts touched."""
     from dgplug.converters.quant import quantize
     from dgplug.kernels import moe as km
 
-    D, I, E, K = (2816, 704, 128, 8) if not small else (64, 48, 8, 2)
+    D, I, E, K = (2816, 704, 128, 8) if not small else (128, 64, 8, 2)  # K tiles of 128 / 64 fit
     g = torch.Generator(device="cpu").manual_seed(0)
     gu = (torch.randn(E, 2 * I, D, generator=g) * D**-0.5).to(dev, torch.bfloat16)
     dn = (torch.randn(E, D, I, generator=g) * I**-0.5).to(dev, torch.bfloat16)
@@ -356,24 +361,24 @@ def moe_sweep(dev, small):
     weights = {"bf16": (gu, dn)}
     for scheme in ("int8", "fp8", "int4"):
         weights[scheme] = (q(gu, scheme), q(dn, scheme))
+    # the halves nibble order, repacked once for the GPU default K tiles (gate_up 128, down 64)
+    weights["int4 halves"] = tuple(km.repack_int4_halves(w, bk) for w, bk in zip(weights["int4"], (128, 64)))
     sw = dict(SWAP_AB=True)
+    halves = ("swap halves", dict(sw, BLOCK_K1=128, BLOCK_K2=64), "int4 halves")
     int4_cfgs = [("plain, converted (old default)", dict(MAGIC=False, SWAP_AB=False)),
                  ("plain, magic", dict(SWAP_AB=False)),
                  ("default (swapped, magic)", {}), ("swap convert", dict(sw, MAGIC=False)),
                  ("swap BM16", dict(sw, BLOCK_M=16)), ("swap BM64", dict(sw, BLOCK_M=64)),
-                 ("swap BN128 w4", dict(sw, BLOCK_N1=128, BLOCK_N2=128)), ("swap stages3", dict(sw, num_stages=3))]
+                 ("swap BN128 w4", dict(sw, BLOCK_N1=128, BLOCK_N2=128)), ("swap stages3", dict(sw, num_stages=3)),
+                 ("swap w8", dict(sw, num_warps=8)), ("swap BN32", dict(sw, BLOCK_N1=32, BLOCK_N2=32)), halves]
     for T in ((256, 2048) if not small else (32,)):
         x = torch.randn(T, D, device=dev).to(torch.bfloat16)
         idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
         w = torch.softmax(torch.randn(T, K, device=dev), -1)
-        runs = [(s, {}) for s in ("bf16", "int8", "fp8")] + [("int4", c) for c in
-                                                                (int4_cfgs if T == 256 else int4_cfgs[:4])]
-        for scheme, cfg in runs:
-            if isinstance(cfg, tuple):
-                label, cfg = cfg
-            else:
-                label = "default"
-            a, b = weights[scheme]
+        runs = [(s, ("default", {})) for s in ("bf16", "int8", "fp8")] + [("int4", c) for c in
+                                                                          (int4_cfgs if T == 256 else int4_cfgs[:4] + [halves])]
+        for scheme, (label, cfg, *wkey) in runs:
+            a, b = weights[wkey[0] if wkey else scheme]
             try:
                 t = timed(lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), reps=20, warm=3)
             except Exception as ex:  # noqa: BLE001
@@ -382,8 +387,8 @@ def moe_sweep(dev, small):
             _, nbytes = km.moe_flops_bytes(T, D, I, E, K, scheme)
             print(f"T={T} {scheme:<5} {label:<28} {t:7.3f} ms  {nbytes / t / 1e9:6.2f} TB/s", flush=True)
         if T == 256:
-            a, b = weights["int4"]
-            for label, cfg in (("int4 default", {}),):
+            for label, cfg, wkey in (("int4 default", {}, "int4"), ("int4 swap halves", halves[1], halves[2])):
+                a, b = weights[wkey]
                 profile(f"MoE {label}, T=256", lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), rows=6)
 
 

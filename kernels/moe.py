@@ -12,6 +12,7 @@ moe_forward(x, topk_index, topk_weights, gate_up, down, *, impl=None) -> [T, D] 
 moe_forward_torch(x, topk_index, topk_weights, gate_up, down) -> same, plain PyTorch (CPU path)
 QuantizedWeight                      the packed-weight contract shared with converters/
 moe_flops_bytes(T, D, I, E, K, scheme) -> (flops, bytes read) of one call
+repack_int4_halves(qw, block_k) -> the int4 weight in the halves nibble order (below)
 
 impl: None = auto (Triton when x.is_cuda and triton imports), "triton", "torch". The environment
 variable DGPLUG_KERNELS=torch|triton overrides auto; an explicit `impl` argument wins over both.
@@ -23,6 +24,11 @@ Quantized layouts (logical weight [..., N, K], "K" the input dimension, "..." th
         Group g (default 128) runs along K; element k uses group k // g. (The down projection
         has K = 704 = 5.5 * 128: use g = 64, or ceil(K/g) groups with a short last group; both
         work here.)
+        Opt-in "halves" order (QuantizedWeight.kpack = BK, made by repack_int4_halves): within each
+        K tile [k0, k0+BK), byte k0/2 + j holds element k0 + j low and k0 + BK/2 + j high, so the
+        low and high nibble tiles are the two halves of the tile in order and the swapped kernel
+        does two dots per tile with no interleave. Only that kernel with BLOCK_K = BK reads it (any
+        other path refuses it); made for the GPU sweep (benchmarks/gpu_check.py), not measured yet.
   int8: qweight int8 [..., N, K], scale fp32 [..., N] (per output channel); w = q * scale.
   fp8:  qweight float8_e4m3fn [..., N, K], scale fp32 [..., N]; w = q.float() * scale.
   ggml: a GGUF's blocks as they are in the file (kernels.ggml.GGMLWeight: Q8_0, Q4_0, Q4_1, Q5_0,
@@ -97,6 +103,7 @@ except Exception:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "QuantizedWeight",
+    "repack_int4_halves",
     "moe_forward",
     "moe_forward_torch",
     "moe_flops_bytes",
@@ -117,6 +124,8 @@ class QuantizedWeight:
     """A packed weight of logical shape [..., N, K] (layouts in the module docstring).
 
     `scheme` is "int4", "int8" or "fp8"; `zero` is used by int4 only; `group_size` by int4 only.
+    `kpack` (int4 only): 0 = nibble pairs (element 2j low, 2j+1 high), BK > 0 = halves of K tiles
+    of BK (see repack_int4_halves).
     Indexing (`qw[e]`) returns the per-expert QuantizedWeight (views, no copy).
     """
 
@@ -126,10 +135,13 @@ class QuantizedWeight:
     zero: Optional[torch.Tensor] = None
     group_size: int = 128
     shape: Optional[tuple] = None
+    kpack: int = 0
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {self.scheme!r}; expected one of {SCHEMES}")
+        if self.kpack and self.scheme != "int4":
+            raise ValueError(f"kpack={self.kpack} is an int4 nibble order; {self.scheme} has none")
         lead = tuple(self.qweight.shape[:-1])
         if self.scheme == "int4":
             if self.qweight.dtype != torch.uint8:
@@ -145,6 +157,8 @@ class QuantizedWeight:
                     f"int4 scale/zero must be {lead + (ng,)} for K={k}, group {self.group_size}; "
                     f"got {tuple(self.scale.shape)} / {tuple(self.zero.shape)}"
                 )
+            if self.kpack < 0 or self.kpack % 2 or (self.kpack and k % self.kpack):
+                raise ValueError(f"int4 kpack must be 0 or an even divisor of K={k}, got {self.kpack}")
         else:
             want = torch.int8 if self.scheme == "int8" else torch.float8_e4m3fn
             if self.qweight.dtype != want:
@@ -185,18 +199,25 @@ class QuantizedWeight:
             raise IndexError("indexing selects an expert; this weight has no expert dimension")
         zero = self.zero[e] if self.zero is not None else None
         qw = self.qweight[e]
-        return QuantizedWeight(self.scheme, qw, self.scale[e], zero, self.group_size, None)
+        return QuantizedWeight(self.scheme, qw, self.scale[e], zero, self.group_size, None, self.kpack)
 
     def to(self, device) -> "QuantizedWeight":
         zero = self.zero.to(device) if self.zero is not None else None
         return QuantizedWeight(self.scheme, self.qweight.to(device), self.scale.to(device), zero,
-                               self.group_size, self.shape)
+                               self.group_size, self.shape, self.kpack)
+
+    def codes(self) -> torch.Tensor:
+        """int4: the nibbles 0..15 as uint8 [..., N, K] in K order, for either nibble order."""
+        b = self.qweight
+        if self.kpack:  # each K tile of kpack: its first half low nibbles, its second half high
+            t = b.reshape(*b.shape[:-1], -1, self.kpack // 2)
+            return torch.cat((t & 15, t >> 4), dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+        return torch.stack((b & 15, b >> 4), dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The logical weight [..., N, K] in `dtype` (math in fp32)."""
         if self.scheme == "int4":
-            b = self.qweight
-            q = torch.stack((b & 15, b >> 4), dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+            q = self.codes()
             k = q.shape[-1]
             g = self.group_size
             s = self.scale.float().repeat_interleave(g, dim=-1)[..., :k]
@@ -250,6 +271,20 @@ class QuantizedWeight:
         else:
             raise ValueError(f"unknown quantization scheme {scheme!r}")
         return cls(scheme, q.contiguous(), scale.float().contiguous(), None, group_size, tuple(w.shape))
+
+
+def repack_int4_halves(qw: QuantizedWeight, block_k: int) -> QuantizedWeight:
+    """The same int4 weight in the halves nibble order for K tiles of block_k (exact): within each
+    tile [k0, k0 + block_k), byte k0/2 + j holds element k0 + j low and k0 + block_k/2 + j high."""
+    if qw.scheme != "int4":
+        raise ValueError(f"repack_int4_halves needs an int4 weight, got {qw.scheme}")
+    k = qw.shape[-1]
+    if block_k <= 0 or block_k % 2 or k % block_k:
+        raise ValueError(f"block_k must be an even divisor of K={k}, got {block_k}")
+    q = qw.codes()
+    t = q.reshape(*q.shape[:-1], k // block_k, block_k)
+    packed = (t[..., : block_k // 2] | (t[..., block_k // 2:] << 4)).reshape(*q.shape[:-1], k // 2)
+    return QuantizedWeight("int4", packed.contiguous(), qw.scale, qw.zero, qw.group_size, qw.shape, block_k)
 
 
 def _wshape(w) -> tuple:
@@ -594,15 +629,24 @@ if HAS_TRITON:
     # dimension, and the dequantised tile is the register-held A operand.
 
     @triton.jit
-    def _int4_rows(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
-        """[BN, BK] raw nibbles of weight rows `rows`, K positions k0.. in order (byte j holds
-        k = 2j low, 2j + 1 high: a join on the last axis is the natural interleave)."""
+    def _int4_nibbles(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
+                      BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
+        """Raw low and high nibbles [BN, BK/2] of bytes k0/2.. of weight rows `rows`: K positions
+        k0 + 2j and k0 + 2j + 1 in the pairs order; in the halves order (kpack = BLOCK_K) the two
+        halves of the K tile, k0 + j and k0 + BK/2 + j."""
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         p = (w_ptr + e.to(tl.int64) * stride_we + rows[:, None].to(tl.int64) * stride_wn
              + offs_b[None, :] * stride_wk)
         b = tl.load(p, mask=nmask[:, None] & (offs_b[None, :] * 2 < K), other=0)
-        return tl.reshape(tl.join(_nib(b & 0xF, CDT, MAGIC), _nib(b >> 4, CDT, MAGIC)), (BLOCK_N, BLOCK_K))
+        return _nib(b & 0xF, CDT, MAGIC), _nib(b >> 4, CDT, MAGIC)
+
+    @triton.jit
+    def _int4_rows(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
+        """[BN, BK] raw nibbles of weight rows `rows` in the pairs order, K positions k0.. in order
+        (a join on the last axis is the natural interleave)."""
+        lo, hi = _int4_nibbles(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk, BLOCK_K, CDT, MAGIC)
+        return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
 
     @triton.jit
     def _cols_t(ptr, cols, col_mask, stride_c, stride_k, k0, K, BLOCK_K: tl.constexpr, CDT: tl.constexpr):
@@ -619,14 +663,23 @@ if HAS_TRITON:
         return acc + s[:, None] * (d - z[:, None] * xs[None, :])
 
     @triton.jit
+    def _int4_halves_dot_t(lo, hi, xt_lo, xt_hi, s, z, acc, IEEE: tl.constexpr):
+        """_int4_dot_t for a K tile in halves: q = [lo | hi] along K, x^T = [xt_lo; xt_hi]."""
+        d = _dot(lo, xt_lo, tl.zeros(acc.shape, dtype=tl.float32), IEEE)
+        d = _dot(hi, xt_hi, d, IEEE)
+        xs = tl.sum(xt_lo.to(tl.float32), axis=0) + tl.sum(xt_hi.to(tl.float32), axis=0)
+        return acc + s[:, None] * (d - z[:, None] * xs[None, :])
+
+    @triton.jit
     def _moe_gate_up_int4t_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
         TK, I, D, TOPK,
         stride_xt, stride_xd, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_hm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-        CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr,
+        CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr, HALVES: tl.constexpr,
     ):
-        """The gate_up step for int4 weights whose K tiles lie inside one group, swapped."""
+        """The gate_up step for int4 weights whose K tiles lie inside one group, swapped (HALVES:
+        the weight is in the halves nibble order for K tiles of BLOCK_K, two dots per tile)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(block_expert_ptr + pid_m)
@@ -645,11 +698,23 @@ if HAS_TRITON:
             gn = tl.minimum(k0 + BLOCK_K, D - 1) // GROUP
             sg_n, zg_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, gn, stride_se, stride_sn, stride_sk)
             su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn, stride_se, stride_sn, stride_sk)
-            xt = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K, CDT)
-            gq = _int4_rows(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk, BLOCK_N, BLOCK_K, CDT, MAGIC)
-            uq = _int4_rows(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk, BLOCK_N, BLOCK_K, CDT, MAGIC)
-            acc_g = _int4_dot_t(gq, xt, sg, zg + BIAS, acc_g, IEEE)
-            acc_u = _int4_dot_t(uq, xt, su, zu + BIAS, acc_u, IEEE)
+            if HALVES:
+                xt_lo = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K // 2, CDT)
+                xt_hi = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0 + BLOCK_K // 2, D, BLOCK_K // 2, CDT)
+                g_lo, g_hi = _int4_nibbles(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                           BLOCK_K, CDT, MAGIC)
+                u_lo, u_hi = _int4_nibbles(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                           BLOCK_K, CDT, MAGIC)
+                acc_g = _int4_halves_dot_t(g_lo, g_hi, xt_lo, xt_hi, sg, zg + BIAS, acc_g, IEEE)
+                acc_u = _int4_halves_dot_t(u_lo, u_hi, xt_lo, xt_hi, su, zu + BIAS, acc_u, IEEE)
+            else:
+                xt = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K, CDT)
+                gq = _int4_rows(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                BLOCK_N, BLOCK_K, CDT, MAGIC)
+                uq = _int4_rows(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                BLOCK_N, BLOCK_K, CDT, MAGIC)
+                acc_g = _int4_dot_t(gq, xt, sg, zg + BIAS, acc_g, IEEE)
+                acc_u = _int4_dot_t(uq, xt, su, zu + BIAS, acc_u, IEEE)
             sg, zg, su, zu = sg_n, zg_n, su_n, zu_n
         inner = 1.5957691216057308 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
         hval = acc_g / (1.0 + tl.exp(-inner)) * acc_u
@@ -662,9 +727,10 @@ if HAS_TRITON:
         TK, D, I,
         stride_hm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-        CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr,
+        CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr, HALVES: tl.constexpr,
     ):
-        """The down step for int4 weights whose K tiles lie inside one group, swapped."""
+        """The down step for int4 weights whose K tiles lie inside one group, swapped (HALVES as
+        in the gate_up step)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(block_expert_ptr + pid_m)
@@ -678,9 +744,17 @@ if HAS_TRITON:
         for k0 in range(0, I, BLOCK_K):
             gn = tl.minimum(k0 + BLOCK_K, I - 1) // GROUP
             sc_n, zc_n = _int4_scale_zero(s_ptr, z_ptr, e, offs_n, nmask, gn, stride_se, stride_sn, stride_sk)
-            at = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0, I, BLOCK_K, CDT)
-            wq = _int4_rows(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk, BLOCK_N, BLOCK_K, CDT, MAGIC)
-            acc = _int4_dot_t(wq, at, sc, zc + BIAS, acc, IEEE)
+            if HALVES:
+                at_lo = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0, I, BLOCK_K // 2, CDT)
+                at_hi = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0 + BLOCK_K // 2, I, BLOCK_K // 2, CDT)
+                w_lo, w_hi = _int4_nibbles(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk,
+                                           BLOCK_K, CDT, MAGIC)
+                acc = _int4_halves_dot_t(w_lo, w_hi, at_lo, at_hi, sc, zc + BIAS, acc, IEEE)
+            else:
+                at = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0, I, BLOCK_K, CDT)
+                wq = _int4_rows(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk,
+                                BLOCK_N, BLOCK_K, CDT, MAGIC)
+                acc = _int4_dot_t(wq, at, sc, zc + BIAS, acc, IEEE)
             sc, zc = sc_n, zc_n
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc = acc * rw[None, :]
@@ -850,6 +924,18 @@ def _default_config(T: int, K: int, E: int, D: int, I: int, interp: bool, int4: 
                 num_warps=4, num_stages=4, SWAP_AB=int4)
 
 
+def _halves(name: str, w, swapped: bool, block_k: int, key: str) -> bool:
+    """Whether `w` is int4 in the halves nibble order; only the swapped folded kernel with K tiles
+    of its kpack reads that order, anything else is refused (it would read the nibbles wrong)."""
+    kpack = w.kpack if isinstance(w, QuantizedWeight) else 0
+    if kpack and not (swapped and block_k == kpack):
+        raise ValueError(
+            f"{name}: int4 weight in the halves nibble order for K tiles of {kpack} (kpack) runs only on "
+            f"the swapped kernel with {key}={kpack} and groups of whole tiles; this call has {key}={block_k}, "
+            f"group {w.group_size}, swapped={swapped}")
+    return bool(kpack)
+
+
 def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: dict | None = None):
     """The Triton path (GPU, or CPU under TRITON_INTERPRET=1). `config` overrides tile sizes."""
     if not HAS_TRITON:
@@ -886,11 +972,13 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     fold1 = wq1 == 1 and g1 % cfg["BLOCK_K1"] == 0 and cfg.get("INT4_FOLD", True)
     swap = dict(CDT=_tl_dtype(cdt), IEEE=ieee, MAGIC=magic, BIAS=bias, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
-    if fold1 and cfg.get("SWAP_AB", False):
+    swap1 = fold1 and cfg.get("SWAP_AB", False)
+    halves1 = _halves("gate_up", gate_up, swap1, cfg["BLOCK_K1"], "BLOCK_K1")
+    if swap1:
         _moe_gate_up_int4t_kernel[grid1](
             x, q1, s1, z1, h, sorted_ids, block_expert, TK, I, D, K, x.stride(0), x.stride(1),
             sw1[0], sw1[1], sw1[2], ss1[0], ss1[1], ss1[2], h.stride(0),
-            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP=g1, **swap)
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP=g1, HALVES=halves1, **swap)
     else:
         _moe_gate_up_kernel[grid1](
             x, q1, s1, z1, h, sorted_ids, block_expert,
@@ -908,11 +996,13 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     q2, s2, z2, sw2, ss2, g2, wq2 = _weight_args(down, dev)
     grid2 = (num_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))
     fold2 = wq2 == 1 and g2 % cfg["BLOCK_K2"] == 0 and cfg.get("INT4_FOLD", True)
-    if fold2 and cfg.get("SWAP_AB", False):
+    swap2 = fold2 and cfg.get("SWAP_AB", False)
+    halves2 = _halves("down", down, swap2, cfg["BLOCK_K2"], "BLOCK_K2")
+    if swap2:
         _moe_down_int4t_kernel[grid2](
             h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w, TK, D, I, h.stride(0),
             sw2[0], sw2[1], sw2[2], ss2[0], ss2[1], ss2[2], pairs.stride(0),
-            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], GROUP=g2, **swap)
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], GROUP=g2, HALVES=halves2, **swap)
     else:
         _moe_down_kernel[grid2](
             h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w,

@@ -180,6 +180,64 @@ def test_int4_fp16_nibbles_built_from_bits(swap, magic):
     close(out, reference(x, idx, w, q1, q2), 1e-2)
 
 
+def test_int4_halves_repack_is_exact():
+    """The halves nibble order holds the same weight: dequantised bit for bit, per expert too."""
+    _, _, q1, q2 = _quantized("int4", group_size=16)
+    for q, bk in ((q1, 32), (q2, 16), (q2, 48)):
+        h = M.repack_int4_halves(q, bk)
+        assert h.kpack == bk and h.qweight.shape == q.qweight.shape
+        assert not torch.equal(h.qweight, q.qweight)
+        assert torch.equal(h.dequantize(), q.dequantize())
+        assert h[3].kpack == bk and torch.equal(h[3].dequantize(), q[3].dequantize())
+        assert h.to("cpu").kpack == bk
+        # tile 0, byte 0 holds elements 0 (low) and bk/2 (high)
+        codes = q.codes()
+        assert h.qweight[0, 0, 0] == codes[0, 0, 0] | (codes[0, 0, bk // 2] << 4)
+    with pytest.raises(ValueError):  # not a divisor of K = 48
+        M.repack_int4_halves(q2, 32)
+    with pytest.raises(ValueError):
+        QuantizedWeight("int4", q2.qweight, q2.scale, q2.zero, 16, None, kpack=20)
+    with pytest.raises(ValueError):
+        QuantizedWeight("int8", torch.zeros(2, 4, dtype=torch.int8), torch.ones(2), kpack=4)
+
+
+def _halves_case(which, group, dtype):
+    """Ragged rows (192 of BLOCK_N 128) and pairs per expert; K = 192, 3 tiles of 64."""
+    gu, dn = make_weights(d=192, i=192)
+    q1 = QuantizedWeight.quantize(gu, "int4", group_size=group).to(_device())
+    q2 = QuantizedWeight.quantize(dn, "int4", group_size=group).to(_device())
+    h1 = M.repack_int4_halves(q1, 64) if which in ("gate_up", "both") else q1
+    h2 = M.repack_int4_halves(q2, 64) if which in ("down", "both") else q2
+    w, idx = make_routing(device=_device())
+    x = make_x(d=192, dtype=dtype, device=_device())
+    return x, idx, w, q1, q2, h1, h2
+
+
+@needs_triton
+@pytest.mark.parametrize("which,group,dtype", [("gate_up", 64, torch.float32), ("down", 128, torch.float32),
+                                               ("both", 64, torch.float16)])
+def test_int4_halves_matches_twin(which, group, dtype):
+    """The swapped kernels on weights in the halves order (two dots per K tile) vs the torch twin
+    on the original pairs-order weights; group 128 of K = 192 has a short last group."""
+    x, idx, w, q1, q2, h1, h2 = _halves_case(which, group, dtype)
+    cfg = dict(BLOCK_N1=128, BLOCK_N2=128, BLOCK_K1=64, BLOCK_K2=64, SWAP_AB=True)
+    out = M.moe_forward_triton(x, idx, w, h1, h2, config=cfg)
+    close(out, moe_forward_torch(x, idx, w, q1, q2), 1e-5 if dtype == torch.float32 else 1e-2)
+    close(moe_forward_torch(x, idx, w, h1, h2), moe_forward_torch(x, idx, w, q1, q2), 1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("cfg,name", [(dict(BLOCK_K1=32, SWAP_AB=True), "gate_up"),
+                                      (dict(SWAP_AB=False), "gate_up"), (dict(INT4_FOLD=False), "gate_up")])
+def test_int4_halves_kpack_mismatch_raises(cfg, name):
+    x, idx, w, _, _, h1, h2 = _halves_case("both", 64, torch.float32)
+    with pytest.raises(ValueError, match=f"{name}: .*halves.*kpack"):
+        M.moe_forward_triton(x, idx, w, h1, h2, config=cfg)
+    x, idx, w, _, _, h1, h2 = _halves_case("down", 64, torch.float32)
+    with pytest.raises(ValueError, match="down: .*halves.*kpack"):
+        M.moe_forward_triton(x, idx, w, h1, h2, config=dict(BLOCK_K2=32, SWAP_AB=True))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_quantized_with_half_activations(impl):
     dev = _device()
