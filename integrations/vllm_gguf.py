@@ -58,7 +58,7 @@ def prepare_serving_dir(gguf, out, overwrite: bool = False) -> Path:
     if out.resolve() == gguf.parent or out.resolve() in gguf.parents:
         raise ValueError(f"{out} holds {gguf}: choose another output directory")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists: pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out} exists: pass --overwrite (overwrite=True) to replace it")
     validate_gguf(gguf)
     raw = gguf_to_config(gguf)
     gen = raw.pop("generation_config")
@@ -164,8 +164,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m dgplug.integrations.vllm_gguf",
                                  description="Make a directory for `vllm serve DIR --load-format dgplug-gguf`.")
-    ap.add_argument("gguf")
-    ap.add_argument("out")
+    ap.add_argument("gguf", help="the GGUF file (dgplug convert, llama.cpp's converter, a hub GGUF)")
+    ap.add_argument("out", help="the directory to write: config.json, generation_config.json, tokenizer, a link "
+                                "to the GGUF")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     a = ap.parse_args(argv)
     try:
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out}: vllm serve {out} --load-format {LOAD_FORMAT} --diffusion-config '{{\"canvas_length\": 256}}'")
+    print(f"wrote {out}; serve it with: vllm serve {out} --load-format {LOAD_FORMAT}  (or examples/serve_vllm.sh {out})")
     return 0
 
 
