@@ -124,15 +124,20 @@ def _build_errors() -> tuple:
                              getattr(re_, "PTXASError", None)) if isinstance(c, type))
 
 
+@functools.cache
+def _kernel_module(module: str):
+    import importlib
+
+    return importlib.import_module(f"dgplug.kernels.{module}")
+
+
 def _glue_call(module: str, name: str, reference, *args, **kwargs):
     """dgplug.kernels.<module>.<name>(*args, **kwargs); if that kernel cannot be built on this
     machine (an older Triton, another GPU), one warning, the glue goes back to the references for
     the rest of the process, and this call returns the reference's result."""
     global GLUE_KERNELS
-    import importlib
-
     try:
-        return getattr(importlib.import_module(f"dgplug.kernels.{module}"), name)(*args, **kwargs)
+        return getattr(_kernel_module(module), name)(*args, **kwargs)
     except _build_errors() as e:
         GLUE_KERNELS = False
         import warnings
@@ -145,11 +150,11 @@ def _glue_call(module: str, name: str, reference, *args, **kwargs):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None):
     """residual + RMSNorm(x) * weight (dgplug.kernels.norm on the GPU: one launch)."""
     if _glue_kernels(x):
-        return _glue_call("norm", "rms_norm", _add_rms_norm_reference, x, weight, eps, residual=residual)
-    return _add_rms_norm_reference(x, weight, eps, residual)
+        return _glue_call("norm", "rms_norm", add_rms_norm_reference, x, weight, eps, residual=residual)
+    return add_rms_norm_reference(x, weight, eps, residual)
 
 
-def _add_rms_norm_reference(x, weight, eps, residual=None):
+def add_rms_norm_reference(x, weight, eps, residual=None):
     y = rms_norm_reference(x, weight, eps)
     return y if residual is None else residual + y
 

@@ -130,8 +130,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, residu
     from dgplug import ops
 
     if _pick_impl(x, impl) == "torch" or (residual is not None and not _same(residual, x)):
-        y = ops.rms_norm_reference(x, weight, eps)
-        return y if residual is None else residual + y
+        return ops.add_rms_norm_reference(x, weight, eps, residual)
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
