@@ -134,23 +134,29 @@ def run_tasks(tasks, workers: int) -> None:
     the next task from a shared queue, with torch ops single-threaded inside: parallel across
     tasks, not inside ops, so a core taken by another process slows one worker (the others take
     its share of the queue) instead of stalling every op at its barrier. The calling thread's
-    torch thread count is restored afterwards; the first exception is raised."""
+    torch thread count is restored afterwards; the first exception is raised, and after one (or
+    Ctrl-C) no worker starts another task."""
     import torch
 
     before = torch.get_num_threads()
     grad = torch.is_grad_enabled()  # grad mode is per thread: workers take the caller's
     pending = iter(tasks)
     lock = threading.Lock()
+    stop: list[bool] = []  # an error or Ctrl-C anywhere: the others take no further task
 
     def worker():
         torch.set_num_threads(1)
         torch.set_grad_enabled(grad)
-        while True:
+        while not stop:
             with lock:
                 task = next(pending, None)
             if task is None:
                 return
-            task()
+            try:
+                task()
+            except BaseException:
+                stop.append(True)
+                raise
 
     try:
         if workers <= 1:
@@ -158,8 +164,12 @@ def run_tasks(tasks, workers: int) -> None:
             return
         with ThreadPoolExecutor(workers - 1, thread_name_prefix="dgplug") as pool:
             others = [pool.submit(worker) for _ in range(workers - 1)]
-            worker()
-            for f in others:
-                f.result()
+            try:
+                worker()
+                for f in others:
+                    f.result()
+            except BaseException:
+                stop.append(True)
+                raise
     finally:
         torch.set_num_threads(before)

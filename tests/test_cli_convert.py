@@ -123,6 +123,62 @@ def test_sigterm_during_quantize(big_ckpt, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _signal_soon(delay):
+    import threading
+
+    t = threading.Thread(target=lambda: (time.sleep(delay), os.kill(os.getpid(), signal.SIGTERM)))
+    t.start()
+    return t
+
+
+def test_a_signal_never_breaks_a_lock():
+    """The CI hang: SIGTERM landed between `Condition.__enter__` taking its lock and the `with`
+    releasing it, so the pool's result thread blocked for ever and `Pool.terminate()` with it.
+    A tight loop over `Event.wait` (a Condition inside) is hit at random points: before the fix
+    about one try in four left the lock held or failed with "release unlocked lock"."""
+    import threading
+
+    from dgplug.cli import common
+
+    for i in range(120):
+        ev = threading.Event()
+        t = _signal_soon(0.001 + (i % 13) * 0.0004)
+        with pytest.raises(common.Terminated):
+            with common.signals():
+                while True:
+                    ev.wait(0)
+        t.join()
+        assert sys.gettrace() is None
+        assert ev._cond._lock.acquire(timeout=1), f"try {i}: the Condition's lock was left held"
+        ev._cond._lock.release()
+
+
+def test_a_signal_in_a_wait_is_raised_when_the_wait_ends():
+    """Inside the standard library's wait the signal waits, and is raised at the first line after
+    the wait; a second one raises at once; nothing of it outlives the command."""
+    import threading
+
+    from dgplug.cli import common
+
+    ev = threading.Event()
+    t0, after = time.perf_counter(), []
+    with pytest.raises(common.Terminated):
+        with common.signals():
+            t = _signal_soon(0.05)
+            ev.wait(0.4)  # blocked in threading.Condition.wait when the signal comes
+            after.append("not raised")  # the first line after the wait: raised as it starts
+    t.join()
+    assert after == [] and 0.35 < time.perf_counter() - t0 < 0.8
+    t0 = time.perf_counter()
+    with pytest.raises(common.Terminated):
+        with common.signals():
+            t, t2 = _signal_soon(0.05), _signal_soon(0.15)
+            ev.wait(3)
+    t.join(), t2.join()
+    assert time.perf_counter() - t0 < 1.0, "the second signal did not raise at once"
+    assert sys.gettrace() is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 # -- item 8: a full disk -------------------------------------------------------------------------
 def _private_mount_prefix():
     """A command prefix that runs its argument in a private mount namespace, or None."""

@@ -43,6 +43,23 @@ def test_run_tasks_raises_the_tasks_error_and_restores():
     assert torch.get_num_threads() == 2
 
 
+def test_run_tasks_stops_taking_tasks_after_an_error():
+    """Ctrl-C or an error in one worker: the others finish the task in hand and take no other
+    (before, they ran the whole queue out before the error reached the caller)."""
+    ran = []
+
+    def bad():
+        raise KeyboardInterrupt
+
+    def slow(i):
+        ran.append(i)
+        threading.Event().wait(0.01)
+
+    with pytest.raises(KeyboardInterrupt):
+        threads.run_tasks([bad] + [lambda i=i: slow(i) for i in range(200)], workers=2)
+    assert len(ran) <= 3, len(ran)
+
+
 def test_configure_user_choice_and_env(monkeypatch):
     monkeypatch.setenv(threads.ENV, "1")
     threads._user = None

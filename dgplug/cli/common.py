@@ -60,15 +60,66 @@ def message(e: BaseException) -> str:
 
 
 # -- signals ------------------------------------------------------------------------------------
-_caught: list[int] = []
+# A handler that raises can land anywhere in the main thread, including inside the standard
+# library's synchronisation code: between `Condition.__enter__` taking its lock and the `with`
+# that would release it, or in `Condition.wait` restoring its lock. The exception then leaves the
+# lock held (the pool's result thread blocks on it for ever, so `Pool.terminate()` hangs) or
+# breaks it ("release unlocked lock"). So a signal that lands there waits: a trace function on the
+# main thread raises it at the first line that runs with none of these modules on the stack (a
+# blocking wait ends when its job does). A second SIGINT/SIGTERM while one waits raises at once.
+_SYNC_MODULES = ("threading", "queue", "multiprocessing", "concurrent", "logging")
+_caught: list[int] = []  # raised (cleanup under way)
+_deferred: list = []  # [signum, trace function before ours, frames given ours]: raised at a safe line
 _active = False
+
+
+def _in_sync_code(frame) -> bool:
+    while frame is not None:
+        if (frame.f_globals.get("__name__") or "").partition(".")[0] in _SYNC_MODULES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _untrace():
+    if _deferred:
+        signum, before, frames = _deferred
+        _deferred.clear()
+        sys.settrace(before)
+        for f in frames:
+            f.f_trace = None
+        return signum
+    return None
+
+
+def _raise(signum):
+    _untrace()
+    _caught.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+
+
+def _at_safe_line(frame, event, arg):
+    """The trace function while a signal waits: called for each new frame and line of the main thread."""
+    if not _deferred or _caught:
+        return None
+    if _in_sync_code(frame):
+        return None if event == "call" else _at_safe_line
+    _raise(_deferred[0])
 
 
 def _on_signal(signum, frame):
     if _caught:  # a second signal while cleaning up: let the cleanup finish
         return
-    _caught.append(signum)
-    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+    if _deferred or not _in_sync_code(frame):
+        _raise(signum)
+    frames, f = [], frame
+    while f is not None:  # the callers waiting outside the sync code get line events
+        if (f.f_globals.get("__name__") or "").partition(".")[0] not in _SYNC_MODULES:
+            f.f_trace = _at_safe_line
+            frames.append(f)
+        f = f.f_back
+    _deferred[:] = [signum, sys.gettrace(), frames]
+    sys.settrace(_at_safe_line)
 
 
 def _after_fork_in_child():
@@ -91,10 +142,12 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 @contextmanager
 def signals():
-    """SIGINT and SIGTERM raise in the main process (so temporary outputs are removed); forked
-    workers are left to their parent (see _after_fork_in_child). Restores the handlers afterwards."""
+    """SIGINT and SIGTERM raise in the main process (so temporary outputs are removed), never inside
+    the standard library's locking code (see above); forked workers are left to their parent (see
+    _after_fork_in_child). Restores the handlers (and the trace function) afterwards."""
     global _active
     _caught.clear()
+    _untrace()
     old = {}
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -106,6 +159,7 @@ def signals():
         yield
     finally:
         _active = False
+        _untrace()
         for s, h in old.items():
             signal.signal(s, h)
 
