@@ -810,6 +810,9 @@ if HAS_TRITON:
                  mask=(jb < blocks_per_prog) & (b < num_blocks))
 
 
+COMPILE_ONLY = False  # set by benchmarks/sm90_build.py: launches only compile, so CPU tensors pass
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -942,7 +945,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
         raise RuntimeError("triton is not importable; use impl='torch'")
     T, D, E, I, K = _check_args(x, topk_index, topk_weights, gate_up, down)
     interp = _interpreting()
-    if x.device.type != "cuda" and not interp:
+    if x.device.type != "cuda" and not interp and not COMPILE_ONLY:
         raise RuntimeError("the Triton MoE needs CUDA tensors (or TRITON_INTERPRET=1)")
     if T == 0 or K == 0:
         return torch.zeros_like(x)

@@ -9,7 +9,8 @@
 Eagerly that is about a dozen launches per layer (norm, two scalings, matmul, softmax, topk, sum,
 divide, gather, multiply). Here: one program per BLOCK_T tokens; a first pass over the hidden
 size for the sum of squares, a second that builds z a chunk at a time and accumulates the
-[BLOCK_T, E] logits with tl.dot; then softmax and the top-k by repeated max in registers (ties go
+[BLOCK_T, E] logits with tl.dot (16-bit operands on the tensor cores, fp32 accumulation: each
+product exact, as the twin's 16-bit matmul; fp32 inputs as IEEE fp32); then softmax and the top-k by repeated max in registers (ties go
 to the lower expert index). The router weight [E, D] (E = 128) is read once per program.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .moe import HAS_TRITON, _pick_impl
+from .moe import HAS_TRITON, _interpreting, _pick_impl
 
 if HAS_TRITON:
     import triton
@@ -26,7 +27,7 @@ if HAS_TRITON:
     @triton.jit
     def _route_kernel(r_ptr, w_ptr, s_ptr, pes_ptr, ow_ptr, oi_ptr, T, D, E, stride_r, stride_w, eps, inv_sqrt_d,
                       K: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                      ):
+                      IEEE: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
         rmask = rows < T
@@ -52,9 +53,10 @@ if HAS_TRITON:
             z = (z * inv_sqrt_d).to(dt)
             wt = tl.load(w_ptr + offs_e[None, :].to(tl.int64) * stride_w + offs_d[:, None],
                          mask=emask[None, :] & dmask[:, None], other=0.0)
-            # fp32 operands holding 16-bit values: each product exact, as the reference's 16-bit
-            # matmul with fp32 accumulation (the router is ~0.1 GFLOP a layer: no tensor cores needed)
-            acc = tl.dot(z.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            if IEEE:  # fp32 inputs: fp32 products, as the reference
+                acc = tl.dot(z.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+            else:  # 16-bit: exact products, fp32 accumulation (the reference's 16-bit matmul), tensor cores
+                acc = tl.dot(z, wt, acc)
         logits = acc.to(dt).to(tl.float32)
         logits = tl.where(emask[None, :], logits, float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
@@ -90,9 +92,14 @@ def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float, *, im
     w = torch.empty(T, top_k, dtype=torch.float32, device=r.device)
     idx = torch.empty(T, top_k, dtype=torch.long, device=r.device)
     bt = 16
+    # fp32 runs as FMA (IEEE): a narrower K tile keeps the [BLOCK_D, E] weight tile in registers.
+    # sm_90 build (benchmarks/sm90_build.py): fp32 operands at BLOCK_D 128 spilled 16.7 KB a thread.
+    # (the interpreter gets bf16 dots wrong: there bf16 takes the fp32 path, fp16 tests this one)
+    ieee = r.dtype == torch.float32 or (r.dtype == torch.bfloat16 and _interpreting())
+    bd = 32 if ieee else 128
     pw = proj_weight.contiguous()
     _route_kernel[(triton.cdiv(T, bt),)](
         r, pw, scale.contiguous(), per_expert_scale.contiguous(), w, idx, T, D, E, r.stride(0), pw.stride(0),
-        eps, D ** -0.5, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=bt, BLOCK_D=128, BLOCK_E=max(16, triton.next_power_of_2(E)),
-        num_warps=4)
+        eps, D ** -0.5, K=top_k, KP=triton.next_power_of_2(top_k), BLOCK_T=bt, BLOCK_D=bd,
+        BLOCK_E=max(16, triton.next_power_of_2(E)), IEEE=ieee, num_warps=4, num_stages=2)
     return w, idx

@@ -1,0 +1,307 @@
+"""Build every Triton kernel of a release-size denoise step for an H100/H200 (sm_90a), on a CPU.
+
+The GPU check runs in a 15-minute lease drawn by chance; a kernel that does not compile for the
+real backend (the interpreter accepts more), or that needs more shared memory or registers than
+the chip has, would spend that lease on debugging. This script finds those beforehand, without a
+GPU: Triton's driver is replaced by one that reports an sm_90 device and launches nothing, so each
+`kernel[grid](...)` of dgplug's Triton paths compiles (TTIR -> TTGIR -> LLVM -> PTX -> cubin with
+the bundled ptxas) and returns. The calls are the ones `benchmarks/gpu_check.py` makes, at the
+release's shapes (hidden 2816, 128 experts x 704, top-8, vocabulary 262144, head dims 256/512) for
+batch 1 and 8, bf16 compute, plus the MoE sweep's int4 variants and a Q4_K_M GGUF's packed experts.
+
+Per compiled kernel: registers per thread, spill bytes and shared memory (ptxas --verbose), and a
+verdict: FAIL where the launch would fail on an H100/H200 (shared memory over 227 KiB per block,
+registers x threads over 64 Ki); "spills" where ptxas spilled. Kernels defined in dgplug but never
+compiled here are listed too. Exit status 1 on a compile error or a FAIL.
+
+    python benchmarks/sm90_build.py [--only moe,attention,glue,sampler,ggml] [--arch 90] [--quick]
+
+tests/test_sm90_build.py runs it with --quick (about a minute) so that CI catches a kernel that
+the interpreter runs but the sm_90 backend cannot build.
+
+Outputs nothing but the table; nothing runs, so no figure here says anything about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB, opt-in)
+REG_FILE = 65536  # 32-bit registers per SM (and per block)
+
+
+class CompileOnlyDriver:
+    """Reports one sm_90 device; kernels are compiled, never loaded or launched."""
+
+    compile_only = True
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+
+BUILT: list[dict] = []
+FAILED: list[tuple[str, str]] = []
+_run = JITFunction.run
+
+
+def _compile_only_run(self, *args, grid, warmup, **kwargs):
+    t0 = time.perf_counter()
+    try:
+        kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - every compile error is reported, then the exit status is 1
+        FAILED.append((self.fn.__name__, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"))
+        raise
+    consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+    BUILT.append(dict(name=self.fn.__name__, consts=consts, kernel=kernel, secs=time.perf_counter() - t0))
+    return kernel
+
+
+def _ptxas() -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+
+
+def resources(kernel, arch: int) -> dict:
+    """Registers, spill bytes (stores + loads) and shared memory of one compiled kernel."""
+    ptx = kernel.asm["ptx"]
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "k.ptx"
+        p.write_text(ptx)
+        out = subprocess.run([_ptxas(), f"-arch={sm}", "--verbose", str(p), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    md = kernel.metadata
+    return dict(regs=int(regs.group(1)) if regs else -1,
+                spill=(int(spill.group(1)) + int(spill.group(2))) if spill else -1,
+                smem=int(getattr(md, "shared", 0)), warps=int(getattr(md, "num_warps", 4)),
+                stages=int(getattr(md, "num_stages", 0)))
+
+
+# -- the calls ---------------------------------------------------------------------------------
+D, I, E, TOPK, V = 2816, 704, 128, 8, 262144
+BF = torch.bfloat16
+
+
+def _call(label, fn):
+    n0 = len(BUILT)
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        if not FAILED or FAILED[-1][0] != label:
+            FAILED.append((label, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}" if str(e) else
+                           type(e).__name__))
+    for b in BUILT[n0:]:
+        b["call"] = label
+
+
+QUICK = [False]  # --quick (the test): 16 experts, the default tiles and the halves order only
+
+
+def moe_calls():
+    from dgplug.converters.quant import quantize
+    from dgplug.kernels import moe as km
+
+    E = 16 if QUICK[0] else globals()["E"]
+    g = torch.Generator().manual_seed(0)
+    gu = (torch.randn(E, 2 * I, D, generator=g) * D ** -0.5).to(BF)
+    dn = (torch.randn(E, D, I, generator=g) * I ** -0.5).to(BF)
+
+    def q(w, scheme):
+        parts = [quantize(w[e].float(), scheme) for e in range(w.shape[0])]
+        return km.QuantizedWeight(scheme=scheme, **{k: torch.stack([p[k] for p in parts]) for k in parts[0]})
+
+    weights = {"bf16": (gu, dn), **{s: (q(gu, s), q(dn, s)) for s in ("int8", "fp8", "int4")}}
+    weights["int4 halves"] = tuple(km.repack_int4_halves(w, bk) for w, bk in zip(weights["int4"], (128, 64)))
+    sw = dict(SWAP_AB=True)
+    int4 = [("plain, magic", dict(SWAP_AB=False)), ("default", {}), ("swap convert", dict(sw, MAGIC=False)),
+            ("swap BM16", dict(sw, BLOCK_M=16)), ("swap BM64", dict(sw, BLOCK_M=64)),
+            ("swap BN128", dict(sw, BLOCK_N1=128, BLOCK_N2=128)), ("swap stages3", dict(sw, num_stages=3)),
+            ("swap w8", dict(sw, num_warps=8)), ("swap BN32", dict(sw, BLOCK_N1=32, BLOCK_N2=32))]
+    if QUICK[0]:
+        int4 = int4[1:2]
+    for T in (256, 2048):
+        x = torch.randn(T, D, generator=g).to(BF)
+        idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(T)])
+        w = torch.softmax(torch.randn(T, TOPK, generator=g), -1)
+        for s in ("bf16", "int8", "fp8"):
+            _call(f"moe T={T} {s}", lambda s=s: km.moe_forward_triton(x, idx, w, *weights[s]))
+        for label, cfg in int4:
+            _call(f"moe T={T} int4 {label}", lambda cfg=cfg: km.moe_forward_triton(x, idx, w, *weights["int4"],
+                                                                                   config=cfg))
+        _call(f"moe T={T} int4 swap halves", lambda: km.moe_forward_triton(
+            x, idx, w, *weights["int4 halves"], config=dict(sw, BLOCK_K1=128, BLOCK_K2=64)))
+
+
+def ggml_calls():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GT
+
+    from dgplug.kernels import ggml, moe as km
+
+    E = 16 if QUICK[0] else globals()["E"]
+    g = torch.Generator().manual_seed(0)
+
+    def blocks(qtype, shape):
+        qk, nb = GGML_QUANT_SIZES[qtype]
+        n = int(torch.tensor(shape[:-1]).prod()) * (shape[-1] // qk)
+        return ggml.GGMLWeight(qtype, torch.zeros(n, nb, dtype=torch.uint8).reshape(*shape[:-1], -1), shape, BF)
+
+    pairs = ((GT.Q4_K, GT.Q5_0), (GT.Q6_K, GT.Q8_0), (GT.Q5_K, GT.Q4_0), (GT.IQ4_XS, GT.IQ4_NL))
+    for gq, dq in pairs[:1] if QUICK[0] else pairs:
+        dshape = (E, D, I)
+        gu, dn = blocks(gq, (E, 2 * I, D)), blocks(dq, dshape)
+        for T in (256, 2048):
+            x = torch.randn(T, D, generator=g).to(BF)
+            idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(T)])
+            w = torch.softmax(torch.randn(T, TOPK, generator=g), -1)
+            _call(f"ggml moe T={T} {gq.name}/{dq.name}", lambda: km.moe_forward_triton(x, idx, w, gu, dn))
+
+
+def attention_calls():
+    from dgplug.kernels import attention as ka
+
+    for batch in (1, 8):
+        for name, (hq, hkv, d, lq, lk, causal, window) in {
+                "sliding decoder": (16, 8, 256, 256, 1279, False, None),
+                "full decoder": (16, 2, 512, 256, 2304, False, None),
+                "encoder causal+window": (16, 8, 256, 1024, 1024, True, 512)}.items():
+            q = torch.empty(batch, hq, lq, d, dtype=BF)
+            k = torch.empty(batch, hkv, lk, d, dtype=BF)
+            qp, kp = torch.arange(lk - lq, lk), torch.arange(lk)
+            _call(f"attention B={batch} {name}", lambda: ka.attention_triton(q, k, k, q_pos=qp, k_pos=kp,
+                                                                             causal=causal, window=window))
+
+
+def glue_calls():
+    from dgplug.kernels import norm as kn, router as kr
+
+    for rows in (256, 2048):
+        x = [torch.empty(rows, D, dtype=BF) for _ in range(3)]
+        w = [torch.ones(D, dtype=BF) for _ in range(3)]
+        sc = torch.ones(1, dtype=BF)
+        _call(f"rms_norm rows={rows}", lambda: kn.rms_norm(x[0], w[0], 1e-6, impl="triton"))
+        _call(f"rms_norm + residual rows={rows}", lambda: kn.rms_norm(x[0], w[0], 1e-6, residual=x[1], impl="triton"))
+        _call(f"layer_out rows={rows}", lambda: kn.layer_out(x[0], x[1], x[2], *w, sc, 1e-6, impl="triton"))
+        _call(f"router rows={rows}", lambda: kr.route(x[0], torch.empty(E, D, dtype=BF), w[0],
+                                                      torch.ones(E, dtype=BF), TOPK, 1e-6, impl="triton"))
+        _call(f"router fp32 rows={rows}", lambda: kr.route(x[0].float(), torch.empty(E, D), w[0].float(),
+                                                           torch.ones(E), TOPK, 1e-6, impl="triton"))
+        for hd, heads in ((256, 16), (512, 16), (256, 8), (512, 2)):
+            t = torch.empty(1, rows, heads, hd, dtype=BF)
+            cos = torch.empty(rows, hd, dtype=BF)
+            _call(f"head_norm_rope rows={rows} {heads}x{hd}", lambda: kn.head_norm_rope(
+                t, torch.ones(hd, dtype=BF), 1e-6, cos, cos, impl="triton"))
+            _call(f"v norm rows={rows} {heads}x{hd}", lambda: kn.head_norm_rope(t, None, 1e-6, impl="triton"))
+
+
+def sampler_calls():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GT
+
+    from dgplug.kernels import ggml, sampler as ks
+
+    ks._mm_f32 = lambda a, b, out, add=False: out  # the matmuls are cuBLAS on the GPU: nothing to build
+    emb = torch.empty(V, D, dtype=BF)
+    qk, nb = GGML_QUANT_SIZES[GT.Q6_K]
+    table = ggml.GGMLWeight(GT.Q6_K, torch.zeros(V * D // qk, nb, dtype=torch.uint8).reshape(V, -1), (V, D), BF)
+    for rows in (256, 2048):
+        h = torch.empty(rows, D, dtype=BF)
+        _call(f"head_sample rows={rows}", lambda: ks.head_sample(h, emb, temperature=0.6, seed=1, step=0,
+                                                                 impl="triton"))
+        _call(f"head_sample rows={rows} Q6_K table", lambda: ks.head_sample(h, table, temperature=0.6, seed=1,
+                                                                            step=0, impl="triton"))
+
+
+GROUPS = {"moe": moe_calls, "ggml": ggml_calls, "attention": attention_calls, "glue": glue_calls,
+          "sampler": sampler_calls}
+
+
+TEST_ONLY = {"_uniform_kernel"}  # kernels.sampler's hash, launched only by the torch/Triton agreement test
+
+
+def defined_kernels() -> set[str]:
+    """Every @triton.jit function with a grid launch in dgplug's kernel modules (name[...](...))."""
+    root = Path(__file__).resolve().parents[1]
+    names = set()
+    for f in list((root / "kernels").glob("*.py")) + list((root / "dgplug").glob("*.py")):
+        text = f.read_text()
+        names |= set(re.findall(r"\b(_\w+_kernel)\[", text))
+    return names - TEST_ONLY
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=",".join(GROUPS), help="comma list of " + ", ".join(GROUPS))
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--quick", action="store_true", help="16 experts; the MoE's default tiles, the halves order "
+                    "and one GGUF pair only (the test)")
+    args = ap.parse_args()
+    QUICK[0] = args.quick
+    torch.set_num_threads(2)
+    from dgplug.kernels import moe as km
+
+    driver.set_active(CompileOnlyDriver(args.arch))
+    JITFunction.run = _compile_only_run
+    km.COMPILE_ONLY = True
+    print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}; "
+          f"shared memory limit {SMEM_LIMIT} B per block")
+    t0 = time.perf_counter()
+    for g in args.only.split(","):
+        GROUPS[g]()
+    seen, bad = {}, 0
+    print(f"{'call':<44} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} "
+          f"{'smem B':>7}  verdict")
+    for b in BUILT:
+        key = (b["name"], repr(sorted(b["consts"].items())))
+        if key in seen:
+            continue
+        r = seen[key] = resources(b["kernel"], args.arch)
+        fail = []
+        if r["smem"] > SMEM_LIMIT:
+            fail.append("shared memory")
+        if r["regs"] * 32 * r["warps"] > REG_FILE:
+            fail.append("registers")
+        verdict = ("FAIL: " + ", ".join(fail)) if fail else ("spills" if r["spill"] > 0 else "ok")
+        bad += bool(fail)
+        print(f"{b.get('call', '?'):<44} {b['name']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
+              f"{r['spill']:>7} {r['smem']:>7}  {verdict}")
+    built = {b["name"] for b in BUILT}
+    missing = sorted(defined_kernels() - built)
+    print(f"{len(seen)} distinct builds of {len(built)} kernels in {time.perf_counter() - t0:.0f} s; "
+          f"launch failures predicted: {bad}; compile errors: {len(FAILED)}")
+    for name, msg in FAILED:
+        print(f"ERROR {name}: {msg}")
+    if missing:
+        print("defined but not built by these calls:", ", ".join(missing))
+    return 1 if (FAILED or bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
