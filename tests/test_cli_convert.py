@@ -123,12 +123,12 @@ def test_sigterm_during_quantize(big_ckpt, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _signal_soon(delay):
+def _killer(delay):
+    """A thread (not started) that sends this process SIGTERM `delay` seconds after it starts.
+    Start it inside `signals()`: a SIGTERM before the handler is in place would end pytest."""
     import threading
 
-    t = threading.Thread(target=lambda: (time.sleep(delay), os.kill(os.getpid(), signal.SIGTERM)))
-    t.start()
-    return t
+    return threading.Thread(target=lambda: (time.sleep(delay), os.kill(os.getpid(), signal.SIGTERM)))
 
 
 def test_a_signal_never_breaks_a_lock():
@@ -142,9 +142,10 @@ def test_a_signal_never_breaks_a_lock():
 
     for i in range(120):
         ev = threading.Event()
-        t = _signal_soon(0.001 + (i % 13) * 0.0004)
+        t = _killer(0.001 + (i % 13) * 0.0004)
         with pytest.raises(common.Terminated):
             with common.signals():
+                t.start()
                 while True:
                     ev.wait(0)
         t.join()
@@ -161,18 +162,18 @@ def test_a_signal_in_a_wait_is_raised_when_the_wait_ends():
     from dgplug.cli import common
 
     ev = threading.Event()
-    t0, after = time.perf_counter(), []
+    t0, after, t = time.perf_counter(), [], _killer(0.05)
     with pytest.raises(common.Terminated):
         with common.signals():
-            t = _signal_soon(0.05)
+            t.start()
             ev.wait(0.4)  # blocked in threading.Condition.wait when the signal comes
             after.append("not raised")  # the first line after the wait: raised as it starts
     t.join()
     assert after == [] and 0.35 < time.perf_counter() - t0 < 0.8
-    t0 = time.perf_counter()
+    t0, t, t2 = time.perf_counter(), _killer(0.05), _killer(0.15)
     with pytest.raises(common.Terminated):
         with common.signals():
-            t, t2 = _signal_soon(0.05), _signal_soon(0.15)
+            t.start(), t2.start()
             ev.wait(3)
     t.join(), t2.join()
     assert time.perf_counter() - t0 < 1.0, "the second signal did not raise at once"
