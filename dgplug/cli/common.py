@@ -131,6 +131,7 @@ def _after_fork_in_child():
     if _active:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _untrace()  # a signal held back in the parent at the fork is the parent's
         try:
             os.setpgid(0, 0)
         except OSError:
