@@ -10,8 +10,8 @@ Eagerly that is about a dozen launches per layer (norm, two scalings, matmul, so
 divide, gather, multiply). Here: one program per BLOCK_T tokens; a first pass over the hidden
 size for the sum of squares, a second that builds z a chunk at a time and accumulates the
 [BLOCK_T, E] logits with tl.dot (16-bit operands on the tensor cores, fp32 accumulation: each
-product exact, as the twin's 16-bit matmul; fp32 inputs as IEEE fp32); then softmax and the top-k by repeated max in registers (ties go
-to the lower expert index). The router weight [E, D] (E = 128) is read once per program.
+product exact, as the twin's 16-bit matmul; fp32 inputs as IEEE fp32); then softmax and the
+top-k by repeated max in registers (ties go to the lower expert index). The router weight [E, D] (E = 128) is read once per program.
 """
 
 from __future__ import annotations

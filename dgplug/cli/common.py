@@ -73,23 +73,26 @@ _deferred: list = []  # [signum, trace function before ours, frames given ours]:
 _active = False
 
 
+def _is_sync(frame) -> bool:
+    return (frame.f_globals.get("__name__") or "").partition(".")[0] in _SYNC_MODULES
+
+
 def _in_sync_code(frame) -> bool:
     while frame is not None:
-        if (frame.f_globals.get("__name__") or "").partition(".")[0] in _SYNC_MODULES:
+        if _is_sync(frame):
             return True
         frame = frame.f_back
     return False
 
 
 def _untrace():
+    """Drop a held-back signal: the trace function before ours comes back, our frames lose theirs."""
     if _deferred:
-        signum, before, frames = _deferred
+        _, before, frames = _deferred
         _deferred.clear()
         sys.settrace(before)
         for f in frames:
             f.f_trace = None
-        return signum
-    return None
 
 
 def _raise(signum):
@@ -114,7 +117,7 @@ def _on_signal(signum, frame):
         _raise(signum)
     frames, f = [], frame
     while f is not None:  # the callers waiting outside the sync code get line events
-        if (f.f_globals.get("__name__") or "").partition(".")[0] not in _SYNC_MODULES:
+        if not _is_sync(f):
             f.f_trace = _at_safe_line
             frames.append(f)
         f = f.f_back
