@@ -119,7 +119,7 @@ def _call(label, fn):
         b["call"] = label
 
 
-QUICK = [False]  # --quick (the test): 16 experts, the default tiles and the halves order only
+QUICK = [False]  # --quick (the test): 16 experts, the default tiles, the halves order, two GGUF pairs
 
 
 def moe_calls():
@@ -147,6 +147,8 @@ def moe_calls():
     for T in (256, 2048):
         x = torch.randn(T, D, generator=g).to(BF)
         idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(T)])
+        idx128 = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOPK] for _ in range(T)])
+        _call(f"moe align T={T} E={EXPERTS}", lambda: km._align(idx128, EXPERTS, 16 if T == 256 else 64))
         w = torch.softmax(torch.randn(T, TOPK, generator=g), -1)
         for s in ("bf16", "int8", "fp8"):
             _call(f"moe T={T} {s}", lambda s=s: km.moe_forward_triton(x, idx, w, *weights[s]))
@@ -171,7 +173,7 @@ def ggml_calls():
         return ggml.GGMLWeight(qtype, torch.zeros(n, nb, dtype=torch.uint8).reshape(*shape[:-1], -1), shape, BF)
 
     pairs = ((GT.Q4_K, GT.Q5_0), (GT.Q6_K, GT.Q8_0), (GT.Q5_K, GT.Q4_0), (GT.IQ4_XS, GT.IQ4_NL))
-    for gq, dq in pairs[:1] if QUICK[0] else pairs:
+    for gq, dq in pairs[:2] if QUICK[0] else pairs:
         gu, dn = blocks(gq, (E, 2 * I, D)), blocks(dq, (E, D, I))
         for T in (256, 2048):
             x = torch.randn(T, D, generator=g).to(BF)
@@ -256,7 +258,7 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(GROUPS), help="comma list of " + ", ".join(GROUPS))
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--quick", action="store_true", help="16 experts; the MoE's default tiles, the halves order "
-                    "and one GGUF pair only (the test)")
+                    "and two GGUF pairs only (the test)")
     args = ap.parse_args()
     QUICK[0] = args.quick
     torch.set_num_threads(2)

@@ -852,8 +852,9 @@ def _align_torch(topk_index: torch.Tensor, E: int, block_m: int):
     return sorted_ids, block_expert, num_blocks
 
 
-def _align(topk_index: torch.Tensor, E: int, block_m: int, chunk: int = 256):
-    """The align step in two Triton launches (no host sync, no sort); see _align_torch."""
+def _align(topk_index: torch.Tensor, E: int, block_m: int, chunk: int = 128):
+    """The align step in two Triton launches (no host sync, no sort); see _align_torch. Chunks of
+    128 pairs: with 256 the scatter's [chunk, 128 experts] rank tile spilled (sm_90, 92-144 B)."""
     flat = topk_index.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
@@ -907,18 +908,25 @@ def _weight_args(w, device):
     return w, w, w, w.stride(), (0, 0, 0), 1, 0
 
 
-def _default_config(T: int, K: int, E: int, D: int, I: int, interp: bool, int4: bool = False) -> dict:
+def _default_config(T: int, K: int, E: int, D: int, I: int, interp: bool, int4: bool = False,
+                    ggml: bool = False) -> dict:
     """Tile sizes. GPU numbers behind them (H100, bf16 activations, D=2816, I=704, E=128,
     K=8, one call = one layer): BLOCK_M 16 vs 32 made no difference for bf16/int8 at T=256,
     BLOCK_M 64 was 5-8% faster at T=1024. int4, swapped, at T=256 (H200, the run in
     benchmarks/results): the defaults 0.95 ms, BLOCK_M 16 1.13, BLOCK_M 64 1.23, BLOCK_N 128
     1.02, num_stages 3 1.25; an earlier run (defaults 0.97 ms): num_stages 2 1.06, 5 1.12,
-    BLOCK_K 64 1.29, BLOCK_N 128 with 8 warps 1.20. At T=2048 BLOCK_M 64 and 32 within 4%."""
+    BLOCK_K 64 1.29, BLOCK_N 128 with 8 warps 1.20. At T=2048 BLOCK_M 64 and 32 within 4%.
+    GGUF blocks (decoded per element): 32 x 32 tiles, 2 stages. Not timed yet; chosen by ptxas
+    (benchmarks/sm90_build.py): with the tiles above, Q6_K / IQ4_XS gate_up tiles spilled 0.8-2.4 KB
+    a thread on Triton 3.7.1 and 6-22 KB on 3.6.0; 32 x 32 spills nothing for any type, T or version."""
     if interp:  # few, big programs: the interpreter's cost is programs x ops
         bm = 16 if T * K <= 16 * E else 32
         return dict(BLOCK_M=bm, BLOCK_N1=64, BLOCK_K1=64, BLOCK_N2=64, BLOCK_K2=64,
                     num_warps=4, num_stages=1, SWAP_AB=int4)
     per_expert = T * K / max(E, 1)
+    if ggml:
+        return dict(BLOCK_M=16 if per_expert <= 24 else 64, BLOCK_N1=32, BLOCK_K1=32, BLOCK_N2=32, BLOCK_K2=32,
+                    num_warps=4, num_stages=2, SWAP_AB=False)
     if int4:
         bm = 32 if per_expert <= 24 else 64
     else:
@@ -950,7 +958,8 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     if T == 0 or K == 0:
         return torch.zeros_like(x)
     int4 = any(isinstance(w, QuantizedWeight) and w.scheme == "int4" for w in (gate_up, down))
-    cfg = _default_config(T, K, E, D, I, interp, int4)
+    ggml = any(isinstance(w, GGMLWeight) for w in (gate_up, down))
+    cfg = _default_config(T, K, E, D, I, interp, int4, ggml)
     if config:
         cfg.update(config)
     bm = cfg["BLOCK_M"]

@@ -124,6 +124,10 @@ def test_triton_moe_reads_the_blocks(gate_type, down_type):
     dense = moe.moe_forward_torch(x, idx, w, gate_up.dequantize(), down.dequantize())
     assert torch.equal(ref, dense)  # the twin dequantises per expert: the same numbers
     assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    gpu = moe._default_config(Tn, K, E, D, I, interp=False, ggml=True)  # the GPU's tiles (32 x 32)
+    assert gpu["BLOCK_K1"] < 64 and gpu["BLOCK_N2"] < 64
+    got = moe.moe_forward_triton(x, idx, w, gate_up, down, config=gpu)
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------
