@@ -344,7 +344,8 @@ def sampler_variants(dev, small):
 
 def moe_sweep(dev, small):
     """One layer's experts at real sizes: bf16/int8/fp8 defaults, then int4 variants (nibble
-    pairing mode, magic-number conversion, tiles, warps, the halves nibble order). Bytes = weights of
+    pairing mode, magic-number conversion, tiles, warps, the halves nibble order, and the K bound
+    kept in the byte mask: the weight read a byte at a time, as before EVEN_K). Bytes = weights of
     the experts touched."""
     from dgplug.converters.quant import quantize
     from dgplug.kernels import moe as km
@@ -367,10 +368,12 @@ def moe_sweep(dev, small):
     halves = ("swap halves", dict(sw, BLOCK_K1=128, BLOCK_K2=64), "int4 halves")
     int4_cfgs = [("plain, converted (old default)", dict(MAGIC=False, SWAP_AB=False)),
                  ("plain, magic", dict(SWAP_AB=False)),
-                 ("default (swapped, magic)", {}), ("swap convert", dict(sw, MAGIC=False)),
+                 ("default (swapped, magic)", {}), ("default, K bound (before)", dict(EVEN_K=False)),
+                 ("swap convert", dict(sw, MAGIC=False)),
                  ("swap BM16", dict(sw, BLOCK_M=16)), ("swap BM64", dict(sw, BLOCK_M=64)),
                  ("swap BN128 w4", dict(sw, BLOCK_N1=128, BLOCK_N2=128)), ("swap stages3", dict(sw, num_stages=3)),
-                 ("swap w8", dict(sw, num_warps=8)), ("swap BN32", dict(sw, BLOCK_N1=32, BLOCK_N2=32)), halves]
+                 ("swap w8", dict(sw, num_warps=8)), ("swap BN32", dict(sw, BLOCK_N1=32, BLOCK_N2=32)), halves,
+                 ("swap halves, K bound", dict(halves[1], EVEN_K=False), "int4 halves")]
     for T in ((256, 2048) if not small else (32,)):
         x = torch.randn(T, D, device=dev).to(torch.bfloat16)
         idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)

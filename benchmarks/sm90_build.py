@@ -9,7 +9,8 @@ the bundled ptxas) and returns. The calls are the ones `benchmarks/gpu_check.py`
 release's shapes (hidden 2816, 128 experts x 704, top-8, vocabulary 262144, head dims 256/512) for
 batch 1 and 8, bf16 compute, plus the MoE sweep's int4 variants and a Q4_K_M GGUF's packed experts.
 
-Per compiled kernel: registers per thread, spill bytes and shared memory (ptxas --verbose), and a
+Per compiled kernel: registers per thread, spill bytes and shared memory (ptxas --verbose), the
+single-byte global loads in its SASS (nvdisasm; the int4 MoE once read its weights that way), and a
 verdict: FAIL where the launch would fail on an H100/H200 (shared memory over 227 KiB per block,
 registers x threads over 64 Ki); "spills" where ptxas spilled. Kernels defined in dgplug but never
 compiled here are listed too. Exit status 1 on a compile error or a FAIL.
@@ -86,7 +87,9 @@ def _ptxas() -> str:
 
 
 def resources(kernel, arch: int) -> dict:
-    """Registers, spill bytes (stores + loads) and shared memory of one compiled kernel."""
+    """Registers, spill bytes (stores + loads), shared memory and single-byte global loads (LDG.E.U8 /
+    S8 in the SASS: a weight stream read a byte at a time, where 16-byte vectors were meant) of one
+    compiled kernel."""
     ptx = kernel.asm["ptx"]
     sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as d:
@@ -94,6 +97,8 @@ def resources(kernel, arch: int) -> dict:
         p.write_text(ptx)
         out = subprocess.run([_ptxas(), f"-arch={sm}", "--verbose", str(p), "-o", str(Path(d) / "k.cubin")],
                              capture_output=True, text=True)
+        sass = subprocess.run([str(Path(_ptxas()).parent / "nvdisasm"), "-c", str(Path(d) / "k.cubin")],
+                              capture_output=True, text=True).stdout
     text = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -101,6 +106,7 @@ def resources(kernel, arch: int) -> dict:
     return dict(regs=int(regs.group(1)) if regs else -1,
                 spill=(int(spill.group(1)) + int(spill.group(2))) if spill else -1,
                 smem=int(getattr(md, "shared", 0)), warps=int(getattr(md, "num_warps", 4)),
+                byte_loads=len(re.findall(r"\bLDG\.E\.[US]8\b", sass)),
                 stages=int(getattr(md, "num_stages", 0)))
 
 
@@ -274,7 +280,7 @@ def main() -> int:
         GROUPS[g]()
     seen, bad = {}, 0
     print(f"{'call':<44} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} "
-          f"{'smem B':>7}  verdict")
+          f"{'smem B':>7} {'ldg u8':>6}  verdict")
     for b in BUILT:
         key = (b["name"], repr(sorted(b["consts"].items())))
         if key in seen:
@@ -288,7 +294,7 @@ def main() -> int:
         verdict = ("FAIL: " + ", ".join(fail)) if fail else ("spills" if r["spill"] > 0 else "ok")
         bad += bool(fail)
         print(f"{b.get('call', '?'):<44} {b['name']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
-              f"{r['spill']:>7} {r['smem']:>7}  {verdict}")
+              f"{r['spill']:>7} {r['smem']:>7} {r['byte_loads']:>6}  {verdict}")
     built = {b["name"] for b in BUILT}
     missing = sorted(defined_kernels() - built)
     print(f"{len(seen)} distinct builds of {len(built)} kernels in {time.perf_counter() - t0:.0f} s; "

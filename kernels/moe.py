@@ -401,16 +401,28 @@ if HAS_TRITON:
         return w.to(CDT)
 
     @triton.jit
+    def _byte_mask(offs_b, K, EVEN_K: tl.constexpr):
+        """Which bytes of an int4 K tile hold weights (two K positions a byte). EVEN_K (K % BLOCK_K
+        == 0): all of them, as a constant the compiler can see. With the bound offs_b * 2 < K along
+        the contiguous axis, the sm_90 build read the weights one byte at a time, synchronously (64
+        LDG.E.U8 a thread per K step of the swapped gate_up kernel); without it they stream through
+        cp.async (4-byte copies in the pairs order, 8-byte in the halves order)."""
+        if EVEN_K:
+            return tl.full(offs_b.shape, 1, tl.int1)
+        else:
+            return offs_b * 2 < K
+
+    @triton.jit
     def _load_w_int4(w_ptr, s_ptr, z_ptr, e, rows, nmask, k0, K,
                      stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                     BLOCK_K: tl.constexpr, GROUP: tl.constexpr, CDT: tl.constexpr):
+                     BLOCK_K: tl.constexpr, GROUP: tl.constexpr, CDT: tl.constexpr, EVEN_K: tl.constexpr):
         """Dequantised int4 tiles for K positions k0+2j (low nibbles) and k0+2j+1 (high).
 
         Returns two [BLOCK_K/2, BN] tiles: one contiguous byte load, no interleaving; the
         caller pairs them with the even and odd activation columns.
         """
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        bmask = (offs_b[:, None] * 2 < K) & nmask[None, :]
+        bmask = _byte_mask(offs_b, K, EVEN_K)[:, None] & nmask[None, :]
         p = (w_ptr + e.to(tl.int64) * stride_we + rows[None, :].to(tl.int64) * stride_wn
              + offs_b[:, None] * stride_wk)
         b = tl.load(p, mask=bmask, other=0).to(tl.int32)
@@ -443,10 +455,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _int4_raw(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
-                  BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
+                  BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr):
         """Raw nibbles (0..15, exact in fp16/bf16) for K positions k0+2j (low) and k0+2j+1."""
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        bmask = (offs_b[:, None] * 2 < K) & nmask[None, :]
+        bmask = _byte_mask(offs_b, K, EVEN_K)[:, None] & nmask[None, :]
         p = (w_ptr + e.to(tl.int64) * stride_we + rows[None, :].to(tl.int64) * stride_wn
              + offs_b[:, None] * stride_wk)
         b = tl.load(p, mask=bmask, other=0)
@@ -494,7 +506,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP: tl.constexpr, WQ: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
         INT4_TILE_GROUP: tl.constexpr, MAGIC: tl.constexpr,
-        BIAS: tl.constexpr,
+        BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         """h[row] = gelu_tanh(gate[e] @ x[tok]) * (up[e] @ x[tok]) for one block x BLOCK_N cols."""
         pid_m = tl.program_id(0)
@@ -522,9 +534,9 @@ if HAS_TRITON:
                 su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn,
                                               stride_se, stride_sn, stride_sk)
                 g_lo, g_hi = _int4_raw(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn,
-                                       stride_wk, BLOCK_K, CDT, MAGIC)
+                                       stride_wk, BLOCK_K, CDT, MAGIC, EVEN_K)
                 u_lo, u_hi = _int4_raw(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn,
-                                       stride_wk, BLOCK_K, CDT, MAGIC)
+                                       stride_wk, BLOCK_K, CDT, MAGIC, EVEN_K)
                 a = _load_rows(x_ptr, tok, valid, stride_xt, stride_xd, k0 + tl.arange(0, BLOCK_K), D, CDT)
                 acc_g = _int4_tile_dot(a, _int4_join(g_lo, g_hi, BLOCK_K, BLOCK_N), sg, zg + BIAS, acc_g, IEEE)
                 acc_u = _int4_tile_dot(a, _int4_join(u_lo, u_hi, BLOCK_K, BLOCK_N), su, zu + BIAS, acc_u, IEEE)
@@ -537,10 +549,10 @@ if HAS_TRITON:
                     a_od = _load_rows(x_ptr, tok, valid, stride_xt, stride_xd, offs_ev + 1, D, CDT)
                     g_lo, g_hi = _load_w_int4(w_ptr, s_ptr, z_ptr, e, rows_g, nmask, k0, D,
                                               stride_we, stride_wn, stride_wk,
-                                              stride_se, stride_sn, stride_sk, BLOCK_K, GROUP, CDT)
+                                              stride_se, stride_sn, stride_sk, BLOCK_K, GROUP, CDT, EVEN_K)
                     u_lo, u_hi = _load_w_int4(w_ptr, s_ptr, z_ptr, e, rows_u, nmask, k0, D,
                                               stride_we, stride_wn, stride_wk,
-                                              stride_se, stride_sn, stride_sk, BLOCK_K, GROUP, CDT)
+                                              stride_se, stride_sn, stride_sk, BLOCK_K, GROUP, CDT, EVEN_K)
                     acc_g = _dot(a_ev, g_lo, acc_g, IEEE)
                     acc_g = _dot(a_od, g_hi, acc_g, IEEE)
                     acc_u = _dot(a_ev, u_lo, acc_u, IEEE)
@@ -574,7 +586,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP: tl.constexpr, WQ: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
         INT4_TILE_GROUP: tl.constexpr, MAGIC: tl.constexpr,
-        BIAS: tl.constexpr,
+        BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         """out[pair] = w[pair] * down[e] @ h[row] (fp32), one row per (token, slot) pair."""
         pid_m = tl.program_id(0)
@@ -594,7 +606,7 @@ if HAS_TRITON:
                 sc_n, zc_n = _int4_scale_zero(s_ptr, z_ptr, e, offs_n, nmask, gn,
                                               stride_se, stride_sn, stride_sk)
                 w_lo, w_hi = _int4_raw(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn,
-                                       stride_wk, BLOCK_K, CDT, MAGIC)
+                                       stride_wk, BLOCK_K, CDT, MAGIC, EVEN_K)
                 a = _load_rows(h_ptr, offs_m, all_rows, stride_hm, 1, k0 + tl.arange(0, BLOCK_K), I, CDT)
                 acc = _int4_tile_dot(a, _int4_join(w_lo, w_hi, BLOCK_K, BLOCK_N), sc, zc + BIAS, acc, IEEE)
                 sc, zc = sc_n, zc_n
@@ -606,7 +618,7 @@ if HAS_TRITON:
                     a_od = _load_rows(h_ptr, offs_m, all_rows, stride_hm, 1, offs_ev + 1, I, CDT)
                     w_lo, w_hi = _load_w_int4(w_ptr, s_ptr, z_ptr, e, offs_n, nmask, k0, I,
                                               stride_we, stride_wn, stride_wk,
-                                              stride_se, stride_sn, stride_sk, BLOCK_K, GROUP, CDT)
+                                              stride_se, stride_sn, stride_sk, BLOCK_K, GROUP, CDT, EVEN_K)
                     acc = _dot(a_ev, w_lo, acc, IEEE)
                     acc = _dot(a_od, w_hi, acc, IEEE)
                 else:
@@ -630,22 +642,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _int4_nibbles(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
-                      BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
+                      BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr):
         """Raw low and high nibbles [BN, BK/2] of bytes k0/2.. of weight rows `rows`: K positions
         k0 + 2j and k0 + 2j + 1 in the pairs order; in the halves order (kpack = BLOCK_K) the two
         halves of the K tile, k0 + j and k0 + BK/2 + j."""
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         p = (w_ptr + e.to(tl.int64) * stride_we + rows[:, None].to(tl.int64) * stride_wn
              + offs_b[None, :] * stride_wk)
-        b = tl.load(p, mask=nmask[:, None] & (offs_b[None, :] * 2 < K), other=0)
+        b = tl.load(p, mask=nmask[:, None] & _byte_mask(offs_b, K, EVEN_K)[None, :], other=0)
         return _nib(b & 0xF, CDT, MAGIC), _nib(b >> 4, CDT, MAGIC)
 
     @triton.jit
     def _int4_rows(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr,
+                   EVEN_K: tl.constexpr):
         """[BN, BK] raw nibbles of weight rows `rows` in the pairs order, K positions k0.. in order
         (a join on the last axis is the natural interleave)."""
-        lo, hi = _int4_nibbles(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk, BLOCK_K, CDT, MAGIC)
+        lo, hi = _int4_nibbles(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk, BLOCK_K, CDT, MAGIC,
+                               EVEN_K)
         return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
 
     @triton.jit
@@ -677,6 +691,7 @@ if HAS_TRITON:
         stride_xt, stride_xd, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_hm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
         CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr, HALVES: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         """The gate_up step for int4 weights whose K tiles lie inside one group, swapped (HALVES:
         the weight is in the halves nibble order for K tiles of BLOCK_K, two dots per tile)."""
@@ -702,17 +717,17 @@ if HAS_TRITON:
                 xt_lo = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K // 2, CDT)
                 xt_hi = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0 + BLOCK_K // 2, D, BLOCK_K // 2, CDT)
                 g_lo, g_hi = _int4_nibbles(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                           BLOCK_K, CDT, MAGIC)
+                                           BLOCK_K, CDT, MAGIC, EVEN_K)
                 u_lo, u_hi = _int4_nibbles(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                           BLOCK_K, CDT, MAGIC)
+                                           BLOCK_K, CDT, MAGIC, EVEN_K)
                 acc_g = _int4_halves_dot_t(g_lo, g_hi, xt_lo, xt_hi, sg, zg + BIAS, acc_g, IEEE)
                 acc_u = _int4_halves_dot_t(u_lo, u_hi, xt_lo, xt_hi, su, zu + BIAS, acc_u, IEEE)
             else:
                 xt = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K, CDT)
                 gq = _int4_rows(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC)
+                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K)
                 uq = _int4_rows(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC)
+                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K)
                 acc_g = _int4_dot_t(gq, xt, sg, zg + BIAS, acc_g, IEEE)
                 acc_u = _int4_dot_t(uq, xt, su, zu + BIAS, acc_u, IEEE)
             sg, zg, su, zu = sg_n, zg_n, su_n, zu_n
@@ -728,6 +743,7 @@ if HAS_TRITON:
         stride_hm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
         CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr, HALVES: tl.constexpr,
+        EVEN_K: tl.constexpr,
     ):
         """The down step for int4 weights whose K tiles lie inside one group, swapped (HALVES as
         in the gate_up step)."""
@@ -748,12 +764,12 @@ if HAS_TRITON:
                 at_lo = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0, I, BLOCK_K // 2, CDT)
                 at_hi = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0 + BLOCK_K // 2, I, BLOCK_K // 2, CDT)
                 w_lo, w_hi = _int4_nibbles(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk,
-                                           BLOCK_K, CDT, MAGIC)
+                                           BLOCK_K, CDT, MAGIC, EVEN_K)
                 acc = _int4_halves_dot_t(w_lo, w_hi, at_lo, at_hi, sc, zc + BIAS, acc, IEEE)
             else:
                 at = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0, I, BLOCK_K, CDT)
                 wq = _int4_rows(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC)
+                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K)
                 acc = _int4_dot_t(wq, at, sc, zc + BIAS, acc, IEEE)
             sc, zc = sc_n, zc_n
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
@@ -990,7 +1006,8 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
         _moe_gate_up_int4t_kernel[grid1](
             x, q1, s1, z1, h, sorted_ids, block_expert, TK, I, D, K, x.stride(0), x.stride(1),
             sw1[0], sw1[1], sw1[2], ss1[0], ss1[1], ss1[2], h.stride(0),
-            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP=g1, HALVES=halves1, **swap)
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP=g1, HALVES=halves1,
+            EVEN_K=D % cfg["BLOCK_K1"] == 0 and cfg.get("EVEN_K", True), **swap)
     else:
         _moe_gate_up_kernel[grid1](
             x, q1, s1, z1, h, sorted_ids, block_expert,
@@ -1002,7 +1019,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"],
             GROUP=g1, WQ=wq1, CDT=_tl_dtype(cdt), IEEE=ieee,
             INT4_TILE_GROUP=fold1,
-            MAGIC=magic, BIAS=bias,
+            MAGIC=magic, BIAS=bias, EVEN_K=D % cfg["BLOCK_K1"] == 0 and cfg.get("EVEN_K", True),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     q2, s2, z2, sw2, ss2, g2, wq2 = _weight_args(down, dev)
@@ -1014,7 +1031,8 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
         _moe_down_int4t_kernel[grid2](
             h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w, TK, D, I, h.stride(0),
             sw2[0], sw2[1], sw2[2], ss2[0], ss2[1], ss2[2], pairs.stride(0),
-            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], GROUP=g2, HALVES=halves2, **swap)
+            BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], GROUP=g2, HALVES=halves2,
+            EVEN_K=I % cfg["BLOCK_K2"] == 0 and cfg.get("EVEN_K", True), **swap)
     else:
         _moe_down_kernel[grid2](
             h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w,
@@ -1026,7 +1044,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
             GROUP=g2, WQ=wq2, CDT=_tl_dtype(cdt), IEEE=ieee,
             INT4_TILE_GROUP=fold2,
-            MAGIC=magic, BIAS=bias,
+            MAGIC=magic, BIAS=bias, EVEN_K=I % cfg["BLOCK_K2"] == 0 and cfg.get("EVEN_K", True),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return pairs.view(T, K, D).sum(dim=1).to(x.dtype)

@@ -168,6 +168,23 @@ def test_int4_scale_paths(group, bk, swap):
 
 @needs_triton
 @pytest.mark.parametrize("swap", [False, True])
+def test_int4_even_k_drops_the_k_bound(swap):
+    """K a whole number of K tiles (the release: 2816 = 22 x 128, 704 = 11 x 64): the int4 kernels
+    load the weight bytes without the K bound (which hid their contiguity from the GPU compiler);
+    the same numbers as with the bound (EVEN_K=False), and as the dequantised reference."""
+    _, _, q1, q2 = _quantized("int4", group_size=16, device=_device())
+    w, idx = make_routing(device=_device())
+    x = make_x(device=_device())
+    cfg = dict(BLOCK_K1=16, BLOCK_K2=16, SWAP_AB=swap)
+    assert D % 16 == 0 and I % 16 == 0
+    even = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    bound = M.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, EVEN_K=False))
+    assert torch.equal(even, bound)
+    close(even, reference(x, idx, w, q1, q2), 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("magic", [True, False])
 def test_int4_fp16_nibbles_built_from_bits(swap, magic):
     """fp16 activations on the folded int4 path: nibbles made as 0x6400 | q (= 1024 + q, the
