@@ -16,10 +16,10 @@ import sudoku as S  # noqa: E402
 
 from dgplug.assets import default_model_path, sudoku_model_path  # noqa: E402
 
-# Measured on held-out puzzles with the shipped checkpoint (examples/sudoku/README.md): 0% solved with
-# 36+ givens (the 60-minute CPU run is under-trained). Raise this floor, well under the measured rate,
-# when a better checkpoint ships; the test still checks the evaluation path end to end.
-SOLVE_RATE_FLOOR_36 = 0.0
+# Measured with the shipped checkpoint (examples/sudoku/README.md): 27% of 100 held-out puzzles solved
+# with 36-45 givens, 5 of the 20 this test draws (the CPU-trained model is still under-trained). The
+# floor sits well under that (2 of 20); raise it when a better checkpoint ships.
+SOLVE_RATE_FLOOR_36 = 0.1
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,9 @@ def test_solve_rate_floor_quick(model):
 
     r = E.evaluate(model, 20, 36, 45, "entropy", batch=20)
     assert r["solve_rate"] >= SOLVE_RATE_FLOOR_36, r
-    # measured on 100 held-out puzzles: 9% solved, 77% of blank cells right (guessing: 11%);
-    # the floors sit well below (20 puzzles here)
-    assert r["blank_cell_acc"] > 0.6, r
+    # measured on 100 held-out puzzles: 27% solved, 79% of blank cells right (guessing: 11%); on these
+    # 20: 25% and 82%. The floors sit well below
+    assert r["blank_cell_acc"] > 0.7, r
     assert r["forwards_per_grid"] <= model.generation_defaults["max_denoising_steps"]
 
 
