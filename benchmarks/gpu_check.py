@@ -434,9 +434,8 @@ def gguf_packed(dev, small):
         t_16 = timed(lambda: km.moe_forward(x, idx, w, gu16, dn16, impl=impl), reps=20, warm=3)
         print(f"RESULT quant=Q4_K_M part=moe T={T} impl={impl} ms={t_q:.3f} bf16_ms={t_16:.3f} "
               f"TB/s={nbytes / t_q / 1e9:.3f} err_vs_twin={err(got, ref):.2e}", flush=True)
-        if impl == "triton" and T == 256:  # the default 32 x 32 tiles vs the tiles ptxas said spill
-            for name, cfg in (("BK128_BN64_s4(int8-tiles)", dict(BLOCK_K1=128, BLOCK_N1=64, BLOCK_K2=64, BLOCK_N2=64,
-                                                                   num_stages=4)),
+        if impl == "triton" and T == 256:  # the default 32 x 32 tiles vs the old (int8) tiles ptxas said spill
+            for name, cfg in (("BK128_BN64_s4", dict(BLOCK_K1=128, BLOCK_N1=64, BLOCK_K2=64, BLOCK_N2=64, num_stages=4)),
                               ("BK64_BN32_s3", dict(BLOCK_K1=64, BLOCK_N1=32, BLOCK_K2=64, BLOCK_N2=32, num_stages=3))):
                 t_c = timed(lambda: km.moe_forward_triton(x, idx, w, gu, dn, config=cfg), reps=20, warm=3)
                 print(f"RESULT quant=Q4_K_M part=moe_tiles T={T} tiles={name} ms={t_c:.3f} default_ms={t_q:.3f}",

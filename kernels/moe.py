@@ -998,6 +998,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     q1, s1, z1, sw1, ss1, g1, wq1 = _weight_args(gate_up, dev)
     grid1 = (num_blocks, triton.cdiv(I, cfg["BLOCK_N1"]))
     fold1 = wq1 == 1 and g1 % cfg["BLOCK_K1"] == 0 and cfg.get("INT4_FOLD", True)
+    even1 = D % cfg["BLOCK_K1"] == 0 and cfg.get("EVEN_K", True)  # int4: no K bound on the weight bytes
     swap = dict(CDT=_tl_dtype(cdt), IEEE=ieee, MAGIC=magic, BIAS=bias, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
     swap1 = fold1 and cfg.get("SWAP_AB", False)
@@ -1007,7 +1008,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             x, q1, s1, z1, h, sorted_ids, block_expert, TK, I, D, K, x.stride(0), x.stride(1),
             sw1[0], sw1[1], sw1[2], ss1[0], ss1[1], ss1[2], h.stride(0),
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP=g1, HALVES=halves1,
-            EVEN_K=D % cfg["BLOCK_K1"] == 0 and cfg.get("EVEN_K", True), **swap)
+            EVEN_K=even1, **swap)
     else:
         _moe_gate_up_kernel[grid1](
             x, q1, s1, z1, h, sorted_ids, block_expert,
@@ -1019,12 +1020,13 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"],
             GROUP=g1, WQ=wq1, CDT=_tl_dtype(cdt), IEEE=ieee,
             INT4_TILE_GROUP=fold1,
-            MAGIC=magic, BIAS=bias, EVEN_K=D % cfg["BLOCK_K1"] == 0 and cfg.get("EVEN_K", True),
+            MAGIC=magic, BIAS=bias, EVEN_K=even1,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     q2, s2, z2, sw2, ss2, g2, wq2 = _weight_args(down, dev)
     grid2 = (num_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))
     fold2 = wq2 == 1 and g2 % cfg["BLOCK_K2"] == 0 and cfg.get("INT4_FOLD", True)
+    even2 = I % cfg["BLOCK_K2"] == 0 and cfg.get("EVEN_K", True)
     swap2 = fold2 and cfg.get("SWAP_AB", False)
     halves2 = _halves("down", down, swap2, cfg["BLOCK_K2"], "BLOCK_K2")
     if swap2:
@@ -1032,7 +1034,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w, TK, D, I, h.stride(0),
             sw2[0], sw2[1], sw2[2], ss2[0], ss2[1], ss2[2], pairs.stride(0),
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], GROUP=g2, HALVES=halves2,
-            EVEN_K=I % cfg["BLOCK_K2"] == 0 and cfg.get("EVEN_K", True), **swap)
+            EVEN_K=even2, **swap)
     else:
         _moe_down_kernel[grid2](
             h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w,
@@ -1044,7 +1046,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
             GROUP=g2, WQ=wq2, CDT=_tl_dtype(cdt), IEEE=ieee,
             INT4_TILE_GROUP=fold2,
-            MAGIC=magic, BIAS=bias, EVEN_K=I % cfg["BLOCK_K2"] == 0 and cfg.get("EVEN_K", True),
+            MAGIC=magic, BIAS=bias, EVEN_K=even2,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return pairs.view(T, K, D).sum(dim=1).to(x.dtype)
