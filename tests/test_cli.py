@@ -25,6 +25,17 @@ def test_generate_ids_and_prompt(tiny_ckpt):
     assert "w" in r.output
 
 
+def test_generate_prompt_as_argument(tiny_ckpt):
+    """`dgplug generate PATH "TEXT"` (as llama-cli -p / ollama run): the same tokens as --prompt TEXT."""
+    args = ["--steps", "2", "--max-new-tokens", "8", "--json"]
+    a = runner.invoke(app, ["generate", str(tiny_ckpt), "w5 w6 w7", *args])
+    b = runner.invoke(app, ["generate", str(tiny_ckpt), "--prompt", "w5 w6 w7", *args])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert json.loads(a.stdout)["ids"] == json.loads(b.stdout)["ids"]
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "w5", "--prompt", "w6"])
+    assert r.exit_code == 1 and "not both" in r.output and "Traceback" not in r.output
+
+
 def test_generate_transformers_rng_is_deterministic(tiny_ckpt):
     args = ["generate", str(tiny_ckpt), "--ids", "5,6,7", "--steps", "3", "--rng", "transformers", "--seed", "4"]
     a, b = runner.invoke(app, args), runner.invoke(app, args)

@@ -72,6 +72,8 @@ def info(path: str = typer.Argument(..., help="Checkpoint directory (safetensors
 @app.command()
 def generate(
     path: str = typer.Argument(..., help="Checkpoint directory or .gguf file."),
+    text: Optional[str] = typer.Argument(None, metavar="[PROMPT]", show_default=False,
+                                         help="Prompt text, as --prompt (give one of the two)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (the checkpoint's tokenizer)."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Prompt token ids, comma separated (instead of --prompt)."),
     max_new_tokens: Optional[int] = typer.Option(
@@ -93,12 +95,19 @@ def generate(
 ):
     """Generate text with the EntropyBound block-diffusion sampler (or edit a text in place).
 
-    Example: dgplug generate ./ckpt --prompt "Why is the sky blue?" --max-new-tokens 64 --live
+    Example: dgplug generate ./ckpt "Why is the sky blue?" --max-new-tokens 64 --live
     """
     from .generate import Options, run
 
-    o = Options(path, prompt, ids, max_new_tokens, steps, seed, rng, dtype, chat, live, edit, threads, device, as_json)
-    common.run(lambda: run(o), debug, quiet)
+    o = Options(path, prompt if text is None else text, ids, max_new_tokens, steps, seed, rng, dtype, chat, live, edit,
+                threads, device, as_json)
+
+    def go():
+        if text is not None and prompt is not None:
+            raise common.CLIError("give the prompt once: as the argument after the path or as --prompt, not both")
+        run(o)
+
+    common.run(go, debug, quiet)
 
 
 @app.command()

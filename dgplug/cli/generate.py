@@ -45,7 +45,7 @@ def check(o: Options) -> None:
     if o.prompt is not None and o.ids is not None:
         raise CLIError("give --prompt TEXT or --ids 1,2,3, not both")
     if o.prompt is None and o.ids is None and o.edit is None:
-        raise CLIError("give --prompt TEXT or --ids 1,2,3 (or --edit TEXT)")
+        raise CLIError("give a prompt (PATH \"TEXT\" or --prompt TEXT) or --ids 1,2,3 (or --edit TEXT)")
     if o.edit is not None and o.max_new_tokens is not None:
         raise CLIError("--max-new-tokens does not apply to --edit (the edit text fixes the length)")
     at_least("--max-new-tokens", o.max_new_tokens)
