@@ -90,6 +90,13 @@ class _AfterTransformers(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _drop_transformers_hook() -> None:
+    """For a process that never loads through transformers' Auto classes (the `dgplug` command): without the
+    hook, the `import transformers` a tokenizer needs does not also import transformers.quantizers (and
+    torch.distributed.tensor, sympy): seconds of every CLI start."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterTransformers)]
+
+
 if "transformers" in sys.modules:
     _register_with_transformers()
 elif not any(isinstance(f, _AfterTransformers) for f in sys.meta_path):

@@ -139,16 +139,19 @@ class Layer(nn.Module):
 
 
 def inv_freq(tc: TextConfig, sliding: bool) -> torch.Tensor:
+    """RoPE inverse frequencies, fp32 on the CPU whatever the ambient device (on meta, arange would import
+    torch._dynamo: seconds of every load)."""
+    cpu = torch.device("cpu")
     if sliding:
         dim = tc.head_dim
-        return 1.0 / (tc.rope_theta_sliding ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return 1.0 / (tc.rope_theta_sliding ** (torch.arange(0, dim, 2, dtype=torch.float, device=cpu) / dim))
     d = tc.global_head_dim
     if tc.rope_type_full == "proportional":  # rotate the first fraction of pairs, leave the rest still
         angles = int(tc.partial_rotary_factor_full * d // 2)
-        rot = 1.0 / (tc.rope_theta_full ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / d))
-        return torch.cat([rot, torch.zeros(d // 2 - angles)])
+        rot = 1.0 / (tc.rope_theta_full ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64, device=cpu).float() / d))
+        return torch.cat([rot, torch.zeros(d // 2 - angles, device=cpu)])
     dim = int(d * tc.partial_rotary_factor_full)
-    return 1.0 / (tc.rope_theta_full ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return 1.0 / (tc.rope_theta_full ** (torch.arange(0, dim, 2, dtype=torch.float, device=cpu) / dim))
 
 
 def rope_tables(pos, inv_sliding, inv_full, dtype) -> dict:
@@ -224,7 +227,8 @@ class DiffusionGemma(nn.Module):
         self.generation_defaults = dict(generation_defaults or GENERATION_DEFAULTS)
         self.tokenizer = None  # set by dgplug.load when the checkpoint ships one
         self.source = None  # where it was loaded from
-        self.embed_tokens = nn.Embedding(tc.vocab_size, tc.hidden_size)
+        # _weight: no normal_() init (on the meta device it would import torch._dynamo, ~4 s of a CLI start)
+        self.embed_tokens = nn.Embedding(tc.vocab_size, tc.hidden_size, _weight=torch.empty(tc.vocab_size, tc.hidden_size))
         self.layers = nn.ModuleList([Layer(tc, i) for i in range(tc.num_hidden_layers)])
         self.norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps)
         self.self_conditioning = nn.Module()

@@ -50,3 +50,14 @@ def test_import_dgplug_is_light():
     out = _py("import sys, dgplug\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
               "print(callable(dgplug.load), 'torch' in sys.modules)")
     assert out.split("\n")[:2] == ["[]", "True True"]
+
+
+def test_generate_skips_what_it_does_not_use(tiny_ckpt):
+    """`dgplug generate` (the console script's entry) needs transformers for the tokenizer only: not its quantizer
+    registry (torch.distributed.tensor, sympy), and building the model on meta must not import torch._dynamo."""
+    out = _py("import sys\nfrom dgplug.cli import entry\n"
+              f"sys.argv = ['dgplug', 'generate', {str(tiny_ckpt)!r}, 'w5 w6', '--steps', '1', '--quiet']\n"
+              "try:\n    entry()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+              "print('HEAVY', sorted(m for m in ('transformers.quantizers', 'torch._dynamo') if m in sys.modules),"
+              " 'transformers' in sys.modules)")
+    assert out.strip().endswith("HEAVY [] True"), out

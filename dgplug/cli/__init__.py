@@ -30,6 +30,15 @@ DEVICE = typer.Option(None, "--device", help="cpu (default), cuda or cuda:N.", s
 JSON = typer.Option(False, "--json", help="Print one JSON object instead of tables and text.")
 
 
+def entry():
+    """The `dgplug` console script (and `python -m dgplug.cli`). The commands load models with dgplug.load,
+    never through transformers' Auto classes, so dgplug's registration with transformers is skipped."""
+    import dgplug
+
+    dgplug._drop_transformers_hook()
+    app(prog_name="dgplug")
+
+
 def _version(value: bool):
     if value:
         from dgplug import __version__

@@ -1,5 +1,5 @@
 """`python -m dgplug.cli`: the same command line as `dgplug`."""
 
-from . import app
+from . import entry
 
-app(prog_name="dgplug")
+entry()
