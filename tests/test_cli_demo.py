@@ -17,7 +17,7 @@ SUMMARY = re.compile(r"solve rate (\d+)/(\d+) = \d+% \((.*?)\); blanks right (.*
 
 
 def test_demo_band_and_progress():
-    r = runner.invoke(app, ["demo", "--no-live", "--givens", "25-29", "--n", "2", "--steps", "4"])
+    r = runner.invoke(app, ["demo", "--no-live", "--givens", "25-29", "-n", "2", "--steps", "4"])  # -n: --n
     assert r.exit_code == 0, r.output
     steps = [ln for ln in r.stderr.splitlines() if ln.startswith("step ")]
     assert steps and steps[0].startswith("step 1 of 4: ") and "grids settled" in steps[0]  # no silent batch
@@ -50,3 +50,18 @@ def test_demo_errors_are_one_line(args, needle):
     assert r.exit_code == 1, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.output
+
+
+def test_unsolved_grid_marks_the_cells_that_clash():
+    from dgplug.cli.demo import Sudoku
+
+    solution = [int(ch) for ch in
+                "534678912672195348198342567859761423426853791713924856961537284287419635345286179"]
+    assert Sudoku.solved(WIKI, solution) and Sudoku.clashes(WIKI, solution) == set()
+    g = list(solution)
+    g[2], g[3] = 8, 8  # r1c3 (blank) 4 -> 8: now twice in row 1 with r1c4 (a blank set to 8 too)
+    assert not Sudoku.solved(WIKI, g)
+    bad = Sudoku.clashes(WIKI, g)
+    assert {2, 3} <= bad and all(WIKI[i] == "." for i in bad)  # givens are never marked
+    g[2] = 0  # a cell left without a digit counts too
+    assert 2 in Sudoku.clashes(WIKI, g)

@@ -121,7 +121,7 @@ def generate(
 
 @app.command()
 def demo(
-    n: Optional[int] = typer.Option(None, "--n", help="Puzzles solved in the batch (default 20).",
+    n: Optional[int] = typer.Option(None, "--n", "-n", help="Puzzles solved in the batch (default 20).",
                                     show_default=False),
     givens: Optional[str] = typer.Option(None, "--givens", show_default=False,
                                          help="Band of givens, e.g. 25-29 (default 36-45)."),
@@ -138,7 +138,7 @@ def demo(
 ):
     """The embedded default model: Sudoku solved on the canvas (live), then a one-line summary.
 
-    Example: dgplug demo --givens 25-29 --n 10
+    Example: dgplug demo --givens 25-29 -n 10
 
     Example: dgplug demo --puzzle 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
     """

@@ -96,7 +96,17 @@ class Sudoku:
             return False
         return all(sorted(g[i] for i in u) == list(range(1, 10)) for u in UNITS)
 
-    def render(self, puzzle: str, ids, accepted=None, title: str = "") -> Text:
+    @staticmethod
+    def clashes(puzzle: str, g: list[int]) -> set[int]:
+        """Filled-in cells whose digit repeats in their row, column or box (or is missing)."""
+        bad = {i for i, v in enumerate(g) if puzzle[i] == "." and not v}
+        for u in UNITS:
+            for i in u:
+                if puzzle[i] == "." and sum(g[j] == g[i] for j in u) > 1:
+                    bad.add(i)
+        return bad
+
+    def render(self, puzzle: str, ids, accepted=None, title: str = "", wrong: set[int] = frozenset()) -> Text:
         text = Text()
         text.append(title + "\n", style="cyan")
         for r in range(9):
@@ -111,6 +121,8 @@ class Sudoku:
                     text.append(puzzle[i] + " ", style="bold")
                 elif d is None:
                     text.append("? ", style="red")
+                elif i in wrong:
+                    text.append(f"{d} ", style="bold red")
                 else:
                     text.append(f"{d} ", style="bold green" if accepted is None or accepted[i] else "dim")
             text.append("\n")
@@ -206,9 +218,10 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     grids = [S.grid(res.sequences[b, L0:].tolist()) for b in range(len(items))]
     ok = [S.solved(p, g) for p, g in zip(puzzles, grids)]
     for k in range(shown):
-        out.print(S.render(puzzles[k], res.sequences[k, L0:].tolist(),
-                           title=f"puzzle {k + 1} ({items[k]['givens']} givens): "
-                                 f"{'solved' if ok[k] else 'not solved'}"))
+        bad = set() if ok[k] else S.clashes(puzzles[k], grids[k])
+        verdict = "solved" if ok[k] else f"not solved, {len(bad)} of {puzzles[k].count('.')} cells clash (red)"
+        out.print(S.render(puzzles[k], res.sequences[k, L0:].tolist(), wrong=bad,
+                           title=f"puzzle {k + 1} ({items[k]['givens']} givens): {verdict}"))
     pad = model.generation_defaults.get("pad_token_id", 0)
     n_tok = int((res.sequences[:, L0:] != pad).sum())
     fwd = float(res.forwards.float().mean())
