@@ -370,7 +370,7 @@ def moe_sweep(dev, small):
                  ("plain, magic", dict(SWAP_AB=False)),
                  ("default (swapped, magic)", {}), ("default, K bound (before)", dict(EVEN_K=False)),
                  ("swap convert", dict(sw, MAGIC=False)),
-                 ("swap BM16", dict(sw, BLOCK_M=16)), ("swap BM64", dict(sw, BLOCK_M=64)),
+                 ("swap BM32 (default before)", dict(sw, BLOCK_M=32)), ("swap BM64", dict(sw, BLOCK_M=64)),
                  ("swap BN128 w4", dict(sw, BLOCK_N1=128, BLOCK_N2=128)), ("swap stages3", dict(sw, num_stages=3)),
                  ("swap w8", dict(sw, num_warps=8)), ("swap BN32", dict(sw, BLOCK_N1=32, BLOCK_N2=32)), halves,
                  ("swap halves, K bound", dict(halves[1], EVEN_K=False), "int4 halves")]
@@ -434,9 +434,9 @@ def gguf_packed(dev, small):
         t_16 = timed(lambda: km.moe_forward(x, idx, w, gu16, dn16, impl=impl), reps=20, warm=3)
         print(f"RESULT quant=Q4_K_M part=moe T={T} impl={impl} ms={t_q:.3f} bf16_ms={t_16:.3f} "
               f"TB/s={nbytes / t_q / 1e9:.3f} err_vs_twin={err(got, ref):.2e}", flush=True)
-        if impl == "triton" and T == 256:  # the default 32 x 32 tiles vs the old (int8) tiles ptxas said spill
+        if impl == "triton" and T == 256:  # the default (K 64 x N 32, 3 stages) vs the int4 tiles and the 32 x 32 of before
             for name, cfg in (("BK128_BN64_s4", dict(BLOCK_K1=128, BLOCK_N1=64, BLOCK_K2=64, BLOCK_N2=64, num_stages=4)),
-                              ("BK64_BN32_s3", dict(BLOCK_K1=64, BLOCK_N1=32, BLOCK_K2=64, BLOCK_N2=32, num_stages=3))):
+                              ("BK32_BN32_s2 (default before)", dict(BLOCK_K1=32, BLOCK_K2=32, num_stages=2))):
                 t_c = timed(lambda: km.moe_forward_triton(x, idx, w, gu, dn, config=cfg), reps=20, warm=3)
                 print(f"RESULT quant=Q4_K_M part=moe_tiles T={T} tiles={name} ms={t_c:.3f} default_ms={t_q:.3f}",
                       flush=True)
@@ -552,7 +552,8 @@ def step_timing(dev, small, batches, context):
 def full_models(dev, small, quant="int4"):
     """transformers' DiffusionGemmaForBlockDiffusion at the release's text shapes (30 layers: 25
     sliding + 5 full) with random bf16 weights made on the device, and dgplug's model built from
-    the same tensors (shared, not copied) with its experts quantized (int4 group 128)."""
+    the same tensors (shared, not copied) with its experts quantized (`quant`: int4 group 128, fp8,
+    int8; None: bf16)."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     from dgplug import names
@@ -601,25 +602,28 @@ def full_models(dev, small, quant="int4"):
     return hf, dg
 
 
-def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32):
+def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="int4", hf_ms=None):
     """model.generate end to end: prompt, `canvases` canvases of `steps` steps each (the stop test
     off), dgplug with CUDA graphs and eagerly (DGPLUG_CUDA_GRAPHS=0; the tokens must agree), and
-    transformers' own generate (eager) on the same bf16 weights, in one run."""
+    transformers' own generate (eager) on the same bf16 weights, in one run. quant: dgplug's
+    experts (int4 group 128, fp8, int8). hf_ms {batch: ms}: transformers' time measured earlier in
+    the run on the same weights (not timed again). Returns {batch: transformers ms}."""
     import os
 
     from dgplug import ops
 
     ops.set_backend("kernels")
     t0 = time.perf_counter()
-    hf, dg = full_models(dev, small)
+    hf, dg = full_models(dev, small, quant)
     C, V = dg.cfg.canvas_length, dg.tc.vocab_size
     if small:  # the CPU smoke test: same code, a few steps, batch 1
         prompt, steps, batches = 40, 3, batches[:1]
     print(f"built the full-shape models in {time.perf_counter() - t0:.0f}s; prompt {prompt}, {canvases} canvases "
-          f"of {C}, {steps} steps each; dgplug experts int4 g128, transformers bf16", flush=True)
+          f"of {C}, {steps} steps each; dgplug experts {quant}, transformers bf16", flush=True)
     settings = dict(max_new_tokens=canvases * C, max_denoising_steps=steps, confidence_threshold=1e-30,
                     stability_threshold=1)
     n_steps = canvases * steps
+    hf_seen = {}
     floor_bytes = sum(p.numel() * p.element_size() for n, p in dg.named_parameters())
     floor_bytes += sum(w.nbytes for lay in dg.layers for w in (lay.experts.gate_up_proj, lay.experts.down_proj))
     for B in batches:
@@ -633,24 +637,30 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32):
         os.environ["DGPLUG_CUDA_GRAPHS"] = "1"
         same = torch.equal(toks["graphs"], toks["eager"])
         try:
+            if hf_ms and B in hf_ms:
+                raise LookupError
             torch.manual_seed(0)
             run_hf = lambda: hf.generate(input_ids=ids, **settings)  # noqa: E731
             ms["transformers"] = timed(run_hf, reps=2 if not small else 1, warm=1 if not small else 0)
+        except LookupError:
+            ms["transformers"] = hf_ms[B]
         except torch.OutOfMemoryError:
             ms["transformers"] = float("nan")
             torch.cuda.empty_cache()
+        hf_seen[B] = ms["transformers"]
         floor = floor_bytes / HBM * 1e3
         print(f"B={B}: generate ms: dgplug graphs {ms['graphs']:.0f}, eager {ms['eager']:.0f}, transformers "
               f"{ms['transformers']:.0f}; tokens graphs == eager: {same}", flush=True)
         for tag in ("graphs", "eager"):
             step = ms[tag] / n_steps
-            print(f"RESULT step path=generate quant=int4 batch={B} graphs={int(tag == 'graphs')} ms={step:.2f} "
+            print(f"RESULT step path=generate quant={quant} batch={B} graphs={int(tag == 'graphs')} ms={step:.2f} "
                   f"tok_s={16 * B * 1000 / step:.0f} floor_pct={100 * floor / step:.0f} "
                   f"transformers_ms={ms['transformers'] / n_steps:.2f} generate_tok_s={B * canvases * C * 1000 / ms[tag]:.0f} "
                   f"transformers_generate_tok_s={B * canvases * C * 1000 / ms['transformers']:.0f} "
                   f"tokens_equal={same}", flush=True)
     del hf, dg
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return hf_seen
 
 
 def main():
@@ -679,8 +689,12 @@ def main():
         print(f"device-to-device copy: {2 * 2**30 / t / 1e9:.2f} TB/s (read + write); nominal HBM {HBM / 1e12:.2f} TB/s")
         del a, b
     batches = [int(b) for b in args.batches.split(",")]
+    hf_ms = {}
     for name, fn in (("end to end: model.generate, full shapes, int4 experts",
-                      lambda: generate_e2e(dev, args.small, [b for b in (1, 8) if b in batches] or batches[:1])),
+                      lambda: hf_ms.update(generate_e2e(dev, args.small, [b for b in (1, 8) if b in batches]
+                                                        or batches[:1]))),
+                     ("end to end: model.generate, fp8 experts, batch 1 (transformers' time from above)",
+                      lambda: generate_e2e(dev, args.small, [1], quant="fp8", hf_ms=hf_ms)),
                      ("kernels vs twins", lambda: check_kernels(dev, args.small)),
                      ("one denoise step at full shapes",
                       lambda: step_timing(dev, args.small, batches, args.context)),

@@ -186,6 +186,18 @@ def ggml_calls():
             idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(T)])
             w = torch.softmax(torch.randn(T, TOPK, generator=g), -1)
             _call(f"ggml moe T={T} {gq.name}/{dq.name}", lambda: km.moe_forward_triton(x, idx, w, gu, dn))
+            if not QUICK[0]:
+                for name, cfg in GGML_TILES:
+                    _call(f"ggml moe T={T} {gq.name}/{dq.name} {name}",
+                          lambda cfg=cfg: km.moe_forward_triton(x, idx, w, gu, dn, config=cfg))
+    for qt in (GT.Q4_K, GT.Q6_K) if QUICK[0] else ggml.PACKED_TYPES:  # the row decoder (tables, linears)
+        rows = blocks(qt, (64, D))
+        _call(f"ggml decode rows {qt.name}", lambda rows=rows: ggml.dequantize_blocks(rows.blocks, qt, BF, impl="triton"))
+
+
+# GGUF MoE tiles beside the default (32 x 32, 2 stages), as the GPU check times them
+GGML_TILES = (("BK64_BN32_s3", dict(BLOCK_K1=64, BLOCK_N1=32, BLOCK_K2=64, BLOCK_N2=32, num_stages=3)),
+              ("BK128_BN64_s4", dict(BLOCK_K1=128, BLOCK_N1=64, BLOCK_K2=64, BLOCK_N2=64, num_stages=4)))
 
 
 def attention_calls():

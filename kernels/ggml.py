@@ -44,6 +44,7 @@ one [BLOCK_K, BLOCK_N] tile inside the Triton MoE kernels.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -197,9 +198,11 @@ _DECODE = {T.Q8_0: _q8_0, T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q5_0: _q5_0, T.Q5_1: _
            T.Q5_K: _q5_k, T.Q6_K: _q6_k, T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.IQ4_NL: _iq4_nl, T.IQ4_XS: _iq4_xs}
 
 
-def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32) -> torch.Tensor:
-    """uint8 rows [..., row bytes] of ggml type `qtype` -> [..., elements] in `dtype` (math in fp32),
-    decoded _CHUNK elements at a time into the output."""
+def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32, impl: str | None = None) -> torch.Tensor:
+    """uint8 rows [..., row bytes] of ggml type `qtype` -> [..., elements] in `dtype` (math in fp32).
+    impl "torch": decoded _CHUNK elements at a time into the output, operation by operation as
+    gguf-py; "triton": one kernel over the rows (`tile`, the MoE kernels' decoder; CUDA, or the
+    CPU under TRITON_INTERPRET=1). None: Triton for CUDA tensors when importable, else torch."""
     qtype = T(qtype)
     qk, nb = GGML_QUANT_SIZES[qtype]
     if raw.dtype != torch.uint8 or raw.shape[-1] % nb:
@@ -209,6 +212,16 @@ def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32) -> torch.Te
     k = row_bytes // nb * qk
     flat = raw.reshape(-1, row_bytes)
     out = torch.empty(flat.shape[0], k, dtype=dtype, device=raw.device)
+    if impl is None:
+        impl = "triton" if raw.is_cuda and HAS_TRITON else "torch"
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("dequantize_blocks(impl='triton') needs triton")
+        if out.numel():
+            _decode_rows(flat.contiguous(), out, qtype)
+        return out.reshape(*lead, k)
+    if impl != "torch":
+        raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
     step = max(1, _CHUNK // max(k, 1))
     decode = _DECODE[qtype]
     for r0 in range(0, flat.shape[0], step):
@@ -512,3 +525,29 @@ if HAS_TRITON:
         else:  # Q6_K
             w = _tile_q6_k(row, k, mask)
         return tl.where(mask, w, 0.0)
+
+    @triton.jit
+    def _decode_rows_kernel(w_ptr, out_ptr, N, K, row_bytes, QT: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, ROUND_BF16: tl.constexpr):
+        """out[n, k] (a [N, K] row-major tensor) = element k of packed row n, one [BLOCK_N, BLOCK_K]
+        tile. ROUND_BF16: round to nearest even in the fp32 bits first (the interpreter's cast
+        truncates; a GPU's rounds), so that both give torch's .to(bfloat16) of the fp32 decode."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        nmask = offs_n < N
+        w = tile(w_ptr, tl.program_id(0) * 0, offs_n, nmask, offs_k, K, 0, row_bytes, QT)  # [BK, BN]
+        if ROUND_BF16:
+            bits = w.to(tl.uint32, bitcast=True)
+            w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        dst = out_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+        tl.store(dst, w.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & nmask[None, :])
+
+
+def _decode_rows(flat: torch.Tensor, out: torch.Tensor, qtype: T):
+    """The Triton decode of uint8 rows [N, row bytes] into out [N, K] (any float dtype)."""
+    n, k = out.shape
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    bn, bk = (16, 256) if interp else (8, 256)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _decode_rows_kernel[grid](flat, out, n, k, flat.shape[1], QT=int(qtype), BLOCK_N=bn, BLOCK_K=bk,
+                              ROUND_BF16=out.dtype == torch.bfloat16, num_warps=4)

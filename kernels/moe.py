@@ -932,21 +932,23 @@ def _default_config(T: int, K: int, E: int, D: int, I: int, interp: bool, int4: 
     benchmarks/results): the defaults 0.95 ms, BLOCK_M 16 1.13, BLOCK_M 64 1.23, BLOCK_N 128
     1.02, num_stages 3 1.25; an earlier run (defaults 0.97 ms): num_stages 2 1.06, 5 1.12,
     BLOCK_K 64 1.29, BLOCK_N 128 with 8 warps 1.20. At T=2048 BLOCK_M 64 and 32 within 4%.
-    GGUF blocks (decoded per element): 32 x 32 tiles, 2 stages. Not timed yet; chosen by ptxas
-    (benchmarks/sm90_build.py): with the tiles above, Q6_K / IQ4_XS gate_up tiles spilled 0.8-2.4 KB
-    a thread on Triton 3.7.1 and 6-22 KB on 3.6.0; 32 x 32 spills nothing for any type, T or version."""
+    The H200 run at 28dc59a (benchmarks/results/gpu_check_h200_28dc59a.log; the kernel as now):
+    int4 at T=256 BLOCK_M 32 0.667 ms, 16 0.615, 64 1.066 -> 16; at T=2048 64 1.856, 32 1.980.
+    GGUF blocks (decoded per element): chosen by ptxas first (benchmarks/sm90_build.py): with the
+    int4 tiles, Q6_K / IQ4_XS gate_up tiles spilled 0.8-2.4 KB a thread on Triton 3.7.1 and 6-22 KB
+    on 3.6.0; 32 x 32 with 2 stages spills nothing for any type, T or version, nor does K 64 x N 32
+    with 3 stages, which the same H200 run timed at 1.541 ms against 1.994 (Q4_K / Q5_0, T=256)
+    -> K 64 x N 32, 3 stages where an expert gets few rows; T=2048 not timed -> 32 x 32 there."""
     if interp:  # few, big programs: the interpreter's cost is programs x ops
         bm = 16 if T * K <= 16 * E else 32
         return dict(BLOCK_M=bm, BLOCK_N1=64, BLOCK_K1=64, BLOCK_N2=64, BLOCK_K2=64,
                     num_warps=4, num_stages=1, SWAP_AB=int4)
     per_expert = T * K / max(E, 1)
     if ggml:
-        return dict(BLOCK_M=16 if per_expert <= 24 else 64, BLOCK_N1=32, BLOCK_K1=32, BLOCK_N2=32, BLOCK_K2=32,
-                    num_warps=4, num_stages=2, SWAP_AB=False)
-    if int4:
-        bm = 32 if per_expert <= 24 else 64
-    else:
-        bm = 16 if per_expert <= 24 else 64
+        bk, st = (64, 3) if per_expert <= 24 else (32, 2)
+        return dict(BLOCK_M=16 if per_expert <= 24 else 64, BLOCK_N1=32, BLOCK_K1=bk, BLOCK_N2=32, BLOCK_K2=bk,
+                    num_warps=4, num_stages=st, SWAP_AB=False)
+    bm = 16 if per_expert <= 24 else 64
     return dict(BLOCK_M=bm, BLOCK_N1=64, BLOCK_K1=128, BLOCK_N2=64, BLOCK_K2=64,
                 num_warps=4, num_stages=4, SWAP_AB=int4)
 

@@ -616,7 +616,9 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
     log-sum-exp, entropy terms, the soft sum's rescale) and the weights P, stored in E's dtype
     (transformers also rounds its probabilities to bf16). Transient memory: one chunk of
     logits (fp32) and weights, the largest power of two of columns within 64 MiB (1024 ..
-    32768): 48 MiB at 256 rows, 48 MiB at 2048. vocab_tile (or block_v): the kernel's tile.
+    32768): 48 MiB at 256 rows, 48 MiB at 2048. A packed table (kernels.ggml.GGMLWeight) is
+    decoded a chunk of rows at a time by its Triton decoder, the decoded rows counted in the
+    64 MiB (8192 columns at 256 rows). vocab_tile (or block_v): the kernel's tile.
 
     Measured on an H200 (torch 2.11, triton 3.6; V 262144, D 2816, bf16; one run, medians of
     5, acceptance and renoise included; benchmarks/results/gpu_check_h200.log): 256 rows
@@ -632,7 +634,8 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
     h = h.contiguous()
     embedding = embedding.contiguous()
     if chunk is None:  # the largest power of two within the budget, 1024 .. 32768
-        fit = max(1, _CHUNK_BUDGET // (n * (4 + embedding.element_size())))
+        decoded = 0 if isinstance(embedding, torch.Tensor) else d * embedding.element_size()  # a packed table's rows
+        fit = max(1, _CHUNK_BUDGET // (n * (4 + embedding.element_size()) + decoded))
         chunk = max(1024, min(32768, 1 << (fit.bit_length() - 1)))
     chunk = int(min(chunk, vocab))
     block_v = block_v or vocab_tile

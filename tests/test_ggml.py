@@ -58,6 +58,26 @@ def test_dequantise_chunks_and_dtypes(monkeypatch):
         dequantize_blocks(torch.zeros(3, 100, dtype=torch.uint8), T.Q4_K)
 
 
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda t: t.name)
+def test_triton_row_decoder_matches_torch(qtype):
+    """The Triton decoder (what rows / lookup / linear of a packed weight use on a GPU), in the
+    interpreter: fp32 bit for bit against the torch decoder (= gguf-py), bf16 its rounding; rows
+    not a multiple of its tile and K of several blocks."""
+    raw = torch.from_numpy(_random_blocks(qtype, 21, 768, seed=3))
+    ref = dequantize_blocks(raw, qtype, impl="torch")
+    got = dequantize_blocks(raw, qtype, impl="triton")
+    assert got.shape == (21, 768) and _same_bits(got, ref.numpy())
+    bf = dequantize_blocks(raw.reshape(3, 7, -1), qtype, torch.bfloat16, impl="triton")
+    assert bf.shape == (3, 7, 768) and torch.equal(bf.reshape(21, 768), ref.to(torch.bfloat16))
+
+
+def test_row_decoder_choice_and_errors():
+    raw = torch.from_numpy(_random_blocks(T.Q8_0, 2, 64))
+    assert dequantize_blocks(raw[:0], T.Q8_0, impl="triton").shape == (0, 64)
+    with pytest.raises(ValueError, match="impl must be 'torch' or 'triton', got 'cuda'"):
+        dequantize_blocks(raw, T.Q8_0, impl="cuda")
+
+
 def test_packed_weight_views():
     qtype = T.Q6_K
     E, N, K = 3, 10, 512
@@ -124,10 +144,12 @@ def test_triton_moe_reads_the_blocks(gate_type, down_type):
     dense = moe.moe_forward_torch(x, idx, w, gate_up.dequantize(), down.dequantize())
     assert torch.equal(ref, dense)  # the twin dequantises per expert: the same numbers
     assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
-    gpu = moe._default_config(Tn, K, E, D, I, interp=False, ggml=True)  # the GPU's tiles (32 x 32)
-    assert gpu["BLOCK_K1"] < 64 and gpu["BLOCK_N2"] < 64
-    got = moe.moe_forward_triton(x, idx, w, gate_up, down, config=gpu)
-    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    few = moe._default_config(Tn, K, E, D, I, interp=False, ggml=True)  # the GPU's tiles: K 64 x N 32
+    many = moe._default_config(4096, K, E, D, I, interp=False, ggml=True)  # many rows per expert: 32 x 32
+    assert (few["BLOCK_K1"], few["BLOCK_N1"], many["BLOCK_K1"], many["BLOCK_N1"]) == (64, 32, 32, 32)
+    for gpu in (few, many):
+        got = moe.moe_forward_triton(x, idx, w, gate_up, down, config=gpu)
+        assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +246,9 @@ def test_packed_head_and_sampler(gguf_files, monkeypatch):
     assert torch.equal(got.argmax, ref.argmax) and torch.equal(got.token, ref.token)
     assert (got.entropy - ref.entropy).abs().max().item() <= 1e-4
     assert (got.soft - ref.soft).abs().max().item() <= 1e-4
+    tri = head_sample(h, table, temperature=0.7, seed=3, step=1, impl="triton")  # the GPU's chunk loop, packed
+    assert torch.equal(tri.argmax, ref.argmax) and torch.equal(tri.token, ref.token)
+    assert (tri.soft - ref.soft).abs().max().item() <= 1e-4
     with pytest.raises(TypeError, match="does not take a packed GGUF weight"):
         torch.add(table, 1)
 
