@@ -55,7 +55,7 @@ def main(debug: bool = DEBUG, quiet: bool = QUIET,
 
 
 @app.command()
-def info(path: str = typer.Argument(..., help="Checkpoint directory (safetensors or dgplug-quantized), "
+def info(path: str = typer.Argument(..., metavar="PATH", help="Checkpoint directory (safetensors or dgplug-quantized), "
                                                 ".gguf file, or a directory holding one."),
          as_json: bool = JSON, debug: bool = DEBUG, quiet: bool = QUIET):
     """Architecture, layer pattern, parameter counts (total / active), format, dtype and size.
@@ -80,8 +80,8 @@ def info(path: str = typer.Argument(..., help="Checkpoint directory (safetensors
 
 @app.command()
 def generate(
-    path: str = typer.Argument(..., help="Checkpoint directory or .gguf file."),
-    text: Optional[str] = typer.Argument(None, metavar="[PROMPT]", show_default=False,
+    path: str = typer.Argument(..., metavar="PATH", help="Checkpoint directory or .gguf file."),
+    text: Optional[str] = typer.Argument(None, metavar="PROMPT", show_default=False,
                                          help="Prompt text, as --prompt (give one of the two)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (the checkpoint's tokenizer)."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Prompt token ids, comma separated (instead of --prompt)."),
@@ -155,8 +155,8 @@ def demo(
 
 @app.command()
 def convert(
-    src: str = typer.Argument(..., help="Hugging Face DiffusionGemma directory."),
-    out: str = typer.Argument(..., help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
+    src: str = typer.Argument(..., metavar="SRC", help="Hugging Face DiffusionGemma directory."),
+    out: str = typer.Argument(..., metavar="OUT", help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
     quant: str = typer.Option(..., "--quant", "-q",
                               help="F32 F16 BF16 Q8_0 Q4_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q3_K_S Q2_K Q2_K_S IQ4_XS (GGUF; "
                                    "Q2_K_S needs --imatrix) or int4 int8 fp8 (safetensors)."),
@@ -186,7 +186,7 @@ def convert(
 
 @app.command("imatrix")
 def imatrix_cmd(
-    src: str = typer.Argument(..., help="Checkpoint directory or .gguf file (with its tokenizer)."),
+    src: str = typer.Argument(..., metavar="SRC", help="Checkpoint directory or .gguf file (with its tokenizer)."),
     calib: str = typer.Option(..., "--calib", help="Calibration text: a UTF-8 .txt file or a directory of them."),
     out: str = typer.Option(..., "--output", "-o", help="The imatrix GGUF to write."),
     chunk_size: int = typer.Option(512, "--chunk-size", help="Tokens per calibration prompt."),
@@ -212,7 +212,7 @@ def imatrix_cmd(
 
 
 @app.command()
-def inspect(path: str = typer.Argument(..., help="A .gguf file (or a directory holding one)."),
+def inspect(path: str = typer.Argument(..., metavar="PATH", help="A .gguf file (or a directory holding one)."),
             as_json: bool = JSON, debug: bool = DEBUG, quiet: bool = QUIET):
     """GGUF metadata, tensor table, and a check against the DiffusionGemma GGUF contract.
 
