@@ -130,3 +130,38 @@ def edit(model, prompt_ids: torch.Tensor, *, text: str | None = None, ids: list[
     new = out.sequences[0, prompt_ids.shape[1]:prompt_ids.shape[1] + ec.length].tolist()
     text_out = model.tokenizer.decode(new) if model.tokenizer is not None else None
     return EditResult(new, text_out, ec.locked[0, :ec.length].tolist(), out)
+
+
+@torch.no_grad()
+def fill_left_to_right(model, prompt_ids: torch.Tensor, canvas: torch.Tensor, locked: torch.Tensor, *,
+                       temperature: float = 0.4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The left-to-right baseline on a locked canvas, for comparison with EntropyBound: one cell
+    per decoder forward, the leftmost unlocked one, set to its argmax and locked; the other
+    unlocked cells are re-noised every forward (generator seeded with `seed`), the logits / T feed
+    self-conditioning. prompt_ids [B, P] (no padding), canvas / locked [B, L]. Returns the filled
+    canvas [B, L] and the forwards each row used [B]."""
+    from .model import KVCache
+
+    canvas, lock = canvas.clone(), locked.clone().bool()
+    if canvas.shape != lock.shape or canvas.shape[0] != prompt_ids.shape[0]:
+        raise InputError(f"fill_left_to_right: canvas {list(canvas.shape)}, locked {list(lock.shape)} and "
+                         f"prompt {list(prompt_ids.shape)} must agree in batch and length")
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache.empty(model.tc.num_hidden_layers)
+    model.encode(prompt_ids, cache)
+    dev = canvas.device
+    rows = torch.arange(canvas.shape[0], device=dev)
+    forwards = torch.zeros(canvas.shape[0], dtype=torch.long, device=dev)
+    sc = None
+    while not bool(lock.all()):
+        todo = ~lock.all(-1)
+        forwards += todo.long()
+        logits = model.head(model.denoise(canvas, cache, sc_logits=sc)) / temperature
+        sc = logits
+        first = torch.argmax((~lock).int(), dim=-1)  # leftmost unlocked (0 for finished rows: locked anyway)
+        pick = logits[rows, first].argmax(-1)
+        canvas[rows[todo], first[todo]] = pick[todo]
+        lock[rows[todo], first[todo]] = True
+        noise = torch.randint(0, model.tc.vocab_size, tuple(canvas.shape), generator=g)  # on the CPU: same on any device
+        canvas = torch.where(lock, canvas, noise.to(dev))
+    return canvas, forwards

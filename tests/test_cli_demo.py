@@ -26,6 +26,17 @@ def test_demo_band_and_progress():
     assert "puzzle 1 (2" in r.stdout  # the first grid, drawn once, with its givens (25-29)
 
 
+def test_demo_compare_left_to_right():
+    r = runner.invoke(app, ["demo", "--no-live", "-n", "3", "--steps", "4", "--compare", "--quiet"])
+    assert r.exit_code == 0, r.output
+    last = r.stdout.splitlines()[-2:]
+    assert SUMMARY.search(last[0]), r.stdout
+    m = re.fullmatch(r"left to right, same model: (\d)/3 = \d+%; blanks right (\d+)/(\d+) = \d+%; "
+                     r"([\d.]+) forwards per grid; [\d.]+ s", last[1])
+    assert m, r.stdout
+    assert abs(float(m.group(4)) - int(m.group(3)) / 3) < 0.051  # one forward per blank cell
+
+
 def test_demo_own_puzzle():
     r = runner.invoke(app, ["demo", "--no-live", "--puzzle", WIKI, "--steps", "4", "--quiet"])
     assert r.exit_code == 0, r.output

@@ -75,3 +75,27 @@ def test_cli_edit(tiny_ckpt):
     assert first[:2] == ["w40", "w41"] and first[3] == "w43" and "1 of 4 tokens rewritten" in r.output
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w40 [[w41", "--steps", "3"])
     assert r.exit_code == 1 and r.output.startswith("error:") and "unbalanced" in r.output
+
+
+def test_fill_left_to_right(model):
+    """The left-to-right baseline (dgplug demo --compare, examples/sudoku): one cell per forward,
+    leftmost unlocked first, locked cells untouched, the first pick the argmax of one plain forward."""
+    from dgplug.editing import fill_left_to_right
+    from dgplug.model import KVCache
+
+    C, V = model.cfg.canvas_length, model.tc.vocab_size
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(5, V, (2, 6), generator=g)
+    canvas = torch.randint(5, V, (2, C), generator=g)
+    locked = torch.rand(2, C, generator=g) < 0.6
+    locked[1] = True  # a row with nothing to fill uses no forward
+    locked[0, :3] = False
+    out, fw = fill_left_to_right(model, prompt, canvas, locked, temperature=0.5, seed=1)
+    assert fw.tolist() == [int((~locked[0]).sum()), 0]
+    assert torch.equal(out[locked], canvas[locked])
+    cache = KVCache.empty(model.tc.num_hidden_layers)
+    model.encode(prompt[:1], cache)
+    first = model.head(model.denoise(canvas[:1], cache))[0, 0].argmax().item()
+    assert out[0, 0].item() == first
+    with pytest.raises(InputError, match="must agree"):
+        fill_left_to_right(model, prompt, canvas[:1], locked[:1])

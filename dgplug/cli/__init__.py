@@ -133,12 +133,14 @@ def demo(
                                         show_default=False),
     seed: int = typer.Option(0, "--seed"),
     live: bool = typer.Option(True, "--live/--no-live", help="Redraw the grids as they are denoised."),
+    compare: bool = typer.Option(False, "--compare", help="Then solve the same puzzles left to right (one cell "
+                                 "per forward, same model) and print that line too."),
     sample: Optional[int] = typer.Option(None, "--sample", hidden=True),  # older name of --n
     threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """The embedded default model: Sudoku solved on the canvas (live), then a one-line summary.
 
-    Example: dgplug demo --givens 25-29 -n 10
+    Example: dgplug demo --givens 25-29 -n 10 --compare
 
     Example: dgplug demo --puzzle 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
     """
@@ -148,7 +150,7 @@ def demo(
         if sample is not None and n is not None:
             raise common.CLIError("give --n (or its older name --sample), not both")
         run(n if n is not None else sample, givens, puzzle, shown, steps, seed, live, threads, device,
-            "--sample" if sample is not None else "--n")
+            "--sample" if sample is not None else "--n", compare=compare)
 
     common.run(go, debug, quiet)
 

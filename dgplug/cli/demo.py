@@ -141,7 +141,7 @@ def pick(bank: list[dict], band: tuple[int, int], n: int, n_flag: str = "--n") -
 
 
 def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps: int | None, seed: int,
-        live: bool, threads: int | None, device: str | None, n_flag: str = "--n") -> None:
+        live: bool, threads: int | None, device: str | None, n_flag: str = "--n", compare: bool = False) -> None:
     from . import common
 
     if n is not None and n < 1:
@@ -180,6 +180,7 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     S = Sudoku(model, seed)
     puzzles = [it["puzzle"] for it in items]
     prompt, canvas, lock = S.encode(puzzles)
+    start = canvas.clone()  # the left-to-right comparison starts from the same canvas
     N = steps or int(model.generation_defaults["max_denoising_steps"])
     shown = min(shown, len(items))
     view = None
@@ -225,17 +226,32 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     pad = model.generation_defaults.get("pad_token_id", 0)
     n_tok = int((res.sequences[:, L0:] != pad).sum())
     fwd = float(res.forwards.float().mean())
-    if mine:
-        right = "blanks right n/a (no reference solution)"
-    else:
-        blanks = [(b, i) for b, p in enumerate(puzzles) for i, ch in enumerate(p) if ch == "."]
-        good = sum(grids[b][i] == int(items[b]["solution"][i]) for b, i in blanks)
-        right = f"blanks right {good}/{len(blanks)} = {100 * good / max(len(blanks), 1):.0f}%"
     where = "your puzzle" if mine else f"{band[0]}-{band[1]} givens"
     tpf = float(res.tokens_per_forward.float().mean())
-    out.print(f"solve rate {sum(ok)}/{len(items)} = {100 * sum(ok) / len(items):.0f}% ({where}); {right}; "
-              f"{fwd:.1f} forwards per grid ({tpf:.1f} tokens per forward); {n_tok / dt:.0f} tokens/s on "
-              f"{nthreads} thread{'s' if nthreads > 1 else ''}")
+    out.print(f"solve rate {sum(ok)}/{len(items)} = {100 * sum(ok) / len(items):.0f}% ({where}); "
+              f"{_blanks_right(items, grids)}; {fwd:.1f} forwards per grid ({tpf:.1f} tokens per forward); "
+              f"{n_tok / dt:.0f} tokens/s on {nthreads} thread{'s' if nthreads > 1 else ''}")
+    if compare:
+        from dgplug.editing import fill_left_to_right
+
+        say("left to right: the same puzzles from the same canvas, one cell per forward, leftmost blank first")
+        t0 = time.perf_counter()
+        filled, fw = fill_left_to_right(model, prompt.to(model.device), start.to(model.device),
+                                        lock.to(model.device), seed=seed)
+        dt = time.perf_counter() - t0
+        grids = [S.grid(filled[b].tolist()) for b in range(len(items))]
+        ok = [S.solved(p, g) for p, g in zip(puzzles, grids)]
+        out.print(f"left to right, same model: {sum(ok)}/{len(items)} = {100 * sum(ok) / len(items):.0f}%; "
+                  f"{_blanks_right(items, grids)}; {float(fw.float().mean()):.1f} forwards per grid; {dt:.1f} s")
+
+
+def _blanks_right(items: list[dict], grids: list[list[int]]) -> str:
+    """'blanks right 685/816 = 84%' against the bank's solutions (n/a for a puzzle of the user's)."""
+    if any(it["solution"] is None for it in items):
+        return "blanks right n/a (no reference solution)"
+    blanks = [(b, i) for b, it in enumerate(items) for i, ch in enumerate(it["puzzle"]) if ch == "."]
+    good = sum(grids[b][i] == int(items[b]["solution"][i]) for b, i in blanks)
+    return f"blanks right {good}/{len(blanks)} = {100 * good / max(len(blanks), 1):.0f}%"
 
 
 def _tiny_fallback(path, steps, seed, user_threads, device) -> None:

@@ -62,36 +62,16 @@ def solve_entropy(model, puz, seed=0, lock=True, on_step=None, **kw):
     return grids, out.forwards.numpy(), dt, out
 
 
-@torch.no_grad()
 def solve_l2r(model, puz, seed=0, temperature=0.4):
-    """One cell per forward, leftmost unfilled first (givens locked and skipped)."""
-    from dgplug.model import KVCache
+    """One cell per forward, leftmost unfilled first (givens locked and skipped): dgplug.editing's baseline."""
+    from dgplug.editing import fill_left_to_right
 
     prompt = torch.from_numpy(S.prompt_ids(puz))
     canvas, lock = start_canvas(puz, seed)
-    g = torch.Generator().manual_seed(seed + 1)
     t0 = time.perf_counter()
-    cache = KVCache.empty(model.tc.num_hidden_layers)
-    model.encode(prompt, cache)
-    B = len(puz)
-    forwards = np.zeros(B, dtype=np.int64)
-    sc = None
-    rows = torch.arange(B)
-    while not bool(lock.all()):
-        todo = ~lock.all(-1)
-        forwards += todo.numpy()
-        h = model.denoise(canvas, cache, sc_logits=sc)
-        logits = model.head(h) / temperature
-        sc = logits
-        first = torch.argmax((~lock).int(), dim=-1)  # leftmost unfilled (0 for finished rows: locked anyway)
-        pick = logits[rows, first].argmax(-1)
-        upd = todo.clone()
-        canvas[rows[upd], first[upd]] = pick[upd]
-        lock[rows[upd], first[upd]] = True
-        noise = torch.randint(0, S.VOCAB_SIZE, canvas.shape, generator=g)
-        canvas = torch.where(lock, canvas, noise)
+    canvas, forwards = fill_left_to_right(model, prompt, canvas, lock, temperature=temperature, seed=seed + 1)
     dt = time.perf_counter() - t0
-    return S.canvas_to_grid(canvas.numpy()), forwards, dt
+    return S.canvas_to_grid(canvas.numpy()), forwards.numpy(), dt
 
 
 def evaluate(model, n: int, lo: int, hi: int, mode: str, batch: int = 50, seed: int = 0,
