@@ -342,6 +342,12 @@ def sampler_variants(dev, small):
         del h
 
 
+MOE_BIG_TILES = (("BM128 BN128 BK64 w8 s3", dict(BLOCK_M=128, BLOCK_N1=128, BLOCK_K1=64, BLOCK_N2=128, BLOCK_K2=64,
+                                                 num_warps=8, num_stages=3)),
+                 ("BM64 BN128 BK64 w8 s4", dict(BLOCK_M=64, BLOCK_N1=128, BLOCK_K1=64, BLOCK_N2=128, BLOCK_K2=64,
+                                                num_warps=8, num_stages=4)))
+
+
 def moe_sweep(dev, small):
     """One layer's experts at real sizes: bf16/int8/fp8 defaults, then int4 variants (nibble
     pairing mode, magic-number conversion, tiles, warps, the halves nibble order, and the K bound
@@ -380,9 +386,12 @@ def moe_sweep(dev, small):
         w = torch.softmax(torch.randn(T, K, device=dev), -1)
         # T=2048: the default BLOCK_M 64 spills 144 B since the weights stream through cp.async
         # (sm90_build); BLOCK_M 32 and 8 warps do not
-        big = int4_cfgs[:4] + [("swap BM32", dict(sw, BLOCK_M=32)), ("swap w8", dict(sw, num_warps=8)), halves]
+        big = int4_cfgs[:4] + [("swap BM32", dict(sw, BLOCK_M=32)), ("swap w8", dict(sw, num_warps=8)), halves,
+                               ("swap BN128 w8", dict(sw, BLOCK_N1=128, BLOCK_N2=128, num_warps=8))]
         runs = [(s, ("default", {})) for s in ("bf16", "int8", "fp8")] + [("int4", c) for c in
                                                                           (int4_cfgs if T == 256 else big)]
+        if T > 256:  # compute-bound at 16 rows per expert: bigger tiles, 8 warps (MOE_BIG_TILES, ptxas-checked)
+            runs += [(s, c) for s in ("bf16", "fp8") for c in MOE_BIG_TILES]
         for scheme, (label, cfg, *wkey) in runs:
             a, b = weights[wkey[0] if wkey else scheme]
             try:

@@ -161,6 +161,15 @@ def moe_calls():
         for label, cfg in int4:
             _call(f"moe T={T} int4 {label}", lambda cfg=cfg: km.moe_forward_triton(x, idx, w, *weights["int4"],
                                                                                    config=cfg))
+        if T > 256 and not QUICK[0]:  # the GPU check's big tiles (bf16 / fp8) and int4 BN128 with 8 warps
+            from gpu_check import MOE_BIG_TILES
+
+            for label, cfg in MOE_BIG_TILES:
+                for s in ("bf16", "fp8"):
+                    _call(f"moe T={T} {s} {label}", lambda s=s, cfg=cfg: km.moe_forward_triton(
+                        x, idx, w, *weights[s], config=cfg))
+            _call(f"moe T={T} int4 swap BN128 w8", lambda: km.moe_forward_triton(
+                x, idx, w, *weights["int4"], config=dict(sw, BLOCK_N1=128, BLOCK_N2=128, num_warps=8)))
         _call(f"moe T={T} int4 swap halves", lambda: km.moe_forward_triton(
             x, idx, w, *weights["int4 halves"], config=dict(sw, BLOCK_K1=128, BLOCK_K2=64)))
 
