@@ -394,6 +394,7 @@ def iter_hf_tensors(path, dtype=None, packed: bool = False) -> Iterator[tuple[st
     from dgplug.kernels.ggml import PACKED_TYPES
 
     reader = path if isinstance(path, GGUFReader) else open_gguf(path, "c" if packed else "r")
+    path = getattr(reader.data, "filename", path)  # the file, for messages
     specs = _name_map(gguf_to_config(reader))
     for t in reader.tensors:
         if t.name == ROPE_FREQS_GGUF:

@@ -156,19 +156,19 @@ def load_gguf(path: Path, dtype=None, device=None, check_finite=True) -> Diffusi
     """Architecture from the GGUF metadata, tokenizer from the vocabulary; weights of the ggml block types
     (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K, IQ4_XS, IQ4_NL) stay packed (kernels.ggml.GGMLWeight, served in
     `dtype`, default fp32), every other tensor is dequantised."""
-    from dgplug.converters.gguf_import import gguf_to_config, iter_hf_tensors, tokenizer_from_gguf, validate_gguf
+    from dgplug.converters.gguf_import import gguf_to_config, iter_hf_tensors, open_gguf, tokenizer_from_gguf
 
     from .config import from_dict
 
-    validate_gguf(path)
-    raw = gguf_to_config(path)
+    reader = open_gguf(path, "c")  # parsed once (gguf-py reads the whole vocabulary: most of a load's time)
+    raw = gguf_to_config(reader)
     gen = raw.pop("generation_config", None)
     raw.pop("mask_token_id", None)
     cfg = from_dict(raw, str(path))
-    model = build(cfg, iter_hf_tensors(path, dtype, packed=True), dtype, device, gen, check_finite)
+    model = build(cfg, iter_hf_tensors(reader, dtype, packed=True), dtype, device, gen, check_finite)
     model.source = str(path)
     try:
-        model.tokenizer = tokenizer_from_gguf(path)
+        model.tokenizer = tokenizer_from_gguf(reader)
     except Exception:  # noqa: BLE001 - a GGUF without a usable vocabulary still runs on ids
         model.tokenizer = None
     return model

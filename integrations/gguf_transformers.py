@@ -105,16 +105,17 @@ def load_gguf_checkpoint(gguf_checkpoint_path, return_tensors=False, model_to_lo
     if _architecture(gguf_checkpoint_path) != ARCH:
         return _ORIGINAL(gguf_checkpoint_path, return_tensors=return_tensors, model_to_load=model_to_load,
                          torch_dtype=torch_dtype, **kw)
-    from dgplug.converters.gguf_import import gguf_to_config, iter_hf_tensors
+    from dgplug.converters.gguf_import import gguf_to_config, iter_hf_tensors, open_gguf
 
-    config = gguf_to_config(gguf_checkpoint_path)
+    reader = open_gguf(gguf_checkpoint_path, "c" if model_to_load is not None else "r")  # parsed once
+    config = gguf_to_config(reader)
     gen = config.pop("generation_config")
     config.pop("mask_token_id", None)  # dgplug's own key; DiffusionGemmaConfig has no such field
     # not in a GGUF: the default Gemma 4 vision tower (5.24's default; 5.19 would build none and fail)
     config.setdefault("vision_config", {"model_type": "gemma4_vision"})
     out = {"config": config, "tokenizer": {}, "tokenizer_config": {}}
     if return_tensors:
-        tensors = iter_hf_tensors(gguf_checkpoint_path, dtype=torch_dtype, packed=model_to_load is not None)
+        tensors = iter_hf_tensors(reader, dtype=torch_dtype, packed=model_to_load is not None)
         if model_to_load is not None:
             out["tensors"] = pack_modules(model_to_load, tensors)
             _apply_generation_config(model_to_load, gen)

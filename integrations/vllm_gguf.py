@@ -52,15 +52,15 @@ def find_gguf(model) -> Path:
 
 def prepare_serving_dir(gguf, out, overwrite: bool = False) -> Path:
     """Write DIR for `vllm serve DIR --load-format dgplug-gguf` from a GGUF file alone."""
-    from dgplug.converters.gguf_import import gguf_to_config, tokenizer_from_gguf, validate_gguf
+    from dgplug.converters.gguf_import import gguf_to_config, open_gguf, tokenizer_from_gguf
 
     gguf, out = Path(gguf).resolve(), Path(out).absolute()
     if out.resolve() == gguf.parent or out.resolve() in gguf.parents:
         raise ValueError(f"{out} holds {gguf}: choose another output directory")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: pass --overwrite (overwrite=True) to replace it")
-    validate_gguf(gguf)
-    raw = gguf_to_config(gguf)
+    reader = open_gguf(gguf)  # validated, parsed once for the config and the tokenizer
+    raw = gguf_to_config(reader)
     gen = raw.pop("generation_config")
     mask = raw.pop("mask_token_id", None)
     raw["architectures"] = [ARCH]
@@ -78,7 +78,7 @@ def prepare_serving_dir(gguf, out, overwrite: bool = False) -> Path:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; vLLM may run as another user
         (tmp / "config.json").write_text(json.dumps(raw, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        tokenizer_from_gguf(gguf).save_pretrained(str(tmp))
+        tokenizer_from_gguf(reader).save_pretrained(str(tmp))
         os.symlink(gguf, tmp / (gguf.name if gguf.suffix == ".gguf" else gguf.name + ".gguf"))
         if out.exists() or out.is_symlink():  # the old one aside until the new one is in place
             old = out.with_name(f".{out.name}.old.{os.getpid()}")
