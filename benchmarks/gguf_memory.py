@@ -9,7 +9,7 @@ Each measurement runs in a fresh subprocess, packed and dequantised alternating 
   dequantised  the same file with every tensor dequantised by gguf-py at load (the path before #18)
 
 Per side: bytes of the loaded model's tensors (dgplug.loader.weight_bytes) vs the file size; RSS
-after imports, after the load, and the peak (ru_maxrss) after the load plus the timed denoise steps
+after imports, after the load, and the peak (VmHWM) after the load plus the timed denoise steps
 (one step = the decoder over a 256-token canvas against a 32-token prompt's cache + the tied head's
 fp32 logits [256, 262144]; the fused sampler's Gumbel hashing is left out: it costs the same on
 both sides, on a random model's flat logits it dominates the step, and #17 is rewriting it); ms per denoise step (median of --steps
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -64,10 +63,13 @@ def build(work: Path, quants) -> dict:
     return files
 
 
-def rss_now() -> int:
+def rss_now(key: str = "VmRSS") -> int:
+    """Resident bytes now (VmRSS) or at their peak (VmHWM). The peak is read here, not from
+    getrusage's ru_maxrss: Linux carries that across exec, so a child of a parent that held the
+    source checkpoint in memory reported the parent's peak (4.2 GB for every child of one run)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -113,7 +115,7 @@ def child(side: str, path: str, args) -> dict:
             times.append(time.perf_counter() - t1)
             canvas, soft = logits.argmax(-1), None
             del logits
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = rss_now("VmHWM")
         if args.logits:  # a shorter canvas: the comparison is of numbers, not of speed
             ids2 = torch.randint(10, 1000, (1, PROMPT), generator=g)
             canvas2 = torch.randint(0, tc.vocab_size, (1, LOGITS_CANVAS), generator=g)
