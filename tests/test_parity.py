@@ -1,6 +1,7 @@
 """dgplug's model against transformers' own DiffusionGemmaForBlockDiffusion (the oracle).
 
-fp32 logits within 1e-5; generated sequences equal token for token with rng="transformers"
+fp32 logits within 1e-5 of the largest logit (a few ulps: how many depends on the
+reduction order, which changes with the thread count); generated sequences equal token for token with rng="transformers"
 and the same seed; bf16 logits within a stated bound.
 """
 
@@ -38,6 +39,12 @@ def pair(request, tmp_path_factory):
     return _pair(tmp_path_factory, request.param)
 
 
+def _fp32_close(a, b):
+    """Equal up to summation order: 1e-5 of the largest logit (at least 1e-5). A wrong op is off by 1e-3 or more;
+    CI saw 1.18e-5 on the deep model with the two cores shared, 1e-5 had passed until then."""
+    return (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+
+
 def test_logits_fp32(pair):
     _, hf, dg = pair
     C = dg.cfg.canvas_length
@@ -50,7 +57,7 @@ def test_logits_fp32(pair):
             a = hf(input_ids=ids, decoder_input_ids=canvas, **kw).logits
             b = dg(input_ids=ids, decoder_input_ids=canvas, **kw).logits
             assert b.dtype == torch.float32 and b.shape == (2, C, dg.tc.vocab_size)
-            assert (a - b).abs().max().item() < 1e-5
+            assert _fp32_close(a, b)
 
 
 def test_logits_fp32_left_padding(pair):
@@ -65,7 +72,7 @@ def test_logits_fp32_left_padding(pair):
     with torch.no_grad():
         a = hf(input_ids=ids, attention_mask=am, decoder_input_ids=canvas, decoder_attention_mask=dam).logits
         b = dg(input_ids=ids, attention_mask=am, decoder_input_ids=canvas, decoder_attention_mask=dam).logits
-    assert (a - b).abs().max().item() < 1e-5
+    assert _fp32_close(a, b)
 
 
 def _generate_both(hf, dg, ids, seed=123, **kw):

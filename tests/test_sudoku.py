@@ -130,3 +130,30 @@ def test_demo_no_live_runs(model):
     res = CliRunner().invoke(app, ["demo", "--no-live", "--puzzles", "1", "--sample", "4", "--steps", "8"])
     assert res.exit_code == 0, res.output
     assert "solve rate" in res.output and "tokens per forward" in res.output and "tokens/s" in res.output
+
+
+def test_grow_keeps_what_the_model_computes():
+    """train.py --grow: the deepened model (copies of the layers, their post-norm gains at 0) computes what the
+    checkpoint computes, through transformers' own model; its new layers are copies of the right type."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    import train as T
+
+    path = sudoku_model_path()
+    if path is None:
+        pytest.skip("dgplug/data/sudoku is not shipped in this checkout")
+    old = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
+    n_old = old.config.text_config.num_hidden_layers
+    new = T.grow(DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32), n_old + 2).eval()
+    types = new.config.text_config.layer_types
+    assert len(new.model.decoder.layers) == n_old + 2 and types[n_old:] == types[:2]
+    prompt, clean, noisy = T.make_batch(S.Generator(3, pool=4), 4, 25, 45, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = old(input_ids=prompt, decoder_input_ids=noisy).logits
+        b = new(input_ids=prompt, decoder_input_ids=noisy).logits
+        assert (a - b).abs().max().item() < 1e-4 * a.abs().max().item()
+        new.model.decoder.layers[n_old].post_attention_layernorm.weight.fill_(1.0)  # open one: it must matter
+        c = new(input_ids=prompt, decoder_input_ids=noisy).logits
+    assert (a - c).abs().max().item() > 1e-2
+    with pytest.raises(SystemExit, match="already has"):
+        T.grow(old, n_old)

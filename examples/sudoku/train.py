@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -37,10 +38,10 @@ import sudoku as S  # noqa: E402
 
 GENERATION = {
     "max_new_tokens": S.CANVAS_LEN,
-    "max_denoising_steps": 32,
+    "max_denoising_steps": 48,
     "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
-    "t_min": 0.4,
-    "t_max": 0.8,
+    "t_min": 1.0,
+    "t_max": 1.5,
     "stability_threshold": 1,
     "confidence_threshold": 0.005,
     "eos_token_id": [S.EOS],
@@ -73,8 +74,40 @@ def build_model(args):
     )
     torch.manual_seed(args.seed)
     if args.init:  # continue from a saved checkpoint (weights only; a fresh optimizer and schedule)
-        return DiffusionGemmaForBlockDiffusion.from_pretrained(args.init, dtype=torch.float32)
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init, dtype=torch.float32)
+        return grow(model, args.grow) if args.grow else model
     return DiffusionGemmaForBlockDiffusion(cfg)
+
+
+def grow(model, n: int):
+    """Deepen a trained model to n layers without changing what it computes: layer i >= L is a copy of
+    layer i mod L (its type too) with the gains of its two post-norms (attention output and the
+    dense + experts sum) set to 0, so it adds nothing to the residual until training opens it.
+    Encoder and decoder share these layers, so both grow."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    cfg = model.config
+    tc = cfg.text_config
+    old = tc.num_hidden_layers
+    if n <= old:
+        raise SystemExit(f"--grow {n}: the checkpoint already has {old} layers")
+    tc.layer_types = [tc.layer_types[i % old] for i in range(n)]
+    tc.num_hidden_layers = n
+    new = DiffusionGemmaForBlockDiffusion(cfg).to(torch.float32)
+    src = model.state_dict()
+    sd = {}
+    for k in new.state_dict():
+        m = re.match(r"(.*\.layers\.)(\d+)(\..*)", k)
+        if not m or "vision" in k:
+            sd[k] = src[k]
+            continue
+        i = int(m.group(2))
+        w = src[f"{m.group(1)}{i % old}{m.group(3)}"].clone()
+        if i >= old and m.group(3) in (".post_attention_layernorm.weight", ".post_feedforward_layernorm.weight"):
+            w.zero_()
+        sd[k] = w
+    new.load_state_dict(sd, strict=True)
+    return new
 
 
 def make_batch(gen: S.Generator, n: int, lo: int, hi: int, g: torch.Generator, keep_share: float = 0.7):
@@ -165,6 +198,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--init", default=None, help="start from this checkpoint's weights (a continuation)")
+    ap.add_argument("--grow", type=int, default=0, help="with --init: deepen to this many layers (see grow())")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
