@@ -16,10 +16,11 @@ import sudoku as S  # noqa: E402
 
 from dgplug.assets import default_model_path, sudoku_model_path  # noqa: E402
 
-# Measured with the shipped checkpoint and generation config (examples/sudoku/README.md): 90% of 100
-# held-out puzzles solved with 36-45 givens, 19 of the 20 this test draws. The floor (15 of 20) sits
-# about 2.2 standard deviations of a 20-puzzle draw under 90%; raise it when a better checkpoint ships.
-SOLVE_RATE_FLOOR_36 = 0.75
+# Measured with the shipped checkpoint and generation config (examples/sudoku/README.md): 95% of 100
+# held-out puzzles solved with 36-45 givens, 18 of the 20 this test draws (the 3-layer model before it:
+# 90% and 19 of 20). The floor, 16 of 20, leaves two grids for what the thread count's summation order
+# can flip; raise it when a better checkpoint ships.
+SOLVE_RATE_FLOOR_36 = 0.80
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +108,10 @@ def test_solve_rate_floor_quick(model):
 
     r = E.evaluate(model, 20, 36, 45, "entropy", batch=20)
     assert r["solve_rate"] >= SOLVE_RATE_FLOOR_36, r
-    # measured on 100 held-out puzzles: 90% solved, 90.6% of blank cells right (guessing: 11%); on these
-    # 20: 95% and 96.0%. The floors sit well below
-    assert r["blank_cell_acc"] > 0.86, r
+    # measured on 100 held-out puzzles: 95% solved, 90.3% of blank cells right (guessing: 11%); on these
+    # 20: 90% and 94.2%, in 9.2 forwards per grid. The floors sit below
+    assert r["blank_cell_acc"] > 0.90, r
+    assert r["forwards_per_grid"] <= 16, r  # the 3-layer model needed 24.1 a grid (100 puzzles)
     assert r["forwards_per_grid"] <= model.generation_defaults["max_denoising_steps"]
 
 
