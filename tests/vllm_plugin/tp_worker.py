@@ -27,6 +27,9 @@ def main():
 
     vllm_plugin.register()
     vc = make_vllm_config(ckpt)
+    # what vLLM's CPU worker sets before it joins the groups (the port of the init method): its CPU
+    # communicator names the shared-memory group after it, and reads it unguarded when vLLM's _C ops load
+    os.environ.setdefault("VLLM_DIST_IDENT", port)
     with set_current_vllm_config(vc):
         init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
                                      distributed_init_method=f"tcp://127.0.0.1:{port}")
