@@ -200,6 +200,8 @@ def main():
     ap.add_argument("--init", default=None, help="start from this checkpoint's weights (a continuation)")
     ap.add_argument("--grow", type=int, default=0, help="with --init: deepen to this many layers (see grow())")
     args = ap.parse_args()
+    if args.grow and not args.init:
+        ap.error("--grow N deepens a trained checkpoint: give it with --init")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
