@@ -94,11 +94,12 @@ def check_kernels(dev, small):
         if scheme == "int4":
             runs = [(str(c), c, None) for c in (dict(MAGIC=False, SWAP_AB=False), dict(SWAP_AB=False),
                                                 dict(SWAP_AB=True, MAGIC=False), dict(SWAP_AB=True, BLOCK_M=16))]
-            runs.append(("swap halves (kpack 128 / 64)", dict(SWAP_AB=True, BLOCK_K1=128, BLOCK_K2=64), (128, 64)))
-            for label, cfg, kpack in runs:
+            runs.append(("swap halves (kpack 128 / 64)", dict(SWAP_AB=True), km.repack_int4_halves))
+            runs.append(("fragments (kpack 128 / 64)", dict(SWAP_AB=True), km.repack_int4_fragments))
+            runs.append(("fragments, sums in the loop", dict(SWAP_AB=True, XSUM=False), km.repack_int4_fragments))
+            for label, cfg, repack in runs:
                 try:
-                    wg, wd = (qg, qd) if kpack is None else (km.repack_int4_halves(qg, kpack[0]),
-                                                             km.repack_int4_halves(qd, kpack[1]))
+                    wg, wd = (qg, qd) if repack is None else (repack(qg, 128), repack(qd, 64))
                     a = km.moe_forward_triton(x, idx, w, wg, wd, config=cfg)
                     print(f"moe int4 {label} rel err {err(a, b):.2e}")
                 except Exception as ex:  # noqa: BLE001
@@ -370,7 +371,12 @@ def moe_sweep(dev, small):
         weights[scheme] = (q(gu, scheme), q(dn, scheme))
     # the halves nibble order, repacked once for the GPU default K tiles (gate_up 128, down 64)
     weights["int4 halves"] = tuple(km.repack_int4_halves(w, bk) for w, bk in zip(weights["int4"], (128, 64)))
+    # the fragments order (what dgplug.load makes of int4 experts on a GPU), for the same K tiles
+    weights["int4 fragments"] = tuple(km.repack_int4_fragments(w, bk) for w, bk in zip(weights["int4"], (128, 64)))
     sw = dict(SWAP_AB=True)
+    frag = [("fragments", {}, "int4 fragments"), ("fragments, sums in the loop", dict(XSUM=False), "int4 fragments"),
+            ("pairs, sums in the loop (before)", dict(XSUM=False)), ("fragments BM32", dict(BLOCK_M=32), "int4 fragments"),
+            ("fragments w8", dict(num_warps=8), "int4 fragments"), ("fragments s3", dict(num_stages=3), "int4 fragments")]
     halves = ("swap halves", dict(sw, BLOCK_K1=128, BLOCK_K2=64), "int4 halves")
     int4_cfgs = [("plain, converted (old default)", dict(MAGIC=False, SWAP_AB=False)),
                  ("plain, magic", dict(SWAP_AB=False)),
@@ -379,7 +385,7 @@ def moe_sweep(dev, small):
                  ("swap BM32 (default before)", dict(sw, BLOCK_M=32)), ("swap BM64", dict(sw, BLOCK_M=64)),
                  ("swap BN128 w4", dict(sw, BLOCK_N1=128, BLOCK_N2=128)), ("swap stages3", dict(sw, num_stages=3)),
                  ("swap w8", dict(sw, num_warps=8)), ("swap BN32", dict(sw, BLOCK_N1=32, BLOCK_N2=32)), halves,
-                 ("swap halves, K bound", dict(halves[1], EVEN_K=False), "int4 halves")]
+                 ("swap halves, K bound", dict(halves[1], EVEN_K=False), "int4 halves")] + frag
     for T in ((256, 2048) if not small else (32,)):
         x = torch.randn(T, D, device=dev).to(torch.bfloat16)
         idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
@@ -387,22 +393,30 @@ def moe_sweep(dev, small):
         # T=2048: the default BLOCK_M 64 spills 144 B since the weights stream through cp.async
         # (sm90_build); BLOCK_M 32 and 8 warps do not
         big = int4_cfgs[:4] + [("swap BM32", dict(sw, BLOCK_M=32)), ("swap w8", dict(sw, num_warps=8)), halves,
-                               ("swap BN128 w8", dict(sw, BLOCK_N1=128, BLOCK_N2=128, num_warps=8))]
+                               ("swap BN128 w8", dict(sw, BLOCK_N1=128, BLOCK_N2=128, num_warps=8))] + frag[:3] + [
+                                   frag[4], ("fragments BM32", dict(BLOCK_M=32), "int4 fragments")]
         runs = [(s, ("default", {})) for s in ("bf16", "int8", "fp8")] + [("int4", c) for c in
                                                                           (int4_cfgs if T == 256 else big)]
         if T > 256:  # compute-bound at 16 rows per expert: bigger tiles, 8 warps (MOE_BIG_TILES, ptxas-checked)
             runs += [(s, c) for s in ("bf16", "fp8") for c in MOE_BIG_TILES]
+        times = {}
         for scheme, (label, cfg, *wkey) in runs:
             a, b = weights[wkey[0] if wkey else scheme]
             try:
-                t = timed(lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), reps=20, warm=3)
+                t = times[(scheme, label)] = timed(lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg),
+                                                   reps=20, warm=3)
             except Exception as ex:  # noqa: BLE001
                 print(f"T={T} {scheme} {label}: failed {type(ex).__name__}: {str(ex)[:200]}")
                 continue
             _, nbytes = km.moe_flops_bytes(T, D, I, E, K, scheme)
             print(f"T={T} {scheme:<5} {label:<28} {t:7.3f} ms  {nbytes / t / 1e9:6.2f} TB/s", flush=True)
+        _, nbytes = km.moe_flops_bytes(T, D, I, E, K, "int4")
+        f, p, b0 = (times.get(("int4", k), float("nan")) for k in ("fragments", "default (swapped, magic)",
+                                                                   "pairs, sums in the loop (before)"))
+        print(f"RESULT moe quant=int4 T={T} fragments_ms={f:.3f} pairs_ms={p:.3f} before_ms={b0:.3f} "
+              f"fragments_TB_s={nbytes / f / 1e9:.2f}", flush=True)
         if T == 256:
-            for label, cfg, wkey in (("int4 default", {}, "int4"), ("int4 swap halves", halves[1], halves[2])):
+            for label, cfg, wkey in (("int4 default", {}, "int4"), ("int4 fragments", {}, "int4 fragments")):
                 a, b = weights[wkey]
                 profile(f"MoE {label}, T=256", lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), rows=6)
 
@@ -608,6 +622,9 @@ def full_models(dev, small, quant="int4"):
             yield name, t
 
     dg = build(dcfg, tensors(), device=dev, check_finite=False)
+    gu = dg.layers[0].experts.gate_up_proj
+    if quant == "int4":  # dgplug.load's repack on CUDA (kernels.moe.for_gpu_kernels)
+        print(f"dgplug int4 experts as loaded: {gu.order} order, K tiles {gu.kpack or '-'}")
     return hf, dg
 
 

@@ -10,7 +10,9 @@ release's shapes (hidden 2816, 128 experts x 704, top-8, vocabulary 262144, head
 batch 1 and 8, bf16 compute, plus the MoE sweep's int4 variants and a Q4_K_M GGUF's packed experts.
 
 Per compiled kernel: registers per thread, spill bytes and shared memory (ptxas --verbose), the
-single-byte global loads in its SASS (nvdisasm; the int4 MoE once read its weights that way), and a
+single-byte global loads in its SASS (nvdisasm; the int4 MoE once read its weights that way), the
+instructions of its longest loop (SASS, static: the K loop of a GEMM; a dequantising kernel that
+issues more per weight byte than the memory delivers is bound by issue, not bandwidth), and a
 verdict: FAIL where the launch would fail on an H100/H200 (shared memory over 227 KiB per block,
 registers x threads over 64 Ki); "spills" where ptxas spilled. Kernels defined in dgplug but never
 compiled here are listed too. Exit status 1 on a compile error or a FAIL.
@@ -106,8 +108,28 @@ def resources(kernel, arch: int) -> dict:
     return dict(regs=int(regs.group(1)) if regs else -1,
                 spill=(int(spill.group(1)) + int(spill.group(2))) if spill else -1,
                 smem=int(getattr(md, "shared", 0)), warps=int(getattr(md, "num_warps", 4)),
-                byte_loads=len(re.findall(r"\bLDG\.E\.[US]8\b", sass)),
+                byte_loads=len(re.findall(r"\bLDG\.E\.[US]8\b", sass)), loop=loop_instructions(sass),
                 stages=int(getattr(md, "num_stages", 0)))
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions between a backward branch and its target, for the longest such loop (0: none)."""
+    addr, label, best = {}, None, 0
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            label = m.group(1)
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if not m:
+            continue
+        a = int(m.group(1), 16)
+        if label:
+            addr[label], label = a, None
+        b = re.search(r"\bBRA\b.*`\(\.(L_x_\d+)\)", m.group(2))
+        if b and addr.get(b.group(1), a + 1) < a:
+            best = max(best, (a - addr[b.group(1)]) // 16 + 1)
+    return best
 
 
 # -- the calls ---------------------------------------------------------------------------------
@@ -143,13 +165,15 @@ def moe_calls():
 
     weights = {"bf16": (gu, dn), **{s: (q(gu, s), q(dn, s)) for s in ("int8", "fp8", "int4")}}
     weights["int4 halves"] = tuple(km.repack_int4_halves(w, bk) for w, bk in zip(weights["int4"], (128, 64)))
+    weights["int4 fragments"] = tuple(km.repack_int4_fragments(w, bk) for w, bk in zip(weights["int4"], (128, 64)))
     sw = dict(SWAP_AB=True)
     int4 = [("plain, magic", dict(SWAP_AB=False)), ("default", {}), ("swap convert", dict(sw, MAGIC=False)),
             ("swap BM16", dict(sw, BLOCK_M=16)), ("swap BM64", dict(sw, BLOCK_M=64)),
             ("swap BN128", dict(sw, BLOCK_N1=128, BLOCK_N2=128)), ("swap stages3", dict(sw, num_stages=3)),
-            ("swap w8", dict(sw, num_warps=8)), ("swap BN32", dict(sw, BLOCK_N1=32, BLOCK_N2=32))]
-    if QUICK[0]:
-        int4 = int4[1:2]
+            ("swap w8", dict(sw, num_warps=8)), ("swap BN32", dict(sw, BLOCK_N1=32, BLOCK_N2=32)),
+            ("sums in the loop", dict(XSUM=False))]
+    if QUICK[0]:  # 16 experts: BLOCK_M 16 by hand, as the release's T=256 gets by default
+        int4 = [int4[1], ("default BM16", dict(BLOCK_M=16))]
     for T in (256, 2048):
         x = torch.randn(T, D, generator=g).to(BF)
         idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(T)])
@@ -172,6 +196,9 @@ def moe_calls():
                 x, idx, w, *weights["int4"], config=dict(sw, BLOCK_N1=128, BLOCK_N2=128, num_warps=8)))
         _call(f"moe T={T} int4 swap halves", lambda: km.moe_forward_triton(
             x, idx, w, *weights["int4 halves"], config=dict(sw, BLOCK_K1=128, BLOCK_K2=64)))
+        for label, cfg in FRAGMENT_CFGS if not QUICK[0] else (FRAGMENT_CFGS[0], (" BM16", dict(BLOCK_M=16))):
+            _call(f"moe T={T} int4 fragments{label}", lambda cfg=cfg: km.moe_forward_triton(
+                x, idx, w, *weights["int4 fragments"], config=dict(sw, **cfg)))
 
 
 def ggml_calls():
@@ -202,6 +229,11 @@ def ggml_calls():
     for qt in (GT.Q4_K, GT.Q6_K) if QUICK[0] else ggml.PACKED_TYPES:  # the row decoder (tables, linears)
         rows = blocks(qt, (64, D))
         _call(f"ggml decode rows {qt.name}", lambda rows=rows: ggml.dequantize_blocks(rows.blocks, qt, BF, impl="triton"))
+
+
+# the int4 fragments order (K tiles 128 / 64) beside the default: as the GPU check sweeps it
+FRAGMENT_CFGS = (("", {}), (" BM32", dict(BLOCK_M=32)), (" w8", dict(num_warps=8)), (" s3", dict(num_stages=3)),
+                 (" BN128", dict(BLOCK_N1=128, BLOCK_N2=128)))
 
 
 # GGUF MoE tiles beside the default (32 x 32, 2 stages), as the GPU check times them
@@ -301,7 +333,7 @@ def main() -> int:
         GROUPS[g]()
     seen, bad = {}, 0
     print(f"{'call':<44} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} "
-          f"{'smem B':>7} {'ldg u8':>6}  verdict")
+          f"{'smem B':>7} {'ldg u8':>6} {'loop':>5}  verdict")
     for b in BUILT:
         key = (b["name"], repr(sorted(b["consts"].items())))
         if key in seen:
@@ -315,7 +347,7 @@ def main() -> int:
         verdict = ("FAIL: " + ", ".join(fail)) if fail else ("spills" if r["spill"] > 0 else "ok")
         bad += bool(fail)
         print(f"{b.get('call', '?'):<44} {b['name']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
-              f"{r['spill']:>7} {r['smem']:>7} {r['byte_loads']:>6}  {verdict}")
+              f"{r['spill']:>7} {r['smem']:>7} {r['byte_loads']:>6} {r['loop']:>5}  {verdict}")
     built = {b["name"] for b in BUILT}
     missing = sorted(defined_kernels() - built)
     print(f"{len(seen)} distinct builds of {len(built)} kernels in {time.perf_counter() - t0:.0f} s; "

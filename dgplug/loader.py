@@ -56,6 +56,10 @@ def build(cfg: Config, tensors, dtype=None, device=None, generation_defaults=Non
             if check_finite and hasattr(t, "nonfinite") and t.nonfinite():
                 raise CheckpointError(f"tensor {hf} holds NaN or Inf values")
             t = t.to(device or "cpu")
+            if t.device.type == "cuda" and hf.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                from dgplug.kernels.moe import for_gpu_kernels  # int4: the order the GPU kernel reads fastest
+
+                t = for_gpu_kernels(t, "gate_up" if hf.endswith("gate_up_proj") else "down")
         else:
             if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"tensor {hf} holds NaN or Inf values")

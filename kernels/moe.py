@@ -13,6 +13,7 @@ moe_forward_torch(x, topk_index, topk_weights, gate_up, down) -> same, plain PyT
 QuantizedWeight                      the packed-weight contract shared with converters/
 moe_flops_bytes(T, D, I, E, K, scheme) -> (flops, bytes read) of one call
 repack_int4_halves(qw, block_k) -> the int4 weight in the halves nibble order (below)
+repack_int4_fragments(qw, block_k) -> the int4 weight in the fragments order (below; the GPU's)
 
 impl: None = auto (Triton when x.is_cuda and triton imports), "triton", "torch". The environment
 variable DGPLUG_KERNELS=torch|triton overrides auto; an explicit `impl` argument wins over both.
@@ -28,7 +29,18 @@ Quantized layouts (logical weight [..., N, K], "K" the input dimension, "..." th
         K tile [k0, k0+BK), byte k0/2 + j holds element k0 + j low and k0 + BK/2 + j high, so the
         low and high nibble tiles are the two halves of the tile in order and the swapped kernel
         does two dots per tile with no interleave. Only that kernel with BLOCK_K = BK reads it (any
-        other path refuses it); made for the GPU sweep (benchmarks/gpu_check.py), not measured yet.
+        other path refuses it); made for the GPU sweep (benchmarks/gpu_check.py), where it was slower.
+        "fragments" order (kpack = BK, order="fragments", made by repack_int4_fragments; BK a
+        multiple of 32): each K tile's nibbles are placed so that a thread of the swapped kernel
+        reads its share of a weight row as whole 32-bit words, and each word gives four bf16x2 /
+        fp16x2 registers of the MMA's A fragment by one shift and one mask each:
+        (w >> 4j) & 0x000F000F | magic holds the K pair (k, k+1) from nibbles j and j + 4. Word
+        t * BK/32 + i of a tile (t = 0..3, i = 0..BK/32-1), nibble n (j = n % 4 = 2d + c, half =
+        n // 4) holds K position (2i + d) * 16 + c * 8 + 2t + half: thread t of a 4-thread
+        group holds columns 2t, 2t+1, 2t+8, 2t+9 of every 16-column step in Hopper's wgmma and
+        Ampere's mma.m16n8k16 register layouts. The bytes then load as 16-byte vectors and the
+        nibbles need no byte permutes (sm_90 build of the gate_up step at T=256: 405 instructions
+        in the K loop and 132 registers, against 590 and 215 in the pairs order).
   int8: qweight int8 [..., N, K], scale fp32 [..., N] (per output channel); w = q * scale.
   fp8:  qweight float8_e4m3fn [..., N, K], scale fp32 [..., N]; w = q.float() * scale.
   ggml: a GGUF's blocks as they are in the file (kernels.ggml.GGMLWeight: Q8_0, Q4_0, Q4_1, Q5_0,
@@ -57,7 +69,10 @@ at batch 1 with top-8 of 128):
   per-channel scale applied to the fp32 accumulator after the K loop. int4: when a K tile lies
   inside one group (group % BLOCK_K == 0, the usual case) the nibbles go into tl.dot raw
   (exact in bf16/fp16) and the group's scale and zero are folded into the accumulator,
-  acc += s * (a @ q - z * rowsum(a)), with the next tile's scale/zero loaded a step ahead;
+  acc += s * (a @ q - z * rowsum(a)), with the next tile's scale/zero loaded a step ahead (the
+  swapped kernels read rowsum(a) per K tile from sums taken once: x's by tile_sums before the
+  gate_up step, h's by the gate_up step's epilogue when its N tile is the down step's K tile;
+  summed in every program instead, the reduction crossed warps in every K step);
   otherwise (groups smaller than a tile) each element is dequantised, (q - z) * s, before the
   dot. Activations bf16/fp16 (fp32 accepted; tl.dot then runs in IEEE fp32).
 
@@ -104,6 +119,7 @@ except Exception:  # pragma: no cover - depends on the environment
 __all__ = [
     "QuantizedWeight",
     "repack_int4_halves",
+    "repack_int4_fragments",
     "moe_forward",
     "moe_forward_torch",
     "moe_flops_bytes",
@@ -124,8 +140,8 @@ class QuantizedWeight:
     """A packed weight of logical shape [..., N, K] (layouts in the module docstring).
 
     `scheme` is "int4", "int8" or "fp8"; `zero` is used by int4 only; `group_size` by int4 only.
-    `kpack` (int4 only): 0 = nibble pairs (element 2j low, 2j+1 high), BK > 0 = halves of K tiles
-    of BK (see repack_int4_halves).
+    `kpack` (int4 only): 0 = nibble pairs (element 2j low, 2j+1 high), BK > 0 = K tiles of BK in
+    `order` "halves" (repack_int4_halves) or "fragments" (repack_int4_fragments).
     Indexing (`qw[e]`) returns the per-expert QuantizedWeight (views, no copy).
     """
 
@@ -136,12 +152,20 @@ class QuantizedWeight:
     group_size: int = 128
     shape: Optional[tuple] = None
     kpack: int = 0
+    order: Optional[str] = None  # None: "pairs" when kpack is 0, else "halves"
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown quantization scheme {self.scheme!r}; expected one of {SCHEMES}")
         if self.kpack and self.scheme != "int4":
             raise ValueError(f"kpack={self.kpack} is an int4 nibble order; {self.scheme} has none")
+        if self.order is None:
+            self.order = "halves" if self.kpack else "pairs"
+        if self.order not in ("pairs", "halves", "fragments") or (self.order == "pairs") != (self.kpack == 0):
+            raise ValueError(f"int4 nibble order {self.order!r} with kpack={self.kpack}: use pairs (kpack 0), "
+                             f"halves or fragments (kpack = the K tile)")
+        if self.order == "fragments" and self.kpack % 32:
+            raise ValueError(f"the fragments order needs K tiles of a multiple of 32, got kpack={self.kpack}")
         lead = tuple(self.qweight.shape[:-1])
         if self.scheme == "int4":
             if self.qweight.dtype != torch.uint8:
@@ -199,16 +223,20 @@ class QuantizedWeight:
             raise IndexError("indexing selects an expert; this weight has no expert dimension")
         zero = self.zero[e] if self.zero is not None else None
         qw = self.qweight[e]
-        return QuantizedWeight(self.scheme, qw, self.scale[e], zero, self.group_size, None, self.kpack)
+        return QuantizedWeight(self.scheme, qw, self.scale[e], zero, self.group_size, None, self.kpack, self.order)
 
     def to(self, device) -> "QuantizedWeight":
         zero = self.zero.to(device) if self.zero is not None else None
         return QuantizedWeight(self.scheme, self.qweight.to(device), self.scale.to(device), zero,
-                               self.group_size, self.shape, self.kpack)
+                               self.group_size, self.shape, self.kpack, self.order)
 
     def codes(self) -> torch.Tensor:
         """int4: the nibbles 0..15 as uint8 [..., N, K] in K order, for either nibble order."""
         b = self.qweight
+        if self.order == "fragments":
+            q = torch.stack((b & 15, b >> 4), dim=-1).reshape(*b.shape[:-1], -1, self.kpack)
+            inv = torch.argsort(fragment_perm(self.kpack)).to(b.device)
+            return q[..., inv].reshape(*b.shape[:-1], b.shape[-1] * 2)
         if self.kpack:  # each K tile of kpack: its first half low nibbles, its second half high
             t = b.reshape(*b.shape[:-1], -1, self.kpack // 2)
             return torch.cat((t & 15, t >> 4), dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
@@ -285,6 +313,46 @@ def repack_int4_halves(qw: QuantizedWeight, block_k: int) -> QuantizedWeight:
     t = q.reshape(*q.shape[:-1], k // block_k, block_k)
     packed = (t[..., : block_k // 2] | (t[..., block_k // 2:] << 4)).reshape(*q.shape[:-1], k // 2)
     return QuantizedWeight("int4", packed.contiguous(), qw.scale, qw.zero, qw.group_size, qw.shape, block_k)
+
+
+def fragment_perm(block_k: int) -> torch.Tensor:
+    """perm[P] = the K position (within a tile of block_k) that nibble P of the tile holds in the
+    fragments order (nibble P: byte P // 2, low nibble first; layout in the module docstring)."""
+    P = torch.arange(block_k)
+    word, n = P // 8, P % 8
+    t, i = word // (block_k // 32), word % (block_k // 32)
+    j, half = n % 4, n // 4
+    c, d = j % 2, j // 2
+    return (2 * i + d) * 16 + c * 8 + 2 * t + half
+
+
+def repack_int4_fragments(qw: QuantizedWeight, block_k: int) -> QuantizedWeight:
+    """The same int4 weight in the fragments order for K tiles of block_k (exact; a multiple of 32
+    dividing K): what the swapped kernel with BLOCK_K = block_k reads fastest."""
+    if qw.scheme != "int4":
+        raise ValueError(f"repack_int4_fragments needs an int4 weight, got {qw.scheme}")
+    k = qw.shape[-1]
+    if block_k <= 0 or block_k % 32 or k % block_k:
+        raise ValueError(f"block_k must be a multiple of 32 dividing K={k}, got {block_k}")
+    q = qw.codes()
+    t = q.reshape(*q.shape[:-1], k // block_k, block_k)[..., fragment_perm(block_k).to(q.device)]
+    packed = (t[..., 0::2] | (t[..., 1::2] << 4)).reshape(*q.shape[:-1], k // 2)
+    return QuantizedWeight("int4", packed.contiguous(), qw.scale, qw.zero, qw.group_size, qw.shape, block_k,
+                           "fragments")
+
+
+GPU_K_TILES = {"gate_up": 128, "down": 64}  # BLOCK_K1 / BLOCK_K2 of the int4 kernels on a GPU
+
+
+def for_gpu_kernels(w, which: str):
+    """int4 expert weights in the fragments order for the GPU's K tiles (GPU_K_TILES) where the
+    swapped kernel takes them (K a multiple of the tile, groups of whole tiles); anything else as
+    it is. dgplug.load calls it on CUDA; DGPLUG_INT4_ORDER=pairs keeps the order of the file."""
+    bk = GPU_K_TILES[which]
+    if (not isinstance(w, QuantizedWeight) or w.scheme != "int4" or w.kpack or w.shape[-1] % bk
+            or w.group_size % bk or os.environ.get("DGPLUG_INT4_ORDER", "fragments") == "pairs"):
+        return w
+    return repack_int4_fragments(w, bk)
 
 
 def _wshape(w) -> tuple:
@@ -653,14 +721,50 @@ if HAS_TRITON:
         return _nib(b & 0xF, CDT, MAGIC), _nib(b >> 4, CDT, MAGIC)
 
     @triton.jit
+    def _frag_pairs(W, MAGIC: tl.constexpr):
+        """Nibbles j and j + 4 of 32-bit words as two 16-bit halves: raw (0..15), or with the
+        magic bits of 128 + q (bf16) / 1024 + q (fp16) set."""
+        if MAGIC == 1:
+            return (W & 0x000F000F) | 0x43004300
+        elif MAGIC == 2:
+            return (W & 0x000F000F) | 0x64006400
+        else:
+            return W & 0x000F000F
+
+    @triton.jit
+    def _frag_half(R, SHIFT: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
+        v = ((R >> SHIFT) & 0xFFFF).to(tl.uint16)
+        if MAGIC == 1:
+            out = v.to(tl.bfloat16, bitcast=True)
+        elif MAGIC == 2:
+            out = v.to(tl.float16, bitcast=True)
+        else:
+            out = v.to(tl.float32).to(CDT)
+        return out
+
+    @triton.jit
     def _int4_rows(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr,
-                   EVEN_K: tl.constexpr):
-        """[BN, BK] raw nibbles of weight rows `rows` in the pairs order, K positions k0.. in order
-        (a join on the last axis is the natural interleave)."""
-        lo, hi = _int4_nibbles(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk, BLOCK_K, CDT, MAGIC,
-                               EVEN_K)
-        return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+                   EVEN_K: tl.constexpr, FRAG: tl.constexpr):
+        """[BN, BK] raw nibbles of weight rows `rows`, K positions k0.. in order: from the pairs
+        order (a join on the last axis is the natural interleave), or (FRAG) from 32-bit words in
+        the fragments order (the permute below undoes the repack's; in the MMA's register layout
+        it moves nothing)."""
+        if FRAG:
+            w32 = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            p = (w32 + e.to(tl.int64) * (stride_we // 4) + rows[:, None].to(tl.int64) * (stride_wn // 4)
+                 + offs_w[None, :])
+            W = tl.reshape(tl.load(p, mask=nmask[:, None], other=0), (BLOCK_N, 4, BLOCK_K // 32))  # [n, t, i]
+            R = tl.join(tl.join(_frag_pairs(W, MAGIC), _frag_pairs(W >> 4, MAGIC)),
+                        tl.join(_frag_pairs(W >> 8, MAGIC), _frag_pairs(W >> 12, MAGIC)))  # [n, t, i, c, d]
+            H = tl.join(_frag_half(R, 0, CDT, MAGIC), _frag_half(R, 16, CDT, MAGIC))  # [n, t, i, c, d, half]
+            out = tl.reshape(tl.permute(H, (0, 2, 4, 3, 1, 5)), (BLOCK_N, BLOCK_K))
+        else:
+            lo, hi = _int4_nibbles(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk, BLOCK_K, CDT,
+                                   MAGIC, EVEN_K)
+            out = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+        return out
 
     @triton.jit
     def _cols_t(ptr, cols, col_mask, stride_c, stride_k, k0, K, BLOCK_K: tl.constexpr, CDT: tl.constexpr):
@@ -670,31 +774,55 @@ if HAS_TRITON:
         return tl.load(p, mask=col_mask[None, :] & (offs_k[:, None] < K), other=0.0).to(CDT)
 
     @triton.jit
-    def _int4_dot_t(wq, xt, s, z, acc, IEEE: tl.constexpr):
-        """acc^T += ((q - z) * s) @ x^T, as s * (q @ x^T - z * colsum(x^T))."""
+    def _int4_dot_t(wq, xt, s, z, xs, acc, IEEE: tl.constexpr, XSUM: tl.constexpr):
+        """acc^T += ((q - z) * s) @ x^T, as s * (q @ x^T - z * colsum(x^T)). XSUM: colsum(x^T)
+        is `xs`, summed before the kernel (tile_sums); otherwise reduced here, across warps."""
         d = _dot(wq, xt, tl.zeros(acc.shape, dtype=tl.float32), IEEE)
-        xs = tl.sum(xt.to(tl.float32), axis=0)
+        if not XSUM:
+            xs = tl.sum(xt.to(tl.float32), axis=0)
         return acc + s[:, None] * (d - z[:, None] * xs[None, :])
 
     @triton.jit
-    def _int4_halves_dot_t(lo, hi, xt_lo, xt_hi, s, z, acc, IEEE: tl.constexpr):
+    def _int4_halves_dot_t(lo, hi, xt_lo, xt_hi, s, z, xs, acc, IEEE: tl.constexpr, XSUM: tl.constexpr):
         """_int4_dot_t for a K tile in halves: q = [lo | hi] along K, x^T = [xt_lo; xt_hi]."""
         d = _dot(lo, xt_lo, tl.zeros(acc.shape, dtype=tl.float32), IEEE)
         d = _dot(hi, xt_hi, d, IEEE)
-        xs = tl.sum(xt_lo.to(tl.float32), axis=0) + tl.sum(xt_hi.to(tl.float32), axis=0)
+        if not XSUM:
+            xs = tl.sum(xt_lo.to(tl.float32), axis=0) + tl.sum(xt_hi.to(tl.float32), axis=0)
         return acc + s[:, None] * (d - z[:, None] * xs[None, :])
 
     @triton.jit
+    def _tile_sum(xs_ptr, rows, row_mask, stride_r, tile, XSUM: tl.constexpr):
+        """Sums of K tile `tile` of activation rows `rows` (0 where masked; XSUM only)."""
+        if XSUM:
+            return tl.load(xs_ptr + rows.to(tl.int64) * stride_r + tile, mask=row_mask, other=0.0)
+        else:
+            return tl.zeros(rows.shape, dtype=tl.float32)
+
+    @triton.jit
+    def _tile_sums_kernel(x_ptr, out_ptr, D, stride_x, stride_o,
+                          BLOCK_K: tl.constexpr, TILES: tl.constexpr, CDT: tl.constexpr):
+        """out[r, j] = sum of x[r, j*BK:(j+1)*BK] as the MoE's dot sees it (converted to CDT)."""
+        r = tl.program_id(0)
+        offs = tl.arange(0, TILES)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+        v = tl.load(x_ptr + r.to(tl.int64) * stride_x + offs, mask=offs < D, other=0.0).to(CDT)
+        tl.store(out_ptr + r.to(tl.int64) * stride_o + tl.arange(0, TILES), tl.sum(v.to(tl.float32), axis=1),
+                 mask=tl.arange(0, TILES) * BLOCK_K < D)
+
+    @triton.jit
     def _moe_gate_up_int4t_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
+        x_ptr, w_ptr, s_ptr, z_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr, xs_ptr, hs_ptr,
         TK, I, D, TOPK,
         stride_xt, stride_xd, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_hm,
+        stride_xs, stride_hs,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
         CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr, HALVES: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        EVEN_K: tl.constexpr, XSUM: tl.constexpr, HSUM: tl.constexpr, FRAG: tl.constexpr,
     ):
         """The gate_up step for int4 weights whose K tiles lie inside one group, swapped (HALVES:
-        the weight is in the halves nibble order for K tiles of BLOCK_K, two dots per tile)."""
+        the weight is in the halves nibble order for K tiles of BLOCK_K, two dots per tile).
+        XSUM: x's K-tile sums come from xs_ptr [T, tiles]; HSUM: the program also writes its h
+        tile's row sums to hs_ptr[row, pid_n] (the down step's K tiles are then its BLOCK_N)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(block_expert_ptr + pid_m)
@@ -709,10 +837,12 @@ if HAS_TRITON:
         acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         sg, zg = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, 0, stride_se, stride_sn, stride_sk)
         su, zu = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, 0, stride_se, stride_sn, stride_sk)
+        xs = _tile_sum(xs_ptr, tok, valid, stride_xs, 0, XSUM)
         for k0 in range(0, D, BLOCK_K):
             gn = tl.minimum(k0 + BLOCK_K, D - 1) // GROUP
             sg_n, zg_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, gn, stride_se, stride_sn, stride_sk)
             su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn, stride_se, stride_sn, stride_sk)
+            xs_n = _tile_sum(xs_ptr, tok, valid, stride_xs, tl.minimum(k0 + BLOCK_K, D - 1) // BLOCK_K, XSUM)
             if HALVES:
                 xt_lo = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K // 2, CDT)
                 xt_hi = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0 + BLOCK_K // 2, D, BLOCK_K // 2, CDT)
@@ -720,30 +850,32 @@ if HAS_TRITON:
                                            BLOCK_K, CDT, MAGIC, EVEN_K)
                 u_lo, u_hi = _int4_nibbles(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
                                            BLOCK_K, CDT, MAGIC, EVEN_K)
-                acc_g = _int4_halves_dot_t(g_lo, g_hi, xt_lo, xt_hi, sg, zg + BIAS, acc_g, IEEE)
-                acc_u = _int4_halves_dot_t(u_lo, u_hi, xt_lo, xt_hi, su, zu + BIAS, acc_u, IEEE)
+                acc_g = _int4_halves_dot_t(g_lo, g_hi, xt_lo, xt_hi, sg, zg + BIAS, xs, acc_g, IEEE, XSUM)
+                acc_u = _int4_halves_dot_t(u_lo, u_hi, xt_lo, xt_hi, su, zu + BIAS, xs, acc_u, IEEE, XSUM)
             else:
                 xt = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K, CDT)
                 gq = _int4_rows(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K)
+                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG)
                 uq = _int4_rows(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K)
-                acc_g = _int4_dot_t(gq, xt, sg, zg + BIAS, acc_g, IEEE)
-                acc_u = _int4_dot_t(uq, xt, su, zu + BIAS, acc_u, IEEE)
-            sg, zg, su, zu = sg_n, zg_n, su_n, zu_n
+                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG)
+                acc_g = _int4_dot_t(gq, xt, sg, zg + BIAS, xs, acc_g, IEEE, XSUM)
+                acc_u = _int4_dot_t(uq, xt, su, zu + BIAS, xs, acc_u, IEEE, XSUM)
+            sg, zg, su, zu, xs = sg_n, zg_n, su_n, zu_n, xs_n
         inner = 1.5957691216057308 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
-        hval = acc_g / (1.0 + tl.exp(-inner)) * acc_u
-        tl.store(h_ptr + offs_m[None, :].to(tl.int64) * stride_hm + rows_g[:, None],
-                 hval.to(h_ptr.dtype.element_ty), mask=nmask[:, None])
+        hval = (acc_g / (1.0 + tl.exp(-inner)) * acc_u).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + offs_m[None, :].to(tl.int64) * stride_hm + rows_g[:, None], hval, mask=nmask[:, None])
+        if HSUM:  # the stored values, as the down step reads them
+            hs = tl.sum(tl.where(nmask[:, None], hval.to(CDT).to(tl.float32), 0.0), axis=0)
+            tl.store(hs_ptr + offs_m.to(tl.int64) * stride_hs + pid_n, hs)
 
     @triton.jit
     def _moe_down_int4t_kernel(
-        h_ptr, w_ptr, s_ptr, z_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, topk_w_ptr,
+        h_ptr, w_ptr, s_ptr, z_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, topk_w_ptr, hs_ptr,
         TK, D, I,
-        stride_hm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
+        stride_hm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om, stride_hs,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
         CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr, HALVES: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        EVEN_K: tl.constexpr, XSUM: tl.constexpr, FRAG: tl.constexpr,
     ):
         """The down step for int4 weights whose K tiles lie inside one group, swapped (HALVES as
         in the gate_up step)."""
@@ -757,21 +889,23 @@ if HAS_TRITON:
         nmask = offs_n < D
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         sc, zc = _int4_scale_zero(s_ptr, z_ptr, e, offs_n, nmask, 0, stride_se, stride_sn, stride_sk)
+        hsum = _tile_sum(hs_ptr, offs_m, offs_m >= 0, stride_hs, 0, XSUM)
         for k0 in range(0, I, BLOCK_K):
             gn = tl.minimum(k0 + BLOCK_K, I - 1) // GROUP
             sc_n, zc_n = _int4_scale_zero(s_ptr, z_ptr, e, offs_n, nmask, gn, stride_se, stride_sn, stride_sk)
+            hsum_n = _tile_sum(hs_ptr, offs_m, offs_m >= 0, stride_hs, tl.minimum(k0 + BLOCK_K, I - 1) // BLOCK_K, XSUM)
             if HALVES:
                 at_lo = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0, I, BLOCK_K // 2, CDT)
                 at_hi = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0 + BLOCK_K // 2, I, BLOCK_K // 2, CDT)
                 w_lo, w_hi = _int4_nibbles(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk,
                                            BLOCK_K, CDT, MAGIC, EVEN_K)
-                acc = _int4_halves_dot_t(w_lo, w_hi, at_lo, at_hi, sc, zc + BIAS, acc, IEEE)
+                acc = _int4_halves_dot_t(w_lo, w_hi, at_lo, at_hi, sc, zc + BIAS, hsum, acc, IEEE, XSUM)
             else:
                 at = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0, I, BLOCK_K, CDT)
                 wq = _int4_rows(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K)
-                acc = _int4_dot_t(wq, at, sc, zc + BIAS, acc, IEEE)
-            sc, zc = sc_n, zc_n
+                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG)
+                acc = _int4_dot_t(wq, at, sc, zc + BIAS, hsum, acc, IEEE, XSUM)
+            sc, zc, hsum = sc_n, zc_n, hsum_n
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
         acc = acc * rw[None, :]
         tl.store(out_ptr + pair[None, :].to(tl.int64) * stride_om + offs_n[:, None], acc,
@@ -953,16 +1087,28 @@ def _default_config(T: int, K: int, E: int, D: int, I: int, interp: bool, int4: 
                 num_warps=4, num_stages=4, SWAP_AB=int4)
 
 
-def _halves(name: str, w, swapped: bool, block_k: int, key: str) -> bool:
-    """Whether `w` is int4 in the halves nibble order; only the swapped folded kernel with K tiles
-    of its kpack reads that order, anything else is refused (it would read the nibbles wrong)."""
+def tile_sums(x: torch.Tensor, block_k: int, cdt: torch.dtype) -> torch.Tensor:
+    """[T, ceil(D / block_k)] fp32 sums of x's K tiles, each element first rounded to `cdt` as the
+    MoE's dot reads it (one launch). The int4 kernels fold the zero point as z * (tile sum)."""
+    T, D = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    tiles = triton.cdiv(D, block_k)
+    out = torch.empty(T, tiles, dtype=torch.float32, device=x.device)
+    _tile_sums_kernel[(T,)](x, out, D, x.stride(0), out.stride(0), BLOCK_K=block_k,
+                            TILES=triton.next_power_of_2(tiles), CDT=_tl_dtype(cdt), num_warps=4)
+    return out
+
+
+def _order(name: str, w, swapped: bool, block_k: int, key: str) -> tuple[bool, bool]:
+    """(halves, fragments): the int4 nibble order of `w`. Only the swapped folded kernel with K tiles
+    of its kpack reads either; anything else is refused (it would read the nibbles wrong)."""
     kpack = w.kpack if isinstance(w, QuantizedWeight) else 0
     if kpack and not (swapped and block_k == kpack):
         raise ValueError(
-            f"{name}: int4 weight in the halves nibble order for K tiles of {kpack} (kpack) runs only on "
+            f"{name}: int4 weight in the {w.order} nibble order for K tiles of {kpack} (kpack) runs only on "
             f"the swapped kernel with {key}={kpack} and groups of whole tiles; this call has {key}={block_k}, "
             f"group {w.group_size}, swapped={swapped}")
-    return bool(kpack)
+    return bool(kpack) and w.order == "halves", bool(kpack) and w.order == "fragments"
 
 
 def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: dict | None = None):
@@ -978,6 +1124,9 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     int4 = any(isinstance(w, QuantizedWeight) and w.scheme == "int4" for w in (gate_up, down))
     ggml = any(isinstance(w, GGMLWeight) for w in (gate_up, down))
     cfg = _default_config(T, K, E, D, I, interp, int4, ggml)
+    for w, key in ((gate_up, "BLOCK_K1"), (down, "BLOCK_K2")):  # a repacked weight brings its K tile
+        if isinstance(w, QuantizedWeight) and w.kpack:
+            cfg[key] = w.kpack
     if config:
         cfg.update(config)
     bm = cfg["BLOCK_M"]
@@ -1004,13 +1153,21 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     swap = dict(CDT=_tl_dtype(cdt), IEEE=ieee, MAGIC=magic, BIAS=bias, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"])
     swap1 = fold1 and cfg.get("SWAP_AB", False)
-    halves1 = _halves("gate_up", gate_up, swap1, cfg["BLOCK_K1"], "BLOCK_K1")
+    halves1, frag1 = _order("gate_up", gate_up, swap1, cfg["BLOCK_K1"], "BLOCK_K1")
+    # the activations' K-tile sums of the folded zero point, summed once instead of in every program
+    xsum = cfg.get("XSUM", True)
+    q2, s2, z2, sw2, ss2, g2, wq2 = _weight_args(down, dev)
+    fold2 = wq2 == 1 and g2 % cfg["BLOCK_K2"] == 0 and cfg.get("INT4_FOLD", True)
+    swap2 = fold2 and cfg.get("SWAP_AB", False)
+    hsum = xsum and swap1 and swap2 and cfg["BLOCK_N1"] == cfg["BLOCK_K2"]
+    hs = torch.empty(h.shape[0], grid1[1], dtype=torch.float32, device=dev) if hsum else h
     if swap1:
+        xs = tile_sums(x, cfg["BLOCK_K1"], cdt) if xsum else x
         _moe_gate_up_int4t_kernel[grid1](
-            x, q1, s1, z1, h, sorted_ids, block_expert, TK, I, D, K, x.stride(0), x.stride(1),
-            sw1[0], sw1[1], sw1[2], ss1[0], ss1[1], ss1[2], h.stride(0),
+            x, q1, s1, z1, h, sorted_ids, block_expert, xs, hs, TK, I, D, K, x.stride(0), x.stride(1),
+            sw1[0], sw1[1], sw1[2], ss1[0], ss1[1], ss1[2], h.stride(0), xs.stride(0), hs.stride(0),
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP=g1, HALVES=halves1,
-            EVEN_K=even1, **swap)
+            EVEN_K=even1, XSUM=xsum, HSUM=hsum, FRAG=frag1, **swap)
     else:
         _moe_gate_up_kernel[grid1](
             x, q1, s1, z1, h, sorted_ids, block_expert,
@@ -1025,18 +1182,15 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             MAGIC=magic, BIAS=bias, EVEN_K=even1,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    q2, s2, z2, sw2, ss2, g2, wq2 = _weight_args(down, dev)
     grid2 = (num_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))
-    fold2 = wq2 == 1 and g2 % cfg["BLOCK_K2"] == 0 and cfg.get("INT4_FOLD", True)
     even2 = I % cfg["BLOCK_K2"] == 0 and cfg.get("EVEN_K", True)
-    swap2 = fold2 and cfg.get("SWAP_AB", False)
-    halves2 = _halves("down", down, swap2, cfg["BLOCK_K2"], "BLOCK_K2")
+    halves2, frag2 = _order("down", down, swap2, cfg["BLOCK_K2"], "BLOCK_K2")
     if swap2:
         _moe_down_int4t_kernel[grid2](
-            h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w, TK, D, I, h.stride(0),
-            sw2[0], sw2[1], sw2[2], ss2[0], ss2[1], ss2[2], pairs.stride(0),
+            h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w, hs, TK, D, I, h.stride(0),
+            sw2[0], sw2[1], sw2[2], ss2[0], ss2[1], ss2[2], pairs.stride(0), hs.stride(0),
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], GROUP=g2, HALVES=halves2,
-            EVEN_K=even2, **swap)
+            EVEN_K=even2, XSUM=hsum, FRAG=frag2, **swap)
     else:
         _moe_down_kernel[grid2](
             h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w,

@@ -197,6 +197,31 @@ def test_int4_fp16_nibbles_built_from_bits(swap, magic):
     close(out, reference(x, idx, w, q1, q2), 1e-2)
 
 
+@needs_triton
+@pytest.mark.parametrize("cfg,dtype", [(dict(BLOCK_N1=64, BLOCK_K1=32, BLOCK_K2=64), torch.float32),
+                                       (dict(BLOCK_N1=32, BLOCK_K1=64, BLOCK_K2=64), torch.float32),
+                                       (dict(BLOCK_N1=16, BLOCK_K1=32, BLOCK_K2=16), torch.float16)])
+def test_int4_tile_sums_summed_once(cfg, dtype):
+    """The swapped int4 kernels fold the zero point with sums of the activations' K tiles: summed
+    once before the gate_up step (tile_sums), and by the gate_up step's epilogue for the down step
+    when its h tile is a down K tile (BLOCK_N1 == BLOCK_K2; the second case sums in the loop).
+    Ragged tails: D = 96 is 3 tiles of 32 or 1.5 of 64, I = 48 is 0.75 of 64. The same output as
+    the sums taken in every program (XSUM=False) and as the dequantised reference. Group 64: whole
+    K tiles (the folded, swapped path), a short last group in the down step (K = 48)."""
+    _, _, q1, q2 = _quantized("int4", group_size=64, device=_device())
+    w, idx = make_routing(device=_device())
+    x = make_x(dtype=dtype, device=_device())
+    cfg = dict(cfg, SWAP_AB=True)
+    once = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    loop = M.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, XSUM=False))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    close(once, loop, tol)
+    close(once, reference(x, idx, w, q1, q2), tol)
+    sums = M.tile_sums(x, 64, torch.float16)  # each element rounded to the compute dtype first
+    want = torch.nn.functional.pad(x.half().float(), (0, 32)).view(T, 2, 64).sum(-1)
+    close(sums, want, 1e-6)
+
+
 def test_int4_halves_repack_is_exact():
     """The halves nibble order holds the same weight: dequantised bit for bit, per expert too."""
     _, _, q1, q2 = _quantized("int4", group_size=16)
@@ -253,6 +278,63 @@ def test_int4_halves_kpack_mismatch_raises(cfg, name):
     x, idx, w, _, _, h1, h2 = _halves_case("down", 64, torch.float32)
     with pytest.raises(ValueError, match="down: .*halves.*kpack"):
         M.moe_forward_triton(x, idx, w, h1, h2, config=dict(BLOCK_K2=32, SWAP_AB=True))
+
+
+def test_int4_fragments_repack_is_exact():
+    """The fragments order holds the same weight (dequantised bit for bit, per expert too); its
+    first word holds the K pairs (0,1), (8,9), (16,17), (24,25) of the tile in nibbles j, j + 4."""
+    _, _, q1, q2 = _quantized("int4", group_size=16)
+    for q, bk in ((q1, 32), (q1, 96)):
+        f = M.repack_int4_fragments(q, bk)
+        assert (f.kpack, f.order) == (bk, "fragments") and f.qweight.shape == q.qweight.shape
+        assert not torch.equal(f.qweight, q.qweight)
+        assert torch.equal(f.dequantize(), q.dequantize())
+        assert torch.equal(f[3].dequantize(), q[3].dequantize()) and f[3].order == "fragments"
+        assert f.to("cpu").order == "fragments"
+    f, codes = M.repack_int4_fragments(q1, 32), q1.codes()
+    word = sum(int(f.qweight[0, 0, b]) << (8 * b) for b in range(4))
+    for j, k in enumerate((0, 8, 16, 24)):
+        assert (word >> 4 * j) & 15 == codes[0, 0, k] and (word >> 4 * (j + 4)) & 15 == codes[0, 0, k + 1]
+    assert sorted(M.fragment_perm(64).tolist()) == list(range(64))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        M.repack_int4_fragments(q1, 48)
+    with pytest.raises(ValueError, match="fragments"):
+        QuantizedWeight("int4", q1.qweight, q1.scale, q1.zero, 16, None, kpack=16, order="fragments")
+    with pytest.raises(ValueError, match="nibble order"):
+        QuantizedWeight("int4", q1.qweight, q1.scale, q1.zero, 16, None, kpack=0, order="fragments")
+
+
+def test_int4_experts_for_the_gpu_kernels(monkeypatch):
+    """What dgplug.load does to expert weights on CUDA: int4 with whole K tiles of 128 (gate_up) /
+    64 (down) and groups of whole tiles -> the fragments order; anything else is left as it is."""
+    gu, dn = make_weights(d=256, i=128)
+    q1, q2 = (QuantizedWeight.quantize(w, "int4", group_size=128) for w in (gu, dn))
+    f1, f2 = M.for_gpu_kernels(q1, "gate_up"), M.for_gpu_kernels(q2, "down")
+    assert (f1.order, f1.kpack, f2.order, f2.kpack) == ("fragments", 128, "fragments", 64)
+    assert torch.equal(f1.dequantize(), q1.dequantize()) and torch.equal(f2.dequantize(), q2.dequantize())
+    assert M.for_gpu_kernels(f1, "gate_up") is f1
+    assert M.for_gpu_kernels(QuantizedWeight.quantize(gu, "int4", group_size=64), "gate_up").order == "pairs"
+    assert M.for_gpu_kernels(QuantizedWeight.quantize(gu, "int8"), "gate_up").scheme == "int8"
+    assert M.for_gpu_kernels(gu, "gate_up") is gu
+    monkeypatch.setenv("DGPLUG_INT4_ORDER", "pairs")
+    assert M.for_gpu_kernels(q1, "gate_up") is q1
+
+
+@needs_triton
+@pytest.mark.parametrize("group,dtype,n", [(64, torch.float32, 64), (128, torch.float32, 128),
+                                           (64, torch.float16, 32)])
+def test_int4_fragments_matches_twin(group, dtype, n):
+    """The swapped kernels reading the fragments order (32-bit words, nibble pairs by shift and
+    mask; fp16: the magic bits) vs the torch twin on the original weights: ragged rows (192 of
+    BLOCK_N 128), K = 192 in 3 tiles of 64 (group 128: a short last group), tile sums on."""
+    x, idx, w, q1, q2, _, _ = _halves_case("both", group, dtype)
+    f1, f2 = M.repack_int4_fragments(q1, 64), M.repack_int4_fragments(q2, 64)
+    cfg = dict(BLOCK_N1=n, BLOCK_N2=n, SWAP_AB=True)  # BLOCK_K follows the weights' kpack
+    out = M.moe_forward_triton(x, idx, w, f1, f2, config=cfg)
+    close(out, moe_forward_torch(x, idx, w, q1, q2), 1e-5 if dtype == torch.float32 else 1e-2)
+    close(moe_forward_torch(x, idx, w, f1, f2), moe_forward_torch(x, idx, w, q1, q2), 1e-6)
+    with pytest.raises(ValueError, match="gate_up: .*fragments.*kpack"):
+        M.moe_forward_triton(x, idx, w, f1, f2, config=dict(cfg, BLOCK_K1=32))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
