@@ -233,14 +233,11 @@ class QuantizedWeight:
     def codes(self) -> torch.Tensor:
         """int4: the nibbles 0..15 as uint8 [..., N, K] in K order, for either nibble order."""
         b = self.qweight
-        if self.order == "fragments":
-            q = torch.stack((b & 15, b >> 4), dim=-1).reshape(*b.shape[:-1], -1, self.kpack)
-            inv = torch.argsort(fragment_perm(self.kpack)).to(b.device)
-            return q[..., inv].reshape(*b.shape[:-1], b.shape[-1] * 2)
-        if self.kpack:  # each K tile of kpack: its first half low nibbles, its second half high
-            t = b.reshape(*b.shape[:-1], -1, self.kpack // 2)
-            return torch.cat((t & 15, t >> 4), dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
-        return torch.stack((b & 15, b >> 4), dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+        q = torch.stack((b & 15, b >> 4), dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+        if self.kpack:  # K tiles of kpack in the halves or fragments order: undo its permutation
+            inv = torch.argsort(nibble_perm(self.order, self.kpack)).to(b.device)
+            q = q.reshape(*b.shape[:-1], -1, self.kpack)[..., inv].reshape(q.shape)
+        return q
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The logical weight [..., N, K] in `dtype` (math in fp32)."""
@@ -301,24 +298,12 @@ class QuantizedWeight:
         return cls(scheme, q.contiguous(), scale.float().contiguous(), None, group_size, tuple(w.shape))
 
 
-def repack_int4_halves(qw: QuantizedWeight, block_k: int) -> QuantizedWeight:
-    """The same int4 weight in the halves nibble order for K tiles of block_k (exact): within each
-    tile [k0, k0 + block_k), byte k0/2 + j holds element k0 + j low and k0 + block_k/2 + j high."""
-    if qw.scheme != "int4":
-        raise ValueError(f"repack_int4_halves needs an int4 weight, got {qw.scheme}")
-    k = qw.shape[-1]
-    if block_k <= 0 or block_k % 2 or k % block_k:
-        raise ValueError(f"block_k must be an even divisor of K={k}, got {block_k}")
-    q = qw.codes()
-    t = q.reshape(*q.shape[:-1], k // block_k, block_k)
-    packed = (t[..., : block_k // 2] | (t[..., block_k // 2:] << 4)).reshape(*q.shape[:-1], k // 2)
-    return QuantizedWeight("int4", packed.contiguous(), qw.scale, qw.zero, qw.group_size, qw.shape, block_k)
-
-
-def fragment_perm(block_k: int) -> torch.Tensor:
-    """perm[P] = the K position (within a tile of block_k) that nibble P of the tile holds in the
-    fragments order (nibble P: byte P // 2, low nibble first; layout in the module docstring)."""
+def nibble_perm(order: str, block_k: int) -> torch.Tensor:
+    """perm[P] = the K position (within a tile of block_k) held by nibble P of the tile (byte P // 2,
+    low nibble first) in the "halves" or "fragments" order (layouts in the module docstring)."""
     P = torch.arange(block_k)
+    if order == "halves":
+        return (P % 2) * (block_k // 2) + P // 2
     word, n = P // 8, P % 8
     t, i = word // (block_k // 32), word % (block_k // 32)
     j, half = n % 4, n // 4
@@ -326,19 +311,28 @@ def fragment_perm(block_k: int) -> torch.Tensor:
     return (2 * i + d) * 16 + c * 8 + 2 * t + half
 
 
+def _repack_int4(qw: QuantizedWeight, block_k: int, order: str, multiple: int) -> QuantizedWeight:
+    if qw.scheme != "int4":
+        raise ValueError(f"repack_int4_{order} needs an int4 weight, got {qw.scheme}")
+    k = qw.shape[-1]
+    if block_k <= 0 or block_k % multiple or k % block_k:
+        raise ValueError(f"block_k must be a multiple of {multiple} dividing K={k}, got {block_k}")
+    q = qw.codes()
+    t = q.reshape(*q.shape[:-1], k // block_k, block_k)[..., nibble_perm(order, block_k).to(q.device)]
+    packed = (t[..., 0::2] | (t[..., 1::2] << 4)).reshape(*q.shape[:-1], k // 2)
+    return QuantizedWeight("int4", packed.contiguous(), qw.scale, qw.zero, qw.group_size, qw.shape, block_k, order)
+
+
+def repack_int4_halves(qw: QuantizedWeight, block_k: int) -> QuantizedWeight:
+    """The same int4 weight in the halves nibble order for K tiles of block_k (exact): within each
+    tile [k0, k0 + block_k), byte k0/2 + j holds element k0 + j low and k0 + block_k/2 + j high."""
+    return _repack_int4(qw, block_k, "halves", 2)
+
+
 def repack_int4_fragments(qw: QuantizedWeight, block_k: int) -> QuantizedWeight:
     """The same int4 weight in the fragments order for K tiles of block_k (exact; a multiple of 32
     dividing K): what the swapped kernel with BLOCK_K = block_k reads fastest."""
-    if qw.scheme != "int4":
-        raise ValueError(f"repack_int4_fragments needs an int4 weight, got {qw.scheme}")
-    k = qw.shape[-1]
-    if block_k <= 0 or block_k % 32 or k % block_k:
-        raise ValueError(f"block_k must be a multiple of 32 dividing K={k}, got {block_k}")
-    q = qw.codes()
-    t = q.reshape(*q.shape[:-1], k // block_k, block_k)[..., fragment_perm(block_k).to(q.device)]
-    packed = (t[..., 0::2] | (t[..., 1::2] << 4)).reshape(*q.shape[:-1], k // 2)
-    return QuantizedWeight("int4", packed.contiguous(), qw.scale, qw.zero, qw.group_size, qw.shape, block_k,
-                           "fragments")
+    return _repack_int4(qw, block_k, "fragments", 32)
 
 
 GPU_K_TILES = {"gate_up": 128, "down": 64}  # BLOCK_K1 / BLOCK_K2 of the int4 kernels on a GPU

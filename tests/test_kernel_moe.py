@@ -295,7 +295,7 @@ def test_int4_fragments_repack_is_exact():
     word = sum(int(f.qweight[0, 0, b]) << (8 * b) for b in range(4))
     for j, k in enumerate((0, 8, 16, 24)):
         assert (word >> 4 * j) & 15 == codes[0, 0, k] and (word >> 4 * (j + 4)) & 15 == codes[0, 0, k + 1]
-    assert sorted(M.fragment_perm(64).tolist()) == list(range(64))
+    assert sorted(M.nibble_perm("fragments", 64).tolist()) == list(range(64))
     with pytest.raises(ValueError, match="multiple of 32"):
         M.repack_int4_fragments(q1, 48)
     with pytest.raises(ValueError, match="fragments"):
