@@ -97,6 +97,7 @@ def check_kernels(dev, small):
             runs.append(("swap halves (kpack 128 / 64)", dict(SWAP_AB=True), km.repack_int4_halves))
             runs.append(("fragments (kpack 128 / 64)", dict(SWAP_AB=True), km.repack_int4_fragments))
             runs.append(("fragments, sums in the loop", dict(SWAP_AB=True, XSUM=False), km.repack_int4_fragments))
+            runs.append(("fragments, one dot", dict(SWAP_AB=True, ONE_DOT=True), km.repack_int4_fragments))
             for label, cfg, repack in runs:
                 try:
                     wg, wd = (qg, qd) if repack is None else (repack(qg, 128), repack(qd, 64))
@@ -376,7 +377,8 @@ def moe_sweep(dev, small):
     sw = dict(SWAP_AB=True)
     frag = [("fragments", {}, "int4 fragments"), ("fragments, sums in the loop", dict(XSUM=False), "int4 fragments"),
             ("pairs, sums in the loop (before)", dict(XSUM=False)), ("fragments BM32", dict(BLOCK_M=32), "int4 fragments"),
-            ("fragments w8", dict(num_warps=8), "int4 fragments"), ("fragments s3", dict(num_stages=3), "int4 fragments")]
+            ("fragments w8", dict(num_warps=8), "int4 fragments"), ("fragments s3", dict(num_stages=3), "int4 fragments"),
+            ("fragments, one dot", dict(ONE_DOT=True), "int4 fragments")]
     halves = ("swap halves", dict(sw, BLOCK_K1=128, BLOCK_K2=64), "int4 halves")
     int4_cfgs = [("plain, converted (old default)", dict(MAGIC=False, SWAP_AB=False)),
                  ("plain, magic", dict(SWAP_AB=False)),
@@ -394,7 +396,7 @@ def moe_sweep(dev, small):
         # (sm90_build); BLOCK_M 32 and 8 warps do not
         big = int4_cfgs[:4] + [("swap BM32", dict(sw, BLOCK_M=32)), ("swap w8", dict(sw, num_warps=8)), halves,
                                ("swap BN128 w8", dict(sw, BLOCK_N1=128, BLOCK_N2=128, num_warps=8))] + frag[:3] + [
-                                   frag[4], ("fragments BM32", dict(BLOCK_M=32), "int4 fragments")]
+                                   frag[4], ("fragments BM32", dict(BLOCK_M=32), "int4 fragments"), frag[6]]
         runs = [(s, ("default", {})) for s in ("bf16", "int8", "fp8")] + [("int4", c) for c in
                                                                           (int4_cfgs if T == 256 else big)]
         if T > 256:  # compute-bound at 16 rows per expert: bigger tiles, 8 warps (MOE_BIG_TILES, ptxas-checked)

@@ -715,15 +715,26 @@ if HAS_TRITON:
         return _nib(b & 0xF, CDT, MAGIC), _nib(b >> 4, CDT, MAGIC)
 
     @triton.jit
-    def _frag_pairs(W, MAGIC: tl.constexpr):
+    def _frag_pairs(W, MAGIC: tl.constexpr, LOP3: tl.constexpr):
         """Nibbles j and j + 4 of 32-bit words as two 16-bit halves: raw (0..15), or with the
-        magic bits of 128 + q (bf16) / 1024 + q (fp16) set."""
+        magic bits of 128 + q (bf16) / 1024 + q (fp16) set. LOP3 (GPU builds): the mask and the
+        magic bits in one lop3 (immLut 0xEA = (a & b) | c); written as two operations, each with
+        its constant as an immediate, ptxas emitted two LOP3 per register (sm_90)."""
         if MAGIC == 1:
-            return (W & 0x000F000F) | 0x43004300
+            if LOP3:
+                out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 983055, 1124090624, 234;", "=r,r", [W],
+                                                dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                out = (W & 0x000F000F) | 0x43004300
         elif MAGIC == 2:
-            return (W & 0x000F000F) | 0x64006400
+            if LOP3:
+                out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 983055, 1677747200, 234;", "=r,r", [W],
+                                                dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                out = (W & 0x000F000F) | 0x64006400
         else:
-            return W & 0x000F000F
+            out = W & 0x000F000F
+        return out
 
     @triton.jit
     def _frag_half(R, SHIFT: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr):
@@ -739,7 +750,7 @@ if HAS_TRITON:
     @triton.jit
     def _int4_rows(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, stride_wk,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CDT: tl.constexpr, MAGIC: tl.constexpr,
-                   EVEN_K: tl.constexpr, FRAG: tl.constexpr):
+                   EVEN_K: tl.constexpr, FRAG: tl.constexpr, LOP3: tl.constexpr = False):
         """[BN, BK] raw nibbles of weight rows `rows`, K positions k0.. in order: from the pairs
         order (a join on the last axis is the natural interleave), or (FRAG) from 32-bit words in
         the fragments order (the permute below undoes the repack's; in the MMA's register layout
@@ -750,8 +761,8 @@ if HAS_TRITON:
             p = (w32 + e.to(tl.int64) * (stride_we // 4) + rows[:, None].to(tl.int64) * (stride_wn // 4)
                  + offs_w[None, :])
             W = tl.reshape(tl.load(p, mask=nmask[:, None], other=0), (BLOCK_N, 4, BLOCK_K // 32))  # [n, t, i]
-            R = tl.join(tl.join(_frag_pairs(W, MAGIC), _frag_pairs(W >> 4, MAGIC)),
-                        tl.join(_frag_pairs(W >> 8, MAGIC), _frag_pairs(W >> 12, MAGIC)))  # [n, t, i, c, d]
+            R = tl.join(tl.join(_frag_pairs(W, MAGIC, LOP3), _frag_pairs(W >> 4, MAGIC, LOP3)),
+                        tl.join(_frag_pairs(W >> 8, MAGIC, LOP3), _frag_pairs(W >> 12, MAGIC, LOP3)))
             H = tl.join(_frag_half(R, 0, CDT, MAGIC), _frag_half(R, 16, CDT, MAGIC))  # [n, t, i, c, d, half]
             out = tl.reshape(tl.permute(H, (0, 2, 4, 3, 1, 5)), (BLOCK_N, BLOCK_K))
         else:
@@ -811,7 +822,8 @@ if HAS_TRITON:
         stride_xs, stride_hs,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
         CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr, HALVES: tl.constexpr,
-        EVEN_K: tl.constexpr, XSUM: tl.constexpr, HSUM: tl.constexpr, FRAG: tl.constexpr,
+        EVEN_K: tl.constexpr, XSUM: tl.constexpr, HSUM: tl.constexpr, FRAG: tl.constexpr, LOP3: tl.constexpr,
+        ONE_DOT: tl.constexpr = False,
     ):
         """The gate_up step for int4 weights whose K tiles lie inside one group, swapped (HALVES:
         the weight is in the halves nibble order for K tiles of BLOCK_K, two dots per tile).
@@ -829,10 +841,27 @@ if HAS_TRITON:
         rows_u = rows_g + I
         acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if ONE_DOT:  # gate rows then up rows as one [2 BN, BK] operand: one dot (and one wait) a K tile
+            r2 = tl.arange(0, 2 * BLOCK_N)
+            rows = pid_n * BLOCK_N + r2 % BLOCK_N + (r2 // BLOCK_N) * I
+            m2 = (pid_n * BLOCK_N + r2 % BLOCK_N) < I
+            acc = tl.zeros((2 * BLOCK_N, BLOCK_M), dtype=tl.float32)
+            s2, z2 = _int4_scale_zero(s_ptr, z_ptr, e, rows, m2, 0, stride_se, stride_sn, stride_sk)
+            xs = _tile_sum(xs_ptr, tok, valid, stride_xs, 0, XSUM)
+            for k0 in range(0, D, BLOCK_K):
+                gn = tl.minimum(k0 + BLOCK_K, D - 1) // GROUP
+                s2_n, z2_n = _int4_scale_zero(s_ptr, z_ptr, e, rows, m2, gn, stride_se, stride_sn, stride_sk)
+                xs_n = _tile_sum(xs_ptr, tok, valid, stride_xs, tl.minimum(k0 + BLOCK_K, D - 1) // BLOCK_K, XSUM)
+                xt = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K, CDT)
+                q2 = _int4_rows(w_ptr, e, rows, m2, k0, D, stride_we, stride_wn, stride_wk,
+                                2 * BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG, LOP3)
+                acc = _int4_dot_t(q2, xt, s2, z2 + BIAS, xs, acc, IEEE, XSUM)
+                s2, z2, xs = s2_n, z2_n, xs_n
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
         sg, zg = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, 0, stride_se, stride_sn, stride_sk)
         su, zu = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, 0, stride_se, stride_sn, stride_sk)
         xs = _tile_sum(xs_ptr, tok, valid, stride_xs, 0, XSUM)
-        for k0 in range(0, D, BLOCK_K):
+        for k0 in range(0, 0 if ONE_DOT else D, BLOCK_K):
             gn = tl.minimum(k0 + BLOCK_K, D - 1) // GROUP
             sg_n, zg_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, gn, stride_se, stride_sn, stride_sk)
             su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn, stride_se, stride_sn, stride_sk)
@@ -849,9 +878,9 @@ if HAS_TRITON:
             else:
                 xt = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K, CDT)
                 gq = _int4_rows(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG)
+                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG, LOP3)
                 uq = _int4_rows(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG)
+                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG, LOP3)
                 acc_g = _int4_dot_t(gq, xt, sg, zg + BIAS, xs, acc_g, IEEE, XSUM)
                 acc_u = _int4_dot_t(uq, xt, su, zu + BIAS, xs, acc_u, IEEE, XSUM)
             sg, zg, su, zu, xs = sg_n, zg_n, su_n, zu_n, xs_n
@@ -869,7 +898,7 @@ if HAS_TRITON:
         stride_hm, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om, stride_hs,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
         CDT: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, BIAS: tl.constexpr, HALVES: tl.constexpr,
-        EVEN_K: tl.constexpr, XSUM: tl.constexpr, FRAG: tl.constexpr,
+        EVEN_K: tl.constexpr, XSUM: tl.constexpr, FRAG: tl.constexpr, LOP3: tl.constexpr,
     ):
         """The down step for int4 weights whose K tiles lie inside one group, swapped (HALVES as
         in the gate_up step)."""
@@ -897,7 +926,7 @@ if HAS_TRITON:
             else:
                 at = _cols_t(h_ptr, offs_m, offs_m >= 0, stride_hm, 1, k0, I, BLOCK_K, CDT)
                 wq = _int4_rows(w_ptr, e, offs_n, nmask, k0, I, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG)
+                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG, LOP3)
                 acc = _int4_dot_t(wq, at, sc, zc + BIAS, hsum, acc, IEEE, XSUM)
             sc, zc, hsum = sc_n, zc_n, hsum_n
         rw = tl.load(topk_w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
@@ -1145,7 +1174,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     fold1 = wq1 == 1 and g1 % cfg["BLOCK_K1"] == 0 and cfg.get("INT4_FOLD", True)
     even1 = D % cfg["BLOCK_K1"] == 0 and cfg.get("EVEN_K", True)  # int4: no K bound on the weight bytes
     swap = dict(CDT=_tl_dtype(cdt), IEEE=ieee, MAGIC=magic, BIAS=bias, num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"])
+                num_stages=cfg["num_stages"], LOP3=bool(cfg.get("LOP3", not interp)))  # the interpreter runs no PTX
     swap1 = fold1 and cfg.get("SWAP_AB", False)
     halves1, frag1 = _order("gate_up", gate_up, swap1, cfg["BLOCK_K1"], "BLOCK_K1")
     # the activations' K-tile sums of the folded zero point, summed once instead of in every program
@@ -1161,7 +1190,8 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             x, q1, s1, z1, h, sorted_ids, block_expert, xs, hs, TK, I, D, K, x.stride(0), x.stride(1),
             sw1[0], sw1[1], sw1[2], ss1[0], ss1[1], ss1[2], h.stride(0), xs.stride(0), hs.stride(0),
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K1"], GROUP=g1, HALVES=halves1,
-            EVEN_K=even1, XSUM=xsum, HSUM=hsum, FRAG=frag1, **swap)
+            EVEN_K=even1, XSUM=xsum, HSUM=hsum, FRAG=frag1, ONE_DOT=bool(cfg.get("ONE_DOT", False)) and not halves1,
+            **swap)
     else:
         _moe_gate_up_kernel[grid1](
             x, q1, s1, z1, h, sorted_ids, block_expert,

@@ -321,15 +321,17 @@ def test_int4_experts_for_the_gpu_kernels(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("group,dtype,n", [(64, torch.float32, 64), (128, torch.float32, 128),
-                                           (64, torch.float16, 32)])
-def test_int4_fragments_matches_twin(group, dtype, n):
+@pytest.mark.parametrize("group,dtype,n,one_dot", [(64, torch.float32, 64, False), (128, torch.float32, 128, False),
+                                                   (64, torch.float16, 32, False), (64, torch.float32, 128, True),
+                                                   (128, torch.float16, 64, True)])
+def test_int4_fragments_matches_twin(group, dtype, n, one_dot):
     """The swapped kernels reading the fragments order (32-bit words, nibble pairs by shift and
     mask; fp16: the magic bits) vs the torch twin on the original weights: ragged rows (192 of
-    BLOCK_N 128), K = 192 in 3 tiles of 64 (group 128: a short last group), tile sums on."""
+    BLOCK_N 128), K = 192 in 3 tiles of 64 (group 128: a short last group), tile sums on;
+    ONE_DOT: the gate and up rows of a program as one operand, split after the K loop."""
     x, idx, w, q1, q2, _, _ = _halves_case("both", group, dtype)
     f1, f2 = M.repack_int4_fragments(q1, 64), M.repack_int4_fragments(q2, 64)
-    cfg = dict(BLOCK_N1=n, BLOCK_N2=n, SWAP_AB=True)  # BLOCK_K follows the weights' kpack
+    cfg = dict(BLOCK_N1=n, BLOCK_N2=n, SWAP_AB=True, ONE_DOT=one_dot)  # BLOCK_K follows the weights' kpack
     out = M.moe_forward_triton(x, idx, w, f1, f2, config=cfg)
     close(out, moe_forward_torch(x, idx, w, q1, q2), 1e-5 if dtype == torch.float32 else 1e-2)
     close(moe_forward_torch(x, idx, w, f1, f2), moe_forward_torch(x, idx, w, q1, q2), 1e-6)
