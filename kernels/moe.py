@@ -935,6 +935,19 @@ if HAS_TRITON:
                  mask=valid[None, :] & nmask[:, None])
 
     @triton.jit
+    def _sum_slots_kernel(pairs_ptr, idx_ptr, out_ptr, D, E, stride_o, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[t] = sum over the slots k of token t routed to an expert (0 <= idx < E) of pairs[t*K + k],
+        in fp32, in slot order, cast once: no zeroed [T*K, D] buffer, no separate cast."""
+        t = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for k in tl.static_range(K):
+            e = tl.load(idx_ptr + t * K + k)
+            routed = (e >= 0) & (e < E)
+            acc += tl.load(pairs_ptr + (t * K + k).to(tl.int64) * D + d, mask=(d < D) & routed, other=0.0)
+        tl.store(out_ptr + t.to(tl.int64) * stride_o + d, acc.to(out_ptr.dtype.element_ty), mask=d < D)
+
+    @triton.jit
     def _align_count_kernel(idx_ptr, chunk_counts_ptr, sorted_ids_ptr, TK, E, n_sorted,
                             fill_per_prog,
                             CHUNK: tl.constexpr, EP: tl.constexpr, FILL: tl.constexpr):
@@ -1167,7 +1180,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     sorted_ids, block_expert, num_blocks = _align(topk_index, E, bm)
     topk_w = topk_weights.reshape(-1).float().contiguous()
     h = torch.empty(num_blocks * bm, I, dtype=cdt, device=dev)
-    pairs = torch.zeros(TK, D, dtype=torch.float32, device=dev)
+    pairs = torch.empty(TK, D, dtype=torch.float32, device=dev)  # every routed pair's row is written
 
     q1, s1, z1, sw1, ss1, g1, wq1 = _weight_args(gate_up, dev)
     grid1 = (num_blocks, triton.cdiv(I, cfg["BLOCK_N1"]))
@@ -1229,7 +1242,20 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             MAGIC=magic, BIAS=bias, EVEN_K=even2,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    return pairs.view(T, K, D).sum(dim=1).to(x.dtype)
+    return sum_slots(pairs, topk_index, E, x.dtype)
+
+
+def sum_slots(pairs: torch.Tensor, topk_index: torch.Tensor, E: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T, D] in `dtype`: each token's routed slots (0 <= index < E) of pairs [T*K, D] fp32 summed in
+    slot order; the rows of dropped slots are never read (they are never written either)."""
+    T, K = topk_index.shape
+    D = pairs.shape[1]
+    out = torch.empty(T, D, dtype=dtype, device=pairs.device)
+    flat = topk_index.reshape(-1)
+    block_d = min(1024, triton.next_power_of_2(D))
+    _sum_slots_kernel[(T, triton.cdiv(D, block_d))](pairs, flat if flat.is_contiguous() else flat.contiguous(), out,
+                                                   D, E, out.stride(0), K=K, BLOCK_D=block_d, num_warps=4)
+    return out
 
 
 def _pick_impl(x: torch.Tensor, impl: str | None) -> str:

@@ -304,6 +304,24 @@ def test_int4_fragments_repack_is_exact():
         QuantizedWeight("int4", q1.qweight, q1.scale, q1.zero, 16, None, kpack=0, order="fragments")
 
 
+@needs_triton
+def test_sum_slots_skips_dropped_rows():
+    """The last step of the Triton path: per token, the fp32 rows of its routed slots summed in slot
+    order and cast once; a dropped slot's row (index outside [0, E): never written, here NaN) is
+    not read."""
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, E, (T, K), generator=g)
+    idx[0, 1], idx[5, 0], idx[7, :] = E, -1, E
+    pairs = torch.randn(T * K, D, generator=g).to(_device())
+    routed = ((idx >= 0) & (idx < E)).reshape(-1).to(_device())
+    pairs[~routed] = float("nan")
+    want = torch.where(routed[:, None], pairs, 0.0).view(T, K, D).sum(1)
+    got = M.sum_slots(pairs, idx.to(_device()), E, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and not got.isnan().any() and not got[7].any()
+    close(got, want.bfloat16(), 1e-2)
+    close(M.sum_slots(pairs, idx.to(_device()), E, torch.float32), want, 1e-6)
+
+
 def test_int4_experts_for_the_gpu_kernels(monkeypatch):
     """What dgplug.load does to expert weights on CUDA: int4 with whole K tiles of 128 (gate_up) /
     64 (down) and groups of whole tiles -> the fragments order; anything else is left as it is."""
