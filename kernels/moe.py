@@ -720,20 +720,15 @@ if HAS_TRITON:
         magic bits of 128 + q (bf16) / 1024 + q (fp16) set. LOP3 (GPU builds): the mask and the
         magic bits in one lop3 (immLut 0xEA = (a & b) | c); written as two operations, each with
         its constant as an immediate, ptxas emitted two LOP3 per register (sm_90)."""
-        if MAGIC == 1:
-            if LOP3:
-                out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 983055, 1124090624, 234;", "=r,r", [W],
-                                                dtype=tl.int32, is_pure=True, pack=1)
-            else:
-                out = (W & 0x000F000F) | 0x43004300
-        elif MAGIC == 2:
-            if LOP3:
-                out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 983055, 1677747200, 234;", "=r,r", [W],
-                                                dtype=tl.int32, is_pure=True, pack=1)
-            else:
-                out = (W & 0x000F000F) | 0x64006400
-        else:
+        if MAGIC == 0:
             out = W & 0x000F000F
+        else:
+            bits = tl.full(W.shape, (0x4300 + (MAGIC - 1) * 0x2100) * 0x10001, tl.int32)  # 0x43004300 / 0x64006400
+            if LOP3:
+                out = tl.inline_asm_elementwise("lop3.b32 $0, $1, 983055, $2, 234;", "=r,r,r", [W, bits],
+                                                dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                out = (W & 0x000F000F) | bits
         return out
 
     @triton.jit
