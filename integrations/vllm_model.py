@@ -245,6 +245,7 @@ class PackedParam(nn.Module):
         *lead, N, K = shape
         lead = tuple(lead)
         self.scheme, self.group_size, self.logical_shape = scheme, group_size, tuple(shape)
+        self.kpack, self.order = 0, None  # int4 nibble order (kernels.moe.QuantizedWeight), set by for_kernels
         if scheme == "int4":
             ng = -(-K // group_size)
             parts = {"qweight": (torch.uint8, lead + (N, K // 2)), "scale": (torch.float16, lead + (N, ng)),
@@ -259,7 +260,18 @@ class PackedParam(nn.Module):
         from dgplug.kernels.moe import QuantizedWeight
 
         return QuantizedWeight(self.scheme, self.qweight, self.scale, getattr(self, "zero", None), self.group_size,
-                               self.logical_shape)
+                               self.logical_shape, self.kpack, self.order)
+
+    def for_kernels(self, which: str, block_k: int | None = None):
+        """int4 experts: reorder the nibbles in place into the order dgplug's GPU kernel reads
+        fastest (kernels.moe.for_gpu_kernels; same tensor, same shape, nothing allocated for good)."""
+        from dgplug.kernels.moe import for_gpu_kernels
+
+        qw = self.quantized_weight()
+        done = for_gpu_kernels(qw, which, block_k)
+        if done is not qw:
+            self.qweight.data.copy_(done.qweight)
+            self.kpack, self.order = done.kpack, done.order
 
 
 class DGPlugExperts(nn.Module):
@@ -598,7 +610,20 @@ class DGPlugDiffusionGemmaForBlockDiffusion(nn.Module):
 
             logging.getLogger("dgplug.vllm").warning(
                 "encoder and decoder layer scalars differ: the engine path uses the decoder's for both modes")
+        self.int4_experts_for_kernels()
         return loaded
+
+    def int4_experts_for_kernels(self, any_device: bool = False, block_k: int | None = None):
+        """On CUDA (or any device, for tests) int4 experts go into the fragments nibble order, as
+        dgplug.load leaves them: dgplug's MoE kernel reads either, that one faster."""
+        for layer in self.model.layers:
+            experts = layer.experts
+            if experts.scheme != "int4":
+                continue
+            for which in ("gate_up", "down"):
+                packed = getattr(experts, f"{which}_proj")
+                if any_device or packed.qweight.device.type == "cuda":
+                    packed.for_kernels(which, block_k)
 
     def _parts_complete(self, parts: dict) -> bool:
         if "qweight" not in parts or "scale" not in parts:

@@ -338,11 +338,12 @@ def repack_int4_fragments(qw: QuantizedWeight, block_k: int) -> QuantizedWeight:
 GPU_K_TILES = {"gate_up": 128, "down": 64}  # BLOCK_K1 / BLOCK_K2 of the int4 kernels on a GPU
 
 
-def for_gpu_kernels(w, which: str):
-    """int4 expert weights in the fragments order for the GPU's K tiles (GPU_K_TILES) where the
-    swapped kernel takes them (K a multiple of the tile, groups of whole tiles); anything else as
-    it is. dgplug.load calls it on CUDA; DGPLUG_INT4_ORDER=pairs keeps the order of the file."""
-    bk = GPU_K_TILES[which]
+def for_gpu_kernels(w, which: str, block_k: int | None = None):
+    """int4 expert weights in the fragments order for the GPU's K tiles (GPU_K_TILES, or block_k)
+    where the swapped kernel takes them (K a multiple of the tile, groups of whole tiles); anything
+    else as it is. dgplug.load and the vLLM plugin call it on CUDA; DGPLUG_INT4_ORDER=pairs keeps
+    the order of the file."""
+    bk = block_k or GPU_K_TILES[which]
     if (not isinstance(w, QuantizedWeight) or w.scheme != "int4" or w.kpack or w.shape[-1] % bk
             or w.group_size % bk or os.environ.get("DGPLUG_INT4_ORDER", "fragments") == "pairs"):
         return w

@@ -100,6 +100,11 @@ def test_quantized_checkpoint(vllm_dist, scheme):
     a = _run(model, vc, ids, canvas)
     b = _run(ref_model, ref_vc, ids, canvas)
     assert (a - b).abs().max().item() < 1e-4
+    if scheme == "int4":  # what load_weights does on CUDA: the fragments nibble order, same logits
+        K = experts.gate_up_proj.logical_shape[-1]
+        model.int4_experts_for_kernels(any_device=True, block_k=32)
+        assert (experts.gate_up_proj.order, experts.gate_up_proj.kpack) == ("fragments", 32), K
+        assert torch.equal(_run(model, vc, ids, canvas), a)
 
 
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
