@@ -422,6 +422,42 @@ def moe_sweep(dev, small):
                 profile(f"MoE {label}, T=256", lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), rows=6)
 
 
+def attention_timing(dev, small, context=512):
+    """The decoder's attention over [cache; canvas] at the step's shapes (bf16, one layer, replayed as
+    a CUDA graph), against its floor max(bytes / HBM, FLOPs / 790 TFLOP/s) (bytes: q, k, v read
+    once, out written; a full layer's V is its K). Default tiles, and for the sliding layer at batch
+    1 (64 programs; the default spills 392 B a thread in the sm_90 build) two tilings that do not
+    spill, one of them with twice the programs."""
+    from dgplug.kernels import attention as ka
+
+    C = 256 if not small else 16
+    for B in ((1, 8) if not small else (1,)):
+        for kind, (hkv, d, window) in (("sliding", (8, 256, 1024)), ("full", (2, 512, None))):
+            d = d if not small else 32
+            lk = (min(context, window - 1) if window else context) + C
+            q = torch.randn(B, 16, C, d, device=dev).to(torch.bfloat16)
+            k = torch.randn(B, hkv, lk, d, device=dev).to(torch.bfloat16)
+            v = k if kind == "full" else torch.randn_like(k)
+            qp, kp = torch.arange(lk - C, lk, device=dev), torch.arange(lk, device=dev)
+            nbytes = 2 * (2 * q.numel() + k.numel() * (1 if kind == "full" else 2))
+            flops = 4 * B * 16 * C * lk * d
+            floor = max(nbytes / HBM, flops / 790e12) * 1e3
+            variants = [("default", None)]
+            if B == 1 and kind == "sliding":  # 64 programs by default; these spill nothing (sm90_build)
+                variants += [("BN32 w8 s2", dict(BLOCK_N=32, num_warps=8, num_stages=2)),
+                             ("BM32 BN32 w8 s2", dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2))]
+            for label, cfg in variants:
+                run = lambda cfg=cfg: ka.attention_triton(q, k, v, q_pos=qp, k_pos=kp, causal=False, window=None,  # noqa: E731
+                                                          config=cfg)
+                ms = graph_time(run) if dev == "cuda" else timed(run)
+                out = run()
+                ref = out if cfg is None else ref  # noqa: F821 - the default runs first
+                print(f"attention {kind:<7} B={B} keys {lk} {label:<16} {ms * 1e3:8.1f} us  floor {floor * 1e3:6.1f} us "
+                      f"({100 * floor / ms:.0f}% of floor), rel err vs default {err(out, ref):.1e}")
+                print(f"RESULT attention kind={kind} batch={B} keys={lk} tiles={label.replace(' ', '')} ms={ms:.4f} "
+                      f"floor_ms={floor:.4f} floor_pct={100 * floor / ms:.0f}", flush=True)
+
+
 def gguf_packed(dev, small):
     """A Q4_K_M GGUF kept packed (kernels.ggml): one layer's experts (gate_up Q4_K, down Q5_0: 704 is
     not a multiple of 256, llama.cpp's fallback), a Q4_K attention projection and the Q6_K tied table
@@ -722,6 +758,7 @@ def main():
                                                         or batches[:1]))),
                      ("kernels vs twins", lambda: check_kernels(dev, args.small)),
                      ("MoE variants (one layer)", lambda: moe_sweep(dev, args.small)),
+                     ("attention over [cache; canvas] (one layer)", lambda: attention_timing(dev, args.small, args.context)),
                      ("one denoise step at full shapes",
                       lambda: step_timing(dev, args.small, batches, args.context)),
                      ("end to end: model.generate, fp8 experts, batch 1 (transformers' time from above)",

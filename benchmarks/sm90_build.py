@@ -254,6 +254,14 @@ def attention_calls():
             qp, kp = torch.arange(lk - lq, lk), torch.arange(lk)
             _call(f"attention B={batch} {name}", lambda: ka.attention_triton(q, k, k, q_pos=qp, k_pos=kp,
                                                                              causal=causal, window=window))
+            if batch == 1 and name == "sliding decoder":  # the GPU check's variant (the default spills)
+                _call(f"attention B=1 {name} BN32", lambda: ka.attention_triton(
+                    q, k, k, q_pos=qp, k_pos=kp, causal=causal, window=window, config=dict(BLOCK_N=32)))
+                _call(f"attention B=1 {name} BN32 w8 s2", lambda: ka.attention_triton(
+                    q, k, k, q_pos=qp, k_pos=kp, causal=causal, window=window,
+                    config=dict(BLOCK_N=32, num_warps=8, num_stages=2)))
+                _call(f"attention B=1 {name} BM32 BN32 w8 s2", lambda: ka.attention_triton(
+                    q, k, k, q_pos=qp, k_pos=kp, causal=causal, window=window, config=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)))
 
 
 def glue_calls():
