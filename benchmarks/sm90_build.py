@@ -233,7 +233,8 @@ def ggml_calls():
 
 # the int4 fragments order (K tiles 128 / 64) beside the default: as the GPU check sweeps it
 FRAGMENT_CFGS = (("", {}), (" BM32", dict(BLOCK_M=32)), (" w8", dict(num_warps=8)), (" s3", dict(num_stages=3)),
-                 (" BN128", dict(BLOCK_N1=128, BLOCK_N2=128)), (" one dot", dict(ONE_DOT=True)))
+                 (" BN128", dict(BLOCK_N1=128, BLOCK_N2=128)), (" one dot", dict(ONE_DOT=True)),
+                 (" w8 one dot", dict(num_warps=8, ONE_DOT=True)))
 
 
 # GGUF MoE tiles beside the default (32 x 32, 2 stages), as the GPU check times them
