@@ -727,6 +727,33 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
     return hf_seen
 
 
+def hf_compiled_generate(dev, small, prompt=512, canvases=2, steps=32):
+    """transformers' own compiled generate (cache_implementation="static": its encoder, decoder forward
+    and sampler through torch.compile, mode reduce-overhead), batch 1, the e2e section's settings; the
+    first call compiles. Last in the run: it may take minutes, and runs only within the budget."""
+    if small or dev != "cuda":
+        print("skipped: needs a GPU (inductor on a CPU would compile for minutes)")
+        return
+    hf, dg = full_models(dev, small, None)
+    C, V = dg.cfg.canvas_length, dg.tc.vocab_size
+    del dg
+    settings = dict(max_new_tokens=canvases * C, max_denoising_steps=steps, confidence_threshold=1e-30,
+                    stability_threshold=1, cache_implementation="static")
+    ids = torch.randint(5, V - 3, (1, prompt), device=dev, generator=torch.Generator(device=dev).manual_seed(1))
+    try:
+        t0 = time.perf_counter()
+        hf.generate(input_ids=ids, **settings)
+        sync()
+        first = time.perf_counter() - t0
+        ms = timed(lambda: hf.generate(input_ids=ids, **settings), reps=2, warm=0)
+    except Exception as ex:  # noqa: BLE001 - "if it works": say why it did not
+        print(f"transformers compiled generate failed: {type(ex).__name__}: {str(ex)[:300]}")
+        return
+    n = canvases * steps
+    print(f"transformers generate, compiled: first call {first:.0f} s, then {ms:.0f} ms ({ms / n:.2f} ms per step)")
+    print(f"RESULT transformers_compiled batch=1 ms={ms / n:.2f} generate_ms={ms:.0f} compile_s={first:.0f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
@@ -765,7 +792,9 @@ def main():
                      ("end to end: model.generate, fp8 experts, batch 1 (transformers' time from above)",
                       lambda: generate_e2e(dev, args.small, [1], quant="fp8", hf_ms=hf_ms)),
                      ("GGUF Q4_K_M kept packed", lambda: gguf_packed(dev, args.small)),
-                     ("head + sampler variants", lambda: sampler_variants(dev, args.small))):
+                     ("head + sampler variants", lambda: sampler_variants(dev, args.small)),
+                     ("transformers generate, compiled (static cache), batch 1",
+                      lambda: hf_compiled_generate(dev, args.small, args.context))):
         if time.time() - t0 > args.budget:
             print(f"\n== {name}: skipped (past the {args.budget}s budget)")
             continue
