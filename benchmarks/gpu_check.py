@@ -380,7 +380,8 @@ def moe_sweep(dev, small):
     frag = [("fragments", {}, "int4 fragments"), ("fragments, sums in the loop", dict(XSUM=False), "int4 fragments"),
             ("pairs, sums in the loop (before)", dict(XSUM=False)), ("fragments BM32", dict(BLOCK_M=32), "int4 fragments"),
             ("fragments w8", dict(num_warps=8), "int4 fragments"), ("fragments s3", dict(num_stages=3), "int4 fragments"),
-            ("fragments, one dot", dict(ONE_DOT=True), "int4 fragments")]
+            ("fragments, one dot", dict(ONE_DOT=True), "int4 fragments"),
+            ("fragments w8, one dot", dict(num_warps=8, ONE_DOT=True), "int4 fragments")]
     halves = ("swap halves", dict(sw, BLOCK_K1=128, BLOCK_K2=64), "int4 halves")
     # (the variants the 28dc59a run timed slower than its default are left out: converted nibbles,
     # the K bound, BLOCK_M 64, BLOCK_N 128 / 32, 8 warps in the pairs order)
@@ -395,8 +396,7 @@ def moe_sweep(dev, small):
         # (sm90_build); BLOCK_M 32 and 8 warps do not
         big = int4_cfgs[:2] + [("swap BM32", dict(sw, BLOCK_M=32)), ("swap w8", dict(sw, num_warps=8)), halves,
                                ("swap BN128 w8", dict(sw, BLOCK_N1=128, BLOCK_N2=128, num_warps=8))] + frag[:3] + [
-                                   frag[4], ("fragments BM32", dict(BLOCK_M=32), "int4 fragments"), frag[6],
-                                   ("fragments w8, one dot", dict(num_warps=8, ONE_DOT=True), "int4 fragments")]
+                                   frag[4], ("fragments BM32", dict(BLOCK_M=32), "int4 fragments"), frag[6], frag[7]]
         runs = [(s, ("default", {})) for s in ("bf16", "int8", "fp8")] + [("int4", c) for c in
                                                                           (int4_cfgs if T == 256 else big)]
         if T > 256:  # compute-bound at 16 rows per expert: bigger tiles, 8 warps (MOE_BIG_TILES, ptxas-checked)
