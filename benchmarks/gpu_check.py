@@ -423,6 +423,27 @@ def moe_sweep(dev, small):
                 profile(f"MoE {label}, T=256", lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), rows=6)
 
 
+def int4_linears(dev, small):
+    """A dgplug int4 checkpoint's linears (q_proj of a sliding layer, group 128): dequantised in every
+    call (the packed path; DGPLUG_PACKED_LINEARS=1) against dequantised once at load (what
+    dgplug.load does on CUDA: then cuBLAS on bf16), 256 and 2048 rows, as CUDA graphs."""
+    from dgplug.kernels.moe import QuantizedWeight
+    from dgplug.model import linear
+
+    N, K = (4096, 2816) if not small else (256, 128)
+    qw = QuantizedWeight.quantize(torch.randn(N, K, device=dev) * K ** -0.5, "int4", group_size=128)
+    w16 = qw.dequantize(torch.bfloat16)
+    for rows in ((256, 2048) if not small else (16,)):
+        x = torch.randn(rows, K, device=dev).to(torch.bfloat16)
+        t = {}
+        for tag, fn in (("per_call", lambda: linear(x, qw)), ("at_load", lambda: linear(x, w16))):
+            t[tag] = graph_time(fn) if dev == "cuda" else timed(fn)
+        print(f"int4 linear {N}x{K}, {rows} rows: dequantised per call {t['per_call']:.3f} ms, at load "
+              f"{t['at_load']:.3f} ms ({t['per_call'] / t['at_load']:.1f}x)")
+        print(f"RESULT linear quant=int4 rows={rows} per_call_ms={t['per_call']:.4f} at_load_ms={t['at_load']:.4f}",
+              flush=True)
+
+
 def attention_timing(dev, small, context=512):
     """The decoder's attention over [cache; canvas] at the step's shapes (bf16, one layer, replayed as
     a CUDA graph), against its floor max(bytes / HBM, FLOPs / 790 TFLOP/s) (bytes: q, k, v read
@@ -787,6 +808,7 @@ def main():
                      ("kernels vs twins", lambda: check_kernels(dev, args.small)),
                      ("MoE variants (one layer)", lambda: moe_sweep(dev, args.small)),
                      ("attention over [cache; canvas] (one layer)", lambda: attention_timing(dev, args.small, args.context)),
+                     ("int4 linears: dequantised per call or at load", lambda: int4_linears(dev, args.small)),
                      ("one denoise step at full shapes",
                       lambda: step_timing(dev, args.small, batches, args.context)),
                      ("end to end: model.generate, fp8 experts, batch 1 (transformers' time from above)",

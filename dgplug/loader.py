@@ -9,6 +9,7 @@ the text model and rejects image inputs with a clear message.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -38,6 +39,25 @@ def param_name(hf: str) -> str:
     raise KeyError(hf)
 
 
+def _gpu_form_wanted(t) -> bool:
+    return t.device.type == "cuda"
+
+
+def for_gpu(name: str, t, dtype: torch.dtype):
+    """A packed tensor as the GPU path wants it: int4 experts in the order dgplug's MoE kernel reads
+    fastest (kernels.moe.for_gpu_kernels); the linears of a dgplug int4/int8/fp8 checkpoint
+    dequantised once to `dtype` (per call, the dequantisation costs several times the matmul:
+    cuBLAS on 16-bit weights instead, for ~2.3 GB more at the release's size; DGPLUG_PACKED_LINEARS=1
+    keeps them packed); GGUF blocks stay as they are (their Triton decoder serves linears)."""
+    from dgplug.kernels.moe import QuantizedWeight, for_gpu_kernels
+
+    if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return for_gpu_kernels(t, "gate_up" if name.endswith("gate_up_proj") else "down")
+    if isinstance(t, QuantizedWeight) and os.environ.get("DGPLUG_PACKED_LINEARS", "0") != "1":
+        return t.dequantize(dtype)
+    return t
+
+
 def build(cfg: Config, tensors, dtype=None, device=None, generation_defaults=None, check_finite=True) -> DiffusionGemma:
     """Assemble a model from an iterable of (checkpoint name, tensor)."""
     with torch.device("meta"):
@@ -56,10 +76,8 @@ def build(cfg: Config, tensors, dtype=None, device=None, generation_defaults=Non
             if check_finite and hasattr(t, "nonfinite") and t.nonfinite():
                 raise CheckpointError(f"tensor {hf} holds NaN or Inf values")
             t = t.to(device or "cpu")
-            if t.device.type == "cuda" and hf.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                from dgplug.kernels.moe import for_gpu_kernels  # int4: the order the GPU kernel reads fastest
-
-                t = for_gpu_kernels(t, "gate_up" if hf.endswith("gate_up_proj") else "down")
+            if _gpu_form_wanted(t):
+                t = for_gpu(hf, t, dtype or first_dtype or torch.bfloat16)
         else:
             if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"tensor {hf} holds NaN or Inf values")

@@ -84,3 +84,30 @@ def test_quantized_load(src, reference, tmp_path, scheme):
     assert packed < dense / (3.5 if scheme != "int4" else 7)  # vs fp32 experts
     out2 = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=16, max_denoising_steps=2, seed=0)
     assert out2.sequences.shape == (1, 19)
+
+
+def test_packed_tensors_in_their_gpu_form(src, reference, tmp_path, monkeypatch):
+    """What dgplug.load does to a dgplug int4 checkpoint's packed tensors on CUDA (here forced on the
+    CPU): experts in the fragments nibble order, linears dequantised once; the same logits as
+    packed, and DGPLUG_INT4_ORDER=pairs / DGPLUG_PACKED_LINEARS=1 keep the file's forms."""
+    from dgplug import loader
+
+    out = tmp_path / "int4"
+    quantize_checkpoint(src, out, "int4", progress=False)
+    as_file = dgplug.load(out)
+    monkeypatch.setattr(loader, "_gpu_form_wanted", lambda t: True)
+    gpu_form = dgplug.load(out)
+    layer = gpu_form.layers[0]
+    assert (layer.experts.gate_up_proj.order, layer.experts.gate_up_proj.kpack) == ("fragments", 128)
+    assert (layer.experts.down_proj.order, layer.experts.down_proj.kpack) == ("fragments", 64)
+    for w in (layer.self_attn.q_proj.weight, layer.mlp.down_proj.weight, gpu_form.self_conditioning.up_proj.weight):
+        assert isinstance(w, torch.Tensor) and w.dtype == torch.float32
+    assert torch.equal(layer.self_attn.q_proj.weight, as_file.layers[0].self_attn.q_proj.weight.dequantize())
+    ids, canvas, _ = reference
+    a = as_file(input_ids=ids, decoder_input_ids=canvas).logits
+    b = gpu_form(input_ids=ids, decoder_input_ids=canvas).logits
+    assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+    monkeypatch.setenv("DGPLUG_INT4_ORDER", "pairs")
+    monkeypatch.setenv("DGPLUG_PACKED_LINEARS", "1")
+    kept = dgplug.load(out).layers[0]
+    assert kept.experts.gate_up_proj.order == "pairs" and isinstance(kept.self_attn.q_proj.weight, QuantizedWeight)
