@@ -91,6 +91,11 @@ def check_kernels(dev, small):
         a = km.moe_forward(x, idx, w, qg, qd, impl="triton")
         b = km.moe_forward(x.float(), idx, w, qg, qd, impl="torch")
         print(f"moe {scheme} (triton vs torch twin) rel err {err(a, b):.2e}")
+        if scheme == "fp8":  # fp8 activations (A8): the kernel against its twin, and against 16-bit activations
+            a8 = km.moe_forward_triton(x, idx, w, qg, qd, config=dict(A8=True))
+            t8 = km.moe_forward_fp8_activations_torch(x, idx, w, qg, qd, km.A8_TILE)
+            print(f"moe fp8 activations (triton vs its torch twin) rel err {err(a8, t8):.2e}; "
+                  f"vs 16-bit activations {err(a8, b):.2e}")
         if scheme == "int4":
             runs = [(str(c), c, None) for c in (dict(MAGIC=False, SWAP_AB=False), dict(SWAP_AB=False),
                                                 dict(SWAP_AB=True, MAGIC=False), dict(SWAP_AB=True, BLOCK_M=16))]
@@ -399,6 +404,7 @@ def moe_sweep(dev, small):
                                    frag[4], ("fragments BM32", dict(BLOCK_M=32), "int4 fragments"), frag[6], frag[7]]
         runs = [(s, ("default", {})) for s in ("bf16", "int8", "fp8")] + [("int4", c) for c in
                                                                           (int4_cfgs if T == 256 else big)]
+        runs.append(("fp8", ("fp8 activations (A8)", dict(A8=True))))
         if T > 256:  # compute-bound at 16 rows per expert: bigger tiles, 8 warps (MOE_BIG_TILES, ptxas-checked)
             runs += [(s, c) for s in ("bf16", "fp8") for c in MOE_BIG_TILES]
         times = {}
@@ -413,6 +419,8 @@ def moe_sweep(dev, small):
             _, nbytes = km.moe_flops_bytes(T, D, I, E, K, scheme)
             print(f"T={T} {scheme:<5} {label:<28} {t:7.3f} ms  {nbytes / t / 1e9:6.2f} TB/s", flush=True)
         _, nbytes = km.moe_flops_bytes(T, D, I, E, K, "int4")
+        a8, f8 = times.get(("fp8", "fp8 activations (A8)"), float("nan")), times.get(("fp8", "default"), float("nan"))
+        print(f"RESULT moe quant=fp8 T={T} a8_ms={a8:.3f} weight_only_ms={f8:.3f}", flush=True)
         f, p, b0 = (times.get(("int4", k), float("nan")) for k in ("fragments", "default (swapped, magic)",
                                                                    "pairs, sums in the loop (before)"))
         print(f"RESULT moe quant=int4 T={T} fragments_ms={f:.3f} pairs_ms={p:.3f} before_ms={b0:.3f} "
@@ -687,7 +695,7 @@ def full_models(dev, small, quant="int4"):
     return hf, dg
 
 
-def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="int4", hf_ms=None):
+def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="int4", hf_ms=None, a8=False):
     """model.generate end to end: prompt, `canvases` canvases of `steps` steps each (the stop test
     off), dgplug with CUDA graphs and eagerly (DGPLUG_CUDA_GRAPHS=0; the tokens must agree), and
     transformers' own generate (eager) on the same bf16 weights, in one run. quant: dgplug's
@@ -698,6 +706,7 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
     from dgplug import ops
 
     ops.set_backend("kernels")
+    os.environ["DGPLUG_FP8_ACTIVATIONS"] = "1" if a8 else "0"  # fp8 experts: fp8 activations too (kernels.moe)
     t0 = time.perf_counter()
     hf, dg = full_models(dev, small, quant)
     C, V = dg.cfg.canvas_length, dg.tc.vocab_size
@@ -738,12 +747,13 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
               f"{ms['transformers']:.0f}; tokens graphs == eager: {same}", flush=True)
         for tag in ("graphs", "eager"):
             step = ms[tag] / n_steps
-            print(f"RESULT step path=generate quant={quant} batch={B} graphs={int(tag == 'graphs')} ms={step:.2f} "
+            print(f"RESULT step path=generate quant={quant}{'a8' if a8 else ''} batch={B} graphs={int(tag == 'graphs')} ms={step:.2f} "
                   f"tok_s={16 * B * 1000 / step:.0f} floor_pct={100 * floor / step:.0f} "
                   f"transformers_ms={ms['transformers'] / n_steps:.2f} generate_tok_s={B * canvases * C * 1000 / ms[tag]:.0f} "
                   f"transformers_generate_tok_s={B * canvases * C * 1000 / ms['transformers']:.0f} "
                   f"tokens_equal={same}", flush=True)
     del hf, dg
+    os.environ["DGPLUG_FP8_ACTIVATIONS"] = "0"
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return hf_seen
 
@@ -813,6 +823,8 @@ def main():
                       lambda: step_timing(dev, args.small, batches, args.context)),
                      ("end to end: model.generate, fp8 experts, batch 1 (transformers' time from above)",
                       lambda: generate_e2e(dev, args.small, [1], quant="fp8", hf_ms=hf_ms)),
+                     ("end to end: model.generate, fp8 experts and fp8 activations (DGPLUG_FP8_ACTIVATIONS=1), batch 1",
+                      lambda: generate_e2e(dev, args.small, [1], quant="fp8", hf_ms=hf_ms, a8=True)),
                      ("GGUF Q4_K_M kept packed", lambda: gguf_packed(dev, args.small)),
                      ("head + sampler variants", lambda: sampler_variants(dev, args.small)),
                      ("transformers generate, compiled (static cache), batch 1",

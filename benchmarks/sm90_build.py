@@ -182,6 +182,8 @@ def moe_calls():
         w = torch.softmax(torch.randn(T, TOPK, generator=g), -1)
         for s in ("bf16", "int8", "fp8"):
             _call(f"moe T={T} {s}", lambda s=s: km.moe_forward_triton(x, idx, w, *weights[s]))
+        _call(f"moe T={T} fp8 activations", lambda: km.moe_forward_triton(x, idx, w, *weights["fp8"],
+                                                                          config=dict(A8=True)))
         for label, cfg in int4:
             _call(f"moe T={T} int4 {label}", lambda cfg=cfg: km.moe_forward_triton(x, idx, w, *weights["int4"],
                                                                                    config=cfg))

@@ -322,6 +322,58 @@ def test_sum_slots_skips_dropped_rows():
     close(M.sum_slots(pairs, idx.to(_device()), E, torch.float32), want, 1e-6)
 
 
+def test_fp8_rows_round_to_nearest_even():
+    """Per-token fp8 activations: the Triton rows (rounded in fp32 arithmetic, then converted) equal
+    torch's float8_e4m3fn conversion, also where the mantissa rounds up into the next binade (the
+    interpreter's own conversion gave 64 for 127.97)."""
+    x = torch.tensor([[127.97, -126.58, 31.38, 0.0, 1e-3, -3e-3, 448.0, 5.1],
+                      [0.0] * 8, [2.0 ** -7 * 1.3, 0.0137, -0.5, 0.25, 0.126, 3.0, -447.0, 1.0]])
+    x8, s = M.fp8_rows(x)
+    assert s[1] == 1.0 and x8.float().abs().max() <= 448
+    if M.HAS_TRITON:
+        t8, ts = M.fp8_rows_triton(x.to(_device()))
+        assert torch.equal(t8.float().cpu(), x8.float()) and torch.equal(ts.cpu(), s)
+
+
+@needs_triton
+@pytest.mark.parametrize("tile,dtype", [(32, torch.float32), (16, torch.bfloat16)])
+def test_fp8_activations_match_twin(tile, dtype):
+    """fp8 weights with fp8 activations (config A8, vLLM's fp8 MoE arithmetic): x per token, h per
+    row and K tile of the down step, fp8 x fp8 products summed in fp32; the Triton path equals its
+    torch twin (ragged: I = 48 is 1.5 tiles of 32; a dropped slot), and stays within a few percent
+    of the fp8-weight path with 16-bit activations."""
+    _, _, q1, q2 = _quantized("fp8", device=_device())
+    w, idx = make_routing(device=_device())
+    idx[3, 1] = E
+    x = make_x(dtype=dtype, device=_device())
+    cfg = dict(A8=True, BLOCK_N1=tile, BLOCK_K2=tile, BLOCK_K1=32)
+    got = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    twin = M.moe_forward_fp8_activations_torch(x, idx, w, q1, q2, tile)
+    close(got, twin, 1e-5 if dtype == torch.float32 else 1e-2)
+    close(twin, moe_forward_torch(x, idx, w, q1, q2), 0.1)
+    with pytest.raises(ValueError, match="BLOCK_N1"):
+        M.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, BLOCK_K2=2 * tile))
+    _, _, i1, i2 = _quantized("int4", device=_device())
+    with pytest.raises(ValueError, match="fp8 expert weights"):
+        M.moe_forward_triton(x, idx, w, i1, i2, config=cfg)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp8_activations_switch(impl, monkeypatch):
+    """DGPLUG_FP8_ACTIVATIONS=1 turns fp8 experts to fp8 activations (Triton path and twin alike);
+    other weights are left alone."""
+    _, _, q1, q2 = _quantized("fp8", device=_device())
+    w, idx = make_routing(device=_device())
+    x = make_x(device=_device())
+    off = moe_forward(x, idx, w, q1, q2, impl=impl)
+    monkeypatch.setenv("DGPLUG_FP8_ACTIVATIONS", "1")
+    on = moe_forward(x, idx, w, q1, q2, impl=impl)
+    close(on, M.moe_forward_fp8_activations_torch(x, idx, w, q1, q2, M.A8_TILE), 1e-5)
+    assert not torch.allclose(on, off)
+    gu, dn = make_weights(device=_device())
+    close(moe_forward(x, idx, w, gu, dn, impl=impl), moe_forward_torch(x, idx, w, gu, dn), 1e-5)
+
+
 def test_int4_experts_for_the_gpu_kernels(monkeypatch):
     """What dgplug.load does to expert weights on CUDA: int4 with whole K tiles of 128 (gate_up) /
     64 (down) and groups of whole tiles -> the fragments order; anything else is left as it is."""
