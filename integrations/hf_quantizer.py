@@ -9,7 +9,9 @@ and load the packed tensors as they are:
 * a quantized `nn.Linear` `X` (checkpoint tensor `X.weight`) becomes `PackedLinear`: a child module
   `weight` holding parameters `qweight`, `scale` (and `zero` for int4), i.e. exactly the checkpoint
   names `X.weight.qweight` ...; `forward` dequantises the weight transiently (the torch twin of a
-  packed-linear kernel) and runs `F.linear`.
+  packed-linear kernel) and runs `F.linear`. On CUDA the dequantised weight is kept (outside the
+  state dict, one copy for the tied encoder/decoder pair): per call the dequantisation costs
+  several times the matmul. `DGPLUG_PACKED_LINEARS=1` dequantises per call there too.
 * `experts` becomes `PackedExperts`: children `gate_up_proj` / `down_proj` holding the packed
   tensors; `forward` wraps them (no copy) in `kernels.moe.QuantizedWeight` and calls
   `kernels.moe.moe_forward` (Triton on CUDA, the torch twin otherwise).
@@ -20,6 +22,9 @@ Checkpoints written with `quantize_embedding=True` (int8 embedding) are not load
 """
 
 from __future__ import annotations
+
+import os
+import weakref
 
 import torch
 import torch.nn as nn
@@ -79,7 +84,22 @@ class PackedLinear(nn.Module):
         self.weight = PackedTensor(scheme, (out_features, in_features), group_size, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.dequantize(x.dtype))
+        if not _keep_dense(x):
+            return F.linear(x, self.weight.dequantize(x.dtype))
+        q = self.weight.qweight
+        key = (q.device, q.data_ptr(), q._version, x.dtype)  # a reload or in-place copy_ makes a new one
+        dense = _DENSE.get(key)
+        if dense is None:
+            dense = _DENSE[key] = self.weight.dequantize(x.dtype)
+        self._dense = dense  # held by the module (both of a tied pair): the cache holds it weakly
+        return F.linear(x, dense)
+
+
+_DENSE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def _keep_dense(x: torch.Tensor) -> bool:
+    return x.is_cuda and os.environ.get("DGPLUG_PACKED_LINEARS", "0") != "1"
 
 
 class PackedExperts(nn.Module):

@@ -108,3 +108,26 @@ def test_embedding_int8_refused(ckpts, tmp_path):
     out = Q.quantize_checkpoint(src, tmp_path / "e", "int8", quantize_embedding=True, progress=False)
     with pytest.raises(ValueError, match="int8 embedding"):
         DiffusionGemmaForBlockDiffusion.from_pretrained(str(out))
+
+
+def test_dense_weight_kept_on_cuda(ckpts, monkeypatch):
+    """On CUDA (forced here) a packed linear keeps its dequantised weight after the first call: one
+    copy for the tied encoder/decoder pair, the same logits, and a new copy when the packed tensor
+    changes in place."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dgplug.integrations import hf_quantizer as H
+
+    assert register()
+    m = DiffusionGemmaForBlockDiffusion.from_pretrained(str(ckpts[1]["int4"]))
+    per_call = _logits(m)
+    monkeypatch.setattr(H, "_keep_dense", lambda x: True)
+    kept = _logits(m)
+    assert torch.equal(kept, per_call)
+    dec, enc = m.model.decoder.layers[0], m.model.encoder.language_model.layers[0]
+    assert dec.self_attn.q_proj._dense is enc.self_attn.q_proj._dense
+    assert torch.equal(dec.mlp.up_proj._dense, dec.mlp.up_proj.weight.dequantize(torch.float32))
+    with torch.no_grad():
+        dec.mlp.up_proj.weight.qweight.zero_()  # in place (as load_state_dict copies): not the kept copy
+    assert not torch.equal(_logits(m), kept)
+    assert torch.equal(dec.mlp.up_proj._dense, dec.mlp.up_proj.weight.dequantize(torch.float32))
