@@ -893,8 +893,6 @@ if HAS_TRITON:
         rows_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rows_g < I
         rows_u = rows_g + I
-        acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         if ONE_DOT:  # gate rows then up rows as one [2 BN, BK] operand: one dot (and one wait) a K tile
             r2 = tl.arange(0, 2 * BLOCK_N)
             rows = pid_n * BLOCK_N + r2 % BLOCK_N + (r2 // BLOCK_N) * I
@@ -912,32 +910,35 @@ if HAS_TRITON:
                 acc = _int4_dot_t(q2, xt, s2, z2 + BIAS, xs, acc, IEEE, XSUM)
                 s2, z2, xs = s2_n, z2_n, xs_n
             acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
-        sg, zg = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, 0, stride_se, stride_sn, stride_sk)
-        su, zu = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, 0, stride_se, stride_sn, stride_sk)
-        xs = _tile_sum(xs_ptr, tok, valid, stride_xs, 0, XSUM)
-        for k0 in range(0, 0 if ONE_DOT else D, BLOCK_K):
-            gn = tl.minimum(k0 + BLOCK_K, D - 1) // GROUP
-            sg_n, zg_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, gn, stride_se, stride_sn, stride_sk)
-            su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn, stride_se, stride_sn, stride_sk)
-            xs_n = _tile_sum(xs_ptr, tok, valid, stride_xs, tl.minimum(k0 + BLOCK_K, D - 1) // BLOCK_K, XSUM)
-            if HALVES:
-                xt_lo = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K // 2, CDT)
-                xt_hi = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0 + BLOCK_K // 2, D, BLOCK_K // 2, CDT)
-                g_lo, g_hi = _int4_nibbles(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                           BLOCK_K, CDT, MAGIC, EVEN_K)
-                u_lo, u_hi = _int4_nibbles(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                           BLOCK_K, CDT, MAGIC, EVEN_K)
-                acc_g = _int4_halves_dot_t(g_lo, g_hi, xt_lo, xt_hi, sg, zg + BIAS, xs, acc_g, IEEE, XSUM)
-                acc_u = _int4_halves_dot_t(u_lo, u_hi, xt_lo, xt_hi, su, zu + BIAS, xs, acc_u, IEEE, XSUM)
-            else:
-                xt = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K, CDT)
-                gq = _int4_rows(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG, LOP3)
-                uq = _int4_rows(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
-                                BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG, LOP3)
-                acc_g = _int4_dot_t(gq, xt, sg, zg + BIAS, xs, acc_g, IEEE, XSUM)
-                acc_u = _int4_dot_t(uq, xt, su, zu + BIAS, xs, acc_u, IEEE, XSUM)
-            sg, zg, su, zu, xs = sg_n, zg_n, su_n, zu_n, xs_n
+        else:
+            acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            sg, zg = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, 0, stride_se, stride_sn, stride_sk)
+            su, zu = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, 0, stride_se, stride_sn, stride_sk)
+            xs = _tile_sum(xs_ptr, tok, valid, stride_xs, 0, XSUM)
+            for k0 in range(0, D, BLOCK_K):
+                gn = tl.minimum(k0 + BLOCK_K, D - 1) // GROUP
+                sg_n, zg_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_g, nmask, gn, stride_se, stride_sn, stride_sk)
+                su_n, zu_n = _int4_scale_zero(s_ptr, z_ptr, e, rows_u, nmask, gn, stride_se, stride_sn, stride_sk)
+                xs_n = _tile_sum(xs_ptr, tok, valid, stride_xs, tl.minimum(k0 + BLOCK_K, D - 1) // BLOCK_K, XSUM)
+                if HALVES:
+                    xt_lo = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K // 2, CDT)
+                    xt_hi = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0 + BLOCK_K // 2, D, BLOCK_K // 2, CDT)
+                    g_lo, g_hi = _int4_nibbles(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                               BLOCK_K, CDT, MAGIC, EVEN_K)
+                    u_lo, u_hi = _int4_nibbles(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                               BLOCK_K, CDT, MAGIC, EVEN_K)
+                    acc_g = _int4_halves_dot_t(g_lo, g_hi, xt_lo, xt_hi, sg, zg + BIAS, xs, acc_g, IEEE, XSUM)
+                    acc_u = _int4_halves_dot_t(u_lo, u_hi, xt_lo, xt_hi, su, zu + BIAS, xs, acc_u, IEEE, XSUM)
+                else:
+                    xt = _cols_t(x_ptr, tok, valid, stride_xt, stride_xd, k0, D, BLOCK_K, CDT)
+                    gq = _int4_rows(w_ptr, e, rows_g, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                    BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG, LOP3)
+                    uq = _int4_rows(w_ptr, e, rows_u, nmask, k0, D, stride_we, stride_wn, stride_wk,
+                                    BLOCK_N, BLOCK_K, CDT, MAGIC, EVEN_K, FRAG, LOP3)
+                    acc_g = _int4_dot_t(gq, xt, sg, zg + BIAS, xs, acc_g, IEEE, XSUM)
+                    acc_u = _int4_dot_t(uq, xt, su, zu + BIAS, xs, acc_u, IEEE, XSUM)
+                sg, zg, su, zu, xs = sg_n, zg_n, su_n, zu_n, xs_n
         inner = 1.5957691216057308 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
         hval = (acc_g / (1.0 + tl.exp(-inner)) * acc_u).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + offs_m[None, :].to(tl.int64) * stride_hm + rows_g[:, None], hval, mask=nmask[:, None])
