@@ -125,13 +125,37 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("backend", ["kernels", "reference"])
-def test_step_on_the_kernels_never_syncs(model, monkeypatch, backend):
+def _with_experts(model, experts: str):
+    """A copy of the model whose experts are int4 in the fragments order (as dgplug.load leaves them
+    on a GPU; K tiles of 32 at this size) or fp8."""
+    import copy
+
+    from dgplug.kernels.moe import QuantizedWeight, repack_int4_fragments
+
+    m = copy.deepcopy(model)
+    for layer in m.layers:
+        for n in ("gate_up_proj", "down_proj"):
+            w = getattr(layer.experts, n).data
+            if experts == "int4 fragments":
+                q = repack_int4_fragments(QuantizedWeight.quantize(w, "int4", group_size=32), 32)
+            else:
+                q = QuantizedWeight.quantize(w, "fp8")
+            delattr(layer.experts, n)
+            setattr(layer.experts, n, q)
+    return m
+
+
+@pytest.mark.parametrize("backend,experts", [("kernels", "dense"), ("reference", "dense"),
+                                             ("kernels", "int4 fragments"), ("kernels", "fp8 activations")])
+def test_step_on_the_kernels_never_syncs(model, monkeypatch, backend, experts):
     """The step as a GPU runs it (every hot op on dgplug.kernels: Triton in the interpreter here)
-    dispatches no operation that syncs with the host. The references do (the MoE twin's loop
+    dispatches no operation that syncs with the host: with dense experts, int4 experts in the
+    fragments order, and fp8 experts with fp8 activations. The references do (the MoE twin's loop
     over the experts hit), which shows the probe sees them."""
     monkeypatch.setattr(dgplug.ops, "BACKEND", backend)
     monkeypatch.setenv("DGPLUG_KERNELS", "triton" if backend == "kernels" else "torch")
+    monkeypatch.setenv("DGPLUG_FP8_ACTIVATIONS", "1" if experts == "fp8 activations" else "0")
+    model = model if experts == "dense" else _with_experts(model, experts)
     tc, B = model.tc, 2
     cache = KVCache.empty(tc.num_hidden_layers)
     model.encode(torch.randint(5, tc.vocab_size, (B, 9)), cache, None)
