@@ -268,6 +268,17 @@ def dg_sampler(h, E, B, C, fn=None, T=0.6):
     return torch.where(acc, r.token.view(B, C), torch.randint(0, E.shape[0], (B, C), device=h.device)), r.soft
 
 
+def alternated(fns: dict, rounds=5, reps=10, timer=None) -> dict:
+    """Median ms of each fn, timed in turn A, B, ..., A, B, ... over `rounds` rounds of `reps` calls
+    (the first round warms each): the comparisons quoted as RESULT lines, not one side after the other."""
+    timer = timer or (lambda fn, warm: timed(fn, reps=reps, warm=warm))
+    runs = {k: [] for k in fns}
+    for r in range(rounds if not SMOKE else 1):
+        for k, fn in fns.items():
+            runs[k].append(timer(fn, 1 if r == 0 else 0))
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
 def graph_time(fn):
     """Median ms of fn replayed as one CUDA graph (no launch overhead); nan where capture fails."""
     if not torch.cuda.is_available():
@@ -418,13 +429,20 @@ def moe_sweep(dev, small):
                 continue
             _, nbytes = km.moe_flops_bytes(T, D, I, E, K, scheme)
             print(f"T={T} {scheme:<5} {label:<28} {t:7.3f} ms  {nbytes / t / 1e9:6.2f} TB/s", flush=True)
+        # the comparisons quoted: timed again, alternated
+        call = lambda wkey, cfg: (lambda: km.moe_forward_triton(x, idx, w, *weights[wkey], config=cfg))  # noqa: E731
+        try:
+            m = alternated({"fragments": call("int4 fragments", {}), "pairs": call("int4", {}),
+                            "before": call("int4", dict(XSUM=False)), "a8": call("fp8", dict(A8=True)),
+                            "fp8": call("fp8", {})})
+        except Exception as ex:  # noqa: BLE001
+            print(f"T={T} alternated timing failed: {type(ex).__name__}: {str(ex)[:200]}")
+            continue
         _, nbytes = km.moe_flops_bytes(T, D, I, E, K, "int4")
-        a8, f8 = times.get(("fp8", "fp8 activations (A8)"), float("nan")), times.get(("fp8", "default"), float("nan"))
-        print(f"RESULT moe quant=fp8 T={T} a8_ms={a8:.3f} weight_only_ms={f8:.3f}", flush=True)
-        f, p, b0 = (times.get(("int4", k), float("nan")) for k in ("fragments", "default (swapped, magic)",
-                                                                   "pairs, sums in the loop (before)"))
-        print(f"RESULT moe quant=int4 T={T} fragments_ms={f:.3f} pairs_ms={p:.3f} before_ms={b0:.3f} "
-              f"fragments_TB_s={nbytes / f / 1e9:.2f}", flush=True)
+        print(f"RESULT moe quant=fp8 T={T} a8_ms={m['a8']:.3f} weight_only_ms={m['fp8']:.3f} alternated=5x10", flush=True)
+        print(f"RESULT moe quant=int4 T={T} fragments_ms={m['fragments']:.3f} pairs_ms={m['pairs']:.3f} "
+              f"before_ms={m['before']:.3f} fragments_TB_s={nbytes / m['fragments'] / 1e9:.2f} alternated=5x10",
+              flush=True)
         if T == 256:
             for label, cfg, wkey in (("int4 default", {}, "int4"), ("int4 fragments", {}, "int4 fragments")):
                 a, b = weights[wkey]
@@ -443,9 +461,8 @@ def int4_linears(dev, small):
     w16 = qw.dequantize(torch.bfloat16)
     for rows in ((256, 2048) if not small else (16,)):
         x = torch.randn(rows, K, device=dev).to(torch.bfloat16)
-        t = {}
-        for tag, fn in (("per_call", lambda: linear(x, qw)), ("at_load", lambda: linear(x, w16))):
-            t[tag] = graph_time(fn) if dev == "cuda" else timed(fn)
+        t = alternated({"per_call": lambda: linear(x, qw), "at_load": lambda: linear(x, w16)},
+                       timer=(lambda fn, warm: graph_time(fn)) if dev == "cuda" else None)
         print(f"int4 linear {N}x{K}, {rows} rows: dequantised per call {t['per_call']:.3f} ms, at load "
               f"{t['at_load']:.3f} ms ({t['per_call'] / t['at_load']:.1f}x)")
         print(f"RESULT linear quant=int4 rows={rows} per_call_ms={t['per_call']:.4f} at_load_ms={t['at_load']:.4f}",
@@ -476,12 +493,12 @@ def attention_timing(dev, small, context=512):
             if B == 1 and kind == "sliding":  # 64 programs by default; these spill nothing (sm90_build)
                 variants += [("BN32 w8 s2", dict(BLOCK_N=32, num_warps=8, num_stages=2)),
                              ("BM32 BN32 w8 s2", dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2))]
+            ref = ka.attention_triton(q, k, v, q_pos=qp, k_pos=kp, causal=False, window=None)
             for label, cfg in variants:
                 run = lambda cfg=cfg: ka.attention_triton(q, k, v, q_pos=qp, k_pos=kp, causal=False, window=None,  # noqa: E731
                                                           config=cfg)
                 ms = graph_time(run) if dev == "cuda" else timed(run)
                 out = run()
-                ref = out if cfg is None else ref  # noqa: F821 - the default runs first
                 print(f"attention {kind:<7} B={B} keys {lk} {label:<16} {ms * 1e3:8.1f} us  floor {floor * 1e3:6.1f} us "
                       f"({100 * floor / ms:.0f}% of floor), rel err vs default {err(out, ref):.1e}")
                 print(f"RESULT attention kind={kind} batch={B} keys={lk} tiles={label.replace(' ', '')} ms={ms:.4f} "

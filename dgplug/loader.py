@@ -9,7 +9,6 @@ the text model and rejects image inputs with a clear message.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -49,11 +48,11 @@ def for_gpu(name: str, t, dtype: torch.dtype):
     dequantised once to `dtype` (per call, the dequantisation costs several times the matmul:
     cuBLAS on 16-bit weights instead, for ~2.3 GB more at the release's size; DGPLUG_PACKED_LINEARS=1
     keeps them packed); GGUF blocks stay as they are (their Triton decoder serves linears)."""
-    from dgplug.kernels.moe import QuantizedWeight, for_gpu_kernels
+    from dgplug.kernels.moe import QuantizedWeight, for_gpu_kernels, linears_stay_packed
 
     if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
         return for_gpu_kernels(t, "gate_up" if name.endswith("gate_up_proj") else "down")
-    if isinstance(t, QuantizedWeight) and os.environ.get("DGPLUG_PACKED_LINEARS", "0") != "1":
+    if isinstance(t, QuantizedWeight) and not linears_stay_packed():
         return t.dequantize(dtype)
     return t
 

@@ -23,7 +23,6 @@ Checkpoints written with `quantize_embedding=True` (int8 embedding) are not load
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -99,7 +98,9 @@ _DENSE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def _keep_dense(x: torch.Tensor) -> bool:
-    return x.is_cuda and os.environ.get("DGPLUG_PACKED_LINEARS", "0") != "1"
+    from dgplug.kernels.moe import linears_stay_packed
+
+    return x.is_cuda and not linears_stay_packed()
 
 
 class PackedExperts(nn.Module):

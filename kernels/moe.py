@@ -39,8 +39,9 @@ Quantized layouts (logical weight [..., N, K], "K" the input dimension, "..." th
         n // 4) holds K position (2i + d) * 16 + c * 8 + 2t + half: thread t of a 4-thread
         group holds columns 2t, 2t+1, 2t+8, 2t+9 of every 16-column step in Hopper's wgmma and
         Ampere's mma.m16n8k16 register layouts. The bytes then load as 16-byte vectors and the
-        nibbles need no byte permutes (sm_90 build of the gate_up step at T=256: 405 instructions
-        in the K loop and 132 registers, against 590 and 215 in the pairs order).
+        nibbles need no byte permutes (sm_90 build of the gate_up step at T=256, with the mask and
+        magic bits in one lop3: 343 instructions in the K loop and 155 registers, against 590 and
+        215 in the pairs order; benchmarks/results/sm90_build_moe_fragments_triton371.txt).
   int8: qweight int8 [..., N, K], scale fp32 [..., N] (per output channel); w = q * scale.
   fp8:  qweight float8_e4m3fn [..., N, K], scale fp32 [..., N]; w = q.float() * scale.
         With fp8 activations (config A8, or DGPLUG_FP8_ACTIVATIONS=1 through moe_forward; opt-in,
@@ -341,6 +342,12 @@ def repack_int4_fragments(qw: QuantizedWeight, block_k: int) -> QuantizedWeight:
     return _repack_int4(qw, block_k, "fragments", 32)
 
 
+def linears_stay_packed() -> bool:
+    """DGPLUG_PACKED_LINEARS=1: on a GPU too, packed linears are dequantised in every call (dgplug.load
+    and the transformers integration otherwise keep them dequantised there)."""
+    return os.environ.get("DGPLUG_PACKED_LINEARS", "0") == "1"
+
+
 GPU_K_TILES = {"gate_up": 128, "down": 64}  # BLOCK_K1 / BLOCK_K2 of the int4 kernels on a GPU
 
 
@@ -435,10 +442,10 @@ def moe_forward_torch(x, topk_index, topk_weights, gate_up, down):
 
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row dynamic fp8 (e4m3): (x / s) in float8_e4m3fn and s = max |x| / 448 (1 for a zero row)."""
-    amax = x.float().abs().amax(-1)
-    s = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-    return (x.float() / s[..., None]).to(torch.float8_e4m3fn), s
+    """Per-row dynamic fp8 (e4m3): (x / s) in float8_e4m3fn and s = max |x| / 448 (1 for a zero row),
+    the fp8 weights' own quantizer applied to activation rows."""
+    q = QuantizedWeight.quantize(x, "fp8")
+    return q.qweight, q.scale
 
 
 def moe_forward_fp8_activations_torch(x, topk_index, topk_weights, gate_up, down, block_k: int):
