@@ -8,7 +8,7 @@ Step timing: one sliding and one full layer at real sizes with random bf16 weigh
 5 full), plus the head + sampler step (transformers: logits, softmax, multinomial, entropy,
 acceptance, renoise, next soft embedding; dgplug: the fused streaming head_sample). dgplug runs
 with bf16 weights and with int4 experts. Prints ms per step, implied tok/s at 16 tokens per
-forward, and the fraction of the memory-bandwidth floor (bytes a step must read / 3.35 TB/s).
+forward, and the fraction of the floor: max(bytes a step must read / HBM, its matmul FLOPs / 790 TFLOP/s).
 --small runs the same code at toy sizes (CPU smoke test of this script).
 """
 
@@ -23,6 +23,24 @@ import torch
 
 HBM_H100 = 3.35e12  # H100 SXM bytes/s: the issue's floor
 HBM = HBM_H100  # replaced by the device's nominal figure in main()
+TENSOR_FLOPS = 790e12  # dense bf16 tensor-core FLOP/s the issue takes as reachable on H100/H200
+
+
+def step_flops(kw, tokens: int, keys: int) -> float:
+    """Matmul FLOPs of one denoise step over `tokens` canvas positions that attend to `keys` keys:
+    30 layers (25 sliding + 5 full: q, k, v, o, scores and weighted sum, router, dense MLP, top-k
+    experts; int4 experts run bf16 MMAs after dequantising) and the fused head's two passes over
+    the tied table (logits, then P @ E). Per token about 6.0 GFLOP in the layers and 3.0 in the
+    head: at 256 tokens 2.3 TFLOP, 2.9 ms at 790 TFLOP/s, so batch 8 is bound by FLOPs, not bytes."""
+    H, heads = kw["hidden_size"], kw["num_attention_heads"]
+    mlp = 3 * H * (kw["intermediate_size"] + kw["top_k_experts"] * kw["moe_intermediate_size"]) + H * kw["num_experts"]
+
+    def layer(d, kv):
+        return H * heads * d * 2 + H * kv * d * 2 + heads * d * keys * 2 + mlp
+
+    per_token = 25 * layer(kw["head_dim"], kw["num_key_value_heads"])
+    per_token += 5 * layer(kw["global_head_dim"], kw["num_global_key_value_heads"])
+    return 2.0 * tokens * (per_token + 2 * H * kw["vocab_size"])
 
 
 SMOKE = False  # --small: one repetition of everything (a CPU smoke test of this script)
@@ -404,6 +422,7 @@ def moe_sweep(dev, small):
     int4_cfgs = [("plain, magic", dict(SWAP_AB=False)), ("default (swapped, magic)", {}),
                  ("swap BM32 (default before)", dict(sw, BLOCK_M=32)), ("swap stages3", dict(sw, num_stages=3)),
                  halves] + frag
+    best = {}
     for T in ((256, 2048) if not small else (32,)):
         x = torch.randn(T, D, device=dev).to(torch.bfloat16)
         idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(dev)
@@ -420,6 +439,7 @@ def moe_sweep(dev, small):
             runs += [(s, c) for s in ("bf16", "fp8") for c in MOE_BIG_TILES]
         times = {}
         for scheme, (label, cfg, *wkey) in runs:
+            fastest = best.get(T)
             a, b = weights[wkey[0] if wkey else scheme]
             try:
                 t = times[(scheme, label)] = timed(lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg),
@@ -429,6 +449,8 @@ def moe_sweep(dev, small):
                 continue
             _, nbytes = km.moe_flops_bytes(T, D, I, E, K, scheme)
             print(f"T={T} {scheme:<5} {label:<28} {t:7.3f} ms  {nbytes / t / 1e9:6.2f} TB/s", flush=True)
+            if wkey == ["int4 fragments"] and (fastest is None or t < fastest[2]):
+                best[T] = (label, cfg, t)  # the order dgplug.load gives int4 experts on a GPU
         # the comparisons quoted: timed again, alternated
         call = lambda wkey, cfg: (lambda: km.moe_forward_triton(x, idx, w, *weights[wkey], config=cfg))  # noqa: E731
         try:
@@ -447,6 +469,9 @@ def moe_sweep(dev, small):
             for label, cfg, wkey in (("int4 default", {}, "int4"), ("int4 fragments", {}, "int4 fragments")):
                 a, b = weights[wkey]
                 profile(f"MoE {label}, T=256", lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), rows=6)
+    for T, (label, cfg, t) in best.items():
+        print(f"fastest int4 fragments variant at T={T}: {label} ({t:.3f} ms) {cfg}")
+    return best
 
 
 def int4_linears(dev, small):
@@ -631,12 +656,17 @@ def step_timing(dev, small, batches, context):
         for tag, fn in (("hf_head", lambda: hf_sampler(h, E, B, C)), ("dg_head", lambda: dg_sampler(h, E, B, C))):
             ms[tag], ms[tag + "_mib"] = timed_mem(fn)
         ms["g_head"] = graph_time(lambda: dg_sampler(h, E, B, C))
+        head_b, head_f = V * H * 2 / HBM * 1e3, 2 * 2 * B * C * H * V / TENSOR_FLOPS * 1e3  # one table read; logits + P @ E
+        print(f"RESULT head_sample batch={B} graphs_ms={ms['g_head']:.3f} eager_ms={ms['dg_head']:.3f} "
+              f"transformers_ms={ms['hf_head']:.3f} floor_pct={100 * max(head_b, head_f) / ms['g_head']:.0f} "
+              f"bytes_floor_ms={head_b:.3f} flops_floor_ms={head_f:.3f}", flush=True)
         hf_step = scale30(ms["hf_sliding_attention"], ms["hf_full_attention"]) + ms["hf_head"]
         dg16_step = scale30(ms["dg16_sliding"], ms["dg16_full"]) + ms["dg_head"]
         dg4_step = scale30(ms["dg4_sliding"], ms["dg4_full"]) + ms["dg_head"]
         per_layer_other = other / 2
-        floor16 = (30 * per_layer_other + 30 * exp_bytes16 / 2 + V * H * 2) / HBM * 1e3
-        floor4 = (30 * per_layer_other + 30 * exp_bytes4 / 2 + V * H * 2) / HBM * 1e3
+        flop_floor = step_flops(kw, B * C, context + C) / TENSOR_FLOPS * 1e3
+        floor16 = max((30 * per_layer_other + 30 * exp_bytes16 / 2 + V * H * 2) / HBM * 1e3, flop_floor)
+        floor4 = max((30 * per_layer_other + 30 * exp_bytes4 / 2 + V * H * 2) / HBM * 1e3, flop_floor)
         ms["g4_step"] = scale30(ms["g4_sliding"], ms["g4_full"]) + ms["g_head"]
         rows.append((B, hf_step, dg16_step, dg4_step, floor16, floor4, ms))
         print(f"B={B}: layer ms (sliding/full) transformers {ms['hf_sliding_attention']:.2f}/{ms['hf_full_attention']:.2f}, "
@@ -645,7 +675,8 @@ def step_timing(dev, small, batches, context):
               f"({ms['dg_head_mib']:.0f} MiB); under CUDA graphs: int4 layers {ms['g4_sliding']:.2f}/{ms['g4_full']:.2f}, "
               f"head+sampler {ms['g_head']:.2f}", flush=True)
     print(f"\nper denoise step, 30 layers + head + sampler (ms); tok/s at 16 tokens per forward; "
-          f"floor = bytes / {HBM / 1e12:.2f} TB/s (this device; the H100's floor is x{HBM / HBM_H100:.2f})")
+          f"floor = max(bytes / {HBM / 1e12:.2f} TB/s (this device; the H100's floor is x{HBM / HBM_H100:.2f}), "
+          f"matmul FLOPs / {TENSOR_FLOPS / 1e12:.0f} TFLOP/s)")
     print("(eager: launched op by op, as transformers runs; graphs: dgplug int4 layers and head replayed as CUDA graphs)")
     print(f"{'batch':>5} {'transformers':>13} {'dgplug bf16':>12} {'dgplug int4':>12} {'ratio bf16':>10} "
           f"{'int4 graphs':>11} {'tok/s graphs':>12} {'int4 floor':>10} {'% of floor':>10}")
@@ -712,12 +743,15 @@ def full_models(dev, small, quant="int4"):
     return hf, dg
 
 
-def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="int4", hf_ms=None, a8=False):
+def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="int4", hf_ms=None, a8=False,
+                 eager=True, moe=None):
     """model.generate end to end: prompt, `canvases` canvases of `steps` steps each (the stop test
     off), dgplug with CUDA graphs and eagerly (DGPLUG_CUDA_GRAPHS=0; the tokens must agree), and
     transformers' own generate (eager) on the same bf16 weights, in one run. quant: dgplug's
     experts (int4 group 128, fp8, int8). hf_ms {batch: ms}: transformers' time measured earlier in
-    the run on the same weights (not timed again). Returns {batch: transformers ms}."""
+    the run on the same weights (not timed again). eager=False: the graphs only. moe {batch: (label,
+    config)}: the MoE tiles for that batch (DGPLUG_MOE_CONFIG), named in the RESULT line.
+    Returns {batch: transformers ms}."""
     import os
 
     from dgplug import ops
@@ -727,6 +761,7 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
     t0 = time.perf_counter()
     hf, dg = full_models(dev, small, quant)
     C, V = dg.cfg.canvas_length, dg.tc.vocab_size
+    _, kw = real_text_config(small)
     if small:  # the CPU smoke test: same code, a few steps, batch 1
         prompt, steps, batches = 40, 3, batches[:1]
     print(f"built the full-shape models in {time.perf_counter() - t0:.0f}s; prompt {prompt}, {canvases} canvases "
@@ -740,13 +775,15 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
     for B in batches:
         ids = torch.randint(5, V - 3, (B, prompt), device=dev, generator=torch.Generator(device=dev).manual_seed(B))
         ms, toks = {}, {}
-        for tag, graphs in (("graphs", "1"), ("eager", "0")):
+        label, cfg = (moe or {}).get(B, ("default", {}))
+        os.environ["DGPLUG_MOE_CONFIG"] = ",".join(f"{k}={int(v)}" for k, v in cfg.items())
+        for tag, graphs in (("graphs", "1"), ("eager", "0"))[:2 if eager else 1]:
             os.environ["DGPLUG_CUDA_GRAPHS"] = graphs
             run = lambda: dg.generate(ids, seed=5, **settings)  # noqa: E731
             toks[tag] = run().sequences  # warm: compiles kernels, captures the graph
             ms[tag] = timed(run, reps=3, warm=0)
         os.environ["DGPLUG_CUDA_GRAPHS"] = "1"
-        same = torch.equal(toks["graphs"], toks["eager"])
+        same = torch.equal(toks["graphs"], toks["eager"]) if eager else "not_run"
         try:
             if hf_ms and B in hf_ms:
                 raise LookupError
@@ -759,20 +796,49 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
             ms["transformers"] = float("nan")
             torch.cuda.empty_cache()
         hf_seen[B] = ms["transformers"]
-        floor = floor_bytes / HBM * 1e3
-        print(f"B={B}: generate ms: dgplug graphs {ms['graphs']:.0f}, eager {ms['eager']:.0f}, transformers "
-              f"{ms['transformers']:.0f}; tokens graphs == eager: {same}", flush=True)
-        for tag in ("graphs", "eager"):
+        floor_b, floor_f = floor_bytes / HBM * 1e3, step_flops(kw, B * C, prompt + C) / TENSOR_FLOPS * 1e3
+        floor = max(floor_b, floor_f)
+        print(f"B={B}: generate ms: dgplug graphs {ms['graphs']:.0f}, eager {ms.get('eager', float('nan')):.0f}, "
+              f"transformers {ms['transformers']:.0f}; tokens graphs == eager: {same}; MoE tiles: {label} {cfg}", flush=True)
+        for tag in ("graphs", "eager")[:2 if eager else 1]:
             step = ms[tag] / n_steps
-            print(f"RESULT step path=generate quant={quant}{'a8' if a8 else ''} batch={B} graphs={int(tag == 'graphs')} ms={step:.2f} "
+            print(f"RESULT step path=generate quant={quant}{'a8' if a8 else ''} batch={B} graphs={int(tag == 'graphs')} "
+                  f"moe={label.replace(' ', '_').replace(',', '')} ms={step:.2f} "
                   f"tok_s={16 * B * 1000 / step:.0f} floor_pct={100 * floor / step:.0f} "
+                  f"bytes_floor_ms={floor_b:.2f} flops_floor_ms={floor_f:.2f} "
                   f"transformers_ms={ms['transformers'] / n_steps:.2f} generate_tok_s={B * canvases * C * 1000 / ms[tag]:.0f} "
                   f"transformers_generate_tok_s={B * canvases * C * 1000 / ms['transformers']:.0f} "
                   f"tokens_equal={same}", flush=True)
+        pass_times(dg, ids, B, quant + ("a8" if a8 else ""))
     del hf, dg
     os.environ["DGPLUG_FP8_ACTIVATIONS"] = "0"
+    os.environ["DGPLUG_MOE_CONFIG"] = ""
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return hf_seen
+
+
+def pass_times(dg, ids, B, quant):
+    """What generate's time is made of: one denoise step and one committed canvas's encoder pass
+    (dgplug.denoise_step: graph replays, and the commit run eagerly on the same buffers), the
+    prompt's encoder pass (eager), timed alternated; then the graphed step's kernels by device time."""
+    from dgplug.model import KVCache
+
+    step = next((s for s in dg.__dict__.get("_denoise_steps", {}).values() if s.B == B), None)
+    if step is None:
+        print("no static step kept by generate")
+        return
+    graphs = {k: g for k, g in step.graphs.items() if g is not None}
+    fns = {"step": graphs["step"].replay if "step" in graphs else step._step,
+           "commit": graphs["commit"].replay if "commit" in graphs else step._commit,
+           "commit_eager": step._commit,
+           "prompt_eager": lambda: dg.encode(ids, KVCache.empty(dg.tc.num_hidden_layers))}
+    t = alternated(fns, rounds=3, reps=5)
+    print(f"RESULT passes quant={quant} batch={B} graphs={int('step' in graphs)}/{int('commit' in graphs)} "
+          f"step_ms={t['step']:.2f} commit_ms={t['commit']:.2f} commit_eager_ms={t['commit_eager']:.2f} "
+          f"prompt_{ids.shape[1]}_eager_ms={t['prompt_eager']:.2f}", flush=True)
+    if B == 1 and quant == "int4":
+        profile(f"one denoise step, B={B}, {quant}, {'graph replay' if 'step' in graphs else 'eager'}",
+                fns["step"], rows=30)
 
 
 def hf_compiled_generate(dev, small, prompt=512, canvases=2, steps=32):
@@ -802,6 +868,13 @@ def hf_compiled_generate(dev, small, prompt=512, canvases=2, steps=32):
     print(f"RESULT transformers_compiled batch=1 ms={ms / n:.2f} generate_ms={ms:.0f} compile_s={first:.0f}", flush=True)
 
 
+def fastest_by_batch(best: dict, small: bool) -> dict:
+    """{batch: (label, config)} from the MoE sweep's fastest int4 fragments variant per T (256 x batch)."""
+    if not best:
+        raise RuntimeError("the MoE sweep found no fastest variant (it failed or was skipped)")
+    return {B: best[T][:2] for B, T in ((1, 256), (8, 2048), (1, 32)) if T in best and (T == 32) == small}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
@@ -828,12 +901,15 @@ def main():
         print(f"device-to-device copy: {2 * 2**30 / t / 1e9:.2f} TB/s (read + write); nominal HBM {HBM / 1e12:.2f} TB/s")
         del a, b
     batches = [int(b) for b in args.batches.split(",")]
-    hf_ms = {}
+    hf_ms, best = {}, {}
     for name, fn in (("end to end: model.generate, full shapes, int4 experts",
                       lambda: hf_ms.update(generate_e2e(dev, args.small, [b for b in (1, 8) if b in batches]
                                                         or batches[:1]))),
                      ("kernels vs twins", lambda: check_kernels(dev, args.small)),
-                     ("MoE variants (one layer)", lambda: moe_sweep(dev, args.small)),
+                     ("MoE variants (one layer)", lambda: best.update(moe_sweep(dev, args.small))),
+                     ("end to end: model.generate, int4 experts, the sweep's fastest fragments tiles (graphs only)",
+                      lambda: generate_e2e(dev, args.small, [b for b in (1, 8) if b in batches] or batches[:1],
+                                           hf_ms=hf_ms, eager=False, moe=fastest_by_batch(best, args.small))),
                      ("attention over [cache; canvas] (one layer)", lambda: attention_timing(dev, args.small, args.context)),
                      ("int4 linears: dequantised per call or at load", lambda: int4_linears(dev, args.small)),
                      ("one denoise step at full shapes",

@@ -10,10 +10,13 @@ stability) replays. On a CPU the same step simply runs eagerly: one code path, t
 
 What changes from step to step lives in device tensors: the canvas, the global step counter and
 the steps left (which pick the temperature and the RNG keys), the seed's key, the entropy bound
-and confidence threshold. The cache is copied after each encoder pass into fixed-size buffers
-(full layers: capacity slots; sliding layers: the last window - 1), with a validity mask for
-unfilled slots and left padding, and the canvas's keys go to a tail of the same buffers.
-`DGPLUG_CUDA_GRAPHS=0` turns capture off (eager steps on the same buffers, same tokens).
+and confidence threshold. The prompt's cache is copied after its encoder pass into fixed-size
+buffers (full layers: capacity slots; sliding layers: the last window - 1), with a validity mask
+for unfilled slots and left padding, and the canvas's keys go to a tail of the same buffers.
+Each committed canvas is encoded on the same buffers (`DenoiseStep.commit`, a second graph): its
+keys go to the tail, then into the ring of slots at a device-held offset, so one graph serves
+every canvas. `DGPLUG_CUDA_GRAPHS=0` turns capture off (eager passes on the same buffers, same
+tokens).
 """
 
 from __future__ import annotations
@@ -40,14 +43,21 @@ def capacity_bucket(length: int) -> int:
 
 
 class StaticLayerCache:
-    """One layer's keys and values in fixed buffers: `cap` cache slots, then the canvas."""
+    """One layer's keys and values in fixed buffers: `cap` cache slots, then the canvas.
+
+    The slots are a ring: a committed canvas's keys go to slots (filled + i) mod cap, so a
+    sliding layer (cap = window - 1) overwrites its oldest keys and a full layer (cap = the
+    capacity bucket) appends. Attention masks by position and validity, so slot order is free."""
 
     def __init__(self, batch, kv_heads, head_dim, cap, canvas, dtype, device):
-        self.cap = cap
+        self.cap, self.canvas = cap, canvas
         self.keys = torch.zeros(batch, kv_heads, cap + canvas, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.pos = torch.zeros(cap + canvas, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, cap + canvas, dtype=torch.bool, device=device)
+        self.filled = torch.zeros(1, dtype=torch.long, device=device)  # keys ever written to the ring
+        kept = min(canvas, cap)  # of a committed canvas, the last `kept` keys can stay in the ring
+        self.kept = torch.arange(canvas - kept, canvas, device=device)
 
     def load(self, layer, mask, canvas_pos):
         """Copy an encoder-written LayerCache in; unfilled slots are invalid, the canvas valid."""
@@ -61,12 +71,25 @@ class StaticLayerCache:
         self.valid[:, :n] = mask[:, layer.pos] if mask is not None else True
         self.valid[:, n:self.cap] = False
         self.valid[:, self.cap:] = True
+        self.filled.fill_(n)
 
     def with_canvas(self, k, v, pos, mask):
-        """The denoise pass: the canvas's keys written into the tail; every slot attended, masked."""
+        """A pass over the canvas: its keys written into the tail; every slot attended, masked."""
         self.keys[:, :, self.cap:].copy_(k)
         self.values[:, :, self.cap:].copy_(v)
         return self.keys, self.values, self.pos, self.valid
+
+    def keep(self, keys, values, k_pos, window):
+        """After the encoder's pass over a committed canvas: its keys join the ring; the tail's
+        positions move on to the next canvas. Device indices only (capturable)."""
+        slots = (self.filled + self.kept) % self.cap
+        tail = self.cap + self.kept
+        for buf in (self.keys, self.values):
+            buf.index_copy_(2, slots, buf.index_select(2, tail))
+        self.pos.index_copy_(0, slots, self.pos.index_select(0, tail))
+        self.valid.index_fill_(1, slots, True)
+        self.filled.add_(self.canvas)
+        self.pos[self.cap:].add_(self.canvas)
 
 
 class StaticKVCache:
@@ -85,6 +108,20 @@ class StaticKVCache:
         self.canvas_pos.copy_(cache.canvas_positions(self.canvas_pos.numel(), self.canvas_pos.device))
         for static, layer in zip(self.layers, cache.layers):
             static.load(layer, mask, self.canvas_pos)
+        self.length = cache.length  # keys written (host count; the full layers' slots must hold them)
+
+    def reserve(self, model, n: int):
+        """Count n more keys on the host (a graph replay runs no Python); the full layers must hold them."""
+        full = min((s.cap for s, layer in zip(self.layers, model.layers) if not layer.self_attn.sliding), default=None)
+        if full is not None and self.length + n > full:
+            raise RuntimeError(f"{self.length + n} keys do not fit the full layers' {full} static slots")
+        self.length += n
+
+    def commit(self, model, canvas):
+        """The encoder's causal pass over the committed canvas [B, C]: its keys join the cache
+        (StaticLayerCache.keep), the next canvas's positions follow. Device work only."""
+        model.run_layers(model.embed(canvas), self.canvas_pos, self, "encode")
+        self.canvas_pos.add_(canvas.shape[1])
 
     def canvas_positions(self, L, device):
         return self.canvas_pos
@@ -115,8 +152,9 @@ class DenoiseStep:
         self.bound = torch.zeros((), **f32)
         self.confidence = torch.zeros((), **f32)
         self.done = torch.zeros((), dtype=torch.bool, device=device)
-        self.graph = None
-        self.warm = False
+        self.committed = torch.zeros(batch, C, **i64)  # the canvas the encoder pass reads
+        self.graphs = {}  # "step" / "commit": the CUDA graph, or None after the warm-up run
+        self.pool = None  # one memory pool for both graphs (they never run at once)
 
     # -- per call and per canvas (eager) ------------------------------------------------------
     def start(self, *, seed: int, bound: float, confidence: float, t_min: float, t_max: float):
@@ -132,8 +170,9 @@ class DenoiseStep:
         self.forwards.zero_()
         self.finished.zero_()
 
-    def start_canvas(self, index: int, cache: KVCache, mask, canvas=None, lock=None):
-        """After the encoder pass: load the cache, draw the canvas's noise, reset its state."""
+    def start_canvas(self, index: int, cache: KVCache | None, mask, canvas=None, lock=None):
+        """After the encoder pass: load the cache (the prompt's KVCache; None after `commit`, which
+        wrote the static cache itself), draw the canvas's noise, reset its state."""
         from dgplug.kernels.sampler import canvas_row_keys, counter_tokens
 
         keys = canvas_row_keys(self.seed_int, NOISE_STEP + index, self.B * self.C, device=self.canvas.device)
@@ -142,7 +181,8 @@ class DenoiseStep:
             self.canvas.copy_(canvas)
         self.lock.copy_(lock if lock is not None else torch.zeros_like(self.lock))
         self.argmax.copy_(self.canvas)
-        self.cache.load(cache, mask)
+        if cache is not None:
+            self.cache.load(cache, mask)
         self.sc_soft.zero_()
         self.frozen.zero_()
         self.history.fill_(-1)
@@ -183,24 +223,40 @@ class DenoiseStep:
         self.left.sub_(1)
         self.done.copy_((self.frozen | self.finished).all())
 
+    def _commit(self):
+        self.cache.commit(self.model, self.committed)
+
     def run(self):
         """One denoise step: eager the first time (and on CPU), a graph replay after that."""
+        self._graphed("step", self._step)
+
+    def commit(self, canvas: torch.Tensor):
+        """The encoder pass over the committed canvas [B, C] (after `generation._commit`'s
+        padding) into the static cache: eager the first time (and on CPU), then a graph."""
+        self.cache.reserve(self.model, self.C)
+        self.committed.copy_(canvas)
+        self._graphed("commit", self._commit)
+
+    def _graphed(self, name: str, fn):
         if not graphs_enabled(self.canvas.device):
-            return self._step()
-        if self.graph is not None:
-            return self.graph.replay()
-        if not self.warm:  # the first step compiles kernels; on a side stream, as capture wants
+            return fn()
+        graph = self.graphs.get(name)
+        if graph is not None:
+            return graph.replay()
+        if name not in self.graphs:  # the first run compiles kernels; on a side stream, as capture wants
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._step()
+                fn()
             torch.cuda.current_stream().wait_stream(side)
-            self.warm = True
+            self.graphs[name] = None
             return None
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # capture records, it does not run: state is unchanged
-            self._step()
-        return self.graph.replay()
+        graph = self.graphs[name] = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):  # capture records, it does not run: state is unchanged
+            fn()
+        return graph.replay()
 
 
 def for_generation(model, batch: int, context: int, n_steps: int, stability: int) -> DenoiseStep:

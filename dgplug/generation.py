@@ -4,6 +4,8 @@
     for each canvas:
         x = random canvas; for n = N..1: denoise step   # EntropyBound (dgplug.sampler)
         commit the argmax canvas; pad after EOS; encode it causally
+rng="counter" runs the steps and the commits' encoder passes on static buffers, as CUDA graphs on
+a GPU (dgplug.denoise_step); the prompt's encoder pass runs eagerly (its length varies).
 Batches are left-padded; a row that meets the stop test is frozen while others go on.
 """
 
@@ -124,12 +126,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         stepper.start(seed=seed, bound=bound, confidence=confidence, t_min=t_min, t_max=t_max)
     steps_used: list[int] = []
     for c in range(n_canvases):
-        model.encode(ids if c == 0 else ids[:, -C:], cache, mask if padded else None)
+        if stepper is not None and c > 0:  # the committed canvas into the static cache (a graph on CUDA)
+            stepper.commit(ids[:, -C:])
+        else:
+            model.encode(ids if c == 0 else ids[:, -C:], cache, mask if padded else None)
         first = decoder_input_ids.to(device) if (c == 0 and decoder_input_ids is not None) else None
         lock = locked.to(device).bool() if (c == 0 and locked is not None) else None
         dmask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool, device=device)], 1) if padded else None
         if stepper is not None:
-            stepper.start_canvas(c, cache, dmask, first, lock)
+            stepper.start_canvas(c, cache if c == 0 else None, dmask, first, lock)
             steps = 0
             for _ in range(N):
                 stepper.run()

@@ -85,8 +85,7 @@ class Attention(nn.Module):
         keys, values, k_pos, valid = cache.with_canvas(k, v, pos, mask)
         if mode == "encode":
             out = ops.attention(q, keys, values, q_pos=pos, k_pos=k_pos, key_valid=valid, causal=True, window=self.window)
-            keep = slice(-(self.window - 1), None) if self.sliding else slice(None)
-            cache.keys, cache.values, cache.pos = keys[:, :, keep], values[:, :, keep], k_pos[keep]
+            cache.keep(keys, values, k_pos, self.window)
         else:  # denoise: no mask over [cache; canvas], the cache is left as it was
             out = ops.attention(q, keys, values, q_pos=pos, k_pos=k_pos, key_valid=valid, causal=False, window=None)
         out = out.transpose(1, 2).reshape(B, h.shape[1], -1)
@@ -176,6 +175,11 @@ class LayerCache:
         values = torch.cat([self.values, v], dim=2) if self.values is not None else v
         k_pos = torch.cat([self.pos, pos]) if self.pos is not None else pos
         return keys, values, k_pos, (mask[:, k_pos] if mask is not None else None)
+
+    def keep(self, keys, values, k_pos, window):
+        """After an encoder pass: [cache; new] becomes the cache (sliding layers: the last window - 1)."""
+        keep = slice(-(window - 1), None) if window is not None else slice(None)
+        self.keys, self.values, self.pos = keys[:, :, keep], values[:, :, keep], k_pos[keep]
 
 
 @dataclass

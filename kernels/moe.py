@@ -1389,12 +1389,25 @@ def fp8_activations(gate_up, down) -> bool:
         isinstance(w, QuantizedWeight) and w.scheme == "fp8" for w in (gate_up, down))
 
 
+def env_config() -> dict:
+    """DGPLUG_MOE_CONFIG="num_warps=8,ONE_DOT=1": tile settings over the defaults for every call of
+    moe_forward's Triton path (the GPU check times `generate` with its sweep's fastest this way)."""
+    text = os.environ.get("DGPLUG_MOE_CONFIG", "").strip()
+    out = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip() or not val.strip().lstrip("-").isdigit():
+            raise ValueError(f"DGPLUG_MOE_CONFIG={text!r}: {item!r} is not KEY=integer")
+        out[key.strip()] = int(val)
+    return out
+
+
 def moe_forward(x, topk_index, topk_weights, gate_up, down, *, impl: str | None = None):
     """Fused MoE experts: [T, D] in x.dtype (see the module docstring for the contract)."""
     a8 = fp8_activations(gate_up, down)
     if _pick_impl(x, impl) == "triton":
-        return moe_forward_triton(x, topk_index, topk_weights, gate_up, down,
-                                  config=dict(A8=True, BLOCK_N1=A8_TILE, BLOCK_K2=A8_TILE) if a8 else None)
+        config = dict(A8=True, BLOCK_N1=A8_TILE, BLOCK_K2=A8_TILE) if a8 else {}
+        return moe_forward_triton(x, topk_index, topk_weights, gate_up, down, config={**env_config(), **config})
     if a8:
         return moe_forward_fp8_activations_torch(x, topk_index, topk_weights, gate_up, down, A8_TILE)
     if torch.compiler.is_compiling() and isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor):

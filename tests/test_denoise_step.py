@@ -47,18 +47,24 @@ def test_temperature_table_matches_scalar_schedule():
         assert torch.equal(step.temps[n], sp.temperature(n, 48, 0.4, 0.8))
 
 
+def encoded_prompt(model, B, prompt_len, padded):
+    """A random prompt (row 1 left-padded by 3 when `padded`) through the encoder: (mask, KVCache)."""
+    ids = torch.randint(5, model.tc.vocab_size, (B, prompt_len))
+    mask = torch.ones(B, prompt_len, dtype=torch.bool)
+    if padded:
+        mask[1, :3] = False
+    cache = KVCache.empty(model.tc.num_hidden_layers)
+    model.encode(ids, cache, mask if padded else None)
+    return mask, cache
+
+
 @pytest.mark.parametrize("prompt_len,padded", [(5, False), (9, True), (40, True)])
 def test_static_cache_denoise_equals_kvcache(model, prompt_len, padded):
     """Decoder states over [static cache; canvas] = over [KVCache; canvas], with left padding
     and with a prompt longer than the sliding window (static sliding slots = window - 1)."""
     torch.manual_seed(prompt_len)
     tc, C, B = model.tc, model.cfg.canvas_length, 2
-    ids = torch.randint(5, tc.vocab_size, (B, prompt_len))
-    mask = torch.ones(B, prompt_len, dtype=torch.bool)
-    if padded:
-        mask[1, :3] = False
-    cache = KVCache.empty(tc.num_hidden_layers)
-    model.encode(ids, cache, mask if padded else None)
+    mask, cache = encoded_prompt(model, B, prompt_len, padded)
     canvas = torch.randint(0, tc.vocab_size, (B, C))
     soft = torch.randn(B, C, tc.hidden_size)
     dmask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool)], 1) if padded else None
@@ -148,8 +154,8 @@ def _with_experts(model, experts: str):
 @pytest.mark.parametrize("backend,experts", [("kernels", "dense"), ("reference", "dense"),
                                              ("kernels", "int4 fragments"), ("kernels", "fp8 activations")])
 def test_step_on_the_kernels_never_syncs(model, monkeypatch, backend, experts):
-    """The step as a GPU runs it (every hot op on dgplug.kernels: Triton in the interpreter here)
-    dispatches no operation that syncs with the host: with dense experts, int4 experts in the
+    """The step and the commit's encoder pass as a GPU runs them (every hot op on dgplug.kernels:
+    Triton in the interpreter here) dispatch no operation that syncs with the host: with dense experts, int4 experts in the
     fragments order, and fp8 experts with fp8 activations. The references do (the MoE twin's loop
     over the experts hit), which shows the probe sees them."""
     monkeypatch.setattr(dgplug.ops, "BACKEND", backend)
@@ -165,9 +171,49 @@ def test_step_on_the_kernels_never_syncs(model, monkeypatch, backend, experts):
     probe = _Ops()
     with probe:
         step.run()
+        step.commit(step.argmax.clone())  # the encoder's pass over a committed canvas: a graph too
     synced = {k: v for k, v in probe.seen.items() if k in HOST_SYNC}
     assert sum(probe.seen.values()) > 500
     if backend == "kernels":
         assert not synced, synced
     else:
         assert synced.get("nonzero", 0) >= tc.num_hidden_layers, synced
+
+
+@pytest.mark.parametrize("prompt_len,padded", [(5, False), (9, True), (40, True)])
+def test_static_commit_equals_kvcache_encode(model, prompt_len, padded):
+    """Committed canvases encoded into the static cache (ring slots, device offsets) give the
+    decoder the states the KVCache path gives after model.encode of the same canvases: three
+    commits, so the sliding layers' ring (window - 1 = 7 slots, canvases of 16) wraps."""
+    torch.manual_seed(100 + prompt_len)
+    tc, C, B, n = model.tc, model.cfg.canvas_length, 2, 3
+    mask, cache = encoded_prompt(model, B, prompt_len, padded)
+    step = denoise_step.DenoiseStep(model, B, denoise_step.capacity_bucket(prompt_len + n * C), 4, 1, model.device)
+    step.start(seed=1, bound=0.1, confidence=0.005, t_min=0.4, t_max=0.8)
+    dmask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool)], 1) if padded else None
+    step.start_canvas(0, cache, dmask)
+    for i in range(n):
+        committed = torch.randint(0, tc.vocab_size, (B, C))
+        model.encode(committed, cache, dmask)
+        step.commit(committed)
+        mask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool)], 1)
+        dmask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool)], 1) if padded else None
+        canvas = torch.randint(0, tc.vocab_size, (B, C))
+        want = model.denoise(canvas, cache, mask=dmask)
+        got = model.denoise(canvas, step.cache)
+        assert torch.equal(step.cache.canvas_pos, cache.canvas_positions(C, model.device))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert step.cache.length == cache.length == prompt_len + n * C
+
+
+def test_commit_past_the_static_slots_is_refused(model):
+    """A full layer's slots are the capacity bucket: a commit that would overflow them raises
+    (before any device work) instead of wrapping over the prompt's keys."""
+    tc, C = model.tc, model.cfg.canvas_length
+    cache = KVCache.empty(tc.num_hidden_layers)
+    model.encode(torch.randint(5, tc.vocab_size, (1, 250)), cache, None)
+    step = denoise_step.DenoiseStep(model, 1, 256, 4, 1, model.device)
+    step.start(seed=1, bound=0.1, confidence=0.005, t_min=0.4, t_max=0.8)
+    step.start_canvas(0, cache, None)
+    with pytest.raises(RuntimeError, match="266 keys do not fit the full layers' 256 static slots"):
+        step.commit(torch.zeros(1, C, dtype=torch.long))

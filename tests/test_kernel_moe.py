@@ -391,6 +391,24 @@ def test_int4_experts_for_the_gpu_kernels(monkeypatch):
 
 
 @needs_triton
+def test_env_config_reaches_the_kernels(monkeypatch):
+    """DGPLUG_MOE_CONFIG sets tiles for moe_forward's Triton path (the GPU check runs generate with
+    its sweep's fastest): ONE_DOT and BLOCK_N over the fragments order still match the twin; a bad
+    setting is one error naming it, a wrong tile is the kernels' own error."""
+    x, idx, w, q1, q2, _, _ = _halves_case("both", 64, torch.float32)
+    f1, f2 = M.repack_int4_fragments(q1, 64), M.repack_int4_fragments(q2, 64)
+    monkeypatch.setenv("DGPLUG_MOE_CONFIG", " ONE_DOT=1, BLOCK_N1=128 ,SWAP_AB=1")
+    assert M.env_config() == dict(ONE_DOT=1, BLOCK_N1=128, SWAP_AB=1)
+    close(moe_forward(x, idx, w, f1, f2, impl="triton"), moe_forward_torch(x, idx, w, q1, q2), 1e-5)
+    monkeypatch.setenv("DGPLUG_MOE_CONFIG", "BLOCK_K1=32")
+    with pytest.raises(ValueError, match="gate_up: .*fragments.*kpack"):
+        moe_forward(x, idx, w, f1, f2, impl="triton")
+    monkeypatch.setenv("DGPLUG_MOE_CONFIG", "num_warps=eight")
+    with pytest.raises(ValueError, match="DGPLUG_MOE_CONFIG=.*'num_warps=eight' is not KEY=integer"):
+        moe_forward(x, idx, w, f1, f2, impl="triton")
+
+
+@needs_triton
 @pytest.mark.parametrize("group,dtype,n,one_dot", [(64, torch.float32, 64, False), (128, torch.float32, 128, False),
                                                    (64, torch.float16, 32, False), (64, torch.float32, 128, True),
                                                    (128, torch.float16, 64, True)])
