@@ -30,8 +30,9 @@ def step_flops(kw, tokens: int, keys: int) -> float:
     """Matmul FLOPs of one denoise step over `tokens` canvas positions that attend to `keys` keys:
     30 layers (25 sliding + 5 full: q, k, v, o, scores and weighted sum, router, dense MLP, top-k
     experts; int4 experts run bf16 MMAs after dequantising) and the fused head's two passes over
-    the tied table (logits, then P @ E). Per token about 6.0 GFLOP in the layers and 3.0 in the
-    head: at 256 tokens 2.3 TFLOP, 2.9 ms at 790 TFLOP/s, so batch 8 is bound by FLOPs, not bytes."""
+    the tied table (logits, then P @ E). Per token at 768 keys: 6.6 GFLOP in the layers, 3.0 in the
+    head; at 256 tokens 2.45 TFLOP, 3.1 ms at 790 TFLOP/s (under the bytes' 3.55 ms on an H200),
+    at 2048 tokens 24.9 ms: batch 8 is bound by FLOPs, not bytes."""
     H, heads = kw["hidden_size"], kw["num_attention_heads"]
     mlp = 3 * H * (kw["intermediate_size"] + kw["top_k_experts"] * kw["moe_intermediate_size"]) + H * kw["num_experts"]
 
@@ -779,9 +780,11 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
         os.environ["DGPLUG_MOE_CONFIG"] = ",".join(f"{k}={int(v)}" for k, v in cfg.items())
         for tag, graphs in (("graphs", "1"), ("eager", "0"))[:2 if eager else 1]:
             os.environ["DGPLUG_CUDA_GRAPHS"] = graphs
-            run = lambda: dg.generate(ids, seed=5, **settings)  # noqa: E731
-            toks[tag] = run().sequences  # warm: compiles kernels, captures the graph
+            last = {}
+            run = lambda: last.update(seq=dg.generate(ids, seed=5, **settings).sequences)  # noqa: E731
+            run()  # warm: compiles kernels, captures the step's graph (the commit's: in the next call)
             ms[tag] = timed(run, reps=3, warm=0)
+            toks[tag] = last["seq"]  # from the last timed call: both graphs replayed
         os.environ["DGPLUG_CUDA_GRAPHS"] = "1"
         same = torch.equal(toks["graphs"], toks["eager"]) if eager else "not_run"
         try:
