@@ -132,12 +132,15 @@ def check_kernels(dev, small):
     # the layer glue (dgplug.kernels.norm) vs its twins, bf16 at the release's row sizes, and its time
     from dgplug.kernels import norm as kn
     rows, H = (256, 2816) if not small else (16, 96)
+    gu = [(2 * rnd(rows, 2112 if not small else 64)).to(bf) for _ in range(2)]  # the dense MLP's gate, up
     xs = [rnd(rows, H).to(bf) for _ in range(3)]
     ws = [(1 + 0.1 * rnd(H)).to(bf) for _ in range(3)]
     sc = torch.tensor([0.8], dtype=bf, device=dev)
     for name, call in (
             ("rms_norm + residual", lambda i: kn.rms_norm(xs[0], ws[0], 1e-6, residual=xs[1], impl=i)),
-            ("layer_out", lambda i: kn.layer_out(xs[0], xs[1], xs[2], *ws, sc, 1e-6, impl=i))):
+            ("layer_out", lambda i: kn.layer_out(xs[0], xs[1], xs[2], *ws, sc, 1e-6, impl=i)),
+            ("post_attention (3 outs)", lambda i: torch.cat(kn.post_attention(xs[0], xs[1], *ws, 1e-6, impl=i), -1)),
+            ("gelu_mul (dense MLP)", lambda i: kn.gelu_mul(*gu, impl=i))):
         print(f"glue {name:<22} rel err {err(call('triton'), call('torch')):.2e}  "
               f"{timed(lambda: call('triton')) * 1e3:.1f} us vs twin {timed(lambda: call('torch')) * 1e3:.1f} us")
     from dgplug.kernels import router as kr

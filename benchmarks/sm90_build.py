@@ -134,6 +134,7 @@ def loop_instructions(sass: str) -> int:
 
 # -- the calls ---------------------------------------------------------------------------------
 D, I, EXPERTS, TOPK, V = 2816, 704, 128, 8, 262144
+DENSE = 2112  # the dense MLP's width (gelu_mul)
 BF = torch.bfloat16
 
 
@@ -277,6 +278,9 @@ def glue_calls():
         _call(f"rms_norm rows={rows}", lambda: kn.rms_norm(x[0], w[0], 1e-6, impl="triton"))
         _call(f"rms_norm + residual rows={rows}", lambda: kn.rms_norm(x[0], w[0], 1e-6, residual=x[1], impl="triton"))
         _call(f"layer_out rows={rows}", lambda: kn.layer_out(x[0], x[1], x[2], *w, sc, 1e-6, impl="triton"))
+        _call(f"post_attention rows={rows}", lambda: kn.post_attention(x[0], x[1], *w, 1e-6, impl="triton"))
+        _call(f"gelu_mul rows={rows}", lambda: kn.gelu_mul(torch.empty(rows, DENSE, dtype=BF),
+                                                           torch.empty(rows, DENSE, dtype=BF), impl="triton"))
         _call(f"router rows={rows}", lambda: kr.route(x[0], torch.empty(EXPERTS, D, dtype=BF), w[0],
                                                       torch.ones(EXPERTS, dtype=BF), TOPK, 1e-6, impl="triton"))
         _call(f"router fp32 rows={rows}", lambda: kr.route(x[0].float(), torch.empty(EXPERTS, D), w[0].float(),

@@ -48,7 +48,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, h):
-        return linear(ops.gelu_tanh(linear(h, self.gate_proj.weight)) * linear(h, self.up_proj.weight),
+        return linear(ops.gelu_mul(linear(h, self.gate_proj.weight), linear(h, self.up_proj.weight)),
                       self.down_proj.weight)
 
 
@@ -125,13 +125,15 @@ class Layer(nn.Module):
 
     def forward(self, x, cos, sin, pos, cache, mode, scalar, mask=None):
         attn = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, mode, mask)
-        x = ops.rms_norm(attn, self.post_attention_layernorm.weight, self.eps, residual=x)
+        x, h_dense, h_moe = ops.post_attention(attn, x, self.post_attention_layernorm.weight,
+                                               self.pre_feedforward_layernorm.weight,
+                                               self.pre_feedforward_layernorm_2.weight, self.eps)
         # dense MLP beside the routed experts; the router reads the raw residual
-        dense = self.mlp(self.pre_feedforward_layernorm(x))
+        dense = self.mlp(h_dense)
         flat = x.reshape(-1, x.shape[-1])
         w, idx = ops.route(flat, self.router.proj.weight, self.router.scale, self.router.per_expert_scale,
                            self.top_k, self.eps)
-        moe = ops.moe(self.pre_feedforward_layernorm_2(flat), idx, w, self.experts.gate_up_proj, self.experts.down_proj)
+        moe = ops.moe(h_moe.reshape(flat.shape), idx, w, self.experts.gate_up_proj, self.experts.down_proj)
         return ops.layer_out(x, dense, moe.reshape(x.shape), self.post_feedforward_layernorm_1.weight,
                              self.post_feedforward_layernorm_2.weight, self.post_feedforward_layernorm.weight,
                              scalar, self.eps)
@@ -289,7 +291,7 @@ class DiffusionGemma(nn.Module):
         if s is not None:
             sc = self.self_conditioning
             h = sc.pre_norm(s)
-            e = e + linear(ops.gelu_tanh(linear(h, sc.gate_proj.weight)) * linear(h, sc.up_proj.weight),
+            e = e + linear(ops.gelu_mul(linear(h, sc.gate_proj.weight), linear(h, sc.up_proj.weight)),
                            sc.down_proj.weight)
         return ops.rms_norm(e, None, self.tc.rms_norm_eps)
 

@@ -187,6 +187,30 @@ def head_norm_rope_reference(x, weight, eps: float, cos=None, sin=None):
     return y if cos is None else rope(y, cos, sin)
 
 
+def post_attention(attn, x, w, w1, w2, eps: float):
+    """x' = x + RMSNorm(attn) * w, and x' through both pre-feed-forward norms (w1: the dense MLP's,
+    w2: the experts'): (x', h1, h2). One launch on the GPU."""
+    if _glue_kernels(x):
+        return _glue_call("norm", "post_attention", post_attention_reference, attn, x, w, w1, w2, eps)
+    return post_attention_reference(attn, x, w, w1, w2, eps)
+
+
+def post_attention_reference(attn, x, w, w1, w2, eps: float):
+    x = add_rms_norm_reference(attn, w, eps, residual=x)
+    return x, rms_norm_reference(x, w1, eps), rms_norm_reference(x, w2, eps)
+
+
+def gelu_mul(gate, up):
+    """gelu_tanh(gate) * up: the middle of the dense and self-conditioning MLPs (one launch on the GPU)."""
+    if _glue_kernels(gate):
+        return _glue_call("norm", "gelu_mul", gelu_mul_reference, gate, up)
+    return gelu_mul_reference(gate, up)
+
+
+def gelu_mul_reference(gate, up):
+    return gelu_tanh(gate) * up
+
+
 def layer_out(x, dense, moe, w1, w2, w, scalar, eps: float):
     """The end of a decoder layer: (x + norm(norm(dense) * w1 + norm(moe) * w2) * w) * scalar."""
     if _glue_kernels(x):

@@ -4,13 +4,17 @@ per-head q/k/v norm with RoPE, and the end of a layer. Their PyTorch twins are t
 
     rms_norm(x, weight, eps, residual=None)      residual + norm(x) * weight     (norm: fp32 math)
     head_norm_rope(x, weight, eps, cos, sin)      rope(norm(x) * weight) per head, x [..., L, H, d]
+    post_attention(attn, x, w, w1, w2, eps)       x' = x + norm(attn) * w; norm(x') * w1; norm(x') * w2
+    gelu_mul(gate, up)                            gelu_tanh(gate) * up            (the dense MLP's middle)
     layer_out(x, dense, moe, w1, w2, w, scalar, eps)
                                                   (x + norm(norm(dense)*w1 + norm(moe)*w2) * w) * scalar
 
 Eager PyTorch runs each norm as about seven kernels (cast, square, mean, add, rsqrt, two
 multiplies, cast back) and RoPE as five more: about 60 launches of the glue per decoder layer,
-each a few microseconds on a GPU even when replayed in a CUDA graph. Here a layer's glue is seven
-launches (three norms, the q/k/v head kernels, the post-attention residual norm, the layer end).
+each a few microseconds on a GPU even when replayed in a CUDA graph. Here a layer's glue is six
+launches: the input norm, the q/k/v head kernels, the post-attention residual norm with both
+pre-feed-forward norms (`post_attention`: the residual row read once, three outputs), the layer
+end; and the dense MLP's gelu(gate) * up is one launch instead of two.
 
 Every kernel keeps the twin's roundings: each intermediate the twin holds in the activation dtype
 (the normed vector before RoPE, each RoPE product, the sum of the two MoE-block branches, the
@@ -89,6 +93,45 @@ if HAS_TRITON:
             b = (yr * s).to(dt).to(tl.float32)
             y = (a + b).to(dt)
         tl.store(out_ptr + pid.to(tl.int64) * D + offs, y, mask=mask)
+
+    @triton.jit
+    def _post_attention_kernel(a_ptr, x_ptr, w_ptr, w1_ptr, w2_ptr, xo_ptr, h1_ptr, h2_ptr, N,
+                               stride_a, stride_x, stride_o, eps, BLOCK: tl.constexpr):
+        """x' = x + norm(attn) * w; h1 = norm(x') * w1; h2 = norm(x') * w2 for one token."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        dt = xo_ptr.dtype.element_ty
+        a = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
+        a = (a * _inv_rms(a, mask, N, eps) * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        x = (x + a.to(tl.float32)).to(dt)
+        tl.store(xo_ptr + row * stride_o + offs, x, mask=mask)
+        x = x.to(tl.float32)
+        y = x * _inv_rms(x, mask, N, eps)
+        tl.store(h1_ptr + row * stride_o + offs,
+                 (y * tl.load(w1_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt), mask=mask)
+        tl.store(h2_ptr + row * stride_o + offs,
+                 (y * tl.load(w2_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt), mask=mask)
+
+    @triton.jit
+    def _gelu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        """gelu_tanh(gate) * up over a flat range; the gelu rounded to the dtype first, as the twin's."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        inner = 0.7978845608028654 * (g + 0.044715 * (g * g * g))
+        # tanh as torch's (1 + tanh) sees it: near -1 the value 1 - 2 / (1 + e^2|z|) rounds as a
+        # rounded tanh does (gelu's far negative tail is that cancellation); an odd series near 0
+        a = tl.abs(inner)
+        a2 = a * a
+        small = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * -0.05396825396825397)))
+        t = tl.where(a < 0.125, small, 1.0 - 2.0 / (1.0 + tl.exp(2.0 * a)))
+        t = tl.where(inner < 0, -t, t)
+        dt = out_ptr.dtype.element_ty
+        gelu = (0.5 * g * (1.0 + t)).to(dt).to(tl.float32)
+        up = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (gelu * up).to(dt), mask=mask)
 
     @triton.jit
     def _layer_out_kernel(x_ptr, d_ptr, m_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr, N,
@@ -178,4 +221,34 @@ def layer_out(x, dense, moe, w1, w2, w, scalar, eps: float, *, impl: str | None 
     _layer_out_kernel[(x2.shape[0],)](
         x2, d2, m2, w1, w2, w, scalar, o2, n, x2.stride(0), d2.stride(0), m2.stride(0), o2.stride(0), eps,
         BLOCK=_block(n), num_warps=4 if n > 1024 else 1)
+    return out
+
+
+def post_attention(attn, x, w, w1, w2, eps: float, *, impl: str | None = None):
+    """After attention: x' = x + norm(attn) * w, then both pre-feed-forward norms of x' (the dense
+    MLP's input with w1, the experts' with w2), one launch. Returns (x', h1, h2)."""
+    from dgplug import ops
+
+    if _pick_impl(x, impl) == "torch" or not _same(attn, x):
+        return ops.post_attention_reference(attn, x, w, w1, w2, eps)
+    a2, x2 = _rows(attn), _rows(x)
+    outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(3)]
+    o2 = [o.view(-1, x.shape[-1]) for o in outs]
+    n = x.shape[-1]
+    _post_attention_kernel[(x2.shape[0],)](
+        a2, x2, w, w1, w2, *o2, n, a2.stride(0), x2.stride(0), o2[0].stride(0), eps,
+        BLOCK=_block(n), num_warps=4 if n > 1024 else 1)
+    return tuple(outs)
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
+    """gelu_tanh(gate) * up (same shapes and dtype; else the twin)."""
+    from dgplug import ops
+
+    if _pick_impl(gate, impl) == "torch" or not _same(up, gate):
+        return ops.gelu_mul_reference(gate, up)
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    block = 1024
+    _gelu_mul_kernel[(triton.cdiv(g.numel(), block),)](g, u, out, g.numel(), BLOCK=block, num_warps=4)
     return out

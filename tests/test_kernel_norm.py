@@ -94,6 +94,35 @@ def test_layer_out_matches_twin(dtype, n):
     assert_close(got, ops.layer_out_reference(x, dense, moe, w1, w2, w, scalar, EPS), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [96, 2816])
+def test_post_attention_matches_twin(dtype, n):
+    attn, x = rnd(2, 4, n, seed=14, scale=0.4, dtype=dtype), rnd(2, 4, n, seed=15, scale=4.0, dtype=dtype)
+    w, w1, w2 = (rnd(n, seed=s, dtype=dtype) for s in (16, 17, 18))
+    got = N.post_attention(attn, x, w, w1, w2, EPS, impl="triton")
+    want = ops.post_attention_reference(attn, x, w, w1, w2, EPS)
+    for g, r in zip(got, want, strict=True):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        assert_close(g, r, dtype)
+    assert not torch.equal(got[1], got[2])  # each norm with its own weight
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 2112), (2, 5, 37)])  # the dense MLP's width; a ragged tail
+def test_gelu_mul_matches_twin(dtype, shape):
+    gate, up = rnd(*shape, seed=19, scale=3.0, dtype=dtype), rnd(*shape, seed=20, dtype=dtype)
+    got = N.gelu_mul(gate, up, impl="triton")
+    want = ops.gelu_mul_reference(gate, up)
+    assert got.shape == gate.shape and got.dtype == gate.dtype
+    # gelu's far negative tail is 0.5 g (1 + tanh(z)) with tanh near -1: fp32 cancellation, whose last
+    # bits even torch's own CPU result changes with vectorisation; there, a bound on the absolute error
+    tail = (ops.gelu_tanh(gate.float()).abs() < 2 ** -13).cpu()
+    assert 0 < tail.sum() < tail.numel() // 4
+    got, want = got.float().cpu(), want.float().cpu()
+    assert (got - want)[tail].abs().max() <= 2 ** -20
+    assert_close(got[~tail], want[~tail], dtype)
+
+
 def test_inputs_the_kernels_do_not_take_go_to_the_twins():
     """A residual that broadcasts, or cos/sin in another dtype: the twin's result, not a wrong read."""
     x, w = rnd(4, 6, 64, seed=20), rnd(64, seed=21)
@@ -114,17 +143,19 @@ def test_model_through_the_glue_kernels(monkeypatch, tmp_path):
     model = dgplug.load(make_checkpoint(tmp_path / "ck"))
     want = probe_logits(model)
     calls = {}
-    for mod, name in ((N, "rms_norm"), (N, "head_norm_rope"), (N, "layer_out"), (R, "route")):
+    for mod, name in ((N, "rms_norm"), (N, "head_norm_rope"), (N, "post_attention"), (N, "gelu_mul"),
+                      (N, "layer_out"), (R, "route")):
         fn = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1})
                             or _fn(*a, **{**k, "impl": "triton"}))
     monkeypatch.setattr(ops, "_glue_kernels", lambda x: True)
     got = probe_logits(model)
     layers = 2 * model.tc.num_hidden_layers  # the encoder pass and the canvas pass
-    # per layer: input norm, post-attention residual norm, pre-ff norm, pre-ff-2 norm; q, k, v heads;
-    # the layer end; plus the final norm and the self-conditioning input norm per pass
-    assert calls["layer_out"] == calls["route"] == layers and calls["head_norm_rope"] == 3 * layers, calls
-    assert calls["rms_norm"] >= 4 * layers, calls
+    # per layer: the input norm; q, k, v heads; the post-attention residual + both pre-ff norms; the
+    # dense MLP's gelu * up; the layer end; plus the final norm and the self-conditioning MLP per pass
+    assert calls["layer_out"] == calls["route"] == calls["post_attention"] == layers, calls
+    assert calls["head_norm_rope"] == 3 * layers and calls["gelu_mul"] >= layers, calls
+    assert calls["rms_norm"] >= layers, calls
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32 sums in another order, 4 layers deep
     assert ops.GLUE_KERNELS  # no kernel fell back to the references
 
