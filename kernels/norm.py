@@ -46,6 +46,12 @@ if HAS_TRITON:
         return 1.0 / tl.sqrt(tl.sum(tl.where(mask, x * x, 0.0), axis=0) / N + eps)
 
     @triton.jit
+    def _load_normed(p, w_ptr, offs, mask, N, eps, dt):
+        """norm(row) * w of the row at p (fp32 math), rounded to dt."""
+        v = tl.load(p + offs, mask=mask, other=0.0).to(tl.float32)
+        return (v * _inv_rms(v, mask, N, eps) * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, r_ptr, out_ptr, N, stride_x, stride_r, stride_o, eps,
                          HAS_W: tl.constexpr, HAS_R: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -102,8 +108,7 @@ if HAS_TRITON:
         offs = tl.arange(0, BLOCK)
         mask = offs < N
         dt = xo_ptr.dtype.element_ty
-        a = tl.load(a_ptr + row * stride_a + offs, mask=mask, other=0.0).to(tl.float32)
-        a = (a * _inv_rms(a, mask, N, eps) * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        a = _load_normed(a_ptr + row * stride_a, w_ptr, offs, mask, N, eps, dt)
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         x = (x + a.to(tl.float32)).to(dt)
         tl.store(xo_ptr + row * stride_o + offs, x, mask=mask)
@@ -141,10 +146,8 @@ if HAS_TRITON:
         offs = tl.arange(0, BLOCK)
         mask = offs < N
         dt = out_ptr.dtype.element_ty
-        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
-        d = (d * _inv_rms(d, mask, N, eps) * tl.load(w1_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
-        m = tl.load(m_ptr + row * stride_m + offs, mask=mask, other=0.0).to(tl.float32)
-        m = (m * _inv_rms(m, mask, N, eps) * tl.load(w2_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        d = _load_normed(d_ptr + row * stride_d, w1_ptr, offs, mask, N, eps, dt)
+        m = _load_normed(m_ptr + row * stride_m, w2_ptr, offs, mask, N, eps, dt)
         a = (d.to(tl.float32) + m.to(tl.float32)).to(dt).to(tl.float32)
         a = (a * _inv_rms(a, mask, N, eps) * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
