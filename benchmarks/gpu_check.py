@@ -151,6 +151,16 @@ def check_kernels(dev, small):
     print(f"glue router top-8 of 128   same experts {(ti == oi).all(1).float().mean().item():.4f} of tokens, "
           f"weights rel err {err(tw.gather(1, to), ow.gather(1, oo)):.2e}  "
           f"{timed(lambda: call('triton')) * 1e3:.1f} us vs twin {timed(lambda: call('torch')) * 1e3:.1f} us")
+    for hd, hk in (((256, 8), (512, 2)) if not small else ((32, 2), (64, 1))):  # q/k/v, k and v into slots
+        q, k, v = rnd(1, rows, 16, hd).to(bf), rnd(1, rows, hk, hd).to(bf), rnd(1, rows, hk, hd).to(bf)
+        ang = torch.arange(rows, device=dev)[:, None].float() * torch.rand(hd // 2, device=dev)[None, :]
+        cos, sin = torch.cat((ang, ang), -1).cos().to(bf), torch.cat((ang, ang), -1).sin().to(bf)
+        wq, wk = (1 + 0.1 * rnd(hd)).to(bf), (1 + 0.1 * rnd(hd)).to(bf)
+        slots = tuple(torch.zeros(1, hk, 512 + rows, hd, dtype=bf, device=dev)[:, :, 512:] for _ in range(2))
+        call = lambda i: torch.cat([t.flatten() for t in kn.qkv_heads(  # noqa: E731
+            q, k, v, wq, wk, 1e-6, cos, sin, out=slots, impl=i)])
+        print(f"glue qkv_heads 16+{hk}+{hk} x {hd:<4} rel err {err(call('triton'), call('torch')):.2e}  "
+              f"{timed(lambda: call('triton')) * 1e3:.1f} us vs twin {timed(lambda: call('torch')) * 1e3:.1f} us")
     for hd in ((256, 512) if not small else (32, 64)):
         q = rnd(1, rows, 16, hd).to(bf)
         ang = torch.arange(rows, device=dev)[:, None].float() * torch.rand(hd // 2, device=dev)[None, :]

@@ -20,7 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dgplug
-from dgplug import ops
+from dgplug import denoise_step, ops
+from dgplug.model import KVCache
 from dgplug.kernels import norm as N
 from dgplug.kernels import router as R
 from dgplug.testing import make_checkpoint, probe_inputs
@@ -66,12 +67,15 @@ class Count(TorchDispatchMode):
 UNITS = {"linear": "matmul", "attention": "attention", "moe": "MoE", "gelu_tanh": "gelu"}
 
 
-def count_layer(model, fused: bool) -> collections.Counter:
-    """Launches of decoder layer 0 on the canvas pass (the encoder pass is not counted)."""
+def count_layer(model, fused: bool, static: bool = False) -> collections.Counter:
+    """Launches of decoder layer 0 on the canvas pass (the encoder pass is not counted). static: the
+    pass `generate` runs (and captures as a CUDA graph on a GPU): a denoise step on the static cache,
+    where k and v are written into the cache's canvas slots instead of concatenated."""
     counter = Count()
     undo = [counter.unit(ops, name, label) for name, label in UNITS.items()]
     if fused:  # one launch per fused call, its twin's ATen operations hidden
-        undo += [counter.unit(N, n, f"kernels.norm.{n}", impl="torch") for n in ("rms_norm", "head_norm_rope", "post_attention", "gelu_mul", "layer_out")]
+        undo += [counter.unit(N, n, f"kernels.norm.{n}", impl="torch") for n in ("rms_norm", "head_norm_rope", "qkv_heads", "post_attention", "gelu_mul",
+                                                                              "layer_out")]
         undo.append(counter.unit(R, "route", "kernels.router.route", impl="torch"))
         undo.append(lambda g=ops._glue_kernels: setattr(ops, "_glue_kernels", g))
         ops._glue_kernels = lambda x: True
@@ -89,7 +93,15 @@ def count_layer(model, fused: bool) -> collections.Counter:
     try:
         ids, canvas = probe_inputs(batch=1)
         with counter, torch.no_grad():
-            model(input_ids=ids, decoder_input_ids=canvas)
+            if static:
+                cache = KVCache.empty(model.tc.num_hidden_layers)
+                model.encode(ids, cache, None)
+                step = denoise_step.for_generation(model, 1, ids.shape[1], 4, 1)
+                step.start(seed=0, bound=0.1, confidence=0.005, t_min=0.4, t_max=0.8)
+                step.start_canvas(0, cache, None)
+                step.run()
+            else:
+                model(input_ids=ids, decoder_input_ids=canvas)
     finally:
         layer.forward = orig
         for u in undo:
@@ -116,6 +128,10 @@ def main():
     print(f"RESULT launches part=glue before={b[1]} after={a[1]} layer_before={b[0]} layer_after={a[0]}")
     for fused in (False, True):
         print(("after:  " if fused else "before: ") + ", ".join(f"{k} {v}" for k, v in sorted(res[fused][2].items())))
+    c = count_layer(model, True, static=True)
+    print(f"the denoise step generate runs (static cache, glue kernels): {sum(c.values())} launches: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    print(f"RESULT launches part=layer path=generate_step launches={sum(c.values())}")
 
 
 if __name__ == "__main__":

@@ -291,6 +291,12 @@ def glue_calls():
             _call(f"head_norm_rope rows={rows} {heads}x{hd}", lambda: kn.head_norm_rope(
                 t, torch.ones(hd, dtype=BF), 1e-6, cos, cos, impl="triton"))
             _call(f"v norm rows={rows} {heads}x{hd}", lambda: kn.head_norm_rope(t, None, 1e-6, impl="triton"))
+        for hd, hk in ((256, 8), (512, 2)):  # the sliding and the full layers' q/k/v heads, k and v into slots
+            q, k = torch.empty(1, rows, 16, hd, dtype=BF), torch.empty(1, rows, hk, hd, dtype=BF)
+            slots = tuple(torch.empty(1, hk, 1024 + rows, hd, dtype=BF)[:, :, 1024:] for _ in range(2))
+            cos = torch.empty(rows, hd, dtype=BF)
+            _call(f"qkv_heads rows={rows} 16+{hk}+{hk}x{hd}", lambda: kn.qkv_heads(
+                q, k, k, torch.ones(hd, dtype=BF), torch.ones(hd, dtype=BF), 1e-6, cos, cos, out=slots, impl="triton"))
 
 
 def sampler_calls():

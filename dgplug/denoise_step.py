@@ -73,10 +73,17 @@ class StaticLayerCache:
         self.valid[:, self.cap:] = True
         self.filled.fill_(n)
 
+    def canvas_slots(self):
+        """Where the canvas's k and v go: the tail (Attention.project writes them there)."""
+        return self.keys[:, :, self.cap:], self.values[:, :, self.cap:]
+
     def with_canvas(self, k, v, pos, mask):
-        """A pass over the canvas: its keys written into the tail; every slot attended, masked."""
-        self.keys[:, :, self.cap:].copy_(k)
-        self.values[:, :, self.cap:].copy_(v)
+        """A pass over the canvas: its keys in the tail (copied unless written there); every slot
+        attended, masked."""
+        for buf, t in ((self.keys, k), (self.values, v)):
+            tail = buf[:, :, self.cap:]
+            if t.data_ptr() != tail.data_ptr():
+                tail.copy_(t)
         return self.keys, self.values, self.pos, self.valid
 
     def keep(self, keys, values, k_pos, window):

@@ -67,20 +67,18 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, tc.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, tc.rms_norm_eps)
 
-    def project(self, h, cos, sin):
-        """q, k, v as [B, heads, L, head_dim]. Full layers: V is the raw K projection (K = V)."""
+    def project(self, h, cos, sin, slots=None):
+        """q, k, v as [B, heads, L, head_dim]. Full layers: V is the raw K projection (K = V).
+        slots: (keys, values) [B, kv_heads, L, head_dim] to write k and v into (a static cache)."""
         B, L, _ = h.shape
         q = linear(h, self.q_proj.weight).view(B, L, -1, self.head_dim)
         k = linear(h, self.k_proj.weight).view(B, L, -1, self.head_dim)
         v = linear(h, self.v_proj.weight).view(B, L, -1, self.head_dim) if self.v_proj is not None else k
-        q = ops.head_norm_rope(q, self.q_norm.weight, self.eps, cos, sin).transpose(1, 2)
-        k = ops.head_norm_rope(k, self.k_norm.weight, self.eps, cos, sin).transpose(1, 2)
-        v = ops.head_norm_rope(v, None, self.eps).transpose(1, 2)
-        return q, k, v
+        return ops.qkv_heads(q, k, v, self.q_norm.weight, self.k_norm.weight, self.eps, cos, sin, out=slots)
 
     def forward(self, h, cos, sin, pos, cache: "LayerCache", mode: str, mask=None):
         """mask: [B, total positions] bool (False = padding) or None; keys look their position up in it."""
-        q, k, v = self.project(h, cos, sin)
+        q, k, v = self.project(h, cos, sin, cache.canvas_slots())
         B = h.shape[0]
         keys, values, k_pos, valid = cache.with_canvas(k, v, pos, mask)
         if mode == "encode":
@@ -177,6 +175,9 @@ class LayerCache:
         values = torch.cat([self.values, v], dim=2) if self.values is not None else v
         k_pos = torch.cat([self.pos, pos]) if self.pos is not None else pos
         return keys, values, k_pos, (mask[:, k_pos] if mask is not None else None)
+
+    def canvas_slots(self):
+        return None  # k and v are new tensors, concatenated by with_canvas
 
     def keep(self, keys, values, k_pos, window):
         """After an encoder pass: [cache; new] becomes the cache (sliding layers: the last window - 1)."""

@@ -27,6 +27,9 @@ head_sample(h, embedding, *, softcap, temperature, seed, step, soft_dtype) -> He
 The layer glue (dgplug.kernels.norm, one launch each on the GPU):
 rms_norm(x, weight, eps, residual=None) -> residual + RMSNorm(x) * weight (fp32 math, cast back)
 head_norm_rope(x, weight, eps, cos=None, sin=None) -> per-head norm of x [..., L, heads, d], RoPE
+qkv_heads(q, k, v, wq, wk, eps, cos, sin, out=None) -> the attention's q, k, v heads in one launch
+post_attention(attn, x, w, w1, w2, eps) -> x + RMSNorm(attn) * w, and its two pre-feed-forward norms
+gelu_mul(gate, up) -> gelu_tanh(gate) * up
 layer_out(x, dense, moe, w1, w2, w, scalar, eps) -> (x + norm(norm(dense)*w1 + norm(moe)*w2)*w) * scalar
 """
 
@@ -185,6 +188,25 @@ def head_norm_rope(x, weight, eps: float, cos=None, sin=None):
 def head_norm_rope_reference(x, weight, eps: float, cos=None, sin=None):
     y = rms_norm_reference(x, weight, eps)
     return y if cos is None else rope(y, cos, sin)
+
+
+def qkv_heads(q, k, v, wq, wk, eps: float, cos=None, sin=None, out=None):
+    """q, k: per-head norm with weight, then RoPE; v: per-head norm only. [B, L, H, d] in, [B, H, L, d]
+    out; out=(k_dst, v_dst) receives k and v (the static cache's canvas slots). One launch on the GPU."""
+    if _glue_kernels(q):
+        return _glue_call("norm", "qkv_heads", qkv_heads_reference, q, k, v, wq, wk, eps, cos, sin, out=out)
+    return qkv_heads_reference(q, k, v, wq, wk, eps, cos, sin, out=out)
+
+
+def qkv_heads_reference(q, k, v, wq, wk, eps: float, cos=None, sin=None, out=None):
+    q = head_norm_rope_reference(q, wq, eps, cos, sin).transpose(1, 2)
+    k = head_norm_rope_reference(k, wk, eps, cos, sin).transpose(1, 2)
+    v = head_norm_rope_reference(v, None, eps).transpose(1, 2)
+    if out is None:
+        return q, k, v
+    out[0].copy_(k)
+    out[1].copy_(v)
+    return q, out[0], out[1]
 
 
 def post_attention(attn, x, w, w1, w2, eps: float):

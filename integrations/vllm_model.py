@@ -195,11 +195,9 @@ class DGPlugAttention(nn.Module):
         the V slot holds the K projection's weights, so v is the raw K projection)."""
         T = h.shape[0]
         qkv, _ = self.qkv_proj(h)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = ops.head_norm_rope(q.view(T, -1, self.head_dim), self.q_norm.weight, self.eps, cos, sin)
-        k = ops.head_norm_rope(k.view(T, -1, self.head_dim), self.k_norm.weight, self.eps, cos, sin)
-        v = ops.head_norm_rope(v.view(T, -1, self.head_dim), None, self.eps)
-        return q, k, v
+        q, k, v = (t.view(1, T, -1, self.head_dim) for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        q, k, v = ops.qkv_heads(q, k, v, self.q_norm.weight, self.k_norm.weight, self.eps, cos, sin)
+        return tuple(t[0].transpose(0, 1) for t in (q, k, v))  # one launch for the three on the GPU
 
     def forward(self, h, cos, sin, pos, mode: str | None, cache: LayerKV | None):
         q, k, v = self.project(h, cos, sin)

@@ -4,6 +4,8 @@ per-head q/k/v norm with RoPE, and the end of a layer. Their PyTorch twins are t
 
     rms_norm(x, weight, eps, residual=None)      residual + norm(x) * weight     (norm: fp32 math)
     head_norm_rope(x, weight, eps, cos, sin)      rope(norm(x) * weight) per head, x [..., L, H, d]
+    qkv_heads(q, k, v, wq, wk, eps, cos, sin)     the three above for q, k (weights, RoPE) and v (norm
+                                                  only) in one launch, k and v written where asked
     post_attention(attn, x, w, w1, w2, eps)       x' = x + norm(attn) * w; norm(x') * w1; norm(x') * w2
     gelu_mul(gate, up)                            gelu_tanh(gate) * up            (the dense MLP's middle)
     layer_out(x, dense, moe, w1, w2, w, scalar, eps)
@@ -11,10 +13,11 @@ per-head q/k/v norm with RoPE, and the end of a layer. Their PyTorch twins are t
 
 Eager PyTorch runs each norm as about seven kernels (cast, square, mean, add, rsqrt, two
 multiplies, cast back) and RoPE as five more: about 60 launches of the glue per decoder layer,
-each a few microseconds on a GPU even when replayed in a CUDA graph. Here a layer's glue is six
-launches: the input norm, the q/k/v head kernels, the post-attention residual norm with both
-pre-feed-forward norms (`post_attention`: the residual row read once, three outputs), the layer
-end; and the dense MLP's gelu(gate) * up is one launch instead of two.
+each a few microseconds on a GPU even when replayed in a CUDA graph. Here a layer's glue is five
+launches: the input norm, the q/k/v heads (`qkv_heads`, k and v written into the static cache's
+canvas slots, so no copy follows), the post-attention residual norm with both pre-feed-forward
+norms (`post_attention`: the residual row read once, three outputs), the dense MLP's gelu(gate) *
+up, and the layer end (benchmarks/layer_launches.py: 15 launches a layer in generate's step).
 
 Every kernel keeps the twin's roundings: each intermediate the twin holds in the activation dtype
 (the normed vector before RoPE, each RoPE product, the sum of the two MoE-block branches, the
@@ -68,13 +71,9 @@ if HAS_TRITON:
         tl.store(out_ptr + row * stride_o + offs, y, mask=mask)
 
     @triton.jit
-    def _head_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, D, stride_t, stride_h,
-                               stride_c, eps, HAS_W: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr):
-        """One head of one token: x [tokens, H, D] -> out [tokens, H, D] contiguous."""
-        pid = tl.program_id(0)
-        tok = pid // H
-        head = pid % H
-        base = x_ptr + tok.to(tl.int64) * stride_t + head * stride_h
+    def _head_row(base, out, w_ptr, cos_ptr, sin_ptr, pos, D, eps, HAS_W: tl.constexpr, ROPE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+        """One head of one token: rope(norm(x) * w) from `base` to `out` (pos: the cos/sin row offset)."""
         offs = tl.arange(0, BLOCK)
         mask = offs < D
         x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -82,7 +81,7 @@ if HAS_TRITON:
         y = x * inv
         if HAS_W:
             y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dt = out_ptr.dtype.element_ty
+        dt = out.dtype.element_ty
         y = y.to(dt)
         if ROPE:  # rotate half: out = y * cos + cat(-y[half:], y[:half]) * sin, products rounded
             half = D // 2
@@ -92,13 +91,46 @@ if HAS_TRITON:
             if HAS_W:
                 yr = yr * tl.load(w_ptr + rot, mask=mask, other=0.0).to(tl.float32)
             yr = tl.where(offs < half, -(yr.to(dt).to(tl.float32)), yr.to(dt).to(tl.float32))
-            pos = (tok % L).to(tl.int64) * stride_c
             c = tl.load(cos_ptr + pos + offs, mask=mask, other=0.0).to(tl.float32)
             s = tl.load(sin_ptr + pos + offs, mask=mask, other=0.0).to(tl.float32)
             a = (y.to(tl.float32) * c).to(dt).to(tl.float32)
             b = (yr * s).to(dt).to(tl.float32)
             y = (a + b).to(dt)
-        tl.store(out_ptr + pid.to(tl.int64) * D + offs, y, mask=mask)
+        tl.store(out + offs, y, mask=mask)
+
+    @triton.jit
+    def _head_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, D, stride_t, stride_h,
+                               stride_c, eps, HAS_W: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr):
+        """One head of one token: x [tokens, H, D] -> out [tokens, H, D] contiguous."""
+        pid = tl.program_id(0)
+        tok = pid // H
+        head = pid % H
+        _head_row(x_ptr + tok.to(tl.int64) * stride_t + head * stride_h, out_ptr + pid.to(tl.int64) * D, w_ptr,
+                  cos_ptr, sin_ptr, (tok % L).to(tl.int64) * stride_c, D, eps, HAS_W, ROPE, BLOCK)
+
+    @triton.jit
+    def _qkv_heads_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr,
+                          HQ, HK, L, D, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
+                          oq_b, oq_l, oq_h, ok_b, ok_l, ok_h, ov_b, ov_l, ov_h, stride_c, eps,
+                          ROPE: tl.constexpr, BLOCK: tl.constexpr):
+        """One head of one token of q, k or v: q and k normed with their weights and rotated, v
+        normed only; inputs [tokens, H, D] (strided), outputs [B, L, H, D] by their own strides."""
+        pid = tl.program_id(0)
+        tok = (pid // (HQ + 2 * HK)).to(tl.int64)
+        j = pid % (HQ + 2 * HK)
+        b, l = tok // L, tok % L
+        pos = l * stride_c
+        if j < HQ:
+            _head_row(q_ptr + tok * sq_t + j * sq_h, qo_ptr + b * oq_b + l * oq_l + j * oq_h, wq_ptr,
+                      cos_ptr, sin_ptr, pos, D, eps, True, ROPE, BLOCK)
+        elif j < HQ + HK:
+            h = j - HQ
+            _head_row(k_ptr + tok * sk_t + h * sk_h, ko_ptr + b * ok_b + l * ok_l + h * ok_h, wk_ptr,
+                      cos_ptr, sin_ptr, pos, D, eps, True, ROPE, BLOCK)
+        else:
+            h = j - HQ - HK
+            _head_row(v_ptr + tok * sv_t + h * sv_h, vo_ptr + b * ov_b + l * ov_l + h * ov_h, wk_ptr,
+                      cos_ptr, sin_ptr, pos, D, eps, False, False, BLOCK)
 
     @triton.jit
     def _post_attention_kernel(a_ptr, x_ptr, w_ptr, w1_ptr, w2_ptr, xo_ptr, h1_ptr, h2_ptr, N,
@@ -209,6 +241,40 @@ def head_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos
         x3.stride(0), x3.stride(1), cos.stride(0) if rope else 0, eps,
         HAS_W=weight is not None, ROPE=rope, BLOCK=_block(D), num_warps=2 if D > 256 else 1)
     return out
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """x [..., H, d] as [tokens, H, d] with unit stride along d (a view where possible)."""
+    x3 = x.reshape(-1, *x.shape[-2:])
+    return x3 if x3.stride(-1) == 1 else x3.contiguous()
+
+
+def qkv_heads(q, k, v, wq, wk, eps: float, cos=None, sin=None, *, out=None, impl: str | None = None):
+    """The attention's q/k/v heads in one launch: q and k through head_norm_rope with their weights,
+    v normed without weight or RoPE. q, k, v [B, L, H, d] (v may be k: the full layers' K = V).
+    Returns q, k, v as [B, H, L, d] (transposed views); out (k_dst, v_dst) [B, Hk, L, d], e.g. the
+    static cache's canvas slots, receives k and v in place of new tensors."""
+    from dgplug import ops
+
+    B, L, HQ, D = q.shape
+    HK = k.shape[2]
+    rope = cos is not None
+    if _pick_impl(q, impl) == "torch" or not (k.shape == v.shape == (B, L, HK, D) and q.dtype == k.dtype == v.dtype) or (
+            rope and not all(t.shape == (L, D) and t.dtype == q.dtype for t in (cos, sin))):
+        return ops.qkv_heads_reference(q, k, v, wq, wk, eps, cos, sin, out=out)
+    q3, k3, v3 = _tokens(q), _tokens(k), _tokens(v)
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko, vo = out if out is not None else (torch.empty(k.shape, dtype=k.dtype, device=k.device).transpose(1, 2)
+                                          for _ in range(2))
+    if rope:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    _qkv_heads_kernel[(B * L * (HQ + 2 * HK),)](
+        q3, k3, v3, wq, wk, cos if rope else q3, sin if rope else q3, qo, ko, vo, HQ, HK, L, D,
+        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(2), ko.stride(1),
+        vo.stride(0), vo.stride(2), vo.stride(1), cos.stride(0) if rope else 0, eps,
+        ROPE=rope, BLOCK=_block(D), num_warps=2 if D > 256 else 1)
+    return qo.transpose(1, 2), ko, vo
 
 
 def layer_out(x, dense, moe, w1, w2, w, scalar, eps: float, *, impl: str | None = None) -> torch.Tensor:

@@ -85,6 +85,39 @@ def test_head_norm_rope_matches_twin(dtype, d, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["sliding", "k_is_v", "fused_projection", "into_slots"])
+def test_qkv_heads_matches_twin(dtype, case):
+    """q, k, v in one launch = the three head_norm_rope twins: separate q/k/v, the full layers' v = k,
+    heads sliced out of one fused projection (the vLLM layer), and k/v written into a static cache's
+    canvas slots ([B, Hk, cap + L, d] buffers), leaving the other slots alone."""
+    B, L, HQ, HK, d = 2, 5, 4, 2, 32
+    q, k, v = (rnd(B, L, h, d, seed=s, scale=2.0, dtype=dtype) for s, h in ((40, HQ), (41, HK), (42, HK)))
+    if case == "k_is_v":
+        v = k
+    if case == "fused_projection":
+        qkv = rnd(B, L, (HQ + 2 * HK) * d, seed=43, dtype=dtype)
+        q, k, v = (t.view(B, L, -1, d) for t in qkv.split([HQ * d, HK * d, HK * d], -1))
+    freqs = torch.arange(L, dtype=torch.float32)[:, None] * (1e4 ** (-torch.arange(0, d, 2) / d))[None, :]
+    cos, sin = (f(torch.cat((freqs, freqs), -1)).to(DEV, dtype) for f in (torch.cos, torch.sin))
+    wq, wk = rnd(d, seed=44, dtype=dtype), rnd(d, seed=45, dtype=dtype)
+    out = None
+    if case == "into_slots":
+        bufs = [rnd(B, HK, 7 + L, d, seed=s, dtype=dtype) for s in (46, 47)]
+        before = [b.clone() for b in bufs]
+        out = tuple(b[:, :, 7:] for b in bufs)
+    got = N.qkv_heads(q, k, v, wq, wk, EPS, cos, sin, out=out, impl="triton")
+    want = ops.qkv_heads_reference(q, k, v, wq, wk, EPS, cos, sin)
+    for g, w, h in zip(got, want, (HQ, HK, HK), strict=True):
+        assert g.shape == (B, h, L, d) and g.dtype == dtype
+        assert_close(g, w, dtype)
+    if out is not None:
+        assert got[1].data_ptr() == out[0].data_ptr() and got[2].data_ptr() == out[1].data_ptr()
+        for b, b0 in zip(bufs, before, strict=True):
+            assert torch.equal(b[:, :, :7], b0[:, :, :7])
+    assert not torch.equal(want[1], want[2])  # v is not rotated nor scaled
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [96, 2816])
 def test_layer_out_matches_twin(dtype, n):
     x, dense, moe = (rnd(2, 4, n, seed=s, scale=c, dtype=dtype) for s, c in ((8, 5.0), (9, 0.3), (10, 2.0)))
@@ -143,7 +176,7 @@ def test_model_through_the_glue_kernels(monkeypatch, tmp_path):
     model = dgplug.load(make_checkpoint(tmp_path / "ck"))
     want = probe_logits(model)
     calls = {}
-    for mod, name in ((N, "rms_norm"), (N, "head_norm_rope"), (N, "post_attention"), (N, "gelu_mul"),
+    for mod, name in ((N, "rms_norm"), (N, "qkv_heads"), (N, "post_attention"), (N, "gelu_mul"),
                       (N, "layer_out"), (R, "route")):
         fn = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: calls.update({_n: calls.get(_n, 0) + 1})
@@ -151,10 +184,10 @@ def test_model_through_the_glue_kernels(monkeypatch, tmp_path):
     monkeypatch.setattr(ops, "_glue_kernels", lambda x: True)
     got = probe_logits(model)
     layers = 2 * model.tc.num_hidden_layers  # the encoder pass and the canvas pass
-    # per layer: the input norm; q, k, v heads; the post-attention residual + both pre-ff norms; the
+    # per layer: the input norm; the q, k, v heads; the post-attention residual + both pre-ff norms; the
     # dense MLP's gelu * up; the layer end; plus the final norm and the self-conditioning MLP per pass
     assert calls["layer_out"] == calls["route"] == calls["post_attention"] == layers, calls
-    assert calls["head_norm_rope"] == 3 * layers and calls["gelu_mul"] >= layers, calls
+    assert calls["qkv_heads"] == layers and calls["gelu_mul"] >= layers, calls
     assert calls["rms_norm"] >= layers, calls
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32 sums in another order, 4 layers deep
     assert ops.GLUE_KERNELS  # no kernel fell back to the references
