@@ -109,6 +109,37 @@ def count_layer(model, fused: bool, static: bool = False) -> collections.Counter
     return counter.ops
 
 
+def count_step(model) -> collections.Counter:
+    """Launches of one whole denoise step as `generate` runs it (static cache, glue kernels; the
+    head + sampler and the step's RNG counted as their one or few launches each)."""
+    from dgplug.kernels import sampler as S
+
+    counter = Count()
+    undo = [counter.unit(ops, name, label) for name, label in UNITS.items()]
+    undo += [counter.unit(N, n, f"kernels.norm.{n}", impl="torch") for n in ("rms_norm", "qkv_heads", "post_attention",
+                                                                          "gelu_mul", "layer_out")]
+    undo += [counter.unit(R, "route", "kernels.router.route", impl="torch"),
+             counter.unit(S, "head_sample", "head_sample"), counter.unit(S, "step_keys", "kernels.sampler.step_keys",
+                                                                         impl="torch")]
+    undo.append(lambda g=ops._glue_kernels: setattr(ops, "_glue_kernels", g))
+    ops._glue_kernels = lambda x: True
+    try:
+        ids, _ = probe_inputs(batch=1)
+        cache = KVCache.empty(model.tc.num_hidden_layers)
+        model.encode(ids, cache, None)
+        step = denoise_step.for_generation(model, 1, ids.shape[1], 4, 1)
+        step.start(seed=0, bound=0.1, confidence=0.005, t_min=0.4, t_max=0.8)
+        step.start_canvas(0, cache, None)
+        counter.active = True
+        with counter, torch.no_grad():
+            step.run()
+    finally:
+        counter.active = False
+        for u in undo:
+            u()
+    return counter.ops
+
+
 def main():
     with tempfile.TemporaryDirectory() as d:
         model = dgplug.load(make_checkpoint(Path(d) / "ck"), dtype=torch.bfloat16)
@@ -132,6 +163,15 @@ def main():
     print(f"the denoise step generate runs (static cache, glue kernels): {sum(c.values())} launches: "
           + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
     print(f"RESULT launches part=layer path=generate_step launches={sum(c.values())}")
+    whole = count_step(model)
+    n_layers, per_layer = model.tc.num_hidden_layers, sum(c.values())
+    outside = sum(whole.values()) - n_layers * per_layer
+    print(f"the whole step ({n_layers} layers here): {sum(whole.values())} launches, {outside} outside the layers "
+          f"(head + sampler counted once): "
+          + ", ".join(f"{k} {v}" for k, v in sorted(((k, v - n_layers * c.get(k, 0)) for k, v in whole.items()),
+                                                     key=lambda kv: -kv[1]) if v))
+    print(f"RESULT launches part=step path=generate_step outside_layers={outside} "
+          f"per_30_layer_step={outside + 30 * per_layer}")
 
 
 if __name__ == "__main__":

@@ -314,6 +314,8 @@ def sampler_calls():
                                                                  impl="triton"))
         _call(f"head_sample rows={rows} Q6_K table", lambda: ks.head_sample(h, table, temperature=0.6, seed=1,
                                                                             step=0, impl="triton"))
+        _call(f"step_keys rows={rows}", lambda: ks.step_keys(torch.zeros(1, dtype=torch.int64),
+                                                             torch.zeros(1, dtype=torch.int64), rows, V, impl="triton"))
 
 
 GROUPS = {"moe": moe_calls, "ggml": ggml_calls, "attention": attention_calls, "glue": glue_calls,

@@ -198,18 +198,18 @@ class DenoiseStep:
 
     # -- the step -----------------------------------------------------------------------------
     def _step(self):
-        from dgplug.kernels.sampler import canvas_row_keys_device, counter_tokens, head_sample
+        from dgplug.kernels.sampler import head_sample, step_keys
 
         m, B, C = self.model, self.B, self.C
         self.forwards.add_((~(self.frozen | self.finished)).int())
         h = m.denoise(self.canvas, self.cache, sc_soft=self.sc_soft)
-        keys = canvas_row_keys_device(self.seed, self.step, B * C)
+        keys, renoise = step_keys(self.seed, self.step, B * C, m.tc.vocab_size)
         r = head_sample(h.reshape(B * C, -1), m.embed_tokens.weight, softcap=m.tc.final_logit_softcapping,
                         temperature=self.temps.index_select(0, self.left), keys=keys)
         entropy = r.entropy.view(B, C)
         acc = sp.accept(entropy, self.bound) | self.lock
         sampled = torch.where(self.lock, self.canvas, r.token.view(B, C))
-        renoise = counter_tokens(keys, m.tc.vocab_size).view(B, C)
+        renoise = renoise.view(B, C)
         keep = self.frozen[:, None]
         canvas = torch.where(keep, self.canvas, torch.where(acc, sampled, renoise))
         argmax = torch.where(keep, self.argmax, torch.where(self.lock, self.canvas, r.argmax.view(B, C)))

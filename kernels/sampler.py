@@ -489,6 +489,21 @@ if triton is not None:
             tl.store(out_ptr + row * V + cols, u, mask=cols < V)
 
     @triton.jit
+    def _step_keys_kernel(key_ptr, step_ptr, keys_ptr, noise_ptr, rows, row_offset, vocab, BLOCK: tl.constexpr):
+        """canvas_row_keys_device and counter_tokens in one launch: the step's per-row RNG keys
+        (the seed's key and the step read from the device) and the re-noise token of each row."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < rows
+        key = tl.load(key_ptr).to(tl.uint32)
+        step = tl.load(step_ptr).to(tl.uint32)
+        k = _fmix32(key ^ _fmix32((step * 0x632BE5AB) ^ 0x5BD1E995))
+        row = (offs + row_offset).to(tl.uint32)
+        keys = _fmix32(k ^ _fmix32((row * 0x85157AF5) ^ 0x27D4EB2F))
+        tl.store(keys_ptr + offs, keys.to(tl.int64), mask=mask)
+        noise = _fmix32(_fmix32(keys ^ 0x3C6EF372) ^ 0x7F4A7C15) % vocab.to(tl.uint32)
+        tl.store(noise_ptr + offs, noise.to(tl.int64), mask=mask)
+
+    @triton.jit
     def _chunk_stats_kernel(
         l_ptr,  # fp32 [N, W]: raw logits h @ E_chunk^T of this vocabulary chunk (row stride W)
         p_ptr,  # [N, W] in E's dtype: exp(l' - m_ref), the soft-embedding weights of the chunk
@@ -578,6 +593,22 @@ if triton is not None:
                     dd = d0 + offs
                     sp = soft_ptr + r64 * D + dd
                     tl.store(sp, tl.load(sp, mask=dd < D, other=0.0) * alpha, mask=dd < D)
+
+
+def step_keys(key: torch.Tensor, step: torch.Tensor, rows: int, vocab: int, row_offset: int = 0, *,
+              impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(canvas_row_keys_device(key, step, rows, row_offset), counter_tokens(those keys, vocab)):
+    a denoise step's RNG keys and re-noise tokens, int64 [rows]; one launch on the GPU (the
+    torch twin is some 130 small integer kernels)."""
+    if _pick_impl(key, impl) == "torch":
+        keys = canvas_row_keys_device(key, step, rows, row_offset)
+        return keys, counter_tokens(keys, vocab)
+    keys = torch.empty(rows, dtype=torch.int64, device=key.device)
+    noise = torch.empty_like(keys)
+    block = 256
+    _step_keys_kernel[(triton.cdiv(rows, block),)](key, step, keys, noise, rows, row_offset, vocab, BLOCK=block,
+                                                   num_warps=4)
+    return keys, noise
 
 
 def _interpreting() -> bool:

@@ -72,6 +72,21 @@ def test_counter_rng_torch_and_triton_bit_identical():
     assert abs(float(u_torch.mean()) - 0.5) < 0.02
 
 
+@needs_triton
+@pytest.mark.parametrize("seed,step,rows,row_offset,vocab", [(0, 0, 256, 0, 262144), (2**40 + 7, 2**31 + 5, 300, 17, 1000),
+                                                            (123, 47, 2048, 0, 262143)])
+def test_step_keys_torch_and_triton_bit_identical(seed, step, rows, row_offset, vocab):
+    """The denoise step's keys and re-noise tokens in one Triton launch = the torch twin, bit for bit
+    (device-held seed key and step, rows past a block, a vocabulary not a power of two)."""
+    key, st = torch.tensor([S.seed_key(seed)]), torch.tensor([step])
+    want = S.step_keys(key, st, rows, vocab, row_offset, impl="torch")
+    got = S.step_keys(key, st, rows, vocab, row_offset, impl="triton")
+    assert torch.equal(want[0], S.canvas_row_keys(seed, step, rows, row_offset))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.int64 and torch.equal(g, w)
+    assert int(got[1].min()) >= 0 and int(got[1].max()) < vocab and len(set(got[1].tolist())) > rows * 0.8
+
+
 def test_counter_rng_keys_depend_on_everything():
     base = canvas_row_keys(0, 0, 8)
     assert len(set(base.tolist())) == 8
