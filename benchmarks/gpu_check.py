@@ -197,6 +197,12 @@ def check_kernels(dev, small):
               f"tokens equal to torch twin {(o.token == t.token).float().mean().item():.4f}, "
               f"entropy max abs err {(o.entropy - r.entropy).abs().max().item():.2e}, "
               f"soft rel err {err(o.soft, r.soft):.2e}")
+    key, st = torch.tensor([ks.seed_key(11)], device=dev), torch.tensor([2**31 + 3], device=dev)
+    got, want = (ks.step_keys(key, st, 2048, V, impl=i) for i in ("triton", "torch"))
+    print(f"step_keys (the step's RNG keys and re-noise tokens) equal to the torch twin: "
+          f"{all(torch.equal(g, w) for g, w in zip(got, want))}  "
+          f"{timed(lambda: ks.step_keys(key, st, 2048, V, impl='triton')) * 1e3:.1f} us vs twin "
+          f"{timed(lambda: ks.step_keys(key, st, 2048, V, impl='torch')) * 1e3:.1f} us")
 
 
 # -- 2. one denoise step at full shapes --------------------------------------------------------
