@@ -161,14 +161,6 @@ def check_kernels(dev, small):
             q, k, v, wq, wk, 1e-6, cos, sin, out=slots, impl=i)])
         print(f"glue qkv_heads 16+{hk}+{hk} x {hd:<4} rel err {err(call('triton'), call('torch')):.2e}  "
               f"{timed(lambda: call('triton')) * 1e3:.1f} us vs twin {timed(lambda: call('torch')) * 1e3:.1f} us")
-    for hd in ((256, 512) if not small else (32, 64)):
-        q = rnd(1, rows, 16, hd).to(bf)
-        ang = torch.arange(rows, device=dev)[:, None].float() * torch.rand(hd // 2, device=dev)[None, :]
-        cos, sin = torch.cat((ang, ang), -1).cos().to(bf), torch.cat((ang, ang), -1).sin().to(bf)
-        wq = (1 + 0.1 * rnd(hd)).to(bf)
-        call = lambda i: kn.head_norm_rope(q, wq, 1e-6, cos, sin, impl=i)  # noqa: E731
-        print(f"glue head_norm_rope d={hd:<6} rel err {err(call('triton'), call('torch')):.2e}  "
-              f"{timed(lambda: call('triton')) * 1e3:.1f} us vs twin {timed(lambda: call('torch')) * 1e3:.1f} us")
     # fused head + sampler vs the unfused reference
     N, V = (512, 262144) if not small else (32, 1000)
     h = rnd(N, D).to(bf)

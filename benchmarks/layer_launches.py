@@ -74,8 +74,7 @@ def count_layer(model, fused: bool, static: bool = False) -> collections.Counter
     counter = Count()
     undo = [counter.unit(ops, name, label) for name, label in UNITS.items()]
     if fused:  # one launch per fused call, its twin's ATen operations hidden
-        undo += [counter.unit(N, n, f"kernels.norm.{n}", impl="torch") for n in ("rms_norm", "head_norm_rope", "qkv_heads", "post_attention", "gelu_mul",
-                                                                              "layer_out")]
+        undo += [counter.unit(N, n, f"kernels.norm.{n}", impl="torch") for n in ("rms_norm", "qkv_heads", "post_attention", "gelu_mul", "layer_out")]
         undo.append(counter.unit(R, "route", "kernels.router.route", impl="torch"))
         undo.append(lambda g=ops._glue_kernels: setattr(ops, "_glue_kernels", g))
         ops._glue_kernels = lambda x: True

@@ -285,12 +285,6 @@ def glue_calls():
                                                       torch.ones(EXPERTS, dtype=BF), TOPK, 1e-6, impl="triton"))
         _call(f"router fp32 rows={rows}", lambda: kr.route(x[0].float(), torch.empty(EXPERTS, D), w[0].float(),
                                                            torch.ones(EXPERTS), TOPK, 1e-6, impl="triton"))
-        for hd, heads in ((256, 16), (512, 16), (256, 8), (512, 2)):
-            t = torch.empty(1, rows, heads, hd, dtype=BF)
-            cos = torch.empty(rows, hd, dtype=BF)
-            _call(f"head_norm_rope rows={rows} {heads}x{hd}", lambda: kn.head_norm_rope(
-                t, torch.ones(hd, dtype=BF), 1e-6, cos, cos, impl="triton"))
-            _call(f"v norm rows={rows} {heads}x{hd}", lambda: kn.head_norm_rope(t, None, 1e-6, impl="triton"))
         for hd, hk in ((256, 8), (512, 2)):  # the sliding and the full layers' q/k/v heads, k and v into slots
             q, k = torch.empty(1, rows, 16, hd, dtype=BF), torch.empty(1, rows, hk, hd, dtype=BF)
             slots = tuple(torch.empty(1, hk, 1024 + rows, hd, dtype=BF)[:, :, 1024:] for _ in range(2))

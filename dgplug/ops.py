@@ -26,8 +26,8 @@ head_sample(h, embedding, *, softcap, temperature, seed, step, soft_dtype) -> He
 
 The layer glue (dgplug.kernels.norm, one launch each on the GPU):
 rms_norm(x, weight, eps, residual=None) -> residual + RMSNorm(x) * weight (fp32 math, cast back)
-head_norm_rope(x, weight, eps, cos=None, sin=None) -> per-head norm of x [..., L, heads, d], RoPE
-qkv_heads(q, k, v, wq, wk, eps, cos, sin, out=None) -> the attention's q, k, v heads in one launch
+qkv_heads(q, k, v, wq, wk, eps, cos, sin, out=None) -> per-head norms of q, k, v [B, L, heads, d] (q, k:
+    with weight and RoPE), one launch; k and v written into `out` (the static cache's slots) if given
 post_attention(attn, x, w, w1, w2, eps) -> x + RMSNorm(attn) * w, and its two pre-feed-forward norms
 gelu_mul(gate, up) -> gelu_tanh(gate) * up
 layer_out(x, dense, moe, w1, w2, w, scalar, eps) -> (x + norm(norm(dense)*w1 + norm(moe)*w2)*w) * scalar
@@ -176,13 +176,6 @@ def rope(x, cos, sin):
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rot * sin[:, None, :]
-
-
-def head_norm_rope(x, weight, eps: float, cos=None, sin=None):
-    """Per-head RMSNorm of x [..., L, heads, d], then RoPE when cos/sin [L, d] are given."""
-    if _glue_kernels(x):
-        return _glue_call("norm", "head_norm_rope", head_norm_rope_reference, x, weight, eps, cos, sin)
-    return head_norm_rope_reference(x, weight, eps, cos, sin)
 
 
 def head_norm_rope_reference(x, weight, eps: float, cos=None, sin=None):

@@ -101,6 +101,7 @@ removed, 3.9 ms). T=2048 (batch 8): bf16 1.37 ms, int8 1.53, fp8 1.64, int4 3.01
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -1392,14 +1393,19 @@ def fp8_activations(gate_up, down) -> bool:
 def env_config() -> dict:
     """DGPLUG_MOE_CONFIG="num_warps=8,ONE_DOT=1": tile settings over the defaults for every call of
     moe_forward's Triton path (the GPU check times `generate` with its sweep's fastest this way)."""
-    text = os.environ.get("DGPLUG_MOE_CONFIG", "").strip()
+    return dict(_parse_moe_config(os.environ.get("DGPLUG_MOE_CONFIG", "").strip()))
+
+
+@functools.cache
+def _parse_moe_config(text: str) -> tuple:
+    """The variable's items as (key, int) pairs (parsed once per distinct value: moe_forward is hot)."""
     out = {}
     for item in filter(None, (i.strip() for i in text.split(","))):
         key, eq, val = item.partition("=")
         if not eq or not key.strip() or not val.strip().lstrip("-").isdigit():
             raise ValueError(f"DGPLUG_MOE_CONFIG={text!r}: {item!r} is not KEY=integer")
         out[key.strip()] = int(val)
-    return out
+    return tuple(out.items())
 
 
 def moe_forward(x, topk_index, topk_weights, gate_up, down, *, impl: str | None = None):

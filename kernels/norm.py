@@ -3,9 +3,8 @@ per-head q/k/v norm with RoPE, and the end of a layer. Their PyTorch twins are t
 `dgplug.ops` (transformers' order of operations), which the CPU path runs.
 
     rms_norm(x, weight, eps, residual=None)      residual + norm(x) * weight     (norm: fp32 math)
-    head_norm_rope(x, weight, eps, cos, sin)      rope(norm(x) * weight) per head, x [..., L, H, d]
-    qkv_heads(q, k, v, wq, wk, eps, cos, sin)     the three above for q, k (weights, RoPE) and v (norm
-                                                  only) in one launch, k and v written where asked
+    qkv_heads(q, k, v, wq, wk, eps, cos, sin)     rope(norm(x) * w) per head of q and k, norm(v) per
+                                                  head, one launch, k and v written where asked
     post_attention(attn, x, w, w1, w2, eps)       x' = x + norm(attn) * w; norm(x') * w1; norm(x') * w2
     gelu_mul(gate, up)                            gelu_tanh(gate) * up            (the dense MLP's middle)
     layer_out(x, dense, moe, w1, w2, w, scalar, eps)
@@ -97,16 +96,6 @@ if HAS_TRITON:
             b = (yr * s).to(dt).to(tl.float32)
             y = (a + b).to(dt)
         tl.store(out + offs, y, mask=mask)
-
-    @triton.jit
-    def _head_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, H, L, D, stride_t, stride_h,
-                               stride_c, eps, HAS_W: tl.constexpr, ROPE: tl.constexpr, BLOCK: tl.constexpr):
-        """One head of one token: x [tokens, H, D] -> out [tokens, H, D] contiguous."""
-        pid = tl.program_id(0)
-        tok = pid // H
-        head = pid % H
-        _head_row(x_ptr + tok.to(tl.int64) * stride_t + head * stride_h, out_ptr + pid.to(tl.int64) * D, w_ptr,
-                  cos_ptr, sin_ptr, (tok % L).to(tl.int64) * stride_c, D, eps, HAS_W, ROPE, BLOCK)
 
     @triton.jit
     def _qkv_heads_kernel(q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr,
@@ -220,29 +209,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, residu
     return out
 
 
-def head_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
-                   sin: torch.Tensor | None = None, *, impl: str | None = None) -> torch.Tensor:
-    """Per-head norm (and rotate-half RoPE when cos/sin [L, d] are given) of x [..., L, H, d]."""
-    from dgplug import ops
-
-    L, H, D = x.shape[-3:]
-    if _pick_impl(x, impl) == "torch" or (cos is not None and not all(
-            t.shape == (L, D) and t.dtype == x.dtype for t in (cos, sin))):
-        return ops.head_norm_rope_reference(x, weight, eps, cos, sin)
-    x3 = x.reshape(-1, H, D)
-    if x3.stride(-1) != 1:
-        x3 = x3.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rope = cos is not None
-    if rope:
-        cos, sin = cos.contiguous(), sin.contiguous()
-    _head_norm_rope_kernel[(x3.shape[0] * H,)](
-        x3, weight if weight is not None else x3, cos if rope else x3, sin if rope else x3, out, H, L, D,
-        x3.stride(0), x3.stride(1), cos.stride(0) if rope else 0, eps,
-        HAS_W=weight is not None, ROPE=rope, BLOCK=_block(D), num_warps=2 if D > 256 else 1)
-    return out
-
-
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """x [..., H, d] as [tokens, H, d] with unit stride along d (a view where possible)."""
     x3 = x.reshape(-1, *x.shape[-2:])
@@ -250,8 +216,8 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def qkv_heads(q, k, v, wq, wk, eps: float, cos=None, sin=None, *, out=None, impl: str | None = None):
-    """The attention's q/k/v heads in one launch: q and k through head_norm_rope with their weights,
-    v normed without weight or RoPE. q, k, v [B, L, H, d] (v may be k: the full layers' K = V).
+    """The attention's q/k/v heads in one launch: q and k normed per head with their weights and
+    rotated (rotate-half RoPE, cos/sin [L, d]), v normed without weight or RoPE. q, k, v [B, L, H, d] (v may be k: the full layers' K = V).
     Returns q, k, v as [B, H, L, d] (transposed views); out (k_dst, v_dst) [B, Hk, L, d], e.g. the
     static cache's canvas slots, receives k and v in place of new tensors."""
     from dgplug import ops

@@ -65,32 +65,13 @@ def test_rms_norm_reads_strided_rows():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d", [32, 256])
-@pytest.mark.parametrize("case", ["q", "v", "strided"])
-def test_head_norm_rope_matches_twin(dtype, d, case):
-    B, L, H = 2, 5, 3
-    x = rnd(B, L, H, d, seed=5, scale=2.0, dtype=dtype)
-    if case == "strided":  # q out of a fused qkv projection: heads of a wider row (the vLLM layer)
-        x = rnd(B * L, 2 * H * d, seed=6, dtype=dtype)[:, H * d:].view(B * L, H, d)
-        L = B * L
-    freqs = torch.arange(L, dtype=torch.float32)[:, None] * (1e4 ** (-torch.arange(0, d, 2) / d))[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos().to(DEV, dtype), emb.sin().to(DEV, dtype)
-    w = rnd(d, seed=7, dtype=dtype)
-    args = (None, EPS, None, None) if case == "v" else (w, EPS, cos, sin)
-    got = N.head_norm_rope(x, *args, impl="triton")
-    want = ops.head_norm_rope_reference(x, *args)
-    assert got.shape == x.shape and got.is_contiguous()
-    assert_close(got, want, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [32, 256])  # a small head and the release's sliding head
 @pytest.mark.parametrize("case", ["sliding", "k_is_v", "fused_projection", "into_slots"])
-def test_qkv_heads_matches_twin(dtype, case):
+def test_qkv_heads_matches_twin(dtype, d, case):
     """q, k, v in one launch = the three head_norm_rope twins: separate q/k/v, the full layers' v = k,
     heads sliced out of one fused projection (the vLLM layer), and k/v written into a static cache's
     canvas slots ([B, Hk, cap + L, d] buffers), leaving the other slots alone."""
-    B, L, HQ, HK, d = 2, 5, 4, 2, 32
+    B, L, HQ, HK = 2, 5, 3, 2
     q, k, v = (rnd(B, L, h, d, seed=s, scale=2.0, dtype=dtype) for s, h in ((40, HQ), (41, HK), (42, HK)))
     if case == "k_is_v":
         v = k
@@ -161,10 +142,12 @@ def test_inputs_the_kernels_do_not_take_go_to_the_twins():
     x, w = rnd(4, 6, 64, seed=20), rnd(64, seed=21)
     r = rnd(6, 64, seed=22)  # broadcasts over the first dim
     assert torch.equal(N.rms_norm(x, w, EPS, residual=r, impl="triton"), r + ops.rms_norm_reference(x, w, EPS))
-    q = rnd(1, 5, 2, 32, seed=23, dtype=torch.float16)
+    q, k = rnd(1, 5, 2, 32, seed=23, dtype=torch.float16), rnd(1, 5, 1, 32, seed=26, dtype=torch.float16)
     cos, sin = rnd(5, 32, seed=24), rnd(5, 32, seed=25)  # fp32 tables with fp16 heads: the twin promotes
-    got = N.head_norm_rope(q, None, EPS, cos, sin, impl="triton")
-    assert got.dtype == torch.float32 and torch.equal(got, ops.head_norm_rope_reference(q, None, EPS, cos, sin))
+    wq, wk = rnd(32, seed=27, dtype=torch.float16), rnd(32, seed=28, dtype=torch.float16)
+    got = N.qkv_heads(q, k, k, wq, wk, EPS, cos, sin, impl="triton")
+    want = ops.qkv_heads_reference(q, k, k, wq, wk, EPS, cos, sin)
+    assert got[0].dtype == torch.float32 and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_model_through_the_glue_kernels(monkeypatch, tmp_path):

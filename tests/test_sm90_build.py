@@ -31,9 +31,9 @@ def test_every_kernel_builds_for_sm90(tmp_path):
     rows = [line.split() for line in out.splitlines() if line.rstrip().endswith(("ok", "spills"))]
     built = {r[-9] for r in rows}  # the kernel column
     assert {"_moe_gate_up_int4t_kernel", "_moe_down_int4t_kernel", "_route_kernel", "_layer_out_kernel",
-            "_head_norm_rope_kernel", "_rms_norm_kernel", "_attn_fwd_kernel", "_chunk_stats_kernel",
+            "_rms_norm_kernel", "_attn_fwd_kernel", "_chunk_stats_kernel",
             "_post_attention_kernel", "_gelu_mul_kernel", "_qkv_heads_kernel"} <= built
-    glue = ("_route_kernel", "_rms_norm_kernel", "_layer_out_kernel", "_head_norm_rope_kernel", "_align_scatter_kernel",
+    glue = ("_route_kernel", "_rms_norm_kernel", "_layer_out_kernel", "_align_scatter_kernel",
             "_post_attention_kernel", "_gelu_mul_kernel", "_qkv_heads_kernel")
     ggml_moe = [r for r in rows if r[0] == "ggml" and r[-9] in ("_moe_gate_up_kernel", "_moe_down_kernel")]
     assert {r[3] for r in ggml_moe} == {"Q4_K/Q5_0", "Q6_K/Q8_0"}, ggml_moe
