@@ -604,6 +604,7 @@ def gguf_packed(dev, small):
 
 
 def step_timing(dev, small, batches, context):
+    from dgplug import model as dm
     from dgplug import ops
     from dgplug.model import LayerCache, inv_freq
     from transformers import DynamicCache
@@ -659,8 +660,14 @@ def step_timing(dev, small, batches, context):
                             ms[f"g4_{t}_noglue"] = graph_time(fn)
                         finally:
                             ops.GLUE_KERNELS = True
+                        was, dm.FUSED_PROJECTIONS = dm.FUSED_PROJECTIONS, "0"  # q|k|v, gate|up: separate matmuls
+                        try:
+                            ms[f"g4_{t}_separate"] = graph_time(fn)
+                        finally:
+                            dm.FUSED_PROJECTIONS = was
                         print(f"RESULT layer part=glue quant=int4 batch={B} kind={t} graphs_ms={ms[f'g4_{t}']:.3f} "
-                              f"graphs_ms_glue_on_references={ms[f'g4_{t}_noglue']:.3f}", flush=True)
+                              f"graphs_ms_glue_on_references={ms[f'g4_{t}_noglue']:.3f} "
+                              f"graphs_ms_projections_separate={ms[f'g4_{t}_separate']:.3f}", flush=True)
         # head + sampler
         h = torch.randn(B * C, H, device=dev).to(torch.bfloat16)
         T = torch.tensor(0.6, device=dev)

@@ -158,20 +158,24 @@ def main():
     print(f"RESULT launches part=glue before={b[1]} after={a[1]} layer_before={b[0]} layer_after={a[0]}")
     for fused in (False, True):
         print(("after:  " if fused else "before: ") + ", ".join(f"{k} {v}" for k, v in sorted(res[fused][2].items())))
-    c = count_layer(model, True, static=True)
-    print(f"the denoise step generate runs (static cache, glue kernels): {sum(c.values())} launches: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-    print(f"RESULT launches part=layer path=generate_step launches={sum(c.values())}")
-    whole = count_step(model)
-    n_layers, per_layer = model.tc.num_hidden_layers, sum(c.values())
-    outside = sum(whole.values()) - n_layers * per_layer
-    print(f"the whole step ({n_layers} layers here): {sum(whole.values())} launches, {outside} outside the layers "
-          f"(head + sampler counted once): "
-          + ", ".join(f"{k} {v}" for k, v in sorted(((k, v - n_layers * c.get(k, 0)) for k, v in whole.items()),
-                                                     key=lambda kv: -kv[1]) if v))
-    print(f"RESULT launches part=step path=generate_step outside_layers={outside} "
-          f"per_30_layer_step={outside + 30 * per_layer}")
+    from dgplug import model as dm
 
+    for proj in ("0", "1"):  # one matmul per projection (a CPU) / q|k|v and gate|up fused (CUDA's default)
+        dm.FUSED_PROJECTIONS = proj
+        tag = "fused projections" if proj == "1" else "separate projections"
+        c = count_layer(model, True, static=True)
+        print(f"the denoise step generate runs (static cache, glue kernels, {tag}): {sum(c.values())} launches: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+        print(f"RESULT launches part=layer path=generate_step projections={tag.split()[0]} launches={sum(c.values())}")
+        whole = count_step(model)
+        n_layers, per_layer = model.tc.num_hidden_layers, sum(c.values())
+        outside = sum(whole.values()) - n_layers * per_layer
+        print(f"the whole step ({n_layers} layers here, {tag}): {sum(whole.values())} launches, {outside} outside "
+              f"the layers (head + sampler counted once): "
+              + ", ".join(f"{k} {v}" for k, v in sorted(((k, v - n_layers * c.get(k, 0)) for k, v in whole.items()),
+                                                         key=lambda kv: -kv[1]) if v))
+        print(f"RESULT launches part=step path=generate_step projections={tag.split()[0]} outside_layers={outside} "
+              f"per_30_layer_step={outside + 30 * per_layer}")
 
 if __name__ == "__main__":
     main()

@@ -109,12 +109,14 @@ def resources(kernel, arch: int) -> dict:
                 spill=(int(spill.group(1)) + int(spill.group(2))) if spill else -1,
                 smem=int(getattr(md, "shared", 0)), warps=int(getattr(md, "num_warps", 4)),
                 byte_loads=len(re.findall(r"\bLDG\.E\.[US]8\b", sass)), loop=loop_instructions(sass),
+                loops=loop_sizes(sass),
                 stages=int(getattr(md, "num_stages", 0)))
 
 
-def loop_instructions(sass: str) -> int:
-    """Instructions between a backward branch and its target, for the longest such loop (0: none)."""
-    addr, label, best = {}, None, 0
+def loop_sizes(sass: str) -> list[int]:
+    """Instructions between each backward branch and its target (one entry per loop, innermost
+    and outermost alike), largest first."""
+    addr, label, sizes = {}, None, []
     for line in sass.splitlines():
         m = re.match(r"\s*\.(L_x_\d+):", line)
         if m:
@@ -128,8 +130,13 @@ def loop_instructions(sass: str) -> int:
             addr[label], label = a, None
         b = re.search(r"\bBRA\b.*`\(\.(L_x_\d+)\)", m.group(2))
         if b and addr.get(b.group(1), a + 1) < a:
-            best = max(best, (a - addr[b.group(1)]) // 16 + 1)
-    return best
+            sizes.append((a - addr[b.group(1)]) // 16 + 1)
+    return sorted(sizes, reverse=True)
+
+
+def loop_instructions(sass: str) -> int:
+    """Instructions of the longest loop (0: none)."""
+    return max(loop_sizes(sass), default=0)
 
 
 # -- the calls ---------------------------------------------------------------------------------
@@ -333,6 +340,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(GROUPS), help="comma list of " + ", ".join(GROUPS))
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--loops", action="store_true", help="also list every loop's SASS instructions (largest first)")
     ap.add_argument("--quick", action="store_true", help="16 experts; the MoE's default tiles, the halves order "
                     "and two GGUF pairs only (the test)")
     args = ap.parse_args()
@@ -350,7 +358,7 @@ def main() -> int:
         GROUPS[g]()
     seen, bad = {}, 0
     print(f"{'call':<44} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} "
-          f"{'smem B':>7} {'ldg u8':>6} {'loop':>5}  verdict")
+          f"{'smem B':>7} {'ldg u8':>6} {'loop':>5}  verdict" + ("  loops" if args.loops else ""))
     for b in BUILT:
         key = (b["name"], repr(sorted(b["consts"].items())))
         if key in seen:
@@ -364,7 +372,8 @@ def main() -> int:
         verdict = ("FAIL: " + ", ".join(fail)) if fail else ("spills" if r["spill"] > 0 else "ok")
         bad += bool(fail)
         print(f"{b.get('call', '?'):<44} {b['name']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
-              f"{r['spill']:>7} {r['smem']:>7} {r['byte_loads']:>6} {r['loop']:>5}  {verdict}")
+              f"{r['spill']:>7} {r['smem']:>7} {r['byte_loads']:>6} {r['loop']:>5}  {verdict}"
+              + (f"  {'+'.join(map(str, r['loops'])) or '-'}" if args.loops else ""))
     built = {b["name"] for b in BUILT}
     missing = sorted(defined_kernels() - built)
     print(f"{len(seen)} distinct builds of {len(built)} kernels in {time.perf_counter() - t0:.0f} s; "

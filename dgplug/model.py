@@ -10,6 +10,7 @@ The heavy work goes through `dgplug.ops` (attention, route, moe, head) so kernel
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -38,9 +39,60 @@ def linear(x, w):
     return ops.linear(x, w.dequantize(x.dtype))  # packed (QuantizedWeight): dequantised per call
 
 
-class MLP(nn.Module):
-    """down(gelu_tanh(gate(h)) * up(h)): the dense MLP and the self-conditioning MLP."""
+# Projections of one input run as one matmul on CUDA: q|k(|v) and gate|up (fewer, fuller GEMMs;
+# at 256 rows a canvas each alone fills part of the GPU). The parameters become row blocks (views)
+# of one buffer, so nothing is stored twice; they are stacked again on first use after anything
+# that moves them apart (.to(), load_state_dict(assign=True)). A CPU keeps one matmul per
+# projection (the results tests compare with transformers, bit for bit where promised).
+# DGPLUG_FUSED_PROJECTIONS=0: never; =1: on every device (the tests run it on CPU).
+FUSED_PROJECTIONS = os.environ.get("DGPLUG_FUSED_PROJECTIONS", "auto")
 
+
+def _adjacent(weights) -> bool:
+    """The 2-D weights are consecutive row blocks of one storage."""
+    w0 = weights[0]
+    at, step = w0.data_ptr(), w0.shape[1] * w0.element_size()
+    for w in weights:
+        if not (w.is_contiguous() and w.data_ptr() == at and w.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr()):
+            return False
+        at += w.shape[0] * step
+    return True
+
+
+def stacked(weights) -> torch.Tensor | None:
+    """[sum N_i, K]: the weights [N_i, K] as one tensor whose row blocks are the parameters
+    themselves (stacked once into one buffer if they are not); None where it does not apply (a CPU
+    unless forced, packed quantized weights, mixed dtypes or devices)."""
+    if FUSED_PROJECTIONS == "0" or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
+        return None
+    w0 = weights[0]
+    if FUSED_PROJECTIONS != "1" and w0.device.type != "cuda":
+        return None
+    if any(w.dtype != w0.dtype or w.device != w0.device or w.shape[1] != w0.shape[1] for w in weights):
+        return None
+    if not _adjacent(weights):
+        with torch.no_grad(), torch.inference_mode(False):  # a plain tensor even under inference_mode
+            buf = torch.cat([w.detach() for w in weights])
+            for w, rows in zip(weights, buf.split([w.shape[0] for w in weights])):
+                w.data = rows
+    return w0.detach().as_strided((sum(w.shape[0] for w in weights), w0.shape[1]), (w0.shape[1], 1))
+
+
+def projections(h, weights) -> list[torch.Tensor]:
+    """[linear(h, w) for w in weights]: one matmul split into views where `stacked` applies."""
+    both = stacked(weights)
+    if both is None:
+        return [linear(h, w) for w in weights]
+    return list(linear(h, both).split([w.shape[0] for w in weights], dim=-1))
+
+
+def gated_mlp(h, gate, up, down):
+    """down(gelu_tanh(gate(h)) * up(h)): the dense MLP and the self-conditioning MLP."""
+    g, u = projections(h, [gate, up])
+    return linear(ops.gelu_mul(g, u), down)
+
+
+class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
@@ -48,8 +100,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, h):
-        return linear(ops.gelu_mul(linear(h, self.gate_proj.weight), linear(h, self.up_proj.weight)),
-                      self.down_proj.weight)
+        return gated_mlp(h, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 class Attention(nn.Module):
@@ -71,9 +122,9 @@ class Attention(nn.Module):
         """q, k, v as [B, heads, L, head_dim]. Full layers: V is the raw K projection (K = V).
         slots: (keys, values) [B, kv_heads, L, head_dim] to write k and v into (a static cache)."""
         B, L, _ = h.shape
-        q = linear(h, self.q_proj.weight).view(B, L, -1, self.head_dim)
-        k = linear(h, self.k_proj.weight).view(B, L, -1, self.head_dim)
-        v = linear(h, self.v_proj.weight).view(B, L, -1, self.head_dim) if self.v_proj is not None else k
+        ws = [self.q_proj.weight, self.k_proj.weight] + ([self.v_proj.weight] if self.v_proj is not None else [])
+        qkv = [t.view(B, L, -1, self.head_dim) for t in projections(h, ws)]
+        q, k, v = qkv if len(qkv) == 3 else (*qkv, qkv[1])
         return ops.qkv_heads(q, k, v, self.q_norm.weight, self.k_norm.weight, self.eps, cos, sin, out=slots)
 
     def forward(self, h, cos, sin, pos, cache: "LayerCache", mode: str, mask=None):
@@ -291,9 +342,7 @@ class DiffusionGemma(nn.Module):
             s = sc_soft.to(e.dtype) * scale
         if s is not None:
             sc = self.self_conditioning
-            h = sc.pre_norm(s)
-            e = e + linear(ops.gelu_mul(linear(h, sc.gate_proj.weight), linear(h, sc.up_proj.weight)),
-                           sc.down_proj.weight)
+            e = e + gated_mlp(sc.pre_norm(s), sc.gate_proj.weight, sc.up_proj.weight, sc.down_proj.weight)
         return ops.rms_norm(e, None, self.tc.rms_norm_eps)
 
     def head(self, h):

@@ -141,11 +141,13 @@ if HAS_TRITON:
                  (y * tl.load(w2_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dt), mask=mask)
 
     @triton.jit
-    def _gelu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        """gelu_tanh(gate) * up over a flat range; the gelu rounded to the dtype first, as the twin's."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    def _gelu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+        """gelu_tanh(gate) * up for one block of one row (rows strided: gate and up may be the two
+        halves of one fused projection's output); the gelu rounded to the dtype first, as the twin's."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
         inner = 0.7978845608028654 * (g + 0.044715 * (g * g * g))
         # tanh as torch's (1 + tanh) sees it: near -1 the value 1 - 2 / (1 + e^2|z|) rounds as a
         # rounded tanh does (gelu's far negative tail is that cancellation); an odd series near 0
@@ -156,8 +158,8 @@ if HAS_TRITON:
         t = tl.where(inner < 0, -t, t)
         dt = out_ptr.dtype.element_ty
         gelu = (0.5 * g * (1.0 + t)).to(dt).to(tl.float32)
-        up = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (gelu * up).to(dt), mask=mask)
+        up = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + offs, (gelu * up).to(dt), mask=mask)
 
     @triton.jit
     def _layer_out_kernel(x_ptr, d_ptr, m_ptr, w1_ptr, w2_ptr, w_ptr, s_ptr, out_ptr, N,
@@ -277,13 +279,16 @@ def post_attention(attn, x, w, w1, w2, eps: float, *, impl: str | None = None):
 
 
 def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
-    """gelu_tanh(gate) * up (same shapes and dtype; else the twin)."""
+    """gelu_tanh(gate) * up (same shapes and dtype; else the twin). Rows may be strided (gate and up
+    as column halves of one [.., 2n] projection output: read in place)."""
     from dgplug import ops
 
     if _pick_impl(gate, impl) == "torch" or not _same(up, gate):
         return ops.gelu_mul_reference(gate, up)
-    g, u = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(g)
-    block = 1024
-    _gelu_mul_kernel[(triton.cdiv(g.numel(), block),)](g, u, out, g.numel(), BLOCK=block, num_warps=4)
+    g, u = _rows(gate), _rows(up)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    o = out.view(-1, gate.shape[-1])
+    n, block = g.shape[1], 1024
+    _gelu_mul_kernel[(g.shape[0], triton.cdiv(n, block))](g, u, o, n, g.stride(0), u.stride(0), o.stride(0),
+                                                          BLOCK=block, num_warps=4)
     return out

@@ -122,9 +122,14 @@ def test_post_attention_matches_twin(dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(3, 2112), (2, 5, 37)])  # the dense MLP's width; a ragged tail
-def test_gelu_mul_matches_twin(dtype, shape):
+@pytest.mark.parametrize("shape", [(3, 2112), (2, 5, 37), (2, 3, 1100)])  # the dense MLP's width; ragged tails
+@pytest.mark.parametrize("halves", [False, True], ids=["separate", "halves"])
+def test_gelu_mul_matches_twin(dtype, shape, halves):
     gate, up = rnd(*shape, seed=19, scale=3.0, dtype=dtype), rnd(*shape, seed=20, dtype=dtype)
+    if halves:  # gate and up as the column halves of one fused gate|up projection output (strided rows)
+        both = torch.cat([gate, up], dim=-1)
+        gate, up = both.split(shape[-1], dim=-1)
+        assert not gate.is_contiguous()
     got = N.gelu_mul(gate, up, impl="triton")
     want = ops.gelu_mul_reference(gate, up)
     assert got.shape == gate.shape and got.dtype == gate.dtype

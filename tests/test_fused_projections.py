@@ -1,0 +1,107 @@
+"""Fused projections (dgplug.model.stacked): q|k(|v) and gate|up as one matmul over one buffer whose
+row blocks are the parameters themselves. Forced on the CPU here (DGPLUG_FUSED_PROJECTIONS=1 is what
+a CUDA device gets by default); the unfused model is the reference."""
+
+import pytest
+import torch
+
+import dgplug
+from dgplug import model as dm
+from dgplug.testing import probe_logits
+
+
+def _groups(m):
+    """The weight groups that fuse: per decoder/encoder layer q|k(|v) and gate|up, and the
+    self-conditioning gate|up."""
+    out = []
+    for mod in m.modules():
+        if isinstance(mod, dm.Attention):
+            out.append([mod.q_proj.weight, mod.k_proj.weight] + ([mod.v_proj.weight] if mod.v_proj is not None else []))
+        if hasattr(mod, "gate_proj") and hasattr(mod, "up_proj"):
+            out.append([mod.gate_proj.weight, mod.up_proj.weight])
+    return out
+
+
+@pytest.fixture()
+def fused(monkeypatch):
+    monkeypatch.setattr(dm, "FUSED_PROJECTIONS", "1")
+
+
+def _run(m):
+    ids = torch.tensor([[5, 6, 7, 8, 9], [9, 10, 11, 12, 13]])
+    return m.generate(ids, max_new_tokens=32, max_denoising_steps=3, seed=11, rng="counter")
+
+
+def test_fused_outputs_match_unfused(tiny_ckpt, monkeypatch):
+    ref_model = dgplug.load(tiny_ckpt, dtype="fp32")
+    ref_logits = probe_logits(ref_model)
+    ref = _run(ref_model)
+    state = {k: v.clone() for k, v in ref_model.state_dict().items()}
+    assert not any(dm._adjacent(ws) for ws in _groups(ref_model))  # unfused on a CPU by default
+
+    monkeypatch.setattr(dm, "FUSED_PROJECTIONS", "1")
+    m = dgplug.load(tiny_ckpt, dtype="fp32")
+    got = _run(m)
+    groups = _groups(m)
+    assert len(groups) >= 2 * m.tc.num_hidden_layers + 1  # attention + MLP per layer, self-conditioning
+    for ws in groups:  # every group was stacked into one buffer, the parameters are its row blocks
+        assert dm._adjacent(ws), [tuple(w.shape) for w in ws]
+    for k, v in m.state_dict().items():  # nothing changed value or shape
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(got.sequences, ref.sequences)
+    assert torch.allclose(got.forwards.float(), ref.forwards.float())
+    torch.testing.assert_close(probe_logits(m), ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_projections_equal_separate_matmuls(fused):
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(n, 24)) for n in (32, 16, 16)]
+    h = torch.randn(2, 7, 24)
+    want = [h @ w.T for w in ws]
+    got = dm.projections(h, ws)
+    assert dm._adjacent(ws)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # a stacked group is not stacked again: the same storage serves the next call
+    ptr = ws[0].data_ptr()
+    dm.projections(h, ws)
+    assert ws[0].data_ptr() == ptr
+
+
+def test_restacks_after_dtype_move_and_load(tiny_ckpt, fused):
+    m = dgplug.load(tiny_ckpt, dtype="fp32")
+    _run(m)
+    m.to(torch.bfloat16)  # .to() gives every parameter its own storage again
+    attn = next(mod for mod in m.modules() if isinstance(mod, dm.Attention))
+    ws = [attn.q_proj.weight, attn.k_proj.weight]
+    assert not dm._adjacent(ws)
+    m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=16, max_denoising_steps=2, seed=0)
+    assert dm._adjacent(ws) and ws[0].dtype == torch.bfloat16
+    # a state dict loaded with assign=True replaces the parameters: stacked again on first use
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    m.load_state_dict(sd, assign=True)
+    ws = [attn.q_proj.weight, attn.k_proj.weight]
+    assert not dm._adjacent(ws)
+    m.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=16, max_denoising_steps=2, seed=0)
+    assert dm._adjacent(ws)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_not_applied_where_it_does_not_fit(monkeypatch):
+    ws = [torch.randn(8, 4), torch.randn(8, 4)]
+    monkeypatch.setattr(dm, "FUSED_PROJECTIONS", "auto")
+    assert dm.stacked(ws) is None  # a CPU by default: one matmul per projection
+    monkeypatch.setattr(dm, "FUSED_PROJECTIONS", "1")
+    assert dm.stacked([ws[0], ws[1].double()]) is None  # mixed dtypes
+    assert dm.stacked([ws[0], torch.randn(8, 5)]) is None  # different K
+    assert dm.stacked([ws[0], object()]) is None  # a packed weight (not a tensor)
+    monkeypatch.setattr(dm, "FUSED_PROJECTIONS", "0")
+    assert dm.stacked(ws) is None
+
+
+def test_stacked_under_inference_mode_stays_a_plain_tensor(fused):
+    ws = [torch.nn.Parameter(torch.randn(8, 4), requires_grad=False) for _ in range(2)]
+    with torch.inference_mode():
+        dm.projections(torch.randn(3, 4), ws)
+    assert dm._adjacent(ws) and not ws[0].is_inference()  # usable outside inference_mode afterwards
