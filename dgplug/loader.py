@@ -47,13 +47,21 @@ def for_gpu(name: str, t, dtype: torch.dtype):
     fastest (kernels.moe.for_gpu_kernels); the linears of a dgplug int4/int8/fp8 checkpoint
     dequantised once to `dtype` (per call, the dequantisation costs several times the matmul:
     cuBLAS on 16-bit weights instead, for ~2.3 GB more at the release's size; DGPLUG_PACKED_LINEARS=1
-    keeps them packed); GGUF blocks stay as they are (their Triton decoder serves linears)."""
+    keeps them packed); a GGUF's linears and its embedding table likewise, in the dtype they serve
+    (decoded per call, every step decodes every weight again: the tied table alone is 0.74 G values
+    for the head; dense it costs ~0.9 GB more than Q6_K blocks); GGUF experts keep their blocks (the
+    MoE kernels decode them tile by tile)."""
+    from dgplug.kernels.ggml import GGMLWeight
     from dgplug.kernels.moe import QuantizedWeight, for_gpu_kernels, linears_stay_packed
 
     if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
         return for_gpu_kernels(t, "gate_up" if name.endswith("gate_up_proj") else "down")
-    if isinstance(t, QuantizedWeight) and not linears_stay_packed():
+    if linears_stay_packed():
+        return t
+    if isinstance(t, QuantizedWeight):
         return t.dequantize(dtype)
+    if isinstance(t, GGMLWeight):
+        return t.dequantize()
     return t
 
 

@@ -47,6 +47,9 @@ rewritten so the encoder and the tied lm_head share the decoder's blocks):
   a time);
 * the token embeddings -> `GGMLEmbedding` (only the rows looked up are decoded; transformers' soft
   embedding `torch.matmul(probs, embed_tokens.weight)` runs on the packed table chunk by chunk);
+* on CUDA both keep their weight dequantised after the first use instead (one copy for a tied
+  group, as dgplug.load does there; `DGPLUG_PACKED_LINEARS=1` decodes per call): per call the
+  decode costs far more than the matmul;
 * the routed experts -> `GGMLExperts`, running dgplug's MoE (the Triton kernel decoding the blocks on
   CUDA, the torch twin dequantising one expert at a time otherwise).
 
@@ -132,6 +135,7 @@ def _module_classes():
     import torch.nn.functional as F
     from torch import nn
 
+    from dgplug.integrations import hf_quantizer as H
     from dgplug.kernels.ggml import GGMLWeight
 
     class GGMLModule(nn.Module):
@@ -144,17 +148,35 @@ def _module_classes():
                                        requires_grad=False)
 
         @property
-        def weight(self) -> GGMLWeight:
+        def packed(self) -> GGMLWeight:
             return GGMLWeight(self.qtype, self.blocks, self.logical_shape, self.serve_dtype)
+
+        weight = packed  # an expert stack: the MoE kernels read the blocks
 
         def extra_repr(self) -> str:
             return f"{self.qtype.name}, shape={list(self.logical_shape)}"
 
-    class GGMLLinear(GGMLModule):
-        def forward(self, x):
-            return F.linear(x, self.weight)
+    class GGMLDense(GGMLModule):
+        """A linear's weight or the embedding table: on CUDA (hf_quantizer._keep_dense) `weight` is
+        the table dequantised once (one copy for the tied encoder, decoder and lm_head), as
+        dgplug.load keeps it there: decoded per call, every step decodes every weight again;
+        elsewhere the packed GGMLWeight, decoded per call."""
 
-    class GGMLEmbedding(GGMLModule):
+        def served(self, dtype) -> "torch.Tensor | GGMLWeight":
+            w = self.packed
+            if not H._keep_dense(self.blocks):
+                return w  # F.linear decodes it in x's dtype
+            return H.kept_dense(self, self.blocks, dtype, w.dequantize)
+
+        @property
+        def weight(self):
+            return self.served(self.serve_dtype)
+
+    class GGMLLinear(GGMLDense):
+        def forward(self, x):
+            return F.linear(x, self.served(x.dtype))
+
+    class GGMLEmbedding(GGMLDense):
         def __init__(self, w: GGMLWeight, embed_scale: torch.Tensor):
             super().__init__(w)
             # a plain 0-dim CPU tensor, not a buffer: transformers re-creates non-persistent buffers
@@ -178,7 +200,7 @@ def _module_classes():
             return moe_forward(hidden_states, top_k_index, top_k_weights.float(), self.gate_up_proj.weight,
                                self.down_proj.weight)
 
-    return GGMLLinear, GGMLEmbedding, GGMLExperts
+    return GGMLModule, GGMLLinear, GGMLEmbedding, GGMLExperts
 
 
 _ENCODER = "model.encoder.language_model."
@@ -193,7 +215,7 @@ def pack_modules(model, tensors) -> dict:
 
     import torch
 
-    GGMLLinear, GGMLEmbedding, GGMLExperts = _module_classes()
+    GGMLModule, GGMLLinear, GGMLEmbedding, GGMLExperts = _module_classes()
     out, renamed = {}, {}
     modules = set(dict(model.named_modules()))
 
@@ -224,7 +246,7 @@ def pack_modules(model, tensors) -> dict:
                 if not isinstance(experts, GGMLExperts):
                     experts = GGMLExperts(experts)
                     swap(mod_path, experts)
-                setattr(experts, which, GGMLLinear(t))
+                setattr(experts, which, GGMLModule(t))
         else:
             for p in paths:
                 swap(p.rsplit(".", 1)[0], GGMLLinear(t))

@@ -85,22 +85,30 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _keep_dense(x):
             return F.linear(x, self.weight.dequantize(x.dtype))
-        q = self.weight.qweight
-        key = (q.device, q.data_ptr(), q._version, x.dtype)  # a reload or in-place copy_ makes a new one
-        dense = _DENSE.get(key)
-        if dense is None:
-            dense = _DENSE[key] = self.weight.dequantize(x.dtype)
-        self._dense = dense  # held by the module (both of a tied pair): the cache holds it weakly
-        return F.linear(x, dense)
+        return F.linear(x, kept_dense(self, self.weight.qweight, x.dtype, self.weight.dequantize))
 
 
 _DENSE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def _keep_dense(x: torch.Tensor) -> bool:
+    """Whether a packed linear on x's device keeps its dequantised weight (CUDA, unless
+    DGPLUG_PACKED_LINEARS=1): per call, the dequantisation costs several times the matmul."""
     from dgplug.kernels.moe import linears_stay_packed
 
     return x.is_cuda and not linears_stay_packed()
+
+
+def kept_dense(owner: nn.Module, packed: torch.Tensor, dtype: torch.dtype, dequantize) -> torch.Tensor:
+    """dequantize(dtype), made once per (packed tensor, version, dtype) and held by `owner`: the
+    cache holds it weakly, so modules tied to the same packed tensor share one copy, and a reload or
+    an in-place copy_ into the packed tensor makes a new one. (Also the GGUF modules' weights.)"""
+    key = (packed.device, packed.data_ptr(), packed._version, dtype)
+    dense = _DENSE.get(key)
+    if dense is None:
+        dense = _DENSE[key] = dequantize(dtype)
+    owner._dense = dense
+    return dense
 
 
 class PackedExperts(nn.Module):

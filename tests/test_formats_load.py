@@ -111,3 +111,34 @@ def test_packed_tensors_in_their_gpu_form(src, reference, tmp_path, monkeypatch)
     monkeypatch.setenv("DGPLUG_PACKED_LINEARS", "1")
     kept = dgplug.load(out).layers[0]
     assert kept.experts.gate_up_proj.order == "pairs" and isinstance(kept.self_attn.q_proj.weight, QuantizedWeight)
+
+
+def test_gguf_in_its_gpu_form(src, reference, tmp_path, monkeypatch):
+    """What dgplug.load does to a GGUF's packed tensors on CUDA (forced here on the CPU): linears and
+    the tied table dequantised once, in the dtype they serve; experts keep their ggml blocks; the
+    same logits as packed (same decode, a matmul instead of chunked ones); DGPLUG_PACKED_LINEARS=1
+    keeps the file's forms."""
+    from dgplug import loader
+    from dgplug.kernels.ggml import GGMLWeight
+
+    out = tmp_path / "m-Q4_K_M.gguf"
+    export_gguf(src, out, quant="Q4_K_M", progress=False)
+    packed = dgplug.load(out)
+    monkeypatch.setattr(loader, "_gpu_form_wanted", lambda t: True)
+    gpu_form = dgplug.load(out)
+    layer, kept_layer = gpu_form.layers[0], packed.layers[0]
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        w, p = layer.get_submodule(name).weight, kept_layer.get_submodule(name).weight
+        assert isinstance(p, GGMLWeight) and isinstance(w, torch.Tensor) and w.dtype == torch.float32
+        assert torch.equal(w, p.dequantize())
+    assert isinstance(gpu_form.self_conditioning.gate_proj.weight, torch.Tensor)
+    table = gpu_form.embed_tokens.weight
+    assert isinstance(table, torch.Tensor) and torch.equal(table, packed.embed_tokens.weight.dequantize())
+    assert isinstance(layer.experts.gate_up_proj, GGMLWeight) and isinstance(layer.experts.down_proj, GGMLWeight)
+    ids, canvas, _ = reference
+    a = packed(input_ids=ids, decoder_input_ids=canvas).logits
+    b = gpu_form(input_ids=ids, decoder_input_ids=canvas).logits
+    assert (a - b).abs().max().item() <= 1e-4 * max(1.0, a.abs().max().item())
+    monkeypatch.setenv("DGPLUG_PACKED_LINEARS", "1")
+    kept = dgplug.load(out)
+    assert isinstance(kept.layers[0].self_attn.q_proj.weight, GGMLWeight) and isinstance(kept.embed_tokens.weight, GGMLWeight)

@@ -182,3 +182,34 @@ def test_other_architectures_go_to_transformers(tmp_path):
     w.close()
     cfg = mg.load_gguf_checkpoint(str(path))["config"]
     assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 8
+
+
+def test_dense_weights_kept_on_cuda(files, monkeypatch):
+    """On CUDA (forced here) the GGUF linears and the tied table keep their dequantised weight after
+    the first use: one copy for the encoder, decoder and lm_head; experts keep their blocks; the
+    logits and tokens as decoded per call."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dgplug.integrations import hf_quantizer as H
+    from dgplug.kernels.ggml import GGMLWeight
+
+    path = files[1] / "model-Q4_K_M.gguf"
+    m = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[1]), gguf_file=path.name)
+    ids, _ = _inputs()
+    per_call = _logits(m)
+    torch.manual_seed(3)  # transformers' sampler draws from the global generator
+    seq = m.generate(input_ids=ids[:1], max_new_tokens=16, max_denoising_steps=2)
+    monkeypatch.setattr(H, "_keep_dense", lambda x: True)
+    kept = _logits(m)
+    torch.testing.assert_close(kept, per_call, rtol=1e-5, atol=1e-5)
+    dec, enc = m.model.decoder, m.model.encoder.language_model
+    table = dec.embed_tokens.weight
+    assert isinstance(table, torch.Tensor) and table is enc.embed_tokens.weight
+    assert m.lm_head._dense is table and torch.equal(table, dec.embed_tokens.packed.dequantize())
+    q = dec.layers[1].self_attn.q_proj
+    assert q._dense is enc.layers[1].self_attn.q_proj._dense
+    assert torch.equal(q._dense, q.packed.dequantize(torch.float32))
+    assert isinstance(dec.layers[0].experts.gate_up_proj.weight, GGMLWeight)
+    torch.manual_seed(3)
+    again = m.generate(input_ids=ids[:1], max_new_tokens=16, max_denoising_steps=2)
+    assert torch.equal(getattr(again, "sequences", again), getattr(seq, "sequences", seq))
