@@ -580,7 +580,8 @@ def gguf_packed(dev, small):
               f"TB/s={nbytes / t_q / 1e9:.3f} err_vs_twin={err(got, ref):.2e}", flush=True)
         if impl == "triton" and T == 256:  # the default (K 64 x N 32, 3 stages) vs the int4 tiles and the 32 x 32 of before
             for name, cfg in (("BK128_BN64_s4", dict(BLOCK_K1=128, BLOCK_N1=64, BLOCK_K2=64, BLOCK_N2=64, num_stages=4)),
-                              ("BK32_BN32_s2 (default before)", dict(BLOCK_K1=32, BLOCK_K2=32, num_stages=2))):
+                              ("BK32_BN32_s2 (default before)", dict(BLOCK_K1=32, BLOCK_K2=32, num_stages=2)),
+                              ("element_by_element (GGML_RUNS=0)", dict(GGML_RUNS=0))):
                 t_c = timed(lambda: km.moe_forward_triton(x, idx, w, gu, dn, config=cfg), reps=20, warm=3)
                 print(f"RESULT quant=Q4_K_M part=moe_tiles T={T} tiles={name} ms={t_c:.3f} default_ms={t_q:.3f}",
                       flush=True)

@@ -39,7 +39,9 @@ Block formats (ggml; QK elements per block, little-endian fp16 scales; j = eleme
                   8 + t % 4 >> 2 (t // 4)), d; w = (d * (sc - 32)) * (q - 4 * (1 - 3rd bit))
 The torch dequantisers below follow gguf-py's `gguf.quants.dequantize` operation by operation,
 so they agree with it bit for bit in fp32 (tests/test_ggml.py); `tile` is the same decoding for
-one [BLOCK_K, BLOCK_N] tile inside the Triton MoE kernels.
+one [BLOCK_K, BLOCK_N] tile inside the Triton MoE kernels, element by element, and `tile_at` the
+same again a run of 32 elements at a time for the formats built of such runs (each row's bytes of a
+run loaded once along the row, its scales once a row): the row decoder and the MoE use it.
 """
 
 from __future__ import annotations
@@ -526,6 +528,108 @@ if HAS_TRITON:
             w = _tile_q6_k(row, k, mask)
         return tl.where(mask, w, 0.0)
 
+    # -- the same decoding a run of 32 elements at a time: each row's bytes of the run loaded
+    # once (a vector load along the row) and its scales once, instead of per element; every value
+    # comes out of the same operations as in `tile`, so with the same bits --------------------
+    @triton.jit
+    def _halves(a, b):
+        """[2n, BN]: the rows of a, then those of b (two [n, BN] tiles of consecutive K runs)."""
+        return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * a.shape[0], a.shape[1]))
+
+    @triton.jit
+    def _run_32(row, k0, mask, NB: tl.constexpr, QS: tl.constexpr, QH: tl.constexpr, MIN: tl.constexpr,
+                OFFSET: tl.constexpr):
+        """Q4_0 / Q4_1 / Q5_0 / Q5_1: block k0 / 32 of each row (row: [BN] byte pointers)."""
+        blk = row + (k0 // 32) * NB
+        qs = tl.load(blk[None, :] + QS + tl.arange(0, 16)[:, None], mask=mask[None, :], other=0).to(tl.int32)
+        q = _halves(qs & 15, qs >> 4)
+        if QH != 0:
+            h = _byte(blk + QH, mask) | (_byte(blk + QH + 1, mask) << 8) | (_byte(blk + QH + 2, mask) << 16) | \
+                (_byte(blk + QH + 3, mask) << 24)
+            q = q | (((h[None, :] >> tl.arange(0, 32)[:, None]) & 1) << 4)
+        if MIN:
+            return _half(blk, mask)[None, :] * q.to(tl.float32) + _half(blk + 2, mask)[None, :]
+        else:
+            return _half(blk, mask)[None, :] * (q - OFFSET).to(tl.float32)
+
+    @triton.jit
+    def _run_k45(row, k0, mask, NB: tl.constexpr, QS: tl.constexpr, FIVE: tl.constexpr):
+        """Q4_K / Q5_K: sub-block s of super-block k0 / 256 (one scale and min a row)."""
+        blk = row + (k0 // 256) * NB
+        s = (k0 % 256) // 32
+        t = tl.arange(0, 32)[:, None]
+        q = (tl.load(blk[None, :] + QS + (s // 2) * 32 + t, mask=mask[None, :], other=0).to(tl.int32)
+             >> (4 * (s % 2))) & 15
+        if FIVE:
+            q = q | (((tl.load(blk[None, :] + 16 + t, mask=mask[None, :], other=0).to(tl.int32) >> s) & 1) << 4)
+        low = s < 4
+        a = _byte(blk + 4 + s, mask)
+        b = _byte(blk + 8 + s, mask)
+        c = _byte(blk + 4 + tl.where(low, s, s - 4), mask)
+        sc = tl.where(low, a & 63, (b & 15) | ((c >> 6) << 4))
+        mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
+        return (_half(blk, mask) * sc.to(tl.float32))[None, :] * q.to(tl.float32) \
+            - (_half(blk + 2, mask) * mn.to(tl.float32))[None, :]
+
+    @triton.jit
+    def _run_q6_k(row, k0, mask):
+        """Q6_K: elements j0 .. j0+31 of super-block k0 / 256 (two 16-element scales a row)."""
+        blk = row + (k0 // 256) * 210
+        j0 = k0 % 256
+        h = j0 // 128
+        i0 = j0 % 128
+        t = tl.arange(0, 32)[:, None]
+        ql = (tl.load(blk[None, :] + h * 64 + i0 % 64 + t, mask=mask[None, :], other=0).to(tl.int32)
+              >> (4 * (i0 // 64))) & 15
+        qh = (tl.load(blk[None, :] + 128 + h * 32 + t, mask=mask[None, :], other=0).to(tl.int32)
+              >> (2 * (i0 // 32))) & 3
+        d = _half(blk + 208, mask)
+        s_a = tl.load(blk + 192 + j0 // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        s_b = tl.load(blk + 193 + j0 // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        sc = tl.where(t < 16, (d * s_a)[None, :], (d * s_b)[None, :])
+        return sc * ((ql | (qh << 4)) - 32).to(tl.float32)
+
+    @triton.jit
+    def _run(row, k0, mask, QT: tl.constexpr):
+        """fp32 [32, BN]: elements k0 .. k0+31 (k0 a multiple of 32) of each row; zero where masked."""
+        if QT == 8:  # Q8_0
+            blk = row + (k0 // 32) * 34
+            q = tl.load(blk[None, :] + 2 + tl.arange(0, 32)[:, None], mask=mask[None, :], other=0)
+            w = q.to(tl.int8, bitcast=True).to(tl.float32) * _half(blk, mask)[None, :]
+        elif QT == 2:  # Q4_0
+            w = _run_32(row, k0, mask, 18, 2, 0, False, 8)
+        elif QT == 3:  # Q4_1
+            w = _run_32(row, k0, mask, 20, 4, 0, True, 0)
+        elif QT == 6:  # Q5_0
+            w = _run_32(row, k0, mask, 22, 6, 2, False, 16)
+        elif QT == 7:  # Q5_1
+            w = _run_32(row, k0, mask, 24, 8, 4, True, 0)
+        elif QT == 12:  # Q4_K
+            w = _run_k45(row, k0, mask, 144, 16, False)
+        elif QT == 13:  # Q5_K
+            w = _run_k45(row, k0, mask, 176, 48, True)
+        else:  # Q6_K
+            w = _run_q6_k(row, k0, mask)
+        return tl.where(mask[None, :], w, 0.0)
+
+    @triton.jit
+    def tile_at(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, QT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`tile` for K positions k0 .. k0 + BLOCK_K (k0 a multiple of BLOCK_K): BLOCK_K 32, 64 or 128
+        of the types whose blocks hold runs of 32 (Q8_0, Q4_0 .. Q5_1, Q4_K, Q5_K, Q6_K) decoded by
+        runs; anything else element by element."""
+        if (QT == 8 or QT == 2 or QT == 3 or QT == 6 or QT == 7 or QT == 12 or QT == 13 or QT == 14) and \
+                (BLOCK_K == 32 or BLOCK_K == 64 or BLOCK_K == 128):
+            row = w_ptr + e.to(tl.int64) * stride_we + rows.to(tl.int64) * stride_wn
+            w = _run(row, k0, nmask & (k0 < K), QT)
+            if BLOCK_K >= 64:
+                w = _halves(w, _run(row, k0 + 32, nmask & (k0 + 32 < K), QT))
+            if BLOCK_K == 128:
+                w = _halves(w, _halves(_run(row, k0 + 64, nmask & (k0 + 64 < K), QT),
+                                       _run(row, k0 + 96, nmask & (k0 + 96 < K), QT)))
+            return w
+        else:
+            return tile(w_ptr, e, rows, nmask, k0 + tl.arange(0, BLOCK_K), K, stride_we, stride_wn, QT)
+
     @triton.jit
     def _decode_rows_kernel(w_ptr, out_ptr, N, K, row_bytes, QT: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, ROUND_BF16: tl.constexpr):
@@ -535,7 +639,8 @@ if HAS_TRITON:
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         nmask = offs_n < N
-        w = tile(w_ptr, tl.program_id(0) * 0, offs_n, nmask, offs_k, K, 0, row_bytes, QT)  # [BK, BN]
+        w = tile_at(w_ptr, tl.program_id(0) * 0, offs_n, nmask, tl.program_id(1) * BLOCK_K, K, 0, row_bytes, QT,
+                    BLOCK_K)  # [BK, BN]
         if ROUND_BF16:
             bits = w.to(tl.uint32, bitcast=True)
             w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
@@ -547,7 +652,7 @@ def _decode_rows(flat: torch.Tensor, out: torch.Tensor, qtype: T):
     """The Triton decode of uint8 rows [N, row bytes] into out [N, K] (any float dtype)."""
     n, k = out.shape
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    bn, bk = (16, 256) if interp else (8, 256)
+    bn, bk = (16, 128) if interp else (8, 128)  # K tiles of 128: decoded by runs of 32 where tile_at can
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     _decode_rows_kernel[grid](flat, out, n, k, flat.shape[1], QT=int(qtype), BLOCK_N=bn, BLOCK_K=bk,
                               ROUND_BF16=out.dtype == torch.bfloat16, num_warps=4)

@@ -55,7 +55,8 @@ Quantized layouts (logical weight [..., N, K], "K" the input dimension, "..." th
         time, the Triton kernels decode each [BLOCK_K, BLOCK_N] weight tile from the blocks
         (kernels.ggml.tile: per element, its block's fp16 scale(s), 4/6-bit sub-block scale/min or
         int8 scale, and quant bits; IQ4: the non-linear level of its 4-bit index),
-        with no scratch copy of the experts.
+        with no scratch copy of the experts; Q4_0 .. Q5_1, Q4_K and Q5_K a run of 32 at a time
+        (kernels.ggml.tile_at: the run's bytes in one load along the row, its scales once a row).
 
 Triton path (one step of the denoiser: M = 256 x batch tokens, ~16 (token, slot) pairs per expert
 at batch 1 with top-8 of 128):
@@ -116,7 +117,7 @@ try:  # triton is optional: the torch twin is the CPU path
     import triton
     import triton.language as tl
 
-    from .ggml import tile as ggml_tile
+    from .ggml import tile as ggml_tile, tile_at as ggml_tile_at
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
@@ -498,10 +499,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _load_w(w_ptr, e, rows, nmask, offs_k, K, stride_we, stride_wn, stride_wk,
-                WQ: tl.constexpr, CDT: tl.constexpr, A8: tl.constexpr = False):
+                WQ: tl.constexpr, CDT: tl.constexpr, A8: tl.constexpr = False,
+                k0=0, BLOCK_K: tl.constexpr = 0, GGML_RUNS: tl.constexpr = False):
         """[BK, BN] tile of weight[e, rows, offs_k]^T (plain, int8/fp8 without the scale, or ggml
-        blocks decoded whole: WQ = 100 + the ggml type; A8: fp8 as it is, for an fp8 x fp8 dot)."""
-        if WQ >= 100:
+        blocks decoded whole: WQ = 100 + the ggml type; A8: fp8 as it is, for an fp8 x fp8 dot).
+        GGML_RUNS (offs_k = k0 + arange(BLOCK_K)): ggml blocks decoded by runs of 32 (ggml.tile_at),
+        except Q8_0 and Q6_K: their blocks (34 and 210 bytes) leave rows unaligned, so the run loads
+        stay byte loads, and the sm_90 build counted more instructions in the K loop by runs (gate_up
+        Q6_K 1445 against 1195 element by element, down Q8_0 375 against 332; Q4_K gate_up 628
+        against 860, Q5_0 down 511 against 706: benchmarks/results/sm90_build_ggml_runs_triton371.txt)."""
+        if WQ >= 100 and GGML_RUNS and WQ != 108 and WQ != 114:
+            w = ggml_tile_at(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, WQ - 100, BLOCK_K)
+        elif WQ >= 100:
             w = ggml_tile(w_ptr, e, rows, nmask, offs_k, K, stride_we, stride_wn, WQ - 100)
         else:
             p = (w_ptr + e.to(tl.int64) * stride_we + rows[None, :].to(tl.int64) * stride_wn
@@ -618,7 +627,7 @@ if HAS_TRITON:
         GROUP: tl.constexpr, WQ: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
         INT4_TILE_GROUP: tl.constexpr, MAGIC: tl.constexpr,
         BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-        sx_ptr=None, hs_ptr=None, stride_hs=0, A8: tl.constexpr = False,
+        sx_ptr=None, hs_ptr=None, stride_hs=0, A8: tl.constexpr = False, GGML_RUNS: tl.constexpr = False,
     ):
         """h[row] = gelu_tanh(gate[e] @ x[tok]) * (up[e] @ x[tok]) for one block x BLOCK_N cols.
         A8 (fp8 weights): x is fp8 with per-token scales sx; h is written in fp8 with one scale per
@@ -675,9 +684,9 @@ if HAS_TRITON:
                     offs_k = k0 + tl.arange(0, BLOCK_K)
                     a = _load_rows(x_ptr, tok, valid, stride_xt, stride_xd, offs_k, D, CDT)
                     wg = _load_w(w_ptr, e, rows_g, nmask, offs_k, D, stride_we, stride_wn, stride_wk,
-                                 WQ, CDT, A8)
+                                 WQ, CDT, A8, k0, BLOCK_K, GGML_RUNS)
                     wu = _load_w(w_ptr, e, rows_u, nmask, offs_k, D, stride_we, stride_wn, stride_wk,
-                                 WQ, CDT, A8)
+                                 WQ, CDT, A8, k0, BLOCK_K, GGML_RUNS)
                     acc_g = _dot(a, wg, acc_g, IEEE)
                     acc_u = _dot(a, wu, acc_u, IEEE)
         if WQ == 2 or WQ == 3:  # int8 / fp8: per-output-channel scale on the accumulator
@@ -710,7 +719,7 @@ if HAS_TRITON:
         GROUP: tl.constexpr, WQ: tl.constexpr, CDT: tl.constexpr, IEEE: tl.constexpr,
         INT4_TILE_GROUP: tl.constexpr, MAGIC: tl.constexpr,
         BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-        hs_ptr=None, stride_hs=0, A8: tl.constexpr = False,
+        hs_ptr=None, stride_hs=0, A8: tl.constexpr = False, GGML_RUNS: tl.constexpr = False,
     ):
         """out[pair] = w[pair] * down[e] @ h[row] (fp32), one row per (token, slot) pair. A8: h in
         fp8 with a scale per row and K tile (hs_ptr), each tile's dot scaled before it is added."""
@@ -750,7 +759,7 @@ if HAS_TRITON:
                     offs_k = k0 + tl.arange(0, BLOCK_K)
                     a = _load_rows(h_ptr, offs_m, all_rows, stride_hm, 1, offs_k, I, CDT)
                     w = _load_w(w_ptr, e, offs_n, nmask, offs_k, I, stride_we, stride_wn, stride_wk,
-                                WQ, CDT, A8)
+                                WQ, CDT, A8, k0, BLOCK_K, GGML_RUNS)
                     if A8:
                         hsc = tl.load(hs_ptr + offs_m.to(tl.int64) * stride_hs + k0 // BLOCK_K)
                         acc += _dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), IEEE) * hsc[:, None]
@@ -1269,6 +1278,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     ieee = cdt == torch.float32
     TK = T * K
     dev = x.device
+    runs = bool(cfg.get("GGML_RUNS", True))  # ggml blocks decoded by runs of 32 (0: element by element)
 
     # magic-number nibble conversion (folded-scale int4 path only, 16-bit compute)
     magic = {torch.bfloat16: 1, torch.float16: 2}.get(cdt, 0) if cfg.get("MAGIC", True) else 0
@@ -1314,7 +1324,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             GROUP=g1, WQ=wq1, CDT=_tl_dtype(cdt), IEEE=ieee,
             INT4_TILE_GROUP=fold1,
             MAGIC=magic, BIAS=bias, EVEN_K=even1,
-            sx_ptr=sx if a8 else x, hs_ptr=hs8, stride_hs=hs8.stride(0), A8=a8,
+            sx_ptr=sx if a8 else x, hs_ptr=hs8, stride_hs=hs8.stride(0), A8=a8, GGML_RUNS=runs,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     grid2 = (num_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))
@@ -1338,7 +1348,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             GROUP=g2, WQ=wq2, CDT=_tl_dtype(cdt), IEEE=ieee,
             INT4_TILE_GROUP=fold2,
             MAGIC=magic, BIAS=bias, EVEN_K=even2,
-            hs_ptr=hs8, stride_hs=hs8.stride(0), A8=a8,
+            hs_ptr=hs8, stride_hs=hs8.stride(0), A8=a8, GGML_RUNS=runs,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return sum_slots(pairs, topk_index, E, x.dtype)

@@ -69,6 +69,10 @@ def test_triton_row_decoder_matches_torch(qtype):
     assert got.shape == (21, 768) and _same_bits(got, ref.numpy())
     bf = dequantize_blocks(raw.reshape(3, 7, -1), qtype, torch.bfloat16, impl="triton")
     assert bf.shape == (3, 7, 768) and torch.equal(bf.reshape(21, 768), ref.to(torch.bfloat16))
+    if GGML_QUANT_SIZES[qtype][0] == 32:  # K = 3 and 5 blocks: the decoder's K tile of 128 runs past the row
+        for k in (96, 160):
+            raw = torch.from_numpy(_random_blocks(qtype, 5, k, seed=k))
+            assert _same_bits(dequantize_blocks(raw, qtype, impl="triton"), dequantize_blocks(raw, qtype).numpy())
 
 
 def test_row_decoder_choice_and_errors():
@@ -147,8 +151,32 @@ def test_triton_moe_reads_the_blocks(gate_type, down_type):
     few = moe._default_config(Tn, K, E, D, I, interp=False, ggml=True)  # the GPU's tiles: K 64 x N 32
     many = moe._default_config(4096, K, E, D, I, interp=False, ggml=True)  # many rows per expert: 32 x 32
     assert (few["BLOCK_K1"], few["BLOCK_N1"], many["BLOCK_K1"], many["BLOCK_N1"]) == (64, 32, 32, 32)
-    for gpu in (few, many):
+    for gpu in (few, many, dict(few, GGML_RUNS=0), dict(few, BLOCK_K1=128, BLOCK_K2=128)):
         got = moe.moe_forward_triton(x, idx, w, gate_up, down, config=gpu)
+        assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("down_type", [T.Q8_0, T.Q5_0, T.Q4_1], ids=lambda t: t.name)
+def test_triton_moe_down_with_a_short_last_tile(down_type):
+    """I = 96 (3 blocks of 32): the down step's last K tile of 64 holds one run, the other masked."""
+    from dgplug.kernels import moe
+
+    import os
+
+    if not moe.HAS_TRITON or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (the Triton kernels run in the interpreter on CPU)")
+    E, D, I, Tn, K = 2, 256, 96, 5, 2
+    gate_up = GGMLWeight(T.Q4_K, torch.from_numpy(_random_blocks(T.Q4_K, E * 2 * I, D, 7)).reshape(E, 2 * I, -1),
+                         (E, 2 * I, D))
+    down = GGMLWeight(down_type, torch.from_numpy(_random_blocks(down_type, E * D, I, 8)).reshape(E, D, -1), (E, D, I))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(Tn, D, generator=g) * 0.1
+    idx = torch.randint(0, E, (Tn, K), generator=g)
+    w = torch.rand(Tn, K, generator=g)
+    ref = moe.moe_forward_torch(x, idx, w, gate_up, down)
+    few = moe._default_config(Tn, K, E, D, I, interp=False, ggml=True)
+    for cfg in (few, dict(few, GGML_RUNS=0)):
+        got = moe.moe_forward_triton(x, idx, w, gate_up, down, config=cfg)
         assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
