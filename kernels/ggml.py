@@ -416,6 +416,32 @@ if HAS_TRITON:
             return _half(blk, mask) * (q - OFFSET).to(tl.float32)
 
     @triton.jit
+    def _blocks_32(DECODE: tl.constexpr, row, k, mask, QT: tl.constexpr):
+        """Q4_0 / Q4_1 / Q5_0 / Q5_1 through DECODE (_tile_32 element by element, _run_32 a run at a
+        time): block bytes, nibbles at, 5th bits at (0: none), min, offset."""
+        if QT == 2:  # Q4_0
+            w = DECODE(row, k, mask, 18, 2, 0, False, 8)
+        elif QT == 3:  # Q4_1
+            w = DECODE(row, k, mask, 20, 4, 0, True, 0)
+        elif QT == 6:  # Q5_0
+            w = DECODE(row, k, mask, 22, 6, 2, False, 16)
+        else:  # Q5_1
+            w = DECODE(row, k, mask, 24, 8, 4, True, 0)
+        return w
+
+    @triton.jit
+    def _k4_scale_min(blk, s, mask):
+        """(d * scale, dmin * min) of sub-block s of the Q4_K / Q5_K super-block at blk (6-bit
+        scale and min from the 12 bytes at 4, as ggml's get_scale_min_k4)."""
+        low = s < 4
+        a = _byte(blk + 4 + s, mask)
+        b = _byte(blk + 8 + s, mask)
+        c = _byte(blk + 4 + tl.where(low, s, s - 4), mask)
+        sc = tl.where(low, a & 63, (b & 15) | ((c >> 6) << 4))
+        mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
+        return _half(blk, mask) * sc.to(tl.float32), _half(blk + 2, mask) * mn.to(tl.float32)
+
+    @triton.jit
     def _tile_k45(row, k, mask, NB: tl.constexpr, QS: tl.constexpr, FIVE: tl.constexpr):
         """Q4_K (NB 144, nibbles at 16) / Q5_K (NB 176, 5th bits at 16, nibbles at 48)."""
         blk = row + (k // 256) * NB
@@ -424,13 +450,8 @@ if HAS_TRITON:
         q = (_byte(blk + QS + (j // 64) * 32 + j % 32, mask) >> (4 * (s % 2))) & 15
         if FIVE:
             q = q | (((_byte(blk + 16 + j % 32, mask) >> s) & 1) << 4)
-        low = s < 4
-        a = _byte(blk + 4 + s, mask)
-        b = _byte(blk + 8 + s, mask)
-        c = _byte(blk + 4 + tl.where(low, s, s - 4), mask)
-        sc = tl.where(low, a & 63, (b & 15) | ((c >> 6) << 4))
-        mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
-        return (_half(blk, mask) * sc.to(tl.float32)) * q.to(tl.float32) - _half(blk + 2, mask) * mn.to(tl.float32)
+        scale, low = _k4_scale_min(blk, s, mask)
+        return scale * q.to(tl.float32) - low
 
     @triton.jit
     def _tile_q6_k(row, k, mask):
@@ -504,14 +525,8 @@ if HAS_TRITON:
             blk = row + (k // 32) * 34
             q = tl.load(blk + 2 + k % 32, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
             w = q * _half(blk, mask)
-        elif QT == 2:  # Q4_0
-            w = _tile_32(row, k, mask, 18, 2, 0, False, 8)
-        elif QT == 3:  # Q4_1
-            w = _tile_32(row, k, mask, 20, 4, 0, True, 0)
-        elif QT == 6:  # Q5_0
-            w = _tile_32(row, k, mask, 22, 6, 2, False, 16)
-        elif QT == 7:  # Q5_1
-            w = _tile_32(row, k, mask, 24, 8, 4, True, 0)
+        elif QT == 2 or QT == 3 or QT == 6 or QT == 7:
+            w = _blocks_32(_tile_32, row, k, mask, QT)
         elif QT == 10:  # Q2_K
             w = _tile_q2_k(row, k, mask)
         elif QT == 11:  # Q3_K
@@ -562,14 +577,8 @@ if HAS_TRITON:
              >> (4 * (s % 2))) & 15
         if FIVE:
             q = q | (((tl.load(blk[None, :] + 16 + t, mask=mask[None, :], other=0).to(tl.int32) >> s) & 1) << 4)
-        low = s < 4
-        a = _byte(blk + 4 + s, mask)
-        b = _byte(blk + 8 + s, mask)
-        c = _byte(blk + 4 + tl.where(low, s, s - 4), mask)
-        sc = tl.where(low, a & 63, (b & 15) | ((c >> 6) << 4))
-        mn = tl.where(low, b & 63, (b >> 4) | ((a >> 6) << 4))
-        return (_half(blk, mask) * sc.to(tl.float32))[None, :] * q.to(tl.float32) \
-            - (_half(blk + 2, mask) * mn.to(tl.float32))[None, :]
+        scale, low = _k4_scale_min(blk, s, mask)
+        return scale[None, :] * q.to(tl.float32) - low[None, :]
 
     @triton.jit
     def _run_q6_k(row, k0, mask):
@@ -596,14 +605,8 @@ if HAS_TRITON:
             blk = row + (k0 // 32) * 34
             q = tl.load(blk[None, :] + 2 + tl.arange(0, 32)[:, None], mask=mask[None, :], other=0)
             w = q.to(tl.int8, bitcast=True).to(tl.float32) * _half(blk, mask)[None, :]
-        elif QT == 2:  # Q4_0
-            w = _run_32(row, k0, mask, 18, 2, 0, False, 8)
-        elif QT == 3:  # Q4_1
-            w = _run_32(row, k0, mask, 20, 4, 0, True, 0)
-        elif QT == 6:  # Q5_0
-            w = _run_32(row, k0, mask, 22, 6, 2, False, 16)
-        elif QT == 7:  # Q5_1
-            w = _run_32(row, k0, mask, 24, 8, 4, True, 0)
+        elif QT == 2 or QT == 3 or QT == 6 or QT == 7:
+            w = _blocks_32(_run_32, row, k0, mask, QT)
         elif QT == 12:  # Q4_K
             w = _run_k45(row, k0, mask, 144, 16, False)
         elif QT == 13:  # Q5_K

@@ -506,7 +506,7 @@ if HAS_TRITON:
         GGML_RUNS (offs_k = k0 + arange(BLOCK_K)): ggml blocks decoded by runs of 32 (ggml.tile_at),
         except Q8_0 and Q6_K: their blocks (34 and 210 bytes) leave rows unaligned, so the run loads
         stay byte loads, and the sm_90 build counted more instructions in the K loop by runs (gate_up
-        Q6_K 1445 against 1195 element by element, down Q8_0 375 against 332; Q4_K gate_up 628
+        Q6_K 1445 against 1195 element by element, down Q8_0 375 against 332; Q4_K gate_up 629
         against 860, Q5_0 down 511 against 706: benchmarks/results/sm90_build_ggml_runs_triton371.txt)."""
         if WQ >= 100 and GGML_RUNS and WQ != 108 and WQ != 114:
             w = ggml_tile_at(w_ptr, e, rows, nmask, k0, K, stride_we, stride_wn, WQ - 100, BLOCK_K)
