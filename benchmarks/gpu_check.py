@@ -542,26 +542,36 @@ def attention_timing(dev, small, context=512):
                       f"floor_ms={floor:.4f} floor_pct={100 * floor / ms:.0f}", flush=True)
 
 
+def random_blocks(qtype, shape, dev, seed=0):
+    """A GGMLWeight of `shape` made of random ggml blocks on `dev`, its fp16 scale fields small and
+    finite (times do not depend on the values), served in bf16."""
+    from gguf import GGML_QUANT_SIZES
+
+    from dgplug.kernels import ggml
+
+    qk, nb = GGML_QUANT_SIZES[qtype]
+    n = int(torch.tensor(shape[:-1]).prod()) * (shape[-1] // qk)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    raw = torch.randint(0, 256, (n, nb), dtype=torch.uint8, generator=g, device=dev)
+    for at in ggml._F16_FIELDS[qtype]:
+        raw[:, at:at + 2] = (torch.randn(n, 1, generator=g, device=dev) * 2e-3).half().view(torch.uint8)
+    return ggml.GGMLWeight(qtype, raw.reshape(*shape[:-1], -1), shape, torch.bfloat16)
+
+
 def gguf_packed(dev, small):
     """A Q4_K_M GGUF kept packed (kernels.ggml): one layer's experts (gate_up Q4_K, down Q5_0: 704 is
     not a multiple of 256, llama.cpp's fallback), a Q4_K attention projection and the Q6_K tied table
     through the head + sampler, against the same weights dequantised to bf16. Random blocks with
     finite scales (the timing does not depend on the values); RESULT lines carry quant=Q4_K_M."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GT
+    from gguf import GGMLQuantizationType as GT
 
-    from dgplug.kernels import ggml, moe as km
+    from dgplug.kernels import moe as km
     from dgplug.kernels.sampler import head_sample
 
     D, I, E, K, V = (2816, 704, 128, 8, 262144) if not small else (256, 256, 8, 2, 4096)
     g = torch.Generator(device="cpu").manual_seed(0)
-
-    def blocks(qtype, shape):
-        qk, nb = GGML_QUANT_SIZES[qtype]
-        n = int(torch.tensor(shape[:-1]).prod()) * (shape[-1] // qk)
-        raw = torch.randint(0, 256, (n, nb), dtype=torch.uint8, generator=g)
-        for at in ggml._F16_FIELDS[qtype]:
-            raw[:, at:at + 2] = (torch.randn(n, 1, generator=g) * 2e-3).half().view(torch.uint8)
-        return ggml.GGMLWeight(qtype, raw.reshape(*shape[:-1], -1).to(dev), shape, torch.bfloat16)
+    seeds = iter(range(1, 100))
+    blocks = lambda qtype, shape: random_blocks(qtype, shape, dev, next(seeds))  # noqa: E731
 
     gu, dn = blocks(GT.Q4_K, (E, 2 * I, D)), blocks(GT.Q5_0 if not small else GT.Q6_K, (E, D, I))
     gu16, dn16 = gu.dequantize(torch.bfloat16), dn.dequantize(torch.bfloat16)
@@ -711,7 +721,9 @@ def full_models(dev, small, quant="int4"):
     """transformers' DiffusionGemmaForBlockDiffusion at the release's text shapes (30 layers: 25
     sliding + 5 full) with random bf16 weights made on the device, and dgplug's model built from
     the same tensors (shared, not copied) with its experts quantized (`quant`: int4 group 128, fp8,
-    int8; None: bf16)."""
+    int8; "Q4_K_M": random GGUF blocks of its expert types, gate_up Q4_K and down Q5_0, the rest
+    bf16 as dgplug.load leaves a GGUF on CUDA; None: bf16)."""
+    from gguf import GGMLQuantizationType
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     from dgplug import names
@@ -748,10 +760,16 @@ def full_models(dev, small, quant="int4"):
     dcfg = from_dict(cfg.to_dict())
     state = hf.state_dict()
 
+    seeds = iter(range(1, 1 << 20))
+
     def tensors():  # the checkpoint's names (the state dict also holds tied copies)
         for spec in names.text_tensors(dcfg.text):
             name, t = spec.hf, state[spec.hf]
-            if quant and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            if quant == "Q4_K_M" and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                Q = GGMLQuantizationType  # the smoke test's hidden size (128) is no multiple of 256: Q4_0
+                qt = (Q.Q4_K if t.shape[-1] % 256 == 0 else Q.Q4_0) if name.endswith("gate_up_proj") else Q.Q5_0
+                t = random_blocks(qt, tuple(t.shape), dev, seed=next(seeds))
+            elif quant and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 q = quantize(t.float(), quant)
                 t = QuantizedWeight(quant, q["qweight"], q["scale"], q.get("zero"))
             yield name, t
@@ -940,6 +958,8 @@ def main():
                       lambda: generate_e2e(dev, args.small, [1], quant="fp8", hf_ms=hf_ms)),
                      ("end to end: model.generate, fp8 experts and fp8 activations (DGPLUG_FP8_ACTIVATIONS=1), batch 1",
                       lambda: generate_e2e(dev, args.small, [1], quant="fp8", hf_ms=hf_ms, a8=True)),
+                     ("end to end: model.generate, GGUF Q4_K_M experts (gate_up Q4_K, down Q5_0, decoded by runs), batch 1",
+                      lambda: generate_e2e(dev, args.small, [1], quant="Q4_K_M", hf_ms=hf_ms)),
                      ("GGUF Q4_K_M kept packed", lambda: gguf_packed(dev, args.small)),
                      ("head + sampler variants", lambda: sampler_variants(dev, args.small)),
                      ("transformers generate, compiled (static cache), batch 1",
