@@ -67,7 +67,7 @@ class Count(TorchDispatchMode):
 UNITS = {"linear": "matmul", "attention": "attention", "moe": "MoE", "gelu_tanh": "gelu"}
 
 
-def count_layer(model, fused: bool, static: bool = False) -> collections.Counter:
+def count_layer(model, fused: bool, static: bool = False, index: int = 0) -> collections.Counter:
     """Launches of decoder layer 0 on the canvas pass (the encoder pass is not counted). static: the
     pass `generate` runs (and captures as a CUDA graph on a GPU): a denoise step on the static cache,
     where k and v are written into the cache's canvas slots instead of concatenated."""
@@ -78,7 +78,7 @@ def count_layer(model, fused: bool, static: bool = False) -> collections.Counter
         undo.append(counter.unit(R, "route", "kernels.router.route", impl="torch"))
         undo.append(lambda g=ops._glue_kernels: setattr(ops, "_glue_kernels", g))
         ops._glue_kernels = lambda x: True
-    layer = model.layers[0]
+    layer = model.layers[index]
     orig = layer.forward
 
     def counted(x, cos, sin, pos, cache, mode, *a, **k):
@@ -163,19 +163,25 @@ def main():
     for proj in ("0", "1"):  # one matmul per projection (a CPU) / q|k|v and gate|up fused (CUDA's default)
         dm.FUSED_PROJECTIONS = proj
         tag = "fused projections" if proj == "1" else "separate projections"
-        c = count_layer(model, True, static=True)
-        print(f"the denoise step generate runs (static cache, glue kernels, {tag}): {sum(c.values())} launches: "
-              + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
-        print(f"RESULT launches part=layer path=generate_step projections={tag.split()[0]} launches={sum(c.values())}")
+        c = count_layer(model, True, static=True)  # layer 0: sliding (q, k, v)
+        full = count_layer(model, True, static=True, index=model.tc.layer_types.index("full_attention"))  # no v
+        print(f"the denoise step generate runs (static cache, glue kernels, {tag}): sliding layer {sum(c.values())} "
+              f"launches: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+              + f"; full layer {sum(full.values())}")
+        print(f"RESULT launches part=layer path=generate_step projections={tag.split()[0]} launches={sum(c.values())} "
+              f"full_layer={sum(full.values())}")
         whole = count_step(model)
-        n_layers, per_layer = model.tc.num_hidden_layers, sum(c.values())
-        outside = sum(whole.values()) - n_layers * per_layer
-        print(f"the whole step ({n_layers} layers here, {tag}): {sum(whole.values())} launches, {outside} outside "
-              f"the layers (head + sampler counted once): "
-              + ", ".join(f"{k} {v}" for k, v in sorted(((k, v - n_layers * c.get(k, 0)) for k, v in whole.items()),
+        kinds = model.tc.layer_types
+        in_layers = collections.Counter()
+        for t in kinds:
+            in_layers.update(full if t == "full_attention" else c)
+        outside = sum(whole.values()) - sum(in_layers.values())
+        print(f"the whole step ({len(kinds)} layers here, {kinds.count('full_attention')} full; {tag}): "
+              f"{sum(whole.values())} launches, {outside} outside the layers (head + sampler counted once): "
+              + ", ".join(f"{k} {v}" for k, v in sorted(((k, v - in_layers.get(k, 0)) for k, v in whole.items()),
                                                          key=lambda kv: -kv[1]) if v))
         print(f"RESULT launches part=step path=generate_step projections={tag.split()[0]} outside_layers={outside} "
-              f"per_30_layer_step={outside + 30 * per_layer}")
+              f"per_30_layer_step={outside + 25 * sum(c.values()) + 5 * sum(full.values())} (25 sliding + 5 full)")
 
 if __name__ == "__main__":
     main()

@@ -49,8 +49,8 @@ def for_gpu(name: str, t, dtype: torch.dtype):
     cuBLAS on 16-bit weights instead, for ~2.3 GB more at the release's size; DGPLUG_PACKED_LINEARS=1
     keeps them packed); a GGUF's linears and its embedding table likewise, in the dtype they serve
     (decoded per call, every step decodes every weight again: the tied table alone is 0.74 G values
-    for the head; dense it costs ~0.9 GB more than Q6_K blocks); GGUF experts keep their blocks (the
-    MoE kernels decode them tile by tile)."""
+    for the head; dense in bf16, the table costs ~0.9 GB more than its Q6_K blocks at the release's
+    size); GGUF experts keep their blocks (the MoE kernels decode them tile by tile)."""
     from dgplug.kernels.ggml import GGMLWeight
     from dgplug.kernels.moe import QuantizedWeight, for_gpu_kernels, linears_stay_packed
 
@@ -181,14 +181,21 @@ def gguf_file_of(path: Path) -> Path | None:
     return found[0]
 
 
+def gguf_dtype(device) -> torch.dtype | None:
+    """A GGUF's dtype when none is asked for: bf16 on a GPU (fp32 there would run every matmul, the
+    MoE's included, in fp32, and double the dequantised linears and table), else None (fp32)."""
+    return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else None
+
+
 def load_gguf(path: Path, dtype=None, device=None, check_finite=True) -> DiffusionGemma:
     """Architecture from the GGUF metadata, tokenizer from the vocabulary; weights of the ggml block types
     (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K, IQ4_XS, IQ4_NL) stay packed (kernels.ggml.GGMLWeight, served in
-    `dtype`, default fp32), every other tensor is dequantised."""
+    `dtype`, default fp32, bf16 on a GPU: gguf_dtype), every other tensor is dequantised."""
     from dgplug.converters.gguf_import import gguf_to_config, iter_hf_tensors, open_gguf, tokenizer_from_gguf
 
     from .config import from_dict
 
+    dtype = dtype or gguf_dtype(device)
     reader = open_gguf(path, "c")  # parsed once (gguf-py reads the whole vocabulary: most of a load's time)
     raw = gguf_to_config(reader)
     gen = raw.pop("generation_config", None)

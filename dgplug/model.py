@@ -62,20 +62,31 @@ def _adjacent(weights) -> bool:
 def stacked(weights) -> torch.Tensor | None:
     """[sum N_i, K]: the weights [N_i, K] as one tensor whose row blocks are the parameters
     themselves (stacked once into one buffer if they are not); None where it does not apply (a CPU
-    unless forced, packed quantized weights, mixed dtypes or devices)."""
+    unless forced, packed quantized weights, mixed dtypes or devices, one tensor twice, autograd
+    on: separate matmuls keep the weights' gradients)."""
     if FUSED_PROJECTIONS == "0" or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
         return None
     w0 = weights[0]
     if FUSED_PROJECTIONS != "1" and w0.device.type != "cuda":
         return None
-    if any(w.dtype != w0.dtype or w.device != w0.device or w.shape[1] != w0.shape[1] for w in weights):
+    if any(w.dtype != w0.dtype or w.device != w0.device or w.shape[1] != w0.shape[1] for w in weights) \
+            or len({id(w) for w in weights}) < len(weights):
         return None
-    if not _adjacent(weights):
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return None
+    # the buffer is kept on the first weight: a view made from a parameter would fail for an
+    # inference tensor (a model loaded under inference_mode), and the check below is cheap
+    shape = (sum(w.shape[0] for w in weights), w0.shape[1])
+    buf = getattr(w0, "_dgplug_stacked", None)
+    if buf is None or buf.data_ptr() != w0.data_ptr() or tuple(buf.shape) != shape or buf.dtype != w0.dtype \
+            or not _adjacent(weights):
+        w0._dgplug_stacked = None  # the old buffer goes before the new one is made
         with torch.no_grad(), torch.inference_mode(False):  # a plain tensor even under inference_mode
-            buf = torch.cat([w.detach() for w in weights])
+            buf = torch.cat(list(weights))
             for w, rows in zip(weights, buf.split([w.shape[0] for w in weights])):
                 w.data = rows
-    return w0.detach().as_strided((sum(w.shape[0] for w in weights), w0.shape[1]), (w0.shape[1], 1))
+        w0._dgplug_stacked = buf
+    return buf
 
 
 def projections(h, weights) -> list[torch.Tensor]:

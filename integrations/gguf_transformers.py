@@ -165,8 +165,9 @@ def _module_classes():
         def served(self, dtype) -> "torch.Tensor | GGMLWeight":
             w = self.packed
             if not H._keep_dense(self.blocks):
+                H.drop_dense(self.blocks)
                 return w  # F.linear decodes it in x's dtype
-            return H.kept_dense(self, self.blocks, dtype, w.dequantize)
+            return H.kept_dense(self.blocks, dtype, w.dequantize)
 
         @property
         def weight(self):

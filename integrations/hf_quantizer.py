@@ -23,8 +23,6 @@ Checkpoints written with `quantize_embedding=True` (int8 embedding) are not load
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,11 +82,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _keep_dense(x):
+            drop_dense(self.weight.qweight)
             return F.linear(x, self.weight.dequantize(x.dtype))
-        return F.linear(x, kept_dense(self, self.weight.qweight, x.dtype, self.weight.dequantize))
-
-
-_DENSE: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+        return F.linear(x, kept_dense(self.weight.qweight, x.dtype, self.weight.dequantize))
 
 
 def _keep_dense(x: torch.Tensor) -> bool:
@@ -99,16 +95,28 @@ def _keep_dense(x: torch.Tensor) -> bool:
     return x.is_cuda and not linears_stay_packed()
 
 
-def kept_dense(owner: nn.Module, packed: torch.Tensor, dtype: torch.dtype, dequantize) -> torch.Tensor:
-    """dequantize(dtype), made once per (packed tensor, version, dtype) and held by `owner`: the
-    cache holds it weakly, so modules tied to the same packed tensor share one copy, and a reload or
-    an in-place copy_ into the packed tensor makes a new one. (Also the GGUF modules' weights.)"""
-    key = (packed.device, packed.data_ptr(), packed._version, dtype)
-    dense = _DENSE.get(key)
-    if dense is None:
-        dense = _DENSE[key] = dequantize(dtype)
-    owner._dense = dense
-    return dense
+def kept_dense(packed: torch.Tensor, dtype: torch.dtype, dequantize) -> torch.Tensor:
+    """dequantize(dtype), kept on the packed tensor itself (also the GGUF modules' weights): the
+    modules tied to it share one copy; a reload, an in-place copy_ or a move of the packed tensor
+    makes a new one (the old one dropped first); and no other tensor's copy is ever taken for it,
+    as a cache keyed by address could once another model's tensor reuses that address."""
+    kept = packed.__dict__.setdefault("_dgplug_dense", {})
+    stamp = (packed.device, packed.data_ptr(), 0 if packed.is_inference() else packed._version)
+    got = kept.get(dtype)
+    if got is None or got[0] != stamp:
+        kept.pop(dtype, None)
+        got = kept[dtype] = (stamp, dequantize(dtype))
+    return got[1]
+
+
+def dense_copies(packed: torch.Tensor) -> dict:
+    """{dtype: the dequantised copy kept on `packed`} (empty where none is kept)."""
+    return {dt: dense for dt, (_, dense) in packed.__dict__.get("_dgplug_dense", {}).items()}
+
+
+def drop_dense(packed: torch.Tensor) -> None:
+    """Forget a kept copy (a call off CUDA: its GPU memory goes)."""
+    packed.__dict__.pop("_dgplug_dense", None)
 
 
 class PackedExperts(nn.Module):

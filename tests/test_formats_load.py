@@ -142,3 +142,12 @@ def test_gguf_in_its_gpu_form(src, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("DGPLUG_PACKED_LINEARS", "1")
     kept = dgplug.load(out)
     assert isinstance(kept.layers[0].self_attn.q_proj.weight, GGMLWeight) and isinstance(kept.embed_tokens.weight, GGMLWeight)
+
+
+def test_gguf_dtype_by_device():
+    """A GGUF has no dtype of its own: fp32 on the CPU, bf16 on a GPU unless asked (no GPU needed to
+    name one)."""
+    from dgplug.loader import gguf_dtype
+
+    assert gguf_dtype(None) is None and gguf_dtype("cpu") is None
+    assert gguf_dtype("cuda") == torch.bfloat16 and gguf_dtype(torch.device("cuda", 0)) == torch.bfloat16

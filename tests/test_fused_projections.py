@@ -55,7 +55,7 @@ def test_fused_outputs_match_unfused(tiny_ckpt, monkeypatch):
 
 def test_projections_equal_separate_matmuls(fused):
     torch.manual_seed(0)
-    ws = [torch.nn.Parameter(torch.randn(n, 24)) for n in (32, 16, 16)]
+    ws = [torch.nn.Parameter(torch.randn(n, 24), requires_grad=False) for n in (32, 16, 16)]
     h = torch.randn(2, 7, 24)
     want = [h @ w.T for w in ws]
     got = dm.projections(h, ws)
@@ -105,3 +105,23 @@ def test_stacked_under_inference_mode_stays_a_plain_tensor(fused):
     with torch.inference_mode():
         dm.projections(torch.randn(3, 4), ws)
     assert dm._adjacent(ws) and not ws[0].is_inference()  # usable outside inference_mode afterwards
+    with torch.inference_mode():  # parameters made under inference_mode (a model loaded there)
+        inf = [torch.nn.Parameter(torch.randn(n, 4), requires_grad=False) for n in (8, 6)]
+    x = torch.randn(3, 4)
+    want = [x @ w.T for w in inf]
+    for mode in (torch.inference_mode, torch.no_grad, torch.no_grad):
+        with mode():
+            got = dm.projections(x, inf)
+        assert dm._adjacent(inf) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_autograd_and_repeated_tensors_keep_separate_matmuls(fused):
+    ws = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(2)]
+    x = torch.randn(3, 4)
+    assert dm.stacked(ws) is None  # gradients wanted: separate matmuls keep them
+    sum(p.sum() for p in dm.projections(x, ws)).backward()
+    assert all(w.grad is not None for w in ws)
+    with torch.no_grad():
+        assert dm.stacked(ws) is not None
+    k = torch.randn(8, 4)
+    assert dm.stacked([torch.randn(8, 4), k, k]) is None  # one tensor twice: it cannot be two row blocks

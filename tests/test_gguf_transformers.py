@@ -204,11 +204,12 @@ def test_dense_weights_kept_on_cuda(files, monkeypatch):
     torch.testing.assert_close(kept, per_call, rtol=1e-5, atol=1e-5)
     dec, enc = m.model.decoder, m.model.encoder.language_model
     table = dec.embed_tokens.weight
-    assert isinstance(table, torch.Tensor) and table is enc.embed_tokens.weight
-    assert m.lm_head._dense is table and torch.equal(table, dec.embed_tokens.packed.dequantize())
+    assert isinstance(table, torch.Tensor) and table is enc.embed_tokens.weight and table is m.lm_head.weight
+    assert torch.equal(table, dec.embed_tokens.packed.dequantize())
+    assert list(H.dense_copies(dec.embed_tokens.blocks)) == [torch.float32]  # one copy for all three
     q = dec.layers[1].self_attn.q_proj
-    assert q._dense is enc.layers[1].self_attn.q_proj._dense
-    assert torch.equal(q._dense, q.packed.dequantize(torch.float32))
+    assert q.blocks is enc.layers[1].self_attn.q_proj.blocks
+    assert torch.equal(H.dense_copies(q.blocks)[torch.float32], q.packed.dequantize(torch.float32))
     assert isinstance(dec.layers[0].experts.gate_up_proj.weight, GGMLWeight)
     torch.manual_seed(3)
     again = m.generate(input_ids=ids[:1], max_new_tokens=16, max_denoising_steps=2)

@@ -125,9 +125,19 @@ def test_dense_weight_kept_on_cuda(ckpts, monkeypatch):
     kept = _logits(m)
     assert torch.equal(kept, per_call)
     dec, enc = m.model.decoder.layers[0], m.model.encoder.language_model.layers[0]
-    assert dec.self_attn.q_proj._dense is enc.self_attn.q_proj._dense
-    assert torch.equal(dec.mlp.up_proj._dense, dec.mlp.up_proj.weight.dequantize(torch.float32))
+    kept_of = lambda lin: H.dense_copies(lin.weight.qweight)[torch.float32]  # noqa: E731
+    assert dec.self_attn.q_proj.weight.qweight is enc.self_attn.q_proj.weight.qweight  # tied: one copy
+    assert torch.equal(kept_of(dec.mlp.up_proj), dec.mlp.up_proj.weight.dequantize(torch.float32))
     with torch.no_grad():
         dec.mlp.up_proj.weight.qweight.zero_()  # in place (as load_state_dict copies): not the kept copy
     assert not torch.equal(_logits(m), kept)
-    assert torch.equal(dec.mlp.up_proj._dense, dec.mlp.up_proj.weight.dequantize(torch.float32))
+    assert torch.equal(kept_of(dec.mlp.up_proj), dec.mlp.up_proj.weight.dequantize(torch.float32))
+    # the copy belongs to its tensor, not to an address: another tensor over the same memory (as a
+    # new model's weights can land where a freed one's were) makes its own
+    q = dec.self_attn.q_proj.weight.qweight
+    other = torch.nn.Parameter(q.detach(), requires_grad=False)
+    made = H.kept_dense(other, torch.float32, lambda dt: torch.zeros(1))
+    assert other.data_ptr() == q.data_ptr() and made is not kept_of(dec.self_attn.q_proj)
+    monkeypatch.setattr(H, "_keep_dense", lambda x: False)  # off CUDA again: the kept copies go
+    _logits(m)
+    assert H.dense_copies(q) == {}

@@ -91,8 +91,9 @@ def generate(
     steps: Optional[int] = typer.Option(None, "--steps", help="Max denoising steps per canvas.", show_default=False),
     seed: int = typer.Option(0, "--seed"),
     rng: str = typer.Option("counter", "--rng", help="counter (fused, default) or transformers (bit-exact)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: the checkpoint's).",
-                                        show_default=False),
+    dtype: Optional[str] = typer.Option(None, "--dtype", show_default=False,
+                                        help="fp32, bf16 or fp16 (default: the checkpoint's; a GGUF's: fp32, "
+                                             "bf16 on a GPU)."),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the chat template."),
     live: bool = typer.Option(False, "--live", help="Show the canvas being denoised."),
     edit: Optional[str] = typer.Option(
