@@ -74,19 +74,16 @@ def stacked(weights) -> torch.Tensor | None:
         return None
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
         return None
-    # the buffer is kept on the first weight: a view made from a parameter would fail for an
-    # inference tensor (a model loaded under inference_mode), and the check below is cheap
-    shape = (sum(w.shape[0] for w in weights), w0.shape[1])
-    buf = getattr(w0, "_dgplug_stacked", None)
-    if buf is None or buf.data_ptr() != w0.data_ptr() or tuple(buf.shape) != shape or buf.dtype != w0.dtype \
-            or not _adjacent(weights):
-        w0._dgplug_stacked = None  # the old buffer goes before the new one is made
+    if not _adjacent(weights):
         with torch.no_grad(), torch.inference_mode(False):  # a plain tensor even under inference_mode
             buf = torch.cat(list(weights))
             for w, rows in zip(weights, buf.split([w.shape[0] for w in weights])):
                 w.data = rows
-        w0._dgplug_stacked = buf
-    return buf
+    # the whole as a new view of the first weight's storage (set_: a view of a parameter made under
+    # inference_mode could not be taken outside it; nothing is kept that would outlive a move)
+    shape = (sum(w.shape[0] for w in weights), w0.shape[1])
+    return torch.empty(0, dtype=w0.dtype, device=w0.device).set_(
+        w0.untyped_storage(), w0.storage_offset(), shape, (w0.shape[1], 1))
 
 
 def projections(h, weights) -> list[torch.Tensor]:
