@@ -49,11 +49,12 @@ FUSED_PROJECTIONS = os.environ.get("DGPLUG_FUSED_PROJECTIONS", "auto")
 
 
 def _adjacent(weights) -> bool:
-    """The 2-D weights are consecutive row blocks of one storage."""
+    """The 2-D weights (of one dtype and width) are consecutive row blocks of one storage."""
     w0 = weights[0]
-    at, step = w0.data_ptr(), w0.shape[1] * w0.element_size()
+    at, step, base = w0.data_ptr(), w0.shape[1] * w0.element_size(), w0.untyped_storage().data_ptr()
     for w in weights:
-        if not (w.is_contiguous() and w.data_ptr() == at and w.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr()):
+        if not (w.dtype == w0.dtype and w.shape[1] == w0.shape[1] and w.is_contiguous() and w.data_ptr() == at
+                and w.untyped_storage().data_ptr() == base):
             return False
         at += w.shape[0] * step
     return True
@@ -69,12 +70,12 @@ def stacked(weights) -> torch.Tensor | None:
     w0 = weights[0]
     if FUSED_PROJECTIONS != "1" and w0.device.type != "cuda":
         return None
-    if any(w.dtype != w0.dtype or w.device != w0.device or w.shape[1] != w0.shape[1] for w in weights) \
-            or len({id(w) for w in weights}) < len(weights):
-        return None
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
         return None
-    if not _adjacent(weights):
+    if not _adjacent(weights):  # not yet stacked (the checks below run only then, off the hot path)
+        if any(w.dtype != w0.dtype or w.device != w0.device or w.shape[1] != w0.shape[1] for w in weights) \
+                or len({id(w) for w in weights}) < len(weights):
+            return None
         with torch.no_grad(), torch.inference_mode(False):  # a plain tensor even under inference_mode
             buf = torch.cat(list(weights))
             for w, rows in zip(weights, buf.split([w.shape[0] for w in weights])):

@@ -1,6 +1,7 @@
 """Fused projections (dgplug.model.stacked): q|k(|v) and gate|up as one matmul over one buffer whose
 row blocks are the parameters themselves. Forced on the CPU here (DGPLUG_FUSED_PROJECTIONS=1 is what
-a CUDA device gets by default); the unfused model is the reference."""
+a CUDA device gets by default); references: transformers' own model for the logits (with and
+without self-conditioning), the unfused model for generate's tokens."""
 
 import pytest
 import torch
@@ -51,6 +52,26 @@ def test_fused_outputs_match_unfused(tiny_ckpt, monkeypatch):
     assert torch.equal(got.sequences, ref.sequences)
     assert torch.allclose(got.forwards.float(), ref.forwards.float())
     torch.testing.assert_close(probe_logits(m), ref_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_logits_match_transformers(tiny_ckpt, fused):
+    """The oracle: transformers' DiffusionGemmaForBlockDiffusion on the same checkpoint, fp32 logits
+    within 1e-5 of the largest (test_parity's bound), the self-conditioning MLP included."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_ckpt, dtype=torch.float32,
+                                                         experts_implementation="eager").eval()
+    m = dgplug.load(tiny_ckpt, dtype="fp32")
+    C, V = m.cfg.canvas_length, m.tc.vocab_size
+    g = torch.Generator().manual_seed(2)
+    ids, canvas = torch.randint(5, 500, (2, 20), generator=g), torch.randint(0, V, (2, C), generator=g)
+    sc = torch.randn(2, C, V, generator=g) * 3
+    with torch.no_grad():
+        for kw in ({}, {"self_conditioning_logits": sc}):
+            a = hf(input_ids=ids, decoder_input_ids=canvas, **kw).logits
+            b = m(input_ids=ids, decoder_input_ids=canvas, **kw).logits
+            assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+    assert all(dm._adjacent(ws) for ws in _groups(m))  # the fused path is what ran
 
 
 def test_projections_equal_separate_matmuls(fused):
