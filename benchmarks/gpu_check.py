@@ -378,6 +378,8 @@ def sampler_variants(dev, small):
         h = torch.randn(B * C, D, device=dev).to(torch.bfloat16)
         rows = [("transformers", lambda: hf_sampler(h, E, B, C)),
                 ("dgplug (default chunk)", lambda: dg_sampler(h, E, B, C, partial(ks._head_sample_triton, **kw)))]
+        rows.append(("dgplug two sweeps per chunk", lambda: dg_sampler(
+            h, E, B, C, partial(ks._head_sample_triton, one_sweep=False, **kw))))
         for ch, bv, nw in (((16384, 1024, 4), (32768, 2048, 8)) if B == 1 and not small else
                            ((4096, 1024, 4), (8192, 1024, 8)) if not small else ((1024, 256, 4),)):
             rows.append((f"dgplug chunk {ch} tile {bv} warps {nw}", lambda ch=ch, bv=bv, nw=nw: dg_sampler(

@@ -504,6 +504,33 @@ if triton is not None:
         tl.store(noise_ptr + offs, noise.to(tl.int64), mask=mask)
 
     @triton.jit
+    def _scaled_logit(l_ptr, r64, W, cols, ok, softcap, temp):
+        """The chunk's logits at `cols`: softcapped and divided by the temperature (0 where not ok)."""
+        acc = tl.load(l_ptr + r64 * W + cols, mask=ok, other=0.0)
+        return softcap * _tanh(acc / softcap) / temp
+
+    @triton.jit
+    def _sums_at(l, ok, m, p_ptr, r64, W, cols, ROUND_BF16: tl.constexpr, ROUND_F16: tl.constexpr,
+                 WANT_SOFT: tl.constexpr):
+        """exp(l - m) and exp(l - m) (l - m) per entry (0 where not ok); with WANT_SOFT, also
+        exp(l' - m) for l rounded to the table's dtype, stored to p as the chunk's soft weights."""
+        dl = tl.where(ok, l - m, 0.0)
+        p = tl.where(ok, tl.exp(dl), 0.0)
+        ps = tl.zeros_like(p)
+        if WANT_SOFT:
+            if ROUND_BF16:
+                bits = l.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                l_soft = bits.to(tl.float32, bitcast=True)
+            elif ROUND_F16:
+                l_soft = l.to(tl.float16).to(tl.float32)
+            else:
+                l_soft = l
+            ps = tl.where(ok, tl.exp(tl.where(ok, l_soft - m, 0.0)), 0.0)
+            tl.store(p_ptr + r64 * W + cols, ps.to(p_ptr.dtype.element_ty), mask=ok)
+        return p, p * dl, ps
+
+    @triton.jit
     def _chunk_stats_kernel(
         l_ptr,  # fp32 [N, W]: raw logits h @ E_chunk^T of this vocabulary chunk (row stride W)
         p_ptr,  # [N, W] in E's dtype: exp(l' - m_ref), the soft-embedding weights of the chunk
@@ -513,24 +540,33 @@ if triton is not None:
         top_idx_ptr, best_tok_ptr,  # int32 [N] running state, in place
         W, D, v0, softcap, lazy,
         ROUND_BF16: tl.constexpr, ROUND_F16: tl.constexpr, WANT_SOFT: tl.constexpr,
-        BLOCK_V: tl.constexpr,
+        ONE_SWEEP: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
-        """One row's pass over one vocabulary chunk of precomputed logits (two sweeps: maxima
-        and sample first, then the sums against the row's lazily moved reference max)."""
+        """One row's pass over one vocabulary chunk of precomputed logits. The sums need the
+        row's reference max m, which moves only when the chunk beats it by more than `lazy`:
+        so after the row's first chunk (ONE_SWEEP) they are taken against the current m in the
+        same sweep as the maxima and the sample, and a second sweep redoes them only when the
+        chunk moved m (rare after the first chunks; the same operations, so the same bits as
+        two sweeps). The first chunk, or ONE_SWEEP off: maxima first, then the sums."""
         row = tl.program_id(0)
         r64 = row.to(tl.int64)
         temp = tl.load(temp_ptr + row)
         key = tl.load(key_ptr + row).to(tl.uint32)
+        m_old = tl.load(m_ptr + row)
+        first = m_old == float("-inf")
+        early = ONE_SWEEP and not first  # the sums in the first sweep, against m_old
         offs = tl.arange(0, BLOCK_V)
         c_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
         c_arg = tl.zeros([BLOCK_V], tl.int32)
         s_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
         s_arg = tl.zeros([BLOCK_V], tl.int32)
+        z_acc = tl.zeros([BLOCK_V], tl.float32)
+        t_acc = tl.zeros([BLOCK_V], tl.float32)
+        zs_acc = tl.zeros([BLOCK_V], tl.float32)
         for c0 in range(0, W, BLOCK_V):  # per lane: the first column wins ties (strict >)
             cols = c0 + offs
             ok = cols < W
-            acc = tl.load(l_ptr + r64 * W + cols, mask=ok, other=0.0)
-            l = tl.where(ok, softcap * _tanh(acc / softcap) / temp, float("-inf"))
+            l = tl.where(ok, _scaled_logit(l_ptr, r64, W, cols, ok, softcap, temp), float("-inf"))
             better = l > c_max
             c_arg = tl.where(better, cols, c_arg)
             c_max = tl.where(better, l, c_max)
@@ -539,6 +575,11 @@ if triton is not None:
             better = score > s_max
             s_arg = tl.where(better, cols, s_arg)
             s_max = tl.where(better, score, s_max)
+            if early:
+                p, pdl, ps = _sums_at(l, ok, m_old, p_ptr, r64, W, cols, ROUND_BF16, ROUND_F16, WANT_SOFT)
+                z_acc += p
+                t_acc += pdl
+                zs_acc += ps
         t_max = tl.max(c_max, axis=0)
         t_arg = tl.min(tl.where(c_max == t_max, c_arg, W), axis=0) + v0
         b_max = tl.max(s_max, axis=0)
@@ -553,36 +594,23 @@ if triton is not None:
             tl.store(best_tok_ptr + row, b_arg)
 
         # move the reference max only when the chunk beats it by more than `lazy`
-        m_old = tl.load(m_ptr + row)
-        first = m_old == float("-inf")
-        m = tl.where(first | (t_max > m_old + lazy), t_max, m_old)
+        moved = first | (t_max > m_old + lazy)
+        m = tl.where(moved, t_max, m_old)
         alpha = tl.where(first, 0.0, tl.exp(m_old - m))
         delta = tl.where(first, 0.0, m_old - m)
-        z_old = tl.load(z_ptr + row)
-        z_acc = tl.zeros([BLOCK_V], tl.float32)
-        t_acc = tl.zeros([BLOCK_V], tl.float32)
-        zs_acc = tl.zeros([BLOCK_V], tl.float32)
-        for c0 in range(0, W, BLOCK_V):
-            cols = c0 + offs
-            ok = cols < W
-            acc = tl.load(l_ptr + r64 * W + cols, mask=ok, other=0.0)
-            l = softcap * _tanh(acc / softcap) / temp
-            dl = tl.where(ok, l - m, 0.0)
-            p = tl.where(ok, tl.exp(dl), 0.0)
-            z_acc += p
-            t_acc += p * dl
-            if WANT_SOFT:
-                if ROUND_BF16:
-                    bits = l.to(tl.uint32, bitcast=True)
-                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                    l_soft = bits.to(tl.float32, bitcast=True)
-                elif ROUND_F16:
-                    l_soft = l.to(tl.float16).to(tl.float32)
-                else:
-                    l_soft = l
-                ps = tl.where(ok, tl.exp(tl.where(ok, l_soft - m, 0.0)), 0.0)
+        if moved or not early:  # the sums (again) against the new m
+            z_acc = tl.zeros([BLOCK_V], tl.float32)
+            t_acc = tl.zeros([BLOCK_V], tl.float32)
+            zs_acc = tl.zeros([BLOCK_V], tl.float32)
+            for c0 in range(0, W, BLOCK_V):
+                cols = c0 + offs
+                ok = cols < W
+                l = _scaled_logit(l_ptr, r64, W, cols, ok, softcap, temp)
+                p, pdl, ps = _sums_at(l, ok, m, p_ptr, r64, W, cols, ROUND_BF16, ROUND_F16, WANT_SOFT)
+                z_acc += p
+                t_acc += pdl
                 zs_acc += ps
-                tl.store(p_ptr + r64 * W + cols, ps.to(p_ptr.dtype.element_ty), mask=ok)
+        z_old = tl.load(z_ptr + row)
         tl.store(m_ptr + row, m)
         tl.store(z_ptr + row, alpha * z_old + tl.sum(z_acc, axis=0))
         tl.store(t1_ptr + row, alpha * (tl.load(t1_ptr + row) + delta * z_old) + tl.sum(t_acc, axis=0))
@@ -640,7 +668,8 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, add: bool = Fal
 
 
 def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_offset, want_soft,
-                        vocab_tile=None, chunk=None, block_v=None, num_warps=8, keys=None) -> HeadSample:
+                        vocab_tile=None, chunk=None, block_v=None, num_warps=8, keys=None,
+                        one_sweep=True) -> HeadSample:
     """GPU path: the vocabulary in chunks; per chunk the logits h @ E_c^T and the soft sum
     P @ E_c run as fp32-output tensor-core matmuls (cuBLAS) and one Triton kernel per chunk
     turns the logits into the running state (argmax, Gumbel-max token, lazily rescaled
@@ -649,7 +678,9 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
     logits (fp32) and weights, the largest power of two of columns within 64 MiB (1024 ..
     32768): 48 MiB at 256 rows, 48 MiB at 2048. A packed table (kernels.ggml.GGMLWeight) is
     decoded a chunk of rows at a time by its Triton decoder, the decoded rows counted in the
-    64 MiB (8192 columns at 256 rows). vocab_tile (or block_v): the kernel's tile.
+    64 MiB (8192 columns at 256 rows). vocab_tile (or block_v): the kernel's tile. one_sweep:
+    after a row's first chunk, the sums in the same sweep as the maxima (the same bits; False:
+    always two sweeps, the kernel as it was measured below).
 
     Measured on an H200 (torch 2.11, triton 3.6; V 262144, D 2816, bf16; one run, medians of
     5, acceptance and renoise included; benchmarks/results/gpu_check_h200.log): 256 rows
@@ -695,7 +726,7 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
             state[0], state[1], state[2], state[3], state[4], state[5],
             idx[0], idx[1], w, d, v0, float(softcap), _LAZY_RESCALE,
             ROUND_BF16=embedding.dtype == torch.bfloat16, ROUND_F16=embedding.dtype == torch.float16,
-            WANT_SOFT=bool(want_soft), BLOCK_V=bv, num_warps=num_warps,
+            WANT_SOFT=bool(want_soft), ONE_SWEEP=bool(one_sweep), BLOCK_V=bv, num_warps=num_warps,
         )
         if want_soft:
             _mm_f32(p, e_c, out=soft, add=True)

@@ -143,6 +143,25 @@ def test_triton_lazy_rescale_across_chunks():
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_triton_one_sweep_same_bits_as_two(dtype):
+    """After a row's first chunk the kernel takes the sums in the sweep that finds the maxima,
+    against the reference max it has, and redoes them only when the chunk moved that max: the
+    same bits as two sweeps per chunk, on plain rows and on rows whose logits climb past the
+    lazy margin chunk after chunk (row 0 here moves it in several chunks, the others do not)."""
+    h, table, temp = _case(n=9, vocab=256, d=16, dtype=dtype)
+    ramp = torch.linspace(0.0, 6.0, 256)[:, None]
+    climbing = (table.float() * 0.05 + ramp * torch.sign(h[0])[None, :] / 16).to(dtype)
+    for tb, t in ((table, temp), (climbing, 0.2)):
+        for want_soft in (True, False):
+            a, b = (_run("triton", h, tb, temperature=t, chunk=32, block_v=16, want_soft=want_soft, one_sweep=o)
+                    for o in (True, False))
+            assert torch.equal(a.token, b.token) and torch.equal(a.argmax, b.argmax)
+            assert torch.equal(a.entropy, b.entropy)
+            assert (a.soft is None and b.soft is None) or torch.equal(a.soft, b.soft)
+
+
+@needs_triton
 def test_triton_rows_and_chunks_ragged():
     h, table, temp = _case(n=21, vocab=100, d=64)
     ref = head_sample_reference(h, table, temperature=temp)
