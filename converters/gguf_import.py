@@ -488,7 +488,8 @@ def inspect_table(path) -> dict:
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
 def tokenizer_from_gguf(path):
-    """A PreTrainedTokenizerFast rebuilt from tokenizer.ggml.* (BPE if merges, else WordLevel)."""
+    """A PreTrainedTokenizerFast rebuilt from tokenizer.ggml.* (BPE if merges, else WordLevel; either
+    decodes by joining the pieces, as llama.cpp does)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -507,7 +508,6 @@ def tokenizer_from_gguf(path):
         pairs = [tuple(m.split(" ", 1)) for m in merges]
         model = models.BPE(vocab=vocab, merges=pairs, unk_token=unk, byte_fallback=True, fuse_unk=True)
         tk = Tokenizer(model)
-        tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
         try:
             from tokenizers import normalizers
             tk.normalizer = normalizers.Replace(" ", "▁")
@@ -516,6 +516,9 @@ def tokenizer_from_gguf(path):
     else:
         tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk or tokens[0]))
         tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # decoding as llama.cpp renders a gemma4 vocabulary, merges or not: the pieces joined, "▁" as a space,
+    # <0xNN> tokens as bytes (a WordLevel vocabulary without it would come back with a space between tokens)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     # CONTROL tokens are special; USER_DEFINED ones are added tokens that stay whole and are rendered
     specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if int(ty) == 3]
     if specials:

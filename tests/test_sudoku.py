@@ -159,3 +159,27 @@ def test_grow_keeps_what_the_model_computes():
     assert (a - c).abs().max().item() > 1e-2
     with pytest.raises(SystemExit, match="already has"):
         T.grow(old, n_old)
+
+
+def test_gguf_tokenizer_decodes_as_the_original(tmp_path):
+    """The Sudoku vocabulary has no merges (WordLevel, pieces joined on decode): its GGUF's rebuilt
+    tokenizer decodes a solved grid to the same text as tokenizer.json (it once put a space between
+    every digit), encodes the prompt to the same ids, and keeps the special tokens."""
+    from transformers import AutoTokenizer
+
+    from dgplug.converters import gguf_import as gi
+    from dgplug.converters.gguf_export import export_gguf
+
+    path = sudoku_model_path()
+    if not (path / "model.safetensors").exists():
+        pytest.skip("dgplug/data/sudoku is not shipped in this checkout")
+    want = AutoTokenizer.from_pretrained(str(path))
+    got = gi.tokenizer_from_gguf(export_gguf(path, tmp_path / "s.gguf", quant="Q8_0", progress=False))
+    p, s = S.Generator(3, pool=2).puzzle(36)
+    text = " ".join(f"r{i // 9 + 1}c{i % 9 + 1}={x if x else '.'}" for i, x in enumerate(p.reshape(-1)))
+    assert got.encode(text, add_special_tokens=False) == want.encode(text, add_special_tokens=False)
+    canvas = S.canvas_ids(s)[0].tolist()
+    assert got.decode(canvas, skip_special_tokens=True) == want.decode(canvas, skip_special_tokens=True)
+    assert got.decode(canvas[:81]) == "".join(str(x) for x in s.reshape(-1))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "unk_token_id"):
+        assert getattr(got, name) == getattr(want, name), name
