@@ -1,5 +1,6 @@
 """`dgplug demo` (issue 14 item 7, issue 13 item 3): progress while the batch is solved, a
-one-line summary, --givens / --n / --puzzle with one-line errors."""
+one-line summary, --givens / -n / --puzzle / --show with one-line errors, a live view that fits
+the terminal."""
 
 import re
 
@@ -13,18 +14,21 @@ pytestmark = pytest.mark.skipif(sudoku_model_path() is None, reason="the Sudoku 
 runner = CliRunner()
 WIKI = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
 SUMMARY = re.compile(r"solve rate (\d+)/(\d+) = \d+% \((.*?)\); blanks without a clash (\d+)/(\d+) = \d+%; ([\d.]+) forwards per grid "
-                     r"\(([\d.]+) tokens per forward\); (\d+) tokens/s on \d+ threads?")
+                     r"\(([\d.]+) blanks per forward\); the batch: (\d+) forwards in [\d.]+ s, (\d+) blanks/s "
+                     r"on \d+ threads?")
 
 
 def test_demo_band_and_progress():
-    r = runner.invoke(app, ["demo", "--no-live", "--givens", "25-29", "-n", "2", "--steps", "4"])  # -n: --n
+    r = runner.invoke(app, ["demo", "--no-live", "--givens", "25-29", "-n", "2", "--steps", "4"])
     assert r.exit_code == 0, r.output
     steps = [ln for ln in r.stderr.splitlines() if ln.startswith("step ")]
     assert steps and steps[0].startswith("step 1 of 4: ") and "grids settled" in steps[0]  # no silent batch
     m = SUMMARY.search(r.stdout.splitlines()[-1])
     assert m and m.group(2) == "2" and m.group(3) == "25-29 givens", r.stdout
     assert 2 * (81 - 29) <= int(m.group(5)) <= 2 * (81 - 25) and int(m.group(4)) <= int(m.group(5))
-    assert "puzzle 1 (2" in r.stdout  # the first grid, drawn once, with its givens (25-29)
+    assert "puzzle 1 (2" in r.stdout and "puzzle 2 (2" in r.stdout  # both grids, drawn once, givens 25-29
+    # the blanks are what the model fills: per forward, at most all of them (givens and EOS are locked)
+    assert float(m.group(7)) == pytest.approx(int(m.group(5)) / (2 * float(m.group(6))), abs=0.06)
 
 
 def test_demo_compare_left_to_right():
@@ -33,9 +37,12 @@ def test_demo_compare_left_to_right():
     last = r.stdout.splitlines()[-2:]
     assert SUMMARY.search(last[0]), r.stdout
     m = re.fullmatch(r"left to right, same model: (\d)/3 = \d+%; blanks without a clash (\d+)/(\d+) = \d+%; "
-                     r"([\d.]+) forwards per grid; [\d.]+ s", last[1])
+                     r"([\d.]+) forwards per grid \(([\d.]+) blanks per forward\); the batch: (\d+) forwards in "
+                     r"[\d.]+ s, \d+ blanks/s", last[1])
     assert m, r.stdout
-    assert abs(float(m.group(4)) - int(m.group(3)) / 3) < 0.051  # one forward per blank cell
+    assert abs(float(m.group(4)) - int(m.group(3)) / 3) < 0.051 and m.group(5) == "1.0"  # one forward per blank
+    assert int(m.group(6)) >= float(m.group(4))  # the batch runs as long as its slowest row
+    assert int(SUMMARY.search(last[0]).group(8)) <= 4  # --steps 4
 
 
 def test_demo_own_puzzle():
@@ -51,12 +58,17 @@ def test_demo_own_puzzle():
     (["--puzzle", WIKI[:80]], "--puzzle: 80 characters; a puzzle is 81"),
     (["--puzzle", WIKI[:10] + "x" + WIKI[11:]], "character 11 (r2c2) is 'x'"),
     (["--puzzle", "55" + WIKI[2:]], "r1c1=5 and r1c2=5 conflict (row 1)"),
-    (["--puzzle", WIKI, "--givens", "30-35"], "leave out --givens and --n"),
+    (["--puzzle", WIKI, "--givens", "30-35"], "leave out --givens and -n"),
     (["--givens", "50-60"], "no puzzle in that band"),
     (["--givens", "x"], "--givens 'x'"),
-    (["--n", "0"], "--n 0"),
-    (["--n", "1000"], "--n 1000: the embedded bank has"),
+    (["-n", "0"], "-n 0"),
+    (["--count", "1000"], "-n 1000: the embedded bank has"),
+    (["--n", "0"], "--n 0"),  # the older names are still understood, and named when at fault
     (["--n", "2", "--sample", "3"], "not both"),
+    (["-n", "2", "--n", "3"], "give -n or --n"),
+    (["--show", "-1"], "--show -1"),
+    (["--puzzles", "-1"], "--puzzles -1"),
+    (["--show", "1", "--puzzles", "2"], "not both"),
 ])
 def test_demo_errors_are_one_line(args, needle):
     r = runner.invoke(app, ["demo", "--no-live"] + args)
@@ -92,3 +104,32 @@ def test_blanks_are_judged_by_clashes_not_by_one_stored_solution():
     g[2], g[3] = 8, 8
     assert _blanks_ok([WIKI, WIKI], [solution, g]) == f"blanks without a clash {2 * n - len(Sudoku.clashes(WIKI, g))}/{2 * n} = " \
         f"{round(100 * (2 * n - len(Sudoku.clashes(WIKI, g))) / (2 * n))}%"
+
+
+def test_a_band_smaller_than_the_default_count_is_not_an_error():
+    """--givens alone asks for a band: with fewer puzzles in it than the default 20, all of them are
+    solved (an error once named --n, which the user never gave)."""
+    import json
+
+    bank = json.loads((sudoku_model_path() / "puzzles.json").read_text())
+    counts = {}
+    for p in bank:
+        counts[p["givens"]] = counts.get(p["givens"], 0) + 1
+    g, k = min(counts.items(), key=lambda kv: kv[1])
+    assert k < 20
+    r = runner.invoke(app, ["demo", "--no-live", "--givens", str(g), "--steps", "1", "--quiet", "--show", "0"])
+    assert r.exit_code == 0, r.output
+    m = SUMMARY.search(r.stdout.splitlines()[-1])
+    assert m and m.group(2) == str(k) and "puzzle" not in r.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("width,height,want", [(80, 40, 3), (80, 24, 3), (60, 12, 0), (60, 15, 2), (24, 40, 3),
+                                               (200, 15, 3), (45, 15, 2), (44, 15, 1)])
+def test_live_grids_fit_the_terminal(width, height, want):
+    """The live view never grows taller than the terminal (rich leaves such a frame behind)."""
+    from dgplug.cli.demo import GRID_LINES, GRID_WIDTH, fitting
+
+    got = fitting(3, width, height)
+    assert got == want
+    per_row = max(1, (width + 3) // GRID_WIDTH)
+    assert 2 + GRID_LINES * -(-got // per_row) <= height - 1 or got == 0

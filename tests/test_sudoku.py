@@ -131,7 +131,7 @@ def test_demo_no_live_runs(model):
 
     res = CliRunner().invoke(app, ["demo", "--no-live", "--puzzles", "1", "--sample", "4", "--steps", "8"])
     assert res.exit_code == 0, res.output
-    assert "solve rate" in res.output and "tokens per forward" in res.output and "tokens/s" in res.output
+    assert "solve rate" in res.output and "blanks per forward" in res.output and "blanks/s" in res.output
 
 
 def test_grow_keeps_what_the_model_computes():

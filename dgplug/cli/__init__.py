@@ -122,21 +122,26 @@ def generate(
 
 @app.command()
 def demo(
-    n: Optional[int] = typer.Option(None, "--n", "-n", help="Puzzles solved in the batch (default 20).",
-                                    show_default=False),
+    n: Optional[int] = typer.Option(None, "-n", "--count", show_default=False,
+                                    help="Puzzles solved together in one batch (default 20; fewer when the band "
+                                         "holds fewer)."),
     givens: Optional[str] = typer.Option(None, "--givens", show_default=False,
                                          help="Band of givens, e.g. 25-29 (default 36-45)."),
     puzzle: Optional[str] = typer.Option(None, "--puzzle", show_default=False,
                                          help="Your own puzzle: 81 characters row by row, digits 1-9, '.' or 0 "
                                               "for blanks."),
-    shown: int = typer.Option(1, "--puzzles", help="Grids drawn (live, then final)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Max denoising steps (default: the checkpoint's).",
-                                        show_default=False),
-    seed: int = typer.Option(0, "--seed"),
+    shown: Optional[int] = typer.Option(None, "--show", show_default=False,
+                                        help="Grids drawn, the ones with the fewest givens: live, side by side "
+                                             "(as many as fit the terminal), then at the end (default 3)."),
+    steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
+                                        help="At most this many denoising steps (default: the checkpoint's, 48)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the starting canvas and of the sampler."),
     live: bool = typer.Option(True, "--live/--no-live", help="Redraw the grids as they are denoised."),
     compare: bool = typer.Option(False, "--compare", help="Then solve the same puzzles left to right (one cell "
                                  "per forward, same model) and print that line too."),
-    sample: Optional[int] = typer.Option(None, "--sample", hidden=True),  # older name of --n
+    old_n: Optional[int] = typer.Option(None, "--n", hidden=True),  # older name of -n/--count
+    sample: Optional[int] = typer.Option(None, "--sample", hidden=True),  # older name of -n/--count
+    old_shown: Optional[int] = typer.Option(None, "--puzzles", hidden=True),  # older name of --show
     threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """The embedded default model: Sudoku solved on the canvas (live), then a one-line summary.
@@ -148,10 +153,16 @@ def demo(
     from .demo import run
 
     def go():
-        if sample is not None and n is not None:
-            raise common.CLIError("give --n (or its older name --sample), not both")
-        run(n if n is not None else sample, givens, puzzle, shown, steps, seed, live, threads, device,
-            "--sample" if sample is not None else "--n", compare=compare)
+        counts = [(f, v) for f, v in (("-n", n), ("--n", old_n), ("--sample", sample)) if v is not None]
+        if len(counts) > 1:
+            raise common.CLIError(f"give {counts[0][0]} or {counts[1][0]} (an older name of -n), not both")
+        shows = [(f, v) for f, v in (("--show", shown), ("--puzzles", old_shown)) if v is not None]
+        if len(shows) > 1:
+            raise common.CLIError("give --show or --puzzles (its older name), not both")
+        n_flag, count = counts[0] if counts else ("-n", None)
+        show_flag, show = shows[0] if shows else ("--show", 3)
+        run(count, givens, puzzle, show, steps, seed, live, threads, device, n_flag, compare=compare,
+            show_flag=show_flag)
 
     common.run(go, debug, quiet)
 

@@ -37,6 +37,21 @@ def at_least(flag: str, value: int | None, low: int = 1, what: str = "a number")
         raise CLIError(f"{flag} {value}: give {what} >= {low}")
 
 
+def live_view(refresh: int):
+    """A started live view on stderr (transient: it vanishes when stopped); content taller than
+    the terminal is cut to it, never left behind above the output."""
+    from rich.live import Live
+
+    view = Live(console=err, refresh_per_second=refresh, transient=True, vertical_overflow="crop")
+    view.start()
+    return view
+
+
+def result_line(text: str) -> None:
+    """A summary line on stdout: wrapped at words on a terminal, one line when piped."""
+    out.print(text, soft_wrap=not out.is_terminal)
+
+
 def say(*parts, style: str | None = None) -> None:
     """A message line on stderr (silenced by --quiet)."""
     if not STATE["quiet"]:
@@ -172,6 +187,9 @@ def run(fn, debug: bool = False, quiet: bool = False):
     """Call fn; any error becomes one line on stderr (exit 1) unless --debug; Ctrl-C exits 130, SIGTERM 143."""
     STATE["debug"] = STATE["debug"] or debug
     STATE["quiet"] = STATE["quiet"] or quiet
+    # messages on a terminal wrap at words (and a live view wraps its long lines instead of
+    # cutting them); piped, every message stays one line
+    err.soft_wrap = not err.is_terminal
     try:
         with signals(), _threads_restored():
             return fn()

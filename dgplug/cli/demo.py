@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import time
 
+from rich.columns import Columns
 from rich.console import Group
 from rich.text import Text
 
-from .common import CLIError, STATE, err, out, say
+from .common import CLIError, STATE, err, live_view, out, result_line, say
 
 UNITS = ([[r * 9 + c for c in range(9)] for r in range(9)] + [[r * 9 + c for r in range(9)] for c in range(9)]
          + [[(br + r) * 9 + bc + c for r in range(3) for c in range(3)] for br in (0, 3, 6) for bc in (0, 3, 6)])
@@ -132,27 +133,44 @@ class Sudoku:
         return text
 
 
-def pick(bank: list[dict], band: tuple[int, int], n: int, n_flag: str = "--n") -> list[dict]:
+def pick(bank: list[dict], band: tuple[int, int], n: int | None, n_flag: str = "-n") -> list[dict]:
+    """The first n puzzles (default DEFAULT_N) of the bank in the band; n None: as many as there are
+    when the band holds fewer than the default."""
     have = [p for p in bank if band[0] <= p["givens"] <= band[1]]
     if not have:
         lo, hi = min(p["givens"] for p in bank), max(p["givens"] for p in bank)
         raise CLIError(f"--givens {band[0]}-{band[1]}: the embedded bank has no puzzle in that band "
                        f"(it has {len(bank)} puzzles with {lo}-{hi} givens)")
-    if n > len(have):
-        raise CLIError(f"{n_flag} {n}: the embedded bank has {len(have)} puzzles with {band[0]}-{band[1]} givens")
-    return have[:n]
+    if n is not None and n > len(have):
+        many = "puzzle" if len(have) == 1 else "puzzles"
+        raise CLIError(f"{n_flag} {n}: the embedded bank has {len(have)} {many} with {band[0]}-{band[1]} givens")
+    return have[:n or DEFAULT_N]
+
+
+GRID_LINES = 12  # a drawn grid: its title, 9 rows and 2 rules
+GRID_WIDTH = 24  # 21 characters and the gap to the next one
+
+
+def fitting(wanted: int, width: int, height: int) -> int:
+    """How many of `wanted` grids a live view of width x height shows: side by side, in as many
+    rows as fit below the status and legend lines (a view taller than the terminal would leave
+    its last frame behind)."""
+    per_row = max(1, (width + 3) // GRID_WIDTH)
+    rows = max(0, (height - 3) // GRID_LINES)
+    return min(wanted, per_row * rows)
 
 
 def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps: int | None, seed: int,
-        live: bool, threads: int | None, device: str | None, n_flag: str = "--n", compare: bool = False) -> None:
+        live: bool, threads: int | None, device: str | None, n_flag: str = "-n", compare: bool = False,
+        show_flag: str = "--show") -> None:
     from . import common
 
     if n is not None and n < 1:
         raise CLIError(f"{n_flag} {n}: give a number of puzzles >= 1")
-    common.at_least("--puzzles", shown, 0, "a number of grids to show")
+    common.at_least(show_flag, shown, 0, "a number of grids to show")
     common.at_least("--steps", steps)
     if puzzle is not None and (givens is not None or (n is not None and n != 1)):
-        raise CLIError("--puzzle solves one given puzzle: leave out --givens and --n")
+        raise CLIError("--puzzle solves one given puzzle: leave out --givens and -n")
     band = parse_band(givens or DEFAULT_BAND)
     mine = parse_puzzle(puzzle) if puzzle is not None else None
     common.check_backend()
@@ -166,7 +184,7 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
         return _tiny_fallback(path, steps, seed, user_threads, device)
     bank = json.loads((path / "puzzles.json").read_text())
     items = [dict(puzzle=mine, givens=81 - mine.count("."), solution=None)] if mine else \
-        pick(bank, band, n or DEFAULT_N, n_flag)
+        pick(bank, band, n, n_flag)
 
     from dgplug import load
 
@@ -179,20 +197,21 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     tc = model.tc
     say(f"Sudoku DiffusionGemma ({tc.num_hidden_layers} layers, hidden {tc.hidden_size}, {tc.num_experts} experts "
         f"top-{tc.top_k_experts}, canvas {model.cfg.canvas_length}): givens placed on the canvas and locked, "
-        f"every blank denoised in parallel; {len(items)} puzzle(s) in one batch")
+        f"every blank denoised in parallel; {len(items)} puzzle{'s' if len(items) > 1 else ''} in one batch")
     S = Sudoku(model, seed)
     puzzles = [it["puzzle"] for it in items]
     prompt, canvas, lock = S.encode(puzzles)
     start = canvas.clone()  # the left-to-right comparison starts from the same canvas
     N = steps or int(model.generation_defaults["max_denoising_steps"])
-    shown = min(shown, len(items))
+    # the grids drawn: those with the fewest givens (the last to settle), in batch order
+    drawn = sorted(sorted(range(len(items)), key=lambda k: items[k]["givens"])[:min(shown, len(items))])
     view = None
     animate = live and err.is_terminal and not STATE["quiet"]
     if err.is_terminal and not STATE["quiet"]:
-        from rich.live import Live
-
-        view = Live(console=err, refresh_per_second=20, transient=True)
-        view.start()
+        view = live_view(20)
+    watched = drawn[:fitting(len(drawn), err.size.width, err.size.height)] if animate else []
+    legend = Text.assemble(("given", "bold"), "  ", ("accepted", "bold green"), "  ",
+                           ("draft (not yet accepted)", "dim"), "  ", ("? not a digit", "red"))
     t0 = time.perf_counter()
 
     def hook(s):
@@ -204,8 +223,8 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
             err.print(status)
             return
         frames = [S.render(puzzles[k], s.draft[k].tolist(), s.accepted[k].tolist(),
-                           f"puzzle {k + 1} ({items[k]['givens']} givens)") for k in range(shown)] if animate else []
-        view.update(Group(status, *frames))
+                           f"puzzle {k + 1} ({items[k]['givens']} givens)") for k in watched]
+        view.update(Group(status, legend, Columns(frames, padding=(0, 3))) if frames else status)
         if animate:
             time.sleep(0.08)  # slow enough to watch; subtracted from the speed below
 
@@ -221,19 +240,25 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     L0 = prompt.shape[1]
     grids = [S.grid(res.sequences[b, L0:].tolist()) for b in range(len(items))]
     ok = [S.solved(p, g) for p, g in zip(puzzles, grids)]
-    for k in range(shown):
+    finals = []
+    for k in drawn:
         bad = set() if ok[k] else S.clashes(puzzles[k], grids[k])
-        verdict = "solved" if ok[k] else f"not solved, {len(bad)} of {puzzles[k].count('.')} cells clash (red)"
-        out.print(S.render(puzzles[k], res.sequences[k, L0:].tolist(), wrong=bad,
-                           title=f"puzzle {k + 1} ({items[k]['givens']} givens): {verdict}"))
-    pad = model.generation_defaults.get("pad_token_id", 0)
-    n_tok = int((res.sequences[:, L0:] != pad).sum())
-    fwd = float(res.forwards.float().mean())
+        verdict = "solved" if ok[k] else f"{len(bad)} of {puzzles[k].count('.')} blanks clash (red)"
+        finals.append(S.render(puzzles[k], res.sequences[k, L0:].tolist(), wrong=bad,
+                               title=f"puzzle {k + 1} ({items[k]['givens']} givens): {verdict}"))
+    if out.is_terminal and finals:  # side by side; piped, one grid after another
+        out.print(Columns(finals, padding=(0, 3)), soft_wrap=False)
+    for grid in finals if not out.is_terminal else ():
+        out.print(grid)
+    # the model fills the blanks; the givens and EOS are locked, not generated, so they count nowhere
+    blanks = sum(p.count(".") for p in puzzles)
+    forwards = int(res.forwards.sum())
     where = "your puzzle" if mine else f"{band[0]}-{band[1]} givens"
-    tpf = float(res.tokens_per_forward.float().mean())
-    out.print(f"solve rate {sum(ok)}/{len(items)} = {100 * sum(ok) / len(items):.0f}% ({where}); "
-              f"{_blanks_ok(puzzles, grids)}; {fwd:.1f} forwards per grid ({tpf:.1f} tokens per forward); "
-              f"{n_tok / dt:.0f} tokens/s on {nthreads} thread{'s' if nthreads > 1 else ''}")
+    # a settled grid is frozen, but the batch runs until its last grid settles (or the step limit)
+    result_line(f"solve rate {sum(ok)}/{len(items)} = {100 * sum(ok) / len(items):.0f}% ({where}); "
+                f"{_blanks_ok(puzzles, grids)}; {forwards / len(items):.1f} forwards per grid "
+                f"({blanks / max(forwards, 1):.1f} blanks per forward); {_batch(res.forwards, blanks, dt)} on "
+                f"{nthreads} thread{'s' if nthreads > 1 else ''}")
     if compare:
         from dgplug.editing import fill_left_to_right
 
@@ -244,8 +269,14 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
         dt = time.perf_counter() - t0
         grids = [S.grid(filled[b].tolist()) for b in range(len(items))]
         ok = [S.solved(p, g) for p, g in zip(puzzles, grids)]
-        out.print(f"left to right, same model: {sum(ok)}/{len(items)} = {100 * sum(ok) / len(items):.0f}%; "
-                  f"{_blanks_ok(puzzles, grids)}; {float(fw.float().mean()):.1f} forwards per grid; {dt:.1f} s")
+        result_line(f"left to right, same model: {sum(ok)}/{len(items)} = {100 * sum(ok) / len(items):.0f}%; "
+                    f"{_blanks_ok(puzzles, grids)}; {float(fw.float().mean()):.1f} forwards per grid "
+                    f"({blanks / max(int(fw.sum()), 1):.1f} blanks per forward); {_batch(fw, blanks, dt)}")
+
+
+def _batch(forwards, blanks: int, seconds: float) -> str:
+    """'the batch: 48 forwards in 12.1 s, 67 blanks/s': the batch runs as long as its slowest row."""
+    return f"the batch: {int(forwards.max())} forwards in {seconds:.1f} s, {blanks / seconds:.0f} blanks/s"
 
 
 def _blanks_ok(puzzles: list[str], grids: list[list[int]]) -> str:
