@@ -39,11 +39,12 @@ def is_hub_id(name) -> bool:
 
 
 def resolve(name_or_path, *, revision: str | None = None, token: str | bool | None = None,
-            cache_dir: str | Path | None = None, gguf_file: str | None = None) -> Path:
+            cache_dir: str | Path | None = None, gguf_file: str | None = None,
+            files: list[str] | None = None) -> Path:
     """A local path (returned as is), or the local copy of hub id `name_or_path`.
 
     gguf_file: download that one file of the repository and return its path (instead of the
-    snapshot directory with FILES)."""
+    snapshot directory with FILES); files: other patterns than FILES (e.g. ["config.json"])."""
     if not is_hub_id(name_or_path):
         path = Path(name_or_path)
         if gguf_file is not None and path.is_dir():
@@ -61,7 +62,7 @@ def resolve(name_or_path, *, revision: str | None = None, token: str | bool | No
     try:
         if gguf_file is not None:
             return Path(hf_hub_download(repo, gguf_file, **kw))
-        return Path(snapshot_download(repo, allow_patterns=FILES, **kw))
+        return Path(snapshot_download(repo, allow_patterns=files or FILES, **kw))
     except LocalEntryNotFoundError:
         where = cache_dir or constants.HF_HUB_CACHE
         what = f"{at}{f' file {gguf_file}' if gguf_file else ''}: no such local path, and not in the Hugging Face " \

@@ -144,3 +144,25 @@ def test_converters_take_ids(tiny_ckpt, hf_cache, tmp_path):
     assert sorted(p.name for p in qa.iterdir()) == sorted(p.name for p in qb.iterdir())
     for p in qa.iterdir():
         assert p.read_bytes() == (qb / p.name).read_bytes(), p.name
+
+
+def test_cli_info_takes_an_id(tiny_ckpt, hf_cache):
+    """`dgplug info owner/name`: the architecture from the cached config.json (as `generate` and
+    `convert` take ids); not cached and offline: the hub's one line, not "no config.json"."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from dgplug.cli import app
+
+    put_in_cache(hf_cache, REPO, tiny_ckpt)
+    by_id = CliRunner().invoke(app, ["info", REPO, "--json"])
+    by_path = CliRunner().invoke(app, ["info", str(tiny_ckpt), "--json"])
+    assert by_id.exit_code == 0 and by_path.exit_code == 0, by_id.output
+    got, want = json.loads(by_id.stdout), json.loads(by_path.stdout)
+    assert got["path"] == REPO and got["params_total"] == want["params_total"] > 0
+    assert {k: got[k] for k in ("layers", "layer_pattern", "experts", "top_k")} == {k: want[k] for k in ("layers", "layer_pattern", "experts", "top_k")}
+    table = CliRunner().invoke(app, ["info", REPO])
+    assert table.exit_code == 0 and "hub id (config.json only" in table.stdout and "on disk" not in table.stdout
+    r = CliRunner().invoke(app, ["info", "someone/not-downloaded"])
+    assert r.exit_code == 1 and "HF_HUB_OFFLINE=1 forbids downloading it" in r.stderr and "config.json" not in r.stderr

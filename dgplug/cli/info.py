@@ -71,7 +71,11 @@ def describe(path) -> dict:
     if g is not None:
         return _describe_gguf(g)
     from dgplug.config import load_config
+    from dgplug.hub import is_hub_id, resolve
 
+    if not p.exists() and is_hub_id(path):  # the architecture from config.json alone (no weights fetched)
+        return dict(path=str(path), **architecture(load_config(resolve(path, files=["config.json"]))),
+                    format="hub id (config.json only: the weights are not fetched for info)", bytes_on_disk=None)
     cfg = load_config(path)
     d = dict(path=str(path), **architecture(cfg))
     qc = cfg.raw.get("quantization_config")
@@ -191,7 +195,8 @@ def show_info(d: dict) -> None:
                                   f"{', '.join(d['not_converted']) or '-'}")
         t.add_row("weight bytes", f"{human(d['packed_bytes'], 'B')} packed + {human(d['kept_bytes'], 'B')} kept "
                                   f"(norms, router, embedding, vision)")
-    t.add_row("size", f"{human(d['bytes_on_disk'], 'B')} on disk")
+    if d["bytes_on_disk"] is not None:
+        t.add_row("size", f"{human(d['bytes_on_disk'], 'B')} on disk")
     out.print(t)
 
 
