@@ -234,3 +234,33 @@ def test_progress_goes_to_stderr(tiny_ckpt_smooth, tmp_path, quant, out):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == f"wrote {target}", p.stdout
     assert quant in p.stderr
+
+
+@pytest.mark.parametrize("quant,name", [("Q8_0", "m.gguf"), ("int8", "q8")])
+def test_output_folder_checked_before_any_work(tiny_ckpt_smooth, tmp_path, quant, name):
+    """OUT's folder must exist and take a file: one line naming OUT, before the source is read,
+    and no folder is created on the way (a typo in a path once became a new directory)."""
+    missing = tmp_path / "no" / "such"
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(missing / name), "-q", quant])
+    assert r.exit_code == 1 and r.stderr == f"error: {missing / name}: no such directory {missing} (create it first)\n"
+    assert not (tmp_path / "no").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(afile / name), "-q", quant])
+    assert r.exit_code == 1 and f"{afile} is not a directory" in r.stderr, r.output
+    r = runner.invoke(app, ["imatrix", str(tiny_ckpt_smooth), "--calib", str(afile), "-o", str(missing / "i.gguf")])
+    assert r.exit_code == 1 and r.stderr.startswith(f"error: -o {missing / 'i.gguf'}: no such directory"), r.output
+
+
+def test_read_only_output_folder_named_not_the_temporary_file(tiny_ckpt_smooth, tmp_path):
+    prefix = _private_mount_prefix()
+    if prefix is None:
+        pytest.skip("no private mount namespace here (unshare -m / -rm): cannot mount a read-only filesystem")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    cli = " ".join(f"'{c}'" for c in CLI)
+    script = (f"mount -t tmpfs -o ro,size=64k tmpfs '{mnt}' && {cli} convert '{tiny_ckpt_smooth}' '{mnt}/m.gguf' "
+              f"-q Q8_0; echo RC=$?")
+    r = subprocess.run(prefix + ["sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.stderr.endswith(f"error: {mnt}/m.gguf: cannot write in {mnt} (read-only file system)\n"), r.stderr
+    assert "RC=1" in r.stdout and "converting" not in r.stderr

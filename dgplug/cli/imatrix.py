@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .common import CLIError, out, say
+from .paths import writable
 
 
 def calibration_text(calib: str) -> tuple[str, list[str]]:
@@ -43,9 +44,7 @@ def output_path(o: str, overwrite: bool) -> Path:
         raise CLIError(f"-o {o} is a directory: the imatrix is one GGUF file (e.g. {p / 'imatrix.gguf'})")
     if p.exists() and not overwrite:
         raise CLIError(f"{o} exists: pass --overwrite to replace it")
-    if not p.parent.exists():
-        raise CLIError(f"-o {o}: no such directory {p.parent}")
-    return p
+    return writable(o, "-o")
 
 
 def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch: int, steps: int | None,

@@ -91,6 +91,26 @@ def gguf_arg(s: str) -> Path:
     raise CLIError(f"{s} is not a GGUF file (it does not start with the GGUF magic)")
 
 
+def writable(out: str, flag: str = "") -> Path:
+    """OUT's folder exists and takes a new file (probed with one: permissions, a read-only or
+    virtual file system), before any work; the output is written there under a temporary name."""
+    p = Path(out)
+    parent = p.parent
+    named = f"{flag} {out}" if flag else out
+    if not parent.exists():
+        raise CLIError(f"{named}: no such directory {parent} (create it first)")
+    if not parent.is_dir():
+        raise CLIError(f"{named}: {parent} is not a directory")
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{p.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise CLIError(f"{named}: cannot write in {parent} ({(e.strerror or str(e)).lower()})") from None
+    return p
+
+
 def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
     """convert's OUT, one rule for files and directories: an existing output is refused unless
     --overwrite; GGUF types write one file, int4/int8/fp8 a directory."""
@@ -115,4 +135,4 @@ def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
             raise CLIError(f"{out} is a file: {quant} writes a directory")
     if p.exists() and not overwrite and (p.is_file() or any(p.iterdir())):
         raise CLIError(f"{out} exists: pass --overwrite to replace it")
-    return p
+    return writable(out)
