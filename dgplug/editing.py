@@ -29,6 +29,16 @@ from .errors import InputError
 
 _SPAN = re.compile(r"\[\[(.*?)\]\]", re.S)
 _INSERT = re.compile(r"\+(\d+)")
+_COUNT = re.compile(r"\+\s*[-+]?\s*\d[\d.]*")  # what was meant as [[+N]], N not a positive whole number
+
+
+def _stray(text: str, start: int, end: int) -> None:
+    """A '[[' or ']]' in text[start:end] has no partner: one error giving its position (0-based)."""
+    found = [i for i in (text.find("[[", start, end), text.find("]]", start, end)) if i >= 0]
+    if found:
+        i = min(found)
+        raise InputError(f"edit text: '{text[i:i + 2]}' at character {i} has no matching "
+                         f"'{']]' if text[i] == '[' else '[['}'")
 
 
 def parse_edit(text: str) -> list[tuple[str, str | int]]:
@@ -36,22 +46,26 @@ def parse_edit(text: str) -> list[tuple[str, str | int]]:
     out: list[tuple[str, str | int]] = []
     pos = 0
     for m in _SPAN.finditer(text):
+        _stray(text, pos, m.start())
+        if "[[" in m.group(1):  # '[[a [[b]]': the ']]' closes the second, the first is never closed
+            raise InputError(f"edit text: '[[' at character {m.start()} has no matching ']]'")
         if m.start() > pos:
             out.append(("keep", text[pos:m.start()]))
         body = m.group(1)
         ins = _INSERT.fullmatch(body.strip())
-        if ins:
+        if ins and int(ins.group(1)) > 0:
             out.append(("insert", int(ins.group(1))))
-        elif body:
+        elif ins or _COUNT.fullmatch(body.strip()):
+            raise InputError(f"edit text: {m.group(0)} at character {m.start()}: [[+N]] inserts N >= 1 new tokens")
+        elif body.strip():
             out.append(("rewrite", body))
         else:
-            raise InputError(f"edit text: empty span at character {m.start()} (use [[+N]] to insert N tokens)")
+            raise InputError(f"edit text: empty span {m.group(0)!r} at character {m.start()} (put the words to "
+                             f"rewrite inside, or [[+N]] to insert N tokens)")
         pos = m.end()
-    rest = text[pos:]
-    if "[[" in rest or "]]" in rest:
-        raise InputError(f"edit text: unbalanced '[[' / ']]' after character {pos}")
-    if rest:
-        out.append(("keep", rest))
+    _stray(text, pos, len(text))
+    if text[pos:]:
+        out.append(("keep", text[pos:]))
     return out
 
 

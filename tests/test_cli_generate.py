@@ -76,3 +76,17 @@ def test_json_generate(tiny_ckpt):
     d = json.loads(r.stdout)
     assert d["prompt_tokens"] == 3 and d["threads"] == 1 and d["steps"] == [2] and d["device"] == "cpu"
     assert d["tokens_per_second"] > 0 and len(d["ids"]) == d["new_tokens"]
+
+
+def test_empty_prompt_and_unknown_words(tiny_ckpt):
+    """An empty prompt is one line before loading; words the tokenizer does not know get a note
+    (the tiny model's WordLevel vocabulary is w0, w1, ...: "hello" is <unk>), and a failed run
+    prints no progress line."""
+    for empty in ("", "   "):
+        r = runner.invoke(app, ["generate", str(tiny_ckpt), empty])
+        assert r.exit_code == 1 and r.stderr == "error: the prompt is empty: give some text (or --ids 1,2,3)\n"
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "w5 hello w6 there", "--no-chat", "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "note: 2 of 4 prompt tokens are unknown to this model's tokenizer (<unk>)" in r.stderr
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "w5 w6", "--no-chat", "--steps", "2"])
+    assert r.exit_code == 0 and "note:" not in r.stderr

@@ -20,8 +20,18 @@ def test_parse_edit():
     assert parse_edit("no spans") == [("keep", "no spans")]
     with pytest.raises(InputError, match="empty span"):
         parse_edit("a [[]] b")
-    with pytest.raises(InputError, match="unbalanced"):
-        parse_edit("a [[b")
+    assert parse_edit("[[c++]] and [[+2]]") == [("rewrite", "c++"), ("keep", " and "), ("insert", 2)]
+    for text, msg in [("a [[b", "'[[' at character 2 has no matching ']]'"),
+                      ("a ]] b [[c]]", "']]' at character 2 has no matching '[['"),
+                      ("a [[b [[c]] d", "'[[' at character 2 has no matching ']]'"),
+                      ("a [[b]] c]]", "']]' at character 9 has no matching '[['"),
+                      ("a [[ ]] b", "empty span '[[ ]]' at character 2"),
+                      ("a [[+0]] b", "[[+0]] at character 2: [[+N]] inserts N >= 1"),
+                      ("a [[+-3]] b", "[[+-3]] at character 2: [[+N]] inserts N >= 1"),
+                      ("a [[+2.5]] b", "[[+2.5]] at character 2")]:
+        with pytest.raises(InputError) as e:
+            parse_edit(text)
+        assert msg in str(e.value), (text, str(e.value))
 
 
 def test_canvas_layout():
@@ -74,7 +84,7 @@ def test_cli_edit(tiny_ckpt):
     first = r.stdout.splitlines()[0].split()  # the text on stdout; loading and summary lines on stderr
     assert first[:2] == ["w40", "w41"] and first[3] == "w43" and "1 of 4 tokens rewritten" in r.output
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w40 [[w41", "--steps", "3"])
-    assert r.exit_code == 1 and r.output.startswith("error:") and "unbalanced" in r.output
+    assert r.exit_code == 1 and r.output == "error: edit text: '[[' at character 4 has no matching ']]'\n"
 
 
 def test_fill_left_to_right(model):

@@ -46,6 +46,8 @@ def check(o: Options) -> None:
         raise CLIError("give --prompt TEXT or --ids 1,2,3, not both")
     if o.prompt is None and o.ids is None and o.edit is None:
         raise CLIError("give a prompt (PATH \"TEXT\" or --prompt TEXT) or --ids 1,2,3 (or --edit TEXT)")
+    if o.prompt is not None and not o.prompt.strip():
+        raise CLIError("the prompt is empty: give some text (or --ids 1,2,3)")
     if o.edit is not None and o.max_new_tokens is not None:
         raise CLIError("--max-new-tokens does not apply to --edit (the edit text fixes the length)")
     at_least("--max-new-tokens", o.max_new_tokens)
@@ -110,10 +112,18 @@ def prompt_ids(model, o: Options):
     if tok is None:
         raise CLIError(f"{model.source} has no tokenizer: use --ids")
     if o.chat and getattr(tok, "chat_template", None):
-        enc = tok.apply_chat_template([{"role": "user", "content": o.prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_tensors="pt", return_dict=True)
-        return enc["input_ids"]
-    return tok(o.prompt, return_tensors="pt").input_ids
+        ids = tok.apply_chat_template([{"role": "user", "content": o.prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(o.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise CLIError(f"the prompt {o.prompt!r} gives no tokens with this model's tokenizer")
+    unk = getattr(tok, "unk_token_id", None)
+    unknown = int((ids == unk).sum()) if unk is not None else 0
+    if unknown:  # e.g. free text given to a model with a small vocabulary: the model sees only <unk>
+        note(f"{unknown} of {ids.shape[1]} prompt tokens are unknown to this model's tokenizer "
+             f"({tok.unk_token}): the model does not see that text")
+    return ids
 
 
 def decode(model, ids: list[int]) -> str:
@@ -209,11 +219,12 @@ def run(o: Options) -> None:
     check_length(int(ids.shape[1]), n, C, model.tc.max_position_embeddings)
     watch = Watch(model, canvases, N, o.live)
     t0 = time.perf_counter()
+    res = None
     try:
         res = model.generate(ids, max_new_tokens=n, max_denoising_steps=o.steps, rng=o.rng, seed=o.seed,
                              on_step=watch)
     finally:
-        watch.close(finished=True)
+        watch.close(finished=res is not None)  # no progress line for a run that failed
     dt = time.perf_counter() - t0
     pad = model.generation_defaults.get("pad_token_id", model.tc.pad_token_id)
     new = res.sequences[0, ids.shape[1]:].tolist()
