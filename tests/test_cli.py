@@ -61,6 +61,8 @@ def test_convert_info_inspect(tiny_ckpt_smooth, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["inspect", str(tmp_path / "m.gguf")])
     assert r.exit_code == 0 and "token_embd.weight" in r.output and "matches" in r.output, r.output
+    # piped (80 columns here): whole keys and tensor names, not cut with an ellipsis
+    assert "diffusion-gemma.expert_feed_forward_length " in r.stdout and "…" not in r.stdout, r.stdout
     r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "q8"), "--quant", "int8"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["info", str(tmp_path / "q8")])

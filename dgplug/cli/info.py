@@ -213,14 +213,15 @@ def inspect(path: Path, as_json: bool) -> int:
                               "contract_problems": problems}, default=str))
         return 1 if problems else 0
     t = Table(title=Text(str(path)))
-    for col in ("key", "value"):
-        t.add_column(col)
+    t.add_column("key", no_wrap=True)  # whole keys, also piped at 80 columns (grep finds them)
+    t.add_column("value", overflow="fold")
     for k, v in meta.items():
         t.add_row(Text(k), Text(str(v)[:100]))
     out.print(t)
     t = Table()
-    for col in ("tensor", "type", "shape (ggml order)", "bytes"):
-        t.add_column(col)
+    t.add_column("tensor", no_wrap=True)
+    for col in ("type", "shape (ggml order)", "bytes"):
+        t.add_column(col, overflow="fold")
     for name, typ, shape, nbytes in rows:
         t.add_row(Text(name), typ, Text(str(list(shape))), human(nbytes, "B"))
     out.print(t)
