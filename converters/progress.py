@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+_FIGURES = 31  # "51.4/357.0 MB 75.7 MB/s 0:00:12": bytes, speed, time left
 
-def conversion_progress(enabled: bool = True, tensor_column: bool = False):
-    """A rich Progress of bytes read: description, bar, bytes, speed, ETA (and the tensor at work)."""
+
+def _widths(width: int, description: int, tensor_column: bool) -> tuple[int, int, int]:
+    """(description, bar, tensor) widths that fit a line of `width`: the figures always show;
+    the description keeps up to `description` characters, the bar 10 to 40, the tensor name
+    what is left (0: no tensor column)."""
+    free = width - _FIGURES - 2  # a space after the description and after the bar
+    desc = max(6, min(description, free - 10))
+    bar = max(10, min(40, free - desc - (24 if tensor_column else 0)))
+    tensor = free - desc - bar - 1 if tensor_column else 0
+    return desc, bar, tensor if tensor >= 12 else 0
+
+
+def conversion_progress(enabled: bool = True, tensor_column: bool = False, console=None):
+    """A rich Progress of bytes read: description, bar, bytes, speed, ETA (and the tensor at work),
+    fitted to the terminal's width (long names end in an ellipsis; the bar never disappears)."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.table import Column
 
-    columns = [TextColumn("{task.description:<40}", markup=False), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn()]
-    if tensor_column:
-        columns.append(TextColumn("{task.fields[tensor]}", markup=False))
-    return Progress(*columns, console=Console(stderr=True, markup=False, highlight=False), disable=not enabled,
-                    transient=False)
+    console = console or Console(stderr=True, markup=False, highlight=False)
+    desc, bar, tensor = _widths(console.width, 8 if tensor_column else 40, tensor_column)
+
+    def fixed(w):
+        return Column(width=w, no_wrap=True, overflow="ellipsis")
+
+    columns = [TextColumn("{task.description}", markup=False, table_column=fixed(desc)), BarColumn(bar_width=bar),
+               DownloadColumn(table_column=Column(no_wrap=True)), TransferSpeedColumn(table_column=Column(no_wrap=True)),
+               TimeRemainingColumn(table_column=Column(no_wrap=True))]
+    if tensor:
+        columns.append(TextColumn("{task.fields[tensor]}", markup=False, table_column=fixed(tensor)))
+    return Progress(*columns, console=console, disable=not enabled, transient=False)

@@ -264,3 +264,27 @@ def test_read_only_output_folder_named_not_the_temporary_file(tiny_ckpt_smooth, 
     r = subprocess.run(prefix + ["sh", "-c", script], capture_output=True, text=True, timeout=300)
     assert r.stderr.endswith(f"error: {mnt}/m.gguf: cannot write in {mnt} (read-only file system)\n"), r.stderr
     assert "RC=1" in r.stdout and "converting" not in r.stderr
+
+
+@pytest.mark.parametrize("tensor_column", [False, True])
+def test_progress_bar_fits_the_terminal(tensor_column):
+    """At any width from 50 columns the line (description, bar, bytes, speed, ETA, tensor) fits and
+    the bar and the figures stay (int4 at 100 columns once showed the tensor name alone)."""
+    import io
+
+    from rich.console import Console
+
+    from dgplug.converters import progress as cp
+
+    for width in (50, 60, 80, 100, 120, 160, 240):
+        desc, bar, tensor = cp._widths(width, 8 if tensor_column else 40, tensor_column)
+        assert bar >= 10 and desc >= 6 and desc + bar + cp._FIGURES + 2 + (tensor + 1 if tensor else 0) <= width
+        assert (tensor > 0) == (tensor_column and width >= 80)
+        buf = io.StringIO()
+        con = Console(file=buf, width=width, color_system=None)
+        p = cp.conversion_progress(True, tensor_column, console=con)
+        t = p.add_task("blk.12.ffn_gate_up_exps.weight Q4_K", total=357e6, tensor="model.decoder.layers.0.experts.x")
+        p.update(t, completed=51.4e6)
+        con.print(p.get_renderable())
+        line = buf.getvalue().rstrip("\n")
+        assert "\n" not in line and len(line) <= width and "51.4/357.0 MB" in line and "━" in line, (width, line)
