@@ -118,7 +118,15 @@ def make_checkpoint(path: str | Path, text: dict | None = None, canvas_length: i
     path = Path(path)
     model = build_hf_model(text, canvas_length, seed, dtype, **kw)
     save_kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **save_kw)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar for a model of kilobytes is noise
+    try:
+        model.save_pretrained(path, **save_kw)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     gen = {
         "max_new_tokens": canvas_length,
         "max_denoising_steps": 8,
