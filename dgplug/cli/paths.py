@@ -69,6 +69,16 @@ def source_arg(s: str):
     if k == "hub":
         return s
     if k == "dir":
+        import json
+
+        try:
+            qc = json.loads((Path(s) / "config.json").read_text()).get("quantization_config")
+        except (OSError, ValueError, AttributeError):
+            qc = None  # no or unreadable config.json: the converter names the fault
+        if qc:
+            how = f"{qc.get('quant_method')} {qc.get('scheme') or ''}".strip() if isinstance(qc, dict) else qc
+            raise CLIError(f"{s} is already quantized ({how}): convert reads the original checkpoint "
+                           f"(bf16/fp32 safetensors)")
         return Path(s)
     raise _not_a_model(s, k, "convert reads a Hugging Face checkpoint directory (config.json + safetensors)")
 
@@ -127,6 +137,10 @@ def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
     if gguf:
         if p.is_dir():
             raise CLIError(f"{out} is a directory: {quant} writes one GGUF file (e.g. {p / ('model-' + quant + '.gguf')})")
+        if p.suffix.lower() != ".gguf":
+            from .common import note
+
+            note(f"{out} has no .gguf extension: it will be a GGUF file all the same")
     else:
         if p.suffix.lower() == ".gguf":
             raise CLIError(f"{out}: {quant} writes a directory of safetensors, not a .gguf file "
