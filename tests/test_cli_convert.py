@@ -193,16 +193,22 @@ def _private_mount_prefix():
     return None
 
 
-def test_full_disk_during_gguf_export(tiny_ckpt_smooth, tmp_path):
+def _convert_on_tmpfs(src, mnt, options: str, quant: str, then: str = ""):
+    """`dgplug convert src mnt/m.gguf -q quant` in a private mount namespace where mnt is a tmpfs
+    mounted with `options` (skips where no such namespace can be made); prints RC=<exit code>."""
     prefix = _private_mount_prefix()
     if prefix is None:
-        pytest.skip("no private mount namespace here (unshare -m / -rm): cannot make a small filesystem")
-    mnt = tmp_path / "small"
+        pytest.skip("no private mount namespace here (unshare -m / -rm): cannot mount a small filesystem")
     mnt.mkdir()
     cli = " ".join(f"'{c}'" for c in CLI)
-    script = (f"mount -t tmpfs -o size=256k tmpfs '{mnt}' && {cli} convert '{tiny_ckpt_smooth}' '{mnt}/m.gguf' "
-              f"-q F32; echo RC=$?; ls -A '{mnt}'")
-    r = subprocess.run(prefix + ["sh", "-c", script], capture_output=True, text=True, timeout=300)
+    script = f"mount -t tmpfs -o {options} tmpfs '{mnt}' && {cli} convert '{src}' '{mnt}/m.gguf' -q {quant}; " \
+             f"echo RC=$?; {then}"
+    return subprocess.run(prefix + ["sh", "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def test_full_disk_during_gguf_export(tiny_ckpt_smooth, tmp_path):
+    mnt = tmp_path / "small"
+    r = _convert_on_tmpfs(tiny_ckpt_smooth, mnt, "size=256k", "F32", then=f"ls -A '{mnt}'")
     assert f"error: {mnt}/m.gguf: no space left on device\n" in r.stderr, (r.stdout, r.stderr)
     assert "RC=1" in r.stdout, (r.stdout, r.stderr)
     assert r.stdout.split("RC=1")[1].strip() == ""  # nothing left on the full filesystem
@@ -253,15 +259,8 @@ def test_output_folder_checked_before_any_work(tiny_ckpt_smooth, tmp_path, quant
 
 
 def test_read_only_output_folder_named_not_the_temporary_file(tiny_ckpt_smooth, tmp_path):
-    prefix = _private_mount_prefix()
-    if prefix is None:
-        pytest.skip("no private mount namespace here (unshare -m / -rm): cannot mount a read-only filesystem")
     mnt = tmp_path / "ro"
-    mnt.mkdir()
-    cli = " ".join(f"'{c}'" for c in CLI)
-    script = (f"mount -t tmpfs -o ro,size=64k tmpfs '{mnt}' && {cli} convert '{tiny_ckpt_smooth}' '{mnt}/m.gguf' "
-              f"-q Q8_0; echo RC=$?")
-    r = subprocess.run(prefix + ["sh", "-c", script], capture_output=True, text=True, timeout=300)
+    r = _convert_on_tmpfs(tiny_ckpt_smooth, mnt, "ro,size=64k", "Q8_0")
     assert r.stderr.endswith(f"error: {mnt}/m.gguf: cannot write in {mnt} (read-only file system)\n"), r.stderr
     assert "RC=1" in r.stdout and "converting" not in r.stderr
 
