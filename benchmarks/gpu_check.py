@@ -378,8 +378,13 @@ def sampler_variants(dev, small):
         h = torch.randn(B * C, D, device=dev).to(torch.bfloat16)
         rows = [("transformers", lambda: hf_sampler(h, E, B, C)),
                 ("dgplug (default chunk)", lambda: dg_sampler(h, E, B, C, partial(ks._head_sample_triton, **kw)))]
-        rows.append(("dgplug two sweeps per chunk", lambda: dg_sampler(
-            h, E, B, C, partial(ks._head_sample_triton, one_sweep=False, **kw))))
+        for one in (True, False):
+            rows.append((f"dgplug {'one sweep' if one else 'two sweeps'} per chunk", lambda one=one: dg_sampler(
+                h, E, B, C, partial(ks._head_sample_triton, one_sweep=one, **kw))))
+        a, b = (ks._head_sample_triton(h, E, temperature=0.6, seed=5, step=2, one_sweep=o, **kw) for o in (True, False))
+        same = all(torch.equal(x, y) for x, y in zip((a.token, a.argmax, a.entropy, a.soft),
+                                                     (b.token, b.argmax, b.entropy, b.soft)))
+        print(f"RESULT head_sample_sweeps batch={B} one_sweep_same_bits_as_two={same}", flush=True)
         for ch, bv, nw in (((16384, 1024, 4), (32768, 2048, 8)) if B == 1 and not small else
                            ((4096, 1024, 4), (8192, 1024, 8)) if not small else ((1024, 256, 4),)):
             rows.append((f"dgplug chunk {ch} tile {bv} warps {nw}", lambda ch=ch, bv=bv, nw=nw: dg_sampler(

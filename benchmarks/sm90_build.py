@@ -313,8 +313,8 @@ def sampler_calls():
         h = torch.empty(rows, D, dtype=BF)
         _call(f"head_sample rows={rows}", lambda: ks.head_sample(h, emb, temperature=0.6, seed=1, step=0,
                                                                  impl="triton"))
-        _call(f"head_sample rows={rows} two sweeps", lambda: ks._head_sample_triton(
-            h, emb, softcap=30.0, temperature=0.6, seed=1, step=0, row_offset=0, want_soft=True, one_sweep=False))
+        _call(f"head_sample rows={rows} {'two sweeps' if rows <= 512 else 'one sweep'}", lambda: ks._head_sample_triton(
+            h, emb, softcap=30.0, temperature=0.6, seed=1, step=0, row_offset=0, want_soft=True, one_sweep=rows > 512))
         _call(f"head_sample rows={rows} Q6_K table", lambda: ks.head_sample(h, table, temperature=0.6, seed=1,
                                                                             step=0, impl="triton"))
         _call(f"step_keys rows={rows}", lambda: ks.step_keys(torch.zeros(1, dtype=torch.int64),

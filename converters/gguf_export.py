@@ -62,7 +62,7 @@ from gguf import GGMLQuantizationType as T
 from dgplug import hub
 from dgplug.config import Config, load_config, load_generation_defaults
 from dgplug.errors import CheckpointError, FormatError, InputError
-from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, is_vision, text_tensors
+from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, TOKENS_SPACED, is_vision, text_tensors
 
 from . import kquants
 from .progress import conversion_progress
@@ -450,7 +450,11 @@ def read_tokenizer(src: Path, vocab_size: int, cfg_raw: dict) -> dict:
     if isinstance(template, list):  # named templates: keep the default one
         d = {t.get("name"): t.get("template") for t in template}
         template = d.get("default") or next(iter(d.values()), None)
-    return dict(tokens=tokens, scores=scores, types=types, merges=merges, ids=ids, chat_template=template)
+    # a vocabulary without merges and without a decoder decodes with a space between tokens (the
+    # tokenizers library's default); llama.cpp joins pieces: say so for dgplug's reader
+    spaced = mtype in ("WordLevel", "WordPiece") and not tok.get("decoder")
+    return dict(tokens=tokens, scores=scores, types=types, merges=merges, ids=ids, chat_template=template,
+                spaced=spaced)
 
 
 def _add_general(w: GGUFWriter, src: Path, name: str | None, repo: str | None = None) -> None:
@@ -539,6 +543,8 @@ def _add_metadata(w: GGUFWriter, src: Path, cfg: Config, gen: dict, tokv: dict, 
     w.add_array("tokenizer.ggml.token_type", tokv["types"])
     if tokv["merges"]:
         w.add_array("tokenizer.ggml.merges", tokv["merges"])
+    if tokv.get("spaced"):
+        w.add_bool(TOKENS_SPACED, True)
     ids = tokv["ids"]
     for key, gk in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
                     ("sep", "seperator_token_id"), ("pad", "padding_token_id"), ("cls", "cls_token_id"),

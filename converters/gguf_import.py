@@ -44,7 +44,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFValueType as VT, TokenType
 
 from dgplug.errors import FormatError
-from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, text_tensors
+from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, TOKENS_SPACED, text_tensors
 
 ARCH = "diffusion-gemma"
 GGUF_MAGIC = b"GGUF"
@@ -517,8 +517,10 @@ def tokenizer_from_gguf(path):
         tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk or tokens[0]))
         tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # decoding as llama.cpp renders a gemma4 vocabulary, merges or not: the pieces joined, "▁" as a space,
-    # <0xNN> tokens as bytes (a WordLevel vocabulary without it would come back with a space between tokens)
-    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # <0xNN> tokens as bytes; unless dgplug wrote that the source tokenizer had no decoder (a WordLevel
+    # vocabulary that decodes with a space between tokens, as the tokenizers library does without one)
+    if merges or not _field(reader, TOKENS_SPACED):
+        tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     # CONTROL tokens are special; USER_DEFINED ones are added tokens that stay whole and are rendered
     specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if int(ty) == 3]
     if specials:

@@ -56,7 +56,8 @@ def parse_edit(text: str) -> list[tuple[str, str | int]]:
         if ins and int(ins.group(1)) > 0:
             out.append(("insert", int(ins.group(1))))
         elif ins or _COUNT.fullmatch(body.strip()):
-            raise InputError(f"edit text: {m.group(0)} at character {m.start()}: [[+N]] inserts N >= 1 new tokens")
+            raise InputError(f"edit text: {m.group(0)} at character {m.start()}: [[+N]] inserts N new tokens, "
+                             f"N a whole number >= 1 written right after the + (e.g. [[+3]])")
         elif body.strip():
             out.append(("rewrite", body))
         else:

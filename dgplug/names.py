@@ -49,6 +49,9 @@ LAYER = [
 # The encoder's own layer scalars (the only encoder text tensors in the checkpoint).
 ENCODER_LAYER = [(ENCODER_SCALAR, "blk.{L}.enc_layer_output_scale.weight")]
 ROPE_FREQS_GGUF = "rope_freqs.weight"
+# dgplug's own GGUF key (llama.cpp ignores it): the source tokenizer has no merges and no decoder, so
+# it decodes with a space between tokens (llama.cpp, and dgplug without the key, join the pieces)
+TOKENS_SPACED = "tokenizer.dgplug.decode_with_spaces"
 # Gemma 4 tokens llama.cpp's chat parser must read: its converter writes them USER_DEFINED (rendered)
 GEMMA4_VISIBLE_TOKENS = frozenset({"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
                                    "<tool_response|>", '<|"|>'})

@@ -118,15 +118,17 @@ def make_checkpoint(path: str | Path, text: dict | None = None, canvas_length: i
     path = Path(path)
     model = build_hf_model(text, canvas_length, seed, dtype, **kw)
     save_kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    shown = hf_logging.is_progress_bar_enabled()
+    shown = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar for a model of kilobytes is noise
     try:
         model.save_pretrained(path, **save_kw)
-    finally:
-        if shown:
+    finally:  # both switches as they were (transformers' enable also turns huggingface_hub's on)
+        if shown[0]:
             hf_logging.enable_progress_bar()
+        (enable_progress_bars if shown[1] else disable_progress_bars)()
     gen = {
         "max_new_tokens": canvas_length,
         "max_denoising_steps": 8,

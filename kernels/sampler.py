@@ -669,7 +669,7 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, add: bool = Fal
 
 def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_offset, want_soft,
                         vocab_tile=None, chunk=None, block_v=None, num_warps=8, keys=None,
-                        one_sweep=True) -> HeadSample:
+                        one_sweep=None) -> HeadSample:
     """GPU path: the vocabulary in chunks; per chunk the logits h @ E_c^T and the soft sum
     P @ E_c run as fp32-output tensor-core matmuls (cuBLAS) and one Triton kernel per chunk
     turns the logits into the running state (argmax, Gumbel-max token, lazily rescaled
@@ -680,7 +680,9 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
     decoded a chunk of rows at a time by its Triton decoder, the decoded rows counted in the
     64 MiB (8192 columns at 256 rows). vocab_tile (or block_v): the kernel's tile. one_sweep:
     after a row's first chunk, the sums in the same sweep as the maxima (the same bits; False:
-    always two sweeps, the kernel as it was measured below).
+    always two sweeps, the kernel as it was measured below). Default: up to 512 rows, where the
+    grid gives an SM 2 programs either way; with more rows its extra registers would cost
+    programs an SM (4 instead of 6 in the sm_90 build at 2048 rows): untimed both ways.
 
     Measured on an H200 (torch 2.11, triton 3.6; V 262144, D 2816, bf16; one run, medians of
     5, acceptance and renoise included; benchmarks/results/gpu_check_h200.log): 256 rows
@@ -704,6 +706,7 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
     if block_v is None:  # measured: 2048 best at 256 rows, 1024 at 2048 rows
         block_v = 128 if _interpreting() else (2048 if n <= 512 else 1024)
     bv = int(min(block_v, triton.next_power_of_2(chunk)))
+    one_sweep = n <= 512 if one_sweep is None else one_sweep
     temp = _row_temperature(temperature, n, dev)
     keys = canvas_row_keys(seed, step, n, row_offset, device=dev) if keys is None else keys
     f32 = dict(dtype=torch.float32, device=dev)

@@ -61,8 +61,8 @@ def test_demo_own_puzzle():
     (["--puzzle", WIKI, "--givens", "30-35"], "leave out --givens and -n"),
     (["--givens", "50-60"], "no puzzle in that band"),
     (["--givens", "x"], "--givens 'x'"),
-    (["-n", "0"], "-n 0"),
-    (["--count", "1000"], "-n 1000: the embedded bank has"),
+    (["-n", "0"], "-n/--count 0"),
+    (["--count", "1000"], "-n/--count 1000: the embedded bank has"),
     (["--n", "0"], "--n 0"),  # the older names are still understood, and named when at fault
     (["--n", "2", "--sample", "3"], "not both"),
     (["-n", "2", "--n", "3"], "give -n or --n"),

@@ -26,8 +26,9 @@ def test_parse_edit():
                       ("a [[b [[c]] d", "'[[' at character 2 has no matching ']]'"),
                       ("a [[b]] c]]", "']]' at character 9 has no matching '[['"),
                       ("a [[ ]] b", "empty span '[[ ]]' at character 2"),
-                      ("a [[+0]] b", "[[+0]] at character 2: [[+N]] inserts N >= 1"),
-                      ("a [[+-3]] b", "[[+-3]] at character 2: [[+N]] inserts N >= 1"),
+                      ("a [[+0]] b", "[[+0]] at character 2: [[+N]] inserts N new tokens, N a whole number >= 1"),
+                      ("a [[+-3]] b", "[[+-3]] at character 2: [[+N]] inserts N new"),
+                      ("a [[+ 3]] b", "written right after the + (e.g. [[+3]])"),
                       ("a [[+2.5]] b", "[[+2.5]] at character 2")]:
         with pytest.raises(InputError) as e:
             parse_edit(text)

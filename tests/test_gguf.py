@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T, GGUFWriter
+from gguf import GGMLQuantizationType as T, GGUFReader, GGUFWriter
 from gguf import quants as gq
 
 from dgplug.converters import gguf_export as ge
@@ -326,10 +326,19 @@ def test_config_round_trip(exported, ckpt):
     assert d["mask_token_id"] == 4
 
 
-def test_tokenizer_from_gguf(exported):
+def test_tokenizer_from_gguf(exported, ckpt):
     tok = gi.tokenizer_from_gguf(exported["Q8_0"])
     assert tok.convert_tokens_to_ids(["<mask>", "w7"]) == [4, 7]
     assert tok.mask_token_id == 4 and tok.bos_token_id == 2
+    # this WordLevel tokenizer has no decoder: it decodes with spaces, and so does the GGUF's (the
+    # Sudoku one, whose decoder joins pieces, is checked in test_sudoku)
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(str(ckpt)).decode([5, 6, 7])
+    assert want == "w5 w6 w7" and tok.decode([5, 6, 7]) == want
+    from dgplug.names import TOKENS_SPACED
+
+    assert GGUFReader(exported["Q8_0"]).get_field(TOKENS_SPACED) is not None
 
 
 def _gemma4_like_tokenizer(path):

@@ -160,6 +160,7 @@ def demo(
         if len(shows) > 1:
             raise common.CLIError("give --show or --puzzles (its older name), not both")
         n_flag, count = counts[0] if counts else ("-n", None)
+        n_flag = "-n/--count" if n_flag == "-n" else n_flag  # typer does not say which of the two was typed
         show_flag, show = shows[0] if shows else ("--show", 3)
         run(count, givens, puzzle, show, steps, seed, live, threads, device, n_flag, compare=compare,
             show_flag=show_flag)

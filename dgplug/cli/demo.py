@@ -1,9 +1,10 @@
 """`dgplug demo`: the embedded Sudoku model solving a batch of puzzles on the canvas.
 
 The givens are placed on the canvas and locked (the in-line editing mechanism); every blank is
-denoised in parallel. The whole batch is solved at once while the live view redraws the first
-grid(s) step by step; then one summary line: solved, blanks without a clash, forwards per grid,
-tokens/s. The bank's puzzles had cells removed at random, so many have several solutions: a grid
+denoised in parallel. The whole batch is solved at once while the live view redraws the grids
+with the fewest givens step by step, side by side, as many as fit the terminal; then those grids
+and one summary line: solved, blanks without a clash, forwards per grid, blanks filled per
+forward, and the batch's forwards, seconds and blanks/s (the givens are locked, not generated). The bank's puzzles had cells removed at random, so many have several solutions: a grid
 counts as solved when it is valid and keeps every given, and a blank as right when its digit
 clashes with none in its row, column and box (the stored solution is only one of the answers).
 Puzzles come from the bank shipped beside the model (dgplug/data/sudoku/puzzles.json, bands of
@@ -243,9 +244,9 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     finals = []
     for k in drawn:
         bad = set() if ok[k] else S.clashes(puzzles[k], grids[k])
-        verdict = "solved" if ok[k] else f"{len(bad)} of {puzzles[k].count('.')} blanks clash (red)"
+        verdict = "solved" if ok[k] else f"{len(bad)} of {puzzles[k].count('.')} clash (red)"
         finals.append(S.render(puzzles[k], res.sequences[k, L0:].tolist(), wrong=bad,
-                               title=f"puzzle {k + 1} ({items[k]['givens']} givens): {verdict}"))
+                               title=f"puzzle {k + 1} ({items[k]['givens']} givens)\n{verdict}"))
     if out.is_terminal and finals:  # side by side; piped, one grid after another
         out.print(Columns(finals, padding=(0, 3)), soft_wrap=False)
     for grid in finals if not out.is_terminal else ():

@@ -114,7 +114,7 @@ def writable(out: str, flag: str = "") -> Path:
     import tempfile
 
     try:
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{p.name}.", suffix=".probe"):
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".dgplug-probe-"):
             pass
     except OSError as e:
         raise CLIError(f"{named}: cannot write in {parent} ({(e.strerror or str(e)).lower()})") from None
