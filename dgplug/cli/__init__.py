@@ -216,7 +216,8 @@ def imatrix_cmd(
     """Importance matrix for calibrated quantization, in llama.cpp's imatrix GGUF layout.
 
     Runs the model's own block-diffusion path (encoder over each prompt, denoise steps over one
-    canvas) and records, for every linear and every expert, the mean of squared inputs per column.
+    canvas) and records, for every linear and every expert, the sum of squared inputs per column
+    and the count of tokens (the importance is their ratio).
 
     Example: dgplug imatrix ./diffusiongemma --calib calib.txt -o imatrix.gguf
     """
