@@ -149,12 +149,13 @@ def edit(model, prompt_ids: torch.Tensor, *, text: str | None = None, ids: list[
 
 @torch.no_grad()
 def fill_left_to_right(model, prompt_ids: torch.Tensor, canvas: torch.Tensor, locked: torch.Tensor, *,
-                       temperature: float = 0.4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       temperature: float = 0.4, seed: int = 0, on_forward=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The left-to-right baseline on a locked canvas, for comparison with EntropyBound: one cell
     per decoder forward, the leftmost unlocked one, set to its argmax and locked; the other
     unlocked cells are re-noised every forward (generator seeded with `seed`), the logits / T feed
     self-conditioning. prompt_ids [B, P] (no padding), canvas / locked [B, L]. Returns the filled
-    canvas [B, L] and the forwards each row used [B]."""
+    canvas [B, L] and the forwards each row used [B]. on_forward(forwards, rows_left): after each
+    forward (a progress hook)."""
     from .model import KVCache
 
     canvas, lock = canvas.clone(), locked.clone().bool()
@@ -179,4 +180,6 @@ def fill_left_to_right(model, prompt_ids: torch.Tensor, canvas: torch.Tensor, lo
         lock[rows[todo], first[todo]] = True
         noise = torch.randint(0, model.tc.vocab_size, tuple(canvas.shape), generator=g)  # on the CPU: same on any device
         canvas = torch.where(lock, canvas, noise.to(dev))
+        if on_forward is not None:
+            on_forward(int(forwards.max()), int((~lock.all(-1)).sum()))
     return canvas, forwards

@@ -101,8 +101,12 @@ def test_fill_left_to_right(model):
     locked = torch.rand(2, C, generator=g) < 0.6
     locked[1] = True  # a row with nothing to fill uses no forward
     locked[0, :3] = False
-    out, fw = fill_left_to_right(model, prompt, canvas, locked, temperature=0.5, seed=1)
+    seen = []
+    out, fw = fill_left_to_right(model, prompt, canvas, locked, temperature=0.5, seed=1,
+                                 on_forward=lambda n, left: seen.append((n, left)))
     assert fw.tolist() == [int((~locked[0]).sum()), 0]
+    n = int((~locked[0]).sum())  # the hook: after every forward, the forwards so far and the rows left
+    assert seen == [(k, 1) for k in range(1, n)] + [(n, 0)]
     assert torch.equal(out[locked], canvas[locked])
     cache = KVCache.empty(model.tc.num_hidden_layers)
     model.encode(prompt[:1], cache)

@@ -264,9 +264,20 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
         from dgplug.editing import fill_left_to_right
 
         say("left to right: the same puzzles from the same canvas, one cell per forward, leftmost blank first")
+        ltr_view = live_view(10) if err.is_terminal and not STATE["quiet"] else None
         t0 = time.perf_counter()
-        filled, fw = fill_left_to_right(model, prompt.to(model.device), start.to(model.device),
-                                        lock.to(model.device), seed=seed)
+
+        def progress(forwards, left):
+            ltr_view.update(Text(f"left to right: forward {forwards}, {left} of {len(items)} grids with blanks left, "
+                                 f"{time.perf_counter() - t0:.1f}s", style="cyan"))
+
+        try:
+            filled, fw = fill_left_to_right(model, prompt.to(model.device), start.to(model.device),
+                                            lock.to(model.device), seed=seed,
+                                            on_forward=progress if ltr_view is not None else None)
+        finally:
+            if ltr_view is not None:
+                ltr_view.stop()
         dt = time.perf_counter() - t0
         grids = [S.grid(filled[b].tolist()) for b in range(len(items))]
         ok = [S.solved(p, g) for p, g in zip(puzzles, grids)]
