@@ -4,8 +4,9 @@ The givens are placed on the canvas and locked (the in-line editing mechanism); 
 denoised in parallel. The whole batch is solved at once while the live view redraws the grids
 with the fewest givens step by step, side by side, as many as fit the terminal; then those grids
 and one summary line: solved, blanks without a clash, forwards per grid, blanks filled per
-forward, and the batch's forwards, seconds and blanks/s (the givens are locked, not generated). The bank's puzzles had cells removed at random, so many have several solutions: a grid
-counts as solved when it is valid and keeps every given, and a blank as right when its digit
+forward, and the batch's forwards, seconds and blanks/s (the givens are locked, not generated).
+The bank's puzzles had cells removed at random, so many have several solutions: a grid counts as
+solved when it is valid and keeps every given, and a blank as right when its digit
 clashes with none in its row, column and box (the stored solution is only one of the answers).
 Puzzles come from the bank shipped beside the model (dgplug/data/sudoku/puzzles.json, bands of
 givens) or from --puzzle (81 characters).
@@ -244,7 +245,7 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     finals = []
     for k in drawn:
         bad = set() if ok[k] else S.clashes(puzzles[k], grids[k])
-        verdict = "solved" if ok[k] else f"{len(bad)} of {puzzles[k].count('.')} clash (red)"
+        verdict = "solved" if ok[k] else f"{len(bad)} of {puzzles[k].count('.')} blanks clash"  # in red
         finals.append(S.render(puzzles[k], res.sequences[k, L0:].tolist(), wrong=bad,
                                title=f"puzzle {k + 1} ({items[k]['givens']} givens)\n{verdict}"))
     if out.is_terminal and finals:  # side by side; piped, one grid after another
