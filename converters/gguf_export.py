@@ -60,7 +60,7 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter, LlamaFileType, TokenType
 from gguf import GGMLQuantizationType as T
 
 from dgplug import hub
-from dgplug.config import Config, load_config, load_generation_defaults
+from dgplug.config import Config, load_config, load_generation_defaults, refuse_quantized
 from dgplug.errors import CheckpointError, FormatError, InputError
 from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, TOKENS_SPACED, is_vision, text_tensors
 
@@ -608,6 +608,7 @@ def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False) -> tuple[
         raise CheckpointError(f"unknown file type {quant!r}; choose one of {', '.join(FILE_TYPES)}")
     src = Path(src_dir)
     cfg = load_config(src)
+    refuse_quantized(cfg.raw, src / "config.json")
     tc = cfg.text
     st = read_safetensors_index(src)
     items = [PlanItem(ROPE_FREQS_GGUF, (tc.global_head_dim // 2,), T.F32, None, rope_freqs(tc))]

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from dgplug.config import read_config_json
+from dgplug.config import read_config_json, refuse_quantized
 from dgplug.errors import CheckpointError, DGPlugError, FormatError, InputError
 
 from .progress import conversion_progress
@@ -408,13 +408,7 @@ def plan_conversion(src_dir, scheme: str, group_size: int = 128, quantize_embedd
     if scheme == "int4" and (not isinstance(group_size, int) or group_size <= 0 or group_size % 2):
         raise InputError(f"group size {group_size!r} must be a positive even integer")
     raw, cfg_path = read_config_json(src)
-    if raw.get("quantization_config"):
-        qc = raw["quantization_config"]
-        what = qc.get("quant_method", "?") if isinstance(qc, dict) else qc
-        raise CheckpointError(
-            f"{cfg_path}: checkpoint is already quantized (quantization_config quant_method={what!r}); "
-            "convert from the original bf16 checkpoint"
-        )
+    refuse_quantized(raw, cfg_path)
     cfg = from_dict(raw, str(cfg_path))
     specs = {s.hf: s for s in text_tensors(cfg.text)}
     wmap = _source_index(src)

@@ -155,6 +155,16 @@ def from_dict(raw: dict, source: str = "config.json") -> Config:
     )
 
 
+def refuse_quantized(raw: dict, source) -> None:
+    """The converters read original checkpoints: a config.json with a quantization_config is one
+    error naming the file and the method, before any work."""
+    qc = raw.get("quantization_config")
+    if qc:
+        what = qc.get("quant_method", "?") if isinstance(qc, dict) else qc
+        raise CheckpointError(f"{source}: checkpoint is already quantized (quantization_config quant_method="
+                              f"{what!r}); convert from the original bf16 checkpoint")
+
+
 def read_config_json(path: str | Path) -> tuple[dict, Path]:
     """The raw config.json dict of a checkpoint directory (or the file itself), and its path."""
     p = Path(path)

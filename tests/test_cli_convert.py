@@ -290,14 +290,16 @@ def test_progress_bar_fits_the_terminal(tensor_column):
 
 
 def test_quantized_source_and_gguf_without_extension(tiny_ckpt_smooth, tmp_path):
-    """A dgplug-quantized folder as SRC is named as such before any work (it once failed on the
-    first missing tensor, for GGUF); a GGUF output without .gguf gets a note and is written."""
+    """A dgplug-quantized folder as SRC is named as such, by both converters, before anything is
+    written (GGUF once failed on the first missing tensor); a GGUF output without .gguf gets a note."""
     q = tmp_path / "q8"
     assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(q), "-q", "int8"]).exit_code == 0
     for quant, out in (("Q8_0", "x.gguf"), ("int4", "x4")):
         r = runner.invoke(app, ["convert", str(q), str(tmp_path / out), "-q", quant])
-        assert r.exit_code == 1 and r.stderr == (f"error: {q} is already quantized (dgplug int8): convert reads the "
-                                                 f"original checkpoint (bf16/fp32 safetensors)\n"), r.output
+        assert r.exit_code == 1 and r.stderr.endswith(
+            f"error: {q / 'config.json'}: checkpoint is already quantized (quantization_config quant_method="
+            f"'dgplug'); convert from the original bf16 checkpoint\n"), r.output
+        assert not (tmp_path / out).exists()
     r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "plain"), "-q", "Q8_0", "--quiet"])
     assert r.exit_code == 0 and "note: " in r.stderr and "no .gguf extension" in r.stderr
     assert (tmp_path / "plain").read_bytes()[:4] == b"GGUF"

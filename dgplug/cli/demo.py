@@ -248,10 +248,11 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
         verdict = "solved" if ok[k] else f"{len(bad)} of {puzzles[k].count('.')} blanks clash"  # in red
         finals.append(S.render(puzzles[k], res.sequences[k, L0:].tolist(), wrong=bad,
                                title=f"puzzle {k + 1} ({items[k]['givens']} givens)\n{verdict}"))
-    if out.is_terminal and finals:  # side by side; piped, one grid after another
+    if out.is_terminal:  # side by side; piped, one grid after another
         out.print(Columns(finals, padding=(0, 3)), soft_wrap=False)
-    for grid in finals if not out.is_terminal else ():
-        out.print(grid)
+    else:
+        for grid in finals:
+            out.print(grid)
     # the model fills the blanks; the givens and EOS are locked, not generated, so they count nowhere
     blanks = sum(p.count(".") for p in puzzles)
     forwards = int(res.forwards.sum())

@@ -69,16 +69,6 @@ def source_arg(s: str):
     if k == "hub":
         return s
     if k == "dir":
-        import json
-
-        try:
-            qc = json.loads((Path(s) / "config.json").read_text()).get("quantization_config")
-        except (OSError, ValueError, AttributeError):
-            qc = None  # no or unreadable config.json: the converter names the fault
-        if qc:
-            how = f"{qc.get('quant_method')} {qc.get('scheme') or ''}".strip() if isinstance(qc, dict) else qc
-            raise CLIError(f"{s} is already quantized ({how}): convert reads the original checkpoint "
-                           f"(bf16/fp32 safetensors)")
         return Path(s)
     raise _not_a_model(s, k, "convert reads a Hugging Face checkpoint directory (config.json + safetensors)")
 
