@@ -864,6 +864,57 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
     return hf_seen
 
 
+def settled_rows(dev, small, B=8, settled=6, prompt=128, steps=12):
+    """Settled rows leave the batch (dgplug.denoise_step.settle): batch 8, int4 experts, 2 canvases
+    of `steps` steps. The first canvas of rows 0-5 is given and locked whole, so they settle after
+    step 2 (stop test: stable draft, any entropy) and the rest of that canvas runs as a batch of 2
+    (a graph of its own); the second canvas brings them back. Times generate with the rows leaving
+    (DGPLUG_COMPACT=1) and with every row in every step (=0), alternated, medians; checks that
+    graphs and eager passes (same batch sizes) give the same tokens."""
+    import os
+
+    from dgplug import ops
+
+    ops.set_backend("kernels")
+    hf, dg = full_models(dev, small, "int4")
+    del hf
+    C, V = dg.cfg.canvas_length, dg.tc.vocab_size
+    if small:
+        prompt, steps, B, settled = 40, 4, 3, 2
+    g = torch.Generator(device=dev).manual_seed(3)
+    ids = torch.randint(5, V - 3, (B, prompt), device=dev, generator=g)
+    canvas = torch.randint(5, V - 3, (B, C), device=dev, generator=g)
+    lock = torch.zeros(B, C, dtype=torch.bool, device=dev)
+    lock[:settled] = True
+    settings = dict(max_new_tokens=2 * C, max_denoising_steps=steps, confidence_threshold=1e30, stability_threshold=1,
+                    decoder_input_ids=canvas, locked=lock, seed=5)
+    out, ms = {}, {"1": [], "0": []}
+    for compact in ("1", "0"):  # warm: kernels for each batch size, then the graphs' capture
+        os.environ["DGPLUG_COMPACT"] = compact
+        for _ in range(2):
+            out[compact] = dg.generate(ids, **settings)
+    for _ in range(1 if small else 3):
+        for compact in ("1", "0"):
+            os.environ["DGPLUG_COMPACT"] = compact
+            ms[compact].append(timed(lambda: dg.generate(ids, **settings), reps=1, warm=0))
+    os.environ["DGPLUG_COMPACT"] = "1"
+    os.environ["DGPLUG_CUDA_GRAPHS"] = "0"
+    eager = dg.generate(ids, **settings)
+    os.environ["DGPLUG_CUDA_GRAPHS"] = "1"
+    a, b = out["1"], out["0"]
+    on, off = statistics.median(ms["1"]), statistics.median(ms["0"])
+    same_ge = torch.equal(eager.sequences, a.sequences)
+    print(f"B={B}, {settled} rows settled after step 2 of canvas 1: steps {a.steps}, row-forwards {int(a.forwards.sum())} "
+          f"of {B * sum(a.steps)}; generate ms: rows leave {on:.0f}, every row {off:.0f} ({off / on:.2f}x); "
+          f"tokens graphs == eager: {same_ge}; tokens == every-row run: {torch.equal(a.sequences, b.sequences)} "
+          f"(matrix products are not batch-invariant: last bits may differ)")
+    print(f"RESULT settled_rows batch={B} settled={settled} steps={'+'.join(map(str, a.steps))} "
+          f"row_forwards={int(a.forwards.sum())} ms_compact={on:.1f} ms_every_row={off:.1f} speedup={off / on:.2f} "
+          f"tokens_graphs_eager_equal={same_ge} forwards_equal={torch.equal(a.forwards, b.forwards)}", flush=True)
+    del dg
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
 def pass_times(dg, ids, B, quant):
     """What generate's time is made of: one denoise step and one committed canvas's encoder pass
     (dgplug.denoise_step: graph replays, and the commit run eagerly on the same buffers), the
@@ -952,6 +1003,8 @@ def main():
     for name, fn in (("end to end: model.generate, full shapes, int4 experts",
                       lambda: hf_ms.update(generate_e2e(dev, args.small, [b for b in (1, 8) if b in batches]
                                                         or batches[:1]))),
+                     ("settled rows leave the batch: model.generate, batch 8, int4 experts",
+                      lambda: settled_rows(dev, args.small)),
                      ("kernels vs twins", lambda: check_kernels(dev, args.small)),
                      ("MoE variants (one layer)", lambda: best.update(moe_sweep(dev, args.small))),
                      ("end to end: model.generate, int4 experts, the sweep's fastest fragments tiles (graphs only)",

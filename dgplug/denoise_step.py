@@ -17,10 +17,21 @@ Each committed canvas is encoded on the same buffers (`DenoiseStep.commit`, a se
 keys go to the tail, then into the ring of slots at a device-held offset, so one graph serves
 every canvas. `DGPLUG_CUDA_GRAPHS=0` turns capture off (eager passes on the same buffers, same
 tokens).
+
+Settled rows leave the batch: after a step, when the rows still denoising (neither frozen by the
+stop test nor finished) fit a smaller batch, `settle` moves them to the front of every row-indexed
+buffer (the cache's rows with them) and later steps compute only those. On a CPU the batch is
+exactly the rows left; on CUDA the next power of two, so that a few graphs (one per size, sharing
+one memory pool) serve every batch. A committed canvas brings back the rows frozen in it, and
+leaves out those finished for good. `order` maps buffer slots to the caller's rows: RNG keys
+follow the row, not the slot, and what the caller reads comes back in its own order.
+`DGPLUG_COMPACT=0` keeps every row in every step (a row's tokens may differ in the last bits
+of a sum: matrix products are not batch-invariant).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -34,6 +45,18 @@ _KEEP = 2  # DenoiseStep objects (and graphs) kept per model
 
 def graphs_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("DGPLUG_CUDA_GRAPHS", "1") != "0"
+
+
+def compaction_enabled() -> bool:
+    return os.environ.get("DGPLUG_COMPACT", "1") != "0"
+
+
+def rows_bucket(alive: int, batch: int, device: torch.device) -> int:
+    """Rows a step computes when `alive` are still denoising: those on a CPU; on CUDA the next power
+    of two (at most the batch), so that eager and graph replays compute the same batch."""
+    if device.type != "cuda":
+        return alive
+    return min(batch, 1 << max(0, alive - 1).bit_length())
 
 
 def capacity_bucket(length: int) -> int:
@@ -72,6 +95,16 @@ class StaticLayerCache:
         self.valid[:, n:self.cap] = False
         self.valid[:, self.cap:] = True
         self.filled.fill_(n)
+
+    def rows(self, n: int) -> "StaticLayerCache":
+        """The first n rows (views: same storage, shared positions and ring offset)."""
+        view = copy.copy(self)
+        view.keys, view.values, view.valid = self.keys[:n], self.values[:n], self.valid[:n]
+        return view
+
+    def permute_rows(self, perm):
+        for buf in (self.keys, self.values, self.valid):
+            buf.copy_(buf.index_select(0, perm))
 
     def canvas_slots(self):
         """Where the canvas's k and v go: the tail (Attention.project writes them there)."""
@@ -133,9 +166,20 @@ class StaticKVCache:
     def canvas_positions(self, L, device):
         return self.canvas_pos
 
+    def rows(self, n: int) -> "StaticKVCache":
+        """The first n rows of every layer (views)."""
+        view = copy.copy(self)
+        view.layers = [layer.rows(n) for layer in self.layers]
+        return view
+
 
 class DenoiseStep:
-    """Static buffers for one (batch, capacity, steps, stability) and the step over them."""
+    """Static buffers for one (batch, capacity, steps, stability) and the step over them.
+
+    Row-indexed buffers hold the caller's row `order[p]` in slot p; a step computes slots [:n]."""
+
+    ROWS = ("canvas", "argmax", "lock", "sc_soft", "accepted", "entropy", "frozen", "finished", "forwards",
+            "order")  # and history (rows on dim 1) and the cache's rows
 
     def __init__(self, model, batch: int, capacity: int, n_steps: int, stability: int, device):
         C, D = model.cfg.canvas_length, model.tc.hidden_size
@@ -152,16 +196,18 @@ class DenoiseStep:
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.forwards = torch.zeros(batch, dtype=torch.int32, device=device)
         self.history = torch.full((max(stability, 1), batch, C), -1, **i64)
+        self.committed = torch.zeros(batch, C, **i64)  # the canvas the encoder pass reads
+        self.order = torch.arange(batch, **i64)  # the caller's row in each slot
+        self.n = batch  # slots a step computes (host)
         self.temps = torch.zeros(n_steps + 1, **f32)  # T for n steps left, n = 0..N
         self.left = torch.zeros(1, **i64)  # steps left in this canvas (indexes temps)
         self.step = torch.zeros(1, **i64)  # steps so far in this generation (keys the RNG)
         self.seed = torch.zeros(1, **i64)  # seed_key(seed)
         self.bound = torch.zeros((), **f32)
         self.confidence = torch.zeros((), **f32)
-        self.done = torch.zeros((), dtype=torch.bool, device=device)
-        self.committed = torch.zeros(batch, C, **i64)  # the canvas the encoder pass reads
-        self.graphs = {}  # "step" / "commit": the CUDA graph, or None after the warm-up run
-        self.pool = None  # one memory pool for both graphs (they never run at once)
+        self.alive = torch.zeros((), **i64)  # rows neither frozen nor finished (the step's host read)
+        self.graphs = {}  # "step" / "commit" (with ":n" below the full batch): the CUDA graph, or None after warm-up
+        self.pool = None  # one memory pool for all graphs (they never run at once)
 
     # -- per call and per canvas (eager) ------------------------------------------------------
     def start(self, *, seed: int, bound: float, confidence: float, t_min: float, t_max: float):
@@ -176,17 +222,19 @@ class DenoiseStep:
         self.step.zero_()
         self.forwards.zero_()
         self.finished.zero_()
+        torch.arange(self.B, out=self.order)
+        self.n = self.B
 
     def start_canvas(self, index: int, cache: KVCache | None, mask, canvas=None, lock=None):
         """After the encoder pass: load the cache (the prompt's KVCache; None after `commit`, which
-        wrote the static cache itself), draw the canvas's noise, reset its state."""
+        wrote the static cache itself), draw the canvas's noise, reset its state. canvas, lock:
+        [B, C] in the caller's row order."""
         from dgplug.kernels.sampler import canvas_row_keys, counter_tokens
 
         keys = canvas_row_keys(self.seed_int, NOISE_STEP + index, self.B * self.C, device=self.canvas.device)
-        self.canvas.copy_(counter_tokens(keys, self.model.tc.vocab_size).view(self.B, self.C))
-        if canvas is not None:
-            self.canvas.copy_(canvas)
-        self.lock.copy_(lock if lock is not None else torch.zeros_like(self.lock))
+        noise = counter_tokens(keys, self.model.tc.vocab_size).view(self.B, self.C)
+        self.canvas.copy_(self.slotted(canvas if canvas is not None else noise))
+        self.lock.copy_(self.slotted(lock) if lock is not None else torch.zeros_like(self.lock))
         self.argmax.copy_(self.canvas)
         if cache is not None:
             self.cache.load(cache, mask)
@@ -194,55 +242,100 @@ class DenoiseStep:
         self.frozen.zero_()
         self.history.fill_(-1)
         self.left.fill_(self.N)
-        self.done.copy_(self.finished.all())
+        self.alive.copy_((~self.finished).sum())
+
+    # -- rows: the caller's order <-> slots ------------------------------------------------------
+    def slotted(self, t: torch.Tensor) -> torch.Tensor:
+        """A [B, ...] tensor in the caller's row order, as the slots hold it."""
+        return t.index_select(0, self.order)
+
+    def ordered(self, t: torch.Tensor) -> torch.Tensor:
+        """A [B, ...] buffer back in the caller's row order."""
+        return torch.empty_like(t).index_copy_(0, self.order, t)
+
+    def settle(self, alive: int):
+        """After a step that left `alive` rows denoising: when they fit a smaller batch, move them to
+        the front and compute only those from now on."""
+        n = rows_bucket(alive, self.B, self.canvas.device)
+        if 0 < n < self.n and compaction_enabled():
+            self._regroup(n)
+
+    def _regroup(self, n: int):
+        """Rows neither frozen nor finished to the front (in order), every row's state with them."""
+        perm = torch.argsort((self.frozen | self.finished).to(torch.int32), stable=True)
+        for name in self.ROWS:
+            buf = getattr(self, name)
+            buf.copy_(buf.index_select(0, perm))
+        self.history.copy_(self.history.index_select(1, perm))
+        for layer in self.cache.layers:
+            layer.permute_rows(perm)
+        self.n = n
 
     # -- the step -----------------------------------------------------------------------------
     def _step(self):
         from dgplug.kernels.sampler import head_sample, step_keys
 
-        m, B, C = self.model, self.B, self.C
-        self.forwards.add_((~(self.frozen | self.finished)).int())
-        h = m.denoise(self.canvas, self.cache, sc_soft=self.sc_soft)
-        keys, renoise = step_keys(self.seed, self.step, B * C, m.tc.vocab_size)
-        r = head_sample(h.reshape(B * C, -1), m.embed_tokens.weight, softcap=m.tc.final_logit_softcapping,
+        m, B, C, n = self.model, self.B, self.C, self.n
+        cache = self.cache if n == B else self.cache.rows(n)
+        canvas0, argmax0, lock, sc0, frozen, finished = (
+            t[:n] for t in (self.canvas, self.argmax, self.lock, self.sc_soft, self.frozen, self.finished))
+        history = self.history[:, :n]
+        self.forwards[:n].add_((~(frozen | finished)).int())
+        h = m.denoise(canvas0, cache, sc_soft=sc0)
+        keys, renoise = step_keys(self.seed, self.step, B * C, m.tc.vocab_size)  # keyed by the caller's rows
+        if B > 1:
+            keys = keys.view(B, C).index_select(0, self.order[:n]).view(-1)
+            renoise = renoise.view(B, C).index_select(0, self.order[:n])
+        r = head_sample(h.reshape(n * C, -1), m.embed_tokens.weight, softcap=m.tc.final_logit_softcapping,
                         temperature=self.temps.index_select(0, self.left), keys=keys)
-        entropy = r.entropy.view(B, C)
-        acc = sp.accept(entropy, self.bound) | self.lock
-        sampled = torch.where(self.lock, self.canvas, r.token.view(B, C))
-        renoise = renoise.view(B, C)
-        keep = self.frozen[:, None]
-        canvas = torch.where(keep, self.canvas, torch.where(acc, sampled, renoise))
-        argmax = torch.where(keep, self.argmax, torch.where(self.lock, self.canvas, r.argmax.view(B, C)))
-        soft = torch.where(keep[..., None], self.sc_soft, r.soft.view(B, C, -1))
+        entropy = r.entropy.view(n, C)
+        acc = sp.accept(entropy, self.bound) | lock
+        sampled = torch.where(lock, canvas0, r.token.view(n, C))
+        keep = (frozen | finished)[:, None]  # rows settled before this step: their state stays
+        canvas = torch.where(keep, canvas0, torch.where(acc, sampled, renoise.view(n, C)))
+        argmax = torch.where(keep, argmax0, torch.where(lock, canvas0, r.argmax.view(n, C)))
+        soft = torch.where(keep[..., None], sc0, r.soft.view(n, C, -1))
         if self.stability == 0:
-            stable = torch.ones_like(self.frozen)
+            stable = torch.ones_like(frozen)
         else:
-            stable = (self.history == argmax[None]).all(dim=-1).all(dim=0)
-            self.history.copy_(self.history.roll(-1, 0))
-            self.history[-1].copy_(argmax)
-        self.frozen |= stable & (entropy.mean(dim=-1) < self.confidence)
-        self.canvas.copy_(canvas)
-        self.argmax.copy_(argmax)
-        self.sc_soft.copy_(soft)
-        self.accepted.copy_(acc)
-        self.entropy.copy_(entropy)
+            stable = (history == argmax[None]).all(dim=-1).all(dim=0)
+            history.copy_(history.roll(-1, 0))
+            history[-1].copy_(argmax)
+        frozen |= stable & (entropy.mean(dim=-1) < self.confidence)
+        canvas0.copy_(canvas)
+        argmax0.copy_(argmax)
+        sc0.copy_(soft)
+        accepted0, entropy0 = self.accepted[:n], self.entropy[:n]  # a frozen row's: those of its last step
+        accepted0.copy_(torch.where(keep, accepted0, acc))
+        entropy0.copy_(torch.where(keep, entropy0, entropy))
         self.step.add_(1)
         self.left.sub_(1)
-        self.done.copy_((self.frozen | self.finished).all())
+        self.alive.copy_((~(frozen | finished)).sum())
 
     def _commit(self):
-        self.cache.commit(self.model, self.committed)
+        cache = self.cache if self.n == self.B else self.cache.rows(self.n)
+        cache.commit(self.model, self.committed[:self.n])
+
+    def _name(self, name: str) -> str:
+        return name if self.n == self.B else f"{name}:{self.n}"
 
     def run(self):
         """One denoise step: eager the first time (and on CPU), a graph replay after that."""
-        self._graphed("step", self._step)
+        self._graphed(self._name("step"), self._step)
 
-    def commit(self, canvas: torch.Tensor):
-        """The encoder pass over the committed canvas [B, C] (after `generation._commit`'s
-        padding) into the static cache: eager the first time (and on CPU), then a graph."""
+    def commit(self, canvas: torch.Tensor, finished: torch.Tensor | None = None):
+        """The encoder pass over the committed canvas [B, C] (after `generation._commit`'s padding)
+        into the static cache: eager the first time (and on CPU), then a graph. finished [B]: rows
+        done for good (both in the caller's order); the rows frozen in the last canvas come back."""
         self.cache.reserve(self.model, self.C)
-        self.committed.copy_(canvas)
-        self._graphed("commit", self._commit)
+        if finished is not None:
+            self.finished.copy_(self.slotted(finished.to(self.finished.device)))
+        self.frozen.zero_()
+        if compaction_enabled() and (self.n < self.B or finished is not None and bool(finished.any())):
+            alive = int((~self.finished).sum())
+            self._regroup(rows_bucket(max(alive, 1), self.B, self.canvas.device))
+        self.committed.copy_(self.slotted(canvas))
+        self._graphed(self._name("commit"), self._commit)
 
     def _graphed(self, name: str, fn):
         if not graphs_enabled(self.canvas.device):

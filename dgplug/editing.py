@@ -154,8 +154,8 @@ def fill_left_to_right(model, prompt_ids: torch.Tensor, canvas: torch.Tensor, lo
     per decoder forward, the leftmost unlocked one, set to its argmax and locked; the other
     unlocked cells are re-noised every forward (generator seeded with `seed`), the logits / T feed
     self-conditioning. prompt_ids [B, P] (no padding), canvas / locked [B, L]. Returns the filled
-    canvas [B, L] and the forwards each row used [B]. on_forward(forwards, rows_left): after each
-    forward (a progress hook)."""
+    canvas [B, L] and the forwards each row used [B]; a filled row leaves the batch (as a settled
+    row leaves generate's). on_forward(forwards, rows_left): after each forward (a progress hook)."""
     from .model import KVCache
 
     canvas, lock = canvas.clone(), locked.clone().bool()
@@ -166,18 +166,21 @@ def fill_left_to_right(model, prompt_ids: torch.Tensor, canvas: torch.Tensor, lo
     cache = KVCache.empty(model.tc.num_hidden_layers)
     model.encode(prompt_ids, cache)
     dev = canvas.device
-    rows = torch.arange(canvas.shape[0], device=dev)
     forwards = torch.zeros(canvas.shape[0], dtype=torch.long, device=dev)
-    sc = None
+    sc, rows, sub = None, None, None
     while not bool(lock.all()):
-        todo = ~lock.all(-1)
-        forwards += todo.long()
-        logits = model.head(model.denoise(canvas, cache, sc_logits=sc)) / temperature
-        sc = logits
-        first = torch.argmax((~lock).int(), dim=-1)  # leftmost unlocked (0 for finished rows: locked anyway)
-        pick = logits[rows, first].argmax(-1)
-        canvas[rows[todo], first[todo]] = pick[todo]
-        lock[rows[todo], first[todo]] = True
+        todo = (~lock.all(-1)).nonzero()[:, 0]  # rows with blanks left: a filled row leaves the batch
+        if rows is None or todo.numel() < rows.numel():
+            rows, sub = todo, cache.select(todo)
+        forwards[rows] += 1
+        logits = model.head(model.denoise(canvas[rows], sub, sc_logits=None if sc is None else sc[rows])) / temperature
+        if sc is None:
+            sc = torch.zeros(*canvas.shape, logits.shape[-1], dtype=logits.dtype, device=dev)
+        sc[rows] = logits
+        first = torch.argmax((~lock[rows]).int(), dim=-1)  # leftmost unlocked
+        pick = logits[torch.arange(rows.numel(), device=dev), first].argmax(-1)
+        canvas[rows, first] = pick
+        lock[rows, first] = True
         noise = torch.randint(0, model.tc.vocab_size, tuple(canvas.shape), generator=g)  # on the CPU: same on any device
         canvas = torch.where(lock, canvas, noise.to(dev))
         if on_forward is not None:

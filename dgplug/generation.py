@@ -6,7 +6,8 @@
         commit the argmax canvas; pad after EOS; encode it causally
 rng="counter" runs the steps and the commits' encoder passes on static buffers, as CUDA graphs on
 a GPU (dgplug.denoise_step); the prompt's encoder pass runs eagerly (its length varies).
-Batches are left-padded; a row that meets the stop test is frozen while others go on.
+Batches are left-padded; a row that meets the stop test is frozen while others go on, and with
+rng="counter" it leaves the batch (its slot is no longer computed) until the next canvas.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class StepInfo:
     canvas: torch.Tensor  # [B, L] next input canvas (accepted tokens + fresh noise)
     accepted: torch.Tensor  # [B, L] bool
     entropy: torch.Tensor  # [B, L]
-    finished: torch.Tensor  # [B] bool, rows frozen by the stop test
+    finished: torch.Tensor  # [B] bool, rows settled: frozen by the stop test, or ended (EOS) in an earlier canvas
 
 
 @dataclass
@@ -127,7 +128,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     steps_used: list[int] = []
     for c in range(n_canvases):
         if stepper is not None and c > 0:  # the committed canvas into the static cache (a graph on CUDA)
-            stepper.commit(ids[:, -C:])
+            stepper.commit(ids[:, -C:], finished_seq)
         else:
             model.encode(ids if c == 0 else ids[:, -C:], cache, mask if padded else None)
         first = decoder_input_ids.to(device) if (c == 0 and decoder_input_ids is not None) else None
@@ -140,25 +141,25 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 stepper.run()
                 steps += 1
                 if on_step is not None:
-                    on_step(StepInfo(c, steps, stepper.argmax.clone(), stepper.canvas.clone(), stepper.accepted.clone(),
-                                     stepper.entropy.clone(), stepper.frozen.clone()))
-                if bool(stepper.done):  # the one host read of a step
+                    on_step(StepInfo(c, steps, *map(stepper.ordered, (stepper.argmax, stepper.canvas, stepper.accepted,
+                                                                      stepper.entropy, stepper.frozen | stepper.finished))))
+                alive = int(stepper.alive)  # the one host read of a step
+                if alive == 0:
                     break
-            argmax = stepper.argmax.clone()
+                stepper.settle(alive)  # settled rows leave the batch
+            argmax = stepper.ordered(stepper.argmax)
         else:
             argmax, steps = _denoise_eager(model, ids, cache, dmask, first, lock, finished_seq, forwards, gen, N, bound,
                                            t_min, t_max, stability, confidence, logits_processor, rng, c, on_step)
         steps_used.append(steps)
         ids = torch.cat([ids, argmax], dim=-1)
         ids, finished_seq = _commit(ids, finished_seq, C, eos_t, pad, max_length)
-        if stepper is not None:
-            stepper.finished.copy_(finished_seq)
         if bool(finished_seq.all()):
             break
         if padded:
             mask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool, device=device)], 1)
     if stepper is not None:
-        forwards = stepper.forwards.clone()
+        forwards = stepper.ordered(stepper.forwards)
     new = ids[:, L0:]
     valid = (new != pad).sum(-1) if pad is not None else torch.full((B,), new.shape[1], device=device)
     return GenerateOutput(ids, valid / forwards, forwards, steps_used)
@@ -199,7 +200,7 @@ def _denoise_eager(model, ids, cache, dmask, first, lock, finished_seq, forwards
         frozen |= stop(new_argmax, r.entropy)
         canvas, argmax, sc_logits = new_canvas, new_argmax, new_sc_logits
         if on_step is not None:
-            on_step(StepInfo(c, steps, argmax, canvas, acc, r.entropy, frozen.clone()))
+            on_step(StepInfo(c, steps, argmax, canvas, acc, r.entropy, frozen | finished_seq))
         done = frozen if rng == "transformers" else (frozen | finished_seq)
         if bool(done.all()):
             break

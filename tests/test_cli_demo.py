@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(sudoku_model_path() is None, reason="the Sudoku 
 runner = CliRunner()
 WIKI = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
 SUMMARY = re.compile(r"solve rate (\d+)/(\d+) = \d+% \((.*?)\); blanks without a clash (\d+)/(\d+) = \d+%; ([\d.]+) forwards per grid "
-                     r"\(([\d.]+) blanks per forward\); the batch: (\d+) forwards in [\d.]+ s, (\d+) blanks/s "
+                     r"\(([\d.]+) blanks per forward\); the batch: (\d+) steps in [\d.]+ s, (\d+) blanks/s "
                      r"on \d+ threads?")
 
 
@@ -37,7 +37,7 @@ def test_demo_compare_left_to_right():
     last = r.stdout.splitlines()[-2:]
     assert SUMMARY.search(last[0]), r.stdout
     m = re.fullmatch(r"left to right, same model: (\d)/3 = \d+%; blanks without a clash (\d+)/(\d+) = \d+%; "
-                     r"([\d.]+) forwards per grid \(([\d.]+) blanks per forward\); the batch: (\d+) forwards in "
+                     r"([\d.]+) forwards per grid \(([\d.]+) blanks per forward\); the batch: (\d+) steps in "
                      r"[\d.]+ s, \d+ blanks/s", last[1])
     assert m, r.stdout
     assert abs(float(m.group(4)) - int(m.group(3)) / 3) < 0.051 and m.group(5) == "1.0"  # one forward per blank

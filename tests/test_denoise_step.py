@@ -42,6 +42,7 @@ def test_temperature_table_matches_scalar_schedule():
     step.N, step.temps = 48, torch.zeros(49)
     step.seed, step.bound, step.confidence = torch.zeros(1, dtype=torch.long), torch.zeros(()), torch.zeros(())
     step.step, step.forwards, step.finished = torch.zeros(1, dtype=torch.long), torch.zeros(1), torch.zeros(1)
+    step.B, step.order = 1, torch.zeros(1, dtype=torch.long)
     step.start(seed=1, bound=0.1, confidence=0.005, t_min=0.4, t_max=0.8)
     for n in range(49):
         assert torch.equal(step.temps[n], sp.temperature(n, 48, 0.4, 0.8))
@@ -155,7 +156,8 @@ def _with_experts(model, experts: str):
                                              ("kernels", "int4 fragments"), ("kernels", "fp8 activations")])
 def test_step_on_the_kernels_never_syncs(model, monkeypatch, backend, experts):
     """The step and the commit's encoder pass as a GPU runs them (every hot op on dgplug.kernels:
-    Triton in the interpreter here) dispatch no operation that syncs with the host: with dense experts, int4 experts in the
+    Triton in the interpreter here), on the whole batch and on the rows left after one settled,
+    dispatch no operation that syncs with the host: with dense experts, int4 experts in the
     fragments order, and fp8 experts with fp8 activations. The references do (the MoE twin's loop
     over the experts hit), which shows the probe sees them."""
     monkeypatch.setattr(dgplug.ops, "BACKEND", backend)
@@ -172,12 +174,20 @@ def test_step_on_the_kernels_never_syncs(model, monkeypatch, backend, experts):
     with probe:
         step.run()
         step.commit(step.argmax.clone())  # the encoder's pass over a committed canvas: a graph too
-    synced = {k: v for k, v in probe.seen.items() if k in HOST_SYNC}
-    assert sum(probe.seen.values()) > 500
-    if backend == "kernels":
-        assert not synced, synced
-    else:
-        assert synced.get("nonzero", 0) >= tc.num_hidden_layers, synced
+    step.frozen[0] = True  # row 0 settles: the step and the commit then compute row 1 alone (graphs of their own)
+    step.settle(1)
+    assert step.n == 1 and step.order.tolist() == [1, 0]
+    compacted = _Ops()
+    with compacted:
+        step.run()
+        step._commit()
+    for seen in (probe.seen, compacted.seen):
+        synced = {k: v for k, v in seen.items() if k in HOST_SYNC}
+        assert sum(seen.values()) > 500
+        if backend == "kernels":
+            assert not synced, synced
+        else:
+            assert synced.get("nonzero", 0) >= tc.num_hidden_layers, synced
 
 
 @pytest.mark.parametrize("prompt_len,padded", [(5, False), (9, True), (40, True)])
@@ -217,3 +227,49 @@ def test_commit_past_the_static_slots_is_refused(model):
     step.start_canvas(0, cache, None)
     with pytest.raises(RuntimeError, match="266 keys do not fit the full layers' 256 static slots"):
         step.commit(torch.zeros(1, C, dtype=torch.long))
+
+
+def test_rows_bucket():
+    """A CPU computes exactly the rows left; CUDA the next power of two, at most the batch."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [denoise_step.rows_bucket(a, 8, cpu) for a in (1, 3, 5, 8)] == [1, 3, 5, 8]
+    assert [denoise_step.rows_bucket(a, 8, cuda) for a in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert denoise_step.rows_bucket(5, 6, cuda) == 6
+
+
+@pytest.fixture(scope="module")
+def peaked(tmp_path_factory):
+    """Damped layers and a peaked embedding: confident logits, so the stop test fires, at different
+    steps in different rows, and a last-bit difference in a sum cannot flip a token."""
+    from dgplug.testing import make_checkpoint
+
+    return dgplug.load(make_checkpoint(tmp_path_factory.mktemp("peaked") / "ckpt", peaked=2.0, damp=0.02), dtype="fp32")
+
+
+def test_settled_rows_leave_the_batch(peaked, monkeypatch):
+    """Rows frozen by the stop test and rows finished by EOS are no longer computed: the decoder's
+    batch is the rows left, the rows frozen in a canvas come back for the next one, a finished row
+    never does; tokens, forwards, steps and what on_step sees (in the caller's row order) are
+    those of the run that computes every row (DGPLUG_COMPACT=0)."""
+    m, C = peaked, peaked.cfg.canvas_length
+    ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for compact in ("1", "0"):
+        monkeypatch.setenv("DGPLUG_COMPACT", compact)
+        batches, seen = [], []
+        denoise = m.denoise
+        monkeypatch.setattr(m, "denoise", lambda canvas, *a, **k: (batches.append(canvas.shape[0]),
+                                                                     denoise(canvas, *a, **k))[1])
+        out = m.generate(ids, max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289],
+                         on_step=lambda s: seen.append((s.draft, s.canvas, s.accepted, s.finished)))
+        monkeypatch.undo()
+        runs[compact] = out, batches, seen
+    (a, batches, seen_a), (b, full, seen_b) = runs["1"], runs["0"]
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.forwards, b.forwards) and a.steps == b.steps
+    assert len(seen_a) == len(seen_b) and all(torch.equal(x, y) for s, t in zip(seen_a, seen_b) for x, y in zip(s, t))
+    assert set(full) == {5} and sum(batches) == int(a.forwards.sum()) < sum(full)  # a row-forward each, no more
+    first = batches[:a.steps[0]]
+    assert first[0] == 5 and min(first) < 5  # rows left the batch within the first canvas ...
+    assert batches[a.steps[0]] > min(first)  # ... and the frozen ones came back for the second
+    assert int(a.forwards[0]) == 2 and (a.sequences[0, 7:] == 289).any()  # row 0 ended with EOS in canvas 0
+    assert max(batches[a.steps[0]:]) == 4  # and was never computed again
