@@ -301,7 +301,7 @@ class DenoiseStep:
             stable = (history == argmax[None]).all(dim=-1).all(dim=0)
             history.copy_(history.roll(-1, 0))
             history[-1].copy_(argmax)
-        frozen |= stable & (entropy.mean(dim=-1) < self.confidence)
+        frozen |= stable & (entropy.mean(dim=-1) < self.confidence) & ~finished
         canvas0.copy_(canvas)
         argmax0.copy_(argmax)
         sc0.copy_(soft)

@@ -253,6 +253,9 @@ def test_settled_rows_leave_the_batch(peaked, monkeypatch):
     those of the run that computes every row (DGPLUG_COMPACT=0)."""
     m, C = peaked, peaked.cfg.canvas_length
     ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    mask[3, :2] = False  # a left-padded row: its validity moves with its slot
+    ids[3, :2] = 0
     runs = {}
     for compact in ("1", "0"):
         monkeypatch.setenv("DGPLUG_COMPACT", compact)
@@ -260,7 +263,7 @@ def test_settled_rows_leave_the_batch(peaked, monkeypatch):
         denoise = m.denoise
         monkeypatch.setattr(m, "denoise", lambda canvas, *a, **k: (batches.append(canvas.shape[0]),
                                                                      denoise(canvas, *a, **k))[1])
-        out = m.generate(ids, max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289],
+        out = m.generate(ids, mask, max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289],
                          on_step=lambda s: seen.append((s.draft, s.canvas, s.accepted, s.finished)))
         monkeypatch.undo()
         runs[compact] = out, batches, seen
@@ -273,3 +276,49 @@ def test_settled_rows_leave_the_batch(peaked, monkeypatch):
     assert batches[a.steps[0]] > min(first)  # ... and the frozen ones came back for the second
     assert int(a.forwards[0]) == 2 and (a.sequences[0, 7:] == 289).any()  # row 0 ended with EOS in canvas 0
     assert max(batches[a.steps[0]:]) == 4  # and was never computed again
+
+
+STATE = ("canvas", "argmax", "accepted", "frozen", "forwards", "lock", "entropy", "sc_soft")
+
+
+@pytest.mark.parametrize("confidence", [0.0, 1e9])
+def test_steps_on_the_rows_left_equal_steps_on_all(model, monkeypatch, confidence):
+    """Rows 0 and 2 of 4 settled after a first step: later steps over rows 1 and 3 alone (moved to
+    slots 0 and 1 with their cache rows, left-padding validity, draft history and RNG keys) give
+    those rows what steps over all four give (DGPLUG_COMPACT=0), and the settled rows keep their
+    state. Then a committed canvas with row 3 finished: rows 0-2 come back (their committed
+    tokens and cache rows to the right slots), row 3 stays out, and the next canvas's steps agree
+    again. confidence 1e9: the stop test freezes a row as soon as its draft repeats (the history
+    decides): row 3, locked whole, at the second step."""
+    tc, C, B = model.tc, model.cfg.canvas_length, 4
+    mask, cache = encoded_prompt(model, B, 9, padded=True)  # row 1 left-padded
+    dmask = torch.cat([mask, torch.ones(B, C, dtype=torch.bool)], 1)
+    lock = torch.zeros(B, C, dtype=torch.bool)
+    lock[3] = True
+    committed = torch.randint(0, tc.vocab_size, (B, C), generator=torch.Generator().manual_seed(2))
+    seen = {}
+    for compact in ("0", "1"):
+        monkeypatch.setenv("DGPLUG_COMPACT", compact)
+        step = denoise_step.DenoiseStep(model, B, 256, 8, 1, model.device)
+        step.start(seed=11, bound=1.0, confidence=confidence, t_min=0.4, t_max=0.8)
+        step.start_canvas(0, cache, dmask, lock=lock)
+        step.run()
+        step.frozen[[0, 2]] = True
+        step.settle(2)
+        assert (step.n, step.order.tolist()) == ((2, [1, 3, 0, 2]) if compact == "1" else (4, [0, 1, 2, 3]))
+        for _ in range(3):
+            step.run()
+        seen[compact] = [{k: step.ordered(getattr(step, k)) for k in STATE}]
+        step.commit(committed, torch.tensor([False, False, False, True]))
+        assert step.n == (3 if compact == "1" else 4)
+        step.start_canvas(1, None, None)
+        for _ in range(2):
+            step.run()
+        seen[compact].append({k: step.ordered(getattr(step, k)) for k in STATE})
+    for full, part in zip(seen["0"], seen["1"]):
+        for k in STATE[:-2]:
+            assert torch.equal(part[k], full[k]), k
+        for k in STATE[-2:]:
+            torch.testing.assert_close(part[k], full[k], rtol=1e-5, atol=1e-5)
+    assert seen["0"][0]["forwards"].tolist() == ([1, 4, 1, 4] if confidence == 0.0 else [1, 4, 1, 2])
+    assert seen["0"][1]["forwards"].tolist() == ([3, 6, 3, 4] if confidence == 0.0 else [3, 6, 3, 2])
