@@ -889,6 +889,7 @@ def settled_rows(dev, small, B=8, settled=6, prompt=128, steps=12):
     settings = dict(max_new_tokens=2 * C, max_denoising_steps=steps, confidence_threshold=1e30, stability_threshold=1,
                     decoder_input_ids=canvas, locked=lock, seed=5)
     out, ms = {}, {"1": [], "0": []}
+    before = {k: os.environ.get(k) for k in ("DGPLUG_COMPACT", "DGPLUG_CUDA_GRAPHS")}
     for compact in ("1", "0"):  # warm: kernels for each batch size, then the graphs' capture
         os.environ["DGPLUG_COMPACT"] = compact
         for _ in range(2):
@@ -900,7 +901,11 @@ def settled_rows(dev, small, B=8, settled=6, prompt=128, steps=12):
     os.environ["DGPLUG_COMPACT"] = "1"
     os.environ["DGPLUG_CUDA_GRAPHS"] = "0"
     eager = dg.generate(ids, **settings)
-    os.environ["DGPLUG_CUDA_GRAPHS"] = "1"
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     a, b = out["1"], out["0"]
     on, off = statistics.median(ms["1"]), statistics.median(ms["0"])
     same_ge = torch.equal(eager.sequences, a.sequences)

@@ -56,21 +56,23 @@ def main():
 
         model.denoise = counting
         print(f"\nband {band} givens: load average {os.getloadavg()[0]:.2f}")
-        for _ in range(args.reps):
-            for side in secs:
-                rows[side] = 0
-                t0 = time.perf_counter()
-                if side == "left to right":
-                    filled, _ = fill_left_to_right(model, prompt, canvas, lock, seed=0)
-                    grids[side] = [S.grid(filled[b].tolist()) for b in range(len(items))]
-                else:
-                    os.environ["DGPLUG_COMPACT"] = "1" if side == "rows leave" else "0"
-                    res = model.generate(prompt, decoder_input_ids=canvas, locked=lock, seed=0)
-                    grids[side] = [S.grid(res.sequences[b, L0:].tolist()) for b in range(len(items))]
-                    steps = res.steps[0]
-                secs[side].append(time.perf_counter() - t0)
-        del model.denoise
-        os.environ.pop("DGPLUG_COMPACT", None)
+        try:
+            for _ in range(args.reps):
+                for side in secs:
+                    rows[side] = 0
+                    t0 = time.perf_counter()
+                    if side == "left to right":
+                        filled, _ = fill_left_to_right(model, prompt, canvas, lock, seed=0)
+                        grids[side] = [S.grid(filled[b].tolist()) for b in range(len(items))]
+                    else:
+                        os.environ["DGPLUG_COMPACT"] = "1" if side == "rows leave" else "0"
+                        res = model.generate(prompt, decoder_input_ids=canvas, locked=lock, seed=0)
+                        grids[side] = [S.grid(res.sequences[b, L0:].tolist()) for b in range(len(items))]
+                        steps = res.steps[0]
+                    secs[side].append(time.perf_counter() - t0)
+        finally:
+            del model.denoise
+            os.environ.pop("DGPLUG_COMPACT", None)
         med = {k: statistics.median(v) for k, v in secs.items()}
         for side, s in secs.items():
             ok = sum(S.solved(p, g) for p, g in zip(puzzles, grids[side]))

@@ -102,9 +102,10 @@ class StaticLayerCache:
         view.keys, view.values, view.valid = self.keys[:n], self.values[:n], self.valid[:n]
         return view
 
-    def permute_rows(self, perm):
+    def permute_rows(self, perm, among: int):
+        """Rows [:among] in the order perm."""
         for buf in (self.keys, self.values, self.valid):
-            buf.copy_(buf.index_select(0, perm))
+            buf[:among].copy_(buf[:among].index_select(0, perm))
 
     def canvas_slots(self):
         """Where the canvas's k and v go: the tail (Attention.project writes them there)."""
@@ -199,6 +200,7 @@ class DenoiseStep:
         self.committed = torch.zeros(batch, C, **i64)  # the canvas the encoder pass reads
         self.order = torch.arange(batch, **i64)  # the caller's row in each slot
         self.n = batch  # slots a step computes (host)
+        self.compact = compaction_enabled()  # settled rows leave the batch (set again by start)
         self.temps = torch.zeros(n_steps + 1, **f32)  # T for n steps left, n = 0..N
         self.left = torch.zeros(1, **i64)  # steps left in this canvas (indexes temps)
         self.step = torch.zeros(1, **i64)  # steps so far in this generation (keys the RNG)
@@ -224,6 +226,7 @@ class DenoiseStep:
         self.finished.zero_()
         torch.arange(self.B, out=self.order)
         self.n = self.B
+        self.compact = compaction_enabled()  # read once per call: a change mid-call cannot strand rows
 
     def start_canvas(self, index: int, cache: KVCache | None, mask, canvas=None, lock=None):
         """After the encoder pass: load the cache (the prompt's KVCache; None after `commit`, which
@@ -257,18 +260,20 @@ class DenoiseStep:
         """After a step that left `alive` rows denoising: when they fit a smaller batch, move them to
         the front and compute only those from now on."""
         n = rows_bucket(alive, self.B, self.canvas.device)
-        if 0 < n < self.n and compaction_enabled():
-            self._regroup(n)
+        if 0 < n < self.n and self.compact:
+            self._regroup(n, self.n)  # the slots past n hold settled rows already: they stay
 
-    def _regroup(self, n: int):
-        """Rows neither frozen nor finished to the front (in order), every row's state with them."""
-        perm = torch.argsort((self.frozen | self.finished).to(torch.int32), stable=True)
+    def _regroup(self, n: int, among: int):
+        """Of the first `among` slots, the rows neither frozen nor finished to the front (in order),
+        every row's state with them; then compute n slots."""
+        perm = torch.argsort((self.frozen | self.finished)[:among].to(torch.int32), stable=True)
         for name in self.ROWS:
-            buf = getattr(self, name)
+            buf = getattr(self, name)[:among]
             buf.copy_(buf.index_select(0, perm))
-        self.history.copy_(self.history.index_select(1, perm))
+        history = self.history[:, :among]
+        history.copy_(history.index_select(1, perm))
         for layer in self.cache.layers:
-            layer.permute_rows(perm)
+            layer.permute_rows(perm, among)
         self.n = n
 
     # -- the step -----------------------------------------------------------------------------
@@ -331,9 +336,9 @@ class DenoiseStep:
         if finished is not None:
             self.finished.copy_(self.slotted(finished.to(self.finished.device)))
         self.frozen.zero_()
-        if compaction_enabled() and (self.n < self.B or finished is not None and bool(finished.any())):
+        if self.n < self.B or (self.compact and finished is not None and bool(finished.any())):
             alive = int((~self.finished).sum())
-            self._regroup(rows_bucket(max(alive, 1), self.B, self.canvas.device))
+            self._regroup(rows_bucket(max(alive, 1), self.B, self.canvas.device), self.B)
         self.committed.copy_(self.slotted(canvas))
         self._graphed(self._name("commit"), self._commit)
 
@@ -343,20 +348,31 @@ class DenoiseStep:
         graph = self.graphs.get(name)
         if graph is not None:
             return graph.replay()
-        if name not in self.graphs:  # the first run compiles kernels; on a side stream, as capture wants
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
+        if name not in self.graphs:  # the first run compiles kernels
+            _warm_up(fn)
             self.graphs[name] = None
             return None
-        graph = self.graphs[name] = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):  # capture records, it does not run: state is unchanged
-            fn()
+        graph = self.graphs[name] = _capture(fn, self.pool)
         return graph.replay()
+
+
+def _warm_up(fn):
+    """fn run on a side stream, as capture wants."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _capture(fn, pool) -> torch.cuda.CUDAGraph:
+    """fn captured as a CUDA graph in the memory pool (capture records, it does not run: state is unchanged)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph
 
 
 def for_generation(model, batch: int, context: int, n_steps: int, stability: int) -> DenoiseStep:

@@ -34,7 +34,7 @@ class StepInfo:
     step: int  # 1-based step within this canvas
     draft: torch.Tensor  # [B, L] argmax canvas
     canvas: torch.Tensor  # [B, L] next input canvas (accepted tokens + fresh noise)
-    accepted: torch.Tensor  # [B, L] bool
+    accepted: torch.Tensor  # [B, L] bool (rng="counter": a settled row's are those of its last step)
     entropy: torch.Tensor  # [B, L]
     finished: torch.Tensor  # [B] bool, rows settled: frozen by the stop test, or ended (EOS) in an earlier canvas
 
@@ -146,8 +146,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                 alive = int(stepper.alive)  # the one host read of a step
                 if alive == 0:
                     break
-                stepper.settle(alive)  # settled rows leave the batch
+                if steps < N:  # after the last step, the commit regroups the rows anyway
+                    stepper.settle(alive)  # settled rows leave the batch
             argmax = stepper.ordered(stepper.argmax)
+            if pad is None and eos_t is not None and bool(finished_seq.any()):  # rows no longer computed:
+                argmax[finished_seq] = eos_t[0]  # EOS, not their starting noise
         else:
             argmax, steps = _denoise_eager(model, ids, cache, dmask, first, lock, finished_seq, forwards, gen, N, bound,
                                            t_min, t_max, stability, confidence, logits_processor, rng, c, on_step)

@@ -322,3 +322,73 @@ def test_steps_on_the_rows_left_equal_steps_on_all(model, monkeypatch, confidenc
             torch.testing.assert_close(part[k], full[k], rtol=1e-5, atol=1e-5)
     assert seen["0"][0]["forwards"].tolist() == ([1, 4, 1, 4] if confidence == 0.0 else [1, 4, 1, 2])
     assert seen["0"][1]["forwards"].tolist() == ([3, 6, 3, 4] if confidence == 0.0 else [3, 6, 3, 2])
+
+
+class _StandInGraph:
+    """A stand-in for a captured CUDA graph: capture records the pass and the batch size it was
+    captured at (and runs nothing, as capture does not); a replay must find that batch size."""
+
+    replays: list = []
+
+    def __init__(self, fn, pool):
+        self.fn, self.step = fn, fn.__self__
+        self.n = self.step.n
+
+    def replay(self):
+        assert self.step.n == self.n, f"a graph captured at batch {self.n} replayed at {self.step.n}"
+        self.replays.append((self.fn.__name__, self.n))
+        self.fn()
+
+
+def test_graphs_per_batch_size_with_rows_rounded_up(peaked, monkeypatch):
+    """What a GPU runs, with a stand-in for capture: batches rounded up to a power of two (settled
+    rows inside the computed slots), one graph per pass and batch size, warmed up, captured, and
+    replayed only at its batch size; tokens, forwards and steps are those of an eager run that
+    computes every row."""
+    m, C = peaked, peaked.cfg.canvas_length
+    ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289])
+    monkeypatch.setenv("DGPLUG_COMPACT", "0")
+    want = m.generate(ids, **kw)
+    monkeypatch.setenv("DGPLUG_COMPACT", "1")
+    on_cuda = denoise_step.rows_bucket
+    monkeypatch.setattr(denoise_step, "rows_bucket", lambda alive, batch, device: on_cuda(alive, batch, torch.device("cuda")))
+    monkeypatch.setattr(denoise_step, "graphs_enabled", lambda device: True)
+    monkeypatch.setattr(denoise_step, "_warm_up", lambda fn: fn())
+    monkeypatch.setattr(denoise_step, "_capture", _StandInGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    m.__dict__.pop("_denoise_steps", None)
+    _StandInGraph.replays = []
+    for _ in range(2):  # the second call replays the first's graphs
+        got = m.generate(ids, **kw)
+        assert torch.equal(got.sequences, want.sequences) and torch.equal(got.forwards, want.forwards)
+        assert got.steps == want.steps
+    step = next(iter(m._denoise_steps.values()))
+    assert {"step", "step:2", "step:4", "commit:4"} <= set(step.graphs)
+    assert all(g is not None for g in step.graphs.values())
+    assert {n for _, n in _StandInGraph.replays} >= {2, 4, 5}
+
+
+def test_rows_finished_without_a_pad_id_get_eos_canvases(peaked, monkeypatch):
+    """No pad id: a row that ended in an earlier canvas is no longer computed, and its later
+    canvases are EOS (not its starting noise)."""
+    from dgplug import generation
+
+    m, C = peaked, peaked.cfg.canvas_length
+    ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(generation, "special_token_id", lambda defaults, key: None)
+    out = m.generate(ids, max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289])
+    assert (out.sequences[0, 7:7 + C] == 289).any() and bool((out.sequences[0, 7 + C:] == 289).all())
+    assert not (out.sequences[1:, 7:] == 289).all(-1).any()
+
+
+def test_compaction_switch_is_read_once_per_call(peaked, monkeypatch):
+    """DGPLUG_COMPACT turned off in the middle of a call (here by an on_step hook, after rows left
+    the batch) changes nothing until the next call: the rows frozen in that canvas still come back."""
+    m, C = peaked, peaked.cfg.canvas_length
+    ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289])
+    monkeypatch.setenv("DGPLUG_COMPACT", "1")
+    want = m.generate(ids, **kw)
+    got = m.generate(ids, **kw, on_step=lambda s: s.step == 3 and monkeypatch.setenv("DGPLUG_COMPACT", "0"))
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(got.forwards, want.forwards)
