@@ -4,7 +4,7 @@ The givens are placed on the canvas and locked (the in-line editing mechanism); 
 denoised in parallel. The whole batch is solved at once while the live view redraws the grids
 with the fewest givens step by step, side by side, as many as fit the terminal; then those grids
 and one summary line: solved, blanks without a clash, forwards per grid, blanks filled per
-forward, and the batch's forwards, seconds and blanks/s (the givens are locked, not generated).
+forward, and the batch's steps, seconds and blanks/s (the givens are locked, not generated).
 The bank's puzzles had cells removed at random, so many have several solutions: a grid counts as
 solved when it is valid and keeps every given, and a blank as right when its digit
 clashes with none in its row, column and box (the stored solution is only one of the answers).
