@@ -246,13 +246,20 @@ def peaked(tmp_path_factory):
     return dgplug.load(make_checkpoint(tmp_path_factory.mktemp("peaked") / "ckpt", peaked=2.0, damp=0.02), dtype="fp32")
 
 
+def five_rows(model):
+    """Five prompts and settings under which, on the peaked model, rows settle at different steps
+    over 3 canvases and row 0 ends with EOS (289) in the first."""
+    ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
+    return ids, dict(max_new_tokens=3 * model.cfg.canvas_length, max_denoising_steps=20, seed=3, eos_token_id=[289])
+
+
 def test_settled_rows_leave_the_batch(peaked, monkeypatch):
     """Rows frozen by the stop test and rows finished by EOS are no longer computed: the decoder's
     batch is the rows left, the rows frozen in a canvas come back for the next one, a finished row
     never does; tokens, forwards, steps and what on_step sees (in the caller's row order) are
     those of the run that computes every row (DGPLUG_COMPACT=0)."""
-    m, C = peaked, peaked.cfg.canvas_length
-    ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
+    m = peaked
+    ids, kw = five_rows(m)
     mask = torch.ones(5, 7, dtype=torch.bool)
     mask[3, :2] = False  # a left-padded row: its validity moves with its slot
     ids[3, :2] = 0
@@ -263,8 +270,7 @@ def test_settled_rows_leave_the_batch(peaked, monkeypatch):
         denoise = m.denoise
         monkeypatch.setattr(m, "denoise", lambda canvas, *a, **k: (batches.append(canvas.shape[0]),
                                                                      denoise(canvas, *a, **k))[1])
-        out = m.generate(ids, mask, max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289],
-                         on_step=lambda s: seen.append((s.draft, s.canvas, s.accepted, s.finished)))
+        out = m.generate(ids, mask, **kw, on_step=lambda s: seen.append((s.draft, s.canvas, s.accepted, s.finished)))
         monkeypatch.undo()
         runs[compact] = out, batches, seen
     (a, batches, seen_a), (b, full, seen_b) = runs["1"], runs["0"]
@@ -345,9 +351,8 @@ def test_graphs_per_batch_size_with_rows_rounded_up(peaked, monkeypatch):
     rows inside the computed slots), one graph per pass and batch size, warmed up, captured, and
     replayed only at its batch size; tokens, forwards and steps are those of an eager run that
     computes every row."""
-    m, C = peaked, peaked.cfg.canvas_length
-    ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
-    kw = dict(max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289])
+    m = peaked
+    ids, kw = five_rows(m)
     monkeypatch.setenv("DGPLUG_COMPACT", "0")
     want = m.generate(ids, **kw)
     monkeypatch.setenv("DGPLUG_COMPACT", "1")
@@ -375,9 +380,9 @@ def test_rows_finished_without_a_pad_id_get_eos_canvases(peaked, monkeypatch):
     from dgplug import generation
 
     m, C = peaked, peaked.cfg.canvas_length
-    ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
+    ids, kw = five_rows(m)
     monkeypatch.setattr(generation, "special_token_id", lambda defaults, key: None)
-    out = m.generate(ids, max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289])
+    out = m.generate(ids, **kw)
     assert (out.sequences[0, 7:7 + C] == 289).any() and bool((out.sequences[0, 7 + C:] == 289).all())
     assert not (out.sequences[1:, 7:] == 289).all(-1).any()
 
@@ -385,9 +390,8 @@ def test_rows_finished_without_a_pad_id_get_eos_canvases(peaked, monkeypatch):
 def test_compaction_switch_is_read_once_per_call(peaked, monkeypatch):
     """DGPLUG_COMPACT turned off in the middle of a call (here by an on_step hook, after rows left
     the batch) changes nothing until the next call: the rows frozen in that canvas still come back."""
-    m, C = peaked, peaked.cfg.canvas_length
-    ids = torch.randint(5, 500, (5, 7), generator=torch.Generator().manual_seed(5))
-    kw = dict(max_new_tokens=3 * C, max_denoising_steps=20, seed=3, eos_token_id=[289])
+    m = peaked
+    ids, kw = five_rows(m)
     monkeypatch.setenv("DGPLUG_COMPACT", "1")
     want = m.generate(ids, **kw)
     got = m.generate(ids, **kw, on_step=lambda s: s.step == 3 and monkeypatch.setenv("DGPLUG_COMPACT", "0"))
