@@ -45,21 +45,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def vllm_dist():
+def vllm_dist(tmp_path_factory):
     """One-process gloo 'world' with vLLM's model-parallel groups (tensor parallel 1)."""
     if _REASON is not None:
         pytest.skip(_REASON)
     from dgplug.integrations import vllm_plugin
 
     vllm_plugin.register()
-    import tempfile
-
     from dgplug.testing import make_checkpoint
 
     from vllm.config import set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
-    tmp = Path(tempfile.mkdtemp(prefix="dgplug_vllm_"))
+    tmp = tmp_path_factory.mktemp("dgplug_vllm")  # under pytest's base temp, pruned like the rest
     ckpt = make_checkpoint(tmp / "ckpt")
     vc = make_vllm_config(ckpt)
     with set_current_vllm_config(vc):
