@@ -7,10 +7,12 @@ transformers, optionally reshapes its weights, and saves it with `save_pretraine
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TINY_VISION = dict(
     model_type="gemma4_vision",
@@ -179,3 +181,36 @@ def probe_logits(model, **kw) -> torch.Tensor:
     ids, canvas_ids = probe_inputs(**kw)
     with torch.no_grad():
         return model(input_ids=ids, decoder_input_ids=canvas_ids).logits.float()
+
+
+# Operations that read a value back to the host, or whose output shape depends on the data: none
+# may run inside a captured CUDA graph (torch.cuda.graph fails, or freezes the value seen at
+# capture). What a CPU cannot show: copies to the host (.cpu(), .tolist()); the GPU check captures.
+HOST_SYNC = {"_local_scalar_dense", "nonzero", "nonzero_static", "unique", "_unique2", "unique_consecutive",
+             "masked_select", "masked_scatter", "is_nonzero", "equal", "bincount", "histc", "repeat_interleave",
+             "index(bool)", "index_put(bool)"}
+
+
+class OpProbe(TorchDispatchMode):
+    """Counts the aten operations dispatched inside ``with OpProbe():`` (``seen``) and records each one
+    with the shapes it returned (``trace``): two runs on different data with different traces made
+    allocations that depend on the data. ``synced()``: the operations seen that are in HOST_SYNC."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+        self.trace = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__.rstrip("_")
+        if name in ("index", "index_put") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())):
+            name += "(bool)"  # a boolean mask index: its shape depends on the data
+        self.seen[name] += 1
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.trace.append((name, tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))))
+        return out
+
+    def synced(self) -> dict:
+        return {k: v for k, v in self.seen.items() if k in HOST_SYNC}

@@ -2,17 +2,15 @@
 decoder states as the KVCache path, device-made RNG keys with the same bits, no state carried
 from one generate call into the next. The GPU check replays it as a CUDA graph."""
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dgplug
 from dgplug import denoise_step
 from dgplug import sampler as sp
 from dgplug.kernels.sampler import canvas_row_keys, canvas_row_keys_device, counter_tokens, seed_key
 from dgplug.model import KVCache
+from dgplug.testing import HOST_SYNC, OpProbe
 
 
 @pytest.fixture(scope="module")
@@ -110,28 +108,6 @@ def test_reused_buffers_carry_nothing_between_calls(model):
     assert torch.equal(again.forwards, fresh.forwards) and again.steps == fresh.steps
 
 
-# operations that read a value back to the host or give a shape that depends on data: none may run
-# inside a captured step (torch.cuda.graph would fail, or freeze the value of the capture)
-# (what a CPU cannot show: copies to the host, .cpu() / .tolist(); the GPU check captures the step)
-HOST_SYNC = {"_local_scalar_dense", "nonzero", "nonzero_static", "unique", "_unique2", "unique_consecutive",
-             "masked_select", "masked_scatter", "is_nonzero", "equal", "bincount", "histc", "repeat_interleave",
-             "index(bool)", "index_put(bool)"}
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__.rstrip("_")
-        if name in ("index", "index_put") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())):
-            name += "(bool)"  # a boolean mask index: its shape depends on the data
-        self.seen[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _with_experts(model, experts: str):
     """A copy of the model whose experts are int4 in the fragments order (as dgplug.load leaves them
     on a GPU; K tiles of 32 at this size) or fp8."""
@@ -170,14 +146,14 @@ def test_step_on_the_kernels_never_syncs(model, monkeypatch, backend, experts):
     step = denoise_step.DenoiseStep(model, B, 256, 4, 1, torch.device("cpu"))
     step.start(seed=1, bound=0.1, confidence=0.005, t_min=0.4, t_max=0.8)
     step.start_canvas(0, cache, None)
-    probe = _Ops()
+    probe = OpProbe()
     with probe:
         step.run()
         step.commit(step.argmax.clone())  # the encoder's pass over a committed canvas: a graph too
     step.frozen[0] = True  # row 0 settles: the step and the commit then compute row 1 alone (graphs of their own)
     step.settle(1)
     assert step.n == 1 and step.order.tolist() == [1, 0]
-    compacted = _Ops()
+    compacted = OpProbe()
     with compacted:
         step.run()
         step._commit()
