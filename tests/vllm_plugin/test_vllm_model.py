@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vllm_helpers import build_and_load, make_vllm_config, run_standalone as _run
+from vllm_helpers import build_and_load, build_from_gguf, run_standalone as _run
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +112,7 @@ def test_gguf_experts_stay_packed(vllm_dist, quant):
     """GGUF weights through load_weights: the expert stacks stay in their ggml blocks (dgplug's MoE
     decodes them), the rest is dequantised; logits equal the same class loaded with every tensor
     dequantised by gguf-py, up to summation order."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.utils import process_weights_after_loading
-    from vllm.utils.torch_utils import set_default_torch_dtype
-
     from dgplug.converters.gguf_export import export_gguf
-    from dgplug.converters.gguf_import import iter_hf_tensors
-    from dgplug.integrations.vllm_model import DGPlugDiffusionGemmaForBlockDiffusion
     from dgplug.kernels.ggml import GGMLWeight
 
     path = vllm_dist["tmp"] / f"m-{quant}.gguf"
@@ -126,14 +120,10 @@ def test_gguf_experts_stay_packed(vllm_dist, quant):
         export_gguf(vllm_dist["ckpt"], path, quant=quant, progress=False, workers=1)
     models, configs = [], []
     for packed in (True, False):
-        vc = make_vllm_config(vllm_dist["ckpt"])  # one config per model: vLLM registers each layer by name
+        model, vc = build_from_gguf(path, vllm_dist["ckpt"], packed=packed)
+        assert {n for n, _ in model.named_parameters()} - model.loaded_names - {"lm_head.weight"} == set()
+        models.append(model)
         configs.append(vc)
-        with set_current_vllm_config(vc), set_default_torch_dtype(vc.model_config.dtype), torch.device("cpu"):
-            model = DGPlugDiffusionGemmaForBlockDiffusion(vllm_config=vc)
-            loaded = model.load_weights(iter_hf_tensors(path, packed=packed))
-            assert {n for n, _ in model.named_parameters()} - loaded - {"lm_head.weight"} == set()
-            process_weights_after_loading(model, vc.model_config, torch.device("cpu"))
-        models.append(model.eval())
     experts = models[0].model.layers[0].experts
     assert isinstance(experts.gate_up_proj, GGMLWeight) and isinstance(experts.down_proj, GGMLWeight)
     assert torch.equal(experts.gate_up_proj.dequantize(), models[1].model.layers[0].experts.gate_up_proj)

@@ -73,3 +73,23 @@ def run_standalone(model, vc, ids, canvas, soft=None):
         h = model(canvas, torch.arange(n, n + canvas.shape[0]), dgplug_mode="denoise", dgplug_cache=cache,
                   dgplug_soft_embeds=soft)
         return model.compute_logits(h)
+
+
+def build_from_gguf(path, config_dir, packed=True):
+    """dgplug's model class under vLLM's config (read from the checkpoint `config_dir`), given a GGUF's
+    tensors through load_weights: with packed=True the expert stacks stay in their ggml blocks
+    (kernels.ggml.GGMLWeight), the rest is dequantised; packed=False dequantises all (gguf-py)."""
+    import torch
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from dgplug.converters.gguf_import import iter_hf_tensors
+    from dgplug.integrations.vllm_model import DGPlugDiffusionGemmaForBlockDiffusion
+
+    vc = make_vllm_config(config_dir)  # one config per model: vLLM registers each layer by name
+    with set_current_vllm_config(vc), set_default_torch_dtype(vc.model_config.dtype), torch.device("cpu"):
+        model = DGPlugDiffusionGemmaForBlockDiffusion(vllm_config=vc)
+        model.loaded_names = model.load_weights(iter_hf_tensors(path, packed=packed))
+        process_weights_after_loading(model, vc.model_config, torch.device("cpu"))
+    return model.eval(), vc
