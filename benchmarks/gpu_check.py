@@ -890,10 +890,14 @@ def settled_rows(dev, small, B=8, settled=6, prompt=128, steps=12):
                     decoder_input_ids=canvas, locked=lock, seed=5)
     out, ms = {}, {"1": [], "0": []}
     before = {k: os.environ.get(k) for k in ("DGPLUG_COMPACT", "DGPLUG_CUDA_GRAPHS")}
+    cold = {}  # the first two calls of each: kernels compiled for each new batch size, then captured
     for compact in ("1", "0"):  # warm: kernels for each batch size, then the graphs' capture
         os.environ["DGPLUG_COMPACT"] = compact
         for _ in range(2):
+            t = time.perf_counter()
             out[compact] = dg.generate(ids, **settings)
+            sync()
+            cold.setdefault(compact, []).append(1e3 * (time.perf_counter() - t))
     for _ in range(1 if small else 3):
         for compact in ("1", "0"):
             os.environ["DGPLUG_COMPACT"] = compact
@@ -913,9 +917,12 @@ def settled_rows(dev, small, B=8, settled=6, prompt=128, steps=12):
           f"of {B * sum(a.steps)}; generate ms: rows leave {on:.0f}, every row {off:.0f} ({off / on:.2f}x); "
           f"tokens graphs == eager: {same_ge}; tokens == every-row run: {torch.equal(a.sequences, b.sequences)} "
           f"(matrix products are not batch-invariant: last bits may differ)")
+    print(f"first calls in this process (compile, capture), ms: rows leave {cold['1'][0]:.0f} then {cold['1'][1]:.0f}; "
+          f"every row, after them, {cold['0'][0]:.0f} then {cold['0'][1]:.0f}")
     print(f"RESULT settled_rows batch={B} settled={settled} steps={'+'.join(map(str, a.steps))} "
           f"row_forwards={int(a.forwards.sum())} ms_compact={on:.1f} ms_every_row={off:.1f} speedup={off / on:.2f} "
-          f"tokens_graphs_eager_equal={same_ge} forwards_equal={torch.equal(a.forwards, b.forwards)}", flush=True)
+          f"tokens_graphs_eager_equal={same_ge} forwards_equal={torch.equal(a.forwards, b.forwards)} "
+          f"ms_first_call_compact={cold['1'][0]:.0f}", flush=True)
     del dg
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
