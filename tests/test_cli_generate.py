@@ -90,3 +90,27 @@ def test_empty_prompt_and_unknown_words(tiny_ckpt):
     assert "note: 2 of 4 prompt tokens are unknown to this model's tokenizer (<unk>)" in r.stderr
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "w5 w6", "--no-chat", "--steps", "2"])
     assert r.exit_code == 0 and "note:" not in r.stderr
+
+
+def test_prompt_and_edit_from_standard_input(tiny_ckpt):
+    """`dgplug generate PATH - < file`: the prompt (or --edit TEXT) read from standard input gives the
+    tokens of the same text given as an argument; text that is not UTF-8 is one error line."""
+    args = ["--steps", "2", "-n", "8", "--json", "--no-chat"]
+    a = runner.invoke(app, ["generate", str(tiny_ckpt), "-", *args], input=b"w5 w6 w7\n")
+    b = runner.invoke(app, ["generate", str(tiny_ckpt), "w5 w6 w7", *args])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert json.loads(a.stdout)["prompt_tokens"] == 3 and json.loads(a.stdout)["ids"] == json.loads(b.stdout)["ids"]
+    edit = ["--steps", "2", "--json", "--ids", "5"]
+    a = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "-", *edit], input=b"w5 [[w6]] w7")
+    b = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w5 [[w6]] w7", *edit])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert json.loads(a.stdout) | {"seconds": 0} == json.loads(b.stdout) | {"seconds": 0}
+    bad = runner.invoke(app, ["generate", str(tiny_ckpt), "-"], input=b"w5 \xff w6")
+    assert bad.exit_code == 1 and bad.stderr == "error: standard input is not UTF-8 text (invalid start byte at byte 3)\n"
+    both = runner.invoke(app, ["generate", str(tiny_ckpt), "-", "--edit", "-"], input=b"w5")
+    assert both.exit_code == 1 and "cannot both be read from standard input" in both.stderr
+    empty = runner.invoke(app, ["generate", str(tiny_ckpt), "-"], input=b"\n")
+    assert empty.exit_code == 1 and "the prompt is empty" in empty.stderr
+    # bytes a shell passes through undecoded arrive as surrogates: refused before loading
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "w5 \udcff"])
+    assert r.exit_code == 1 and r.stderr == "error: the prompt is not UTF-8 text (byte 0xff at character 3)\n"

@@ -82,7 +82,8 @@ def info(path: str = typer.Argument(..., metavar="PATH", help="Checkpoint direct
 def generate(
     path: str = typer.Argument(..., metavar="PATH", help="Checkpoint directory or .gguf file."),
     text: Optional[str] = typer.Argument(None, metavar="PROMPT", show_default=False,
-                                         help="Prompt text, as --prompt (give one of the two)."),
+                                         help="Prompt text, as --prompt (give one of the two); - reads it from "
+                                              "standard input."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (the checkpoint's tokenizer)."),
     ids: Optional[str] = typer.Option(None, "--ids", help="Prompt token ids, comma separated (instead of --prompt)."),
     max_new_tokens: Optional[int] = typer.Option(
@@ -99,15 +100,18 @@ def generate(
     edit: Optional[str] = typer.Option(
         None, "--edit", show_default=False,
         help=escape("In-line edit: TEXT with [[spans to rewrite]] and [[+N]] insertions of N tokens; the rest stays "
-                    "locked on the canvas (the prompt, if any, is the instruction).")),
+                    "locked on the canvas (the prompt, if any, is the instruction); - reads it from standard "
+                    "input.")),
     threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, as_json: bool = JSON,
     debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Generate text with the EntropyBound block-diffusion sampler (or edit a text in place).
 
     Example: dgplug generate ./ckpt "Why is the sky blue?" --max-new-tokens 64 --live
+
+    From a file: dgplug generate ./ckpt - < question.txt
     """
-    from .generate import Options, run
+    from .generate import Options, read_stdin, run
 
     o = Options(path, prompt if text is None else text, ids, max_new_tokens, steps, seed, rng, dtype, chat, live, edit,
                 threads, device, as_json)
@@ -115,6 +119,7 @@ def generate(
     def go():
         if text is not None and prompt is not None:
             raise common.CLIError("give the prompt once: as the argument after the path or as --prompt, not both")
+        read_stdin(o)
         run(o)
 
     common.run(go, debug, quiet)

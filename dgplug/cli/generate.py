@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -40,6 +41,22 @@ class Options:
     as_json: bool = False
 
 
+def read_stdin(o: Options) -> None:
+    """A prompt or edit text given as "-" is read from standard input (one of the two)."""
+    if o.prompt == "-" and o.edit == "-":
+        raise CLIError("the prompt and --edit cannot both be read from standard input (-): give one as text")
+    for field in ("prompt", "edit"):
+        if getattr(o, field) == "-":
+            if sys.stdin is None or sys.stdin.isatty():
+                raise CLIError(f"{'the prompt' if field == 'prompt' else '--edit'} is -: pipe the text in "
+                               f"(dgplug generate PATH - < file.txt)")
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+            try:
+                setattr(o, field, data.decode("utf-8").rstrip("\n"))
+            except UnicodeDecodeError as e:
+                raise CLIError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def check(o: Options) -> None:
     """Everything that can be refused without the model."""
     if o.prompt is not None and o.ids is not None:
@@ -48,6 +65,12 @@ def check(o: Options) -> None:
         raise CLIError("give a prompt (PATH \"TEXT\" or --prompt TEXT) or --ids 1,2,3 (or --edit TEXT)")
     if o.prompt is not None and not o.prompt.strip():
         raise CLIError("the prompt is empty: give some text (or --ids 1,2,3)")
+    for name, text in (("the prompt", o.prompt), ("--edit", o.edit)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that are not UTF-8, passed through by the shell's locale
+            byte = ord(text[e.start]) - 0xDC00  # the shell's undecodable byte, escaped as a surrogate
+            raise CLIError(f"{name} is not UTF-8 text (byte 0x{byte:02x} at character {e.start})") from None
     if o.edit is not None and o.max_new_tokens is not None:
         raise CLIError("--max-new-tokens does not apply to --edit (the edit text fixes the length)")
     at_least("--max-new-tokens", o.max_new_tokens)
