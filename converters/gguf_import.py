@@ -125,7 +125,21 @@ def _value_type(c: _Cursor, raw: int, key: str) -> VT:
         raise FormatError(f"{c.path}: metadata key {key!r} has unknown value type {raw}") from None
 
 
-def validate_gguf(path) -> dict:
+def _check_architecture(path: str, meta: dict) -> None:
+    arch = meta.get("general.architecture")
+    if arch == ARCH:
+        return
+    if meta.get("general.type") == "imatrix":
+        raise FormatError(f"{path} is an importance matrix (general.type 'imatrix'), not a model: "
+                          f"it goes to `dgplug convert --imatrix`")
+    if arch is None:
+        raise FormatError(f"{path}: no general.architecture, so not a model GGUF")
+    raise FormatError(f"{path}: architecture {arch!r} is not {ARCH!r} (dgplug runs DiffusionGemma only)")
+
+
+def validate_gguf(path, any_model: bool = False) -> dict:
+    """Checks the header, metadata and tensor table against the file's size before gguf-py maps it;
+    the architecture must be diffusion-gemma unless any_model (inspect reads any GGUF)."""
     path = str(path)
     try:
         size = os.path.getsize(path)
@@ -174,9 +188,8 @@ def validate_gguf(path) -> dict:
                 meta[key] = c.string(f"value of {key!r}")
             else:
                 meta[key] = struct.unpack(_SCALAR_FMT[vt], c.read(_SCALAR_SIZE[vt], key))[0]
-        arch = meta.get("general.architecture")
-        if arch != ARCH:
-            raise FormatError(f"{path}: architecture {arch!r} is not {ARCH!r}")
+        if any_model is False:
+            _check_architecture(path, meta)
         align = meta.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
             raise FormatError(f"{path}: bad general.alignment {align!r}")
@@ -219,9 +232,9 @@ def validate_gguf(path) -> dict:
                 metadata=meta, tensors=infos)
 
 
-def open_gguf(path, mode: str = "r") -> GGUFReader:
+def open_gguf(path, mode: str = "r", any_model: bool = False) -> GGUFReader:
     """Validated, then memory-mapped by gguf-py ("c": copy-on-write, so tensors can view it)."""
-    validate_gguf(path)
+    validate_gguf(path, any_model)
     try:
         return GGUFReader(str(path), mode)
     except (ValueError, KeyError, IndexError) as e:
@@ -471,7 +484,9 @@ def _summarise(v):
 
 
 def inspect_table(path) -> dict:
-    reader = open_gguf(path)
+    """Metadata and tensor table of any GGUF (another architecture, an imatrix): check_contract says
+    whether it is a DiffusionGemma model."""
+    reader = open_gguf(path, any_model=True)
     meta = {}
     for k, f in reader.fields.items():
         if k.startswith("GGUF."):

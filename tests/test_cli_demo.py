@@ -52,6 +52,11 @@ def test_demo_own_puzzle():
     assert m and m.group(2) == "1" and m.group(3) == "your puzzle" and m.group(5) == str(WIKI.count("."))
     assert (m.group(1) == "1") <= (m.group(4) == m.group(5))  # solved: every blank without a clash
     assert r.stderr == ""
+    # the same puzzle pasted as nine lines, or wrapped by a terminal: whitespace is left out
+    from dgplug.cli.demo import parse_puzzle
+
+    assert parse_puzzle("\n".join(WIKI[i:i + 9] for i in range(0, 81, 9))) == parse_puzzle(WIKI[:40] + " \n " + WIKI[40:])
+    assert parse_puzzle(" ".join(WIKI)) == WIKI.replace("0", ".")
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -169,3 +169,31 @@ def test_threads_option(tiny_ckpt, monkeypatch):
     monkeypatch.setenv("DGPLUG_THREADS", "1")
     assert json.loads(runner.invoke(app, args).stdout)["threads"] == 1
     assert json.loads(runner.invoke(app, args + ["--threads", "2"]).stdout)["threads"] == 2  # the option wins
+
+
+def test_usage_errors_are_one_line_naming_the_value(tiny_ckpt):
+    """Through the `dgplug` entry point (click's own usage errors: unknown command or option, missing
+    or mistyped value): one line on stderr naming the value and the help to read, exit status 2 (as
+    click and argparse); a bare `dgplug` prints the help. Boolean flags show no value placeholder."""
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "dgplug.cli", *args], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200"))
+        return r.returncode, r.stdout, r.stderr
+
+    for args, line in [
+        (["generate", str(tiny_ckpt), "w5", "-n", "abc"],
+         "Invalid value for '--max-new-tokens' / '-n': Input should be a valid integer, unable to parse string as an "
+         "integer (got 'abc'); see: dgplug generate --help"),
+        (["generate", str(tiny_ckpt), "w5", "--steps=x1"], "(got 'x1'); see: dgplug generate --help"),
+        (["foo"], "No such command 'foo'; see: dgplug --help"),
+        (["convert", str(tiny_ckpt), "x.gguf"], "Missing option '--quant' / '-q'; see: dgplug convert --help"),
+        (["generate", str(tiny_ckpt), "w5", "--debug", "true"], "unexpected extra argument"),
+    ]:
+        code, out, err = cli(*args)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("error: "), (args, err)
+        assert line in err, (line, err)
+    code, out, err = cli()
+    assert code == 2 and "Usage: dgplug" in out + err and "Commands" in out + err
+    code, out, _ = cli("generate", "--help")
+    assert code == 0 and "--json" in out and not [ln for ln in out.splitlines() if "--json" in ln and "<bool>" in ln]

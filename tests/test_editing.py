@@ -86,6 +86,16 @@ def test_cli_edit(tiny_ckpt):
     assert first[:2] == ["w40", "w41"] and first[3] == "w43" and "1 of 4 tokens rewritten" in r.output
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w40 [[w41", "--steps", "3"])
     assert r.exit_code == 1 and r.output == "error: edit text: '[[' at character 4 has no matching ']]'\n"
+    # insertions past the canvas: refused before loading; a kept text past it: no progress line
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w5 [[+100]]"])
+    assert r.exit_code == 1 and r.output == ("error: --edit: its [[+N]] insertions add 100 tokens; the canvas holds "
+                                             "16 with its EOS\n")
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", " ".join(f"w{i}" for i in range(11)) + " [[+6]]"])
+    assert r.exit_code == 1 and "does not fit the canvas of 16" in r.stderr and "canvas 1 of 1" not in r.stderr
+    # kept words the tokenizer does not know: said, as for a prompt
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "hello [[w5]] there", "--steps", "2"])
+    assert r.exit_code == 0 and r.stdout.split()[::2] == ["<unk>", "<unk>"], r.output
+    assert "note: 2 of the edit's kept tokens are unknown to this model's tokenizer (<unk>)" in r.stderr
 
 
 def test_fill_left_to_right(model):

@@ -600,8 +600,21 @@ def test_unknown_architecture_and_tensor_type(exported, tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(FormatError, match="architecture 'llama'"):
+    with pytest.raises(FormatError, match="architecture 'llama' is not 'diffusion-gemma'"):
         gi.open_gguf(p)
+    # inspect reads any GGUF; the contract check says what it is
+    assert [r[0] for r in gi.inspect_table(p)["tensors"]] == ["x"]
+    assert any("architecture 'llama'" in q for q in gi.check_contract(p))
+    # an importance matrix (general.type imatrix, no architecture, as llama-imatrix writes): named as one
+    from dgplug.converters.imatrix import Entry, Imatrix
+
+    im = Imatrix({"blk.0.ffn_up.weight": Entry(np.ones((1, 8)), np.ones(1, np.int64))}, ["calib.txt"], 1, 16)
+    path = im.save(tmp_path / "im.gguf")
+    want = f"{path} is an importance matrix (general.type 'imatrix'), not a model: it goes to `dgplug convert --imatrix`"
+    with pytest.raises(FormatError) as e:
+        gi.open_gguf(path)
+    assert str(e.value) == want and gi.check_contract(path) == [want]
+    assert gi.inspect_table(path)["metadata"]["general.type"] == "imatrix"
     # patch the type of one tensor record to an id ggml does not know
     data = bytearray(Path(exported["F32"]).read_bytes())
     name = b"output_norm.weight"

@@ -21,13 +21,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="DiffusionGemma, run with dgplug. Every command takes --debug and --quiet; "
                        "those that compute take --threads (or DGPLUG_THREADS).")
 
+def flag(default: bool, *decls, **kw):
+    """A boolean option, shown in --help without a value placeholder (it takes none)."""
+    return typer.Option(default, *decls, metavar="", **kw)
+
+
 # options shared by the commands (accepted before or after the subcommand)
-DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
-QUIET = typer.Option(False, "--quiet", help="Only results (and errors) on the terminal: no loading or progress lines.")
+DEBUG = flag(False, "--debug", help="Show Python tracebacks on errors.")
+QUIET = flag(False, "--quiet", help="Only results (and errors) on the terminal: no loading or progress lines.")
 THREADS = typer.Option(None, "--threads", help="CPU threads for torch (default: DGPLUG_THREADS if set, else "
                                                "dgplug's choice for the model's size).", show_default=False)
 DEVICE = typer.Option(None, "--device", help="cpu (default), cuda or cuda:N.", show_default=False)
-JSON = typer.Option(False, "--json", help="Print one JSON object instead of tables and text.")
+JSON = flag(False, "--json", help="Print one JSON object instead of tables and text.")
 
 
 def entry():
@@ -36,7 +41,7 @@ def entry():
     import dgplug
 
     dgplug._drop_transformers_hook()
-    app(prog_name="dgplug")
+    common.main(app)
 
 
 def _version(value: bool):
@@ -49,7 +54,7 @@ def _version(value: bool):
 
 @app.callback()
 def main(debug: bool = DEBUG, quiet: bool = QUIET,
-         version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+         version: bool = flag(False, "--version", callback=_version, is_eager=True,
                                       help="Print dgplug's version and exit.")):
     common.STATE.update(debug=debug, quiet=quiet)
 
@@ -90,13 +95,13 @@ def generate(
         None, "--max-new-tokens", "-n", show_default=False,
         help="Tokens to print (default: the checkpoint's). Whole canvases are generated and cut to this."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Max denoising steps per canvas.", show_default=False),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the starting canvas and of the sampler."),
     rng: str = typer.Option("counter", "--rng", help="counter (fused, default) or transformers (bit-exact)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", show_default=False,
                                         help="fp32, bf16 or fp16 (default: the checkpoint's; a GGUF's: fp32, "
                                              "bf16 on a GPU)."),
-    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the chat template."),
-    live: bool = typer.Option(False, "--live", help="Show the canvas being denoised."),
+    chat: bool = flag(True, "--chat/--no-chat", help="Wrap the prompt in the chat template."),
+    live: bool = flag(False, "--live", help="Show the canvas being denoised."),
     edit: Optional[str] = typer.Option(
         None, "--edit", show_default=False,
         help=escape("In-line edit: TEXT with [[spans to rewrite]] and [[+N]] insertions of N tokens; the rest stays "
@@ -141,8 +146,8 @@ def demo(
     steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
                                         help="At most this many denoising steps (default: the checkpoint's, 48)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the starting canvas and of the sampler."),
-    live: bool = typer.Option(True, "--live/--no-live", help="Redraw the grids as they are denoised."),
-    compare: bool = typer.Option(False, "--compare", help="Then solve the same puzzles left to right (one cell "
+    live: bool = flag(True, "--live/--no-live", help="Redraw the grids as they are denoised."),
+    compare: bool = flag(False, "--compare", help="Then solve the same puzzles left to right (one cell "
                                  "per forward, same model) and print that line too."),
     old_n: Optional[int] = typer.Option(None, "--n", hidden=True),  # older name of -n/--count
     sample: Optional[int] = typer.Option(None, "--sample", hidden=True),  # older name of -n/--count
@@ -182,7 +187,7 @@ def convert(
                                    "Q2_K_S needs --imatrix) or int4 int8 fp8 (safetensors)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", show_default=False,
                                              help="int4 only: group size along the input dimension (default 128)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists (file or directory)."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace OUT if it exists (file or directory)."),
     threads: Optional[int] = typer.Option(None, "--threads", show_default=False,
                                           help="GGUF: worker processes; int4/int8/fp8: torch threads "
                                                "(default: DGPLUG_THREADS, else dgplug's choice)."),
@@ -214,15 +219,14 @@ def imatrix_cmd(
     batch: int = typer.Option(1, "--batch", help="Prompts per generate call."),
     steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
                                         help="Max denoising steps per canvas (default: the checkpoint's)."),
-    seed: int = typer.Option(0, "--seed"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output if it exists."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the starting canvases and of the sampler."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace the output if it exists."),
     threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Importance matrix for calibrated quantization, in llama.cpp's imatrix GGUF layout.
 
-    Runs the model's own block-diffusion path (encoder over each prompt, denoise steps over one
-    canvas) and records, for every linear and every expert, the sum of squared inputs per column
-    and the count of tokens (the importance is their ratio).
+    Runs the model's own block-diffusion path: the encoder over each prompt, denoise steps on a canvas.
+    Every linear and expert gets the sum of its squared inputs per column, and their count.
 
     Example: dgplug imatrix ./diffusiongemma --calib calib.txt -o imatrix.gguf
     """

@@ -63,6 +63,48 @@ def note(msg: str) -> None:
     err.print(Text("note: ", style="yellow") + Text(msg))
 
 
+def _click_class(name: str):
+    """click's exception class `name`, as typer raises it (typer 0.29 carries its own copy of click)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+def main(app) -> None:
+    """Run the typer app as the `dgplug` script: as click's standalone mode, except that a usage error
+    (an unknown command or option, a missing or mistyped value) is one line naming the value, exit 2."""
+    try:
+        code = app(prog_name="dgplug", standalone_mode=False)
+    except _click_class("UsageError") as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `dgplug`: the help, as click prints it
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        usage_error(e)
+    except _click_class("ClickException") as e:
+        e.show()
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:  # Ctrl-C before a command runs (a running command exits 130 itself)
+        err.print("Aborted!")
+        raise SystemExit(1) from None
+    raise SystemExit(code or 0)
+
+
+def usage_error(e) -> None:
+    """One line on stderr, naming the value at fault, and exit status 2 (as click and argparse):
+    `error: Invalid value for '--max-new-tokens' / '-n': ... (got 'abc'); see: dgplug generate --help`."""
+    text = " ".join(e.format_message().split()).rstrip(".")
+    param = getattr(e, "param", None)
+    if isinstance(e, typer.BadParameter) and param is not None and param.opts:
+        args = sys.argv[1:]
+        for i, a in enumerate(args):
+            value = args[i + 1] if a in param.opts and i + 1 < len(args) else next(
+                (a.split("=", 1)[1] for o in param.opts if a.startswith(o + "=")), None)
+            if value is not None:
+                text += f" (got {value!r})"
+                break
+    where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "dgplug"
+    err.print(Text("error: ", style="red") + Text(f"{text}; see: {where} --help"))
+    raise SystemExit(2)
+
+
 def message(e: BaseException) -> str:
     """One line for an exception: OSErrors name their file and say what happened in words."""
     if isinstance(e, OSError) and e.strerror:

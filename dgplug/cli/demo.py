@@ -44,10 +44,12 @@ def parse_band(s: str) -> tuple[int, int]:
 
 
 def parse_puzzle(s: str) -> str:
-    """An 81-character puzzle (digits 1-9; '.' or 0 for a blank) -> the '.'-blank form, checked."""
-    p = s.strip()
+    """An 81-character puzzle (digits 1-9; '.' or 0 for a blank) -> the '.'-blank form, checked.
+    Whitespace is left out: a puzzle pasted as nine lines, or wrapped by a terminal, reads the same."""
+    p = "".join(s.split())
     if len(p) != 81:
-        raise CLIError(f"--puzzle: {len(p)} characters; a puzzle is 81 (row by row, digits 1-9, '.' or 0 for blanks)")
+        raise CLIError(f"--puzzle: {len(p)} characters; a puzzle is 81 (row by row, digits 1-9, '.' or 0 for blanks; "
+                       f"spaces and line breaks are left out)")
     for i, ch in enumerate(p):
         if ch not in "123456789.0":
             raise CLIError(f"--puzzle: character {i + 1} (r{i // 9 + 1}c{i % 9 + 1}) is {ch!r}; "
@@ -213,14 +215,16 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
         view = live_view(20)
     watched = drawn[:fitting(len(drawn), err.size.width, err.size.height)] if animate else []
     legend = Text.assemble(("given", "bold"), "  ", ("accepted", "bold green"), "  ",
-                           ("draft (not yet accepted)", "dim"), "  ", ("? not a digit", "red"))
-    t0 = time.perf_counter()
+                           ("draft (not yet accepted)", "dim"), "  ", ("? not a digit", "red"),
+                           ("  (a pause of 0.08 s a step, to watch, is not counted)" if animate else "", "dim"))
+    t0, paused = time.perf_counter(), 0.0
 
     def hook(s):
+        nonlocal paused
         if STATE["quiet"]:
             return
         status = Text(f"step {s.step} of {N}: {int(s.finished.sum())} of {len(items)} grids settled, "
-                      f"{time.perf_counter() - t0:.1f}s", style="cyan")
+                      f"{time.perf_counter() - t0 - paused:.1f}s", style="cyan")
         if view is None:  # not a terminal: plain lines
             err.print(status)
             return
@@ -228,7 +232,9 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
                            f"puzzle {k + 1} ({items[k]['givens']} givens)") for k in watched]
         view.update(Group(status, legend, Columns(frames, padding=(0, 3))) if frames else status)
         if animate:
-            time.sleep(0.08)  # slow enough to watch; subtracted from the speed below
+            t = time.perf_counter()
+            time.sleep(0.08)  # slow enough to watch; subtracted from the times shown
+            paused += time.perf_counter() - t
 
     try:
         res = model.generate(prompt, decoder_input_ids=canvas.to(model.device), locked=lock.to(model.device),
@@ -236,9 +242,7 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     finally:
         if view is not None:
             view.stop()
-    dt = time.perf_counter() - t0
-    if animate:
-        dt -= 0.08 * res.steps[0]
+    dt = time.perf_counter() - t0 - paused
     L0 = prompt.shape[1]
     grids = [S.grid(res.sequences[b, L0:].tolist()) for b in range(len(items))]
     ok = [S.solved(p, g) for p, g in zip(puzzles, grids)]

@@ -60,7 +60,7 @@ def read_stdin(o: Options) -> None:
 def check(o: Options) -> None:
     """Everything that can be refused without the model."""
     if o.prompt is not None and o.ids is not None:
-        raise CLIError("give --prompt TEXT or --ids 1,2,3, not both")
+        raise CLIError("give a prompt (TEXT or --prompt TEXT) or --ids 1,2,3, not both")
     if o.prompt is None and o.ids is None and o.edit is None:
         raise CLIError("give a prompt (PATH \"TEXT\" or --prompt TEXT) or --ids 1,2,3 (or --edit TEXT)")
     if o.prompt is not None and not o.prompt.strip():
@@ -108,7 +108,15 @@ def check_against_config(path, o: Options) -> None:
     from .info import config_of
 
     cfg = config_of(path)
-    if cfg is None or o.edit is not None:
+    if cfg is None:
+        return
+    if o.edit is not None:  # the kept text's length is known once tokenized; the insertions' now
+        from dgplug.editing import parse_edit
+
+        inserted = sum(n for kind, n in parse_edit(o.edit) if kind == "insert")
+        if inserted + 1 > cfg.canvas_length:
+            raise CLIError(f"--edit: its [[+N]] insertions add {inserted} tokens; the canvas holds "
+                           f"{cfg.canvas_length} with its EOS")
         return
     ids = [int(x) for x in o.ids.split(",") if x.strip()] if o.ids is not None else None
     bad = [i for i in ids or [] if not 0 <= i < cfg.text.vocab_size]
@@ -274,11 +282,17 @@ def run(o: Options) -> None:
 def _edit(model, prompt_ids, o: Options, N: int, threads: int) -> None:
     watch = Watch(model, 1, N, o.live)
     t0 = time.perf_counter()
+    res = None
     try:
         res = model.edit(prompt_ids, text=o.edit, max_denoising_steps=o.steps, rng=o.rng, seed=o.seed, on_step=watch)
     finally:
-        watch.close(finished=True)
+        watch.close(finished=res is not None)  # no progress line for an edit that failed
     dt = time.perf_counter() - t0
+    unk = getattr(model.tokenizer, "unk_token_id", None)
+    unknown = sum(1 for i, k in zip(res.ids, res.locked) if k and unk is not None and int(i) == unk)
+    if unknown:  # kept words the tokenizer does not know come back as <unk>
+        note(f"{unknown} of the edit's kept tokens are unknown to this model's tokenizer "
+             f"({model.tokenizer.unk_token}): they are kept as that token")
     text = res.text if res.text is not None else " ".join(map(str, res.ids))
     n_free = sum(not k for k in res.locked)
     if o.as_json:
