@@ -138,3 +138,5 @@ def test_live_grids_fit_the_terminal(width, height, want):
     assert got == want
     per_row = max(1, (width + 3) // GRID_WIDTH)
     assert 2 + GRID_LINES * -(-got // per_row) <= height - 1 or got == 0
+    # on a narrow terminal the status and legend wrap: fewer rows of grids fit
+    assert fitting(3, 50, 15, header=3) == 0 and fitting(3, 50, 16, header=3) == 2

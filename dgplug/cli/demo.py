@@ -155,12 +155,12 @@ GRID_LINES = 12  # a drawn grid: its title, 9 rows and 2 rules
 GRID_WIDTH = 24  # 21 characters and the gap to the next one
 
 
-def fitting(wanted: int, width: int, height: int) -> int:
+def fitting(wanted: int, width: int, height: int, header: int = 2) -> int:
     """How many of `wanted` grids a live view of width x height shows: side by side, in as many
-    rows as fit below the status and legend lines (a view taller than the terminal would leave
-    its last frame behind)."""
+    rows as fit below the `header` lines (status and legend, as wrapped at this width) and one
+    spare (a view taller than the terminal would leave its last frame behind)."""
     per_row = max(1, (width + 3) // GRID_WIDTH)
-    rows = max(0, (height - 3) // GRID_LINES)
+    rows = max(0, (height - header - 1) // GRID_LINES)
     return min(wanted, per_row * rows)
 
 
@@ -213,10 +213,13 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     animate = live and err.is_terminal and not STATE["quiet"]
     if err.is_terminal and not STATE["quiet"]:
         view = live_view(20)
-    watched = drawn[:fitting(len(drawn), err.size.width, err.size.height)] if animate else []
     legend = Text.assemble(("given", "bold"), "  ", ("accepted", "bold green"), "  ",
                            ("draft (not yet accepted)", "dim"), "  ", ("? not a digit", "red"),
-                           ("  (a pause of 0.08 s a step, to watch, is not counted)" if animate else "", "dim"))
+                           ("  (pauses not timed)" if animate else "", "dim"))
+    W = max(err.size.width, 1)
+    header = -(-len(f"step {N} of {N}: {len(items)} of {len(items)} grids settled, 999.9s") // W) - (
+        -len(legend.plain) // W)  # the status and the legend, wrapped at this width
+    watched = drawn[:fitting(len(drawn), W, err.size.height, header)] if animate else []
     t0, paused = time.perf_counter(), 0.0
 
     def hook(s):
