@@ -95,6 +95,12 @@ def test_unsolved_grid_marks_the_cells_that_clash():
     assert {2, 3} <= bad and all(WIKI[i] == "." for i in bad)  # givens are never marked
     g[2] = 0  # a cell left without a digit counts too
     assert 2 in Sudoku.clashes(WIKI, g)
+    # piped, where the red marks are gone, each unsolved grid names its clashing cells
+    r = runner.invoke(app, ["demo", "--no-live", "--givens", "25-29", "-n", "4", "--show", "4", "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    verdicts = [re.fullmatch(r"(\d+) of \d+ blanks clash: ((?:r\dc\d ?)+)", ln) for ln in r.stdout.splitlines()
+                if "blanks clash" in ln]
+    assert verdicts and all(m and int(m.group(1)) == len(m.group(2).split()) for m in verdicts), r.stdout
 
 
 def test_blanks_are_judged_by_clashes_not_by_one_stored_solution():

@@ -253,6 +253,8 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     for k in drawn:
         bad = set() if ok[k] else S.clashes(puzzles[k], grids[k])
         verdict = "solved" if ok[k] else f"{len(bad)} of {puzzles[k].count('.')} blanks clash"  # in red
+        if bad and not out.is_terminal:  # piped, the red is gone: name the cells
+            verdict += ": " + " ".join(f"r{i // 9 + 1}c{i % 9 + 1}" for i in sorted(bad))
         finals.append(S.render(puzzles[k], res.sequences[k, L0:].tolist(), wrong=bad,
                                title=f"puzzle {k + 1} ({items[k]['givens']} givens)\n{verdict}"))
     if out.is_terminal:  # side by side; piped, one grid after another
