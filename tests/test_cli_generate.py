@@ -96,7 +96,7 @@ def test_prompt_and_edit_from_standard_input(tiny_ckpt):
     """`dgplug generate PATH - < file`: the prompt (or --edit TEXT) read from standard input gives the
     tokens of the same text given as an argument; text that is not UTF-8 is one error line."""
     args = ["--steps", "2", "-n", "8", "--json", "--no-chat"]
-    a = runner.invoke(app, ["generate", str(tiny_ckpt), "-", *args], input=b"w5 w6 w7\n")
+    a = runner.invoke(app, ["generate", str(tiny_ckpt), "-", *args], input=b"\xef\xbb\xbfw5 w6 w7\r\n")  # BOM, CRLF
     b = runner.invoke(app, ["generate", str(tiny_ckpt), "w5 w6 w7", *args])
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
     assert json.loads(a.stdout)["prompt_tokens"] == 3 and json.loads(a.stdout)["ids"] == json.loads(b.stdout)["ids"]
@@ -111,6 +111,8 @@ def test_prompt_and_edit_from_standard_input(tiny_ckpt):
     assert both.exit_code == 1 and "cannot both be read from standard input" in both.stderr
     empty = runner.invoke(app, ["generate", str(tiny_ckpt), "-"], input=b"\n")
     assert empty.exit_code == 1 and "the prompt is empty" in empty.stderr
+    empty = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5", "--edit", "-"], input=b"\n")
+    assert empty.exit_code == 1 and "the --edit text is empty" in empty.stderr
     # bytes a shell passes through undecoded arrive as surrogates: refused before loading
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "w5 \udcff"])
     assert r.exit_code == 1 and r.stderr == "error: the prompt is not UTF-8 text (byte 0xff at character 3)\n"

@@ -182,17 +182,17 @@ def test_usage_errors_are_one_line_naming_the_value(tiny_ckpt):
         return r.returncode, r.stdout, r.stderr
 
     for args, line in [
-        (["generate", str(tiny_ckpt), "w5", "-n", "abc"],
-         "Invalid value for '--max-new-tokens' / '-n': Input should be a valid integer, unable to parse string as an "
-         "integer (got 'abc'); see: dgplug generate --help"),
-        (["generate", str(tiny_ckpt), "w5", "--steps=x1"], "(got 'x1'); see: dgplug generate --help"),
-        (["foo"], "No such command 'foo'; see: dgplug --help"),
-        (["convert", str(tiny_ckpt), "x.gguf"], "Missing option '--quant' / '-q'; see: dgplug convert --help"),
+        # (click's own wording varies between releases: what dgplug adds is checked)
+        (["generate", str(tiny_ckpt), "w5", "-n", "abc"], "'abc'"),
+        (["generate", str(tiny_ckpt), "w5", "--steps=x1"], "'x1'"),
+        (["foo"], "'foo'"),
+        (["convert", str(tiny_ckpt), "x.gguf"], "'--quant'"),
         (["generate", str(tiny_ckpt), "w5", "--debug", "true"], "unexpected extra argument"),
     ]:
         code, out, err = cli(*args)
         assert code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("error: "), (args, err)
-        assert line in err, (line, err)
+        assert line in err and err.rstrip().endswith(f"; see: dgplug {args[0] if args[0] != 'foo' else ''}".rstrip()
+                                                      + " --help"), (line, err)
     code, out, err = cli()
     assert code == 2 and "Usage: dgplug" in out + err and "Commands" in out + err
     code, out, _ = cli("generate", "--help")

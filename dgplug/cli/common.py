@@ -98,7 +98,7 @@ def usage_error(e) -> None:
             value = args[i + 1] if a in param.opts and i + 1 < len(args) else next(
                 (a.split("=", 1)[1] for o in param.opts if a.startswith(o + "=")), None)
             if value is not None:
-                text += f" (got {value!r})"
+                text += "" if repr(value) in text else f" (got {value!r})"
                 break
     where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "dgplug"
     err.print(Text("error: ", style="red") + Text(f"{text}; see: {where} --help"))

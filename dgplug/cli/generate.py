@@ -52,7 +52,7 @@ def read_stdin(o: Options) -> None:
                                f"(dgplug generate PATH - < file.txt)")
             data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
             try:
-                setattr(o, field, data.decode("utf-8").rstrip("\n"))
+                setattr(o, field, data.decode("utf-8-sig").rstrip("\r\n"))  # a BOM and the last line end dropped
             except UnicodeDecodeError as e:
                 raise CLIError(f"standard input is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -71,6 +71,8 @@ def check(o: Options) -> None:
         except UnicodeEncodeError as e:  # bytes that are not UTF-8, passed through by the shell's locale
             byte = ord(text[e.start]) - 0xDC00  # the shell's undecodable byte, escaped as a surrogate
             raise CLIError(f"{name} is not UTF-8 text (byte 0x{byte:02x} at character {e.start})") from None
+    if o.edit is not None and not o.edit.strip():
+        raise CLIError("the --edit text is empty: give the text to edit, with [[spans]] to rewrite")
     if o.edit is not None and o.max_new_tokens is not None:
         raise CLIError("--max-new-tokens does not apply to --edit (the edit text fixes the length)")
     at_least("--max-new-tokens", o.max_new_tokens)
