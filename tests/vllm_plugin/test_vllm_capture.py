@@ -52,6 +52,8 @@ def test_forward_and_sampler_on_the_kernels_never_sync(probed, experts):
     if experts == "dense":  # packed experts always take dgplug's MoE kernel: only dense ones have a reference
         for run in reference:
             assert run["synced"].get("nonzero", 0) >= 4, run["synced"]  # the MoE reference, once per layer
+        # and its traces differ between the two canvases (rows per expert): the trace comparison can fail
+        assert reference[0]["trace"] != reference[1]["trace"]
 
 
 @pytest.mark.parametrize("experts", ["dense", "int4", "gguf"])
