@@ -188,7 +188,7 @@ def validate_gguf(path, any_model: bool = False) -> dict:
                 meta[key] = c.string(f"value of {key!r}")
             else:
                 meta[key] = struct.unpack(_SCALAR_FMT[vt], c.read(_SCALAR_SIZE[vt], key))[0]
-        if any_model is False:
+        if not any_model:
             _check_architecture(path, meta)
         align = meta.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):

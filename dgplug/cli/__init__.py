@@ -21,6 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="DiffusionGemma, run with dgplug. Every command takes --debug and --quiet; "
                        "those that compute take --threads (or DGPLUG_THREADS).")
 
+
 def flag(default: bool, *decls, **kw):
     """A boolean option, shown in --help without a value placeholder (it takes none)."""
     return typer.Option(default, *decls, metavar="", **kw)
@@ -55,7 +56,7 @@ def _version(value: bool):
 @app.callback()
 def main(debug: bool = DEBUG, quiet: bool = QUIET,
          version: bool = flag(False, "--version", callback=_version, is_eager=True,
-                                      help="Print dgplug's version and exit.")):
+                              help="Print dgplug's version and exit.")):
     common.STATE.update(debug=debug, quiet=quiet)
 
 
@@ -148,7 +149,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of the starting canvas and of the sampler."),
     live: bool = flag(True, "--live/--no-live", help="Redraw the grids as they are denoised."),
     compare: bool = flag(False, "--compare", help="Then solve the same puzzles left to right (one cell "
-                                 "per forward, same model) and print that line too."),
+                         "per forward, same model) and print that line too."),
     old_n: Optional[int] = typer.Option(None, "--n", hidden=True),  # older name of -n/--count
     sample: Optional[int] = typer.Option(None, "--sample", hidden=True),  # older name of -n/--count
     old_shown: Optional[int] = typer.Option(None, "--puzzles", hidden=True),  # older name of --show

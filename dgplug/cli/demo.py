@@ -15,6 +15,7 @@ givens) or from --puzzle (81 characters).
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from rich.columns import Columns
@@ -217,8 +218,8 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
                            ("draft (not yet accepted)", "dim"), "  ", ("? not a digit", "red"),
                            ("  (pauses not timed)" if animate else "", "dim"))
     W = max(err.size.width, 1)
-    header = -(-len(f"step {N} of {N}: {len(items)} of {len(items)} grids settled, 999.9s") // W) - (
-        -len(legend.plain) // W)  # the status and the legend, wrapped at this width
+    widest_status = f"step {N} of {N}: {len(items)} of {len(items)} grids settled, 999.9s"
+    header = math.ceil(len(widest_status) / W) + math.ceil(len(legend.plain) / W)  # as wrapped at this width
     watched = drawn[:fitting(len(drawn), W, err.size.height, header)] if animate else []
     t0, paused = time.perf_counter(), 0.0
 

@@ -151,12 +151,17 @@ def prompt_ids(model, o: Options):
         ids = tok(o.prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise CLIError(f"the prompt {o.prompt!r} gives no tokens with this model's tokenizer")
-    unk = getattr(tok, "unk_token_id", None)
-    unknown = int((ids == unk).sum()) if unk is not None else 0
-    if unknown:  # e.g. free text given to a model with a small vocabulary: the model sees only <unk>
-        note(f"{unknown} of {ids.shape[1]} prompt tokens are unknown to this model's tokenizer "
-             f"({tok.unk_token}): the model does not see that text")
+    note_unknown(tok, ids[0].tolist(), "prompt tokens", "the model does not see that text")
     return ids
+
+
+def note_unknown(tok, ids: list[int], what: str, consequence: str) -> None:
+    """A note when some of `ids` are the tokenizer's <unk>: e.g. free text given to a model with a
+    small vocabulary (the model sees only <unk>)."""
+    unk = getattr(tok, "unk_token_id", None)
+    unknown = sum(int(i) == unk for i in ids) if unk is not None else 0
+    if unknown:
+        note(f"{unknown} of {len(ids)} {what} are unknown to this model's tokenizer ({tok.unk_token}): {consequence}")
 
 
 def decode(model, ids: list[int]) -> str:
@@ -290,11 +295,9 @@ def _edit(model, prompt_ids, o: Options, N: int, threads: int) -> None:
     finally:
         watch.close(finished=res is not None)  # no progress line for an edit that failed
     dt = time.perf_counter() - t0
-    unk = getattr(model.tokenizer, "unk_token_id", None)
-    unknown = sum(1 for i, k in zip(res.ids, res.locked) if k and unk is not None and int(i) == unk)
-    if unknown:  # kept words the tokenizer does not know come back as <unk>
-        note(f"{unknown} of the edit's kept tokens are unknown to this model's tokenizer "
-             f"({model.tokenizer.unk_token}): they are kept as that token")
+    if model.tokenizer is not None:  # kept words the tokenizer does not know come back as <unk>
+        note_unknown(model.tokenizer, [i for i, k in zip(res.ids, res.locked) if k], "kept tokens of the edit",
+                     "they are kept as that token")
     text = res.text if res.text is not None else " ".join(map(str, res.ids))
     n_free = sum(not k for k in res.locked)
     if o.as_json:
