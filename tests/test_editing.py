@@ -95,7 +95,8 @@ def test_cli_edit(tiny_ckpt):
     # kept words the tokenizer does not know: said, as for a prompt
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "hello [[w5]] there", "--steps", "2"])
     assert r.exit_code == 0 and r.stdout.split()[::2] == ["<unk>", "<unk>"], r.output
-    assert "note: 2 of 2 kept tokens of the edit are unknown to this model's tokenizer (<unk>): they are kept as that token" in r.stderr
+    assert ("note: 2 of 2 kept tokens of the edit are unknown to this model's tokenizer (<unk>): they are kept as "
+            "that token") in r.stderr
 
 
 def test_fill_left_to_right(model):

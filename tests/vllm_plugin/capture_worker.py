@@ -36,6 +36,7 @@ def run(model, vc, ids, canvases, softs):
     from vllm.config import set_current_vllm_config
 
     from dgplug.integrations.vllm_model import StandaloneCache, fused_row_stats
+    from dgplug.kernels.sampler import head_sample_reference
     from dgplug.testing import OpProbe
 
     W, V = model.canvas_length, model.tc.vocab_size
@@ -52,8 +53,11 @@ def run(model, vc, ids, canvases, softs):
                 h = model(canvas, pos, dgplug_mode="denoise", dgplug_cache=cache, dgplug_soft_embeds=soft)
                 stats = fused_row_stats(h, model.model.embed_tokens.weight[:V], temp,
                                         softcap=model.final_logit_softcapping, seed=5, step=step, want_soft=True)
+            # the sampler's definition on the same hidden states: full logits, then each statistic
+            ref = head_sample_reference(h, model.model.embed_tokens.weight[:V], softcap=model.final_logit_softcapping,
+                                        temperature=temp, seed=5, step=step, want_soft=True)
             out.append({"synced": probe.synced(), "ops": sum(probe.seen.values()), "trace": probe.trace,
-                        "hidden": h, "stats": stats})
+                        "hidden": h, "stats": stats, "stats_reference": (ref.argmax, ref.token, ref.entropy, ref.soft)})
     return out
 
 

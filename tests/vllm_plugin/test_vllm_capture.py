@@ -4,8 +4,9 @@ capture_worker.py), the denoise forward and the head + sampler of dense, int4 (f
 and GGUF Q4_0 experts dispatch no operation that reads a value back to the host or sizes a tensor
 by the data, and two canvases that route differently dispatch the same operations with the same
 shapes. The reference ops, run the same way on the dense model, do sync (their MoE loops over the
-experts hit), which shows the probe sees it; and the kernels' outputs match the reference ops'
-(glue, attention and, for dense experts, the MoE).
+experts hit), which shows the probe sees it. The kernels' hidden states match the reference ops'
+(glue, attention and, for dense experts, the MoE), and the fused sampler's statistics match its
+definition from full logits (kernels.sampler.head_sample_reference) on the same hidden states.
 
 What it cannot show: vLLM's own attention backend and runner (the engine needs a GPU), and
 copies to the host, which no aten operation marks on a CPU. The capture itself needs an H200 with
@@ -60,5 +61,9 @@ def test_forward_and_sampler_on_the_kernels_never_sync(probed, experts):
 def test_kernels_give_the_reference_outputs(probed, experts):
     for k, r in zip(probed[(experts, "kernels")], probed[(experts, "reference")]):
         assert (k["hidden"] - r["hidden"]).abs().max().item() < 1e-4
-        # the same hidden states give the same statistics: the sampler's own twin test is in tests/
-        assert torch.equal(k["stats"][0], r["stats"][0])
+    for run in probed[(experts, "kernels")]:  # the fused sampler against its definition, same hidden states
+        (argmax, token, entropy, soft), (ref_argmax, ref_token, ref_entropy, ref_soft) = (run["stats"],
+                                                                                          run["stats_reference"])
+        assert torch.equal(argmax, ref_argmax) and torch.equal(token, ref_token)
+        torch.testing.assert_close(entropy, ref_entropy, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(soft.float(), ref_soft.float(), rtol=1e-4, atol=1e-4)
