@@ -116,3 +116,14 @@ def test_prompt_and_edit_from_standard_input(tiny_ckpt):
     # bytes a shell passes through undecoded arrive as surrogates: refused before loading
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "w5 \udcff"])
     assert r.exit_code == 1 and r.stderr == "error: the prompt is not UTF-8 text (byte 0xff at character 3)\n"
+
+
+def test_edit_span_that_looks_like_an_insertion_gets_a_note(tiny_ckpt):
+    """[[+x]] is a rewrite of the text "+x" (code may hold it), but it reads like a mistyped [[+N]]:
+    the edit runs and a note says how an insertion is written; a plain rewrite gets no note."""
+    edit = ["--steps", "2", "--json", "--ids", "5"]
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w5 [[+w6]] w7", *edit])
+    assert r.exit_code == 0, r.output
+    assert "note: [[+w6]] rewrites the text '+w6'; to insert N new tokens write [[+N]]" in r.stderr
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w5 [[w6]] w7", *edit])
+    assert r.exit_code == 0 and "note:" not in r.stderr, r.output

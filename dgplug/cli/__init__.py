@@ -17,7 +17,25 @@ from . import common
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+class _HelpWithoutValue:
+    """--help shown as the flag it is: typer prints its type, `<bool>`, as if it took a value."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_HelpWithoutValue, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_HelpWithoutValue, typer.core.TyperCommand):
+    pass
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="DiffusionGemma, run with dgplug. Every command takes --debug and --quiet; "
                        "those that compute take --threads (or DGPLUG_THREADS).")
 
@@ -60,7 +78,7 @@ def main(debug: bool = DEBUG, quiet: bool = QUIET,
     common.STATE.update(debug=debug, quiet=quiet)
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(path: str = typer.Argument(..., metavar="PATH", help="Checkpoint directory (safetensors or dgplug-quantized), "
                                                 ".gguf file, or a directory holding one."),
          as_json: bool = JSON, debug: bool = DEBUG, quiet: bool = QUIET):
@@ -84,7 +102,7 @@ def info(path: str = typer.Argument(..., metavar="PATH", help="Checkpoint direct
     common.run(go, debug, quiet)
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     path: str = typer.Argument(..., metavar="PATH", help="Checkpoint directory or .gguf file."),
     text: Optional[str] = typer.Argument(None, metavar="PROMPT", show_default=False,
@@ -131,7 +149,7 @@ def generate(
     common.run(go, debug, quiet)
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     n: Optional[int] = typer.Option(None, "-n", "--count", show_default=False,
                                     help="Puzzles solved together in one batch (default 20; fewer when the band "
@@ -179,7 +197,7 @@ def demo(
     common.run(go, debug, quiet)
 
 
-@app.command()
+@app.command(cls=_Command)
 def convert(
     src: str = typer.Argument(..., metavar="SRC", help="Hugging Face DiffusionGemma directory."),
     out: str = typer.Argument(..., metavar="OUT", help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
@@ -210,7 +228,7 @@ def convert(
                debug, quiet)
 
 
-@app.command("imatrix")
+@app.command("imatrix", cls=_Command)
 def imatrix_cmd(
     src: str = typer.Argument(..., metavar="SRC", help="Checkpoint directory or .gguf file (with its tokenizer)."),
     calib: str = typer.Option(..., "--calib", help="Calibration text: a UTF-8 .txt file or a directory of them."),
@@ -237,7 +255,7 @@ def imatrix_cmd(
                            quiet or common.STATE["quiet"]), debug, quiet)
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(path: str = typer.Argument(..., metavar="PATH", help="A .gguf file (or a directory holding one)."),
             as_json: bool = JSON, debug: bool = DEBUG, quiet: bool = QUIET):
     """GGUF metadata, tensor table, and a check against the DiffusionGemma GGUF contract.

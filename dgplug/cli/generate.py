@@ -91,7 +91,10 @@ def check(o: Options) -> None:
     if o.edit is not None:
         from dgplug.editing import parse_edit
 
-        parse_edit(o.edit)  # a malformed edit text fails before the model loads
+        for kind, body in parse_edit(o.edit):  # a malformed edit text fails before the model loads
+            if kind == "rewrite" and body.strip().startswith("+"):
+                note(f"[[{body}]] rewrites the text {body.strip()!r}; to insert N new tokens write [[+N]] "
+                     f"(e.g. [[+3]])")
 
 
 def check_length(prompt: int, n: int, C: int, context: int) -> None:
