@@ -78,7 +78,7 @@ def err(a, b):
 # -- 1. kernels vs twins ---------------------------------------------------------------------
 def check_kernels(dev, small):
     from dgplug.converters.quant import quantize
-    from dgplug.kernels import attention as ka, moe as km, sampler as ks
+    from dgplug.kernels import attention as ka, moe as km, moe_triton as kmt, sampler as ks
     from dgplug import ops
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -111,7 +111,7 @@ def check_kernels(dev, small):
         b = km.moe_forward(x.float(), idx, w, qg, qd, impl="torch")
         print(f"moe {scheme} (triton vs torch twin) rel err {err(a, b):.2e}")
         if scheme == "fp8":  # fp8 activations (A8): the kernel against its twin, and against 16-bit activations
-            a8 = km.moe_forward_triton(x, idx, w, qg, qd, config=dict(A8=True))
+            a8 = kmt.moe_forward_triton(x, idx, w, qg, qd, config=dict(A8=True))
             t8 = km.moe_forward_fp8_activations_torch(x, idx, w, qg, qd, km.A8_TILE)
             print(f"moe fp8 activations (triton vs its torch twin) rel err {err(a8, t8):.2e}; "
                   f"vs 16-bit activations {err(a8, b):.2e}")
@@ -125,7 +125,7 @@ def check_kernels(dev, small):
             for label, cfg, repack in runs:
                 try:
                     wg, wd = (qg, qd) if repack is None else (repack(qg, 128), repack(qd, 64))
-                    a = km.moe_forward_triton(x, idx, w, wg, wd, config=cfg)
+                    a = kmt.moe_forward_triton(x, idx, w, wg, wd, config=cfg)
                     print(f"moe int4 {label} rel err {err(a, b):.2e}")
                 except Exception as ex:  # noqa: BLE001
                     print(f"moe int4 {label} failed: {type(ex).__name__}: {str(ex)[:300]}")
@@ -242,7 +242,7 @@ def hf_layers(cfg, dev):
 def dg_layers(kw, hf, dev, int4):
     from dgplug.config import from_dict
     from dgplug.converters.quant import quantize
-    from dgplug.kernels.moe import QuantizedWeight, for_gpu_kernels
+    from dgplug.kernels.quantized_weight import QuantizedWeight, for_gpu_kernels
     from dgplug.model import Layer
 
     tc = dict(kw, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
@@ -411,7 +411,7 @@ def moe_sweep(dev, small):
     kept in the byte mask: the weight read a byte at a time, as before EVEN_K). Bytes = weights of
     the experts touched."""
     from dgplug.converters.quant import quantize
-    from dgplug.kernels import moe as km
+    from dgplug.kernels import moe as km, moe_triton as kmt
 
     D, I, E, K = (2816, 704, 128, 8) if not small else (128, 64, 8, 2)  # K tiles of 128 / 64 fit
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -461,7 +461,7 @@ def moe_sweep(dev, small):
             fastest = best.get(T)
             a, b = weights[wkey[0] if wkey else scheme]
             try:
-                t = times[(scheme, label)] = timed(lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg),
+                t = times[(scheme, label)] = timed(lambda: kmt.moe_forward_triton(x, idx, w, a, b, config=cfg),
                                                    reps=20, warm=3)
             except Exception as ex:  # noqa: BLE001
                 print(f"T={T} {scheme} {label}: failed {type(ex).__name__}: {str(ex)[:200]}")
@@ -471,7 +471,7 @@ def moe_sweep(dev, small):
             if wkey == ["int4 fragments"] and (fastest is None or t < fastest[2]):
                 best[T] = (label, cfg, t)  # the order dgplug.load gives int4 experts on a GPU
         # the comparisons quoted: timed again, alternated
-        call = lambda wkey, cfg: (lambda: km.moe_forward_triton(x, idx, w, *weights[wkey], config=cfg))  # noqa: E731
+        call = lambda wkey, cfg: (lambda: kmt.moe_forward_triton(x, idx, w, *weights[wkey], config=cfg))  # noqa: E731
         try:
             m = alternated({"fragments": call("int4 fragments", {}), "pairs": call("int4", {}),
                             "before": call("int4", dict(XSUM=False)), "a8": call("fp8", dict(A8=True)),
@@ -487,7 +487,7 @@ def moe_sweep(dev, small):
         if T == 256:
             for label, cfg, wkey in (("int4 default", {}, "int4"), ("int4 fragments", {}, "int4 fragments")):
                 a, b = weights[wkey]
-                profile(f"MoE {label}, T=256", lambda: km.moe_forward_triton(x, idx, w, a, b, config=cfg), rows=6)
+                profile(f"MoE {label}, T=256", lambda: kmt.moe_forward_triton(x, idx, w, a, b, config=cfg), rows=6)
     for T, (label, cfg, t) in best.items():
         print(f"fastest int4 fragments variant at T={T}: {label} ({t:.3f} ms) {cfg}")
     return best
@@ -572,7 +572,7 @@ def gguf_packed(dev, small):
     finite scales (the timing does not depend on the values); RESULT lines carry quant=Q4_K_M."""
     from gguf import GGMLQuantizationType as GT
 
-    from dgplug.kernels import moe as km
+    from dgplug.kernels import moe as km, moe_triton as kmt
     from dgplug.kernels.sampler import head_sample
 
     D, I, E, K, V = (2816, 704, 128, 8, 262144) if not small else (256, 256, 8, 2, 4096)
@@ -599,7 +599,7 @@ def gguf_packed(dev, small):
             for name, cfg in (("BK128_BN64_s4", dict(BLOCK_K1=128, BLOCK_N1=64, BLOCK_K2=64, BLOCK_N2=64, num_stages=4)),
                               ("BK32_BN32_s2 (default before)", dict(BLOCK_K1=32, BLOCK_K2=32, num_stages=2)),
                               ("element_by_element (GGML_RUNS=0)", dict(GGML_RUNS=0))):
-                t_c = timed(lambda: km.moe_forward_triton(x, idx, w, gu, dn, config=cfg), reps=20, warm=3)
+                t_c = timed(lambda: kmt.moe_forward_triton(x, idx, w, gu, dn, config=cfg), reps=20, warm=3)
                 print(f"RESULT quant=Q4_K_M part=moe_tiles T={T} tiles={name} ms={t_c:.3f} default_ms={t_q:.3f}",
                       flush=True)
     wq = blocks(GT.Q4_K, (16 * (256 if not small else 16), D))
@@ -783,7 +783,7 @@ def full_models(dev, small, quant="int4"):
 
     dg = build(dcfg, tensors(), device=dev, check_finite=False)
     gu = dg.layers[0].experts.gate_up_proj
-    if quant == "int4":  # dgplug.load's repack on CUDA (kernels.moe.for_gpu_kernels)
+    if quant == "int4":  # dgplug.load's repack on CUDA (kernels.quantized_weight.for_gpu_kernels)
         print(f"dgplug int4 experts as loaded: {gu.order} order, K tiles {gu.kpack or '-'}")
     return hf, dg
 

@@ -160,7 +160,7 @@ QUICK = [False]  # --quick (the test): 16 experts, the default tiles, the halves
 
 def moe_calls():
     from dgplug.converters.quant import quantize
-    from dgplug.kernels import moe as km
+    from dgplug.kernels import moe_triton as kmt, quantized_weight as km
 
     E = 16 if QUICK[0] else EXPERTS
     g = torch.Generator().manual_seed(0)
@@ -186,35 +186,35 @@ def moe_calls():
         x = torch.randn(T, D, generator=g).to(BF)
         idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(T)])
         idx128 = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOPK] for _ in range(T)])
-        _call(f"moe align T={T} E={EXPERTS}", lambda: km._align(idx128, EXPERTS, 16 if T == 256 else 64))
+        _call(f"moe align T={T} E={EXPERTS}", lambda: kmt._align(idx128, EXPERTS, 16 if T == 256 else 64))
         w = torch.softmax(torch.randn(T, TOPK, generator=g), -1)
         for s in ("bf16", "int8", "fp8"):
-            _call(f"moe T={T} {s}", lambda s=s: km.moe_forward_triton(x, idx, w, *weights[s]))
-        _call(f"moe T={T} fp8 activations", lambda: km.moe_forward_triton(x, idx, w, *weights["fp8"],
+            _call(f"moe T={T} {s}", lambda s=s: kmt.moe_forward_triton(x, idx, w, *weights[s]))
+        _call(f"moe T={T} fp8 activations", lambda: kmt.moe_forward_triton(x, idx, w, *weights["fp8"],
                                                                           config=dict(A8=True)))
         for label, cfg in int4:
-            _call(f"moe T={T} int4 {label}", lambda cfg=cfg: km.moe_forward_triton(x, idx, w, *weights["int4"],
+            _call(f"moe T={T} int4 {label}", lambda cfg=cfg: kmt.moe_forward_triton(x, idx, w, *weights["int4"],
                                                                                    config=cfg))
         if T > 256 and not QUICK[0]:  # the GPU check's big tiles (bf16 / fp8) and int4 BN128 with 8 warps
             from gpu_check import MOE_BIG_TILES
 
             for label, cfg in MOE_BIG_TILES:
                 for s in ("bf16", "fp8"):
-                    _call(f"moe T={T} {s} {label}", lambda s=s, cfg=cfg: km.moe_forward_triton(
+                    _call(f"moe T={T} {s} {label}", lambda s=s, cfg=cfg: kmt.moe_forward_triton(
                         x, idx, w, *weights[s], config=cfg))
-            _call(f"moe T={T} int4 swap BN128 w8", lambda: km.moe_forward_triton(
+            _call(f"moe T={T} int4 swap BN128 w8", lambda: kmt.moe_forward_triton(
                 x, idx, w, *weights["int4"], config=dict(sw, BLOCK_N1=128, BLOCK_N2=128, num_warps=8)))
-        _call(f"moe T={T} int4 swap halves", lambda: km.moe_forward_triton(
+        _call(f"moe T={T} int4 swap halves", lambda: kmt.moe_forward_triton(
             x, idx, w, *weights["int4 halves"], config=dict(sw, BLOCK_K1=128, BLOCK_K2=64)))
         for label, cfg in FRAGMENT_CFGS if not QUICK[0] else (FRAGMENT_CFGS[0], (" BM16", dict(BLOCK_M=16))):
-            _call(f"moe T={T} int4 fragments{label}", lambda cfg=cfg: km.moe_forward_triton(
+            _call(f"moe T={T} int4 fragments{label}", lambda cfg=cfg: kmt.moe_forward_triton(
                 x, idx, w, *weights["int4 fragments"], config=dict(sw, **cfg)))
 
 
 def ggml_calls():
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as GT
 
-    from dgplug.kernels import ggml, moe as km
+    from dgplug.kernels import ggml, moe_triton as kmt
 
     E = 16 if QUICK[0] else EXPERTS
     g = torch.Generator().manual_seed(0)
@@ -231,11 +231,11 @@ def ggml_calls():
             x = torch.randn(T, D, generator=g).to(BF)
             idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(T)])
             w = torch.softmax(torch.randn(T, TOPK, generator=g), -1)
-            _call(f"ggml moe T={T} {gq.name}/{dq.name}", lambda: km.moe_forward_triton(x, idx, w, gu, dn))
+            _call(f"ggml moe T={T} {gq.name}/{dq.name}", lambda: kmt.moe_forward_triton(x, idx, w, gu, dn))
             if not QUICK[0]:
                 for name, cfg in GGML_TILES:
                     _call(f"ggml moe T={T} {gq.name}/{dq.name} {name}",
-                          lambda cfg=cfg: km.moe_forward_triton(x, idx, w, gu, dn, config=cfg))
+                          lambda cfg=cfg: kmt.moe_forward_triton(x, idx, w, gu, dn, config=cfg))
     for qt in (GT.Q4_K, GT.Q6_K) if QUICK[0] else ggml.PACKED_TYPES:  # the row decoder (tables, linears)
         rows = blocks(qt, (64, D))
         _call(f"ggml decode rows {qt.name}", lambda rows=rows: ggml.dequantize_blocks(rows.blocks, qt, BF, impl="triton"))
@@ -348,11 +348,11 @@ def main() -> int:
     args = ap.parse_args()
     QUICK[0] = args.quick
     torch.set_num_threads(2)
-    from dgplug.kernels import moe as km
+    from dgplug.kernels import backend
 
     driver.set_active(CompileOnlyDriver(args.arch))
     JITFunction.run = _compile_only_run
-    km.COMPILE_ONLY = True
+    backend.COMPILE_ONLY = True
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}; "
           f"shared memory limit {SMEM_LIMIT} B per block")
     t0 = time.perf_counter()

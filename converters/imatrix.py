@@ -123,6 +123,10 @@ class Imatrix:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: no such imatrix file")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":  # e.g. llama.cpp's legacy .dat imatrix, or a text file
+                raise FormatError(f"{path}: not a GGUF imatrix (it does not start with the GGUF magic; "
+                                  f"make one with `dgplug imatrix` or a recent llama-imatrix)")
         try:
             r = gguf.GGUFReader(path)
         except Exception as ex:  # noqa: BLE001 - any parse failure is the same answer to the user
@@ -210,7 +214,7 @@ class Collector:
     def moe(self, x, index, gate_up, down):
         """Expert inputs: x for the gate/up matrices, gelu(gate) * up for the down matrices."""
         from dgplug import ops
-        from dgplug.kernels.moe import _expert_weight
+        from dgplug.kernels.quantized_weight import expert_weight
 
         E = gate_up.shape[0]
         tok = torch.arange(x.shape[0], device=x.device).repeat_interleave(index.shape[1])
@@ -223,7 +227,7 @@ class Collector:
         if n_down is not None:
             for e in torch.unique(exp).tolist():
                 rows = x[tok[exp == e]].float()
-                gate, up = torch.nn.functional.linear(rows, _expert_weight(gate_up, e, torch.float32)).chunk(2, -1)
+                gate, up = torch.nn.functional.linear(rows, expert_weight(gate_up, e, torch.float32)).chunk(2, -1)
                 h = ops.gelu_tanh(gate) * up
                 self._add(n_down, h, E, torch.full((h.shape[0],), e, dtype=torch.long, device=h.device))
 

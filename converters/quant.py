@@ -370,9 +370,9 @@ def _source_index(src: Path) -> dict[str, str]:
     single = src / "model.safetensors"
     if not single.exists():
         raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
+    from dgplug.checkpoint import open_safetensors
 
-    with safe_open(str(single), "pt") as f:
+    with open_safetensors(single) as f:
         return {k: "model.safetensors" for k in f.keys()}
 
 
@@ -497,9 +497,8 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
     Raises a DGPlugError subclass (naming the file/tensor/value) and leaves no `out_dir` on failure.
     `src_dir` may be a hub id "owner/name" (see dgplug.hub; `revision`, `token`).
     """
-    from safetensors import safe_open
-
     from dgplug import hub
+    from dgplug.checkpoint import open_safetensors
 
     src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_dir)
@@ -553,7 +552,7 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
                         bar.update(task, tensor=job.src)
                         if job.file not in handles:
                             handles.clear()  # one source shard open at a time
-                            handles[job.file] = safe_open(str(src / job.file), "pt")
+                            handles[job.file] = open_safetensors(src / job.file)
                         _convert_job(handles[job.file], job, f, group_size, clip, f"{where} (tensor {job.src})",
                                      lambda b: bar.advance(task, b), importance.get(job.src))
                     try:
@@ -679,10 +678,10 @@ def group_quantized(tensors: dict[str, torch.Tensor], make=None) -> dict:
 
 def load_quantized_tensors(path, device: str | torch.device = "cpu", as_quantized_weight: bool = True) -> dict:
     """All tensors of a dgplug-quantized directory: name -> tensor, or for a quantized tensor `X`
-    (stored as X.qweight / X.scale [/ X.zero]) name X -> `kernels.moe.QuantizedWeight` when that class
+    (stored as X.qweight / X.scale [/ X.zero]) name X -> `kernels.quantized_weight.QuantizedWeight` when that class
     exists (and as_quantized_weight), else a dict {"qweight", "scale"[, "zero"], "scheme", "group_size"}.
     """
-    from safetensors import safe_open
+    from dgplug.checkpoint import open_safetensors
 
     p = Path(path)
     qc = read_quantization_config(p)
@@ -693,14 +692,14 @@ def load_quantized_tensors(path, device: str | torch.device = "cpu", as_quantize
     wmap = _source_index(p)
     tensors: dict[str, torch.Tensor] = {}
     for fname in sorted(set(wmap.values())):
-        with safe_open(str(p / fname), "pt", device=str(device)) as f:
+        with open_safetensors(p / fname, str(device)) as f:
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
 
     qw_cls = None
     if as_quantized_weight:
         try:
-            from dgplug.kernels.moe import QuantizedWeight as qw_cls  # type: ignore
+            from dgplug.kernels.quantized_weight import QuantizedWeight as qw_cls  # type: ignore
         except Exception:  # noqa: BLE001 - the kernels module may not exist yet
             qw_cls = None
 
@@ -717,7 +716,7 @@ def load_quantized_tensors(path, device: str | torch.device = "cpu", as_quantize
 
 
 def _make_qw(cls, parts, scheme, group_size):
-    """Build kernels.moe.QuantizedWeight with whatever of these fields it declares."""
+    """Build kernels.quantized_weight.QuantizedWeight with whatever of these fields it declares."""
     import dataclasses
     import inspect
 

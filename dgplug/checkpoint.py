@@ -19,6 +19,17 @@ from .config import Config, load_config
 from .errors import CheckpointError
 
 
+def open_safetensors(path: str | Path, device: str = "cpu"):
+    """safe_open, with a missing, truncated or corrupt file as one CheckpointError naming it (safetensors
+    raises its own error types, whose messages name no file)."""
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the checkpoint lists it)") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
 class SafetensorsCheckpoint:
     """Name -> shard map over one directory; `get(name)` reads a single tensor."""
 
@@ -52,11 +63,7 @@ class SafetensorsCheckpoint:
 
     def _open(self, shard: str):
         if shard not in self._handles:
-            f = self.path / shard
-            try:
-                self._handles[shard] = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+            self._handles[shard] = open_safetensors(self.path / shard)
         return self._handles[shard]
 
     def keys(self):

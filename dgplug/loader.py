@@ -44,7 +44,7 @@ def _gpu_form_wanted(t) -> bool:
 
 def for_gpu(name: str, t, dtype: torch.dtype):
     """A packed tensor as the GPU path wants it: int4 experts in the order dgplug's MoE kernel reads
-    fastest (kernels.moe.for_gpu_kernels); the linears of a dgplug int4/int8/fp8 checkpoint
+    fastest (kernels.quantized_weight.for_gpu_kernels); the linears of a dgplug int4/int8/fp8 checkpoint
     dequantised once to `dtype` (per call, the dequantisation costs several times the matmul:
     cuBLAS on 16-bit weights instead, for ~2.3 GB more at the release's size; DGPLUG_PACKED_LINEARS=1
     keeps them packed); a GGUF's linears and its embedding table likewise, in the dtype they serve
@@ -52,7 +52,7 @@ def for_gpu(name: str, t, dtype: torch.dtype):
     for the head; dense in bf16, the table costs ~0.9 GB more than its Q6_K blocks at the release's
     size); GGUF experts keep their blocks (the MoE kernels decode them tile by tile)."""
     from dgplug.kernels.ggml import GGMLWeight
-    from dgplug.kernels.moe import QuantizedWeight, for_gpu_kernels, linears_stay_packed
+    from dgplug.kernels.quantized_weight import QuantizedWeight, for_gpu_kernels, linears_stay_packed
 
     if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
         return for_gpu_kernels(t, "gate_up" if name.endswith("gate_up_proj") else "down")

@@ -13,7 +13,7 @@ and load the packed tensors as they are:
   state dict, one copy for the tied encoder/decoder pair): per call the dequantisation costs
   several times the matmul. `DGPLUG_PACKED_LINEARS=1` dequantises per call there too.
 * `experts` becomes `PackedExperts`: children `gate_up_proj` / `down_proj` holding the packed
-  tensors; `forward` wraps them (no copy) in `kernels.moe.QuantizedWeight` and calls
+  tensors; `forward` wraps them (no copy) in `kernels.quantized_weight.QuantizedWeight` and calls
   `kernels.moe.moe_forward` (Triton on CUDA, the torch twin otherwise).
 
 The encoder's text layers are tied to the decoder's by transformers; the tie map is rewritten from
@@ -90,7 +90,7 @@ class PackedLinear(nn.Module):
 def _keep_dense(x: torch.Tensor) -> bool:
     """Whether a packed linear on x's device keeps its dequantised weight (CUDA, unless
     DGPLUG_PACKED_LINEARS=1): per call, the dequantisation costs several times the matmul."""
-    from dgplug.kernels.moe import linears_stay_packed
+    from dgplug.kernels.quantized_weight import linears_stay_packed
 
     return x.is_cuda and not linears_stay_packed()
 

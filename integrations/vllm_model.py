@@ -243,7 +243,7 @@ class PackedParam(nn.Module):
         *lead, N, K = shape
         lead = tuple(lead)
         self.scheme, self.group_size, self.logical_shape = scheme, group_size, tuple(shape)
-        self.kpack, self.order = 0, None  # int4 nibble order (kernels.moe.QuantizedWeight), set by for_kernels
+        self.kpack, self.order = 0, None  # int4 nibble order (kernels.quantized_weight.QuantizedWeight), set by for_kernels
         if scheme == "int4":
             ng = -(-K // group_size)
             parts = {"qweight": (torch.uint8, lead + (N, K // 2)), "scale": (torch.float16, lead + (N, ng)),
@@ -262,8 +262,8 @@ class PackedParam(nn.Module):
 
     def for_kernels(self, which: str, block_k: int | None = None):
         """int4 experts: reorder the nibbles in place into the order dgplug's GPU kernel reads
-        fastest (kernels.moe.for_gpu_kernels; same tensor, same shape, nothing allocated for good)."""
-        from dgplug.kernels.moe import for_gpu_kernels
+        fastest (kernels.quantized_weight.for_gpu_kernels; same tensor, same shape, nothing allocated for good)."""
+        from dgplug.kernels.quantized_weight import for_gpu_kernels
 
         qw = self.quantized_weight()
         done = for_gpu_kernels(qw, which, block_k)

@@ -114,7 +114,7 @@ def _make_quant_config_cls():
     """vLLM's view of ``quantization_config = {"quant_method": "dgplug", ...}``.
 
     dgplug's model class reads the packed tensors itself: expert weights stay packed
-    (kernels.moe.QuantizedWeight, dequantised inside the MoE kernel); the attention / MLP /
+    (kernels.quantized_weight.QuantizedWeight, dequantised inside the MoE kernel); the attention / MLP /
     self-conditioning linears are vLLM parallel linears that get the weight dequantised at load
     (their packed form is not kept yet). So every vLLM layer gets the unquantized method."""
     import torch

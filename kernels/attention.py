@@ -16,9 +16,9 @@ Contract (the same as `dgplug.ops.attention`, the reference; all scaling is 1.0)
     (torch 2.11, H100) SDPA's default picks cuDNN, which returns finite garbage (neither zeros
     nor the mean of V) for such rows; we keep zeros there too. Only such rows differ.
 
-    impl: None picks Triton when q is a CUDA tensor and triton imports (and the head dim is a
-    power of two >= 16), else the torch twin; "triton" or "torch" forces one. The environment
-    variable DGPLUG_KERNELS=torch|triton forces one for every call (it wins over `impl`).
+    impl: kernels.backend.pick_impl's rule: "triton" or "torch" forces one, else DGPLUG_KERNELS,
+    else Triton when q is a CUDA tensor and triton imports (and the head dim is a power of two
+    >= 16), the torch twin otherwise.
 
 The Triton kernel
     One program owns BLOCK_M rows of (query, head) pairs of ONE kv head: row r is query r // G,
@@ -51,32 +51,21 @@ Measured (H100, torch 2.11, triton 3.6, bf16, default blocks; reference = dgplug
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
-try:  # triton is optional: the torch twin needs nothing but torch
+from .backend import HAS_TRITON, interpreting, pick_impl
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
-
 __all__ = ["attention", "attention_torch", "attention_triton", "choose_config", "HAS_TRITON"]
-
-ENV_FORCE = "DGPLUG_KERNELS"
 
 # The torch twin chunks the queries so that one chunk's scores (B x Hq x chunk x Lk) stay under
 # this many elements (the math fallback of SDPA materialises them; 2^25 fp32 = 128 MiB).
 TWIN_SCORE_BUDGET = 1 << 25
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +274,7 @@ def choose_config(batch: int, hq: int, hkv: int, lq: int, lk: int, d: int, dtype
     (a full 512-wide accumulator or 64-key tiles run out of registers / shared memory).
     """
     if interpret is None:
-        interpret = _interpreting()
+        interpret = interpreting()
     rows = lq * (hq // hkv)
     if interpret:
         return dict(BLOCK_M=max(16, min(128, _next_pow2(rows))),
@@ -345,7 +334,7 @@ def attention_triton(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, win
         return out
     if lk == 0:
         return out.zero_()
-    interpret = _interpreting()
+    interpret = interpreting()
     cfg = choose_config(batch, hq, hkv, lq, lk, d, q.dtype, interpret, _sm_count(q.device))
     if config:
         cfg.update(config)
@@ -388,20 +377,9 @@ def attention_triton(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, win
 # --------------------------------------------------------------------------------------------
 
 
-def _pick(impl, q, k, v) -> str:
-    forced = os.environ.get(ENV_FORCE, "").strip().lower()
-    if forced in ("torch", "triton"):
-        return forced
-    if impl in ("torch", "triton"):
-        return impl
-    if impl is not None:
-        raise ValueError(f"impl must be None, 'torch' or 'triton', not {impl!r}")
-    return "triton" if q.is_cuda and _triton_supported(q, k, v) else "torch"
-
-
 def attention(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, window=None, impl=None):
     """Canvas / encoder attention; see the module docstring for the contract."""
-    if _pick(impl, q, k, v) == "triton":
+    if pick_impl(q, impl, _triton_supported(q, k, v)) == "triton":
         return attention_triton(q, k, v, q_pos=q_pos, k_pos=k_pos, key_valid=key_valid,
                                 causal=causal, window=window)
     return attention_torch(q, k, v, q_pos=q_pos, k_pos=k_pos, key_valid=key_valid,

@@ -3,7 +3,7 @@
 A GGUF file stores each quantized weight as rows of blocks; `GGMLWeight` holds those bytes as
 they are (a uint8 tensor [..., N, row bytes], on the target device; on the CPU a view of the
 file's memory map) with the ggml type and the logical shape [..., N, K]. It is dgplug's second
-packed-weight type beside kernels.moe.QuantizedWeight, with the same contract:
+packed-weight type beside kernels.quantized_weight.QuantizedWeight, with the same contract:
 
     w[e]                    expert e of a [E, N, K] weight, still packed (a view)
     w.dequantize(dtype)     the whole logical weight (linears: dequantised per call, as int4/int8)
@@ -46,21 +46,16 @@ run loaded once along the row, its scales once a row): the row decoder and the M
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-try:
+from .backend import HAS_TRITON, interpreting, pick_impl
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    HAS_TRITON = False
 
 __all__ = ["GGMLWeight", "PACKED_TYPES", "dequantize_blocks"]
 
@@ -204,7 +199,7 @@ def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32, impl: str |
     """uint8 rows [..., row bytes] of ggml type `qtype` -> [..., elements] in `dtype` (math in fp32).
     impl "torch": decoded _CHUNK elements at a time into the output, operation by operation as
     gguf-py; "triton": one kernel over the rows (`tile`, the MoE kernels' decoder; CUDA, or the
-    CPU under TRITON_INTERPRET=1). None: Triton for CUDA tensors when importable, else torch."""
+    CPU under TRITON_INTERPRET=1). None: kernels.backend.pick_impl's choice."""
     qtype = T(qtype)
     qk, nb = GGML_QUANT_SIZES[qtype]
     if raw.dtype != torch.uint8 or raw.shape[-1] % nb:
@@ -214,16 +209,12 @@ def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32, impl: str |
     k = row_bytes // nb * qk
     flat = raw.reshape(-1, row_bytes)
     out = torch.empty(flat.shape[0], k, dtype=dtype, device=raw.device)
-    if impl is None:
-        impl = "triton" if raw.is_cuda and HAS_TRITON else "torch"
-    if impl == "triton":
+    if pick_impl(raw, impl) == "triton":
         if not HAS_TRITON:
             raise RuntimeError("dequantize_blocks(impl='triton') needs triton")
         if out.numel():
             _decode_rows(flat.contiguous(), out, qtype)
         return out.reshape(*lead, k)
-    if impl != "torch":
-        raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
     step = max(1, _CHUNK // max(k, 1))
     decode = _DECODE[qtype]
     for r0 in range(0, flat.shape[0], step):
@@ -654,7 +645,7 @@ if HAS_TRITON:
 def _decode_rows(flat: torch.Tensor, out: torch.Tensor, qtype: T):
     """The Triton decode of uint8 rows [N, row bytes] into out [N, K] (any float dtype)."""
     n, k = out.shape
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp = interpreting()
     bn, bk = (16, 128) if interp else (8, 128)  # K tiles of 128: decoded by runs of 32 where tile_at can
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     _decode_rows_kernel[grid](flat, out, n, k, flat.shape[1], QT=int(qtype), BLOCK_N=bn, BLOCK_K=bk,

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .moe import HAS_TRITON, _pick_impl
+from .backend import HAS_TRITON, pick_impl
 
 if HAS_TRITON:
     import triton
@@ -198,7 +198,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, residu
     """residual + rms_norm(x) * weight (no residual: the norm alone; no weight: no scale)."""
     from dgplug import ops
 
-    if _pick_impl(x, impl) == "torch" or (residual is not None and not _same(residual, x)):
+    if pick_impl(x, impl) == "torch" or (residual is not None and not _same(residual, x)):
         return ops.add_rms_norm_reference(x, weight, eps, residual)
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
@@ -227,7 +227,7 @@ def qkv_heads(q, k, v, wq, wk, eps: float, cos=None, sin=None, *, out=None, impl
     B, L, HQ, D = q.shape
     HK = k.shape[2]
     rope = cos is not None
-    if _pick_impl(q, impl) == "torch" or not (k.shape == v.shape == (B, L, HK, D) and q.dtype == k.dtype == v.dtype) or (
+    if pick_impl(q, impl) == "torch" or not (k.shape == v.shape == (B, L, HK, D) and q.dtype == k.dtype == v.dtype) or (
             rope and not all(t.shape == (L, D) and t.dtype == q.dtype for t in (cos, sin))):
         return ops.qkv_heads_reference(q, k, v, wq, wk, eps, cos, sin, out=out)
     q3, k3, v3 = _tokens(q), _tokens(k), _tokens(v)
@@ -249,7 +249,7 @@ def layer_out(x, dense, moe, w1, w2, w, scalar, eps: float, *, impl: str | None 
     """The end of a decoder layer: (x + norm(norm(dense) * w1 + norm(moe) * w2) * w) * scalar."""
     from dgplug import ops
 
-    if _pick_impl(x, impl) == "torch" or scalar.dtype != x.dtype or not (_same(dense, x) and _same(moe, x)):
+    if pick_impl(x, impl) == "torch" or scalar.dtype != x.dtype or not (_same(dense, x) and _same(moe, x)):
         return ops.layer_out_reference(x, dense, moe, w1, w2, w, scalar, eps)
     x2, d2, m2 = _rows(x), _rows(dense), _rows(moe)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -266,7 +266,7 @@ def post_attention(attn, x, w, w1, w2, eps: float, *, impl: str | None = None):
     MLP's input with w1, the experts' with w2), one launch. Returns (x', h1, h2)."""
     from dgplug import ops
 
-    if _pick_impl(x, impl) == "torch" or not _same(attn, x):
+    if pick_impl(x, impl) == "torch" or not _same(attn, x):
         return ops.post_attention_reference(attn, x, w, w1, w2, eps)
     a2, x2 = _rows(attn), _rows(x)
     outs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(3)]
@@ -283,7 +283,7 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str | None = None) -
     as column halves of one [.., 2n] projection output: read in place)."""
     from dgplug import ops
 
-    if _pick_impl(gate, impl) == "torch" or not _same(up, gate):
+    if pick_impl(gate, impl) == "torch" or not _same(up, gate):
         return ops.gelu_mul_reference(gate, up)
     g, u = _rows(gate), _rows(up)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .moe import HAS_TRITON, _interpreting, _pick_impl
+from .backend import HAS_TRITON, interpreting, pick_impl
 
 if HAS_TRITON:
     import triton
@@ -83,7 +83,7 @@ def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float, *, im
     """The router of one MoE layer for r [T, D] (see the module docstring)."""
     from dgplug import ops
 
-    if _pick_impl(r, impl) == "torch" or not isinstance(proj_weight, torch.Tensor) \
+    if pick_impl(r, impl) == "torch" or not isinstance(proj_weight, torch.Tensor) \
             or proj_weight.dtype != r.dtype or scale.dtype != r.dtype or r.dim() != 2:
         return ops.route_reference(r, proj_weight, scale, per_expert_scale, top_k, eps)
     T, D = r.shape
@@ -95,7 +95,7 @@ def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float, *, im
     # fp32 runs as FMA (IEEE): a narrower K tile keeps the [BLOCK_D, E] weight tile in registers.
     # sm_90 build (benchmarks/sm90_build.py): fp32 operands at BLOCK_D 128 spilled 16.7 KB a thread.
     # (the interpreter gets bf16 dots wrong: there bf16 takes the fp32 path, fp16 tests this one)
-    ieee = r.dtype == torch.float32 or (r.dtype == torch.bfloat16 and _interpreting())
+    ieee = r.dtype == torch.float32 or (r.dtype == torch.bfloat16 and interpreting())
     bd = 32 if ieee else 128
     pw = proj_weight.contiguous()
     _route_kernel[(triton.cdiv(T, bt),)](

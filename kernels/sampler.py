@@ -40,10 +40,11 @@ Three implementations, one semantics:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from .backend import interpreting, pick_impl
 
 try:  # Triton is optional: the torch path serves CPUs and machines without it
     import triton
@@ -628,7 +629,7 @@ def step_keys(key: torch.Tensor, step: torch.Tensor, rows: int, vocab: int, row_
     """(canvas_row_keys_device(key, step, rows, row_offset), counter_tokens(those keys, vocab)):
     a denoise step's RNG keys and re-noise tokens, int64 [rows]; one launch on the GPU (the
     torch twin is some 130 small integer kernels)."""
-    if _pick_impl(key, impl) == "torch":
+    if pick_impl(key, impl) == "torch":
         keys = canvas_row_keys_device(key, step, rows, row_offset)
         return keys, counter_tokens(keys, vocab)
     keys = torch.empty(rows, dtype=torch.int64, device=key.device)
@@ -637,10 +638,6 @@ def step_keys(key: torch.Tensor, step: torch.Tensor, rows: int, vocab: int, row_
     _step_keys_kernel[(triton.cdiv(rows, block),)](key, step, keys, noise, rows, row_offset, vocab, BLOCK=block,
                                                    num_warps=4)
     return keys, noise
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _triton_uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -704,7 +701,7 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
     chunk = int(min(chunk, vocab))
     block_v = block_v or vocab_tile
     if block_v is None:  # measured: 2048 best at 256 rows, 1024 at 2048 rows
-        block_v = 128 if _interpreting() else (2048 if n <= 512 else 1024)
+        block_v = 128 if interpreting() else (2048 if n <= 512 else 1024)
     bv = int(min(block_v, triton.next_power_of_2(chunk)))
     one_sweep = n <= 512 if one_sweep is None else one_sweep
     temp = _row_temperature(temperature, n, dev)
@@ -745,15 +742,6 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
 # --------------------------------------------------------------------------------------------
 
 
-def _pick_impl(h: torch.Tensor, impl: str | None) -> str:
-    impl = impl or os.environ.get("DGPLUG_KERNELS") or None
-    if impl is None:
-        return "triton" if (h.is_cuda and triton is not None) else "torch"
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"impl must be 'torch' or 'triton', got {impl!r}")
-    return impl
-
-
 def head_sample(h, embedding, *, softcap=SOFTCAP, temperature=1.0, seed=0, step=0, row_offset=0,
                 want_soft=True, impl=None, vocab_tile=None, keys=None) -> HeadSample:
     """The fused head + sampler step for hidden states h [N, D] and the tied embedding [V, D].
@@ -769,6 +757,6 @@ def head_sample(h, embedding, *, softcap=SOFTCAP, temperature=1.0, seed=0, step=
     _check(h, embedding)
     kw = dict(softcap=softcap, temperature=temperature, seed=seed, step=step, row_offset=row_offset,
               want_soft=want_soft, vocab_tile=vocab_tile, keys=keys)
-    if _pick_impl(h, impl) == "triton":
+    if pick_impl(h, impl) == "triton":
         return _head_sample_triton(h, embedding, **kw)
     return _head_sample_torch(h, embedding, **kw)

@@ -78,7 +78,7 @@ def test_triton_row_decoder_matches_torch(qtype):
 def test_row_decoder_choice_and_errors():
     raw = torch.from_numpy(_random_blocks(T.Q8_0, 2, 64))
     assert dequantize_blocks(raw[:0], T.Q8_0, impl="triton").shape == (0, 64)
-    with pytest.raises(ValueError, match="impl must be 'torch' or 'triton', got 'cuda'"):
+    with pytest.raises(ValueError, match="impl must be None, 'torch' or 'triton', got 'cuda'"):
         dequantize_blocks(raw, T.Q8_0, impl="cuda")
 
 
@@ -126,7 +126,7 @@ def test_nonfinite_is_read_from_the_scales(qtype):
                                                  (T.Q4_0, T.Q4_1), (T.Q3_K, T.Q2_K), (T.IQ4_XS, T.IQ4_NL)],
                          ids=lambda t: t.name)
 def test_triton_moe_reads_the_blocks(gate_type, down_type):
-    from dgplug.kernels import moe
+    from dgplug.kernels import moe, moe_triton
 
     if not moe.HAS_TRITON:
         pytest.skip("triton is not importable")
@@ -144,15 +144,15 @@ def test_triton_moe_reads_the_blocks(gate_type, down_type):
     idx[0, 1] = E  # the "no expert" sentinel is dropped
     w = torch.rand(Tn, K, generator=g)
     ref = moe.moe_forward_torch(x, idx, w, gate_up, down)
-    got = moe.moe_forward_triton(x, idx, w, gate_up, down)
+    got = moe_triton.moe_forward_triton(x, idx, w, gate_up, down)
     dense = moe.moe_forward_torch(x, idx, w, gate_up.dequantize(), down.dequantize())
     assert torch.equal(ref, dense)  # the twin dequantises per expert: the same numbers
     assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
-    few = moe._default_config(Tn, K, E, D, I, interp=False, ggml=True)  # the GPU's tiles: K 64 x N 32
-    many = moe._default_config(4096, K, E, D, I, interp=False, ggml=True)  # many rows per expert: 32 x 32
+    few = moe_triton._default_config(Tn, K, E, D, I, interp=False, ggml=True)  # the GPU's tiles: K 64 x N 32
+    many = moe_triton._default_config(4096, K, E, D, I, interp=False, ggml=True)  # many rows per expert: 32 x 32
     assert (few["BLOCK_K1"], few["BLOCK_N1"], many["BLOCK_K1"], many["BLOCK_N1"]) == (64, 32, 32, 32)
     for gpu in (few, many, dict(few, GGML_RUNS=0), dict(few, BLOCK_K1=128, BLOCK_K2=128)):
-        got = moe.moe_forward_triton(x, idx, w, gate_up, down, config=gpu)
+        got = moe_triton.moe_forward_triton(x, idx, w, gate_up, down, config=gpu)
         assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
@@ -161,7 +161,7 @@ def test_triton_moe_down_with_a_short_last_tile(down_type):
     """I = 96 (3 blocks of 32): the down step's last K tile of 64 holds one run; the result stays right
     (the run past I reads the next row's bytes, masked; the activations there are zero as well, so
     a missing mask would show only as a NaN; the row decoder's K = 96 and 160 cases run the same masks)."""
-    from dgplug.kernels import moe
+    from dgplug.kernels import moe, moe_triton
 
     import os
 
@@ -176,9 +176,9 @@ def test_triton_moe_down_with_a_short_last_tile(down_type):
     idx = torch.randint(0, E, (Tn, K), generator=g)
     w = torch.rand(Tn, K, generator=g)
     ref = moe.moe_forward_torch(x, idx, w, gate_up, down)
-    few = moe._default_config(Tn, K, E, D, I, interp=False, ggml=True)
+    few = moe_triton._default_config(Tn, K, E, D, I, interp=False, ggml=True)
     for cfg in (few, dict(few, GGML_RUNS=0)):
-        got = moe.moe_forward_triton(x, idx, w, gate_up, down, config=cfg)
+        got = moe_triton.moe_forward_triton(x, idx, w, gate_up, down, config=cfg)
         assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 

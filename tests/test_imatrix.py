@@ -159,8 +159,11 @@ def test_bad_files_get_one_clear_error(tmp_path, tiny_ckpt):
     with pytest.raises(InputError, match="no such imatrix file"):
         Imatrix.load(tmp_path / "missing.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
-    with pytest.raises(FormatError, match="junk.gguf: not a GGUF imatrix"):
+    with pytest.raises(FormatError, match="junk.gguf: not a GGUF imatrix \\(it does not start with the GGUF magic"):
         Imatrix.load(tmp_path / "junk.gguf")
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic, then nothing
+    with pytest.raises(FormatError, match="cut.gguf: not a GGUF imatrix \\("):
+        Imatrix.load(tmp_path / "cut.gguf")
     model_gguf = tmp_path / "model.gguf"
     w = gguf.GGUFWriter(model_gguf, "diffusion-gemma")
     w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 4), np.float32))

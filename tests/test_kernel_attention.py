@@ -143,21 +143,14 @@ def test_twin_unchunked_is_the_reference_and_chunked_matches():
 
 
 def test_dispatch(monkeypatch):
+    """The twin on CPU tensors, the Triton kernel when forced (rules: tests/test_kernel_backend.py)."""
     batch, hq, hkv, d, lk, lq = 1, 4, 2, 16, 20, 8
     q, k, v = _inputs(batch, hq, hkv, lq, lk, d, torch.float32, seed=10)
     kw = dict(q_pos=torch.arange(lk - lq, lk), k_pos=torch.arange(lk))
     ref = ops.attention_reference(q, k, v, **kw)
-    monkeypatch.delenv(A.ENV_FORCE, raising=False)
-    assert A._pick(None, q, k, v) == "torch"  # CPU tensors -> the twin
+    monkeypatch.delenv("DGPLUG_KERNELS", raising=False)
     assert torch.equal(A.attention(q, k, v, **kw), ref)
-    assert A._pick("triton", q, k, v) == "triton"
-    monkeypatch.setenv(A.ENV_FORCE, "triton")
-    assert A._pick(None, q, k, v) == "triton" and A._pick("torch", q, k, v) == "triton"
+    monkeypatch.setenv("DGPLUG_KERNELS", "triton")
     torch.testing.assert_close(A.attention(q, k, v, **kw), ref, atol=2e-5, rtol=2e-5)
-    monkeypatch.setenv(A.ENV_FORCE, "torch")
-    assert A._pick("triton", q, k, v) == "torch"
-    monkeypatch.delenv(A.ENV_FORCE)
-    with pytest.raises(ValueError):
-        A._pick("cuda", q, k, v)
     with pytest.raises(ValueError):  # head dim 12 is not a power of two
         A.attention_triton(q[..., :12], k[..., :12], v[..., :12], **kw)

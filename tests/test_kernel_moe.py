@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dgplug import ops
-from dgplug.kernels import moe as M
+from dgplug.kernels import moe as M, moe_triton as MT, quantized_weight as QW
 from dgplug.kernels.moe import QuantizedWeight, moe_forward, moe_forward_torch
 
 needs_triton = pytest.mark.skipif(not M.HAS_TRITON, reason="triton not importable")
@@ -162,7 +162,7 @@ def test_int4_scale_paths(group, bk, swap):
     w, idx = make_routing(device=_device())
     x = make_x(device=_device())
     cfg = dict(BLOCK_K1=bk, BLOCK_K2=bk, SWAP_AB=swap)
-    out = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    out = MT.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
     close(out, reference(x, idx, w, q1, q2), 1e-5)
 
 
@@ -177,8 +177,8 @@ def test_int4_even_k_drops_the_k_bound(swap):
     x = make_x(device=_device())
     cfg = dict(BLOCK_K1=16, BLOCK_K2=16, SWAP_AB=swap)
     assert D % 16 == 0 and I % 16 == 0
-    even = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
-    bound = M.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, EVEN_K=False))
+    even = MT.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    bound = MT.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, EVEN_K=False))
     assert torch.equal(even, bound)
     close(even, reference(x, idx, w, q1, q2), 1e-5)
 
@@ -193,7 +193,7 @@ def test_int4_fp16_nibbles_built_from_bits(swap, magic):
     w, idx = make_routing(device=_device())
     x = make_x(dtype=torch.float16, device=_device())
     cfg = dict(BLOCK_K1=64, BLOCK_K2=64, MAGIC=magic, SWAP_AB=swap)
-    out = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    out = MT.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
     close(out, reference(x, idx, w, q1, q2), 1e-2)
 
 
@@ -212,12 +212,12 @@ def test_int4_tile_sums_summed_once(cfg, dtype):
     w, idx = make_routing(device=_device())
     x = make_x(dtype=dtype, device=_device())
     cfg = dict(cfg, SWAP_AB=True)
-    once = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
-    loop = M.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, XSUM=False))
+    once = MT.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    loop = MT.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, XSUM=False))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     close(once, loop, tol)
     close(once, reference(x, idx, w, q1, q2), tol)
-    sums = M.tile_sums(x, 64, torch.float16)  # each element rounded to the compute dtype first
+    sums = MT.tile_sums(x, 64, torch.float16)  # each element rounded to the compute dtype first
     want = torch.nn.functional.pad(x.half().float(), (0, 32)).view(T, 2, 64).sum(-1)
     close(sums, want, 1e-6)
 
@@ -263,7 +263,7 @@ def test_int4_halves_matches_twin(which, group, dtype):
     on the original pairs-order weights; group 128 of K = 192 has a short last group."""
     x, idx, w, q1, q2, h1, h2 = _halves_case(which, group, dtype)
     cfg = dict(BLOCK_N1=128, BLOCK_N2=128, BLOCK_K1=64, BLOCK_K2=64, SWAP_AB=True)
-    out = M.moe_forward_triton(x, idx, w, h1, h2, config=cfg)
+    out = MT.moe_forward_triton(x, idx, w, h1, h2, config=cfg)
     close(out, moe_forward_torch(x, idx, w, q1, q2), 1e-5 if dtype == torch.float32 else 1e-2)
     close(moe_forward_torch(x, idx, w, h1, h2), moe_forward_torch(x, idx, w, q1, q2), 1e-6)
 
@@ -274,10 +274,10 @@ def test_int4_halves_matches_twin(which, group, dtype):
 def test_int4_halves_kpack_mismatch_raises(cfg, name):
     x, idx, w, _, _, h1, h2 = _halves_case("both", 64, torch.float32)
     with pytest.raises(ValueError, match=f"{name}: .*halves.*kpack"):
-        M.moe_forward_triton(x, idx, w, h1, h2, config=cfg)
+        MT.moe_forward_triton(x, idx, w, h1, h2, config=cfg)
     x, idx, w, _, _, h1, h2 = _halves_case("down", 64, torch.float32)
     with pytest.raises(ValueError, match="down: .*halves.*kpack"):
-        M.moe_forward_triton(x, idx, w, h1, h2, config=dict(BLOCK_K2=32, SWAP_AB=True))
+        MT.moe_forward_triton(x, idx, w, h1, h2, config=dict(BLOCK_K2=32, SWAP_AB=True))
 
 
 def test_int4_fragments_repack_is_exact():
@@ -295,7 +295,7 @@ def test_int4_fragments_repack_is_exact():
     word = sum(int(f.qweight[0, 0, b]) << (8 * b) for b in range(4))
     for j, k in enumerate((0, 8, 16, 24)):
         assert (word >> 4 * j) & 15 == codes[0, 0, k] and (word >> 4 * (j + 4)) & 15 == codes[0, 0, k + 1]
-    assert sorted(M.nibble_perm("fragments", 64).tolist()) == list(range(64))
+    assert sorted(QW.nibble_perm("fragments", 64).tolist()) == list(range(64))
     with pytest.raises(ValueError, match="multiple of 32"):
         M.repack_int4_fragments(q1, 48)
     with pytest.raises(ValueError, match="fragments"):
@@ -316,10 +316,10 @@ def test_sum_slots_skips_dropped_rows():
     routed = ((idx >= 0) & (idx < E)).reshape(-1).to(_device())
     pairs[~routed] = float("nan")
     want = torch.where(routed[:, None], pairs, 0.0).view(T, K, D).sum(1)
-    got = M.sum_slots(pairs, idx.to(_device()), E, torch.bfloat16)
+    got = MT.sum_slots(pairs, idx.to(_device()), E, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and not got.isnan().any() and not got[7].any()
     close(got, want.bfloat16(), 1e-2)
-    close(M.sum_slots(pairs, idx.to(_device()), E, torch.float32), want, 1e-6)
+    close(MT.sum_slots(pairs, idx.to(_device()), E, torch.float32), want, 1e-6)
 
 
 def test_fp8_rows_round_to_nearest_even():
@@ -331,7 +331,7 @@ def test_fp8_rows_round_to_nearest_even():
     x8, s = M.fp8_rows(x)
     assert s[1] == 1.0 and x8.float().abs().max() <= 448
     if M.HAS_TRITON:
-        t8, ts = M.fp8_rows_triton(x.to(_device()))
+        t8, ts = MT.fp8_rows_triton(x.to(_device()))
         assert torch.equal(t8.float().cpu(), x8.float()) and torch.equal(ts.cpu(), s)
 
 
@@ -347,15 +347,15 @@ def test_fp8_activations_match_twin(tile, dtype):
     idx[3, 1] = E
     x = make_x(dtype=dtype, device=_device())
     cfg = dict(A8=True, BLOCK_N1=tile, BLOCK_K2=tile, BLOCK_K1=32)
-    got = M.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    got = MT.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
     twin = M.moe_forward_fp8_activations_torch(x, idx, w, q1, q2, tile)
     close(got, twin, 1e-5 if dtype == torch.float32 else 1e-2)
     close(twin, moe_forward_torch(x, idx, w, q1, q2), 0.1)
     with pytest.raises(ValueError, match="BLOCK_N1"):
-        M.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, BLOCK_K2=2 * tile))
+        MT.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, BLOCK_K2=2 * tile))
     _, _, i1, i2 = _quantized("int4", device=_device())
     with pytest.raises(ValueError, match="fp8 expert weights"):
-        M.moe_forward_triton(x, idx, w, i1, i2, config=cfg)
+        MT.moe_forward_triton(x, idx, w, i1, i2, config=cfg)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -379,15 +379,15 @@ def test_int4_experts_for_the_gpu_kernels(monkeypatch):
     64 (down) and groups of whole tiles -> the fragments order; anything else is left as it is."""
     gu, dn = make_weights(d=256, i=128)
     q1, q2 = (QuantizedWeight.quantize(w, "int4", group_size=128) for w in (gu, dn))
-    f1, f2 = M.for_gpu_kernels(q1, "gate_up"), M.for_gpu_kernels(q2, "down")
+    f1, f2 = QW.for_gpu_kernels(q1, "gate_up"), QW.for_gpu_kernels(q2, "down")
     assert (f1.order, f1.kpack, f2.order, f2.kpack) == ("fragments", 128, "fragments", 64)
     assert torch.equal(f1.dequantize(), q1.dequantize()) and torch.equal(f2.dequantize(), q2.dequantize())
-    assert M.for_gpu_kernels(f1, "gate_up") is f1
-    assert M.for_gpu_kernels(QuantizedWeight.quantize(gu, "int4", group_size=64), "gate_up").order == "pairs"
-    assert M.for_gpu_kernels(QuantizedWeight.quantize(gu, "int8"), "gate_up").scheme == "int8"
-    assert M.for_gpu_kernels(gu, "gate_up") is gu
+    assert QW.for_gpu_kernels(f1, "gate_up") is f1
+    assert QW.for_gpu_kernels(QuantizedWeight.quantize(gu, "int4", group_size=64), "gate_up").order == "pairs"
+    assert QW.for_gpu_kernels(QuantizedWeight.quantize(gu, "int8"), "gate_up").scheme == "int8"
+    assert QW.for_gpu_kernels(gu, "gate_up") is gu
     monkeypatch.setenv("DGPLUG_INT4_ORDER", "pairs")
-    assert M.for_gpu_kernels(q1, "gate_up") is q1
+    assert QW.for_gpu_kernels(q1, "gate_up") is q1
 
 
 @needs_triton
@@ -420,11 +420,11 @@ def test_int4_fragments_matches_twin(group, dtype, n, one_dot):
     x, idx, w, q1, q2, _, _ = _halves_case("both", group, dtype)
     f1, f2 = M.repack_int4_fragments(q1, 64), M.repack_int4_fragments(q2, 64)
     cfg = dict(BLOCK_N1=n, BLOCK_N2=n, SWAP_AB=True, ONE_DOT=one_dot)  # BLOCK_K follows the weights' kpack
-    out = M.moe_forward_triton(x, idx, w, f1, f2, config=cfg)
+    out = MT.moe_forward_triton(x, idx, w, f1, f2, config=cfg)
     close(out, moe_forward_torch(x, idx, w, q1, q2), 1e-5 if dtype == torch.float32 else 1e-2)
     close(moe_forward_torch(x, idx, w, f1, f2), moe_forward_torch(x, idx, w, q1, q2), 1e-6)
     with pytest.raises(ValueError, match="gate_up: .*fragments.*kpack"):
-        M.moe_forward_triton(x, idx, w, f1, f2, config=dict(cfg, BLOCK_K1=32))
+        MT.moe_forward_triton(x, idx, w, f1, f2, config=dict(cfg, BLOCK_K1=32))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -562,10 +562,10 @@ def test_align_schedule(kind):
     idx[idx == 0] = 1
     bm = 4
     if kind == "torch":
-        sorted_ids, block_expert, nb = M._align_torch(idx, E, bm)
+        sorted_ids, block_expert, nb = MT._align_torch(idx, E, bm)
     else:  # several chunks; identical to the torch version (stable order)
-        sorted_ids, block_expert, nb = M._align(idx, E, bm, chunk=32)
-        ref = M._align_torch(idx, E, bm)
+        sorted_ids, block_expert, nb = MT._align(idx, E, bm, chunk=32)
+        ref = MT._align_torch(idx, E, bm)
         assert torch.equal(sorted_ids, ref[0]) and torch.equal(block_expert, ref[1])
     tk = idx.numel()
     assert sorted_ids.shape == (nb * bm,) and block_expert.shape == (nb,)
@@ -585,21 +585,6 @@ def test_align_schedule(kind):
 # ------------------------------------------------------------------------------------------
 # dispatch and the cost model
 # ------------------------------------------------------------------------------------------
-
-
-def test_dispatch(monkeypatch):
-    x = make_x()
-    monkeypatch.delenv("DGPLUG_KERNELS", raising=False)
-    assert M._pick_impl(x, None) == "torch"  # CPU tensors -> torch
-    assert M._pick_impl(x, "triton") == "triton"
-    monkeypatch.setenv("DGPLUG_KERNELS", "triton")
-    assert M._pick_impl(x, None) == "triton"
-    assert M._pick_impl(x, "torch") == "torch"  # an explicit argument wins
-    monkeypatch.setenv("DGPLUG_KERNELS", "cuda")
-    with pytest.raises(ValueError):
-        M._pick_impl(x, None)
-    with pytest.raises(ValueError):
-        M._pick_impl(x, "numpy")
 
 
 def test_bad_shapes():

@@ -6,7 +6,7 @@ import torch
 
 from dgplug import ops
 from dgplug.kernels import router as R
-from dgplug.kernels.moe import HAS_TRITON
+from dgplug.kernels.backend import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

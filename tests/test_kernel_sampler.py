@@ -280,11 +280,7 @@ def test_soft_embedding_matches_transformers_bf16(impl):
 
 def test_dispatch(monkeypatch):
     h, table, _ = _case(n=4, vocab=40, d=16)
-    assert S._pick_impl(h, None) == "torch"  # CPU tensors
-    monkeypatch.setenv("DGPLUG_KERNELS", "triton")
-    assert S._pick_impl(h, None) == "triton"
-    assert S._pick_impl(h, "torch") == "torch"
-    monkeypatch.delenv("DGPLUG_KERNELS")
+    monkeypatch.delenv("DGPLUG_KERNELS", raising=False)
     with pytest.raises(ValueError):
         head_sample(h, table, impl="cuda")
     with pytest.raises(ValueError):

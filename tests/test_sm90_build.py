@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dgplug.kernels.moe import HAS_TRITON
+from dgplug.kernels.backend import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
 ROOT = Path(__file__).resolve().parents[1]
