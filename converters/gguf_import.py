@@ -492,7 +492,10 @@ def inspect_table(path) -> dict:
         if k.startswith("GGUF."):
             continue
         try:
-            meta[k] = _summarise(f.contents())
+            v = f.contents()
+            if f.types == [VT.FLOAT32]:  # 1e-06 as written, not 9.999999974752427e-07
+                v = float(str(np.float32(v)))
+            meta[k] = _summarise(v)
         except Exception:  # noqa: BLE001
             meta[k] = "<unreadable>"
     rows = [(t.name, T(int(t.tensor_type)).name, [int(d) for d in t.shape], int(t.n_bytes)) for t in reader.tensors]
@@ -504,8 +507,8 @@ def inspect_table(path) -> dict:
 # ---------------------------------------------------------------------------------------------
 def tokenizer_from_gguf(path):
     """A PreTrainedTokenizerFast rebuilt from tokenizer.ggml.* (BPE if merges, else WordLevel; either
-    decodes by joining the pieces, as llama.cpp does)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    decodes by joining the pieces, as llama.cpp does; a text starts with BOS where add_bos_token says so)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     reader = _reader(path)
@@ -543,8 +546,12 @@ def tokenizer_from_gguf(path):
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if int(ty) == 4]
     if user:
         tk.add_tokens(user)
+    bos = tok("bos_token_id")
+    if bos is not None and _field(reader, "tokenizer.ggml.add_bos_token"):  # as llama.cpp tokenizes a prompt
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                          special_tokens=[(bos, vocab[bos])])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"), unk_token=unk,
+        tokenizer_object=tk, bos_token=bos, eos_token=tok("eos_token_id"), unk_token=unk,
         pad_token=tok("padding_token_id"), mask_token=tok("mask_token_id"),
     )
     tmpl = _field(reader, "tokenizer.chat_template")

@@ -109,6 +109,7 @@ def test_signal_during_gguf_export(big_ckpt, tmp_path, sig, group):
     assert rc == want[1], stderr
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == want[0]
+    assert f"{tmp_path / 'm.gguf'}: not written; its temporary files were removed" in stderr, stderr
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())  # neither the output nor its temporary file
 
 

@@ -2,6 +2,7 @@
 one-line summary, --givens / -n / --puzzle / --show with one-line errors, a live view that fits
 the terminal."""
 
+import io
 import re
 
 import pytest
@@ -138,11 +139,41 @@ def test_a_band_smaller_than_the_default_count_is_not_an_error():
                                                (200, 15, 3), (45, 15, 2), (44, 15, 1)])
 def test_live_grids_fit_the_terminal(width, height, want):
     """The live view never grows taller than the terminal (rich leaves such a frame behind)."""
-    from dgplug.cli.demo import GRID_LINES, GRID_WIDTH, fitting
+    from dgplug.cli.demo import fitting
 
     got = fitting(3, width, height)
     assert got == want
-    per_row = max(1, (width + 3) // GRID_WIDTH)
-    assert 2 + GRID_LINES * -(-got // per_row) <= height - 1 or got == 0
+    assert 2 + _drawn_height(got, width) <= height - 1 or got == 0
     # on a narrow terminal the status and legend wrap: fewer rows of grids fit
     assert fitting(3, 50, 15, header=3) == 0 and fitting(3, 50, 16, header=3) == 2
+
+
+def _drawn_height(n: int, width: int) -> int:
+    """Lines n grids take when rich lays them out as the demo does (Columns, padding 3) at `width`."""
+    from rich.columns import Columns
+    from rich.console import Console
+
+    from dgplug.cli.demo import Sudoku
+
+    s = Sudoku.__new__(Sudoku)
+    s.to_digit = {d: d for d in range(1, 10)}
+    puzzle = "5" * 40 + "." * 41
+    grids = [s.render(puzzle, [7] * 81, title=f"puzzle {i} (40 givens)") for i in range(n)]
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    with console.capture() as cap:
+        console.print(Columns(grids, padding=(0, 3)))
+    lines = cap.get().splitlines()
+    assert all(len(line.rstrip()) <= width for line in lines)
+    return len(lines)
+
+
+@pytest.mark.parametrize("width", range(24, 161))
+def test_grids_per_row_is_what_rich_draws(width):
+    """fitting() puts as many grids side by side as rich's Columns does at that width: one more
+    would wrap to a new row and the frame would outgrow the terminal (stale frames in the scrollback)."""
+    from dgplug.cli.demo import GRID_LINES, fitting
+
+    per_row = fitting(9, width, GRID_LINES + 3)  # room for one row of grids below the two header lines
+    assert _drawn_height(per_row, width) == GRID_LINES, (width, per_row)  # one row of grids
+    if per_row < 9:
+        assert _drawn_height(per_row + 1, width) > GRID_LINES, (width, per_row)  # and no room for one more

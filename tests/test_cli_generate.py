@@ -127,3 +127,10 @@ def test_edit_span_that_looks_like_an_insertion_gets_a_note(tiny_ckpt):
     assert "note: [[+w6]] rewrites the text '+w6'; to insert N new tokens write [[+N]]" in r.stderr
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w5 [[w6]] w7", *edit])
     assert r.exit_code == 0 and "note:" not in r.stderr, r.output
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--edit", "w5 w6 w7", *edit])  # no span: refused at once
+    assert r.exit_code == 1 and r.stderr.startswith("error: --edit: nothing to rewrite") and "loading" not in r.stderr
+
+
+def test_live_with_quiet_says_it_shows_nothing(tiny_ckpt):
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5", "--steps", "1", "--live", "--quiet"])
+    assert r.exit_code == 0 and "note: --live shows nothing with --quiet" in r.stderr, r.output

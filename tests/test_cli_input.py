@@ -127,6 +127,50 @@ def test_info_every_format(tiny_ckpt_smooth, tmp_path):
     _one_error_line(runner.invoke(app, ["inspect", str(tiny_ckpt_smooth)]), "directory without a .gguf file")
 
 
+def test_damaged_quantized_checkpoint_is_named(tiny_ckpt_smooth, tmp_path):
+    """A dgplug-quantized directory whose shard is missing or cut short: info, generate and convert
+    give one line naming the file (info used to print 0 B and exit 0; generate gave safetensors'
+    own message, which names no file); a whole one reads per output channel and folds the layers."""
+    q = tmp_path / "q8"
+    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(q), "-q", "int8"]).exit_code == 0
+    r = runner.invoke(app, ["info", str(q)])
+    flat = " ".join(r.stdout.split())
+    assert r.exit_code == 0 and "one scale per output channel" in flat and "group size None" not in flat
+    assert "model.decoder.layers.*.router (4 layers)" in flat and "layers.0.router" not in flat, flat
+    shard = next(q.glob("*.safetensors"))
+    cut = tmp_path / "cut"
+    shutil.copytree(q, cut)
+    (cut / shard.name).write_bytes(shard.read_bytes()[:4096])
+    gone = tmp_path / "gone"
+    shutil.copytree(q, gone)
+    (gone / shard.name).unlink()
+    for cmd in (["info"], ["generate", "--ids", "5"]):
+        _one_error_line(runner.invoke(app, [cmd[0], str(cut), *cmd[1:]]), str(cut / shard.name))
+        _one_error_line(runner.invoke(app, [cmd[0], str(gone), *cmd[1:]]), shard.name, "missing")
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt_smooth, src)
+    st = src / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:4096])
+    for quant in ("int4", "Q8_0"):
+        out = tmp_path / f"out-{quant}"
+        _one_error_line(runner.invoke(app, ["convert", str(src), str(out) + (".gguf" if quant == "Q8_0" else ""),
+                                            "-q", quant]), str(st))
+        assert not list(tmp_path.glob(f"*out-{quant}*")), quant  # nothing left behind
+
+
+def test_sudoku_names_the_embedded_model(tmp_path, monkeypatch):
+    """`sudoku` is the shipped model wherever dgplug is installed, unless a file of that name is here."""
+    from dgplug.assets import sudoku_model_path
+
+    if sudoku_model_path() is None:
+        return
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["info", "sudoku", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["path"] == str(sudoku_model_path()), r.output
+    (tmp_path / "sudoku").mkdir()  # a directory of that name here wins
+    _one_error_line(runner.invoke(app, ["info", "sudoku"]), "sudoku")
+
+
 # -- item 10: options that were ignored without a word --------------------------------------------
 def test_conflicting_and_bad_options(tiny_ckpt, tiny_ckpt_smooth, tmp_path, monkeypatch):
     _one_error_line(runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5", "--prompt", "w5"]), "not both")
@@ -149,6 +193,37 @@ def test_conflicting_and_bad_options(tiny_ckpt, tiny_ckpt_smooth, tmp_path, monk
     # --debug after the subcommand: the traceback is raised instead of the one line
     r = runner.invoke(app, ["info", str(tmp_path / "nope"), "--debug"])
     assert r.exit_code == 1 and r.exception is not None and "no such file or directory" in str(r.exception)
+
+
+def test_directories_that_are_not_checkpoints(tiny_ckpt_smooth, tmp_path):
+    """An empty directory, one of GGUF files given to convert, one with neither: each says what it is."""
+    (tmp_path / "empty").mkdir()
+    for cmd in (["info"], ["generate", "--ids", "5"], ["convert", "-q", "Q8_0"]):
+        args = [cmd[0], str(tmp_path / "empty"), *([str(tmp_path / "o.gguf")] if cmd[0] == "convert" else []), *cmd[1:]]
+        _one_error_line(runner.invoke(app, args), "is an empty directory: not a checkpoint")
+    g = tmp_path / "ggufs"
+    g.mkdir()
+    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g / "m.gguf"), "-q", "Q8_0"]).exit_code == 0
+    _one_error_line(runner.invoke(app, ["convert", str(g), str(tmp_path / "o"), "-q", "int8"]),
+                    "holds GGUF files, no config.json: convert reads a Hugging Face checkpoint directory")
+    assert runner.invoke(app, ["info", str(g)]).exit_code == 0  # info and generate read a directory holding one
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    _one_error_line(runner.invoke(app, ["info", str(tmp_path / "notes")]), "has no config.json and no .gguf file")
+    r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "q.safetensors"), "-q", "int8"])
+    assert r.exit_code == 0 and "note: int8 writes a directory" in r.stderr and (tmp_path / "q.safetensors").is_dir()
+
+
+def test_inspect_prints_values_as_written(tiny_ckpt_smooth, tmp_path):
+    g = tmp_path / "m.gguf"
+    assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "Q4_K_M"]).exit_code == 0
+    r = runner.invoke(app, ["inspect", str(g), "--json"])
+    meta = json.loads(r.stdout)["metadata"]
+    assert meta["diffusion-gemma.attention.layer_norm_rms_epsilon"] == 1e-06  # not 9.999999974752427e-07
+    assert meta["general.file_type"] == 15
+    rows = {ln.split("│")[1].strip(): ln.split("│")[2].strip() for ln in runner.invoke(app, ["inspect", str(g)]).stdout
+            .splitlines() if ln.count("│") >= 3}
+    assert rows["general.file_type"] == "15 (Q4_K_M)" and rows["diffusion.eb_t_min"] == "0.4", rows
 
 
 def test_q4_0_on_a_64_wide_model(tiny_ckpt_smooth, tmp_path):

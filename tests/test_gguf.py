@@ -336,6 +336,8 @@ def test_tokenizer_from_gguf(exported, ckpt):
 
     want = AutoTokenizer.from_pretrained(str(ckpt)).decode([5, 6, 7])
     assert want == "w5 w6 w7" and tok.decode([5, 6, 7]) == want
+    # the file says add_bos_token (as llama.cpp's Gemma files do): a text starts with BOS, once
+    assert tok("w5 w6").input_ids == [2, 5, 6] and tok("w5 w6", add_special_tokens=False).input_ids == [5, 6]
     from dgplug.names import TOKENS_SPACED
 
     assert GGUFReader(exported["Q8_0"]).get_field(TOKENS_SPACED) is not None

@@ -271,6 +271,11 @@ def test_cli_imatrix_then_convert(tiny_ckpt, tmp_path):
     # bad calibration input: one line naming it
     r = runner.invoke(app, ["imatrix", str(tiny_ckpt), "--calib", str(tmp_path / "none.txt"), "-o", str(tmp_path / "x.gguf")])
     assert r.exit_code == 1 and "none.txt: no such file or directory" in r.stderr
+    # text the tokenizer does not know: it runs (the statistics see <unk>) and a note says so
+    (tmp_path / "free.txt").write_text("hello w5 there")
+    r = runner.invoke(app, ["imatrix", str(tiny_ckpt), "--calib", str(tmp_path / "free.txt"), "-o",
+                            str(tmp_path / "free.gguf"), "--steps", "1", "--quiet"])
+    assert r.exit_code == 0 and "note: 2 of 3 calibration tokens are unknown to this model's tokenizer" in r.stderr
     # convert --imatrix: int4 weighted, recorded in the quantization config
     q = tmp_path / "q4"
     r = runner.invoke(app, ["convert", str(tiny_ckpt), str(q), "-q", "int4", "--group-size", "16", "--imatrix", str(out),

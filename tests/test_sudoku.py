@@ -178,6 +178,9 @@ def test_gguf_tokenizer_decodes_as_the_original(tmp_path):
     p, s = S.Generator(3, pool=2).puzzle(36)
     text = " ".join(f"r{i // 9 + 1}c{i % 9 + 1}={x if x else '.'}" for i, x in enumerate(p.reshape(-1)))
     assert got.encode(text, add_special_tokens=False) == want.encode(text, add_special_tokens=False)
+    # a prompt starts with <bos>, as in training (S.prompt_ids), from the directory and from the GGUF
+    # (add_bos_token): without it `dgplug generate sudoku "r1c1=5 ..."` ran all 48 steps to a wrong grid
+    assert want(text).input_ids == got(text).input_ids == S.prompt_ids(p)[0].tolist()
     canvas = S.canvas_ids(s)[0].tolist()
     assert got.decode(canvas, skip_special_tokens=True) == want.decode(canvas, skip_special_tokens=True)
     assert got.decode(canvas[:81]) == "".join(str(x) for x in s.reshape(-1))

@@ -80,7 +80,7 @@ def main(debug: bool = DEBUG, quiet: bool = QUIET,
 
 @app.command(cls=_Command)
 def info(path: str = typer.Argument(..., metavar="PATH", help="Checkpoint directory (safetensors or dgplug-quantized), "
-                                                ".gguf file, or a directory holding one."),
+                                                ".gguf file, or a directory holding one; sudoku: the embedded model."),
          as_json: bool = JSON, debug: bool = DEBUG, quiet: bool = QUIET):
     """Architecture, layer pattern, parameter counts (total / active), format, dtype and size.
 
@@ -104,7 +104,7 @@ def info(path: str = typer.Argument(..., metavar="PATH", help="Checkpoint direct
 
 @app.command(cls=_Command)
 def generate(
-    path: str = typer.Argument(..., metavar="PATH", help="Checkpoint directory or .gguf file."),
+    path: str = typer.Argument(..., metavar="PATH", help="Checkpoint directory or .gguf file; sudoku: the embedded model."),
     text: Optional[str] = typer.Argument(None, metavar="PROMPT", show_default=False,
                                          help="Prompt text, as --prompt (give one of the two); - reads it from "
                                               "standard input."),
@@ -177,7 +177,9 @@ def demo(
 
     Example: dgplug demo --givens 25-29 -n 10 --compare
 
-    Example: dgplug demo --puzzle 53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79
+    Example (spaces and line breaks inside the quotes are left out):
+
+    dgplug demo --puzzle "53..7....6..195....98....6. 8...6...34..8.3..17...2...6 .6....28....419..5....8..79"
     """
     from .demo import run
 
@@ -199,7 +201,7 @@ def demo(
 
 @app.command(cls=_Command)
 def convert(
-    src: str = typer.Argument(..., metavar="SRC", help="Hugging Face DiffusionGemma directory."),
+    src: str = typer.Argument(..., metavar="SRC", help="Hugging Face DiffusionGemma directory; sudoku: the embedded model."),
     out: str = typer.Argument(..., metavar="OUT", help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
     quant: str = typer.Option(..., "--quant", "-q",
                               help="F32 F16 BF16 Q8_0 Q4_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q3_K_S Q2_K Q2_K_S IQ4_XS (GGUF; "
@@ -230,7 +232,7 @@ def convert(
 
 @app.command("imatrix", cls=_Command)
 def imatrix_cmd(
-    src: str = typer.Argument(..., metavar="SRC", help="Checkpoint directory or .gguf file (with its tokenizer)."),
+    src: str = typer.Argument(..., metavar="SRC", help="Checkpoint directory or .gguf file (with its tokenizer); sudoku: the embedded model."),
     calib: str = typer.Option(..., "--calib", help="Calibration text: a UTF-8 .txt file or a directory of them."),
     out: str = typer.Option(..., "--output", "-o", help="The imatrix GGUF to write."),
     chunk_size: int = typer.Option(512, "--chunk-size", help="Tokens per calibration prompt."),

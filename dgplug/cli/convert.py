@@ -65,6 +65,11 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
             from dgplug.converters.gguf_export import export_gguf
 
             export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads, imatrix=imatrix)
+    except (KeyboardInterrupt, common.Terminated):  # the temporary output is gone by now (the converters' cleanup ran)
+        from rich.text import Text
+
+        common.err.print(Text(f"{target}: not written; its temporary files were removed"))
+        raise
     except OSError as e:  # e.g. a full disk: name the output, not its temporary name (already removed)
         if e.filename is None or any(part.startswith(f".{target.name}.") for part in Path(str(e.filename)).parts):
             e.filename = str(target)

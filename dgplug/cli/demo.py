@@ -127,14 +127,14 @@ class Sudoku:
                     text.append("| ", style="dim")
                 d = self.to_digit.get(int(ids[i]))
                 if puzzle[i] != ".":
-                    text.append(puzzle[i] + " ", style="bold")
+                    text.append(puzzle[i], style="bold")
                 elif d is None:
-                    text.append("? ", style="red")
+                    text.append("?", style="red")
                 elif i in wrong:
-                    text.append(f"{d} ", style="bold red")
+                    text.append(f"{d}", style="bold red")
                 else:
-                    text.append(f"{d} ", style="bold green" if accepted is None or accepted[i] else "dim")
-            text.append("\n")
+                    text.append(f"{d}", style="bold green" if accepted is None or accepted[i] else "dim")
+                text.append(" " if c < 8 else "\n" if r < 8 else "")  # 21 wide as the rules; 12 lines
         return text
 
 
@@ -153,7 +153,7 @@ def pick(bank: list[dict], band: tuple[int, int], n: int | None, n_flag: str = "
 
 
 GRID_LINES = 12  # a drawn grid: its title, 9 rows and 2 rules
-GRID_WIDTH = 24  # 21 characters and the gap to the next one
+GRID_WIDTH = 24  # 21 characters and the gap of 3 to the next one (Columns' padding)
 
 
 def fitting(wanted: int, width: int, height: int, header: int = 2) -> int:

@@ -91,7 +91,11 @@ def check(o: Options) -> None:
     if o.edit is not None:
         from dgplug.editing import parse_edit
 
-        for kind, body in parse_edit(o.edit):  # a malformed edit text fails before the model loads
+        segments = parse_edit(o.edit)  # a malformed edit text fails before the model loads
+        if all(kind == "keep" for kind, _ in segments):
+            raise CLIError("--edit: nothing to rewrite: mark the words to rewrite as [[words]], or insert N new "
+                           "tokens with [[+N]]")
+        for kind, body in segments:
             if kind == "rewrite" and body.strip().startswith("+"):
                 note(f"[[{body}]] rewrites the text {body.strip()!r}; to insert N new tokens write [[+N]] "
                      f"(e.g. [[+3]])")
@@ -229,6 +233,8 @@ def run(o: Options) -> None:
     from . import common
 
     check(o)
+    if o.live and STATE["quiet"]:
+        note("--live shows nothing with --quiet (only the result is printed)")
     common.check_backend()
     user_threads = common.threads_arg(o.threads)
     path = model_arg(str(o.path))

@@ -74,6 +74,9 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
     if tok is None:
         raise CLIError(f"{src} has no tokenizer: calibration text cannot be tokenized")
     ids = tok(text, add_special_tokens=False).input_ids
+    from .generate import note_unknown
+
+    note_unknown(tok, ids, "calibration tokens", "the statistics see that token, not the text")
     parts = calibration_chunks(ids, chunk_size)
     if chunks is not None:
         parts = parts[:chunks]
@@ -85,7 +88,7 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
         f"{n} thread{'s' if n > 1 else ''}")
     t0 = time.perf_counter()
     progress = None
-    if not quiet:
+    if not quiet and common.err.is_terminal:  # piped, a transient bar leaves an empty line behind
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         progress = Progress(TextColumn("imatrix"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

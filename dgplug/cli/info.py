@@ -102,6 +102,9 @@ def _safetensors_headers(p: Path):
             except (struct.error, ValueError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{f}: unreadable safetensors header ({e})") from None
         hdr.pop("__metadata__", None)
+        need = 8 + n + max((int(v["data_offsets"][1]) for v in hdr.values()), default=0)
+        if need > f.stat().st_size:
+            raise CheckpointError(f"{f}: truncated: its tensors need {need} bytes, the file has {f.stat().st_size}")
         yield f, hdr
 
 
@@ -124,6 +127,9 @@ def _storage_safetensors(p: Path, cfg) -> dict:
 
 
 def _storage_quantized(p: Path, qc: dict) -> dict:
+    from dgplug.converters.quant import _source_index
+
+    _source_index(p)  # a shard the index lists and the directory lacks is named
     packed = kept = size = 0
     for f, hdr in _safetensors_headers(p):
         size += f.stat().st_size
@@ -175,6 +181,14 @@ def _describe_gguf(path: Path) -> dict:
                 bytes_on_disk=path.stat().st_size)
 
 
+def _per_layer(names: list[str]) -> list[str]:
+    """Module names with the layer index folded: model.decoder.layers.*.router (30 layers)."""
+    import re
+
+    folded: Counter = Counter(re.sub(r"\.layers\.\d+\.", ".layers.*.", n) for n in names)
+    return [f"{n} ({k} layers)" if ".layers.*." in n else n for n, k in folded.items()]
+
+
 def show_info(d: dict) -> None:
     t = Table(show_header=False, box=None)
     t.add_row("architecture", f"DiffusionGemma ({d['layers']} layers, hidden {d['hidden']}, vocab {d['vocab']}, "
@@ -191,8 +205,8 @@ def show_info(d: dict) -> None:
     if "tensor_types" in d:
         t.add_row("tensor types", ", ".join(f"{k} x {v}" for k, v in sorted(d["tensor_types"].items())))
     if "packed_bytes" in d:
-        t.add_row("quantization", f"group size {d['group_size']}, not converted: "
-                                  f"{', '.join(d['not_converted']) or '-'}")
+        groups = f"group size {d['group_size']}" if d["group_size"] else "one scale per output channel"
+        t.add_row("quantization", f"{groups}, not converted: {', '.join(_per_layer(d['not_converted'])) or '-'}")
         t.add_row("weight bytes", f"{human(d['packed_bytes'], 'B')} packed + {human(d['kept_bytes'], 'B')} kept "
                                   f"(norms, router, embedding, vision)")
     if d["bytes_on_disk"] is not None:
@@ -216,6 +230,10 @@ def inspect(path: Path, as_json: bool) -> int:
     t.add_column("key", no_wrap=True)  # whole keys, also piped at 80 columns (grep finds them)
     t.add_column("value", overflow="fold")
     for k, v in meta.items():
+        if k == "general.file_type" and isinstance(v, int):
+            from gguf import LlamaFileType
+
+            v = f"{v} ({LlamaFileType(v).name.removeprefix('MOSTLY_')})" if v in LlamaFileType._value2member_map_ else v
         t.add_row(Text(k), Text(str(v)[:100]))
     out.print(t)
     t = Table()

@@ -53,23 +53,55 @@ def _not_a_model(s: str, k: str, wanted: str) -> CLIError:
     return CLIError(f"{s} is not {wanted} (it is a file that is neither GGUF nor safetensors)")
 
 
+EMBEDDED = "sudoku"  # the name of the shipped Sudoku model on the command line
+
+
+def embedded(s: str) -> str:
+    """`sudoku`, where no file or directory of that name is here, is the shipped model's directory
+    (dgplug/data/sudoku inside the package: a wheel's users need not find it); else s."""
+    if s == EMBEDDED and not Path(s).exists():
+        from dgplug.assets import sudoku_model_path
+
+        return str(sudoku_model_path() or s)
+    return s
+
+
+def _checkpoint_dir(s: str, gguf_ok: bool) -> Path:
+    """A directory with a config.json (or, where gguf_ok, a .gguf file): else one line saying what it holds."""
+    p = Path(s)
+    if (p / "config.json").exists():
+        return p
+    ggufs = sorted(p.glob("*.gguf"))
+    if ggufs and gguf_ok:
+        return p
+    if ggufs:
+        raise CLIError(f"{s} holds GGUF files, no config.json: convert reads a Hugging Face checkpoint directory")
+    if not any(p.iterdir()):
+        raise CLIError(f"{s} is an empty directory: not a checkpoint (no config.json{' or .gguf' if gguf_ok else ''})")
+    raise CLIError(f"{s} has no config.json{' and no .gguf file' if gguf_ok else ''}: not a checkpoint directory")
+
+
 def model_arg(s: str):
     """What `dgplug.load` accepts: a checkpoint directory, a .gguf file, or a hub id (passed on as is)."""
+    s = embedded(s)
     k = kind(s)
     if k == "hub":
         return s
-    if k in ("dir", "gguf"):
+    if k == "dir":
+        return _checkpoint_dir(s, gguf_ok=True)
+    if k == "gguf":
         return Path(s)
     raise _not_a_model(s, k, "a checkpoint directory or a GGUF file")
 
 
 def source_arg(s: str):
     """convert's SRC: a Hugging Face checkpoint directory (or a hub id)."""
+    s = embedded(s)
     k = kind(s)
     if k == "hub":
         return s
     if k == "dir":
-        return Path(s)
+        return _checkpoint_dir(s, gguf_ok=False)
     raise _not_a_model(s, k, "convert reads a Hugging Face checkpoint directory (config.json + safetensors)")
 
 
@@ -137,6 +169,10 @@ def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
                            f"(choose a directory name, or a GGUF type such as Q8_0)")
         if p.exists() and not p.is_dir():
             raise CLIError(f"{out} is a file: {quant} writes a directory")
+        if p.suffix.lower() == ".safetensors" and not p.exists():
+            from .common import note
+
+            note(f"{quant} writes a directory (config, tokenizer and safetensors shards): {out} will be one")
     if p.exists() and not overwrite and (p.is_file() or any(p.iterdir())):
         raise CLIError(f"{out} exists: pass --overwrite to replace it")
     return writable(out)

@@ -47,12 +47,16 @@ def vocab() -> dict[str, int]:
 
 
 def save_tokenizer(path: str | Path) -> None:
-    """A WordLevel tokenizer (whitespace-split) over the vocabulary above; no chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A WordLevel tokenizer (whitespace-split) over the vocabulary above; adds <bos>; no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab=vocab(), unk_token="<unk>"))
+    v = vocab()
+    tok = Tokenizer(models.WordLevel(vocab=v, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # a prompt starts with <bos>, as in training (and as Gemma's tokenizer and the GGUF's add_bos_token do)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                       special_tokens=[("<bos>", v["<bos>"])])
     tok.decoder = decoders.Fuse()  # canvas digits decode to "534678912..." with no spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
                                    unk_token="<unk>", mask_token="<mask>")
