@@ -454,7 +454,20 @@ def read_tokenizer(src: Path, vocab_size: int, cfg_raw: dict) -> dict:
     # tokenizers library's default); llama.cpp joins pieces: say so for dgplug's reader
     spaced = mtype in ("WordLevel", "WordPiece") and not tok.get("decoder")
     return dict(tokens=tokens, scores=scores, types=types, merges=merges, ids=ids, chat_template=template,
-                spaced=spaced)
+                spaced=spaced, add_bos=_adds_bos(tok, tcfg))
+
+
+def _adds_bos(tok: dict, tcfg: dict) -> bool:
+    """Whether the source tokenizer starts a text with BOS: tokenizer_config's add_bos_token when it
+    says, else whether tokenizer.json's template holds the BOS token; true (Gemma's, and the GGUF
+    contract's value) when neither tells."""
+    if isinstance(tcfg.get("add_bos_token"), bool):
+        return tcfg["add_bos_token"]
+    post = tok.get("post_processor") or {}
+    bos = _tok_content(tcfg.get("bos_token"))
+    if post.get("type") == "TemplateProcessing" and bos is not None:
+        return any((piece.get("SpecialToken") or {}).get("id") == bos for piece in post.get("single") or [])
+    return True
 
 
 def _add_general(w: GGUFWriter, src: Path, name: str | None, repo: str | None = None) -> None:
@@ -551,7 +564,7 @@ def _add_metadata(w: GGUFWriter, src: Path, cfg: Config, gen: dict, tokv: dict, 
                     ("mask", "mask_token_id")):
         if key in ids:
             w.add_uint32(f"tokenizer.ggml.{gk}", ids[key])
-    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_bool("tokenizer.ggml.add_bos_token", tokv["add_bos"])  # as the source tokenizes (Gemma's: true)
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     w.add_bool("tokenizer.ggml.add_space_prefix", False)
     if tokv["chat_template"]:

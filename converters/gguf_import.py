@@ -549,7 +549,7 @@ def tokenizer_from_gguf(path):
     bos = tok("bos_token_id")
     if bos is not None and _field(reader, "tokenizer.ggml.add_bos_token"):  # as llama.cpp tokenizes a prompt
         tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                          special_tokens=[(bos, vocab[bos])])
+                                                          special_tokens=[(bos, int(_field(reader, "tokenizer.ggml.bos_token_id")))])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tk, bos_token=bos, eos_token=tok("eos_token_id"), unk_token=unk,
         pad_token=tok("padding_token_id"), mask_token=tok("mask_token_id"),

@@ -17,8 +17,9 @@ import os
 
 import torch
 
-try:  # triton is optional: the twins need nothing but torch
+try:  # triton is optional: the twins need nothing but torch (a broken install counts as none)
     import triton  # noqa: F401
+    import triton.language  # noqa: F401
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the install

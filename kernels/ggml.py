@@ -199,7 +199,8 @@ def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32, impl: str |
     """uint8 rows [..., row bytes] of ggml type `qtype` -> [..., elements] in `dtype` (math in fp32).
     impl "torch": decoded _CHUNK elements at a time into the output, operation by operation as
     gguf-py; "triton": one kernel over the rows (`tile`, the MoE kernels' decoder; CUDA, or the
-    CPU under TRITON_INTERPRET=1). None: kernels.backend.pick_impl's choice."""
+    CPU under TRITON_INTERPRET=1). None: kernels.backend.pick_impl's choice for CUDA rows (and in the
+    interpreter); CPU rows otherwise always take the torch path, whatever DGPLUG_KERNELS says."""
     qtype = T(qtype)
     qk, nb = GGML_QUANT_SIZES[qtype]
     if raw.dtype != torch.uint8 or raw.shape[-1] % nb:
@@ -209,6 +210,8 @@ def dequantize_blocks(raw: torch.Tensor, qtype, dtype=torch.float32, impl: str |
     k = row_bytes // nb * qk
     flat = raw.reshape(-1, row_bytes)
     out = torch.empty(flat.shape[0], k, dtype=dtype, device=raw.device)
+    if impl is None and not (raw.is_cuda or interpreting()):
+        impl = "torch"  # CPU rows (a load, a GGUF run on the CPU): DGPLUG_KERNELS=triton cannot mean them
     if pick_impl(raw, impl) == "triton":
         if not HAS_TRITON:
             raise RuntimeError("dequantize_blocks(impl='triton') needs triton")

@@ -4,6 +4,8 @@ limit, loading and progress lines, the live view off a terminal, JSON."""
 import json
 import re
 
+import pytest
+
 from typer.testing import CliRunner
 
 from dgplug.cli import app
@@ -134,3 +136,17 @@ def test_edit_span_that_looks_like_an_insertion_gets_a_note(tiny_ckpt):
 def test_live_with_quiet_says_it_shows_nothing(tiny_ckpt):
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5", "--steps", "1", "--live", "--quiet"])
     assert r.exit_code == 0 and "note: --live shows nothing with --quiet" in r.stderr, r.output
+
+
+def test_a_typed_bos_is_noted():
+    """The Sudoku tokenizer adds <bos>; typed into the prompt as well, it would be there twice."""
+    from dgplug.assets import sudoku_model_path
+
+    if sudoku_model_path() is None:
+        pytest.skip("the Sudoku package data is missing")
+    cells = " ".join(f"r{i // 9 + 1}c{i % 9 + 1}=." for i in range(81))
+    r = runner.invoke(app, ["generate", "sudoku", f"<bos> {cells}", "--steps", "1", "--json"])
+    assert r.exit_code == 0 and "note: the prompt starts with <bos> twice" in r.stderr, r.output
+    assert json.loads(r.stdout)["prompt_tokens"] == 83
+    r = runner.invoke(app, ["generate", "sudoku", cells, "--steps", "1", "--json"])
+    assert r.exit_code == 0 and "note:" not in r.stderr and json.loads(r.stdout)["prompt_tokens"] == 82

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from dgplug.cli import app
@@ -163,7 +164,7 @@ def test_sudoku_names_the_embedded_model(tmp_path, monkeypatch):
     from dgplug.assets import sudoku_model_path
 
     if sudoku_model_path() is None:
-        return
+        pytest.skip("the Sudoku package data is missing")
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["info", "sudoku", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["path"] == str(sudoku_model_path()), r.output
@@ -210,6 +211,10 @@ def test_directories_that_are_not_checkpoints(tiny_ckpt_smooth, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     _one_error_line(runner.invoke(app, ["info", str(tmp_path / "notes")]), "has no config.json and no .gguf file")
+    (tmp_path / "notes" / "model.safetensors").write_bytes(b"")
+    _one_error_line(runner.invoke(app, ["info", str(tmp_path / "notes")]), "holds safetensors but no config.json")
+    (tmp_path / "notes" / "config.json").symlink_to(tmp_path / "blobs" / "abc")
+    _one_error_line(runner.invoke(app, ["info", str(tmp_path / "notes")]), "config.json is a broken link")
     r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "q.safetensors"), "-q", "int8"])
     assert r.exit_code == 0 and "note: int8 writes a directory" in r.stderr and (tmp_path / "q.safetensors").is_dir()
 

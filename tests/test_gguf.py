@@ -202,7 +202,8 @@ def test_metadata_keys(exported):
     assert f("tokenizer.ggml.eos_token_id") == 1 and f("tokenizer.ggml.padding_token_id") == 0
     assert f("tokenizer.ggml.token_type")[:6] == [3, 3, 3, 3, 3, 1]
     assert r.get_field("tokenizer.ggml.merges") is None  # WordLevel test tokenizer
-    assert f("tokenizer.ggml.add_bos_token") is True and f("tokenizer.ggml.add_eos_token") is False
+    # the test tokenizer (WordLevel, a template without BOS) starts no text with BOS: the file says so
+    assert f("tokenizer.ggml.add_bos_token") is False and f("tokenizer.ggml.add_eos_token") is False
     assert "messages" in f("tokenizer.chat_template")
     rope = next(t for t in r.tensors if t.name == "rope_freqs.weight")
     assert list(np.asarray(rope.data)) == [1.0] * 16 + [1e30] * 48
@@ -336,8 +337,8 @@ def test_tokenizer_from_gguf(exported, ckpt):
 
     want = AutoTokenizer.from_pretrained(str(ckpt)).decode([5, 6, 7])
     assert want == "w5 w6 w7" and tok.decode([5, 6, 7]) == want
-    # the file says add_bos_token (as llama.cpp's Gemma files do): a text starts with BOS, once
-    assert tok("w5 w6").input_ids == [2, 5, 6] and tok("w5 w6", add_special_tokens=False).input_ids == [5, 6]
+    # add_bos_token as the source: this one adds none, so neither does the GGUF's tokenizer
+    assert AutoTokenizer.from_pretrained(str(ckpt))("w5 w6").input_ids == tok("w5 w6").input_ids == [5, 6]
     from dgplug.names import TOKENS_SPACED
 
     assert GGUFReader(exported["Q8_0"]).get_field(TOKENS_SPACED) is not None
@@ -780,3 +781,18 @@ def test_export_low_bit_with_imatrix(ckpt, exported, hf_tensors, tmp_path, capsy
     types = {n: t for n, t, _, _ in gi.inspect_table(s)["tensors"]}
     assert types["blk.0.ffn_down_exps.weight"] == "Q2_K" and types["token_embd.weight"] == "Q6_K"
     assert gi.check_contract(s) == [] and gguf.GGUFReader(s).get_field("general.file_type").contents() == 21
+
+
+def test_add_bos_token_follows_the_source_tokenizer():
+    """tokenizer.ggml.add_bos_token says what the source tokenizer does: tokenizer_config's flag when it
+    has one, else whether tokenizer.json's template starts with BOS; true (Gemma's) when neither tells."""
+    from dgplug.converters.gguf_export import _adds_bos
+
+    bos = {"bos_token": "<bos>"}
+    with_bos = {"post_processor": {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]}}
+    without = {"post_processor": {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}]}}
+    assert _adds_bos(with_bos, bos) is True and _adds_bos(without, bos) is False
+    assert _adds_bos(without, {**bos, "add_bos_token": True}) is True  # the flag wins
+    assert _adds_bos(with_bos, {**bos, "add_bos_token": False}) is False
+    assert _adds_bos({}, bos) is True and _adds_bos({"post_processor": None}, {}) is True

@@ -36,6 +36,8 @@ def test_every_kernel_dispatches_by_one_rule(monkeypatch, case):
         raise LookupError(TRITON)
 
     monkeypatch.setattr(module, target, marker)
+    monkeypatch.setattr(module, "HAS_TRITON", True, raising=False)  # the rule, with or without triton installed
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors may take Triton (ggml's CPU rows need this)
 
     def path(impl=None, env=None):
         if env is None:
@@ -66,3 +68,18 @@ def test_unsupported_calls_stay_on_the_twin_unless_forced(monkeypatch):
     assert pick_impl(x, None, supported=True) == "torch"
     monkeypatch.setenv("DGPLUG_KERNELS", "triton")
     assert pick_impl(x, None, supported=False) == "triton"  # forcing wins over the kernel's own limits
+
+
+def test_ggml_cpu_rows_stay_on_torch_outside_the_interpreter(monkeypatch):
+    """A GGUF's blocks decoded on the CPU (at load, or a CPU run) take the torch decoder even with
+    DGPLUG_KERNELS=triton, which means the model's kernels: Triton has no CPU driver there."""
+    def marker(*args, **kwargs):
+        raise LookupError(TRITON)
+
+    monkeypatch.setattr(ggml, "_decode_rows", marker)
+    monkeypatch.setenv("DGPLUG_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    raw = torch.zeros(2, 18, dtype=torch.uint8)
+    assert ggml.dequantize_blocks(raw, 2).shape == (2, 32)  # the torch path: no marker raised
+    with pytest.raises(LookupError):
+        ggml.dequantize_blocks(raw, 2, impl="triton")  # an explicit choice is still obeyed

@@ -159,6 +159,8 @@ def prompt_ids(model, o: Options):
     if ids.shape[1] == 0:
         raise CLIError(f"the prompt {o.prompt!r} gives no tokens with this model's tokenizer")
     note_unknown(tok, ids[0].tolist(), "prompt tokens", "the model does not see that text")
+    if ids.shape[1] > 1 and tok.bos_token_id is not None and ids[0, 0] == ids[0, 1] == tok.bos_token_id:
+        note(f"the prompt starts with {tok.bos_token} twice: the tokenizer adds one, so leave it out of the text")
     return ids
 
 

@@ -76,6 +76,10 @@ def _checkpoint_dir(s: str, gguf_ok: bool) -> Path:
         return p
     if ggufs:
         raise CLIError(f"{s} holds GGUF files, no config.json: convert reads a Hugging Face checkpoint directory")
+    if (p / "config.json").is_symlink():  # a hub cache's link to a blob that never arrived
+        raise CLIError(f"{p / 'config.json'} is a broken link (an incomplete download?)")
+    if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists():
+        raise CLIError(f"{s} holds safetensors but no config.json: a checkpoint needs both")
     if not any(p.iterdir()):
         raise CLIError(f"{s} is an empty directory: not a checkpoint (no config.json{' or .gguf' if gguf_ok else ''})")
     raise CLIError(f"{s} has no config.json{' and no .gguf file' if gguf_ok else ''}: not a checkpoint directory")
