@@ -119,9 +119,10 @@ def gguf_q8_baseline(src: Path, limit_bytes: int | None = None) -> tuple[float, 
     """gguf-py's Q8_0 encoder on the same tensors (single process, same chunks): seconds, bytes."""
     from gguf import GGMLQuantizationType as T
     from gguf import quants
-    from dgplug.converters.gguf_export import CHUNK_ELEMS, _read_rows, _to_f32, read_safetensors_index
+    from dgplug.checkpoint import read_index
+    from dgplug.converters.gguf_export import CHUNK_ELEMS, _read_rows, _to_f32
 
-    st = read_safetensors_index(src)
+    st = read_index(src)
     t_enc, nbytes = 0.0, 0
     for name in sorted(st):
         t = st[name]

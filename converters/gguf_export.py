@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import sys
 import tempfile
 from collections import deque
@@ -60,6 +59,7 @@ from gguf import GGML_QUANT_SIZES, GGUFWriter, LlamaFileType, TokenType
 from gguf import GGMLQuantizationType as T
 
 from dgplug import hub
+from dgplug.checkpoint import StoredTensor, read_index
 from dgplug.config import Config, load_config, load_generation_defaults, refuse_quantized
 from dgplug.errors import CheckpointError, FormatError, InputError
 from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, TOKENS_SPACED, is_vision, text_tensors
@@ -180,74 +180,12 @@ def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], *, n_layers:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading safetensors shards without torch or mmap
+# Reading rows of the source tensors (dgplug.checkpoint.read_index finds them) without torch or mmap
 # ---------------------------------------------------------------------------------------------
 _ST_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2), "F64": (np.float64, 8)}
 
 
-@dataclass(frozen=True)
-class SrcTensor:
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
-    nbytes: int
-
-
-def read_safetensors_index(src: Path) -> dict[str, SrcTensor]:
-    """name -> SrcTensor for every tensor of the checkpoint (sharded via the index json, or not)."""
-    idx = src / "model.safetensors.index.json"
-    weight_map = None
-    if idx.exists():
-        try:
-            weight_map = dict(json.loads(idx.read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{idx}: malformed index ({e})") from None
-        files = sorted(set(weight_map.values()))
-    elif (src / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json")
-    out: dict[str, SrcTensor] = {}
-    for fn in files:
-        p = src / fn
-        if not p.exists():
-            raise CheckpointError(f"{p}: shard listed in the index is missing")
-        size = p.stat().st_size
-        with open(p, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{p}: truncated safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 1 << 30):
-                raise CheckpointError(f"{p}: safetensors header length {n} exceeds the file")
-            try:
-                header = json.loads(f.read(n))
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{p}: malformed safetensors header ({e})") from None
-        base = 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            s, e = info["data_offsets"]
-            dt = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            if dt in _ST_DTYPES and (e - s) != int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES[dt][1]:
-                raise CheckpointError(f"{p}: tensor {name} has {e - s} bytes for shape {shape} {dt}")
-            if base + e > size:
-                raise CheckpointError(f"{p}: tensor {name} runs past the end of the file")
-            if weight_map is not None and weight_map.get(name) != fn:
-                continue  # the index is authoritative
-            out[name] = SrcTensor(name, str(p), dt, shape, base + s, e - s)
-    if weight_map is not None:
-        lost = [n for n in weight_map if n not in out]
-        if lost:
-            raise CheckpointError(f"{idx}: maps {lost[0]} to {weight_map[lost[0]]}, which does not hold it")
-    return out
-
-
-def _read_rows(st: SrcTensor, r0: int, r1: int, cols: int, fd_cache: dict | None = None) -> np.ndarray:
+def _read_rows(st: StoredTensor, r0: int, r1: int, cols: int, fd_cache: dict | None = None) -> np.ndarray:
     """Rows [r0, r1) of the tensor viewed as (rows, cols), in the file's dtype (bf16 as uint16)."""
     npdt, isz = _ST_DTYPES[st.dtype]
     nbytes = (r1 - r0) * cols * isz
@@ -284,7 +222,7 @@ def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
 _FDS: dict = {}
 
 
-def _encode(st: SrcTensor | None, data: np.ndarray | None, r0: int, r1: int, cols: int, qtype: int,
+def _encode(st: StoredTensor | None, data: np.ndarray | None, r0: int, r1: int, cols: int, qtype: int,
             gname: str, imp: tuple | None = None) -> np.ndarray:
     """Encode rows [r0, r1) of a tensor (from the file, or from `data`) as ggml type qtype.
 
@@ -588,7 +526,7 @@ class PlanItem:
     gguf: str
     shape: tuple[int, ...]  # numpy order
     qtype: T
-    src: SrcTensor | None
+    src: StoredTensor | None
     data: np.ndarray | None = None  # computed tensors (rope_freqs)
 
     @property
@@ -623,7 +561,7 @@ def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False) -> tuple[
     cfg = load_config(src)
     refuse_quantized(cfg.raw, src / "config.json")
     tc = cfg.text
-    st = read_safetensors_index(src)
+    st = read_index(src)
     items = [PlanItem(ROPE_FREQS_GGUF, (tc.global_head_dim // 2,), T.F32, None, rope_freqs(tc))]
     missing = []
     types = tensor_types(tc, quant, imatrix)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np

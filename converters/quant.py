@@ -61,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+from dgplug.checkpoint import DTYPES, dtype_name, open_safetensors, read_index, torch_dtype
 from dgplug.config import read_config_json, refuse_quantized
 from dgplug.errors import CheckpointError, DGPlugError, FormatError, InputError
 
@@ -281,18 +282,6 @@ def dequantize(parts, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- safetensors writing
 
-_ST_DTYPE = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-_ST_NAME_TO_DTYPE = {v: k for k, v in _ST_DTYPE.items()}
-
-
-def _itemsize(dt: torch.dtype) -> int:
-    return torch.empty((), dtype=dt).element_size()
-
-
 @dataclass
 class _Out:
     """One output tensor of the plan."""
@@ -303,7 +292,7 @@ class _Out:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -319,7 +308,7 @@ class _Job:
 
     @property
     def in_bytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _write_all(f, data: bytes | memoryview, where: str) -> None:
@@ -342,7 +331,7 @@ def _header(outs: list[_Out]) -> bytes:
     hdr: dict = {"__metadata__": {"format": "pt"}}
     off = 0
     for o in outs:
-        hdr[o.name] = {"dtype": _ST_DTYPE[o.dtype], "shape": list(o.shape), "data_offsets": [off, off + o.nbytes]}
+        hdr[o.name] = {"dtype": dtype_name(o.dtype), "shape": list(o.shape), "data_offsets": [off, off + o.nbytes]}
         off += o.nbytes
     raw = json.dumps(hdr, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -353,45 +342,6 @@ def _header(outs: list[_Out]) -> bytes:
 
 
 _WEIGHT_EXT = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-
-
-def _source_index(src: Path) -> dict[str, str]:
-    """tensor name -> shard file name, from model.safetensors.index.json or the single file."""
-    idx = src / "model.safetensors.index.json"
-    if idx.exists():
-        try:
-            wm = json.loads(idx.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{idx}: not a safetensors index ({e})") from None
-        for fname in sorted(set(wm.values())):
-            if not (src / fname).exists():
-                raise CheckpointError(f"{idx}: shard {fname} is missing")
-        return dict(wm)
-    single = src / "model.safetensors"
-    if not single.exists():
-        raise CheckpointError(f"{src}: no model.safetensors or model.safetensors.index.json")
-    from dgplug.checkpoint import open_safetensors
-
-    with open_safetensors(single) as f:
-        return {k: "model.safetensors" for k in f.keys()}
-
-
-def _shard_meta(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Dtypes and shapes straight from the safetensors header (no data read)."""
-    try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            hdr = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
-    out = {}
-    for k, v in hdr.items():
-        if k == "__metadata__":
-            continue
-        if v["dtype"] not in _ST_NAME_TO_DTYPE:
-            raise CheckpointError(f"{path}: tensor {k} has unsupported dtype {v['dtype']}")
-        out[k] = (_ST_NAME_TO_DTYPE[v["dtype"]], tuple(v["shape"]))
-    return out
 
 
 def plan_conversion(src_dir, scheme: str, group_size: int = 128, quantize_embedding: bool = False):
@@ -411,45 +361,41 @@ def plan_conversion(src_dir, scheme: str, group_size: int = 128, quantize_embedd
     refuse_quantized(raw, cfg_path)
     cfg = from_dict(raw, str(cfg_path))
     specs = {s.hf: s for s in text_tensors(cfg.text)}
-    wmap = _source_index(src)
-    metas: dict[str, dict] = {}
+    stored = read_index(src)
     jobs: list[_Job] = []
-    for fname in sorted(set(wmap.values())):
-        metas[fname] = _shard_meta(src / fname)
-    for fname in sorted(metas):
-        for name in sorted(metas[fname]):
-            if wmap.get(name) != fname:
-                continue
-            dt, shape = metas[fname][name]
-            spec = specs.get(name)
-            if spec is not None and tuple(spec.shape) != shape:
-                raise CheckpointError(f"{src / fname}: tensor {name} has shape {list(shape)}, expected {list(spec.shape)}")
-            kind = spec.kind if spec is not None else None
-            action = "copy"
-            if kind in ("linear", "experts"):
-                action = scheme
-            elif kind == "embed" and quantize_embedding:
-                action = "int8"
-            job = _Job(name, fname, dt, shape, action)
-            if action == "copy":
-                job.outs = [_Out(name, dt, shape)]
+    for t in sorted(stored.values(), key=lambda t: (t.file, t.name)):  # shard by shard, as they are read
+        if t.dtype not in DTYPES:
+            raise CheckpointError(f"{t.file}: tensor {t.name} has unsupported dtype {t.dtype}")
+        name, fname, dt, shape = t.name, Path(t.file).name, torch_dtype(t.dtype), t.shape
+        spec = specs.get(name)
+        if spec is not None and tuple(spec.shape) != shape:
+            raise CheckpointError(f"{t.file}: tensor {name} has shape {list(shape)}, expected {list(spec.shape)}")
+        kind = spec.kind if spec is not None else None
+        action = "copy"
+        if kind in ("linear", "experts"):
+            action = scheme
+        elif kind == "embed" and quantize_embedding:
+            action = "int8"
+        job = _Job(name, fname, dt, shape, action)
+        if action == "copy":
+            job.outs = [_Out(name, dt, shape)]
+        else:
+            *lead, N, K = shape
+            lead = tuple(lead)
+            if action == "int4":
+                if K % 2:
+                    raise InputError(f"int4 needs an even input dim: tensor {name} has K={K} (shape {list(shape)})")
+                ng = -(-K // group_size)  # a short last group when group_size does not divide K
+                job.outs = [
+                    _Out(name + ".qweight", torch.uint8, lead + (N, K // 2)),
+                    _Out(name + ".scale", torch.float16, lead + (N, ng)),
+                    _Out(name + ".zero", torch.uint8, lead + (N, ng)),
+                ]
             else:
-                *lead, N, K = shape
-                lead = tuple(lead)
-                if action == "int4":
-                    if K % 2:
-                        raise InputError(f"int4 needs an even input dim: tensor {name} has K={K} (shape {list(shape)})")
-                    ng = -(-K // group_size)  # a short last group when group_size does not divide K
-                    job.outs = [
-                        _Out(name + ".qweight", torch.uint8, lead + (N, K // 2)),
-                        _Out(name + ".scale", torch.float16, lead + (N, ng)),
-                        _Out(name + ".zero", torch.uint8, lead + (N, ng)),
-                    ]
-                else:
-                    qdt = torch.int8 if action == "int8" else torch.float8_e4m3fn
-                    job.outs = [_Out(name + ".qweight", qdt, shape), _Out(name + ".scale", torch.float32, lead + (N,))]
-            jobs.append(job)
-    missing = [n for n, s in specs.items() if n not in wmap and s.kind != "scalar"]
+                qdt = torch.int8 if action == "int8" else torch.float8_e4m3fn
+                job.outs = [_Out(name + ".qweight", qdt, shape), _Out(name + ".scale", torch.float32, lead + (N,))]
+        jobs.append(job)
+    missing = [n for n, s in specs.items() if n not in stored and s.kind != "scalar"]
     if missing:
         raise CheckpointError(f"{src}: tensor {missing[0]} is missing from the checkpoint ({len(missing)} missing)")
     return raw, jobs
@@ -498,7 +444,6 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
     `src_dir` may be a hub id "owner/name" (see dgplug.hub; `revision`, `token`).
     """
     from dgplug import hub
-    from dgplug.checkpoint import open_safetensors
 
     src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_dir)
@@ -634,7 +579,7 @@ def _convert_job(handle, job: _Job, f, group_size: int, clip: bool, where: str, 
         _write_all(f, _tensor_bytes(parts.pop("qweight")), where)
         for k, v in parts.items():
             rest.setdefault(k, []).append(v)
-        advance((b - a) * math.prod(job.shape[1:]) * _itemsize(job.dtype))
+        advance((b - a) * math.prod(job.shape[1:]) * job.dtype.itemsize)
     for k in ("scale", "zero"):
         if k in rest:
             _write_all(f, _tensor_bytes(torch.cat(rest[k])), where)
@@ -681,18 +626,15 @@ def load_quantized_tensors(path, device: str | torch.device = "cpu", as_quantize
     (stored as X.qweight / X.scale [/ X.zero]) name X -> `kernels.quantized_weight.QuantizedWeight` when that class
     exists (and as_quantized_weight), else a dict {"qweight", "scale"[, "zero"], "scheme", "group_size"}.
     """
-    from dgplug.checkpoint import open_safetensors
-
     p = Path(path)
     qc = read_quantization_config(p)
     if not qc or qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{p / 'config.json'}: no dgplug quantization_config")
     if int(qc.get("format_version", 0)) > FORMAT_VERSION:
         raise FormatError(f"{p}: format_version {qc.get('format_version')} is newer than this dgplug ({FORMAT_VERSION})")
-    wmap = _source_index(p)
     tensors: dict[str, torch.Tensor] = {}
-    for fname in sorted(set(wmap.values())):
-        with open_safetensors(p / fname, str(device)) as f:
+    for fname in sorted({t.file for t in read_index(p).values()}):
+        with open_safetensors(fname, str(device)) as f:
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
 

@@ -16,13 +16,6 @@ from rich.text import Text
 
 from .common import out
 
-ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "F8_E4M3": "float8_e4m3fn",
-            "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64",
-            "BOOL": "bool"}
-ST_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4,
-            "I32": 4, "F64": 8, "I64": 8}
-
-
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -86,55 +79,41 @@ def describe(path) -> dict:
     return d
 
 
-def _safetensors_headers(p: Path):
-    """(file, {name: {"dtype", "shape"}}) for each shard, header only."""
-    import struct
-
-    from dgplug.errors import CheckpointError
-
-    for f in sorted(p.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            try:
-                n = struct.unpack("<Q", fh.read(8))[0]
-                if n > f.stat().st_size - 8:
-                    raise ValueError(f"header length {n} exceeds the file")
-                hdr = json.loads(fh.read(n))
-            except (struct.error, ValueError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{f}: unreadable safetensors header ({e})") from None
-        hdr.pop("__metadata__", None)
-        need = 8 + n + max((int(v["data_offsets"][1]) for v in hdr.values()), default=0)
-        if need > f.stat().st_size:
-            raise CheckpointError(f"{f}: truncated: its tensors need {need} bytes, the file has {f.stat().st_size}")
-        yield f, hdr
+def _by_file(tensors: dict) -> list:
+    """[(shard file, {name: StoredTensor})] of `dgplug.checkpoint.read_index`'s tensors."""
+    by_file: dict[str, dict] = {}
+    for t in tensors.values():
+        by_file.setdefault(t.file, {})[t.name] = t
+    return [(Path(f), by_file[f]) for f in sorted(by_file)]
 
 
 def _storage_safetensors(p: Path, cfg) -> dict:
-    from dgplug.checkpoint import SafetensorsCheckpoint, validate
+    from dgplug.checkpoint import DTYPES, SafetensorsCheckpoint, validate
     from dgplug.names import is_vision
 
-    validate(SafetensorsCheckpoint(p), cfg)  # names and shapes against the config
+    ck = SafetensorsCheckpoint(p)
+    validate(ck, cfg)  # names and shapes against the config
     dtypes: Counter = Counter()
     vision = 0
     size = 0
-    for f, hdr in _safetensors_headers(p):
+    for f, hdr in _by_file(ck.tensors):
         size += f.stat().st_size
         for k, v in hdr.items():
             if is_vision(k):
                 vision += 1
             else:
-                dtypes[ST_NAMES.get(v["dtype"], v["dtype"])] += 1
+                dtypes[DTYPES[v.dtype][0] if v.dtype in DTYPES else v.dtype] += 1
     return dict(format="safetensors", dtypes=dict(dtypes), vision_tensors=vision, bytes_on_disk=size)
 
 
 def _storage_quantized(p: Path, qc: dict) -> dict:
-    from dgplug.converters.quant import _source_index
+    from dgplug.checkpoint import read_index
 
-    _source_index(p)  # a shard the index lists and the directory lacks is named
     packed = kept = size = 0
-    for f, hdr in _safetensors_headers(p):
+    for f, hdr in _by_file(read_index(p)):  # a shard missing or cut short is named
         size += f.stat().st_size
         for k, v in hdr.items():
-            n = _numel(v["shape"]) * ST_BYTES.get(v["dtype"], 4)
+            n = v.nbytes
             if k.endswith((".qweight", ".scale", ".zero")):
                 packed += n
             else:
