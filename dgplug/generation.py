@@ -65,6 +65,29 @@ def _transformers_threads_for_transformers_rng(fn):
     return run
 
 
+def _check_inputs(input_ids, attention_mask, decoder_input_ids, locked, C: int) -> None:
+    """One InputError naming the argument whose type or shape is wrong (not an IndexError later)."""
+    for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                    ("decoder_input_ids", decoder_input_ids), ("locked", locked)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise InputError(f"input_ids must be [batch, length>0], got {list(input_ids.shape)}")
+    B = input_ids.shape[0]
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}: "
+                         f"one 0/1 per prompt token")
+    if decoder_input_ids is not None and tuple(decoder_input_ids.shape) != (B, C):
+        raise InputError(f"decoder_input_ids has shape {list(decoder_input_ids.shape)}: the first canvas is "
+                         f"[batch, canvas_length] = {[B, C]}")
+    if locked is not None:
+        if decoder_input_ids is None:
+            raise InputError("locked needs decoder_input_ids: it marks positions of that canvas to keep "
+                             "(without one, the canvas is random noise)")
+        if locked.shape != decoder_input_ids.shape:
+            raise InputError(f"locked has shape {list(locked.shape)}, decoder_input_ids {list(decoder_input_ids.shape)}")
+
+
 @_transformers_threads_for_transformers_rng
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -95,8 +118,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     pad = pad_token_id if pad_token_id is not None else special_token_id(d, "pad_token_id")
     if rng not in ("counter", "transformers"):
         raise InputError(f"rng={rng!r}: use 'counter' or 'transformers'")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise InputError(f"input_ids must be [batch, length>0], got {list(input_ids.shape)}")
+    _check_inputs(input_ids, attention_mask, decoder_input_ids, locked, C)
     if int(input_ids.max()) >= tc.vocab_size or int(input_ids.min()) < 0:
         raise InputError(f"input_ids hold ids outside the vocabulary [0, {tc.vocab_size})")
     if model.cfg.image_token_id is not None and bool((input_ids == model.cfg.image_token_id).any()):

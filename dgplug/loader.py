@@ -24,11 +24,31 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    """The compute dtype asked for: a torch dtype or a name as transformers takes them ("bf16",
+    "bfloat16", "torch.bfloat16", any case); None or "auto": the checkpoint's own. Only float32,
+    bfloat16 and float16 are refused nowhere downstream, so anything else is refused here."""
+    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
+        return None
+    name = dtype if isinstance(dtype, str) else None
+    if name is not None:
+        dtype = DTYPES.get(name.strip().lower().removeprefix("torch."))
+    if dtype not in DTYPES.values():
+        raise CheckpointError(f"dtype {name if name is not None else dtype!r}: dgplug computes in float32, bfloat16 or "
+                              f"float16 (names: {', '.join(sorted(DTYPES))}, or 'auto' for the checkpoint's own)")
+    return dtype
+
+
+def resolve_device(device) -> torch.device | None:
+    """torch.device(device), or one error naming it (a malformed name; CUDA asked of a torch without it)."""
+    if device is None:
+        return None
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"device {device!r}: {e}") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
+    return d
 
 
 def param_name(hf: str) -> str:
@@ -133,11 +153,11 @@ def load(path, dtype=None, device=None, check_finite: bool = True, *, revision: 
     (int4/int8/fp8: weights stay packed in memory), a .gguf file (or a directory holding one), or
     a hub id "owner/name" (dgplug.hub: `revision`, `token`, HF_HUB_OFFLINE as in transformers;
     `gguf_file` names one .gguf file of the repository or directory).
-    dtype: torch dtype or name ("bf16", "fp32", ...); default: the checkpoint's own.
+    dtype: torch dtype or name ("bf16", "fp32", "torch.float16", ...); default (or "auto"): the checkpoint's own.
     device: where to put the weights (default CPU)."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)  # before anything is read
     repo = str(path) if hub.is_hub_id(path) else None
     path = hub.resolve(path, revision=revision, token=token, gguf_file=gguf_file)
-    dtype = resolve_dtype(dtype)
     gguf = gguf_file_of(path)
     if gguf is not None:
         model = load_gguf(gguf, dtype, device, check_finite)

@@ -67,8 +67,13 @@ class StepResult:
 def step_unfused(logits: torch.Tensor, T: torch.Tensor, emb_dtype, processors=None, ids=None, n=None) -> StepResult:
     """Full-logits step in transformers' draw order: one multinomial over [B*L, V]."""
     scaled = logits
-    for p in processors or ():
-        scaled = p(ids, scaled, cur_step=n)
+    if processors:  # called as transformers calls them: through a LogitsProcessorList, which hands
+        # cur_step only to the processors that take it (TopKLogitsWarper and the like do not)
+        from transformers import LogitsProcessorList
+
+        if not isinstance(processors, LogitsProcessorList):
+            processors = LogitsProcessorList(processors)
+        scaled = processors(ids, scaled, cur_step=n)
     scaled = scaled / T
     B, L, V = scaled.shape
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)

@@ -18,6 +18,17 @@ import dgplug  # noqa: E402  (registers dgplug's formats with transformers)
 from dgplug.assets import default_model_path  # noqa: E402
 
 
+PUZZLE = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+
+
+def default_prompt(tok) -> str:
+    """The embedded Sudoku model's prompt format (one token per cell; its tokenizer adds <bos>) for a
+    classic puzzle; for any other checkpoint, a few of its tokens."""
+    if tok.convert_tokens_to_ids("r1c1=5") != tok.unk_token_id:
+        return " ".join(f"r{i // 9 + 1}c{i % 9 + 1}={ch}" for i, ch in enumerate(PUZZLE))
+    return tok.decode(list(range(5, 12)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint", nargs="?", default=None)
@@ -29,7 +40,7 @@ def main():
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     dgplug.patch(model, sampler="fused" if args.fused else "transformers")
-    prompt = args.prompt or tok.decode(list(range(5, 12)))
+    prompt = args.prompt or default_prompt(tok)
     ids = tok(prompt, return_tensors="pt").input_ids
     streamer = TextDiffusionStreamer(tokenizer=tok)
     torch.manual_seed(0)

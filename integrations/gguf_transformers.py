@@ -7,7 +7,10 @@
     DiffusionGemmaForBlockDiffusion.from_pretrained(dir, gguf_file="model.gguf")
     AutoTokenizer.from_pretrained(dir, gguf_file="model.gguf")
 
-work, as they do for llama.
+work, as they do for llama (AutoModel too: the bare DiffusionGemmaModel). The tokenizer of a
+vocabulary with merges (Gemma's) is transformers' own gemma4 rebuild, which adds no BOS by its
+policy; one without (WordLevel, such as the embedded Sudoku model's) is dgplug's rebuild, the
+tokenizer `dgplug.load` gives (`_hook_word_level_tokenizers`).
 
 How transformers 5.19 - 5.24 load a GGUF, and where this hooks in
 ------------------------------------------------------------------
@@ -156,6 +159,15 @@ def _module_classes():
         def extra_repr(self) -> str:
             return f"{self.qtype.name}, shape={list(self.logical_shape)}"
 
+        def _apply(self, fn, recurse=True):
+            """`.to(dtype)`, `.half()`, `.bfloat16()`: the blocks stay uint8, the dtype they serve
+            follows, as a float weight's would (else the model's other weights move and these do not)."""
+            super()._apply(fn, recurse)
+            probe = fn(torch.zeros((), dtype=self.serve_dtype))
+            if probe.is_floating_point():
+                self.serve_dtype = probe.dtype
+            return self
+
     class GGMLDense(GGMLModule):
         """A linear's weight or the embedding table: on CUDA (hf_quantizer._keep_dense) `weight` is
         the table dequantised once (one copy for the tied encoder, decoder and lm_head), as
@@ -219,9 +231,15 @@ def pack_modules(model, tensors) -> dict:
     GGMLModule, GGMLLinear, GGMLEmbedding, GGMLExperts = _module_classes()
     out, renamed = {}, {}
     modules = set(dict(model.named_modules()))
+    # the checkpoint's names start with "model."; a bare DiffusionGemmaModel (AutoModel) is that
+    # module itself, and transformers drops the prefix from the state dict's names for it
+    prefix = "" if "model" in modules else "model."
+
+    def at(path: str) -> str:  # a checkpoint name -> the name in `model`
+        return path[len(prefix):] if prefix and path.startswith(prefix) else path
 
     def swap(path: str, new):
-        parent, _, child = path.rpartition(".")
+        parent, _, child = at(path).rpartition(".")
         model.get_submodule(parent)._modules[child] = new
 
     for name, t in tensors:
@@ -231,10 +249,10 @@ def pack_modules(model, tensors) -> dict:
         paths = [name]
         if name.startswith(_DECODER + "layers.") or name == _DECODER + "embed_tokens.weight":
             twin = _ENCODER + name[len(_DECODER):]
-            if twin.rsplit(".", 1)[0] in modules:
+            if at(twin.rsplit(".", 1)[0]) in modules:
                 paths.append(twin)  # tied to the decoder's by transformers: same blocks
         if name.endswith("embed_tokens.weight"):
-            scale = torch.tensor(model.get_submodule(name.rsplit(".", 1)[0]).scalar_embed_scale, device="cpu")
+            scale = torch.tensor(model.get_submodule(at(name.rsplit(".", 1)[0])).scalar_embed_scale, device="cpu")
             for p in paths:
                 swap(p.rsplit(".", 1)[0], GGMLEmbedding(t, scale))
             if hasattr(model, "lm_head"):  # the tied head reads the same table
@@ -243,7 +261,7 @@ def pack_modules(model, tensors) -> dict:
         elif re.search(r"\.experts\.(gate_up|down)_proj$", name):
             for p in paths:
                 mod_path, _, which = p.rpartition(".")
-                experts = model.get_submodule(mod_path)
+                experts = model.get_submodule(at(mod_path))
                 if not isinstance(experts, GGMLExperts):
                     experts = GGMLExperts(experts)
                     swap(mod_path, experts)
@@ -254,7 +272,7 @@ def pack_modules(model, tensors) -> dict:
         base = name[: -len(".weight")] if name.endswith(".weight") else name
         out[base + ".blocks"] = t.blocks
         for p in paths:
-            renamed[p] = (p[: -len(".weight")] if p.endswith(".weight") else p) + ".blocks"
+            renamed[at(p)] = (at(p)[: -len(".weight")] if p.endswith(".weight") else at(p)) + ".blocks"
     _rewrite_ties(model, renamed)
     return out
 
@@ -298,4 +316,44 @@ def register() -> bool:
         mod = sys.modules.get(name)
         if mod is not None and getattr(mod, "load_gguf_checkpoint", None) is current:
             mod.load_gguf_checkpoint = load_gguf_checkpoint
+    _hook_word_level_tokenizers()
     return True
+
+
+def _hook_word_level_tokenizers() -> None:
+    """`AutoTokenizer.from_pretrained(dir, gguf_file=...)` on a diffusion-gemma GGUF whose vocabulary has
+    no merges (a WordLevel source, such as the embedded Sudoku model): transformers' gemma4 builder
+    would read its tokens as sentencepiece pieces (every Sudoku cell became <unk> and digits), so
+    dgplug's rebuild, the tokenizer `dgplug.load` gives, answers instead, BOS as the file says. A
+    vocabulary with merges (Gemma's own) still goes to transformers' builder, which by its policy
+    adds no BOS for gemma4 (the chat template writes it). transformers 5.24's layout; elsewhere
+    nothing is hooked."""
+    try:
+        from transformers.integrations.gguf import gguf_tokenizer_mapping as tm
+    except ImportError:
+        return
+    import transformers.integrations.gguf as pkg
+
+    get, convert = tm.get_gguf_tokenizer, tm.convert_gguf_tokenizer
+    if getattr(get, "_dgplug", False):
+        return
+
+    def get_gguf_tokenizer(gguf_path):
+        architecture, tokenizer, config = get(gguf_path)
+        if architecture == ARCH and not tokenizer.get("merges"):
+            from dgplug.converters.gguf_import import _field, _reader
+
+            tokenizer = dict(tokenizer, dgplug_path=str(gguf_path))
+            config["add_bos_token"] = bool(_field(_reader(gguf_path), "tokenizer.ggml.add_bos_token"))
+        return architecture, tokenizer, config
+
+    def convert_gguf_tokenizer(architecture, tokenizer_dict):
+        if "dgplug_path" not in tokenizer_dict:
+            return convert(architecture, tokenizer_dict)
+        from dgplug.converters.gguf_import import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(tokenizer_dict["dgplug_path"]).backend_tokenizer, {}
+
+    get_gguf_tokenizer._dgplug = True
+    for mod in (tm, pkg):  # the tokenizer base imports both names from the package at call time
+        mod.get_gguf_tokenizer, mod.convert_gguf_tokenizer = get_gguf_tokenizer, convert_gguf_tokenizer

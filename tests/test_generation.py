@@ -67,3 +67,17 @@ def test_bad_inputs(model):
         model.generate(torch.tensor([[5]]), rng="philox")
     with pytest.raises(InputError, match="bad sampler settings"):
         model.generate(torch.tensor([[5]]), t_min=0.9, t_max=0.5)
+    ids = torch.tensor([[10, 11, 12, 13]])
+    C = model.cfg.canvas_length
+    kw = dict(max_new_tokens=C, max_denoising_steps=1)
+    bad = [(dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), "attention_mask has shape \\[1, 3\\]"),
+           (dict(attention_mask=torch.ones(1, 1, 4)), "attention_mask has shape \\[1, 1, 4\\]"),
+           (dict(locked=torch.ones(1, C, dtype=torch.bool)), "locked needs decoder_input_ids"),
+           (dict(decoder_input_ids=torch.ones(1, C + 1, dtype=torch.long)), f"first canvas is .*\\[1, {C}\\]"),
+           (dict(decoder_input_ids=torch.ones(1, C, dtype=torch.long), locked=torch.ones(1, 2, dtype=torch.bool)),
+            "locked has shape \\[1, 2\\]")]
+    for extra, msg in bad:  # each used to run (a mask of the wrong size, noise locked) or fail later
+        with pytest.raises(InputError, match=msg):
+            model.generate(ids, **extra, **kw)
+    with pytest.raises(InputError, match="input_ids must be a torch tensor, got list"):
+        model.generate([[10, 11]], **kw)

@@ -157,6 +157,54 @@ def test_k_quants_stay_packed(files, reference, quant, base, down):
     assert seq.shape == (1, 12 + 16) and torch.equal(seq[:, :12], ids[:1])
 
 
+def test_bare_auto_model_from_packed_gguf(files):
+    """AutoModel (DiffusionGemmaModel, no `model.` prefix, no lm_head) on a Q4_K_M file: the weights
+    stay packed and tied as in the full model (the swap used the checkpoint's `model.` names and
+    failed with "DiffusionGemmaModel has no attribute `model`"); its hidden states equal the full
+    model's inner `.model` on the same file."""
+    from transformers import AutoModel, DiffusionGemmaForBlockDiffusion, DiffusionGemmaModel
+
+    from dgplug.kernels.ggml import GGMLWeight
+
+    bare = AutoModel.from_pretrained(str(files[1]), gguf_file="model-Q4_K_M.gguf")
+    full = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[1]), gguf_file="model-Q4_K_M.gguf")
+    assert type(bare) is DiffusionGemmaModel
+    dec, enc = bare.decoder, bare.encoder.language_model
+    assert isinstance(dec.layers[0].experts.gate_up_proj.weight, GGMLWeight)
+    assert enc.embed_tokens.blocks is dec.embed_tokens.blocks
+    assert enc.layers[1].self_attn.q_proj.blocks is dec.layers[1].self_attn.q_proj.blocks
+    ids, canvas = _inputs()
+    with torch.no_grad():
+        a = bare(input_ids=ids, decoder_input_ids=canvas).last_hidden_state
+        b = full.model(input_ids=ids, decoder_input_ids=canvas).last_hidden_state
+    assert torch.equal(a, b)
+
+
+def test_packed_gguf_model_follows_to_dtype(files):
+    """`.to(torch.bfloat16)` on a model with packed GGUF weights: the blocks stay uint8 and serve
+    bf16, as a float weight would move (they kept serving fp32, and the router's bf16 matmul met
+    an fp32 activation: "expected m1 and m2 to have the same dtype"); the logits are as near the
+    fp32 model's as those of the same file loaded with dtype=torch.bfloat16."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    path = dict(gguf_file="model-Q8_0.gguf")
+    m = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[1]), **path)
+    ids, canvas = _inputs()
+    with torch.no_grad():
+        ref = m(input_ids=ids, decoder_input_ids=canvas).logits
+        m = m.to(torch.bfloat16)
+        direct = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[1]), dtype=torch.bfloat16, **path)
+        a = m(input_ids=ids, decoder_input_ids=canvas).logits.float()
+        b = direct(input_ids=ids, decoder_input_ids=canvas).logits.float()
+    q = m.model.decoder.layers[0].self_attn.q_proj
+    assert q.blocks.dtype == torch.uint8 and q.weight.dtype == torch.bfloat16
+    assert m.model.decoder.embed_tokens(ids).dtype == torch.bfloat16
+    ea, eb = (a - ref).abs().max().item(), (b - ref).abs().max().item()
+    assert ea <= 2 * eb + 1e-3, (ea, eb)
+    out = m.generate(input_ids=ids[:1], max_new_tokens=16, max_denoising_steps=2)
+    assert (out.sequences if hasattr(out, "sequences") else out).shape == (1, 12 + 16)
+
+
 def test_tokenizer_from_gguf(files):
     from transformers import AutoTokenizer
 
@@ -164,6 +212,25 @@ def test_tokenizer_from_gguf(files):
     assert len(tok) == 512
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>")
     assert tok.convert_tokens_to_ids(["<mask>", "w7"]) == [4, 7]
+
+
+def test_word_level_tokenizer_from_gguf(tmp_path):
+    """AutoTokenizer from the embedded Sudoku model's GGUF (a WordLevel vocabulary, no merges) gives
+    the ids of the model's own directory, <bos> included; transformers' gemma4 builder had read
+    its tokens as sentencepiece pieces (486 ids of <unk> and digits for one puzzle, not 82)."""
+    from transformers import AutoTokenizer
+
+    from dgplug.assets import sudoku_model_path
+    from dgplug.converters.gguf_export import export_gguf
+
+    src = sudoku_model_path()
+    export_gguf(src, tmp_path / "sudoku.gguf", quant="Q8_0", progress=False, workers=1)
+    want, got = AutoTokenizer.from_pretrained(str(src)), AutoTokenizer.from_pretrained(str(tmp_path),
+                                                                                      gguf_file="sudoku.gguf")
+    text = " ".join(f"r{i // 9 + 1}c{i % 9 + 1}={'5' if i % 7 else '.'}" for i in range(81))
+    ids = got(text).input_ids
+    assert ids == want(text).input_ids and len(ids) == 82 and ids[0] == want.bos_token_id
+    assert got.decode(ids[1:4]) == want.decode(ids[1:4])
 
 
 def test_other_architectures_go_to_transformers(tmp_path):

@@ -39,6 +39,17 @@ def test_dtype_argument(tiny_ckpt):
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     with pytest.raises(CheckpointError, match="dtype 'int3'"):
         dgplug.load(tiny_ckpt, dtype="int3")
+    # transformers' spellings; None and "auto" keep the checkpoint's own (fp32 here)
+    for name, want in (("torch.float16", torch.float16), ("BF16", torch.bfloat16), ("auto", torch.float32)):
+        assert next(dgplug.load(tiny_ckpt, dtype=name).parameters()).dtype == want, name
+    for bad in (torch.int8, torch.float64, "float64"):  # accepted before, then failed inside generate
+        with pytest.raises(CheckpointError, match="computes in float32, bfloat16 or float16"):
+            dgplug.load(tiny_ckpt, dtype=bad)
+    with pytest.raises(CheckpointError, match="device 'gpu0'"):
+        dgplug.load(tiny_ckpt, device="gpu0")
+    if not torch.cuda.is_available():  # was a bare AssertionError from torch
+        with pytest.raises(CheckpointError, match="device 'cuda': .* sees no CUDA device"):
+            dgplug.load(tiny_ckpt, device="cuda")
 
 
 def test_not_diffusiongemma(tiny_ckpt, tmp_path):
@@ -116,6 +127,53 @@ def test_tensor_missing_from_listed_shard(sharded, tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps(idx))
     with pytest.raises(CheckpointError, match=f"{name} listed in the index is not in the shard"):
         dgplug.load(d)
+
+
+def test_one_reading_of_a_checkpoint_directory(sharded, tiny_ckpt, tmp_path):
+    """load, both converters and `info` find a directory's tensors through one reader
+    (dgplug.checkpoint.read_index), so they agree on what a checkpoint is: shards without their
+    index are refused by all four (load used to take them, convert did not), and a tensor whose
+    bytes disagree with its header's shape is named by all four."""
+    from typer.testing import CliRunner
+
+    from dgplug.cli import app
+    from dgplug.converters.gguf_export import export_gguf
+    from dgplug.converters.quant import quantize_checkpoint
+
+    def refusals(d, out):
+        errs = []
+        for name, call in (("load", lambda: dgplug.load(d)),
+                           ("int4", lambda: quantize_checkpoint(d, out / "q", "int4")),
+                           ("gguf", lambda: export_gguf(d, out / "m.gguf", quant="Q8_0", progress=False))):
+            with pytest.raises(CheckpointError) as e:
+                call()
+            errs.append((name, str(e.value)))
+        r = CliRunner().invoke(app, ["info", str(d)])
+        assert r.exit_code == 1, r.output
+        errs.append(("info", " ".join(r.output.split())))
+        assert not list(out.iterdir()), list(out.iterdir())  # nothing written
+        return errs
+
+    d = _copy(sharded, tmp_path)
+    (d / "model.safetensors.index.json").unlink()
+    (tmp_path / "o1").mkdir()
+    for name, msg in refusals(d, tmp_path / "o1"):
+        assert "no model.safetensors or model.safetensors.index.json" in msg and "without an index" in msg, (name, msg)
+
+    d2 = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, d2)
+    f = d2 / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    victim = "model.decoder.norm.weight"
+    header[victim]["shape"] = [header[victim]["shape"][0] // 2]  # half the elements its bytes hold
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    f.write_bytes(raw[:8] + text + raw[8 + n:])
+    (tmp_path / "o2").mkdir()
+    for name, msg in refusals(d2, tmp_path / "o2"):
+        assert str(f) in msg and victim in msg and "bytes for shape" in msg, (name, msg)
 
 
 def test_image_tokens_rejected(tiny_ckpt):

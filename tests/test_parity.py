@@ -100,6 +100,29 @@ def test_generate_token_for_token(pair, batch):
     assert torch.allclose(a.tokens_per_forward.float(), b.tokens_per_forward.float())
 
 
+def test_generate_with_transformers_logits_processors(pair):
+    """transformers' own processors, which take no cur_step (TopKLogitsWarper, SuppressTokens...),
+    as a LogitsProcessorList or a plain list: token for token as transformers (dgplug used to call
+    each with cur_step= and raised TypeError)."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, TopKLogitsWarper
+
+    _, hf, dg = pair
+    C = dg.cfg.canvas_length
+    ids = torch.randint(5, 500, (1, 9), generator=torch.Generator().manual_seed(6))
+
+    def procs():  # transformers adds its own to the list it is given: a fresh one for each call
+        return [TopKLogitsWarper(7), SuppressTokensLogitsProcessor(list(range(5, 200)))]
+
+    kw = dict(max_new_tokens=C, max_denoising_steps=3)
+    torch.manual_seed(9)
+    a = hf.generate(input_ids=ids, logits_processor=LogitsProcessorList(procs()), **kw).sequences
+    for wrap in (LogitsProcessorList, list):
+        torch.manual_seed(9)
+        b = dg.generate(ids, rng="transformers", logits_processor=wrap(procs()), **kw).sequences
+        assert torch.equal(a, b), wrap
+    assert not bool(((a[:, 9:] >= 5) & (a[:, 9:] < 200)).any())  # the suppressed ids never come out
+
+
 def test_generate_eos_inside_canvas(tmp_path_factory):
     _, hf, dg = _pair(tmp_path_factory, "mixed")
     C = dg.cfg.canvas_length
