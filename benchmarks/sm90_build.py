@@ -12,9 +12,10 @@ batch 1 and 8, bf16 compute, plus the MoE sweep's int4 variants and a Q4_K_M GGU
 Per compiled kernel: registers per thread, spill bytes and shared memory (ptxas --verbose), the
 single-byte global loads in its SASS (nvdisasm; the int4 MoE once read its weights that way), the
 instructions of its longest loop (SASS, static: the K loop of a GEMM; a dequantising kernel that
-issues more per weight byte than the memory delivers is bound by issue, not bandwidth), and a
-verdict: FAIL where the launch would fail on an H100/H200 (shared memory over 227 KiB per block,
-registers x threads over 64 Ki); "spills" where ptxas spilled. Kernels defined in dgplug but never
+issues more per weight byte than the memory delivers is bound by issue, not bandwidth), which
+matrix instructions it issues (mma: wgmma, the older mma.sync, or none), and a verdict: FAIL where
+the launch would fail on an H100/H200 (shared memory over 227 KiB per block, registers x threads
+over 64 Ki); "spills" where ptxas spilled. Kernels defined in dgplug but never
 compiled here are listed too. Exit status 1 on a compile error or a FAIL.
 
     python benchmarks/sm90_build.py [--only moe,attention,glue,sampler,ggml] [--arch 90] [--quick]
@@ -79,7 +80,7 @@ def _compile_only_run(self, *args, grid, warmup, **kwargs):
         kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
     except Exception as e:
         raise RuntimeError(f"{self.fn.__name__}: {type(e).__name__}: {str(e).strip()[-300:]}") from e
-    consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+    consts = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages", "maxnreg")}
     BUILT.append(dict(name=self.fn.__name__, consts=consts, kernel=kernel))
     return kernel
 
@@ -109,6 +110,7 @@ def resources(kernel, arch: int) -> dict:
                 spill=(int(spill.group(1)) + int(spill.group(2))) if spill else -1,
                 smem=int(getattr(md, "shared", 0)), warps=int(getattr(md, "num_warps", 4)),
                 byte_loads=len(re.findall(r"\bLDG\.E\.[US]8\b", sass)), loop=loop_instructions(sass),
+                mma=tensor_core_path(sass),
                 loops=loop_sizes(sass),
                 stages=int(getattr(md, "num_stages", 0)))
 
@@ -132,6 +134,14 @@ def loop_sizes(sass: str) -> list[int]:
         if b and addr.get(b.group(1), a + 1) < a:
             sizes.append((a - addr[b.group(1)]) // 16 + 1)
     return sorted(sizes, reverse=True)
+
+
+def tensor_core_path(sass: str) -> str:
+    """Which matrix instructions the kernel issues: 'wgmma' (HGMMA / QGMMA: Hopper's warpgroup MMA,
+    sm_90a), 'mma' (HMMA / IMMA: the older per-warp mma.sync, a slower path on Hopper), '-' (none)."""
+    if re.search(r"\b[HQ]GMMA\b", sass):
+        return "wgmma"
+    return "mma" if re.search(r"\b[HI]MMA\b", sass) else "-"
 
 
 def loop_instructions(sass: str) -> int:
@@ -244,7 +254,9 @@ def ggml_calls():
 # the int4 fragments order (K tiles 128 / 64) beside the default: as the GPU check sweeps it
 FRAGMENT_CFGS = (("", {}), (" BM32", dict(BLOCK_M=32)), (" w8", dict(num_warps=8)), (" s3", dict(num_stages=3)),
                  (" BN128", dict(BLOCK_N1=128, BLOCK_N2=128)), (" one dot", dict(ONE_DOT=True)),
-                 (" w8 one dot", dict(num_warps=8, ONE_DOT=True)))
+                 (" w8 one dot", dict(num_warps=8, ONE_DOT=True)),
+                 # registers capped (ptxas .maxnreg): 4 or 5 programs of 4 warps per SM where 155 registers allow 3
+                 (" r128", dict(maxnreg=128)), (" r96", dict(maxnreg=96)))
 
 
 # GGUF MoE tiles beside the default (32 x 32, 2 stages), as the GPU check times them
@@ -360,7 +372,7 @@ def main() -> int:
         GROUPS[g]()
     seen, bad = {}, 0
     print(f"{'call':<44} {'kernel':<28} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7} "
-          f"{'smem B':>7} {'ldg u8':>6} {'loop':>5}  verdict" + ("  loops" if args.loops else ""))
+          f"{'smem B':>7} {'ldg u8':>6} {'loop':>5} {'mma':>5}  verdict" + ("  loops" if args.loops else ""))
     for b in BUILT:
         key = (b["name"], repr(sorted(b["consts"].items())))
         if key in seen:
@@ -374,7 +386,7 @@ def main() -> int:
         verdict = ("FAIL: " + ", ".join(fail)) if fail else ("spills" if r["spill"] > 0 else "ok")
         bad += bool(fail)
         print(f"{b.get('call', '?'):<44} {b['name']:<28} {r['warps']:>5} {r['stages']:>6} {r['regs']:>5} "
-              f"{r['spill']:>7} {r['smem']:>7} {r['byte_loads']:>6} {r['loop']:>5}  {verdict}"
+              f"{r['spill']:>7} {r['smem']:>7} {r['byte_loads']:>6} {r['loop']:>5} {r['mma']:>5}  {verdict}"
               + (f"  {'+'.join(map(str, r['loops'])) or '-'}" if args.loops else ""))
     built = {b["name"] for b in BUILT}
     missing = sorted(defined_kernels() - built)

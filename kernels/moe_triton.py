@@ -864,6 +864,8 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     even1 = D % cfg["BLOCK_K1"] == 0 and cfg.get("EVEN_K", True)  # int4: no K bound on the weight bytes
     swap = dict(CDT=_tl_dtype(cdt), IEEE=ieee, MAGIC=magic, BIAS=bias, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"], LOP3=bool(cfg.get("LOP3", not interp)))  # the interpreter runs no PTX
+    if cfg.get("maxnreg") and not interp:  # a register cap per thread (ptxas .maxnreg): more programs per SM
+        swap["maxnreg"] = int(cfg["maxnreg"])
     swap1 = fold1 and cfg.get("SWAP_AB", False)
     halves1, frag1 = _order("gate_up", gate_up, swap1, cfg["BLOCK_K1"], "BLOCK_K1")
     # the activations' K-tile sums of the folded zero point, summed once instead of in every program

@@ -29,23 +29,23 @@ def test_every_kernel_builds_for_sm90(tmp_path):
     assert "compile errors: 0" in out and "launch failures predicted: 0" in out, out[-3000:]
     assert "defined but not built" not in out, out[-3000:]
     rows = [line.split() for line in out.splitlines() if line.rstrip().endswith(("ok", "spills"))]
-    built = {r[-9] for r in rows}  # the kernel column
+    built = {r[-10] for r in rows}  # the kernel column
     assert {"_moe_gate_up_int4t_kernel", "_moe_down_int4t_kernel", "_route_kernel", "_layer_out_kernel",
             "_rms_norm_kernel", "_attn_fwd_kernel", "_chunk_stats_kernel",
             "_post_attention_kernel", "_gelu_mul_kernel", "_qkv_heads_kernel"} <= built
     glue = ("_route_kernel", "_rms_norm_kernel", "_layer_out_kernel", "_align_scatter_kernel",
             "_post_attention_kernel", "_gelu_mul_kernel", "_qkv_heads_kernel")
-    ggml_moe = [r for r in rows if r[0] == "ggml" and r[-9] in ("_moe_gate_up_kernel", "_moe_down_kernel")]
+    ggml_moe = [r for r in rows if r[0] == "ggml" and r[-10] in ("_moe_gate_up_kernel", "_moe_down_kernel")]
     assert {r[3] for r in ggml_moe} == {"Q4_K/Q5_0", "Q6_K/Q8_0"}, ggml_moe
     for r in rows:  # the int4 weights through cp.async: 72 byte loads a thread when a K bound hid the contiguity
-        if r[-9] in ("_moe_gate_up_int4t_kernel", "_moe_down_int4t_kernel"):
-            assert int(r[-3]) <= 16, f"{r[-9]} reads {r[-3]} single bytes: {' '.join(r)}"
+        if r[-10] in ("_moe_gate_up_int4t_kernel", "_moe_down_int4t_kernel"):
+            assert int(r[-4]) <= 16, f"{r[-10]} reads {r[-4]} single bytes: {' '.join(r)}"
     for r in rows:
-        if r[-9] in glue or r in ggml_moe:
-            assert int(r[-5]) == 0, f"{r[-9]} spills {r[-5]} bytes: {' '.join(r)}"
+        if r[-10] in glue or r in ggml_moe:
+            assert int(r[-6]) == 0, f"{r[-10]} spills {r[-6]} bytes: {' '.join(r)}"
     # the int4 fragments order at ~16 pairs per expert (BLOCK_M 16): a shorter K loop than the pairs order, and registers for 3
     # programs of 4 warps per SM (<= 168 a thread; the pairs order's 215 allow 2)
-    loop = {(" ".join(r[:-9]), r[-9]): (int(r[-2]), int(r[-6])) for r in rows if r[-9].endswith("int4t_kernel")}
+    loop = {(" ".join(r[:-10]), r[-10]): (int(r[-3]), int(r[-7])) for r in rows if r[-10].endswith("int4t_kernel")}
     for k in ("_moe_gate_up_int4t_kernel", "_moe_down_int4t_kernel"):
         (frag_loop, frag_regs), (pairs_loop, _) = loop[("moe T=256 int4 fragments BM16", k)], loop[
             ("moe T=256 int4 default BM16", k)]
