@@ -434,7 +434,10 @@ def moe_sweep(dev, small):
             ("pairs, sums in the loop (before)", dict(XSUM=False)), ("fragments BM32", dict(BLOCK_M=32), "int4 fragments"),
             ("fragments w8", dict(num_warps=8), "int4 fragments"), ("fragments s3", dict(num_stages=3), "int4 fragments"),
             ("fragments, one dot", dict(ONE_DOT=True), "int4 fragments"),
-            ("fragments w8, one dot", dict(num_warps=8, ONE_DOT=True), "int4 fragments")]
+            ("fragments w8, one dot", dict(num_warps=8, ONE_DOT=True), "int4 fragments"),
+            # registers capped at 128: 4 programs of 4 warps per SM where 155 registers allow 3; no spill
+            # at T=256 (sm90_build; 96 spills, and at T=2048 both do)
+            ("fragments r128", dict(maxnreg=128), "int4 fragments")]
     halves = ("swap halves", dict(sw, BLOCK_K1=128, BLOCK_K2=64), "int4 halves")
     # (the variants the 28dc59a run timed slower than its default are left out: converted nibbles,
     # the K bound, BLOCK_M 64, BLOCK_N 128 / 32, 8 warps in the pairs order)

@@ -502,6 +502,12 @@ def _add_metadata(w: GGUFWriter, src: Path, cfg: Config, gen: dict, tokv: dict, 
                     ("mask", "mask_token_id")):
         if key in ids:
             w.add_uint32(f"tokenizer.ggml.{gk}", ids[key])
+    # generation_config's further EOS ids (the release's [1, 106, 50]) as llama.cpp's other end-of-generation
+    # keys, end of turn and end of message: without them a GGUF stopped on <eos> alone
+    listed = gen.get("eos_token_id") if isinstance(gen.get("eos_token_id"), list) else []
+    extra = [int(i) for i in dict.fromkeys(listed) if int(i) != ids.get("eos")]
+    for gk, i in zip(("eot_token_id", "eom_token_id"), extra):
+        w.add_uint32(f"tokenizer.ggml.{gk}", i)
     w.add_bool("tokenizer.ggml.add_bos_token", tokv["add_bos"])  # as the source tokenizes (Gemma's: true)
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     w.add_bool("tokenizer.ggml.add_space_prefix", False)

@@ -347,6 +347,10 @@ def gguf_to_config(reader) -> dict:
     for g, key in (("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
         if _field(reader, f"tokenizer.ggml.{key}") is not None:
             gen[g] = tid(key, None)
+    # end of turn / end of message: llama.cpp stops on them too (dgplug writes generation_config's further EOS ids there)
+    more = [tid(k, None) for k in ("eot_token_id", "eom_token_id") if _field(reader, f"tokenizer.ggml.{k}") is not None]
+    if more and gen.get("eos_token_id") is not None:
+        gen["eos_token_id"] = list(dict.fromkeys([gen["eos_token_id"], *more]))
     return {
         "model_type": "diffusion_gemma",
         "architectures": ["DiffusionGemmaForBlockDiffusion"],

@@ -486,6 +486,32 @@ def test_null_generation_values_take_released_defaults(ckpt, tmp_path):
     assert f("diffusion.eb_confidence_threshold") == pytest.approx(0.005)
 
 
+def test_eos_list_kept_as_end_of_generation_keys(ckpt, tmp_path):
+    """generation_config's EOS list (the release's [1, 106, 50]) survives a GGUF: <eos> as eos, the
+    others as llama.cpp's end-of-turn / end-of-message keys, read back as the same list by
+    dgplug.load and by transformers' from_pretrained (a GGUF kept <eos> alone: the chat model
+    loaded from one would not stop at <end_of_turn>)."""
+    import dgplug
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in Path(ckpt).iterdir():
+        if p.name != "generation_config.json":
+            os.symlink(p, src / p.name)
+    g = json.loads((Path(ckpt) / "generation_config.json").read_text())
+    g["eos_token_id"] = [1, 106, 50]
+    (src / "generation_config.json").write_text(json.dumps(g))
+    path = ge.export_gguf(src, tmp_path / "m.gguf", quant="Q8_0", progress=False)
+    r = gi.open_gguf(path)
+    f = lambda k: r.get_field(k).contents()  # noqa: E731
+    assert (f("tokenizer.ggml.eos_token_id"), f("tokenizer.ggml.eot_token_id"), f("tokenizer.ggml.eom_token_id")) == (1, 106, 50)
+    assert dgplug.load(path).generation_defaults["eos_token_id"] == [1, 106, 50]
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    m = DiffusionGemmaForBlockDiffusion.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    assert m.generation_config.eos_token_id == [1, 106, 50]
+
+
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_no_output_left_on_error(ckpt, tmp_path, monkeypatch, exc):
     calls = {"n": 0}
