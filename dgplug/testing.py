@@ -14,15 +14,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-TINY_VISION = dict(
-    model_type="gemma4_vision",
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+from .config import TINY_VISION
+
 
 
 def tiny_text_config(**overrides) -> dict:

@@ -57,9 +57,9 @@ rewritten so the encoder and the tied lm_head share the decoder's blocks):
   CUDA, the torch twin dequantising one expert at a time otherwise).
 
 Everything else (norms, router, F32/F16/BF16 weights) is dequantised (F32/BF16 bit exact) in the
-requested dtype (float32 by default), as it is without a model to load into. The vision tower is not in a GGUF: the config carries
-transformers' default Gemma 4 vision config (the released model's) and its weights stay randomly
-initialised, which transformers reports as missing keys. The sampler defaults stored under
+requested dtype (float32 by default), as it is without a model to load into. The vision tower is not in a GGUF: the config carries a
+one-layer placeholder tower (dgplug.config.TINY_VISION) whose weights stay randomly initialised,
+which transformers reports as missing keys; images need the safetensors checkpoint. The sampler defaults stored under
 `diffusion.*` become the model's `generation_config`.
 """
 
@@ -117,8 +117,12 @@ def load_gguf_checkpoint(gguf_checkpoint_path, return_tensors=False, model_to_lo
     config = gguf_to_config(reader)
     gen = config.pop("generation_config")
     config.pop("mask_token_id", None)  # dgplug's own key; DiffusionGemmaConfig has no such field
-    # not in a GGUF: the default Gemma 4 vision tower (5.24's default; 5.19 would build none and fail)
-    config.setdefault("vision_config", {"model_type": "gemma4_vision"})
+    # not in a GGUF: a placeholder vision tower of one small layer (5.19 builds none and fails without
+    # one). Its weights are random, as any tower's would be here; transformers' default (768 x 16) held
+    # 168M random parameters (0.7 GB in fp32) for nothing. Images need the safetensors checkpoint.
+    from dgplug.config import TINY_VISION
+
+    config.setdefault("vision_config", dict(TINY_VISION))
     out = {"config": config, "tokenizer": {}, "tokenizer_config": {}}
     if return_tensors:
         tensors = iter_hf_tensors(reader, dtype=torch_dtype, packed=model_to_load is not None)

@@ -97,6 +97,8 @@ def test_q8_0_auto_class_and_generate(files, reference):
     path = files[1] / "model-Q8_0.gguf"
     m = AutoModelForImageTextToText.from_pretrained(str(files[1]), gguf_file=path.name)
     assert isinstance(m, DiffusionGemmaForBlockDiffusion)
+    # no vision weights in a GGUF: a one-layer placeholder tower, not transformers' default (168M random parameters)
+    assert sum(p.numel() for n, p in m.named_parameters() if "vision" in n) < 10**6
     got = _text_state(m)
     deq = dict(iter_hf_tensors(path))
     packed = {k for k, v in deq.items() if k.replace(".weight", "") + ".blocks" in got or k + ".blocks" in got}
