@@ -456,6 +456,12 @@ def moe_sweep(dev, small):
                                    frag[4], ("fragments BM32", dict(BLOCK_M=32), "int4 fragments"), frag[6], frag[7]]
         runs = [(s, ("default", {})) for s in ("bf16", "int8", "fp8")] + [("int4", c) for c in
                                                                           (int4_cfgs if T == 256 else big)]
+        if T == (256 if not small else 32):  # batch 1's step
+            # the 16-bit / 8-bit kernels with their dots swapped: wgmma (sm90_build) where BLOCK_M 16 gets mma.sync
+            runs += [(s, ("swapped", dict(SWAP_AB=True))) for s in ("bf16", "int8", "fp8")]
+            runs.append(("bf16", ("swapped s2", dict(SWAP_AB=True, num_stages=2))))  # 147 KB of smem at 4 stages: 1 program per SM
+            if small:  # the smoke run builds the T=256 list's register-capped variant too
+                runs.append(("int4", frag[-1]))
         runs.append(("fp8", ("fp8 activations (A8)", dict(A8=True))))
         if T > 256:  # compute-bound at 16 rows per expert: bigger tiles, 8 warps (MOE_BIG_TILES, ptxas-checked)
             runs += [(s, c) for s in ("bf16", "fp8") for c in MOE_BIG_TILES]

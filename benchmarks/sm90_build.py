@@ -200,6 +200,9 @@ def moe_calls():
         w = torch.softmax(torch.randn(T, TOPK, generator=g), -1)
         for s in ("bf16", "int8", "fp8"):
             _call(f"moe T={T} {s}", lambda s=s: kmt.moe_forward_triton(x, idx, w, *weights[s]))
+            if T == 256:  # the dots swapped (W @ x^T): wgmma where a 16-pair tile gets mma.sync
+                _call(f"moe T={T} {s} swapped", lambda s=s: kmt.moe_forward_triton(x, idx, w, *weights[s],
+                                                                                  config=dict(SWAP_AB=True)))
         _call(f"moe T={T} fp8 activations", lambda: kmt.moe_forward_triton(x, idx, w, *weights["fp8"],
                                                                           config=dict(A8=True)))
         for label, cfg in int4:

@@ -30,7 +30,9 @@ int4 with each K tile inside one group (the default tiles) runs swapped (SWAP_AB
 W @ x^T, so the 64 weight rows of a program are the MMA's M dimension and the ~16-32 pairs its
 N dimension, the dequantised nibbles being the register-held A operand; the nibbles are built
 from their bits (MAGIC: 0x4300 | q is 128 + q in bf16, 0x6400 | q is 1024 + q in fp16) and the
-offset leaves with the folded zero point.
+offset leaves with the folded zero point. SWAP_AB on 16-bit, int8 or fp8 weights (opt-in, not
+timed yet) swaps the generic kernels' dots the same way: at BLOCK_M 16 they otherwise build with
+mma.sync, a 16-row tile being below wgmma's 64 (benchmarks/sm90_build.py, its mma column).
 
 Measured on an H200 (torch 2.11, triton 3.6; one layer at D=2816, I=704, E=128, K=8, bf16
 activations, random routing; medians; TB/s = weight bytes of the experts touched / time;
@@ -66,6 +68,15 @@ if backend.HAS_TRITON:
         else:
             acc = tl.dot(a, b, acc)
         return acc
+
+    @triton.jit
+    def _swapped_dot(a, w, acc, IEEE: tl.constexpr):
+        """acc [BM, BN] + a [BM, BK] @ w [BK, BN], computed as (w^T @ a^T)^T: with ~16 pairs per
+        expert the token tile is below wgmma's M of 64 (Triton then emits mma.sync, sm90_build's mma
+        column); swapped, the BN weight rows are the M dimension and the converted weight tile can
+        stay in registers as the A operand."""
+        t = _dot(tl.trans(w), tl.trans(a), tl.zeros((w.shape[1], a.shape[0]), dtype=tl.float32), IEEE)
+        return acc + tl.trans(t)
 
     @triton.jit
     def _load_rows(ptr, rows, row_mask, stride_m, stride_k, offs_k, K, CDT: tl.constexpr):
@@ -204,10 +215,12 @@ if backend.HAS_TRITON:
         INT4_TILE_GROUP: tl.constexpr, MAGIC: tl.constexpr,
         BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         sx_ptr=None, hs_ptr=None, stride_hs=0, A8: tl.constexpr = False, GGML_RUNS: tl.constexpr = False,
+        SWAP: tl.constexpr = False,
     ):
         """h[row] = gelu_tanh(gate[e] @ x[tok]) * (up[e] @ x[tok]) for one block x BLOCK_N cols.
         A8 (fp8 weights): x is fp8 with per-token scales sx; h is written in fp8 with one scale per
-        row and BLOCK_N columns (hs_ptr[row, pid_n]), the down step's K tiles."""
+        row and BLOCK_N columns (hs_ptr[row, pid_n]), the down step's K tiles. SWAP (16-bit, int8 and
+        fp8 weights): the dots run as W @ x^T (_swapped_dot), the weight rows the MMA's M."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(block_expert_ptr + pid_m)
@@ -263,8 +276,12 @@ if backend.HAS_TRITON:
                                  WQ, CDT, A8, k0, BLOCK_K, GGML_RUNS)
                     wu = _load_w(w_ptr, e, rows_u, nmask, offs_k, D, stride_we, stride_wn, stride_wk,
                                  WQ, CDT, A8, k0, BLOCK_K, GGML_RUNS)
-                    acc_g = _dot(a, wg, acc_g, IEEE)
-                    acc_u = _dot(a, wu, acc_u, IEEE)
+                    if SWAP:
+                        acc_g = _swapped_dot(a, wg, acc_g, IEEE)
+                        acc_u = _swapped_dot(a, wu, acc_u, IEEE)
+                    else:
+                        acc_g = _dot(a, wg, acc_g, IEEE)
+                        acc_u = _dot(a, wu, acc_u, IEEE)
         if WQ == 2 or WQ == 3:  # int8 / fp8: per-output-channel scale on the accumulator
             acc_g = acc_g * _channel_scale(s_ptr, e, rows_g, nmask, stride_se, stride_sn)
             acc_u = acc_u * _channel_scale(s_ptr, e, rows_u, nmask, stride_se, stride_sn)
@@ -296,9 +313,11 @@ if backend.HAS_TRITON:
         INT4_TILE_GROUP: tl.constexpr, MAGIC: tl.constexpr,
         BIAS: tl.constexpr, EVEN_K: tl.constexpr,
         hs_ptr=None, stride_hs=0, A8: tl.constexpr = False, GGML_RUNS: tl.constexpr = False,
+        SWAP: tl.constexpr = False,
     ):
         """out[pair] = w[pair] * down[e] @ h[row] (fp32), one row per (token, slot) pair. A8: h in
-        fp8 with a scale per row and K tile (hs_ptr), each tile's dot scaled before it is added."""
+        fp8 with a scale per row and K tile (hs_ptr), each tile's dot scaled before it is added.
+        SWAP: as in the gate_up kernel."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(block_expert_ptr + pid_m)
@@ -339,6 +358,8 @@ if backend.HAS_TRITON:
                     if A8:
                         hsc = tl.load(hs_ptr + offs_m.to(tl.int64) * stride_hs + k0 // BLOCK_K)
                         acc += _dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), IEEE) * hsc[:, None]
+                    elif SWAP:
+                        acc = _swapped_dot(a, w, acc, IEEE)
                     else:
                         acc = _dot(a, w, acc, IEEE)
         if WQ == 2 or WQ == 3:
@@ -896,6 +917,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             INT4_TILE_GROUP=fold1,
             MAGIC=magic, BIAS=bias, EVEN_K=even1,
             sx_ptr=sx if a8 else x, hs_ptr=hs8, stride_hs=hs8.stride(0), A8=a8, GGML_RUNS=runs,
+            SWAP=bool(cfg.get("SWAP_AB", False)) and wq1 in (0, 2, 3) and not a8,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     grid2 = (num_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))
@@ -920,6 +942,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             INT4_TILE_GROUP=fold2,
             MAGIC=magic, BIAS=bias, EVEN_K=even2,
             hs_ptr=hs8, stride_hs=hs8.stride(0), A8=a8, GGML_RUNS=runs,
+            SWAP=bool(cfg.get("SWAP_AB", False)) and wq2 in (0, 2, 3) and not a8,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return sum_slots(pairs, topk_index, E, x.dtype)

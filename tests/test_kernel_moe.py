@@ -152,6 +152,27 @@ def test_quantized_matches_dequantised_reference(impl, scheme, sym, group):
 
 
 @needs_triton
+@pytest.mark.parametrize("scheme", [None, "int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swapped_plain_kernels(scheme, dtype):
+    """The 16-bit, int8 and fp8 kernels with their dots swapped (W @ x^T: SWAP_AB, the GPU check's
+    wgmma variant at ~16 pairs per expert) against the reference and the unswapped kernels, at
+    ragged tails (D and I not multiples of the tiles) and a short expert block (BLOCK_M 16)."""
+    dev = _device()
+    if scheme is None:
+        q1, q2 = make_weights(device=dev)
+    else:
+        _, _, q1, q2 = _quantized(scheme, device=dev)
+    w, idx = make_routing(device=dev)
+    x = make_x(dtype=dtype, device=dev)
+    cfg = dict(BLOCK_M=16, BLOCK_N1=32, BLOCK_K1=32, BLOCK_N2=32, BLOCK_K2=32)
+    swapped = MT.moe_forward_triton(x, idx, w, q1, q2, config=dict(cfg, SWAP_AB=True))
+    plain = MT.moe_forward_triton(x, idx, w, q1, q2, config=cfg)
+    close(swapped, plain, 1e-5)
+    close(swapped, reference(x, idx, w, q1, q2), 1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@needs_triton
 @pytest.mark.parametrize("group,bk,swap", [(64, 32, False), (64, 64, False), (16, 64, False), (64, 32, True),
                                            (64, 64, True)])
 def test_int4_scale_paths(group, bk, swap):
