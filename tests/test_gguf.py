@@ -468,16 +468,22 @@ def test_deterministic_and_worker_independent(ckpt, exported, tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf"]
 
 
-def test_null_generation_values_take_released_defaults(ckpt, tmp_path):
+def _with_generation_config(ckpt, tmp_path, **changes) -> Path:
+    """The checkpoint (linked) with its generation_config.json changed."""
     src = tmp_path / "src"
     src.mkdir()
     for p in Path(ckpt).iterdir():
         if p.name != "generation_config.json":
             os.symlink(p, src / p.name)
     g = json.loads((Path(ckpt) / "generation_config.json").read_text())
-    g.update(max_denoising_steps=None, t_min=None, t_max=None, stability_threshold=None,
-             confidence_threshold=None, sampler_config=None)
+    g.update(changes)
     (src / "generation_config.json").write_text(json.dumps(g))
+    return src
+
+
+def test_null_generation_values_take_released_defaults(ckpt, tmp_path):
+    src = _with_generation_config(ckpt, tmp_path, max_denoising_steps=None, t_min=None, t_max=None,
+                                  stability_threshold=None, confidence_threshold=None, sampler_config=None)
     r = gi.open_gguf(ge.export_gguf(src, tmp_path / "m.gguf", quant="BF16", progress=False))
     f = lambda k: r.get_field(k).contents()  # noqa: E731
     assert f("diffusion.eb_max_steps") == 48 and f("diffusion.eb_stability_threshold") == 1
@@ -493,14 +499,7 @@ def test_eos_list_kept_as_end_of_generation_keys(ckpt, tmp_path):
     loaded from one would not stop at <end_of_turn>)."""
     import dgplug
 
-    src = tmp_path / "src"
-    src.mkdir()
-    for p in Path(ckpt).iterdir():
-        if p.name != "generation_config.json":
-            os.symlink(p, src / p.name)
-    g = json.loads((Path(ckpt) / "generation_config.json").read_text())
-    g["eos_token_id"] = [1, 106, 50]
-    (src / "generation_config.json").write_text(json.dumps(g))
+    src = _with_generation_config(ckpt, tmp_path, eos_token_id=[1, 106, 50])
     path = ge.export_gguf(src, tmp_path / "m.gguf", quant="Q8_0", progress=False)
     r = gi.open_gguf(path)
     f = lambda k: r.get_field(k).contents()  # noqa: E731
