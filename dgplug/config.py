@@ -102,10 +102,11 @@ def from_dict(raw: dict, source: str = "config.json") -> Config:
         layer_types = tc.get("layer_types") or [
             "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)
         ]
-        # transformers writes a full layer's head_dim into per_layer_config only when it differs;
+        # transformers writes a full layer's head_dim into per_layer_config only when it differs
+        # (an empty {} when no layer differs, as in the Sudoku model, whose full layers keep 32);
         # with no per_layer_config at all, its class default (512) applies
         ghd = (tc.get("global_head_dim") or _full_layer_override(tc, "head_dim")
-               or (tc.get("head_dim", 256) if tc.get("per_layer_config") else 512))
+               or (tc.get("head_dim", 256) if "per_layer_config" in tc else 512))
         gkv = (
             tc.get("num_global_key_value_heads")
             or _full_layer_override(tc, "num_key_value_heads")

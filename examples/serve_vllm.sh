@@ -14,8 +14,8 @@
 #     DGPlugDiffusionGemmaForBlockDiffusion; checkpoints keep the architecture name
 #     DiffusionGemmaForBlockDiffusion in config.json, so --hf-overrides routes them to dgplug
 #     (or export DGPLUG_VLLM_SERVE_ORIGINAL=1 to take the original name over from vLLM's model);
-#   * --diffusion-config: the canvas (block) of 256 tokens; max_denoising_steps defaults to
-#     generation_config.json's (48);
+#   * --diffusion-config: the model's canvas (block; 256 for the release), --max-model-len its
+#     context up to 8192 (MAX_LEN overrides); max_denoising_steps defaults to generation_config.json's (48);
 #   * --max-num-seqs 8: dgplug's fused head + sampler keeps no [seqs, 256, vocab] temporaries
 #     beyond the logits, so 8 (and more, memory permitting) concurrent requests fit where vLLM's
 #     own recipe caps at 4;
@@ -34,13 +34,21 @@ MAX_SEQS="${MAX_SEQS:-8}"
 
 EXTRA=()
 if compgen -G "$MODEL/*.gguf" > /dev/null; then EXTRA+=(--load-format dgplug-gguf); fi  # experts stay in ggml blocks
+# the model's own canvas and context (the embedded Sudoku model: 82 and 512), at most 8192 tokens
+read -r CANVAS CONTEXT < <(python3 - "$MODEL/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+print(c.get("canvas_length", 256), min(8192, int((c.get("text_config") or {}).get("max_position_embeddings", 8192))))
+PY
+)
+MAX_LEN="${MAX_LEN:-$CONTEXT}"
 
 exec vllm serve "$MODEL" "${EXTRA[@]}" \
   --served-model-name diffusiongemma \
   --hf-overrides '{"architectures": ["DGPlugDiffusionGemmaForBlockDiffusion"]}' \
-  --diffusion-config '{"canvas_length": 256}' \
+  --diffusion-config "{\"canvas_length\": $CANVAS}" \
   --max-num-seqs "$MAX_SEQS" \
-  --max-model-len 8192 \
+  --max-model-len "$MAX_LEN" \
   --tensor-parallel-size "$TP" \
   --enforce-eager \
   --port "$PORT"

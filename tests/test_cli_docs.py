@@ -50,3 +50,28 @@ def test_f32_gguf_claim():
     """An F32 GGUF has the same weights bit for bit, not bit-identical logits (alignment)."""
     text = " ".join((ROOT / "README.md").read_text().split())
     assert "bit-identical logits" not in text and "same weights bit for bit" in text
+
+
+@pytest.mark.skipif(not (SUDOKU / "config.json").exists(), reason="no Sudoku package data")
+def test_serve_script_takes_the_models_canvas_and_context(tmp_path):
+    """examples/serve_vllm.sh on the embedded model: canvas 82 and context 512 from its config (it
+    passed canvas 256 and --max-model-len 8192, which vLLM refuses above max_position_embeddings);
+    MAX_LEN still overrides. A stand-in `vllm` prints the command it was given."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "vllm"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+    def args(**extra):
+        p = subprocess.run(["bash", str(ROOT / "examples" / "serve_vllm.sh"), str(SUDOKU)], capture_output=True,
+                           text=True, env=dict(env, **extra), timeout=60)
+        assert p.returncode == 0, p.stderr
+        a = p.stdout.splitlines()
+        return {k: a[a.index(k) + 1] for k in ("--diffusion-config", "--max-model-len")}
+
+    got = args()
+    assert json.loads(got["--diffusion-config"]) == {"canvas_length": 82} and got["--max-model-len"] == "512"
+    assert args(MAX_LEN="300")["--max-model-len"] == "300"

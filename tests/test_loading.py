@@ -187,3 +187,24 @@ def test_generation_defaults_from_checkpoint(tiny_ckpt):
     m = dgplug.load(tiny_ckpt)
     assert m.generation_defaults["max_denoising_steps"] == 8  # from generation_config.json
     assert m.generation_defaults["entropy_bound"] == 0.1
+
+
+def test_config_as_transformers_hands_it():
+    """transformers' own parse of a config (what vLLM hands the plugin) gives dgplug the layer
+    shapes that transformers' model builds: the Sudoku model's full layers keep head_dim 32, where
+    to_dict() leaves an empty per_layer_config and no global_head_dim (512 was read, and vLLM's
+    load of the embedded model failed on every format: "load weight [32] into parameter [512]")."""
+    from transformers import AutoConfig, DiffusionGemmaForBlockDiffusion
+
+    from dgplug.assets import sudoku_model_path
+    from dgplug.config import from_dict
+
+    path = sudoku_model_path()
+    parsed = AutoConfig.from_pretrained(path)
+    raw = json.loads((path / "config.json").read_text())
+    dims = [from_dict(parsed.to_dict()).text.layer_dims(i) for i in range(parsed.text_config.num_hidden_layers)]
+    assert dims == [from_dict(raw).text.layer_dims(i) for i in range(len(dims))]
+    with torch.device("meta"):
+        ref = DiffusionGemmaForBlockDiffusion(parsed)
+    assert [(a.self_attn.head_dim, a.self_attn.k_proj.out_features // a.self_attn.head_dim)
+            for a in ref.model.decoder.layers] == dims

@@ -62,6 +62,28 @@ def test_logits_match_transformers(dense, vllm_dist):
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
+def test_embedded_sudoku_model_loads_and_matches_transformers(vllm_dist):
+    """The shipped Sudoku model under vLLM: its full layers keep head_dim 32 (the config vLLM hands
+    the plugin has an empty per_layer_config, which was read as 512: "load weight [32] into
+    parameter [512]" for every format); logits as transformers' own model on a puzzle prompt."""
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+    from dgplug.assets import sudoku_model_path
+
+    path = sudoku_model_path()
+    model, vc = build_and_load(path)
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32,
+                                                         experts_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    puzzle = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+    ids = torch.tensor(tok(" ".join(f"r{i // 9 + 1}c{i % 9 + 1}={c}" for i, c in enumerate(puzzle))).input_ids)
+    canvas = torch.randint(0, model.tc.vocab_size, (model.canvas_length,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(input_ids=ids[None], decoder_input_ids=canvas[None]).logits[0]
+    got = _run(model, vc, ids, canvas)
+    assert (got - ref).abs().max().item() < 1e-4 and torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
 @pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
 def test_quantized_checkpoint(vllm_dist, scheme):
     """A dgplug-converted checkpoint (int4 / int8 / fp8): experts stay packed (dgplug's MoE dequantises inside),
