@@ -129,7 +129,8 @@ def read_index(directory: str | Path) -> dict[str, StoredTensor]:
     single = d / "model.safetensors"
     if not single.exists():
         others = sorted(p.name for p in d.glob("*.safetensors"))
-        hint = f" ({', '.join(others[:3])} without an index: transformers reads none of them)" if others else ""
+        hint = (f" ({len(others)} .safetensors file{'s' * (len(others) > 1)}, {others[0]}{', ...' * (len(others) > 1)}, "
+                f"without an index: transformers reads none of them)" if others else "")
         raise CheckpointError(f"{d}: no model.safetensors or {INDEX}{hint}")
     return dict(sorted(read_header(single).items()))
 
