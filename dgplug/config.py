@@ -10,12 +10,11 @@ from pathlib import Path
 from .errors import CheckpointError
 
 ARCHITECTURES = ("DiffusionGemmaForBlockDiffusion", "DiffusionGemmaModel")
-# Released sampler defaults (spec section 5); used where generation_config.json is silent or null.
-# a vision tower of one small layer: the tiny test models', and the placeholder of a model loaded
-# from a GGUF (which holds no vision weights) through transformers
+# A vision tower of one small layer: the tiny test models', and the placeholder of a model loaded
+# from a GGUF (which holds no vision weights) through transformers.
 TINY_VISION = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                    num_attention_heads=2, num_key_value_heads=2, head_dim=16)
-
+# Released sampler defaults (spec section 5); used where generation_config.json is silent or null.
 GENERATION_DEFAULTS = {
     "max_new_tokens": 256,
     "max_denoising_steps": 48,

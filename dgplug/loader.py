@@ -25,8 +25,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def resolve_dtype(dtype) -> torch.dtype | None:
     """The compute dtype asked for: a torch dtype or a name as transformers takes them ("bf16",
-    "bfloat16", "torch.bfloat16", any case); None or "auto": the checkpoint's own. Only float32,
-    bfloat16 and float16 are refused nowhere downstream, so anything else is refused here."""
+    "bfloat16", "torch.bfloat16", any case); None or "auto": the checkpoint's own. The model runs in
+    float32, bfloat16 or float16 only; any other dtype is refused here, before anything is read."""
     if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
         return None
     name = dtype if isinstance(dtype, str) else None

@@ -17,7 +17,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .config import TINY_VISION
 
 
-
 def tiny_text_config(**overrides) -> dict:
     tc = dict(
         vocab_size=512,

@@ -57,10 +57,11 @@ rewritten so the encoder and the tied lm_head share the decoder's blocks):
   CUDA, the torch twin dequantising one expert at a time otherwise).
 
 Everything else (norms, router, F32/F16/BF16 weights) is dequantised (F32/BF16 bit exact) in the
-requested dtype (float32 by default), as it is without a model to load into. The vision tower is not in a GGUF: the config carries a
-one-layer placeholder tower (dgplug.config.TINY_VISION) whose weights stay randomly initialised,
-which transformers reports as missing keys; images need the safetensors checkpoint. The sampler defaults stored under
-`diffusion.*` become the model's `generation_config`.
+requested dtype (float32 by default), as it is without a model to load into. The vision tower is
+not in a GGUF: the config carries a one-layer placeholder tower (dgplug.config.TINY_VISION) whose
+weights stay randomly initialised, which transformers reports as missing keys; images need the
+safetensors checkpoint. The sampler defaults stored under `diffusion.*` become the model's
+`generation_config`.
 """
 
 from __future__ import annotations
@@ -275,8 +276,8 @@ def pack_modules(model, tensors) -> dict:
                 swap(p.rsplit(".", 1)[0], GGMLLinear(t))
         base = name[: -len(".weight")] if name.endswith(".weight") else name
         out[base + ".blocks"] = t.blocks
-        for p in paths:
-            renamed[at(p)] = (at(p)[: -len(".weight")] if p.endswith(".weight") else at(p)) + ".blocks"
+        for p in map(at, paths):
+            renamed[p] = p.removesuffix(".weight") + ".blocks"
     _rewrite_ties(model, renamed)
     return out
 

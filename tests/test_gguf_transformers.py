@@ -121,6 +121,19 @@ def test_q8_0_auto_class_and_generate(files, reference):
     assert int(seq.max()) < m.config.text_config.vocab_size
 
 
+def _dequantised_reference(files, path):
+    """transformers' own model (eager experts) holding gguf-py's dequantisation of the file at `path`."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dgplug.converters.gguf_import import iter_hf_tensors
+
+    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[0]), experts_implementation="eager")
+    missing, unexpected = ref.load_state_dict(dict(iter_hf_tensors(path)), strict=False)
+    assert not unexpected and all("vision" in k or "encoder" in k or k == "lm_head.weight" for k in missing)
+    assert ref.model.encoder.language_model.layers[0].mlp.up_proj.weight is ref.model.decoder.layers[0].mlp.up_proj.weight
+    return ref.eval()
+
+
 @pytest.mark.parametrize("quant,base,down", [("Q4_K_M", "Q4_K", "Q6_K"), ("Q2_K", "Q2_K", "Q3_K"),
                                             ("IQ4_XS", "IQ4_XS", "IQ4_XS")])
 def test_k_quants_stay_packed(files, reference, quant, base, down):
@@ -130,7 +143,6 @@ def test_k_quants_stay_packed(files, reference, quant, base, down):
     from gguf import GGMLQuantizationType as T
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    from dgplug.converters.gguf_import import iter_hf_tensors
     from dgplug.kernels.ggml import GGMLWeight
 
     path = files[1] / f"model-{quant}.gguf"
@@ -144,10 +156,7 @@ def test_k_quants_stay_packed(files, reference, quant, base, down):
     assert dec.self_conditioning.gate_proj.weight.qtype == T[base]
     assert dec.embed_tokens.blocks.dtype == torch.uint8 and dec.embed_tokens.blocks.device.type == "cpu"
 
-    ref = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[0]), experts_implementation="eager")
-    missing, unexpected = ref.load_state_dict(dict(iter_hf_tensors(path)), strict=False)
-    assert not unexpected and all("vision" in k or "encoder" in k or k == "lm_head.weight" for k in missing)
-    assert ref.model.encoder.language_model.layers[0].mlp.up_proj.weight is ref.model.decoder.layers[0].mlp.up_proj.weight
+    ref = _dequantised_reference(files, path)
     ids, canvas = _inputs()
     sc = torch.randn(ids.shape[0], canvas.shape[1], 512, generator=torch.Generator().manual_seed(5)) * 3
     with torch.no_grad():
@@ -163,7 +172,8 @@ def test_bare_auto_model_from_packed_gguf(files):
     """AutoModel (DiffusionGemmaModel, no `model.` prefix, no lm_head) on a Q4_K_M file: the weights
     stay packed and tied as in the full model (the swap used the checkpoint's `model.` names and
     failed with "DiffusionGemmaModel has no attribute `model`"); its hidden states equal the full
-    model's inner `.model` on the same file."""
+    model's inner `.model` on the same file, and transformers' own model holding gguf-py's
+    dequantisation of it up to summation order."""
     from transformers import AutoModel, DiffusionGemmaForBlockDiffusion, DiffusionGemmaModel
 
     from dgplug.kernels.ggml import GGMLWeight
@@ -179,21 +189,25 @@ def test_bare_auto_model_from_packed_gguf(files):
     with torch.no_grad():
         a = bare(input_ids=ids, decoder_input_ids=canvas).last_hidden_state
         b = full.model(input_ids=ids, decoder_input_ids=canvas).last_hidden_state
+        ref = _dequantised_reference(files, files[1] / "model-Q4_K_M.gguf").model(
+            input_ids=ids, decoder_input_ids=canvas).last_hidden_state
     assert torch.equal(a, b)
+    assert (a - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
 def test_packed_gguf_model_follows_to_dtype(files):
     """`.to(torch.bfloat16)` on a model with packed GGUF weights: the blocks stay uint8 and serve
     bf16, as a float weight would move (they kept serving fp32, and the router's bf16 matmul met
-    an fp32 activation: "expected m1 and m2 to have the same dtype"); the logits are as near the
-    fp32 model's as those of the same file loaded with dtype=torch.bfloat16."""
+    an fp32 activation: "expected m1 and m2 to have the same dtype"); its logits are as near those
+    of transformers' own fp32 model holding gguf-py's dequantisation as the logits of the same file
+    loaded with dtype=torch.bfloat16 are."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
     path = dict(gguf_file="model-Q8_0.gguf")
     m = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[1]), **path)
     ids, canvas = _inputs()
     with torch.no_grad():
-        ref = m(input_ids=ids, decoder_input_ids=canvas).logits
+        ref = _dequantised_reference(files, files[1] / path["gguf_file"])(input_ids=ids, decoder_input_ids=canvas).logits
         m = m.to(torch.bfloat16)
         direct = DiffusionGemmaForBlockDiffusion.from_pretrained(str(files[1]), dtype=torch.bfloat16, **path)
         a = m(input_ids=ids, decoder_input_ids=canvas).logits.float()
