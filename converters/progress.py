@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-_FIGURES = 31  # "51.4/357.0 MB 75.7 MB/s 0:00:12": bytes, speed, time left
+_FIGURES = 32  # "299.4/944.6 MB 55.5 MB/s 0:00:12": bytes, speed, time left
 
 
 def _widths(width: int, description: int, tensor_column: bool) -> tuple[int, int, int]:
@@ -18,13 +18,15 @@ def _widths(width: int, description: int, tensor_column: bool) -> tuple[int, int
 
 def conversion_progress(enabled: bool = True, tensor_column: bool = False, console=None):
     """A rich Progress of bytes read: description, bar, bytes, speed, ETA (and the tensor at work),
-    fitted to the terminal's width (long names end in an ellipsis; the bar never disappears)."""
+    fitted to the terminal's width less two columns (long names end in an ellipsis; the bar never
+    disappears)."""
     from rich.console import Console
+    from rich.constrain import Constrain
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
     from rich.table import Column
 
     console = console or Console(stderr=True, markup=False, highlight=False)
-    desc, bar, tensor = _widths(console.width, 8 if tensor_column else 40, tensor_column)
+    desc, bar, tensor = _widths(console.width - 2, 8 if tensor_column else 40, tensor_column)
 
     def fixed(w):
         return Column(width=w, no_wrap=True, overflow="ellipsis")
@@ -34,4 +36,11 @@ def conversion_progress(enabled: bool = True, tensor_column: bool = False, conso
                TimeRemainingColumn(table_column=Column(no_wrap=True))]
     if tensor:
         columns.append(TextColumn("{task.fields[tensor]}", markup=False, table_column=fixed(tensor)))
-    return Progress(*columns, console=console, disable=not enabled, transient=False)
+
+    class Bars(Progress):
+        def get_renderables(self):
+            # the terminal's last two columns stay free for the `^C` it echoes on Ctrl-C: on a full
+            # line, the echo wrapped to a new line and the next redraw left a second bar behind
+            yield Constrain(self.make_tasks_table(self.tasks), console.width - 2)
+
+    return Bars(*columns, console=console, disable=not enabled, transient=False)

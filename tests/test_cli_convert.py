@@ -269,7 +269,9 @@ def test_read_only_output_folder_named_not_the_temporary_file(tiny_ckpt_smooth, 
 @pytest.mark.parametrize("tensor_column", [False, True])
 def test_progress_bar_fits_the_terminal(tensor_column):
     """At any width from 50 columns the line (description, bar, bytes, speed, ETA, tensor) fits and
-    the bar and the figures stay (int4 at 100 columns once showed the tensor name alone)."""
+    the bar and the figures stay (int4 at 100 columns once showed the tensor name alone); the last
+    two columns stay free (a full line plus the `^C` a terminal echoes wrapped, and a second bar
+    stayed behind on Ctrl-C)."""
     import io
 
     from rich.console import Console
@@ -283,11 +285,16 @@ def test_progress_bar_fits_the_terminal(tensor_column):
         buf = io.StringIO()
         con = Console(file=buf, width=width, color_system=None)
         p = cp.conversion_progress(True, tensor_column, console=con)
-        t = p.add_task("blk.12.ffn_gate_up_exps.weight Q4_K", total=357e6, tensor="model.decoder.layers.0.experts.x")
-        p.update(t, completed=51.4e6)
+        clock = [0.0]
+        p.get_time = lambda: clock[0]  # a speed and a time left, as in a real run: the widest figures
+        t = p.add_task("blk.12.ffn_gate_up_exps.weight Q4_K", total=944.6e6, tensor="model.decoder.layers.0.experts.x")
+        for _ in range(6):
+            clock[0] += 1.0
+            p.advance(t, 49.9e6)
         con.print(p.get_renderable())
         line = buf.getvalue().rstrip("\n")
-        assert "\n" not in line and len(line) <= width and "51.4/357.0 MB" in line and "━" in line, (width, line)
+        assert "299.4/944.6 MB 49.9 MB/s 0:00:13" in line and "━" in line, (width, line)
+        assert "\n" not in line and len(line) <= width - 2, (width, line)
 
 
 def test_quantized_source_and_gguf_without_extension(tiny_ckpt_smooth, tmp_path):
