@@ -166,3 +166,29 @@ def test_cli_info_takes_an_id(tiny_ckpt, hf_cache):
     assert table.exit_code == 0 and "hub id (config.json only" in table.stdout and "on disk" not in table.stdout
     r = CliRunner().invoke(app, ["info", "someone/not-downloaded"])
     assert r.exit_code == 1 and "HF_HUB_OFFLINE=1 forbids downloading it" in r.stderr and "config.json" not in r.stderr
+
+
+def test_cli_downloads_an_id_unless_offline(tiny_ckpt, tmp_path):
+    """The command line leaves HF_HUB_OFFLINE to the user, as transformers does: without it a hub id
+    is downloaded (it once defaulted to offline, so `dgplug convert owner/name` could only read the
+    cache); with HF_HUB_OFFLINE=1 only the cache is read. huggingface_hub's download is replaced,
+    in a fresh process: nothing reaches the network."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, huggingface_hub\n"
+        "seen = []\n"
+        "huggingface_hub.snapshot_download = lambda repo, **kw: seen.append(kw['local_files_only']) or sys.argv[1]\n"
+        "from typer.testing import CliRunner\n"
+        "from dgplug.cli import app\n"
+        "r = CliRunner().invoke(app, ['info', 'owner/model', '--json'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(seen)\n")
+    for offline, want in ((None, "[False]"), ("1", "[True]")):
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        if offline:
+            env["HF_HUB_OFFLINE"] = offline
+        env["HF_HUB_CACHE"] = str(tmp_path / "hub")
+        r = subprocess.run([sys.executable, "-c", code, str(tiny_ckpt)], env=env, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() == want, (offline, r.stdout, r.stderr[-2000:])

@@ -15,8 +15,6 @@ from rich.markup import escape
 
 from . import common
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 class _HelpWithoutValue:
     """--help shown as the flag it is: typer prints its type, `<bool>`, as if it took a value."""
 
