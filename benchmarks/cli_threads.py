@@ -7,7 +7,7 @@ average. "Loaded": the script starts one busy-loop process per core (bounded in 
 duration of those runs, as on a shared machine.
 
 Models: the tiny random model (dgplug.assets.tiny_random_model_path(): hidden 64, 6 layers,
-canvas 32), the shipped Sudoku model (hidden 256, 3 layers, canvas 82) and, with --medium, a
+canvas 32), the shipped Sudoku model (hidden 256, 6 layers since 2026-12-01, 3 when results/cli_threads.txt was run; canvas 82) and, with --medium, a
 random model of ~60M parameters (hidden 512, vocab 32768) to see where threads start to pay.
 
     python benchmarks/cli_threads.py [--repeats 3] [--medium] [--only tiny,sudoku]

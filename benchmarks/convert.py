@@ -3,7 +3,7 @@
 A synthetic DiffusionGemma checkpoint with the released per-layer shapes (hidden 2816, 128
 experts x 704, dense MLP 2112, vocabulary 262144) and 2 layers (one sliding, one full), about
 4.6 GB of bf16 in several shards, is written to --workdir (default /tmp/dgplug_convert_bench,
-never the repo) and converted to each --quant in a FRESH subprocess. Reported per run: wall
+never the repo; removed at the end unless --keep) and converted to each --quant in a FRESH subprocess. Reported per run: wall
 time, input MB/s (bf16 bytes read / wall), output size, and peak RSS (ru_maxrss) of the converting
 process and of its largest worker process. Baseline: gguf-py's own Q8_0 encoder
 (gguf.quants.quantize) on the same tensors, single process, same row chunks.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import resource
 import struct
 import subprocess
@@ -146,7 +147,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quant", nargs="+", default=["Q8_0", "Q4_K_M"])
     ap.add_argument("--workdir", default="/tmp/dgplug_convert_bench")
-    ap.add_argument("--keep", action="store_true", help="keep the output GGUFs")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the output GGUFs and the 4.8 GB checkpoint (a later run reuses it); by default "
+                         "both are removed at the end")
     ap.add_argument("--baseline-gb", type=float, default=1.0, help="bf16 GB fed to the gguf Q8_0 baseline")
     ap.add_argument("--worker", nargs=3, metavar=("SRC", "OUT", "QUANT"))
     a = ap.parse_args()
@@ -179,6 +182,8 @@ def main() -> None:
         if not a.keep:
             out.unlink(missing_ok=True)
     print(json.dumps(results))
+    if not a.keep:
+        shutil.rmtree(src, ignore_errors=True)
 
 
 if __name__ == "__main__":

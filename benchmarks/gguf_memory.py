@@ -2,7 +2,8 @@
 
 The issue's mid-size model (hidden 1024, 6 layers (5 sliding + 1 full), 16 experts top-4 x 512, dense
 MLP 2048, vocabulary 262144, canvas 256; random weights, built by dgplug.testing) is converted by
-`dgplug convert` to each GGUF type under --workdir (default /tmp/dgplug_gguf_memory, never the repo).
+`dgplug convert` to each GGUF type under --workdir (default /tmp/dgplug_gguf_memory, never the repo;
+the checkpoint and the GGUFs, about 2.3 GB a type, stay there for the next run: delete it when done).
 Each measurement runs in a fresh subprocess, packed and dequantised alternating round by round:
 
   packed       dgplug.load(file): the ggml blocks stay as they are (kernels.ggml.GGMLWeight)

@@ -15,7 +15,9 @@ forward, and the fraction of the floor: max(bytes a step must read / HBM, its ma
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 import traceback
 
@@ -1004,6 +1006,11 @@ def main():
     global SMOKE
     SMOKE = args.small
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and not args.small:
+        sys.exit("gpu_check: no CUDA device; the full check builds release-size models (~50 GB) for a GPU. "
+                 "On a CPU run the smoke version: TRITON_INTERPRET=1 bash benchmarks/gpu_check.sh --small")
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("gpu_check: --small on a CPU runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1")
     global HBM  # noqa: PLW0603
     if dev == "cuda" and "H200" in torch.cuda.get_device_name():
         HBM = 4.8e12
@@ -1020,7 +1027,7 @@ def main():
         print(f"device-to-device copy: {2 * 2**30 / t / 1e9:.2f} TB/s (read + write); nominal HBM {HBM / 1e12:.2f} TB/s")
         del a, b
     batches = [int(b) for b in args.batches.split(",")]
-    hf_ms, best = {}, {}
+    hf_ms, best, failed = {}, {}, []
     for name, fn in (("end to end: model.generate, full shapes, int4 experts",
                       lambda: hf_ms.update(generate_e2e(dev, args.small, [b for b in (1, 8) if b in batches]
                                                         or batches[:1]))),
@@ -1053,7 +1060,11 @@ def main():
             fn()
         except Exception:  # noqa: BLE001 - report and go on to the next section
             traceback.print_exc()
+            failed.append(name)
     print(f"\ntotal {time.time() - t0:.0f}s")
+    if failed:
+        print(f"sections that failed ({len(failed)}): " + "; ".join(failed))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from dgplug.testing import make_checkpoint, probe_inputs
 
 NO_LAUNCH = {"view", "_unsafe_view", "reshape", "transpose", "t", "expand", "select", "slice", "unsqueeze",
              "squeeze", "permute", "alias", "detach", "as_strided", "split", "split_with_sizes", "chunk",
-             "unbind", "empty", "empty_like", "empty_strided", "lift_fresh", "_reshape_alias", "unfold"}
+             "unbind", "empty", "empty_like", "empty_strided", "lift_fresh", "_reshape_alias", "unfold",
+             "set"}  # set_: a tensor re-pointed at existing storage (the fused projections' view)
 
 
 class Count(TorchDispatchMode):

@@ -146,19 +146,10 @@ def resident_bytes(d: Path) -> int | None:
 
 
 def text_bytes(d: Path) -> int:
-    from safetensors import safe_open
-    import json
+    """Bytes of the stored text weights (every tensor but the vision tower's), from the headers."""
+    from dgplug.checkpoint import read_index
 
-    idx = d / "model.safetensors.index.json"
-    files = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else ["model.safetensors"]
-    total = 0
-    for f in files:
-        with safe_open(str(d / f), "pt") as h:
-            for k in h.keys():
-                if not is_vision(k):
-                    sl = h.get_slice(k)
-                    total += math.prod(sl.get_shape()) * Q._itemsize(Q._ST_NAME_TO_DTYPE[sl.get_dtype()])
-    return total
+    return sum(t.nbytes for name, t in read_index(d).items() if not is_vision(name))
 
 
 def main(argv=None) -> str:

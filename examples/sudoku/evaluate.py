@@ -108,7 +108,7 @@ def export_puzzles(path, per_band: int = 20, bands=((36, 45), (30, 35), (25, 29)
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("path")
+    ap.add_argument("path", nargs="?", help="the checkpoint to evaluate (not needed with --export-puzzles)")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--bands", default="36-45,30-35,25-29")
     ap.add_argument("--modes", default="entropy,l2r")
@@ -126,6 +126,8 @@ def main():
     if args.export_puzzles:
         export_puzzles(args.export_puzzles)
         return
+    if args.path is None:
+        ap.error("give the checkpoint to evaluate (PATH)")
     torch.set_num_threads(args.threads)
     import dgplug
 

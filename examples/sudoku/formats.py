@@ -60,7 +60,12 @@ def main():
     torch.set_num_threads(args.threads)
     import dgplug
 
-    want = args.formats.split(",")
+    known = {(q or "original").upper(): q or "original" for _, q in FORMATS}
+    want = []
+    for f in filter(None, (f.strip() for f in args.formats.split(","))):
+        if f.upper() not in known:
+            ap.error(f"--formats: unknown format {f!r} (known: {', '.join(known.values())})")
+        want.append(known[f.upper()])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, q in FORMATS:

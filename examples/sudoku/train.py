@@ -205,6 +205,8 @@ def main():
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch sees no CUDA device")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
