@@ -107,9 +107,11 @@ def main():
     print(f"threads {args.threads}, {args.runs} alternated runs x median of {args.reps} forwards; "
           f"load average {os.getloadavg()[0]:.2f} at the end")
     for name in ("patched", "dgplug"):
-        b = statistics.median(r[name] for r in res["before"])
-        a = statistics.median(r[name] for r in res["after"])
-        print(f"{name:8s} before ({args.before}) {b:7.2f} ms   after ({args.after}) {a:7.2f} ms   after/before {a / b:.3f}")
+        bs, as_ = [r[name] for r in res["before"]], [r[name] for r in res["after"]]
+        b, a = statistics.median(bs), statistics.median(as_)
+        print(f"{name:8s} before ({args.before}) {b:7.2f} ms   after ({args.after}) {a:7.2f} ms   after/before {a / b:.3f}"
+              f"   (runs: before {min(bs):.2f}-{max(bs):.2f}, after {min(as_):.2f}-{max(as_):.2f} ms: a ratio inside "
+              f"that spread is noise)")
 
 
 if __name__ == "__main__":

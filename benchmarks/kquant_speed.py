@@ -101,7 +101,10 @@ def per_type(x, mb: float, reps: int, threads: int) -> None:
                 kq.quantize(x, qt, "bench", importance=imp if weighted else None)
                 t[weighted].append(time.perf_counter() - t0)
         a, b = statistics.median(t[False]), statistics.median(t[True])
-        print(f"{qt.name:7} {a * 1e3:9.1f} {mb / a:7.1f} {b * 1e3:11.1f} {mb / b:7.1f}")
+        if qt in kq.ENCODED_TYPES:
+            print(f"{qt.name:7} {a * 1e3:9.1f} {mb / a:7.1f} {b * 1e3:11.1f} {mb / b:7.1f}")
+        else:  # gguf-py's encoder, which takes no importance (kquants.quantize ignores it)
+            print(f"{qt.name:7} {a * 1e3:9.1f} {mb / a:7.1f} {'(no imatrix)':>11} {'':>7}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
