@@ -7,13 +7,13 @@ shows the traceback), results go to stdout, and no text is ever read as rich mar
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import typer
 from rich.markup import escape
 
 from . import common
+
 
 class _HelpWithoutValue:
     """--help shown as the flag it is: typer prints its type, `<bool>`, as if it took a value."""
