@@ -60,7 +60,7 @@ def main():
         sides = list(secs)
         try:
             for r in range(-1, args.reps):  # r == -1: the warm-up, not timed
-                for side in sides[r % 3:] + sides[:r % 3] if r >= 0 else sides:
+                for side in sides[r % 3:] + sides[:r % 3]:
                     rows[side] = 0
                     t0 = time.perf_counter()
                     if side == "left to right":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 _FIGURES = 32  # "299.4/944.6 MB 55.5 MB/s 0:00:12": bytes, speed, time left
+# the terminal's last two columns stay free for the `^C` it echoes on Ctrl-C: on a full line the
+# echo wrapped to a new line, and the next redraw left a second bar behind
+_SPARE = 2
 
 
 def _widths(width: int, description: int, tensor_column: bool) -> tuple[int, int, int]:
@@ -26,7 +29,7 @@ def conversion_progress(enabled: bool = True, tensor_column: bool = False, conso
     from rich.table import Column
 
     console = console or Console(stderr=True, markup=False, highlight=False)
-    desc, bar, tensor = _widths(console.width - 2, 8 if tensor_column else 40, tensor_column)
+    desc, bar, tensor = _widths(console.width - _SPARE, 8 if tensor_column else 40, tensor_column)
 
     def fixed(w):
         return Column(width=w, no_wrap=True, overflow="ellipsis")
@@ -39,8 +42,6 @@ def conversion_progress(enabled: bool = True, tensor_column: bool = False, conso
 
     class Bars(Progress):
         def get_renderables(self):
-            # the terminal's last two columns stay free for the `^C` it echoes on Ctrl-C: on a full
-            # line, the echo wrapped to a new line and the next redraw left a second bar behind
-            yield Constrain(self.make_tasks_table(self.tasks), console.width - 2)
+            yield Constrain(self.make_tasks_table(self.tasks), console.width - _SPARE)
 
     return Bars(*columns, console=console, disable=not enabled, transient=False)
