@@ -842,6 +842,8 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
             toks[tag] = last["seq"]  # from the last timed call: both graphs replayed
         os.environ["DGPLUG_CUDA_GRAPHS"] = "1"
         same = torch.equal(toks["graphs"], toks["eager"]) if eager else "not_run"
+        if dev != "cuda":  # the smoke run: DGPLUG_CUDA_GRAPHS has nothing to capture on a CPU
+            print("(CPU: no CUDA graphs; both runs below are eager)")
         try:
             if hf_ms and B in hf_ms:
                 raise LookupError
@@ -860,7 +862,7 @@ def generate_e2e(dev, small, batches, prompt=512, canvases=2, steps=32, quant="i
               f"transformers {ms['transformers']:.0f}; tokens graphs == eager: {same}; MoE tiles: {label} {cfg}", flush=True)
         for tag in ("graphs", "eager")[:2 if eager else 1]:
             step = ms[tag] / n_steps
-            print(f"RESULT step path=generate quant={quant}{'a8' if a8 else ''} batch={B} graphs={int(tag == 'graphs')} "
+            print(f"RESULT step path=generate quant={quant}{'a8' if a8 else ''} batch={B} graphs={int(tag == 'graphs' and dev == 'cuda')} "
                   f"moe={label.replace(' ', '_').replace(',', '')} ms={step:.2f} "
                   f"tok_s={16 * B * 1000 / step:.0f} floor_pct={100 * floor / step:.0f} "
                   f"bytes_floor_ms={floor_b:.2f} flops_floor_ms={floor_f:.2f} "

@@ -2,17 +2,25 @@
 
     python examples/transformers_generate.py [CHECKPOINT_DIR] [--fused]
 
-Without a checkpoint argument it uses dgplug's embedded default model. `TextDiffusionStreamer`
-prints the argmax draft after every denoising step (transformers' own streamer class).
+Without a checkpoint argument it uses dgplug's embedded default model. On a terminal,
+`TextDiffusionStreamer` prints the argmax draft after every denoising step (transformers' own
+streamer class, which redraws with escape codes); into a pipe or a file, `TextStreamer` prints each
+committed canvas once.
 """
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, TextDiffusionStreamer  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    DiffusionGemmaForBlockDiffusion,
+    TextDiffusionStreamer,
+    TextStreamer,
+)
 
 import dgplug  # noqa: E402  (registers dgplug's formats with transformers)
 from dgplug.assets import default_model_path  # noqa: E402
@@ -42,7 +50,7 @@ def main():
     dgplug.patch(model, sampler="fused" if args.fused else "transformers")
     prompt = args.prompt or default_prompt(tok)
     ids = tok(prompt, return_tensors="pt").input_ids
-    streamer = TextDiffusionStreamer(tokenizer=tok)
+    streamer = TextDiffusionStreamer(tokenizer=tok) if sys.stdout.isatty() else TextStreamer(tok)
     torch.manual_seed(0)
     kw = {"max_denoising_steps": args.steps} if args.steps else {}
     out = model.generate(ids, streamer=streamer, **kw)

@@ -177,3 +177,34 @@ def test_grids_per_row_is_what_rich_draws(width):
     assert _drawn_height(per_row, width) == GRID_LINES, (width, per_row)  # one row of grids
     if per_row < 9:
         assert _drawn_height(per_row + 1, width) > GRID_LINES, (width, per_row)  # and no room for one more
+
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_live_view_is_drawn_by_the_model_thread_and_not_timed(monkeypatch, compare):
+    """On a terminal the view is drawn only from the thread that runs the model (rich's refresh
+    thread would redraw 20 times a second and take the GIL from it), and the seconds the summary
+    reports are the model's: a terminal that draws slowly (0.5 s a frame here) is not counted."""
+    import threading
+    import time
+
+    from rich.live import Live
+
+    from dgplug.cli import common
+
+    monkeypatch.setattr(common.err, "_force_terminal", True)
+    draws, refresh = [], Live.refresh
+
+    def slow_refresh(self):
+        draws.append((threading.get_ident(), threading.active_count()))
+        time.sleep(0.5)
+        refresh(self)
+
+    monkeypatch.setattr(Live, "refresh", slow_refresh)
+    before = threading.active_count()
+    solved = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
+    puzzle = "".join("." if i in (3, 30, 57, 80) else c for i, c in enumerate(solved))  # 4 blanks: 4 forwards
+    r = runner.invoke(app, ["demo", "--puzzle", puzzle, "--steps", "4"] + (["--compare"] if compare else []))
+    assert r.exit_code == 0, r.output
+    assert len(draws) >= 3 and set(draws) == {(threading.get_ident(), before)}, draws
+    seconds = [float(s) for s in re.findall(r"steps in ([\d.]+) s", r.stdout)]
+    assert len(seconds) == 1 + compare and max(seconds) < 1.0 < 0.5 * len(draws), (seconds, len(draws))

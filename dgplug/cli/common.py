@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 
 import typer
@@ -37,14 +38,30 @@ def at_least(flag: str, value: int | None, low: int = 1, what: str = "a number")
         raise CLIError(f"{flag} {value}: give {what} >= {low}")
 
 
-def live_view(refresh: int):
-    """A started live view on stderr (transient: it vanishes when stopped); content taller than
-    the terminal is cut to it, never left behind above the output."""
-    from rich.live import Live
+class LiveView:
+    """A live view on stderr, transient (it vanishes when stopped); content taller than the
+    terminal is cut to it, never left behind above the output. Drawn only from the caller's
+    thread, at most `rate` times a second (rich's own refresh thread would redraw many times a
+    second and take the GIL from the model being timed); `drawing` is the seconds spent drawing."""
 
-    view = Live(console=err, refresh_per_second=refresh, transient=True, vertical_overflow="crop")
-    view.start()
-    return view
+    def __init__(self, rate: float):
+        from rich.live import Live
+
+        self.live = Live(console=err, auto_refresh=False, transient=True, vertical_overflow="crop")
+        self.gap, self.last, self.drawing = 1 / rate, float("-inf"), 0.0
+        self.live.start()
+
+    def update(self, renderable, now: bool = False) -> None:
+        """Show `renderable`: at once with now=True, else when 1/rate has passed since the last draw."""
+        t = time.perf_counter()
+        self.live.update(renderable)
+        if now or t - self.last >= self.gap:
+            self.live.refresh()
+            self.last = time.perf_counter()
+            self.drawing += self.last - t
+
+    def stop(self) -> None:
+        self.live.stop()
 
 
 def result_line(text: str) -> None:

@@ -4,7 +4,8 @@ The givens are placed on the canvas and locked (the in-line editing mechanism); 
 denoised in parallel. The whole batch is solved at once while the live view redraws the grids
 with the fewest givens step by step, side by side, as many as fit the terminal; then those grids
 and one summary line: solved, blanks without a clash, forwards per grid, blanks filled per
-forward, and the batch's steps, seconds and blanks/s (the givens are locked, not generated).
+forward, and the batch's steps, seconds and blanks/s (the givens are locked, not generated; the
+seconds are the model's: drawing the view and its pauses are not counted).
 The bank's puzzles had cells removed at random, so many have several solutions: a grid counts as
 solved when it is valid and keeps every given, and a blank as right when its digit
 clashes with none in its row, column and box (the stored solution is only one of the answers).
@@ -22,7 +23,7 @@ from rich.columns import Columns
 from rich.console import Group
 from rich.text import Text
 
-from .common import CLIError, STATE, err, live_view, out, result_line, say
+from .common import CLIError, STATE, LiveView, err, out, result_line, say
 
 UNITS = ([[r * 9 + c for c in range(9)] for r in range(9)] + [[r * 9 + c for r in range(9)] for c in range(9)]
          + [[(br + r) * 9 + bc + c for r in range(3) for c in range(3)] for br in (0, 3, 6) for bc in (0, 3, 6)])
@@ -213,40 +214,40 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     view = None
     animate = live and err.is_terminal and not STATE["quiet"]
     if err.is_terminal and not STATE["quiet"]:
-        view = live_view(20)
+        view = LiveView(20)
     legend = Text.assemble(("given", "bold"), "  ", ("accepted", "bold green"), "  ",
                            ("draft (not yet accepted)", "dim"), "  ", ("? not a digit", "red"),
-                           ("  (pauses not timed)" if animate else "", "dim"))
+                           ("  (drawing not timed)" if animate else "", "dim"))
     W = max(err.size.width, 1)
     widest_status = f"step {N} of {N}: {len(items)} of {len(items)} grids settled, 999.9s"
     header = math.ceil(len(widest_status) / W) + math.ceil(len(legend.plain) / W)  # as wrapped at this width
     watched = drawn[:fitting(len(drawn), W, err.size.height, header)] if animate else []
-    t0, paused = time.perf_counter(), 0.0
+    t0, shown = time.perf_counter(), 0.0  # shown: seconds in this hook (drawing, pauses), not the model's
 
     def hook(s):
-        nonlocal paused
+        nonlocal shown
         if STATE["quiet"]:
             return
+        t = time.perf_counter()
         status = Text(f"step {s.step} of {N}: {int(s.finished.sum())} of {len(items)} grids settled, "
-                      f"{time.perf_counter() - t0 - paused:.1f}s", style="cyan")
+                      f"{t - t0 - shown:.1f}s", style="cyan")
         if view is None:  # not a terminal: plain lines
             err.print(status)
-            return
-        frames = [S.render(puzzles[k], s.draft[k].tolist(), s.accepted[k].tolist(),
-                           f"puzzle {k + 1} ({items[k]['givens']} givens)") for k in watched]
-        view.update(Group(status, legend, Columns(frames, padding=(0, 3))) if frames else status)
-        if animate:
-            t = time.perf_counter()
-            time.sleep(0.08)  # slow enough to watch; subtracted from the times shown
-            paused += time.perf_counter() - t
+        else:
+            frames = [S.render(puzzles[k], s.draft[k].tolist(), s.accepted[k].tolist(),
+                               f"puzzle {k + 1} ({items[k]['givens']} givens)") for k in watched]
+            view.update(Group(status, legend, Columns(frames, padding=(0, 3))) if frames else status, now=animate)
+            if animate:
+                time.sleep(0.08)  # slow enough to watch
+        shown += time.perf_counter() - t
 
     try:
         res = model.generate(prompt, decoder_input_ids=canvas.to(model.device), locked=lock.to(model.device),
                              max_denoising_steps=steps, seed=seed, on_step=hook)
+        dt = time.perf_counter() - t0 - shown
     finally:
         if view is not None:
             view.stop()
-    dt = time.perf_counter() - t0 - paused
     L0 = prompt.shape[1]
     grids = [S.grid(res.sequences[b, L0:].tolist()) for b in range(len(items))]
     ok = [S.solved(p, g) for p, g in zip(puzzles, grids)]
@@ -276,21 +277,24 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
         from dgplug.editing import fill_left_to_right
 
         say("left to right: the same puzzles from the same canvas, one cell per forward, leftmost blank first")
-        ltr_view = live_view(10) if err.is_terminal and not STATE["quiet"] else None
-        t0 = time.perf_counter()
+        ltr_view = LiveView(10) if err.is_terminal and not STATE["quiet"] else None
+        t0, shown = time.perf_counter(), 0.0
 
         def progress(forwards, left):
+            nonlocal shown
+            t = time.perf_counter()
             ltr_view.update(Text(f"left to right: forward {forwards}, {left} of {len(items)} grids with blanks left, "
-                                 f"{time.perf_counter() - t0:.1f}s", style="cyan"))
+                                 f"{t - t0 - shown:.1f}s", style="cyan"))
+            shown += time.perf_counter() - t
 
         try:
             filled, fw = fill_left_to_right(model, prompt.to(model.device), start.to(model.device),
                                             lock.to(model.device), seed=seed,
                                             on_forward=progress if ltr_view is not None else None)
+            dt = time.perf_counter() - t0 - shown
         finally:
             if ltr_view is not None:
                 ltr_view.stop()
-        dt = time.perf_counter() - t0
         grids = [S.grid(filled[b].tolist()) for b in range(len(items))]
         ok = [S.solved(p, g) for p, g in zip(puzzles, grids)]
         result_line(f"left to right, same model: {sum(ok)}/{len(items)} = {100 * sum(ok) / len(items):.0f}%; "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from .common import CLIError, STATE, at_least, err, live_view, note, out, say
+from .common import CLIError, STATE, LiveView, at_least, err, note, out, say
 from .paths import model_arg
 
 RNGS = ("counter", "transformers")
@@ -193,7 +193,7 @@ class Watch:
         self.last_step = 0
         self.view = None
         if err.is_terminal and not STATE["quiet"]:
-            self.view = live_view(12)
+            self.view = LiveView(12)
 
     def rate(self, tokens: int) -> float:
         return tokens / max(time.perf_counter() - self.t0, 1e-9)
