@@ -699,7 +699,6 @@ def step_timing(dev, small, batches, context):
                               f"graphs_ms_projections_separate={ms[f'g4_{t}_separate']:.3f}", flush=True)
         # head + sampler
         h = torch.randn(B * C, H, device=dev).to(torch.bfloat16)
-        T = torch.tensor(0.6, device=dev)
 
         for tag, fn in (("hf_head", lambda: hf_sampler(h, E, B, C)), ("dg_head", lambda: dg_sampler(h, E, B, C))):
             ms[tag], ms[tag + "_mib"] = timed_mem(fn)
