@@ -230,17 +230,15 @@ def _encode(st: StoredTensor | None, data: np.ndarray | None, r0: int, r1: int, 
     rows r0..r1-1 are in): each matrix's rows are encoded with its own row (experts)."""
     qtype = T(qtype)
     if data is not None:
-        raw, dt = data.reshape(-1, cols)[r0:r1], "F32"
+        raw, dt, shape = data.reshape(-1, cols)[r0:r1], "F32", data.shape
     else:
-        raw, dt = _read_rows(st, r0, r1, cols, _FDS), st.dtype
-    if qtype == T.BF16 and dt == "BF16":
-        out = np.ascontiguousarray(raw).view(np.uint8)  # bit copy
-        kquants.check_finite(_to_f32(raw, dt), gname)
-        return out.reshape(-1)
-    if qtype == T.F16 and dt == "F16":
-        kquants.check_finite(raw, gname)
-        return np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+        raw, dt, shape = _read_rows(st, r0, r1, cols, _FDS), st.dtype, st.shape
     x = _to_f32(raw, dt)
+    kquants.check_finite(x, gname, at=r0 * cols, shape=tuple(shape))  # the index in the whole tensor
+    if qtype == T.BF16 and dt == "BF16":
+        return np.ascontiguousarray(raw).view(np.uint8).reshape(-1)  # bit copy
+    if qtype == T.F16 and dt == "F16":
+        return np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     if imp is None:
         out = kquants.quantize(x, qtype, name=gname)
     else:

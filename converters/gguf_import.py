@@ -36,7 +36,9 @@ Entry points (what `dgplug.load("x.gguf")` and `dgplug inspect FILE.gguf` call):
 from __future__ import annotations
 
 import os
+import re
 import struct
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -53,19 +55,44 @@ _SCALAR_SIZE = {VT.UINT8: 1, VT.INT8: 1, VT.UINT16: 2, VT.INT16: 2, VT.UINT32: 4
 _SCALAR_FMT = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
                VT.FLOAT32: "<f", VT.BOOL: "<?", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
 
-REQUIRED_KEYS = [
-    "general.architecture", "general.type", "general.name", "general.file_type", "general.quantization_version",
-    *[f"{ARCH}.{k}" for k in (
+# The contract's metadata (../shared/spec/gguf.md), one row per key: the value types llama.cpp's
+# loader accepts ((type, array element type or None), ...), whether the key is required, and the
+# value the contract fixes (None: any). llama.cpp refuses a key of another type ("wrong type").
+_U32, _F32, _BOOL, _STR = ((VT.UINT32, None),), ((VT.FLOAT32, None),), ((VT.BOOL, None),), ((VT.STRING, None),)
+_STRS = ((VT.ARRAY, VT.STRING),)
+METADATA: dict[str, tuple[tuple, bool, object]] = {
+    "general.architecture": (_STR, True, ARCH),
+    "general.type": (_STR, True, "model"),
+    "general.name": (_STR, True, None),
+    "general.file_type": (_U32, True, None),
+    "general.quantization_version": (_U32, True, 2),
+    **{f"{ARCH}.{k}": (_U32, True, None) for k in (
         "block_count", "context_length", "embedding_length", "feed_forward_length", "expert_feed_forward_length",
-        "expert_count", "expert_used_count", "attention.head_count", "attention.head_count_kv",
-        "attention.key_length", "attention.value_length", "attention.key_length_swa",
-        "attention.value_length_swa", "attention.sliding_window", "attention.sliding_window_pattern",
-        "attention.layer_norm_rms_epsilon", "attention.causal", "rope.freq_base", "rope.freq_base_swa",
-        "rope.dimension_count", "rope.dimension_count_swa", "final_logit_softcapping")],
-    "diffusion.canvas_length",
-    "tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.mask_token_id",
-    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-]
+        "expert_count", "expert_used_count", "attention.head_count", "attention.key_length",
+        "attention.value_length", "attention.key_length_swa", "attention.value_length_swa",
+        "attention.sliding_window", "rope.dimension_count", "rope.dimension_count_swa")},
+    f"{ARCH}.attention.head_count_kv": (((VT.ARRAY, VT.INT32), (VT.ARRAY, VT.UINT32), (VT.UINT32, None)), True, None),
+    f"{ARCH}.attention.sliding_window_pattern": (((VT.ARRAY, VT.BOOL),), True, None),
+    f"{ARCH}.attention.causal": (_BOOL, True, False),
+    f"{ARCH}.attention.shared_kv_layers": (_U32, False, 0),
+    f"{ARCH}.embedding_length_per_layer_input": (_U32, False, 0),
+    **{f"{ARCH}.{k}": (_F32, True, None) for k in (
+        "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa", "final_logit_softcapping")},
+    "diffusion.canvas_length": (_U32, True, None),
+    "diffusion.eb_max_steps": (_U32, False, None),
+    "diffusion.eb_stability_threshold": (_U32, False, None),
+    **{f"diffusion.eb_{k}": (_F32, False, None) for k in ("t_min", "t_max", "entropy_bound", "confidence_threshold")},
+    "tokenizer.ggml.model": (_STR, True, "gemma4"),
+    "tokenizer.ggml.tokens": (_STRS, True, None),
+    "tokenizer.ggml.token_type": (((VT.ARRAY, VT.INT32),), True, None),
+    "tokenizer.ggml.scores": (((VT.ARRAY, VT.FLOAT32),), False, None),
+    "tokenizer.ggml.merges": (_STRS, False, None),
+    **{f"tokenizer.ggml.{k}_token_id": (_U32, k in ("mask", "bos", "eos"), None)
+       for k in ("mask", "bos", "eos", "unknown", "padding", "seperator", "cls", "eot", "eom")},
+    **{f"tokenizer.ggml.add_{k}": (_BOOL, False, None) for k in ("bos_token", "eos_token", "space_prefix")},
+    "tokenizer.chat_template": (_STR, False, None),
+}
+REQUIRED_KEYS = [k for k, (_, required, _) in METADATA.items() if required]
 GEN_KEYS = {  # diffusion.* key -> generation_config key (released defaults in dgplug.config)
     "diffusion.eb_max_steps": "max_denoising_steps",
     "diffusion.eb_t_min": "t_min",
@@ -131,6 +158,8 @@ def _check_architecture(path: str, meta: dict) -> None:
     if meta.get("general.type") == "imatrix":
         raise FormatError(f"{path} is an importance matrix (general.type 'imatrix'), not a model: "
                           f"it goes to `dgplug convert --imatrix`")
+    if arch is None and meta.get("split.no", 0) != 0:  # a later shard: the metadata is in the first
+        shard_paths(path, meta)
     if arch is None:
         raise FormatError(f"{path}: no general.architecture, so not a model GGUF")
     raise FormatError(f"{path}: architecture {arch!r} is not {ARCH!r} (dgplug runs DiffusionGemma only)")
@@ -151,6 +180,9 @@ def validate_gguf(path, any_model: bool = False) -> dict:
             raise FormatError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
         version = c.u32("version")
         if version not in (2, 3):
+            if int.from_bytes(version.to_bytes(4, "little"), "big") in (2, 3):
+                raise FormatError(f"{path}: a big-endian GGUF (its header is byte-swapped); dgplug and llama.cpp on "
+                                  "this machine read little-endian ones (gguf-py's gguf-convert-endian FILE little)")
             raise FormatError(f"{path}: unsupported GGUF version {version}")
         n_tensors = c.u64("tensor count")
         n_kv = c.u64("metadata count")
@@ -232,12 +264,73 @@ def validate_gguf(path, any_model: bool = False) -> dict:
 
 
 def open_gguf(path, mode: str = "r", any_model: bool = False) -> GGUFReader:
-    """Validated, then memory-mapped by gguf-py ("c": copy-on-write, so tensors can view it)."""
-    validate_gguf(path, any_model)
+    """Validated, then memory-mapped by gguf-py ("c": copy-on-write, so tensors can view it). The
+    first shard of a split GGUF (llama.cpp's gguf-split) opens the whole model: its reader lists
+    the tensors of every shard."""
+    meta = validate_gguf(path, any_model)["metadata"]
+    reader = _gguf_reader(path, mode)
+    if meta.get("split.count", 1) != 1 or meta.get("split.no", 0) != 0:
+        _join_shards(path, reader, meta, mode)
+    return reader
+
+
+def _gguf_reader(path, mode: str) -> GGUFReader:
     try:
         return GGUFReader(str(path), mode)
     except (ValueError, KeyError, IndexError) as e:
         raise FormatError(f"{path}: malformed GGUF ({e})") from None
+
+
+SPLIT_NAME = re.compile(r"(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # llama.cpp's shard names
+
+
+def shard_paths(path, meta: dict) -> list[Path]:
+    """Every shard of the split GGUF whose first shard is `path` (metadata split.no 0, split.count n),
+    named as llama.cpp's gguf-split names them, PREFIX-00001-of-0000n.gguf ... (a file that is not
+    split: [path])."""
+    path = Path(path)
+    no, count = meta.get("split.no", 0), meta.get("split.count", 1)
+    m = SPLIT_NAME.match(path.name)
+    if no != 0:
+        first = f" ({m['prefix']}-00001-of-{int(m['count']):05d}.gguf)" if m else ""
+        raise FormatError(f"{path}: shard {no + 1} of {count} of a split GGUF: give the first shard{first}")
+    if count == 1:
+        return [path]
+    if m is None or int(m["count"]) != count:
+        raise FormatError(f"{path}: the first shard of a split GGUF of {count} (split.count), named otherwise than "
+                          f"PREFIX-00001-of-{count:05d}.gguf: the other shards cannot be found")
+    return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def _join_shards(path, reader: GGUFReader, meta: dict, mode: str) -> None:
+    """The other shards' tensors appended to the first shard's reader (each checked as a file first)."""
+    paths = shard_paths(path, meta)
+    names = {t.name for t in reader.tensors}
+    for i, p in enumerate(paths[1:], start=1):
+        if not p.exists():
+            raise FormatError(f"{path}: shard {i + 1} of {len(paths)} of this split GGUF is missing ({p} not found)")
+        m = validate_gguf(p, any_model=True)["metadata"]
+        if m.get("split.no") != i or m.get("split.count") != len(paths):
+            raise FormatError(f"{p}: split.no {m.get('split.no')} and split.count {m.get('split.count')}, "
+                              f"expected {i} and {len(paths)} (shard {i + 1} of {path})")
+        for t in (shard := _gguf_reader(p, mode)).tensors:
+            if t.name in names:
+                raise FormatError(f"{p}: tensor {t.name!r} is also in an earlier shard")
+            names.add(t.name)
+        reader.tensors.extend(shard.tensors)
+    if meta.get("split.tensors.count", len(names)) != len(names):
+        raise FormatError(f"{path}: the {len(paths)} shards hold {len(names)} tensors, split.tensors.count "
+                          f"says {meta['split.tensors.count']}")
+
+
+def first_shard(files: list[Path]) -> Path | None:
+    """The first shard when `files` are exactly the shards of one split GGUF, else None."""
+    ms = [SPLIT_NAME.match(f.name) for f in files]
+    if not files or not all(ms) or len({(m["prefix"], m["count"]) for m in ms}) != 1:
+        return None
+    if sorted(int(m["no"]) for m in ms) != list(range(1, int(ms[0]["count"]) + 1)):
+        return None
+    return next(f for f, m in zip(files, ms) if int(m["no"]) == 1)
 
 
 def _reader(r) -> GGUFReader:
@@ -264,23 +357,23 @@ def _field(reader: GGUFReader, key: str, default=None):
 # ---------------------------------------------------------------------------------------------
 def gguf_to_config(reader) -> dict:
     reader = _reader(reader)
-    a = ARCH
+    a, path = ARCH, getattr(reader.data, "filename", "GGUF")
 
     def need(key):
         v = _field(reader, key)
         if v is None:
-            raise FormatError(f"GGUF lacks metadata key {key!r}")
+            raise FormatError(f"{path}: no metadata key {key!r}")
         return v
 
     n_layers = int(need(f"{a}.block_count"))
     swa = need(f"{a}.attention.sliding_window_pattern")
     kvh = need(f"{a}.attention.head_count_kv")
-    if not isinstance(swa, list) or len(swa) != n_layers:
-        raise FormatError(f"{a}.attention.sliding_window_pattern must list {n_layers} layers")
     if isinstance(kvh, int):
         kvh = [kvh] * n_layers
-    if len(kvh) != n_layers:
-        raise FormatError(f"{a}.attention.head_count_kv must list {n_layers} layers")
+    for key, v in (("attention.sliding_window_pattern", swa), ("attention.head_count_kv", kvh)):
+        if not isinstance(v, list) or len(v) != n_layers:
+            raise FormatError(f"{path}: {a}.block_count is {n_layers}, but {a}.{key} lists "
+                              f"{len(v) if isinstance(v, list) else 'no'} layers")
     layer_types = ["sliding_attention" if s else "full_attention" for s in swa]
     slide_kv = next((int(k) for k, s in zip(kvh, swa) if s), int(kvh[0]))
     full_kv = next((int(k) for k, s in zip(kvh, swa) if not s), slide_kv)
@@ -436,18 +529,17 @@ def check_contract(path) -> list[str]:
         reader = open_gguf(path)
     except FormatError as e:
         return [str(e)]
-    for k in REQUIRED_KEYS:
-        if reader.get_field(k) is None:
-            problems.append(f"missing metadata key {k}")
-    if _field(reader, "tokenizer.ggml.model") not in (None, "gemma4"):
-        problems.append(f"tokenizer.ggml.model is {_field(reader, 'tokenizer.ggml.model')!r}, expected 'gemma4'")
+    problems += _metadata_problems(reader)
+    present, values = {t.name: t for t in reader.tensors}, []
     try:
         cfg = gguf_to_config(reader)
+        values = _value_problems(reader, cfg["text_config"], present)
+        problems += values
         specs = _name_map(cfg)
-    except Exception as e:  # noqa: BLE001 - reported, not raised
-        problems.append(f"cannot derive the model config: {e}")
-        return problems
-    present = {t.name: t for t in reader.tensors}
+    except Exception as e:  # noqa: BLE001 - reported, not raised (once: a value named above is the cause)
+        return problems if values else problems + [f"cannot derive the model config: {e}"]
+    tc = cfg["text_config"]
+    shapes = []
     for name, s in specs.items():
         t = present.get(name)
         if t is None:
@@ -455,10 +547,13 @@ def check_contract(path) -> list[str]:
             continue
         shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
         if shape != tuple(s.shape):
-            problems.append(f"tensor {name}: shape {list(shape)} (numpy order), expected {list(s.shape)}")
+            shapes.append(f"tensor {name}: shape {list(shape)} (numpy order), expected {list(s.shape)}")
         if (len(s.shape) == 1 or ".ffn_gate_inp." in name) and T(int(t.tensor_type)) != T.F32:
             problems.append(f"tensor {name}: type {T(int(t.tensor_type)).name}, expected F32")
-    tc = cfg["text_config"]
+    if len(shapes) > 8:  # one wrong size in the metadata: every tensor it sizes disagrees
+        shapes = shapes[:3] + [f"... and {len(shapes) - 3} more tensors whose shapes disagree with the metadata's "
+                               f"sizes (embedding_length, feed_forward_length, head counts and lengths, expert_count)"]
+    problems += shapes
     rf = present.get(ROPE_FREQS_GGUF)
     if rf is None:
         problems.append(f"missing tensor {ROPE_FREQS_GGUF}")
@@ -474,6 +569,64 @@ def check_contract(path) -> list[str]:
     for t, ty in zip(tokens, types):  # llama.cpp's chat parser reads these: they must be rendered
         if t in GEMMA4_VISIBLE_TOKENS and int(ty) != int(TokenType.USER_DEFINED):
             problems.append(f"token {t!r} has type {TokenType(int(ty)).name}, expected USER_DEFINED")
+    return problems
+
+
+_VT_NAMES = {VT.UINT8: "u8", VT.INT8: "i8", VT.UINT16: "u16", VT.INT16: "i16", VT.UINT32: "u32", VT.INT32: "i32",
+             VT.UINT64: "u64", VT.INT64: "i64", VT.FLOAT32: "f32", VT.FLOAT64: "f64", VT.BOOL: "bool",
+             VT.STRING: "string"}
+
+
+def _type_name(t: tuple) -> str:
+    return f"{_VT_NAMES[t[1]]} array" if t[0] == VT.ARRAY else _VT_NAMES[t[0]]
+
+
+def _metadata_problems(reader) -> list[str]:
+    """Each key of METADATA: present where required, of a type llama.cpp reads, the contract's value."""
+    problems = []
+    for key, (types, required, fixed) in METADATA.items():
+        f = reader.get_field(key)
+        if f is None:
+            if required:
+                problems.append(f"missing metadata key {key}")
+            continue
+        got = (VT(f.types[0]), VT(f.types[-1]) if f.types[0] == VT.ARRAY else None)
+        if got not in types:
+            problems.append(f"metadata key {key} is {_type_name(got)}, expected {' or '.join(map(_type_name, types))}")
+        elif fixed is not None and _field(reader, key) != fixed:
+            problems.append(f"metadata key {key} is {_field(reader, key)!r}, expected {fixed!r}")
+    return problems
+
+
+def _value_problems(reader, tc: dict, present: dict) -> list[str]:
+    """Values that must agree with each other or with the tensors: experts used <= experts, token
+    ids inside the vocabulary, embedding_length = token_embd's width, file_type = the experts' type."""
+    a, problems = ARCH, []
+    if not 1 <= tc["top_k_experts"] <= tc["num_experts"]:
+        problems.append(f"metadata key {a}.expert_used_count is {tc['top_k_experts']}: a model of "
+                        f"{tc['num_experts']} experts ({a}.expert_count) uses 1 to {tc['num_experts']}")
+    n_tokens = len(reader.get_field("tokenizer.ggml.tokens").data) if reader.get_field("tokenizer.ggml.tokens") else None
+    for key in (k for k in METADATA if k.endswith("_token_id")):
+        v = _field(reader, key)
+        if n_tokens is not None and isinstance(v, int) and not 0 <= v < n_tokens:
+            problems.append(f"metadata key {key} is {v}, outside the vocabulary of {n_tokens} tokens")
+    embd = present.get("token_embd.weight")
+    if embd is not None and int(embd.shape[0]) != tc["hidden_size"]:
+        problems.append(f"metadata key {a}.embedding_length is {tc['hidden_size']}, but token_embd.weight rows are "
+                        f"{int(embd.shape[0])} wide")
+    ft, gate_up = _field(reader, "general.file_type"), present.get("blk.0.ffn_gate_up_exps.weight")
+    if isinstance(ft, int) and gate_up is not None:
+        from .gguf_export import RECIPES, tensor_type
+
+        quant = next((q for q, r in RECIPES.items() if int(r["ftype"]) == ft), None)
+        shape = tuple(int(d) for d in reversed([int(x) for x in gate_up.shape]))
+        if quant is not None:
+            want = tensor_type(quant, gate_up.name, shape, n_layers=tc["num_hidden_layers"],
+                               n_experts=tc["num_experts"], layer=0)
+            got = T(int(gate_up.tensor_type))
+            if got != want:
+                problems.append(f"metadata key general.file_type is {ft} ({quant}), but {gate_up.name} is {got.name} "
+                                f"(a {quant} file stores it as {want.name})")
     return problems
 
 

@@ -85,8 +85,9 @@ ENCODED_TYPES = K_TYPES + IQ_TYPES
 GGUF_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1)
 
 
-def check_finite(x: np.ndarray, name: str) -> None:
-    """Raise FormatError naming the tensor (and the first bad index) when x has NaN or Inf."""
+def check_finite(x: np.ndarray, name: str, at: int = 0, shape: tuple[int, ...] | None = None) -> None:
+    """Raise FormatError naming the tensor and the index of its first NaN or Inf when x has one.
+    x may be a part of the tensor: its elements from flat index `at` of a tensor of `shape`."""
     if x.dtype.kind != "f":
         return
     flat = x.reshape(-1)
@@ -96,11 +97,9 @@ def check_finite(x: np.ndarray, name: str) -> None:
     bad = np.flatnonzero(~np.isfinite(flat))
     if bad.size == 0:  # the sum overflowed to inf without a non-finite element
         return
-    idx = np.unravel_index(int(bad[0]), x.shape)
-    raise FormatError(
-        f"{name}: {bad.size} non-finite value(s) (first {flat[bad[0]]!r} at index {tuple(int(i) for i in idx)}); "
-        "refusing to quantize NaN/Inf"
-    )
+    idx = np.unravel_index(at + int(bad[0]), shape or x.shape)
+    raise FormatError(f"{name}: {bad.size} non-finite value(s){' in the rows read' if shape else ''} (the first, "
+                      f"{float(flat[bad[0]])}, at index {tuple(int(i) for i in idx)}); refusing to quantize NaN/Inf")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,6 +150,11 @@ def from_dict(raw: dict, source: str = "config.json") -> Config:
     for i, t in enumerate(text.layer_types):
         if t not in ("sliding_attention", "full_attention"):
             raise CheckpointError(f"{source}: layer_types[{i}] = {t!r} is unknown")
+    if len(text.layer_types) != n:
+        raise CheckpointError(f"{source}: layer_types lists {len(text.layer_types)} layers, num_hidden_layers is {n}")
+    if not 1 <= text.top_k_experts <= text.num_experts:  # a GGUF's expert_used_count / expert_count
+        raise CheckpointError(f"{source}: top_k_experts is {text.top_k_experts}; a model of {text.num_experts} "
+                              f"experts (num_experts) routes each token to 1 to {text.num_experts}")
     return Config(
         text=text,
         canvas_length=int(raw.get("canvas_length") or 256),

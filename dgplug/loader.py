@@ -187,7 +187,8 @@ def load_tokenizer(path: Path):
 
 
 def gguf_file_of(path: Path) -> Path | None:
-    """The GGUF file `path` names: the file itself, or the one .gguf in a directory without safetensors."""
+    """The GGUF file `path` names: the file itself, or the one .gguf (or the first shard of the one
+    split GGUF) in a directory without safetensors."""
     if path.is_file():
         if path.suffix == ".gguf":
             return path
@@ -197,6 +198,10 @@ def gguf_file_of(path: Path) -> Path | None:
     if not found or any(path.glob("*.safetensors")):
         return None
     if len(found) > 1:
+        from dgplug.converters.gguf_import import first_shard
+
+        if first := first_shard(found):  # the shards of one split GGUF: the model
+            return first
         raise CheckpointError(f"{path}: several .gguf files ({', '.join(f.name for f in found)}): name one")
     return found[0]
 

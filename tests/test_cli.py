@@ -69,3 +69,17 @@ def test_convert_info_inspect(tiny_ckpt_smooth, tmp_path):
     assert r.exit_code == 0 and "int8 (dgplug)" in r.output and "packed" in r.output
     r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "x.gguf"), "--quant", "Q9"])
     assert r.exit_code == 1 and "Q9" in r.output and not (tmp_path / "x.gguf").exists()
+
+
+def test_inspect_an_imatrix(tmp_path):
+    """inspect reads any GGUF: an importance matrix gets its table and a line saying what it is, exit 0
+    (it is not a model, so there is no model contract to fail)."""
+    import numpy as np
+
+    from dgplug.converters.imatrix import Entry, Imatrix
+
+    path = Imatrix({"blk.0.ffn_up.weight": Entry(np.ones((1, 8)), np.ones(1, np.int64))}, ["calib.txt"], 1, 16) \
+        .save(tmp_path / "im.gguf")
+    r = runner.invoke(app, ["inspect", str(path)])
+    assert r.exit_code == 0 and "blk.0.ffn_up.weight.in_sum2" in r.stdout, r.output
+    assert "an importance matrix (general.type imatrix), not a model" in r.stdout and "contract" not in r.stdout

@@ -41,7 +41,7 @@ def test_gguf_given_to_convert(tiny_ckpt_smooth, tmp_path):
     g = tmp_path / "m.gguf"
     assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "F16"]).exit_code == 0
     _one_error_line(runner.invoke(app, ["convert", str(g), str(tmp_path / "o"), "-q", "int8"]),
-                    "is a GGUF file", "Hugging Face checkpoint directory")
+                    "is a GGUF file", "Hugging Face checkpoint directory", "llama-quantize")
     assert not (tmp_path / "o").exists()
 
 
@@ -206,7 +206,7 @@ def test_directories_that_are_not_checkpoints(tiny_ckpt_smooth, tmp_path):
     g.mkdir()
     assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g / "m.gguf"), "-q", "Q8_0"]).exit_code == 0
     _one_error_line(runner.invoke(app, ["convert", str(g), str(tmp_path / "o"), "-q", "int8"]),
-                    "holds GGUF files, no config.json: convert reads a Hugging Face checkpoint directory")
+                    "holds GGUF files, no config.json: convert reads a Hugging Face checkpoint directory", "llama-quantize")
     assert runner.invoke(app, ["info", str(g)]).exit_code == 0  # info and generate read a directory holding one
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")

@@ -821,3 +821,133 @@ def test_add_bos_token_follows_the_source_tokenizer():
     assert _adds_bos(without, {**bos, "add_bos_token": True}) is True  # the flag wins
     assert _adds_bos(with_bos, {**bos, "add_bos_token": False}) is False
     assert _adds_bos({}, bos) is True and _adds_bos({"post_processor": None}, {}) is True
+
+
+def test_non_finite_named_at_its_index_in_the_whole_tensor(tmp_path):
+    """The conversion encodes a tensor in parts of rows; a NaN is named at its index in the tensor,
+    not in the part (here the third expert of four, row 50 of 100)."""
+    from dgplug.checkpoint import StoredTensor
+
+    x = np.zeros((4, 100, 64), np.float32)
+    x[2, 50, 7] = np.nan
+    f = tmp_path / "x.bin"
+    x.tofile(f)
+    st = StoredTensor("x", str(f), "F32", x.shape, 0, x.nbytes)
+    with pytest.raises(FormatError) as e:
+        ge._encode(st, None, 200, 300, 64, int(T.Q8_0), "blk.0.ffn_down_exps.weight")
+    assert str(e.value) == ("blk.0.ffn_down_exps.weight: 1 non-finite value(s) in the rows read (the first, nan, "
+                            "at index (2, 50, 7)); refusing to quantize NaN/Inf")
+
+
+def _copy_with(src, dst, change: dict):
+    """src rewritten by gguf-py with metadata keys changed: key -> (value, GGUFValueType, array type)."""
+    r = gi.open_gguf(src)
+    w = GGUFWriter(dst, "diffusion-gemma")
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        v, vt, sub = change.get(k, (f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None))
+        w.add_key_value(k, v, vt, sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=T(int(t.tensor_type)))  # blocks: bytes per row
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_contract_checks_values_and_types(exported, tmp_path):
+    """inspect's contract check reads the values and the types of the keys, as llama.cpp's loader does
+    (a key of another type is refused there), not only their presence."""
+    from gguf import GGUFValueType as VT
+
+    src, a = exported["Q8_0"], "diffusion-gemma"
+    n = gi.open_gguf(src).get_field(f"{a}.expert_count").contents()
+    assert gi.check_contract(_copy_with(src, tmp_path / "same.gguf", {})) == []
+    cases = [
+        ({f"{a}.attention.causal": (True, VT.BOOL, None)}, f"metadata key {a}.attention.causal is True, expected False"),
+        ({f"{a}.attention.shared_kv_layers": (2, VT.UINT32, None)},
+         f"metadata key {a}.attention.shared_kv_layers is 2, expected 0"),
+        ({f"{a}.expert_used_count": (n + 5, VT.UINT32, None)},
+         f"metadata key {a}.expert_used_count is {n + 5}: a model of {n} experts ({a}.expert_count) uses 1 to {n}"),
+        ({"tokenizer.ggml.mask_token_id": (99999, VT.UINT32, None)},
+         "metadata key tokenizer.ggml.mask_token_id is 99999, outside the vocabulary of"),
+        ({"diffusion.canvas_length": (32, VT.INT32, None)}, "metadata key diffusion.canvas_length is i32, expected u32"),
+        ({f"{a}.attention.layer_norm_rms_epsilon": ("1e-6", VT.STRING, None)},
+         f"metadata key {a}.attention.layer_norm_rms_epsilon is string, expected f32"),
+        ({"general.file_type": (15, VT.UINT32, None)},
+         "metadata key general.file_type is 15 (Q4_K_M), but blk.0.ffn_gate_up_exps.weight is Q8_0"),
+    ]
+    for i, (change, want) in enumerate(cases):
+        probs = gi.check_contract(_copy_with(src, tmp_path / f"c{i}.gguf", change))
+        assert len(probs) == 1 and probs[0].startswith(want), (want, probs)
+    # a wrong size: one line naming the key, and the tensors it sizes summarised, not one line each
+    width = gi.open_gguf(src).get_field(f"{a}.embedding_length").contents()
+    probs = gi.check_contract(_copy_with(src, tmp_path / "e.gguf", {f"{a}.embedding_length": (width // 2, VT.UINT32, None)}))
+    assert probs[0] == (f"metadata key {a}.embedding_length is {width // 2}, but token_embd.weight rows are "
+                        f"{width} wide") and len(probs) <= 6 and "more tensors" in probs[-1], probs
+    # a layer count that disagrees with the per-layer arrays names both keys and the file
+    layers = gi.open_gguf(src).get_field(f"{a}.block_count").contents()
+    p = _copy_with(src, tmp_path / "b.gguf", {f"{a}.block_count": (layers + 1, VT.UINT32, None)})
+    with pytest.raises(FormatError) as e:
+        gi.gguf_to_config(p)
+    assert str(e.value) == (f"{p}: {a}.block_count is {layers + 1}, but {a}.attention.sliding_window_pattern "
+                            f"lists {layers} layers")
+
+
+def test_big_endian_named(exported, tmp_path):
+    data = bytearray(Path(exported["F32"]).read_bytes())
+    struct.pack_into(">I", data, 4, 3)
+    p = tmp_path / "be.gguf"
+    p.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="a big-endian GGUF"):
+        gi.open_gguf(p)
+
+
+def _split(src, dst, per_shard):
+    """src rewritten as a split GGUF by gguf-py (llama.cpp's gguf-split layout: PREFIX-00001-of-0000n.gguf,
+    split.no / split.count / split.tensors.count, the metadata in the first shard)."""
+    r = gi.open_gguf(src)
+    w = GGUFWriter(dst, "diffusion-gemma", split_max_tensors=per_shard)
+    for k, f in r.fields.items():
+        if not k.startswith("GGUF.") and k != "general.architecture":
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=T(int(t.tensor_type)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sorted(Path(dst).parent.glob(Path(dst).stem + "-*-of-*.gguf"))
+
+
+def test_split_gguf_reads_as_one_model(exported, tmp_path):
+    """A split GGUF (as llama.cpp's gguf-split or gguf-py write it) opens from its first shard, or from
+    the directory holding its shards, as the whole model: the same tensors, bit for bit, as the one file."""
+    import torch
+
+    import dgplug
+
+    src = exported["Q4_K_M"]
+    d = tmp_path / "split"
+    d.mkdir()
+    shards = _split(src, d / "m.gguf", per_shard=40)
+    assert len(shards) >= 3 and shards[0].name.endswith("-00001-of-%05d.gguf" % len(shards))
+    whole, joined = gi.open_gguf(src), gi.open_gguf(shards[0])
+    assert [t.name for t in joined.tensors] == [t.name for t in whole.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(whole.tensors, joined.tensors))
+    assert gi.check_contract(shards[0]) == []
+    ids = torch.tensor([[5, 6, 7, 8]])
+    ref = dgplug.load(src)
+    for where in (shards[0], d):
+        m = dgplug.load(where)
+        assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), m.state_dict().values()))
+    assert torch.equal(ref.generate(ids, max_denoising_steps=2, seed=1).sequences,
+                       m.generate(ids, max_denoising_steps=2, seed=1).sequences)
+    with pytest.raises(FormatError, match=f"shard 2 of {len(shards)} of a split GGUF: give the first shard "
+                                          rf"\({shards[0].name}\)"):
+        gi.open_gguf(shards[1])
+    shards[-1].rename(tmp_path / "away.gguf")
+    with pytest.raises(FormatError, match=f"shard {len(shards)} of {len(shards)} of this split GGUF is missing"):
+        gi.open_gguf(shards[0])

@@ -146,7 +146,7 @@ def config_of(path):
 def _describe_gguf(path: Path) -> dict:
     from gguf import LlamaFileType
 
-    from dgplug.converters.gguf_import import inspect_table
+    from dgplug.converters.gguf_import import inspect_table, shard_paths
 
     cfg = config_of(path)
     table = inspect_table(path)
@@ -157,7 +157,7 @@ def _describe_gguf(path: Path) -> dict:
         ft = str(ft)
     types = Counter(typ for _, typ, _, _ in table["tensors"])
     return dict(path=str(path), **architecture(cfg), format=f"GGUF {ft}", tensor_types=dict(types),
-                bytes_on_disk=path.stat().st_size)
+                bytes_on_disk=sum(p.stat().st_size for p in shard_paths(path, table["metadata"])))
 
 
 def _per_layer(names: list[str]) -> list[str]:
@@ -199,7 +199,8 @@ def inspect(path: Path, as_json: bool) -> int:
 
     table = inspect_table(path)
     meta, rows = table["metadata"], table["tensors"]
-    problems = check_contract(path)
+    imatrix = meta.get("general.type") == "imatrix"  # no model to check: its table is the answer
+    problems = [] if imatrix else check_contract(path)
     if as_json:
         out.print(json.dumps({"path": str(path), "metadata": meta,
                               "tensors": [dict(name=n, type=ty, shape=list(s), bytes=b) for n, ty, s, b in rows],
@@ -224,6 +225,9 @@ def inspect(path: Path, as_json: bool) -> int:
     out.print(t)
     for p in problems:
         out.print(Text("contract: ", style="red") + Text(p))
-    if not problems:
+    if imatrix:
+        out.print(Text("an importance matrix (general.type imatrix), not a model: it goes to "
+                       "`dgplug convert --imatrix`"))
+    elif not problems:
         out.print(Text("matches the diffusion-gemma GGUF contract", style="green"))
     return 1 if problems else 0

@@ -53,6 +53,7 @@ def _not_a_model(s: str, k: str, wanted: str) -> CLIError:
     return CLIError(f"{s} is not {wanted} (it is a file that is neither GGUF nor safetensors)")
 
 
+REQUANTIZE = "a GGUF is requantized by llama.cpp's llama-quantize (a build that knows diffusion-gemma)"
 EMBEDDED = "sudoku"  # the name of the shipped Sudoku model on the command line
 
 
@@ -75,7 +76,8 @@ def _checkpoint_dir(s: str, gguf_ok: bool) -> Path:
     if ggufs and gguf_ok:
         return p
     if ggufs:
-        raise CLIError(f"{s} holds GGUF files, no config.json: convert reads a Hugging Face checkpoint directory")
+        raise CLIError(f"{s} holds GGUF files, no config.json: convert reads a Hugging Face checkpoint directory; "
+                       f"{REQUANTIZE}")
     if (p / "config.json").is_symlink():  # a hub cache's link to a blob that never arrived
         raise CLIError(f"{p / 'config.json'} is a broken link (an incomplete download?)")
     if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists():
@@ -106,11 +108,12 @@ def source_arg(s: str):
         return s
     if k == "dir":
         return _checkpoint_dir(s, gguf_ok=False)
-    raise _not_a_model(s, k, "convert reads a Hugging Face checkpoint directory (config.json + safetensors)")
+    raise _not_a_model(s, k, "convert reads a Hugging Face checkpoint directory (config.json + safetensors)"
+                       + (f"; {REQUANTIZE}" if k == "gguf" else ""))
 
 
 def gguf_arg(s: str) -> Path:
-    """inspect's FILE: a .gguf file, or a directory holding exactly one."""
+    """inspect's FILE: a .gguf file, or a directory holding exactly one (or one split GGUF's shards)."""
     k = kind(s)
     p = Path(s)
     if k == "gguf":
@@ -119,6 +122,10 @@ def gguf_arg(s: str) -> Path:
         found = sorted(p.glob("*.gguf"))
         if len(found) == 1:
             return found[0]
+        from dgplug.converters.gguf_import import first_shard
+
+        if first := first_shard(found):  # the shards of one split GGUF
+            return first
         if not found:
             raise CLIError(f"{s} is a directory without a .gguf file: inspect reads one GGUF file")
         raise CLIError(f"{s} holds several .gguf files ({', '.join(f.name for f in found)}): name one")
