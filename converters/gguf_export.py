@@ -616,14 +616,14 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     cfg, items, warnings = plan_export(src, quant, imatrix is not None)
     imps, im_meta = {}, None
     if imatrix is not None:
-        from .imatrix import Imatrix
+        from .imatrix import NEVER_COLLECTED, Imatrix
 
         im = imatrix if isinstance(imatrix, Imatrix) else Imatrix.load(imatrix)
         im_meta = (None if isinstance(imatrix, Imatrix) else imatrix, im)
         if RECIPES[quant]["imatrix"]:  # llama-quantize: no unweighted tensor of the base type in such a file
             base = RECIPES[quant]["base"]
             lack = [it.gguf for it in items if it.qtype == base and it.src is not None
-                    and it.gguf != "token_embd.weight" and it.gguf not in im.entries]
+                    and it.gguf not in NEVER_COLLECTED and it.gguf not in im.entries]
             if lack:
                 more = f" (and {len(lack) - 1} more)" if len(lack) > 1 else ""
                 raise InputError(f"imatrix has no entry for {lack[0]}{more}: {quant} needs one for every "

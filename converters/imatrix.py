@@ -11,12 +11,23 @@ llama.cpp): general.type = "imatrix", imatrix.datasets / chunk_count / chunk_siz
 weight (its GGUF name, dgplug/names.py) two F32 tensors: `<name>.in_sum2` [matrices, columns]
 and `<name>.counts` [matrices, 1], plus `<name>.in_sum` (sums of x) as newer llama.cpp writes.
 The importance of column j of matrix m is in_sum2[m, j] / counts[m] (a mean of squares).
+
+llama.cpp's legacy imatrix (`llama-imatrix --output-format dat`, the only one ik_llama.cpp uses;
+IMatrixCollector::save_imatrix_legacy in tools/imatrix, read by common_imatrix_load_legacy /
+quantize's load_legacy_imatrix) is read and written too, recognised by its content. Little-endian:
+int32 entry count; per entry int32 name length, the name, int32 ncall, int32 nval, nval float32;
+then int32 chunk count, int32 length and the dataset name. ncall = ceil(largest count / chunk size);
+each value is (in_sum2 / count) * ncall in float32 (1 * ncall for a matrix no row reached), the
+matrices one after another (experts: expert e's columns at e * cols); entries no row reached are
+left out. llama-quantize's importance is value / ncall in float32 (the values as they are for
+ncall 0), split into matrices by the weight's shape: the file does not say how many it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +40,12 @@ from dgplug.errors import FormatError, InputError
 GENERAL_TYPE = "imatrix"
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 SUFFIX_SUM2, SUFFIX_COUNTS, SUFFIX_SUM = ".in_sum2", ".counts", ".in_sum"
+FORMATS = ("gguf", "dat")
+# weights no imatrix has an entry for: the embedding is a lookup, not a product with activations
+# (llama-imatrix records only blk.* weights, and output.weight with --process-output)
+NEVER_COLLECTED = ("token_embd.weight",)
+LEGACY_MAX_NAME = 1024  # bytes: tensor names are far shorter (GGUF's limit is 64)
+LEGACY_MIN_ENTRY = 4 + 1 + 4 + 4 + 4  # name length, a 1-byte name, ncall, nval, one value
 
 
 @dataclass
@@ -36,6 +53,7 @@ class Entry:
     sum2: np.ndarray  # [matrices, columns] float64: sum of x^2 per column
     counts: np.ndarray  # [matrices] int64: rows seen
     sum: np.ndarray | None = None  # [matrices, columns]: sum of x (optional)
+    flat: bool = False  # a legacy .dat entry: sum2 [1, matrices x columns], counts [ncall]
 
 
 @dataclass
@@ -45,17 +63,20 @@ class Imatrix:
     chunk_count: int = 0
     chunk_size: int = 0
 
-    def importance(self, name: str) -> np.ndarray | None:
+    def importance(self, name: str, matrices: int = 1) -> np.ndarray | None:
         """Mean of squares per column, [matrices, columns] float32; matrices never reached get
         ones (no weighting); None when the file has no entry for `name`. As llama-quantize reads
         the file: the F32 sums divided by the count in float32 (an in-memory Imatrix gives the
-        values of its saved file)."""
+        values of its saved file). A legacy entry's one row is split into `matrices` rows when
+        they divide it (its file does not say how many matrices it holds)."""
         e = self.entries.get(name)
         if e is None:
             return None
         out = np.ones_like(e.sum2, dtype=np.float32)
         seen = e.counts > 0
         out[seen] = e.sum2[seen].astype(np.float32) / e.counts[seen, None].astype(np.float32)
+        if e.flat and out.size % matrices == 0:
+            out = out.reshape(matrices, -1)
         return out
 
     def for_tensors(self, tensors) -> dict[str, np.ndarray]:
@@ -63,70 +84,100 @@ class Imatrix:
         numpy shape) a converter quantizes with it; 3-D weights are one matrix per expert.
 
         A weight the imatrix does not cover is left out (quantized unweighted), said once on
-        stderr; an entry whose matrices or columns disagree with the weight, or that holds
-        non-finite values, is one InputError naming both."""
+        stderr, naming the weights that matter (not NEVER_COLLECTED's); an entry whose matrices or
+        columns disagree with the weight, or that holds non-finite or negative values, is one
+        InputError naming both."""
         import sys
 
         out, missing = {}, []
         for name, label, shape in tensors:
-            imp = self.importance(name)
+            matrices = shape[0] if len(shape) == 3 else 1
+            imp = self.importance(name, matrices)
             if imp is None:
                 missing.append(name)
                 continue
-            matrices = shape[0] if len(shape) == 3 else 1
             if imp.shape != (matrices, shape[-1]):
-                raise InputError(f"imatrix entry {name} has {imp.shape[0]} x {imp.shape[1]} values; tensor {label} "
+                has = f"{imp.size}" if self.entries[name].flat else f"{imp.shape[0]} x {imp.shape[1]}"
+                raise InputError(f"imatrix entry {name} has {has} values; tensor {label} "
                                  f"needs {matrices} x {shape[-1]} (an imatrix of another model?)")
-            if not np.isfinite(imp).all():
-                raise InputError(f"imatrix entry {name} (for tensor {label}) holds non-finite values")
+            if not np.isfinite(imp).all() or (imp < 0).any():
+                raise InputError(f"imatrix entry {name} (for tensor {label}) holds "
+                                 f"{'non-finite' if not np.isfinite(imp).all() else 'negative'} values")
             out[name] = imp
-        if missing:
-            print(f"imatrix: no entry for {len(missing)} tensor(s) (e.g. {missing[0]}): quantized unweighted",
-                  file=sys.stderr)
+        line = missing_note(missing)
+        if line:
+            print(line, file=sys.stderr)
         return out
 
-    # -- llama.cpp's file ---------------------------------------------------------------------
-    def save(self, path) -> Path:
-        """Write the GGUF (under a temporary name, renamed when complete)."""
-        import gguf
-
+    # -- llama.cpp's files ----------------------------------------------------------------------
+    def save(self, path, fmt: str = "gguf") -> Path:
+        """Write the GGUF, or with fmt "dat" llama.cpp's legacy layout (under a temporary name,
+        renamed when complete)."""
+        if fmt not in FORMATS:
+            raise InputError(f"imatrix format {fmt!r}: one of {', '.join(FORMATS)}")
         path = Path(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            w = gguf.GGUFWriter(tmp, GENERAL_TYPE)
-            w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
-            w.add_type(GENERAL_TYPE)
-            w.add_array(KEY_DATASETS, list(self.datasets))
-            w.add_uint32(KEY_CHUNK_COUNT, int(self.chunk_count))
-            w.add_uint32(KEY_CHUNK_SIZE, int(self.chunk_size))
-            for name in sorted(self.entries):  # llama.cpp's order
-                e = self.entries[name]
-                w.add_tensor(name + SUFFIX_SUM2, e.sum2.astype(np.float32))
-                w.add_tensor(name + SUFFIX_COUNTS, e.counts.astype(np.float32).reshape(-1, 1))
-                if e.sum is not None:
-                    w.add_tensor(name + SUFFIX_SUM, e.sum.astype(np.float32))
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-            w.close()
+            if fmt == "dat":
+                with open(tmp, "wb") as f:
+                    self._write_dat(f)
+            else:
+                self._write_gguf(tmp)
             os.replace(tmp, path)
         finally:
             if tmp.exists():
                 tmp.unlink()
         return path
 
+    def _write_gguf(self, tmp: Path) -> None:
+        import gguf
+
+        w = gguf.GGUFWriter(tmp, GENERAL_TYPE)
+        w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)  # llama-imatrix writes none
+        w.add_type(GENERAL_TYPE)
+        w.add_array(KEY_DATASETS, list(self.datasets))
+        w.add_uint32(KEY_CHUNK_COUNT, int(self.chunk_count))
+        w.add_uint32(KEY_CHUNK_SIZE, int(self.chunk_size))
+        for name in sorted(self.entries):  # llama.cpp's order
+            e = self.entries[name]
+            w.add_tensor(name + SUFFIX_SUM2, e.sum2.astype(np.float32))
+            w.add_tensor(name + SUFFIX_COUNTS, e.counts.astype(np.float32).reshape(-1, 1))
+            if e.sum is not None:
+                w.add_tensor(name + SUFFIX_SUM, e.sum.astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    def _write_dat(self, f) -> None:
+        """The legacy layout (module docstring): entries no row reached are left out, as
+        llama-imatrix leaves them out; the dataset recorded is the first (one fits)."""
+        chunk = max(int(self.chunk_size), 1)
+        names = sorted(n for n, e in self.entries.items() if (e.counts > 0).any())
+        f.write(struct.pack("<i", len(names)))
+        for name in names:
+            raw, (ncall, values) = name.encode(), _legacy_values(self.entries[name], chunk)
+            f.write(struct.pack("<i", len(raw)) + raw + struct.pack("<ii", ncall, values.size))
+            f.write(values.astype("<f4").tobytes())
+        dataset = self.datasets[0].encode() if self.datasets else b""
+        f.write(struct.pack("<ii", int(self.chunk_count), len(dataset)) + dataset)
+
     @classmethod
     def load(cls, path) -> "Imatrix":
-        """Read a GGUF imatrix (dgplug's or llama-imatrix's); one clear error when it is not one."""
+        """Read a GGUF imatrix (dgplug's or llama-imatrix's) or a legacy .dat one (by content);
+        one clear error when it is neither."""
         import gguf
 
         path = Path(path)
         if not path.is_file():
             raise InputError(f"{path}: no such imatrix file")
         with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":  # e.g. llama.cpp's legacy .dat imatrix, or a text file
-                raise FormatError(f"{path}: not a GGUF imatrix (it does not start with the GGUF magic; "
-                                  f"make one with `dgplug imatrix` or a recent llama-imatrix)")
+            head = f.read(LEGACY_MAX_NAME + 8)
+        if head[:4] != b"GGUF":
+            if _looks_legacy(head):
+                return _load_legacy(path, path.read_bytes())
+            raise FormatError(f"{path}: not an imatrix (neither the GGUF magic nor llama.cpp's legacy .dat "
+                              f"layout; make one with `dgplug imatrix` or llama-imatrix)")
         try:
             r = gguf.GGUFReader(path)
         except Exception as ex:  # noqa: BLE001 - any parse failure is the same answer to the user
@@ -162,6 +213,108 @@ def _field(reader, key):
     if f is None:
         return None
     return f.contents()
+
+
+def missing_note(missing: list[str]) -> str | None:
+    """The line saying which weights have no entry (quantized unweighted), as llama-quantize names
+    each: experts, then attention, then the other weights, by layer; NEVER_COLLECTED's are not named
+    (no imatrix has them)."""
+    told = sorted((n for n in missing if n not in NEVER_COLLECTED), key=_weight_rank)
+    if not told:
+        return None
+    shown = ", ".join(told[:6]) + (f" (and {len(told) - 6} more)" if len(told) > 6 else "")
+    return f"imatrix: no entry for {len(told)} tensor(s): {shown}: quantized unweighted"
+
+
+def _weight_rank(name: str) -> tuple:
+    kind = 0 if "_exps." in name else 1 if ".attn_" in name else 2
+    parts = name.split(".")
+    top = parts[0] != "blk" or len(parts) < 2 or not parts[1].isdigit()  # top-level weights after the layers
+    layer = 1 << 30 if top else int(parts[1])
+    return kind, layer, name
+
+
+def _legacy_values(e: Entry, chunk: int) -> tuple[int, np.ndarray]:
+    """(ncall, values) of one entry in the legacy layout, in float32 as llama-imatrix computes
+    them: ncall = ceil(largest count / chunk size), value = (sum2 / count) * ncall, 1 * ncall for
+    a matrix no row reached."""
+    counts = e.counts.astype(np.int64)
+    ncall = -(-int(counts.max()) // chunk)
+    c = counts.astype(np.float32)[:, None]
+    mean = np.where(c > 0, e.sum2.astype(np.float32) / np.where(c > 0, c, 1), np.float32(1))
+    return ncall, (mean.astype(np.float32) * np.float32(ncall)).reshape(-1)
+
+
+def _looks_legacy(head: bytes) -> bool:
+    """The start of a legacy imatrix: a plausible entry count, then the first name (printable)."""
+    if len(head) < 9:
+        return False
+    n, length = struct.unpack_from("<ii", head)
+    name = head[8:8 + min(length, 64)]
+    return 0 < n <= 1 << 24 and 0 < length <= LEGACY_MAX_NAME and bool(name) and all(32 < b < 127 for b in name)
+
+
+class _Cursor:
+    """Reads a legacy imatrix's fields in order; running out is one error naming what was read."""
+
+    def __init__(self, path: Path, data: bytes):
+        self.path, self.data, self.pos = path, data, 0
+
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.left:
+            raise FormatError(f"{self.path}: truncated legacy imatrix: {what} needs {n} bytes at offset "
+                              f"{self.pos}, the file has {self.left} left")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def i32(self, what: str) -> int:
+        return struct.unpack("<i", self.take(4, what))[0]
+
+
+def _load_legacy(path: Path, data: bytes) -> Imatrix:
+    """llama.cpp's legacy .dat imatrix (module docstring) as an Imatrix of flat entries."""
+    cur = _Cursor(path, data)
+    n = cur.i32("the entry count")
+    if n < 1 or n * LEGACY_MIN_ENTRY > cur.left:
+        raise FormatError(f"{path}: legacy imatrix of {n} entries in {len(data)} bytes (at least "
+                          f"{LEGACY_MIN_ENTRY} each): not an imatrix, or truncated")
+    out = Imatrix()
+    for i in range(n):
+        name, e = _legacy_entry(cur, i + 1, n)
+        if name in out.entries:
+            raise FormatError(f"{path}: legacy imatrix entry {i + 1} ({name}) appears twice")
+        out.entries[name] = e
+    if cur.left:  # the chunk count and the dataset name (older files end before them)
+        out.chunk_count = cur.i32("the chunk count after the entries")
+        dataset = cur.take(max(cur.i32("the dataset name's length"), 0), "the dataset name")
+        if out.chunk_count < 0 or cur.left:
+            raise FormatError(f"{path}: legacy imatrix ends in {cur.left + len(dataset) + 8} bytes that are not "
+                              f"a chunk count and a dataset name (chunk count {out.chunk_count})")
+        out.datasets = [dataset.decode("utf-8", "replace")] if dataset else []
+    return out
+
+
+def _legacy_entry(cur: _Cursor, i: int, n: int) -> tuple[str, Entry]:
+    path, where = cur.path, f"entry {i} of {n}"
+    length = cur.i32(f"the name length of {where}")
+    if not 0 < length <= LEGACY_MAX_NAME:
+        raise FormatError(f"{path}: legacy imatrix {where} has a name of {length} bytes (1 to {LEGACY_MAX_NAME})")
+    try:
+        name = cur.take(length, f"the name of {where}").decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{path}: legacy imatrix {where} has a name that is not UTF-8") from None
+    where = f"entry {i} ({name})"
+    ncall, nval = cur.i32(f"ncall of {where}"), cur.i32(f"the value count of {where}")
+    if ncall < 0 or nval < 1:
+        raise FormatError(f"{path}: legacy imatrix {where} has ncall {ncall} and {nval} values "
+                          f"(ncall >= 0 and at least 1 value)")
+    values = np.frombuffer(cur.take(4 * nval, f"the {nval} values of {where}"), "<f4")
+    # llama-quantize divides by ncall, and takes the values as they are for ncall 0
+    return name, Entry(values.astype(np.float64)[None, :], np.array([max(ncall, 1)], np.int64), flat=True)
 
 
 # -- collection ---------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_bad_files_get_one_clear_error(tmp_path, tiny_ckpt):
     with pytest.raises(InputError, match="no such imatrix file"):
         Imatrix.load(tmp_path / "missing.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
-    with pytest.raises(FormatError, match="junk.gguf: not a GGUF imatrix \\(it does not start with the GGUF magic"):
+    with pytest.raises(FormatError, match="junk.gguf: not an imatrix \\(neither the GGUF magic nor llama.cpp's legacy"):
         Imatrix.load(tmp_path / "junk.gguf")
     (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")  # the magic, then nothing
     with pytest.raises(FormatError, match="cut.gguf: not a GGUF imatrix \\("):
@@ -218,7 +218,8 @@ def test_int4_checkpoint_with_imatrix(pair, tiny_ckpt, tmp_path, capsys):
     path = im.save(tmp_path / "im.gguf")
     plain = quantize_checkpoint(tiny_ckpt, tmp_path / "plain", "int4", progress=False)
     weighted = quantize_checkpoint(tiny_ckpt, tmp_path / "weighted", "int4", progress=False, imatrix=path)
-    assert "no entry for 1 tensor(s) (e.g. blk.1.attn_output.weight): quantized unweighted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "imatrix: no entry for 1 tensor(s): blk.1.attn_output.weight: quantized unweighted" in err, err
     import json
     from safetensors.torch import load_file
 
@@ -229,6 +230,12 @@ def test_int4_checkpoint_with_imatrix(pair, tiny_ckpt, tmp_path, capsys):
     differ = {k for k in a if not torch.equal(a[k], b[k])}
     assert any("experts.gate_up_proj" in k for k in differ) and any("q_proj" in k for k in differ)
     assert not any("layers.1.self_attn.o_proj" in k for k in differ)  # no entry: as without an imatrix
+    # the same statistics as a legacy .dat (ncall 1, so value * 1 / 1 is exact): the same int4 bytes
+    im.chunk_size = 1 << 30
+    from_dat = quantize_checkpoint(tiny_ckpt, tmp_path / "from_dat", "int4", progress=False,
+                                   imatrix=im.save(tmp_path / "im.dat", "dat"))
+    c = {k: v for f in sorted(from_dat.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert c.keys() == b.keys() and all(torch.equal(c[k], b[k]) for k in b)
     out = dgplug.load(weighted)(input_ids=torch.tensor([[5, 6, 7]])).logits
     assert torch.isfinite(out).all()
     # an imatrix of another model: one error naming the tensor
@@ -264,6 +271,22 @@ def test_cli_imatrix_then_convert(tiny_ckpt, tmp_path):
     # every linear saw every prompt and canvas token; every expert table some routed tokens
     assert all(int(e.counts.min()) > 0 for n, e in im.entries.items() if n not in experts)
     assert all(int(im.entries[n].counts.sum()) > 0 for n in experts)
+    # --output-format dat: llama.cpp's legacy layout, read back as the GGUF of the same run
+    r = runner.invoke(app, args[:5] + [str(tmp_path / "im.dat"), "--output-format", "dat"] + args[6:])
+    assert r.exit_code == 0 and "as an imatrix GGUF" not in r.stderr, r.output
+    assert (tmp_path / "im.dat").read_bytes()[:4] != b"GGUF"
+    dat = Imatrix.load(tmp_path / "im.dat")
+    assert dat.entries.keys() == im.entries.keys() and dat.chunk_count == 3 and dat.datasets == ["a.txt"]
+    for n, e in im.entries.items():
+        m = e.sum2.shape[0]
+        np.testing.assert_allclose(dat.importance(n, m), im.importance(n, m), rtol=2.4e-7, atol=0, err_msg=n)
+    # a .dat name without --output-format: GGUF as llama-imatrix writes it, with a note saying so
+    r = runner.invoke(app, args[:5] + [str(tmp_path / "x.dat"), "--chunk-size", "16", "--chunks", "1", "--steps", "1",
+                                           "--quiet"])
+    assert r.exit_code == 0 and (tmp_path / "x.dat").read_bytes()[:4] == b"GGUF", r.output
+    assert f"note: writing {tmp_path / 'x.dat'} as an imatrix GGUF (its name does not end in .gguf)" in r.stderr
+    r = runner.invoke(app, args[:5] + [str(tmp_path / "y.txt"), "--output-format", "txt"])
+    assert r.exit_code == 1 and "--output-format txt: one of gguf, dat" in r.stderr and not (tmp_path / "y.txt").exists()
     # the same output again: refused unless --overwrite, the file kept as it was
     before = out.read_bytes()
     r = runner.invoke(app, args)
@@ -317,3 +340,166 @@ def test_cli_imatrix_checks_the_backend(tiny_ckpt, tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["imatrix", str(tiny_ckpt), "--calib", str(tmp_path / "c.txt"), "-o",
                                  str(tmp_path / "im.gguf")])
     assert r.exit_code == 1 and "DGPLUG_OPS='bogus'" in r.stderr and not (tmp_path / "im.gguf").exists()
+
+
+# -- llama.cpp's legacy .dat layout ---------------------------------------------------------------
+# As llama.cpp's IMatrixCollector::save_imatrix_legacy (tools/imatrix) writes it, little-endian:
+# int32 entries; per entry int32 name length, name, int32 ncall, int32 nval, nval float32 where
+# ncall = ceil(max(counts) / chunk_size) and value = (sum2 / count) * ncall in float32 (count 0:
+# 1 * ncall), matrices (experts) one after another; then int32 chunk count, int32 length, dataset.
+def _dat_by_hand(path, stats, chunk_size, chunk_count, dataset):
+    """stats: name -> (sum2 [m, cols], counts [m]); written from the layout above, not by dgplug."""
+    import struct
+
+    buf = struct.pack("<i", len(stats))
+    for name in sorted(stats):
+        sum2, counts = stats[name]
+        ncall = -(-int(max(counts)) // chunk_size)
+        vals = []
+        for m in range(len(counts)):
+            for j in range(sum2.shape[1]):
+                v, c = (np.float32(sum2[m, j]), np.float32(counts[m])) if counts[m] else (np.float32(1), np.float32(1))
+                vals.append(np.float32(v / c) * np.float32(ncall))
+        buf += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, len(vals))
+        buf += struct.pack(f"<{len(vals)}f", *vals)
+    buf += struct.pack("<ii", chunk_count, len(dataset)) + dataset.encode()
+    path.write_bytes(buf)
+    return path
+
+
+def _parse_dat(data):
+    """A .dat parsed with struct alone: ([(name, ncall, values)], chunk_count, dataset)."""
+    import struct
+
+    (n,), pos, entries = struct.unpack_from("<i", data), 4, []
+    for _ in range(n):
+        (length,) = struct.unpack_from("<i", data, pos)
+        name = data[pos + 4:pos + 4 + length].decode()
+        ncall, nval = struct.unpack_from("<ii", data, pos + 4 + length)
+        pos += 12 + length
+        entries.append((name, ncall, np.array(struct.unpack_from(f"<{nval}f", data, pos), np.float32)))
+        pos += 4 * nval
+    count, length = struct.unpack_from("<ii", data, pos)
+    assert pos + 8 + length == len(data)
+    return entries, count, data[pos + 8:].decode()
+
+
+def _stats(seed=0):
+    """Synthetic statistics: a linear (ncall 4 at chunk 16), experts with one never reached (ncall 4),
+    a linear whose ncall is 3 (float32 rounding of value * 3 / 3)."""
+    rng = np.random.default_rng(seed)
+    ex_counts = np.array([60, 0, 17, 33, 1, 64, 9, 2])
+    return {"blk.0.attn_q.weight": (rng.random((1, 64)) * 50, np.array([50])),
+            "blk.0.ffn_gate_up_exps.weight": (rng.random((8, 32)) * ex_counts[:, None], ex_counts),
+            "blk.1.ffn_down.weight": (rng.random((1, 48)) * 900, np.array([41]))}
+
+
+TENSORS = [("blk.0.attn_q.weight", "q", (16, 64)), ("blk.0.ffn_gate_up_exps.weight", "experts", (8, 20, 32)),
+           ("blk.1.ffn_down.weight", "down", (16, 48))]
+
+
+def test_legacy_dat_weights_as_the_gguf(tmp_path, capsys):
+    """A .dat written by hand from the layout and the GGUF of the same statistics: the same
+    importance per weight (each expert its own row, one never reached 1), exactly where ncall is a
+    power of two, to float32 rounding of value * ncall / ncall otherwise; told apart by content."""
+    stats = _stats()
+    im = Imatrix(datasets=["calib.txt"], chunk_count=7, chunk_size=16)
+    for name, (s2, c) in stats.items():
+        im.entries[name] = Entry(s2, c)
+    g = im.save(tmp_path / "im.dat.gguf")
+    d = _dat_by_hand(tmp_path / "im.gguf.dat", stats, 16, 7, "calib.txt")
+    a, b = Imatrix.load(g).for_tensors(TENSORS), Imatrix.load(d).for_tensors(TENSORS)
+    assert "no entry" not in capsys.readouterr().err
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert np.array_equal(a["blk.0.attn_q.weight"], b["blk.0.attn_q.weight"])
+    assert np.array_equal(a["blk.0.ffn_gate_up_exps.weight"], b["blk.0.ffn_gate_up_exps.weight"])
+    assert (b["blk.0.ffn_gate_up_exps.weight"][1] == 1).all()
+    np.testing.assert_allclose(b["blk.1.ffn_down.weight"], a["blk.1.ffn_down.weight"], rtol=2.4e-7, atol=0)
+    back = Imatrix.load(d)
+    assert back.datasets == ["calib.txt"] and back.chunk_count == 7 and len(back.entries) == 3
+    # an older .dat ends after the entries (no chunk count, no dataset)
+    cut = _dat_by_hand(tmp_path / "old.dat", stats, 16, 7, "")
+    cut.write_bytes(cut.read_bytes()[:-8])
+    old = Imatrix.load(cut)
+    assert old.chunk_count == 0 and old.datasets == [] and old.for_tensors(TENSORS).keys() == a.keys()
+
+
+def test_writes_the_legacy_layout(tmp_path):
+    """save(..., "dat"): the bytes parsed with struct follow the layout (the entry no row reached
+    left out, as llama-imatrix does); dgplug reads it back as its GGUF."""
+    stats = _stats(1)
+    im = Imatrix(datasets=["a.txt", "b.txt"], chunk_count=5, chunk_size=16)
+    for name, (s2, c) in stats.items():
+        im.entries[name] = Entry(s2, c, s2 / 3)
+    im.entries["blk.2.attn_k.weight"] = Entry(np.zeros((1, 8)), np.array([0]))
+    path = im.save(tmp_path / "im.dat", "dat")
+    assert not list(tmp_path.glob(".*tmp"))
+    entries, count, dataset = _parse_dat(path.read_bytes())
+    assert (count, dataset) == (5, "a.txt") and [e[0] for e in entries] == sorted(stats)
+    for name, ncall, values in entries:
+        s2, c = stats[name]
+        assert ncall == -(-int(c.max()) // 16)
+        want = [np.float32(np.float32(s2[m, j]) / np.float32(c[m])) * np.float32(ncall) if c[m] else np.float32(ncall)
+                for m in range(len(c)) for j in range(s2.shape[1])]
+        assert np.array_equal(values, np.array(want, np.float32)), name
+    assert path.read_bytes() == _dat_by_hand(tmp_path / "hand.dat", stats, 16, 5, "a.txt").read_bytes()
+    gguf_path = im.save(tmp_path / "im.gguf")
+    a, b = Imatrix.load(gguf_path).for_tensors(TENSORS), Imatrix.load(path).for_tensors(TENSORS)
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=2.4e-7, atol=0, err_msg=name)
+    with pytest.raises(InputError, match="imatrix format 'txt': one of gguf, dat"):
+        im.save(tmp_path / "x", "txt")
+
+
+def test_bad_legacy_files_get_one_clear_error(tmp_path):
+    import struct
+
+    good = _dat_by_hand(tmp_path / "good.dat", _stats(), 16, 7, "calib.txt").read_bytes()
+    head = struct.pack("<i", 1) + struct.pack("<i", 19) + b"blk.0.attn_q.weight"
+
+    def load(data, name="bad.dat"):
+        (tmp_path / name).write_bytes(data)
+        return Imatrix.load(tmp_path / name)
+
+    with pytest.raises(FormatError, match=r"bad.dat: truncated legacy imatrix: the 64 values of entry 1 \(blk.0."
+                                          r"attn_q.weight\) needs 256 bytes at offset 35, the file has 100 left"):
+        load(good[:135])
+    with pytest.raises(FormatError, match=r"bad.dat: legacy imatrix of 5000 entries in \d+ bytes"):
+        load(struct.pack("<i", 5000) + good[4:])
+    with pytest.raises(FormatError, match=r"entry 1 \(blk.0.attn_q.weight\) has ncall -3 and 64 values"):
+        load(head + struct.pack("<ii", -3, 64) + b"\0" * 256)
+    with pytest.raises(FormatError, match=r"entry 1 \(blk.0.attn_q.weight\) has ncall 2 and 0 values"):
+        load(head + struct.pack("<ii", 2, 0) + b"\0" * 16)
+    twice = struct.pack("<i", 2) + (head + struct.pack("<ii", 1, 1) + b"\0" * 4)[4:] * 2
+    with pytest.raises(FormatError, match=r"bad.dat: legacy imatrix entry 2 \(blk.0.attn_q.weight\) appears twice"):
+        load(twice)
+    with pytest.raises(FormatError, match="bad.dat: legacy imatrix ends in 20 bytes that are not a chunk count"):
+        load(good + b"xyz")
+    with pytest.raises(FormatError, match="entry 2 of 3 has a name of 99999 bytes"):
+        i = good.index(b"blk.0.ffn_gate_up") - 4
+        load(good[:i] + struct.pack("<i", 99999) + good[i + 4:])
+    # a .dat whose sizes are not the model's: one error naming entry and tensor
+    im = Imatrix.load(tmp_path / "good.dat")
+    with pytest.raises(InputError, match=r"imatrix entry blk.0.ffn_gate_up_exps.weight has 256 values; tensor "
+                                         r"experts needs 4 x 32 \(an imatrix of another model\?\)"):
+        im.for_tensors([("blk.0.ffn_gate_up_exps.weight", "experts", (4, 20, 32))])
+    with pytest.raises(InputError, match="blk.1.ffn_down.weight has 48 values; tensor down needs 1 x 64"):
+        im.for_tensors([("blk.1.ffn_down.weight", "down", (16, 64))])
+    # told apart by content, not by name: a GGUF named .dat and a .dat named .gguf both load
+    gguf_named = tmp_path / "dat.gguf"
+    gguf_named.write_bytes(good)
+    assert Imatrix.load(gguf_named).entries.keys() == im.entries.keys()
+
+
+def test_missing_entries_named_by_weight():
+    """The note names the weights that matter, experts then attention then the rest, by layer;
+    token_embd (no imatrix has it) is not named, and alone it gives no note."""
+    from dgplug.converters.imatrix import missing_note
+
+    assert missing_note(["token_embd.weight"]) is None
+    line = missing_note(["token_embd.weight", "self_cond_up.weight", "blk.10.ffn_down.weight", "blk.2.attn_q.weight",
+                         "blk.10.ffn_down_exps.weight", "blk.9.ffn_gate_up_exps.weight"])
+    assert line == ("imatrix: no entry for 5 tensor(s): blk.9.ffn_gate_up_exps.weight, blk.10.ffn_down_exps.weight, "
+                    "blk.2.attn_q.weight, blk.10.ffn_down.weight, self_cond_up.weight: quantized unweighted")
+    many = missing_note([f"blk.{i}.attn_k.weight" for i in range(9)])
+    assert many.endswith("blk.5.attn_k.weight (and 3 more): quantized unweighted") and "blk.6." not in many

@@ -212,8 +212,8 @@ def convert(
                                                "(default: DGPLUG_THREADS, else dgplug's choice)."),
     imatrix: Optional[str] = typer.Option(None, "--imatrix", show_default=False,
                                           help="int4 and the K-quant/IQ4_XS GGUF types (Q6_K .. Q2_K_S, IQ4_XS): an importance "
-                                               "matrix (imatrix GGUF from `dgplug imatrix` or llama-imatrix) weights "
-                                               "the scale search (K-quants: as llama-quantize --imatrix)."),
+                                               "matrix (from `dgplug imatrix` or llama-imatrix, GGUF or legacy .dat) "
+                                               "weights the scale search (K-quants: as llama-quantize --imatrix)."),
     debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Convert a checkpoint to GGUF (K-quants) or quantized safetensors, streaming.
@@ -232,7 +232,10 @@ def convert(
 def imatrix_cmd(
     src: str = typer.Argument(..., metavar="SRC", help="Checkpoint directory or .gguf file (with its tokenizer); sudoku: the embedded model."),
     calib: str = typer.Option(..., "--calib", help="Calibration text: a UTF-8 .txt file or a directory of them."),
-    out: str = typer.Option(..., "--output", "-o", help="The imatrix GGUF to write."),
+    out: str = typer.Option(..., "--output", "-o", help="The imatrix file to write."),
+    output_format: Optional[str] = typer.Option(None, "--output-format", show_default=False,
+                                                help="gguf (default) or dat: llama.cpp's legacy layout, for older "
+                                                     "llama.cpp builds and ik_llama.cpp."),
     chunk_size: int = typer.Option(512, "--chunk-size", help="Tokens per calibration prompt."),
     chunks: Optional[int] = typer.Option(None, "--chunks", show_default=False, help="Use at most this many prompts."),
     batch: int = typer.Option(1, "--batch", help="Prompts per generate call."),
@@ -242,7 +245,7 @@ def imatrix_cmd(
     overwrite: bool = flag(False, "--overwrite", help="Replace the output if it exists."),
     threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, debug: bool = DEBUG, quiet: bool = QUIET,
 ):
-    """Importance matrix for calibrated quantization, in llama.cpp's imatrix GGUF layout.
+    """Importance matrix for calibrated quantization, in llama.cpp's imatrix GGUF (or legacy .dat) layout.
 
     Runs the model's own block-diffusion path: the encoder over each prompt, denoise steps on a canvas.
     Every linear and expert gets the sum of its squared inputs per column, and their count.
@@ -252,7 +255,7 @@ def imatrix_cmd(
     from .imatrix import run
 
     common.run(lambda: run(src, calib, out, chunk_size, chunks, batch, steps, seed, overwrite, threads, device,
-                           quiet or common.STATE["quiet"]), debug, quiet)
+                           quiet or common.STATE["quiet"], output_format), debug, quiet)
 
 
 @app.command(cls=_Command)

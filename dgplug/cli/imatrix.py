@@ -2,7 +2,8 @@
 
 The model runs its real block-diffusion path (dgplug.converters.imatrix.collect: the encoder over
 each prompt, the denoise steps over one canvas per prompt); the result is written in
-llama.cpp's imatrix GGUF layout under a temporary name and renamed when complete.
+llama.cpp's imatrix GGUF layout (or, with --output-format dat, its legacy layout, which older
+llama.cpp builds and ik_llama.cpp read) under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import CLIError, out, say
+from .common import CLIError, note, out, say
 from .paths import writable
 
 
@@ -38,17 +39,33 @@ def calibration_text(calib: str) -> tuple[str, list[str]]:
     return text, [f.name for f in files]
 
 
+def output_format(o: str, fmt: str | None) -> str:
+    """gguf unless --output-format says dat; as llama-imatrix, GGUF written to a name that does not
+    end in .gguf gets a note (unless --output-format gguf was asked for)."""
+    from dgplug.converters.imatrix import FORMATS
+
+    if fmt is None:
+        if not o.lower().endswith(".gguf"):
+            note(f"writing {o} as an imatrix GGUF (its name does not end in .gguf); pass --output-format dat "
+                 f"for llama.cpp's legacy layout")
+        return "gguf"
+    if fmt.lower() not in FORMATS:
+        raise CLIError(f"--output-format {fmt}: one of {', '.join(FORMATS)}")
+    return fmt.lower()
+
+
 def output_path(o: str, overwrite: bool) -> Path:
     p = Path(o)
     if p.is_dir():
-        raise CLIError(f"-o {o} is a directory: the imatrix is one GGUF file (e.g. {p / 'imatrix.gguf'})")
+        raise CLIError(f"-o {o} is a directory: the imatrix is one file (e.g. {p / 'imatrix.gguf'})")
     if p.exists() and not overwrite:
         raise CLIError(f"{o} exists: pass --overwrite to replace it")
     return writable(o, "-o")
 
 
 def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch: int, steps: int | None,
-        seed: int, overwrite: bool, threads: int | None, device: str | None, quiet: bool) -> None:
+        seed: int, overwrite: bool, threads: int | None, device: str | None, quiet: bool,
+        fmt: str | None = None) -> None:
     from . import common
     from .paths import model_arg
 
@@ -59,6 +76,7 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
     path = model_arg(src)
     text, datasets = calibration_text(calib)
     target = output_path(o, overwrite)
+    fmt = output_format(o, fmt)
     user_threads = common.threads_arg(threads)
     device = common.device_arg(device)
 
@@ -101,6 +119,6 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
     finally:
         if progress is not None:
             progress.stop()
-    im.save(target)
+    im.save(target, fmt)
     say(f"{len(im.entries)} weights, {len(parts)} chunk{'s' if len(parts) > 1 else ''} in {time.perf_counter() - t0:.1f}s")
     out.print(f"wrote {target}")
