@@ -311,3 +311,48 @@ def test_quantized_source_and_gguf_without_extension(tiny_ckpt_smooth, tmp_path)
     r = runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "plain"), "-q", "Q8_0", "--quiet"])
     assert r.exit_code == 0 and "note: " in r.stderr and "no .gguf extension" in r.stderr
     assert (tmp_path / "plain").read_bytes()[:4] == b"GGUF"
+
+
+def test_a_signal_a_library_swallows_or_rewraps_still_ends_the_command(capsys):
+    """A signal raised inside code that catches it (transformers' lazy imports turn it into another
+    error; some code swallows it) still ends the command as that signal: 143 and "terminated",
+    not a misleading error about the user's files, and not a run that carries on to exit 0."""
+    import typer
+
+    from dgplug.cli import common
+
+    def swallowed():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
+        except BaseException:  # noqa: BLE001
+            pass
+        return "done"
+
+    def rewrapped():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
+        except BaseException as e:  # noqa: BLE001
+            raise RuntimeError("tiny: tokenizer files present but unreadable") from e
+
+    for fn in (swallowed, rewrapped):
+        with pytest.raises(typer.Exit) as e:
+            common.run(fn)
+        err = capsys.readouterr().err
+        assert e.value.exit_code == 143 and err.strip() == "terminated", (fn.__name__, err)
+    assert common.run(lambda: "done") == "done"  # and a later command is not taken for interrupted
+
+
+def test_ctrl_c_outside_a_command_exits_quietly():
+    """Ctrl-C while the script starts, or while it exits after printing its result: exit 130, what was
+    printed kept, no Python traceback (neither KeyboardInterrupt's nor an atexit callback's)."""
+    start = ("import os, signal, sys, time; sys.argv[0] = '/venv/bin/dgplug'; import dgplug.cli; "
+             "os.kill(os.getpid(), signal.SIGINT); time.sleep(5); print('not reached')")
+    end = ("import atexit, os, signal, sys, time; sys.argv = ['dgplug', '--version']; "
+           "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5))); "
+           "from dgplug.cli import entry; entry()")
+    for code, printed in ((start, ""), (end, "dgplug 0.1.0\n")):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 130 and r.stdout == printed, (r.returncode, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr

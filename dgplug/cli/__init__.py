@@ -7,12 +7,32 @@ shows the traceback), results go to stdout, and no text is ever read as rich mar
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from typing import Optional
 
-import typer
-from rich.markup import escape
 
-from . import common
+def _exit_quietly(signum, frame):
+    """Ctrl-C or SIGTERM outside a command's run (starting, parsing, exiting): what was printed is
+    flushed and the process ends with 130 / 143, no traceback. A command's run raises instead, so
+    that its temporary outputs are removed (common.signals)."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001 - a closed or broken stream: nothing more to save
+            pass
+    os._exit(128 + signum)
+
+
+if os.path.basename(sys.argv[0]) == "dgplug":  # the console script (not an import by tests or a program)
+    for _s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_s, _exit_quietly)
+
+import typer  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from . import common  # noqa: E402
 
 
 class _HelpWithoutValue:
@@ -55,6 +75,8 @@ JSON = flag(False, "--json", help="Print one JSON object instead of tables and t
 def entry():
     """The `dgplug` console script (and `python -m dgplug.cli`). The commands load models with dgplug.load,
     never through transformers' Auto classes, so dgplug's registration with transformers is skipped."""
+    for s in (signal.SIGINT, signal.SIGTERM):  # until a command runs, and after it (python -m dgplug.cli too)
+        signal.signal(s, _exit_quietly)
     import dgplug
 
     dgplug._drop_transformers_hook()

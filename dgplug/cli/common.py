@@ -251,20 +251,28 @@ def run(fn, debug: bool = False, quiet: bool = False):
     err.soft_wrap = not err.is_terminal
     try:
         with signals(), _threads_restored():
-            return fn()
+            result = fn()
     except typer.Exit:
         raise
     except KeyboardInterrupt:
-        err.print(Text("interrupted", style="red"))
-        raise typer.Exit(130) from None
+        _stopped(signal.SIGINT)
     except Terminated:
-        err.print(Text("terminated", style="red"))
-        raise typer.Exit(143) from None
+        _stopped(signal.SIGTERM)
     except Exception as e:  # noqa: BLE001 - the CLI's single error funnel
+        if _caught and not STATE["debug"]:  # the signal, re-raised as another error by a library
+            _stopped(_caught[0])
         if STATE["debug"]:
             raise
         err.print(Text("error: ", style="red") + Text(message(e)))
         raise typer.Exit(1) from None
+    if _caught:  # the signal was swallowed by a library (an import's `except`): the run did not end as asked
+        _stopped(_caught[0])
+    return result
+
+
+def _stopped(signum: int):
+    err.print(Text("interrupted" if signum == signal.SIGINT else "terminated", style="red"))
+    raise typer.Exit(130 if signum == signal.SIGINT else 143) from None
 
 
 # -- threads, device, backend -------------------------------------------------------------------
