@@ -5,15 +5,17 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
 
     export_gguf(src_dir, out_path, quant="Q4_K_M", progress=True, workers=None, imatrix=None) -> Path
 
-* `quant` is one of FILE_TYPES: F32, F16, BF16, Q8_0, Q4_0, Q6_K, Q5_K_M, Q4_K_M, Q3_K_M, Q3_K_S,
-  Q2_K, Q2_K_S, IQ4_XS. The tensor types of each file type come from ONE table, `RECIPES`, applied by
-  `tensor_type()` (llama.cpp's `llama_tensor_get_type` rules for this architecture, including its
-  `use_more_bits` layer rule and its fallbacks for rows that are not a multiple of 256: Q2_K and
-  Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, the tied token
-  embedding -> Q8_0; 32-block types whose rows are not a multiple of 32 -> F16). Q2_K_S is
-  refused without an imatrix, as llama-quantize refuses it (and Q2_K, Q3_K_S, Q3_K_M, IQ4_XS are
-  not: llama.cpp makes them without one, with its reference quantizers; its IQ4_XS mix then gives
-  the first eighth of the ffn_down layers Q5_K, with an imatrix IQ4_XS).
+* `quant` is one of FILE_TYPES: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K, Q5_K_M, Q5_K_S,
+  Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q2_K_S, IQ4_XS, IQ4_NL, or one of llama-quantize's
+  aliases (ALIASES: Q5_K = Q5_K_M, Q4_K = Q4_K_M, Q3_K = Q3_K_M), in any case. The tensor types of each
+  file type come from ONE table, `RECIPES`, applied by `tensor_type()` (llama.cpp's
+  `llama_tensor_get_type` rules for this architecture, including its `use_more_bits` layer rule and
+  its fallbacks for rows that are not a multiple of 256: Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K
+  -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, the tied token embedding -> Q8_0; 32-block types whose
+  rows are not a multiple of 32 -> F16). Q2_K_S is refused without an imatrix, as llama-quantize
+  refuses it (and Q2_K, Q3_K_S, Q3_K_M, IQ4_XS are not: llama.cpp makes them without one, with its
+  reference quantizers; its IQ4_XS and IQ4_NL mixes then give the first eighth of the ffn_down
+  layers Q5_K, with an imatrix their base type).
 * Streaming: tensors are read row range by row range straight from the safetensors shards
   (plain positional reads, no mmap, no torch), in the canonical order of `dgplug.names`, and
   written sequentially. The header, metadata and tensor table are written first (shapes and
@@ -22,12 +24,13 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
 * Quantised types use a pool of `workers` processes (default: min(2, cpu count)) over row
   chunks; results are written in submission order, so the output is byte-for-byte
   deterministic and independent of the worker count.
-* `imatrix` (a llama.cpp imatrix GGUF, or converters.imatrix.Imatrix), for the K-quant file
+* `imatrix` (a llama.cpp imatrix GGUF, or converters.imatrix.Imatrix), for the K-quant and IQ4 file
   types (IMATRIX_FILE_TYPES): every Q2_K..Q6_K, IQ4_XS and IQ4_NL tensor is encoded as llama-quantize does
   with that imatrix (its entry by GGUF name; experts: one row per expert), byte for byte (see
   converters/kquants.py). The other types of the mix encode as without: llama.cpp's Q8_0 has
-  no imatrix path; its Q4_0/Q5_0/Q5_1 (the fallbacks of Q2_K/Q3_K, Q4_K, Q5_K for rows that are
-  not a multiple of 256, e.g. the 704- and 2112-wide down projections) have one, not written yet.
+  no imatrix path; its Q4_0/Q4_1/Q5_0/Q5_1 (the fallbacks of Q2_K/Q3_K, Q4_K, Q5_K for rows that are
+  not a multiple of 256, e.g. the 704- and 2112-wide down projections) have one, not written yet,
+  so the Q4_0, Q4_1, Q5_0 and Q5_1 file types take no imatrix.
   The file records it as llama-quantize does: quantize.imatrix.file / .dataset (the first) /
   .entries_count / .chunks_count.
 * Output goes to a hidden temporary file beside OUT, renamed on success; any error or Ctrl-C
@@ -81,30 +84,43 @@ CHUNK_ELEMS = 1 << 21  # elements per job (8 MB of fp32)
 #             base is Q8_0 or not a block type
 #   v         attn_v: a rule (i = index among the attn_v tensors, n = their count)
 #   v_gqa4    attn_v when n_gqa >= 4 (instead of `v`)
-#   down      ffn_down and ffn_down_exps: a rule (i = layer, n = layers; IQ4_XS's depends on
-#             whether an imatrix is given)
+#   down      ffn_down and ffn_down_exps: a rule (i = layer, n = layers; IQ4_XS's and IQ4_NL's depend
+#             on whether an imatrix is given)
 #   out       attn_output unless the model has exactly 8 experts (llama.cpp: n_expert == 8)
 #   out8      attn_output when the model has exactly 8 experts
 #   kv8       attn_k and attn_v when the model has exactly 8 experts (over every rule above)
 #   imatrix   llama-quantize refuses the file type without an importance matrix (and a missing
 #             entry for one of its `base` tensors)
 # A rule is None (the base type), a type, or (type, WHEN, other type or None = the base), WHEN one
-# of "more_bits" (use_more_bits(i, n)), "i<2", "i<n/8", "i<n/16", "i<n/8 without imatrix".
+# of "more_bits" (use_more_bits(i, n)), "i<2", "i<4", "i<n/8", "i<n/16", "i<n/8 without imatrix".
 # "Quantisable" = llama.cpp's rule: >= 2 dims, name ends in "weight", not a norm, not
 # ffn_gate_inp (the router). Everything else (1-D tensors, the router) is F32.
+# Rules llama.cpp has that never apply here: Falcon's; LLM_TYPE_70B's attn_v; Q4_0's and Q5_0's
+# ffn_down with an imatrix (first eighth Q4_1 / Q5_1: those file types take no imatrix here). Q5_K_S
+# has no rule of its own (all Q5_K but the embedding and the 8-expert attn_k/attn_v); Q3_K_L's
+# attn_output stays Q3_K with 8 experts (llama.cpp's n_expert == 8 list leaves it out).
 # ---------------------------------------------------------------------------------------------
 _NO = dict(embd=None, v=None, v_gqa4=None, down=None, out=None, out8=None, kv8=None, imatrix=False)
 _MORE6 = (T.Q6_K, "more_bits", None)
+_LEGACY = dict(_NO, embd=T.Q6_K, kv8=T.Q8_0)  # Q4_0 .. Q5_1: the embedding and the 8-expert K/V only
 RECIPES: dict[str, dict] = {
     "F32":    dict(_NO, ftype=LlamaFileType.ALL_F32,       base=T.F32),
     "F16":    dict(_NO, ftype=LlamaFileType.MOSTLY_F16,    base=T.F16),
     "BF16":   dict(_NO, ftype=LlamaFileType.MOSTLY_BF16,   base=T.BF16),
     "Q8_0":   dict(_NO, ftype=LlamaFileType.MOSTLY_Q8_0,   base=T.Q8_0, kv8=T.Q8_0),
-    "Q4_0":   dict(_NO, ftype=LlamaFileType.MOSTLY_Q4_0,   base=T.Q4_0, embd=T.Q6_K, kv8=T.Q8_0),
+    "Q4_0":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q4_0, base=T.Q4_0),
+    "Q4_1":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q4_1, base=T.Q4_1),
+    "Q5_0":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q5_0, base=T.Q5_0),
+    "Q5_1":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q5_1, base=T.Q5_1),
     "Q6_K":   dict(_NO, ftype=LlamaFileType.MOSTLY_Q6_K,   base=T.Q6_K, embd=T.Q6_K, kv8=T.Q8_0),
     "Q5_K_M": dict(_NO, ftype=LlamaFileType.MOSTLY_Q5_K_M, base=T.Q5_K, embd=T.Q6_K, kv8=T.Q8_0, v=_MORE6, down=_MORE6),
+    "Q5_K_S": dict(_NO, ftype=LlamaFileType.MOSTLY_Q5_K_S, base=T.Q5_K, embd=T.Q6_K, kv8=T.Q8_0),
     "Q4_K_M": dict(_NO, ftype=LlamaFileType.MOSTLY_Q4_K_M, base=T.Q4_K, embd=T.Q6_K, kv8=T.Q8_0, v=_MORE6, down=_MORE6,
                    out8=T.Q5_K),
+    "Q4_K_S": dict(_NO, ftype=LlamaFileType.MOSTLY_Q4_K_S, base=T.Q4_K, embd=T.Q6_K, kv8=T.Q8_0,
+                   v=(T.Q5_K, "i<4", None), down=(T.Q5_K, "i<n/8", None), out8=T.Q5_K),
+    "Q3_K_L": dict(_NO, ftype=LlamaFileType.MOSTLY_Q3_K_L, base=T.Q3_K, embd=T.Q6_K, kv8=T.Q8_0,
+                   v=T.Q5_K, down=T.Q5_K, out=T.Q5_K),
     "Q3_K_M": dict(_NO, ftype=LlamaFileType.MOSTLY_Q3_K_M, base=T.Q3_K, embd=T.Q6_K, kv8=T.Q8_0,
                    v=(T.Q5_K, "i<2", T.Q4_K), down=(T.Q5_K, "i<n/16", T.Q4_K), out=T.Q4_K, out8=T.Q5_K),
     "Q3_K_S": dict(_NO, ftype=LlamaFileType.MOSTLY_Q3_K_S, base=T.Q3_K, embd=T.Q6_K, kv8=T.Q8_0, out8=T.Q5_K),
@@ -114,13 +130,26 @@ RECIPES: dict[str, dict] = {
                    down=(T.Q4_K, "i<n/8", None), imatrix=True),
     "IQ4_XS": dict(_NO, ftype=LlamaFileType.MOSTLY_IQ4_XS, base=T.IQ4_XS, embd=T.Q6_K, kv8=T.Q8_0, v_gqa4=T.Q5_K,
                    down=(T.Q5_K, "i<n/8 without imatrix", None), out8=T.Q5_K),
+    "IQ4_NL": dict(_NO, ftype=LlamaFileType.MOSTLY_IQ4_NL, base=T.IQ4_NL, embd=T.Q6_K, kv8=T.Q8_0, v_gqa4=T.Q5_K,
+                   down=(T.Q5_K, "i<n/8 without imatrix", None), out8=T.Q5_K),
 }
 FILE_TYPES = tuple(RECIPES)
-# the file types whose K-quants take an imatrix (the others' types have no importance path here)
-IMATRIX_FILE_TYPES = ("Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS")
-# llama.cpp's tensor_type_fallback for rows that are not a multiple of the block size
+# llama-quantize's other names (tools/quantize/quantize.cpp, QUANT_OPTIONS): the same file type
+ALIASES = {"Q5_K": "Q5_K_M", "Q4_K": "Q4_K_M", "Q3_K": "Q3_K_M"}
+# the file types whose K-quants / IQ4s take an imatrix (the others' types have no importance path here)
+IMATRIX_FILE_TYPES = ("Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+                      "IQ4_XS", "IQ4_NL")
+# llama.cpp's tensor_type_fallback for rows that are not a multiple of the block size (its 32-block
+# types have none, llama-quantize stops; dgplug writes F16, as for a fallback that does not fit)
 FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
-            T.Q4_0: T.F16, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16, T.IQ4_NL: T.F16}
+            T.Q4_0: T.F16, T.Q4_1: T.F16, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16, T.IQ4_NL: T.F16}
+
+
+def file_type(quant: str) -> str:
+    """The file type `quant` names (any case; an alias gives its target), as a key of RECIPES;
+    an unknown name comes back upper-cased (the callers refuse it)."""
+    q = quant.strip().upper()
+    return ALIASES.get(q, q)
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -129,7 +158,7 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 _WHEN = {"more_bits": lambda i, n, im: use_more_bits(i, n), "i<2": lambda i, n, im: i < 2,
-         "i<n/8": lambda i, n, im: i < n // 8, "i<n/16": lambda i, n, im: i < n // 16,
+         "i<4": lambda i, n, im: i < 4, "i<n/8": lambda i, n, im: i < n // 8, "i<n/16": lambda i, n, im: i < n // 16,
          "i<n/8 without imatrix": lambda i, n, im: i < n // 8 and not im}
 
 
@@ -151,7 +180,7 @@ def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], *, n_layers:
                 imatrix: bool = False) -> T:
     """The ggml type of one tensor in a file of type `quant` (numpy `shape`, row = last dim); `imatrix`:
     whether the file is made with one (llama.cpp's qs.has_imatrix)."""
-    r = RECIPES[quant]
+    r = RECIPES[file_type(quant)]
     if not quantisable(gguf_name, len(shape)):
         return T.F32
     base = r["base"]
@@ -544,6 +573,7 @@ def tensor_types(tc, quant: str, imatrix: bool = False) -> list[tuple]:
     """(tensor spec, ggml type) for every text tensor of a model with text config `tc`, in the
     canonical order: the file type's recipe from the shapes alone (also what sizes are projected from);
     `imatrix`: whether the file is made with one."""
+    quant = file_type(quant)
     specs = text_tensors(tc)
     n_attn_v = sum(1 for s in specs if ".attn_v." in s.gguf)
     n_gqa = tc.num_attention_heads // tc.layer_dims(0)[1]  # llama.cpp's hparams.n_gqa(): layer 0
@@ -559,8 +589,10 @@ def tensor_types(tc, quant: str, imatrix: bool = False) -> list[tuple]:
 def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False) -> tuple[Config, list[PlanItem], list[str]]:
     """Config, the ordered tensor plan (name, shape, type, source) and warnings, without writing
     (`imatrix`: whether the file is made with one)."""
+    quant = file_type(quant)
     if quant not in RECIPES:
-        raise CheckpointError(f"unknown file type {quant!r}; choose one of {', '.join(FILE_TYPES)}")
+        raise CheckpointError(f"unknown file type {quant!r}; choose one of {', '.join(FILE_TYPES)} "
+                              f"(or llama-quantize's aliases {', '.join(ALIASES)})")
     src = Path(src_dir)
     cfg = load_config(src)
     refuse_quantized(cfg.raw, src / "config.json")
@@ -604,7 +636,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
                 imatrix=None) -> Path:
     """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub) to
     a GGUF at `out_path`; returns out_path. `imatrix`: see the module docstring."""
-    quant = quant.upper()
+    quant = file_type(quant)
     if imatrix is not None and quant not in IMATRIX_FILE_TYPES:
         raise InputError(f"an imatrix applies to the K-quant file types ({', '.join(IMATRIX_FILE_TYPES)}), not {quant}")
     if imatrix is None and quant in RECIPES and RECIPES[quant]["imatrix"]:

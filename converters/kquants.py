@@ -58,7 +58,8 @@ the bytes are those of llama.cpp's ``quantize_q{2..6}_K`` with ``quant_weights``
 
 Entry points:
     quantize(array, qtype, name="tensor", importance=None) -> np.ndarray[uint8 or float]
-        F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q5_1 through ``gguf.quants.quantize``; Q2_K .. Q6_K,
+        F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 through ``gguf.quants.quantize`` (ggml's
+        reference quantizers, what llama-quantize writes without an imatrix); Q2_K .. Q6_K,
         IQ4_XS, IQ4_NL here. The last dimension must be a multiple of the type's block size.
         NaN/Inf in the input raise ``FormatError`` naming the tensor (for every type). Only the
         types encoded here (ENCODED_TYPES) use `importance`.
@@ -82,7 +83,7 @@ K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 IQ_TYPES = (T.IQ4_XS, T.IQ4_NL)
 # the types encoded here, all with an importance path
 ENCODED_TYPES = K_TYPES + IQ_TYPES
-GGUF_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1)
+GGUF_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
 
 
 def check_finite(x: np.ndarray, name: str, at: int = 0, shape: tuple[int, ...] | None = None) -> None:
@@ -895,7 +896,7 @@ def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance
     in_sum2/counts), float32 [row length]; or, for a 3-D array of matrices (experts), one row per
     matrix [array.shape[0], row length]. The K types and IQ4_XS/IQ4_NL then encode as llama.cpp's
     quantize_q{2..6}_K / quantize_iq4_{xs,nl} with quant_weights. The other types ignore it: ggml's Q8_0 has no
-    importance path; its Q4_0/Q5_0/Q5_1 have one (quantize_row_q4_0_impl, ...), not written
+    importance path; its Q4_0/Q4_1/Q5_0/Q5_1 have one (quantize_row_q4_0_impl, ...), not written
     here yet, so they encode as without.
     """
     if isinstance(qtype, str):
@@ -923,12 +924,14 @@ def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance
         a32 = arr.astype(_F32, copy=False)
         if a32.size and float(np.abs(a32).max()) > 65504.0:
             raise FormatError(f"{name}: values up to {float(np.abs(a32).max()):.3g} overflow F16")
-    if qtype in (T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1):
+    if qtype in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
         arr = arr.astype(_F32, copy=False)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             out = _gq.quantize(arr, qtype)
-        d = out.reshape(-1, GGML_QUANT_SIZES[qtype][1])[:, 0:2].copy().view(np.float16)
+        f16 = 4 if qtype in (T.Q4_1, T.Q5_1) else 2  # d, and the block minimum m of Q4_1 / Q5_1
+        d = out.reshape(-1, GGML_QUANT_SIZES[qtype][1])[:, 0:f16].copy().view(np.float16)
         if not np.isfinite(d).all():
-            raise FormatError(f"{name}: values too large for {qtype.name} (a block scale overflows fp16)")
+            what = "scale or minimum" if f16 == 4 else "scale"
+            raise FormatError(f"{name}: values too large for {qtype.name} (a block {what} overflows fp16)")
         return out
     return _gq.quantize(arr, qtype)

@@ -94,3 +94,22 @@ def test_every_setting_is_documented():
                for p in cmd.params if not getattr(p, "hidden", False)
                for o in p.opts + p.secondary_opts if o.startswith("--") and o not in readme]
     assert missing == []
+
+
+def test_every_gguf_file_type_is_documented():
+    """convert --quant's help, the README's command line and its GGUF paragraph name every file type
+    of the recipe table and llama-quantize's aliases, and no type the converter refuses."""
+    import typer
+
+    from dgplug.cli import app
+    from dgplug.converters.gguf_export import ALIASES, FILE_TYPES
+
+    readme = (ROOT / "README.md").read_text()
+    line = readme[readme.index("dgplug convert SRC OUT --quant TYPE"):readme.index("dgplug inspect FILE.gguf")]
+    para = readme[readme.index("- **GGUF** (`OUT.gguf`;"):readme.index("- **Quantized safetensors**")]
+    quant = next(p for p in typer.main.get_command(app).commands["convert"].params if p.name == "quant")
+    names = re.compile(r"\b(?:I?Q\d_[0-9A-Z_]+|Q\d_K|[BF]F?\d\d)\b")
+    for where, text in (("--quant help", quant.help), ("README command line", line), ("README GGUF paragraph", para)):
+        found = set(names.findall(text))
+        assert set(FILE_TYPES) | set(ALIASES) <= found, (where, sorted((set(FILE_TYPES) | set(ALIASES)) - found))
+        assert found <= set(FILE_TYPES) | set(ALIASES) | {"IQ4_XS", "IQ4_NL"}, (where, sorted(found))

@@ -57,10 +57,15 @@ def _test_rows(seed=0, cols=512):
 # term: fp16's subnormal step 2**-24 times 127.
 BOUNDS = {T.Q2_K: (0.45, 1e-4), T.Q3_K: (0.3, 1e-4), T.Q4_K: (0.14, 1e-4), T.Q5_K: (0.07, 2e-4),
           T.Q6_K: (0.03, 3e-4), T.Q8_0: (1 / 254 + 1e-3, 1e-5), T.Q4_0: (1 / 8 + 1e-3, 1e-6),
-          T.IQ4_XS: (0.11, 1e-5), T.IQ4_NL: (0.11, 1e-5)}
+          T.IQ4_XS: (0.11, 1e-5), T.IQ4_NL: (0.11, 1e-5),
+          # gguf-py's encoders of the other 32-blocks (ggml's reference quantizers): Q4_1 / Q5_1 half a step of
+          # range/15 or range/31 (range <= 2 max) plus the fp16 rounding of d and m; Q5_0 a full step max/16
+          # (the value of the sign opposite to the largest maps to +16, clamped to 15), as Q4_0
+          T.Q4_1: (1 / 15 + 2e-3, 1e-6), T.Q5_0: (1 / 16 + 1e-3, 1e-6), T.Q5_1: (1 / 31 + 2e-3, 1e-6)}
 
 
-@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.IQ4_XS, T.IQ4_NL])
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
+                                   T.IQ4_XS, T.IQ4_NL])
 def test_encoder_roundtrip_within_bound(qtype):
     x = _test_rows()
     b = kq.quantize(x, qtype, name="w")
@@ -134,6 +139,9 @@ def test_encoder_rejects_bad_rows_and_overflow():
         kq.quantize(np.full((1, 256), 1e9, np.float32) * np.linspace(-1, 1, 256, dtype=np.float32), T.Q4_K)
     with pytest.raises(FormatError, match="overflow F16"):
         kq.quantize(np.full((1, 32), 1e6, np.float32), T.F16, name="t")
+    for qtype in (T.Q4_1, T.Q5_1):  # a scale of 0 but a block minimum past fp16
+        with pytest.raises(FormatError, match=f"t: values too large for {qtype.name} .*minimum"):
+            kq.quantize(np.full((1, 32), 7e4, np.float32), qtype, name="t")
     with pytest.raises(FormatError, match=r"t: row length 96 is not a multiple of 256 \(IQ4_XS\)"):
         kq.quantize(np.zeros((2, 96), np.float32), T.IQ4_XS, name="t")
     assert kq.quantize(np.zeros((2, 96), np.float32), T.IQ4_NL).shape == (2, 3 * 18)  # blocks of 32
@@ -548,7 +556,7 @@ def test_nan_in_checkpoint_is_named_and_leaves_nothing(ckpt, tmp_path):
 
 def test_bad_quant_and_missing_tensor(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="unknown file type"):
-        ge.export_gguf(ckpt, tmp_path / "m.gguf", quant="Q3_K_L")
+        ge.export_gguf(ckpt, tmp_path / "m.gguf", quant="IQ2_XXS")
     src = tmp_path / "src"
     src.mkdir()
     for p in Path(ckpt).iterdir():
@@ -761,7 +769,8 @@ def test_export_with_imatrix(ckpt, exported, hf_tensors, tmp_path, monkeypatch, 
                                          "model.decoder.layers.0.self_attn.q_proj.weight needs 1 x 256"):
         ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q5_K_M", progress=False, imatrix=im)
     with pytest.raises(InputError, match=r"an imatrix applies to the K-quant file types \(Q2_K_S, Q2_K, Q3_K_S, "
-                                         r"Q3_K_M, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS\), not Q8_0"):
+                                         r"Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_XS, IQ4_NL\), "
+                                         r"not Q8_0"):
         ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q8_0", progress=False, imatrix=path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf", "im.gguf"]
 

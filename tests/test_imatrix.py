@@ -321,8 +321,8 @@ def test_cli_imatrix_then_convert(tiny_ckpt, tmp_path):
     for qt, why in (("Q8_0", "llama.cpp's Q8_0 has no importance path"), ("Q4_0", "importance-weighted Q4_0 is not "
                    "written yet"), ("F16", "not quantized"), ("int8", "no search to weight")):
         r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "x.gguf"), "-q", qt, "--imatrix", str(out)])
-        assert r.exit_code == 1 and (f"--imatrix applies to --quant int4, Q2_K_S, Q2_K, Q3_K_S, Q3_K_M, Q4_K_M, "
-                                     f"Q5_K_M, Q6_K, IQ4_XS ({qt}: {why})") in r.stderr
+        assert r.exit_code == 1 and (f"--imatrix applies to --quant int4, Q2_K_S, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, "
+                                     f"Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_XS, IQ4_NL ({qt}: {why})") in r.stderr
     # Q2_K_S without an imatrix: refused as llama-quantize refuses it, saying how to make one
     r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "x.gguf"), "-q", "q2_k_s"])
     assert r.exit_code == 1 and "--quant Q2_K_S needs --imatrix" in r.stderr and "dgplug imatrix" in r.stderr

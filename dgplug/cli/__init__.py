@@ -224,8 +224,10 @@ def convert(
     src: str = typer.Argument(..., metavar="SRC", help="Hugging Face DiffusionGemma directory; sudoku: the embedded model."),
     out: str = typer.Argument(..., metavar="OUT", help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
     quant: str = typer.Option(..., "--quant", "-q",
-                              help="F32 F16 BF16 Q8_0 Q4_0 Q6_K Q5_K_M Q4_K_M Q3_K_M Q3_K_S Q2_K Q2_K_S IQ4_XS (GGUF; "
-                                   "Q2_K_S needs --imatrix) or int4 int8 fp8 (safetensors)."),
+                              help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L "
+                                   "Q3_K_M Q3_K_S Q2_K Q2_K_S IQ4_XS IQ4_NL (GGUF, any case; llama-quantize's aliases "
+                                   "Q5_K Q4_K Q3_K are Q5_K_M Q4_K_M Q3_K_M; Q2_K_S needs --imatrix) or int4 int8 fp8 "
+                                   "(safetensors)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", show_default=False,
                                              help="int4 only: group size along the input dimension (default 128)."),
     overwrite: bool = flag(False, "--overwrite", help="Replace OUT if it exists (file or directory)."),
@@ -233,9 +235,9 @@ def convert(
                                           help="GGUF: worker processes; int4/int8/fp8: torch threads "
                                                "(default: DGPLUG_THREADS, else dgplug's choice)."),
     imatrix: Optional[str] = typer.Option(None, "--imatrix", show_default=False,
-                                          help="int4 and the K-quant/IQ4_XS GGUF types (Q6_K .. Q2_K_S, IQ4_XS): an importance "
-                                               "matrix (from `dgplug imatrix` or llama-imatrix, GGUF or legacy .dat) "
-                                               "weights the scale search (K-quants: as llama-quantize --imatrix)."),
+                                          help="int4 and the K-quant/IQ4 GGUF types (Q6_K .. Q2_K_S, IQ4_XS, IQ4_NL): "
+                                               "an importance matrix (from `dgplug imatrix` or llama-imatrix, GGUF or "
+                                               "legacy .dat) weights the scale search (K-quants: as llama-quantize --imatrix)."),
     debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Convert a checkpoint to GGUF (K-quants) or quantized safetensors, streaming.

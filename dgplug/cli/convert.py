@@ -11,15 +11,16 @@ from .paths import QUANT_SCHEMES, output_arg, source_arg
 
 
 def quant_arg(quant: str, group_size: int | None) -> str:
-    from dgplug.converters.gguf_export import FILE_TYPES as GGUF_TYPES
+    from dgplug.converters.gguf_export import ALIASES, FILE_TYPES as GGUF_TYPES, file_type
 
     q = quant.strip()
     if q.lower() in QUANT_SCHEMES:
         q = q.lower()
-    elif q.upper() in GGUF_TYPES:
-        q = q.upper()
+    elif file_type(q) in GGUF_TYPES:  # any case; llama-quantize's aliases (Q4_K = Q4_K_M, ...) give their target
+        q = file_type(q)
     else:
-        raise CLIError(f"--quant {quant!r}: choose a GGUF type ({', '.join(GGUF_TYPES)}) "
+        raise CLIError(f"--quant {quant!r}: choose a GGUF type ({', '.join(GGUF_TYPES)}; aliases "
+                       f"{', '.join(f'{a} = {t}' for a, t in ALIASES.items())}) "
                        f"or a safetensors scheme ({', '.join(QUANT_SCHEMES)})")
     if group_size is not None and q != "int4":
         raise CLIError(f"--group-size applies to int4 only ({q} {'uses fixed blocks' if q in GGUF_TYPES else 'scales per row'})")
@@ -45,8 +46,9 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
         from dgplug.converters.gguf_export import IMATRIX_FILE_TYPES
 
         if q not in ("int4",) + IMATRIX_FILE_TYPES:
-            why = {"Q8_0": "llama.cpp's Q8_0 has no importance path", "Q4_0": "importance-weighted Q4_0 is not "
-                   "written yet"}.get(q, "no search to weight" if q in ("int8", "fp8") else "not quantized")
+            why = ("llama.cpp's Q8_0 has no importance path" if q == "Q8_0"
+                   else f"importance-weighted {q} is not written yet" if q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
+                   else "no search to weight" if q in ("int8", "fp8") else "not quantized")
             raise CLIError(f"--imatrix applies to --quant int4, {', '.join(IMATRIX_FILE_TYPES)} ({q}: {why})")
         if not Path(imatrix).is_file():
             raise CLIError(f"--imatrix {imatrix}: no such file")
