@@ -68,6 +68,7 @@ from dgplug.errors import CheckpointError, FormatError, InputError
 from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, TOKENS_SPACED, is_vision, text_tensors
 
 from . import kquants
+from .output import publish_file
 from .progress import conversion_progress
 
 ARCH = "diffusion-gemma"
@@ -633,9 +634,10 @@ def _jobs_for(item: PlanItem):
 
 def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True, workers: int | None = None,
                 name: str | None = None, *, revision: str | None = None, token: str | bool | None = None,
-                imatrix=None) -> Path:
+                imatrix=None, overwrite: bool = True) -> Path:
     """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub) to
-    a GGUF at `out_path`; returns out_path. `imatrix`: see the module docstring."""
+    a GGUF at `out_path`; returns out_path. `imatrix`: see the module docstring. overwrite=False: a
+    file at out_path when the conversion ends is kept, and the result refused (converters.output)."""
     quant = file_type(quant)
     if imatrix is not None and quant not in IMATRIX_FILE_TYPES:
         raise InputError(f"an imatrix applies to the K-quant file types ({', '.join(IMATRIX_FILE_TYPES)}), not {quant}")
@@ -739,7 +741,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             fout.write(b"\0" * pad)
         w.close()
         w = None
-        os.replace(tmp, out)
+        publish_file(tmp, out, overwrite)
     except BaseException:
         if pool is not None:
             pool.terminate()

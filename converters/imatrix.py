@@ -37,6 +37,8 @@ import torch
 from dgplug import names
 from dgplug.errors import FormatError, InputError
 
+from .output import publish_file
+
 GENERAL_TYPE = "imatrix"
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 SUFFIX_SUM2, SUFFIX_COUNTS, SUFFIX_SUM = ".in_sum2", ".counts", ".in_sum"
@@ -110,9 +112,9 @@ class Imatrix:
         return out
 
     # -- llama.cpp's files ----------------------------------------------------------------------
-    def save(self, path, fmt: str = "gguf") -> Path:
+    def save(self, path, fmt: str = "gguf", overwrite: bool = True) -> Path:
         """Write the GGUF, or with fmt "dat" llama.cpp's legacy layout (under a temporary name,
-        renamed when complete)."""
+        renamed when complete; overwrite=False: never over a file another process put there)."""
         if fmt not in FORMATS:
             raise InputError(f"imatrix format {fmt!r}: one of {', '.join(FORMATS)}")
         path = Path(path)
@@ -123,7 +125,7 @@ class Imatrix:
                     self._write_dat(f)
             else:
                 self._write_gguf(tmp)
-            os.replace(tmp, path)
+            publish_file(tmp, path, overwrite)
         finally:
             if tmp.exists():
                 tmp.unlink()

@@ -65,6 +65,7 @@ from dgplug.checkpoint import DTYPES, dtype_name, open_safetensors, read_index, 
 from dgplug.config import read_config_json, refuse_quantized
 from dgplug.errors import CheckpointError, DGPlugError, FormatError, InputError
 
+from .output import publish_dir
 from .progress import conversion_progress
 
 SCHEMES = ("int4", "int8", "fp8")
@@ -450,7 +451,7 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
     raw, jobs = plan_conversion(src, scheme, group_size, quantize_embedding)
     importance = _importance_by_tensor(raw, jobs, imatrix) if imatrix is not None else {}
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InputError(f"{out}: exists and is not empty (pass overwrite=True to replace it)")
+        raise InputError(f"{out}: exists and is not empty (pass overwrite to replace it)")
     if out.resolve() == src.resolve():
         raise InputError(f"{out}: output directory is the source directory")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -509,13 +510,7 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
         index = {"metadata": {"total_size": total_size, "format": "dgplug-" + scheme},
                  "weight_map": dict(sorted(weight_map.items()))}
         _write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.dgplug-old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -181,10 +181,16 @@ def read_config_json(path: str | Path) -> tuple[dict, Path]:
     f = p / "config.json" if p.is_dir() else p
     if not f.exists():
         raise CheckpointError(f"{f}: no config.json")
+    return _read_json(f), f
+
+
+def _read_json(f: Path):
     try:
-        return json.loads(f.read_text()), f
+        return json.loads(f.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{f}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
 
 
 def load_config(path: str | Path) -> Config:
@@ -198,10 +204,7 @@ def load_generation_defaults(path: str | Path) -> dict:
     f = Path(path) / "generation_config.json"
     if not f.exists():
         return out
-    try:
-        g = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    g = _read_json(f)
     sc = g.get("sampler_config") or {}
     if isinstance(sc, dict) and sc.get("entropy_bound") is not None:
         out["entropy_bound"] = float(sc["entropy_bound"])

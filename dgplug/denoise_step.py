@@ -32,11 +32,11 @@ of a sum: matrix products are not batch-invariant).
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 
 from . import sampler as sp
+from . import settings
 from .model import KVCache
 
 NOISE_STEP = 1 << 31  # RNG step ids of the initial canvases: (NOISE_STEP + canvas index)
@@ -44,11 +44,11 @@ _KEEP = 2  # DenoiseStep objects (and graphs) kept per model
 
 
 def graphs_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("DGPLUG_CUDA_GRAPHS", "1") != "0"
+    return device.type == "cuda" and settings.on("DGPLUG_CUDA_GRAPHS")
 
 
 def compaction_enabled() -> bool:
-    return os.environ.get("DGPLUG_COMPACT", "1") != "0"
+    return settings.on("DGPLUG_COMPACT")
 
 
 def rows_bucket(alive: int, batch: int, device: torch.device) -> int:

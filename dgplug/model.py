@@ -10,14 +10,13 @@ The heavy work goes through `dgplug.ops` (attention, route, moe, head) so kernel
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops, threads
+from . import ops, settings, threads
 from .config import GENERATION_DEFAULTS, Config, TextConfig
 
 
@@ -45,7 +44,7 @@ def linear(x, w):
 # that moves them apart (.to(), load_state_dict(assign=True)). A CPU keeps one matmul per
 # projection (the results tests compare with transformers, bit for bit where promised).
 # DGPLUG_FUSED_PROJECTIONS=0: never; =1: on every device (the tests run it on CPU).
-FUSED_PROJECTIONS = os.environ.get("DGPLUG_FUSED_PROJECTIONS", "auto")
+FUSED_PROJECTIONS = settings.switch("DGPLUG_FUSED_PROJECTIONS")
 
 
 def _adjacent(weights) -> bool:

@@ -37,16 +37,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
+
+from . import settings
 
 # Which implementation the model's hot operations use:
 #   "auto" (default): dgplug.kernels on CUDA tensors (Triton), the exact references on CPU;
 #   "kernels": always dgplug.kernels (they pick Triton or their PyTorch twins themselves);
 #   "reference": always the plain PyTorch references below (transformers' order of operations).
-BACKEND = os.environ.get("DGPLUG_OPS", "auto")
+BACKEND = settings.switch("DGPLUG_OPS")
 
 
 def set_backend(name: str) -> None:
@@ -62,7 +63,7 @@ def _kernels(t: torch.Tensor) -> bool:
 
 # 16-bit weights on a CPU without native 16-bit matmuls (no AVX512-BF16 / AMX / AVX512-FP16: what
 # torch's oneDNN reports) are upcast at use. DGPLUG_UPCAST_16BIT=1 / 0 forces it on / off.
-_UPCAST_16BIT = os.environ.get("DGPLUG_UPCAST_16BIT", "auto")
+_UPCAST_16BIT = settings.switch("DGPLUG_UPCAST_16BIT")
 _UPCAST_BLOCK = 1 << 24  # elements of a weight upcast at once (64 MiB in fp32)
 
 
@@ -108,7 +109,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 # The layer glue (norms, RoPE, residuals, router) on dgplug.kernels.norm / router where the other
 # kernels run; DGPLUG_GLUE_KERNELS=0 (or GLUE_KERNELS = False) keeps it on the references (the GPU
 # check times both).
-GLUE_KERNELS = os.environ.get("DGPLUG_GLUE_KERNELS", "1") != "0"
+GLUE_KERNELS = settings.on("DGPLUG_GLUE_KERNELS")
 
 
 def _glue_kernels(x: torch.Tensor) -> bool:

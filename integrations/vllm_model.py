@@ -53,7 +53,6 @@ logits; a placeholder that reaches vLLM's path anyway is replaced by the real lo
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgplug import names, ops
+from dgplug import names, ops, settings
 from dgplug.config import from_dict as dgplug_config_from_dict
 from dgplug.model import inv_freq, rope_tables
 
@@ -712,7 +711,7 @@ def model_state_cls():
 
             if input_batch.num_draft_tokens == 0 or self.tp_size > 1 or self.model is None:
                 return False
-            if os.environ.get("DGPLUG_VLLM_FUSED_SAMPLER", "1") == "0":
+            if not settings.on("DGPLUG_VLLM_FUSED_SAMPLER"):
                 return False
             states = self.diffusion_states
             if states.constrained or states.step_allowed is not None:

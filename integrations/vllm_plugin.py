@@ -33,7 +33,6 @@ tensors), so the plugin also routes those when the switch is set.
 from __future__ import annotations
 
 import logging
-import os
 
 logger = logging.getLogger("dgplug.vllm")
 
@@ -57,7 +56,9 @@ class UnsupportedVLLM(RuntimeError):
 
 
 def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+    from dgplug import settings
+
+    return settings.on(name)
 
 
 def _parse_version(text: str) -> tuple[int, int]:

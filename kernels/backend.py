@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from dgplug import settings
+
 try:  # triton is optional: the twins need nothing but torch (a broken install counts as none)
     import triton  # noqa: F401
     import triton.language  # noqa: F401
@@ -39,11 +41,9 @@ def pick_impl(x: torch.Tensor, impl: str | None, supported: bool = True) -> str:
     """"torch" or "triton" for a call on `x` (rules in the module docstring); a bad value of `impl` or
     of DGPLUG_KERNELS is an error naming it."""
     if impl is None:
-        env = os.environ.get(ENV_FORCE, "").strip().lower()
-        if env in ("torch", "triton"):
+        env = settings.switch(ENV_FORCE)
+        if env != "auto":
             return env
-        if env:
-            raise ValueError(f"{ENV_FORCE} must be 'torch' or 'triton', got {env!r}")
         return "triton" if (x.is_cuda and HAS_TRITON and supported) else "torch"
     if impl not in ("torch", "triton"):
         raise ValueError(f"impl must be None, 'torch' or 'triton', got {impl!r}")

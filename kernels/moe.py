@@ -32,6 +32,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from dgplug import settings
+
 from .backend import HAS_TRITON, pick_impl
 from .quantized_weight import QuantizedWeight, expert_weight, repack_int4_fragments, repack_int4_halves  # noqa: F401
 
@@ -158,7 +160,7 @@ A8_TILE = 64  # h's fp8 scale tile with fp8 activations: the kernels' BLOCK_N1 =
 
 def fp8_activations(gate_up, down) -> bool:
     """DGPLUG_FP8_ACTIVATIONS=1 and fp8 experts: the MoE runs fp8 x fp8 (moe_forward_fp8_activations_torch)."""
-    return os.environ.get("DGPLUG_FP8_ACTIVATIONS", "0") == "1" and all(
+    return settings.on("DGPLUG_FP8_ACTIVATIONS") and all(
         isinstance(w, QuantizedWeight) and w.scheme == "fp8" for w in (gate_up, down))
 
 

@@ -48,12 +48,13 @@ Quantized layouts (logical weight [..., N, K], "K" the input dimension, "..." th
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from dgplug import settings
 
 __all__ = ["QuantizedWeight", "repack_int4_halves", "repack_int4_fragments", "for_gpu_kernels", "expert_weight"]
 
@@ -263,7 +264,7 @@ def repack_int4_fragments(qw: QuantizedWeight, block_k: int) -> QuantizedWeight:
 def linears_stay_packed() -> bool:
     """DGPLUG_PACKED_LINEARS=1: on a GPU too, packed linears are dequantised in every call (dgplug.load
     and the transformers integration otherwise keep them dequantised there)."""
-    return os.environ.get("DGPLUG_PACKED_LINEARS", "0") == "1"
+    return settings.on("DGPLUG_PACKED_LINEARS")
 
 
 GPU_K_TILES = {"gate_up": 128, "down": 64}  # BLOCK_K1 / BLOCK_K2 of the int4 kernels on a GPU
@@ -276,7 +277,7 @@ def for_gpu_kernels(w, which: str, block_k: int | None = None):
     the order of the file."""
     bk = block_k or GPU_K_TILES[which]
     if (not isinstance(w, QuantizedWeight) or w.scheme != "int4" or w.kpack or w.shape[-1] % bk
-            or w.group_size % bk or os.environ.get("DGPLUG_INT4_ORDER", "fragments") == "pairs"):
+            or w.group_size % bk or settings.switch("DGPLUG_INT4_ORDER") == "pairs"):
         return w
     return repack_int4_fragments(w, bk)
 

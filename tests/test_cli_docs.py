@@ -113,3 +113,46 @@ def test_every_gguf_file_type_is_documented():
         found = set(names.findall(text))
         assert set(FILE_TYPES) | set(ALIASES) <= found, (where, sorted((set(FILE_TYPES) | set(ALIASES)) - found))
         assert found <= set(FILE_TYPES) | set(ALIASES) | {"IQ4_XS", "IQ4_NL"}, (where, sorted(found))
+
+
+def test_every_switch_is_read_through_the_table():
+    """The DGPLUG_* switches are read through dgplug.settings (one table of values and defaults), so a
+    typo is an error, not the default without a word; only the three variables with their own readers
+    (threads, cache path, MoE tile settings) and the benchmarks read os.environ."""
+    from dgplug import settings
+
+    direct = []
+    for d in ("dgplug", "kernels", "integrations", "converters"):
+        for p in sorted((ROOT / d).rglob("*.py")):
+            for name in re.findall(r"environ(?:\.get\(|\[)\s*\"(DGPLUG_[A-Z0-9_]+)\"", p.read_text()):
+                direct.append(name)
+    assert set(direct) <= {"DGPLUG_THREADS", "DGPLUG_CACHE", "DGPLUG_MOE_CONFIG", "DGPLUG_CUDA_GRAPHS"}, direct
+    code = "".join(p.read_text() for d in ("dgplug", "kernels", "integrations", "converters")
+                   for p in sorted((ROOT / d).rglob("*.py")))
+    named = set(re.findall(r"DGPLUG_[A-Z0-9_]*[A-Z0-9]", code)) - {"DGPLUG_THREADS", "DGPLUG_CACHE", "DGPLUG_MOE_CONFIG"}
+    assert named == set(settings.SWITCHES), named ^ set(settings.SWITCHES)
+
+
+def test_a_bad_switch_is_one_line_before_any_work(monkeypatch):
+    """A value a switch does not take is one error line naming it, for any command, before the model
+    loads; true/false, yes/no, on/off are read as 1/0."""
+    from dgplug import settings
+    from dgplug.cli import app
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    for name, (default, values) in settings.SWITCHES.items():
+        monkeypatch.setenv(name, "bogus")
+        r = runner.invoke(app, ["info", "sudoku"])
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and lines == [f"error: {name}='bogus': use {', '.join(values[:-1])} or {values[-1]}"
+                                               + (" (or true/false, yes/no, on/off)" if "1" in values else "")], r.output
+        if "1" in values:
+            for spelling, want in (("false", "0"), ("Off", "0"), ("yes", "1"), (" TRUE ", "1")):
+                monkeypatch.setenv(name, spelling)
+                assert settings.switch(name) == want
+        monkeypatch.delenv(name)
+        assert settings.switch(name) == default
+    monkeypatch.setenv("DGPLUG_MOE_CONFIG", "garbage")
+    r = runner.invoke(app, ["info", "sudoku"])
+    assert r.exit_code == 1 and "DGPLUG_MOE_CONFIG='garbage': 'garbage' is not KEY=integer" in r.output, r.output

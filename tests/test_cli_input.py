@@ -279,3 +279,102 @@ def test_usage_errors_are_one_line_naming_the_value(tiny_ckpt):
         code, out, _ = cli(*command, "--help")  # flags, --help included, show no value placeholder
         assert code == 0 and "--help" in out and "<bool>" not in out, (command, out)
     assert "--json" in cli("generate", "--help")[1]
+
+
+# -- a scripting user's audit ----------------------------------------------------------------------
+def test_overwrite_replaces_an_earlier_output_only(tiny_ckpt_smooth, tmp_path):
+    """--overwrite replaces an earlier GGUF or imatrix, never a file of the checkpoint or the
+    calibration text given as the output (they were silently destroyed)."""
+    import filecmp
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt_smooth, src)
+    keep = tmp_path / "keep"
+    shutil.copytree(src, keep)
+    for name in ("config.json", next(p.name for p in src.glob("*.safetensors"))):
+        _one_error_line(runner.invoke(app, ["convert", str(src), str(src / name), "-q", "Q8_0", "--overwrite"]),
+                        f"{src / name} is not a GGUF file: --overwrite replaces an earlier GGUF")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("w5 w6 w7 w8 " * 20)
+    for out in (calib, src / "config.json"):
+        _one_error_line(runner.invoke(app, ["imatrix", str(src), "--calib", str(calib), "-o", str(out),
+                                            "--overwrite", "--chunk-size", "8"]), f"-o {out} is not an imatrix")
+    assert not filecmp.dircmp(src, keep).diff_files and calib.read_text() == "w5 w6 w7 w8 " * 20
+    g = tmp_path / "m.gguf"  # an earlier output is replaced
+    assert runner.invoke(app, ["convert", str(src), str(g), "-q", "Q8_0"]).exit_code == 0
+    assert runner.invoke(app, ["convert", str(src), str(g), "-q", "F16", "--overwrite"]).exit_code == 0
+
+
+def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path):
+    """Without overwrite, the finished output never replaces one another process put there while it
+    ran (two conversions into one name: both reported success and one result was lost)."""
+    from dgplug.converters.output import publish_dir, publish_file
+    from dgplug.errors import InputError
+
+    out, tmp = tmp_path / "m.gguf", tmp_path / ".m.gguf.tmp"
+    out.write_bytes(b"first")
+    tmp.write_bytes(b"second")
+    with pytest.raises(InputError, match="created by another process while this one ran; not replaced"):
+        publish_file(tmp, out, overwrite=False)
+    assert out.read_bytes() == b"first" and not tmp.exists()
+    tmp.write_bytes(b"second")
+    publish_file(tmp, out, overwrite=True)
+    assert out.read_bytes() == b"second" and not tmp.exists()
+    d, t = tmp_path / "q", tmp_path / ".q.tmp"
+    for x, what in ((d, "first"), (t, "second")):
+        x.mkdir()
+        (x / "f").write_text(what)
+    with pytest.raises(InputError, match="created by another process"):
+        publish_dir(t, d, overwrite=False)
+    assert (d / "f").read_text() == "first" and not t.exists()
+    t.mkdir()
+    (t / "f").write_text("second")
+    publish_dir(t, d, overwrite=True)
+    assert (d / "f").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "q"]
+
+
+def test_generated_text_printed_as_it_is(tiny_ckpt, monkeypatch):
+    """stdout carries the decoded text byte for byte: rich expanded tabs and dropped control characters."""
+    import importlib
+
+    generate = importlib.import_module("dgplug.cli.generate")  # the module (dgplug.cli.generate is the command)
+    monkeypatch.setattr(generate, "decode", lambda model, ids: "a\tb\x07c\rd")
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5", "--steps", "1", "-n", "4", "--quiet"])
+    assert r.exit_code == 0 and r.stdout == "a\tb\x07c\rd\n", repr(r.stdout)
+
+
+def test_more_errors_that_name_their_target(tmp_path, monkeypatch):
+    """A config that is not UTF-8, a file that is no model, a seed out of range, a full disk under
+    the imatrix: each one line naming the file, option or output."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_bytes(b'{"a": "\xff"}')
+    _one_error_line(runner.invoke(app, ["info", str(bad)]), f"{bad / 'config.json'}: not UTF-8 text (byte 0xff")
+    txt = tmp_path / "p.txt"
+    txt.write_text("hello")
+    _one_error_line(runner.invoke(app, ["convert", str(txt), str(tmp_path / "o.gguf"), "-q", "Q8_0"]),
+                    f"{txt} is a file that is neither GGUF nor safetensors: convert reads a Hugging Face checkpoint")
+    for cmd in (["generate", "sudoku", "--ids", "5"], ["demo"]):
+        r = runner.invoke(app, cmd + ["--seed", str(2**64)])
+        assert r.exit_code == 2 and "--seed': a seed is a 64-bit number" in r.stderr, r.output
+    import errno
+
+    from dgplug.converters.imatrix import Imatrix
+
+    def full(self, path, fmt="gguf", overwrite=True):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Imatrix, "save", full)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("r1c1=5 r1c2=3 " * 10)
+    out = tmp_path / "im.gguf"
+    _one_error_line(runner.invoke(app, ["imatrix", "sudoku", "--calib", str(calib), "-o", str(out), "--chunks", "1",
+                                        "--steps", "1"]), f"{out}: no space left on device")
+
+
+def test_closed_stdout_is_an_error():
+    """Started with stdout closed (>&-), a command would print its result into nothing and exit 0."""
+    r = subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'from dgplug.cli import entry; entry()' info sudoku >&-"],
+                       capture_output=False, stderr=subprocess.PIPE, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and r.stderr.strip() == "error: stdout is closed: dgplug prints its results there", r.stderr

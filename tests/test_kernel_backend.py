@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dgplug.kernels import attention, ggml, moe, moe_triton, sampler
+from dgplug.errors import InputError
 from dgplug.kernels.backend import pick_impl
 
 TRITON = object()
@@ -56,7 +57,7 @@ def test_every_kernel_dispatches_by_one_rule(monkeypatch, case):
     assert path(env=" Torch ") == "torch", name
     assert path("torch", env="triton") == "torch", name  # an explicit argument wins
     assert path("triton", env="torch") == "triton", name
-    with pytest.raises(ValueError, match="DGPLUG_KERNELS must be 'torch' or 'triton', got 'cuda'"):
+    with pytest.raises(InputError, match="DGPLUG_KERNELS='cuda': use auto, torch or triton"):
         path(env="cuda")
     with pytest.raises(ValueError, match="impl must be None, 'torch' or 'triton', got 'numpy'"):
         path("numpy")

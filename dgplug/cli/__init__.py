@@ -83,6 +83,13 @@ def entry():
     common.main(app)
 
 
+def _seed(value: int) -> int:
+    """--seed as torch takes it: a 64-bit number (signed or not)."""
+    if not -(2**63) <= value < 2**64:
+        raise typer.BadParameter(f"a seed is a 64-bit number, from {-(2**63)} to {2**64 - 1}")
+    return value
+
+
 def _version(value: bool):
     if value:
         from dgplug import __version__
@@ -134,7 +141,7 @@ def generate(
         None, "--max-new-tokens", "-n", show_default=False,
         help="Tokens to print (default: the checkpoint's). Whole canvases are generated and cut to this."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Max denoising steps per canvas.", show_default=False),
-    seed: int = typer.Option(0, "--seed", help="Seed of the starting canvas and of the sampler."),
+    seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the starting canvas and of the sampler."),
     rng: str = typer.Option("counter", "--rng", help="counter (fused, default) or transformers (bit-exact)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", show_default=False,
                                         help="fp32, bf16 or fp16 (default: the checkpoint's; a GGUF's: fp32, "
@@ -184,7 +191,7 @@ def demo(
                                              "(as many as fit the terminal), then at the end (default 3)."),
     steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
                                         help="At most this many denoising steps (default: the checkpoint's, 48)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the starting canvas and of the sampler."),
+    seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the starting canvas and of the sampler."),
     live: bool = flag(True, "--live/--no-live", help="Redraw the grids as they are denoised."),
     compare: bool = flag(False, "--compare", help="Then solve the same puzzles left to right (one cell "
                          "per forward, same model) and print that line too."),
@@ -265,7 +272,7 @@ def imatrix_cmd(
     batch: int = typer.Option(1, "--batch", help="Prompts per generate call."),
     steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
                                         help="Max denoising steps per canvas (default: the checkpoint's)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the starting canvases and of the sampler."),
+    seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the starting canvases and of the sampler."),
     overwrite: bool = flag(False, "--overwrite", help="Replace the output if it exists."),
     threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, debug: bool = DEBUG, quiet: bool = QUIET,
 ):

@@ -69,6 +69,16 @@ def result_line(text: str) -> None:
     out.print(text, soft_wrap=not out.is_terminal)
 
 
+def print_text(text: str) -> None:
+    """Generated text on stdout as it is (rich would expand its tabs and drop control characters)."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except OSError as e:  # e.g. a full disk behind `> file`: say where
+        e.dgplug_where = "stdout"
+        raise
+
+
 def say(*parts, style: str | None = None) -> None:
     """A message line on stderr (silenced by --quiet)."""
     if not STATE["quiet"]:
@@ -88,6 +98,9 @@ def _click_class(name: str):
 def main(app) -> None:
     """Run the typer app as the `dgplug` script: as click's standalone mode, except that a usage error
     (an unknown command or option, a missing or mistyped value) is one line naming the value, exit 2."""
+    if sys.stdout is None:  # started with stdout closed (>&-): every result would be lost
+        err.print(Text("error: ", style="red") + Text("stdout is closed: dgplug prints its results there"))
+        raise SystemExit(1)
     try:
         code = app(prog_name="dgplug", standalone_mode=False)
     except _click_class("UsageError") as e:
@@ -251,6 +264,7 @@ def run(fn, debug: bool = False, quiet: bool = False):
     err.soft_wrap = not err.is_terminal
     try:
         with signals(), _threads_restored():
+            check_settings()
             result = fn()
     except typer.Exit:
         raise
@@ -293,11 +307,19 @@ def _threads_restored():
         torch.set_num_threads(before[1])
 
 
-def check_backend() -> None:
-    """DGPLUG_OPS must name a backend (dgplug.ops reads it at import and would ignore a typo)."""
-    value = os.environ.get("DGPLUG_OPS")
-    if value is not None and value not in ("auto", "kernels", "reference"):
-        raise CLIError(f"DGPLUG_OPS={value!r}: use auto, kernels or reference")
+def check_settings() -> None:
+    """Every DGPLUG_* switch that is set takes one of its values (dgplug.settings), and DGPLUG_MOE_CONFIG
+    parses, before any work: a typo would otherwise be ignored, or found after a model has loaded."""
+    from dgplug import settings
+
+    try:
+        settings.check_all()
+        if os.environ.get("DGPLUG_MOE_CONFIG", "").strip():
+            from dgplug.kernels.moe import env_config
+
+            env_config()
+    except Exception as e:  # noqa: BLE001 - one line naming the variable
+        raise CLIError(str(e)) from None
 
 
 def threads_arg(n: int | None) -> int | None:

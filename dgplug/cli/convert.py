@@ -66,7 +66,8 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
         else:
             from dgplug.converters.gguf_export import export_gguf
 
-            export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads, imatrix=imatrix)
+            export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads, imatrix=imatrix,
+                        overwrite=overwrite)
     except (KeyboardInterrupt, common.Terminated):  # the temporary output is gone by now (the converters' cleanup ran)
         from rich.text import Text
 

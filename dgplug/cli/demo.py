@@ -179,7 +179,6 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
         raise CLIError("--puzzle solves one given puzzle: leave out --givens and -n")
     band = parse_band(givens or DEFAULT_BAND)
     mine = parse_puzzle(puzzle) if puzzle is not None else None
-    common.check_backend()
     user_threads = common.threads_arg(threads)
     device = common.device_arg(device)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from .common import CLIError, STATE, LiveView, at_least, err, note, out, say
+from .common import CLIError, STATE, LiveView, at_least, err, note, out, print_text, say
 from .paths import model_arg
 
 RNGS = ("counter", "transformers")
@@ -237,7 +237,6 @@ def run(o: Options) -> None:
     check(o)
     if o.live and STATE["quiet"]:
         note("--live shows nothing with --quiet (only the result is printed)")
-    common.check_backend()
     user_threads = common.threads_arg(o.threads)
     path = model_arg(str(o.path))
     device = common.device_arg(o.device)
@@ -291,7 +290,7 @@ def run(o: Options) -> None:
     if o.as_json:
         out.print(json.dumps(dict(text=text, ids=kept, **summary)))
         return
-    out.print(Text(text))
+    print_text(text)
     say(f"{generated} tokens in {dt:.2f}s = {generated / dt:.1f} tokens/s; {summary['tokens_per_forward']:.2f} "
         f"tokens per forward; steps per canvas {list(res.steps)}; {threads} thread{'s' if threads > 1 else ''}",
         style="dim")
@@ -315,5 +314,5 @@ def _edit(model, prompt_ids, o: Options, N: int, threads: int) -> None:
         out.print(json.dumps(dict(text=text, ids=list(res.ids), rewritten=n_free, seconds=round(dt, 4),
                                   steps=list(res.output.steps), threads=threads)))
         return
-    out.print(Text(text))
+    print_text(text)
     say(f"{n_free} of {len(res.ids)} tokens rewritten in {dt:.2f}s; steps {res.output.steps}", style="dim")

@@ -60,6 +60,14 @@ def output_path(o: str, overwrite: bool) -> Path:
         raise CLIError(f"-o {o} is a directory: the imatrix is one file (e.g. {p / 'imatrix.gguf'})")
     if p.exists() and not overwrite:
         raise CLIError(f"{o} exists: pass --overwrite to replace it")
+    if p.is_file():  # --overwrite replaces an earlier imatrix, never a model or the calibration text
+        from dgplug.converters.imatrix import Imatrix
+
+        try:
+            Imatrix.load(p)
+        except Exception:  # noqa: BLE001 - whatever it is, it is not an imatrix
+            raise CLIError(f"-o {o} is not an imatrix: --overwrite replaces an earlier imatrix, not another "
+                           f"file (a model, the calibration text?); choose another output") from None
     return writable(o, "-o")
 
 
@@ -72,7 +80,6 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
     for flag, value, what in (("--chunk-size", chunk_size, "a number of tokens"), ("--chunks", chunks, "a number"),
                               ("--batch", batch, "a number"), ("--steps", steps, "a number")):
         common.at_least(flag, value, what=what)
-    common.check_backend()
     path = model_arg(src)
     text, datasets = calibration_text(calib)
     target = output_path(o, overwrite)
@@ -119,6 +126,11 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
     finally:
         if progress is not None:
             progress.stop()
-    im.save(target, fmt)
+    try:
+        im.save(target, fmt, overwrite)
+    except OSError as e:  # e.g. a full disk: name the output, not its temporary name (already removed)
+        if e.filename is None or Path(str(e.filename)).name.startswith(f".{target.name}."):
+            e.filename = str(target)
+        raise
     say(f"{len(im.entries)} weights, {len(parts)} chunk{'s' if len(parts) > 1 else ''} in {time.perf_counter() - t0:.1f}s")
     out.print(f"wrote {target}")

@@ -50,7 +50,7 @@ def _not_a_model(s: str, k: str, wanted: str) -> CLIError:
         return CLIError(f"{s} is a safetensors file: give the checkpoint directory that holds it ({parent})")
     if k == "gguf":
         return CLIError(f"{s} is a GGUF file: {wanted}")
-    return CLIError(f"{s} is not {wanted} (it is a file that is neither GGUF nor safetensors)")
+    return CLIError(f"{s} is a file that is neither GGUF nor safetensors: {wanted}")
 
 
 REQUANTIZE = "a GGUF is requantized by llama.cpp's llama-quantize (a build that knows diffusion-gemma)"
@@ -97,7 +97,7 @@ def model_arg(s: str):
         return _checkpoint_dir(s, gguf_ok=True)
     if k == "gguf":
         return Path(s)
-    raise _not_a_model(s, k, "a checkpoint directory or a GGUF file")
+    raise _not_a_model(s, k, "give a checkpoint directory or a GGUF file")
 
 
 def source_arg(s: str):
@@ -154,6 +154,14 @@ def writable(out: str, flag: str = "") -> Path:
     return p
 
 
+def _starts_with(p: Path, magic: bytes) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
     """convert's OUT, one rule for files and directories: an existing output is refused unless
     --overwrite; GGUF types write one file, int4/int8/fp8 a directory."""
@@ -170,6 +178,9 @@ def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
     if gguf:
         if p.is_dir():
             raise CLIError(f"{out} is a directory: {quant} writes one GGUF file (e.g. {p / ('model-' + quant + '.gguf')})")
+        if p.is_file() and overwrite and not _starts_with(p, b"GGUF"):  # a file of the source, a document, ...
+            raise CLIError(f"{out} is not a GGUF file: --overwrite replaces an earlier GGUF, not another file "
+                           f"(a file of the checkpoint?); choose another output")
         if p.suffix.lower() != ".gguf":
             from .common import note
 
