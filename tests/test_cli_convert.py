@@ -25,7 +25,12 @@ def test_overwrite_rule(tiny_ckpt_smooth, tmp_path):
     r = runner.invoke(app, ["convert", src, str(g), "-q", "Q8_0"])
     assert r.exit_code == 1 and f"{g} exists: pass --overwrite to replace it" in r.stderr, r.output
     assert g.read_bytes() == b"keep me"
-    r = runner.invoke(app, ["convert", src, str(g), "-q", "Q8_0", "--overwrite", "--quiet"])
+    r = runner.invoke(app, ["convert", src, str(g), "-q", "Q8_0", "--overwrite", "--quiet"])  # not a GGUF: kept
+    assert r.exit_code == 1 and f"{g} is not a GGUF file: --overwrite replaces an earlier GGUF" in r.stderr
+    assert g.read_bytes() == b"keep me"
+    g.unlink()
+    assert runner.invoke(app, ["convert", src, str(g), "-q", "F16", "--quiet"]).exit_code == 0
+    r = runner.invoke(app, ["convert", src, str(g), "-q", "Q8_0", "--overwrite", "--quiet"])  # an earlier GGUF
     assert r.exit_code == 0 and g.read_bytes()[:4] == b"GGUF", r.output
     d = tmp_path / "q"
     d.mkdir()
@@ -33,8 +38,12 @@ def test_overwrite_rule(tiny_ckpt_smooth, tmp_path):
     r = runner.invoke(app, ["convert", src, str(d), "-q", "int8"])
     assert r.exit_code == 1 and f"{d} exists: pass --overwrite to replace it" in r.stderr
     assert "overwrite=True" not in r.output and (d / "old.txt").exists()
-    r = runner.invoke(app, ["convert", src, str(d), "-q", "int8", "--overwrite", "--quiet"])
-    assert r.exit_code == 0 and (d / "config.json").exists() and not (d / "old.txt").exists()
+    r = runner.invoke(app, ["convert", src, str(d), "-q", "int8", "--overwrite", "--quiet"])  # other files: kept
+    assert r.exit_code == 1 and f"{d} is not a dgplug-quantized directory" in r.stderr and (d / "old.txt").exists()
+    (d / "old.txt").unlink()
+    assert runner.invoke(app, ["convert", src, str(d), "-q", "int4", "--quiet"]).exit_code == 0
+    r = runner.invoke(app, ["convert", src, str(d), "-q", "int8", "--overwrite", "--quiet"])  # an earlier output
+    assert r.exit_code == 0 and '"int8"' in (d / "config.json").read_text(), r.output
     # a GGUF name for a directory format, a directory for a GGUF type: refused, nothing made
     r = runner.invoke(app, ["convert", src, str(tmp_path / "x.gguf"), "-q", "int8"])
     assert r.exit_code == 1 and "writes a directory" in r.stderr and not (tmp_path / "x.gguf").exists()

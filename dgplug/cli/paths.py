@@ -162,6 +162,19 @@ def _starts_with(p: Path, magic: bytes) -> bool:
         return False
 
 
+def _earlier_quantized(p: Path) -> bool:
+    """p holds a dgplug-quantized checkpoint (its config.json names dgplug's quantization method)."""
+    import json
+
+    from dgplug.converters.quant import QUANT_METHOD
+
+    try:
+        qc = json.loads((p / "config.json").read_text()).get("quantization_config") or {}
+        return qc.get("quant_method") == QUANT_METHOD
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
     """convert's OUT, one rule for files and directories: an existing output is refused unless
     --overwrite; GGUF types write one file, int4/int8/fp8 a directory."""
@@ -191,6 +204,9 @@ def output_arg(out: str, src, quant: str, overwrite: bool) -> Path:
                            f"(choose a directory name, or a GGUF type such as Q8_0)")
         if p.exists() and not p.is_dir():
             raise CLIError(f"{out} is a file: {quant} writes a directory")
+        if p.is_dir() and overwrite and any(p.iterdir()) and not _earlier_quantized(p):
+            raise CLIError(f"{out} is not a dgplug-quantized directory: --overwrite replaces an earlier output, "
+                           f"not a directory of other files; choose another output")
         if p.suffix.lower() == ".safetensors" and not p.exists():
             from .common import note
 
