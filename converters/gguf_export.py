@@ -10,7 +10,7 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
   aliases (ALIASES: Q5_K = Q5_K_M, Q4_K = Q4_K_M, Q3_K = Q3_K_M), in any case. The tensor types of each
   file type come from ONE table, `RECIPES`, applied by `tensor_type()` (llama.cpp's
   `llama_tensor_get_type` rules for this architecture, including its `use_more_bits` layer rule and
-  its fallbacks for rows that are not a multiple of 256: Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K
+  its fallbacks for rows that are not a multiple of 256: Q2_K and Q3_K -> IQ4_NL, Q4_K -> Q5_0, Q5_K
   -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, the tied token embedding -> Q8_0; 32-block types whose
   rows are not a multiple of 32 -> F16). Q2_K_S is refused without an imatrix, as llama-quantize
   refuses it (and Q2_K, Q3_K_S, Q3_K_M, IQ4_XS are not: llama.cpp makes them without one, with its
@@ -28,8 +28,8 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
   types (IMATRIX_FILE_TYPES): every Q2_K..Q6_K, IQ4_XS and IQ4_NL tensor is encoded as llama-quantize does
   with that imatrix (its entry by GGUF name; experts: one row per expert), byte for byte (see
   converters/kquants.py). The other types of the mix encode as without: llama.cpp's Q8_0 has
-  no imatrix path; its Q4_0/Q4_1/Q5_0/Q5_1 (the fallbacks of Q2_K/Q3_K, Q4_K, Q5_K for rows that are
-  not a multiple of 256, e.g. the 704- and 2112-wide down projections) have one, not written yet,
+  no imatrix path; its Q4_0/Q4_1/Q5_0/Q5_1 (Q5_0 and Q5_1: the fallbacks of Q4_K and Q5_K for rows
+  that are not a multiple of 256, e.g. the 704- and 2112-wide down projections) have one, not written yet,
   so the Q4_0, Q4_1, Q5_0 and Q5_1 file types take no imatrix.
   The file records it as llama-quantize does: quantize.imatrix.file / .dataset (the first) /
   .entries_count / .chunks_count.
@@ -142,7 +142,7 @@ IMATRIX_FILE_TYPES = ("Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", 
                       "IQ4_XS", "IQ4_NL")
 # llama.cpp's tensor_type_fallback for rows that are not a multiple of the block size (its 32-block
 # types have none, llama-quantize stops; dgplug writes F16, as for a fallback that does not fit)
-FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
+FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
             T.Q4_0: T.F16, T.Q4_1: T.F16, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16, T.IQ4_NL: T.F16}
 
 
@@ -263,12 +263,11 @@ def _encode(st: StoredTensor | None, data: np.ndarray | None, r0: int, r1: int, 
         raw, dt, shape = data.reshape(-1, cols)[r0:r1], "F32", data.shape
     else:
         raw, dt, shape = _read_rows(st, r0, r1, cols, _FDS), st.dtype, st.shape
-    x = _to_f32(raw, dt)
+    x = _to_f32(raw, dt) if dt == "BF16" else raw  # F32 and F16 are checked as they are (no copy)
     kquants.check_finite(x, gname, at=r0 * cols, shape=tuple(shape))  # the index in the whole tensor
-    if qtype == T.BF16 and dt == "BF16":
+    if (qtype, dt) in ((T.BF16, "BF16"), (T.F16, "F16")):
         return np.ascontiguousarray(raw).view(np.uint8).reshape(-1)  # bit copy
-    if qtype == T.F16 and dt == "F16":
-        return np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    x = _to_f32(x, "F32")
     if imp is None:
         out = kquants.quantize(x, qtype, name=gname)
     else:

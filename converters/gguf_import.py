@@ -23,9 +23,10 @@ Entry points (what `dgplug.load("x.gguf")` and `dgplug inspect FILE.gguf` call):
         mapped back through dgplug.names, ggml's reversed dims undone (the fused expert
         gate_up stays fused, [E, 2I, H]); the encoder layer scalars are included; rope_freqs
         (computed, not a checkpoint tensor) is skipped.
-    check_contract(path) -> list[str]
-        Problems of the file against ../shared/spec/gguf.md: missing keys, missing / unknown
-        tensors, wrong shapes, 1-D tensors or the router not in F32, no mask token.
+    check_contract(path) -> list[str]  (contract_report(path): the problems and notes)
+        Problems of the file against ../shared/spec/gguf.md: missing keys, keys of another type or
+        value, missing / unknown tensors, wrong shapes, 1-D tensors or the router not in F32; notes
+        on what llama.cpp loads all the same (a mix other than llama-quantize's default).
     inspect_table(path) -> {"metadata": {key: value}, "tensors": [(name, type, shape, bytes)]}
         `shape` in ggml order (innermost first, as llama.cpp prints it); long arrays summarised.
     tokenizer_from_gguf(path) -> transformers.PreTrainedTokenizerFast
@@ -323,8 +324,11 @@ def _join_shards(path, reader: GGUFReader, meta: dict, mode: str) -> None:
                           f"says {meta['split.tensors.count']}")
 
 
-def first_shard(files: list[Path]) -> Path | None:
-    """The first shard when `files` are exactly the shards of one split GGUF, else None."""
+def model_file(files: list[Path]) -> Path | None:
+    """The model among a directory's .gguf files: the only one, or the first shard when they are
+    exactly the shards of one split GGUF; else None (several models: the user names one)."""
+    if len(files) == 1:
+        return files[0]
     ms = [SPLIT_NAME.match(f.name) for f in files]
     if not files or not all(ms) or len({(m["prefix"], m["count"]) for m in ms}) != 1:
         return None
@@ -524,21 +528,33 @@ def iter_hf_tensors(path, dtype=None, packed: bool = False) -> Iterator[tuple[st
 # Contract check and inspection
 # ---------------------------------------------------------------------------------------------
 def check_contract(path) -> list[str]:
+    return contract_report(path)[0]
+
+
+def contract_report(path) -> tuple[list[str], list[str]]:
+    """(problems against the contract, notes): a note is what llama.cpp loads all the same (a tensor
+    mix other than llama-quantize's default for the file type, e.g. made with --tensor-type)."""
     problems: list[str] = []
     try:
         reader = open_gguf(path)
     except FormatError as e:
-        return [str(e)]
+        return [str(e)], []
     problems += _metadata_problems(reader)
-    present, values = {t.name: t for t in reader.tensors}, []
+    present = {t.name: t for t in reader.tensors}
     try:
         cfg = gguf_to_config(reader)
-        values = _value_problems(reader, cfg["text_config"], present)
-        problems += values
-        specs = _name_map(cfg)
-    except Exception as e:  # noqa: BLE001 - reported, not raised (once: a value named above is the cause)
-        return problems if values else problems + [f"cannot derive the model config: {e}"]
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        return problems + [f"cannot derive the model config: {e}"], []
     tc = cfg["text_config"]
+    values = _value_problems(reader, tc, present)
+    problems += values
+    try:
+        specs = _name_map(cfg)
+    except Exception as e:  # noqa: BLE001 - reported once: a value named above (experts used) is the cause
+        if not (values and "top_k_experts" in str(e)):
+            problems.append(f"cannot derive the model config: {e}")
+        return problems, []
+    notes = _mix_notes(reader, tc, present)
     shapes = []
     for name, s in specs.items():
         t = present.get(name)
@@ -569,7 +585,7 @@ def check_contract(path) -> list[str]:
     for t, ty in zip(tokens, types):  # llama.cpp's chat parser reads these: they must be rendered
         if t in GEMMA4_VISIBLE_TOKENS and int(ty) != int(TokenType.USER_DEFINED):
             problems.append(f"token {t!r} has type {TokenType(int(ty)).name}, expected USER_DEFINED")
-    return problems
+    return problems, notes
 
 
 _VT_NAMES = {VT.UINT8: "u8", VT.INT8: "i8", VT.UINT16: "u16", VT.INT16: "i16", VT.UINT32: "u32", VT.INT32: "i32",
@@ -600,7 +616,7 @@ def _metadata_problems(reader) -> list[str]:
 
 def _value_problems(reader, tc: dict, present: dict) -> list[str]:
     """Values that must agree with each other or with the tensors: experts used <= experts, token
-    ids inside the vocabulary, embedding_length = token_embd's width, file_type = the experts' type."""
+    ids inside the vocabulary, embedding_length = token_embd's width."""
     a, problems = ARCH, []
     if not 1 <= tc["top_k_experts"] <= tc["num_experts"]:
         problems.append(f"metadata key {a}.expert_used_count is {tc['top_k_experts']}: a model of "
@@ -614,6 +630,12 @@ def _value_problems(reader, tc: dict, present: dict) -> list[str]:
     if embd is not None and int(embd.shape[0]) != tc["hidden_size"]:
         problems.append(f"metadata key {a}.embedding_length is {tc['hidden_size']}, but token_embd.weight rows are "
                         f"{int(embd.shape[0])} wide")
+    return problems
+
+
+def _mix_notes(reader, tc: dict, present: dict) -> list[str]:
+    """general.file_type against the experts' type in llama-quantize's default mix for it."""
+    notes = []
     ft, gate_up = _field(reader, "general.file_type"), present.get("blk.0.ffn_gate_up_exps.weight")
     if isinstance(ft, int) and gate_up is not None:
         from .gguf_export import RECIPES, tensor_type
@@ -625,9 +647,9 @@ def _value_problems(reader, tc: dict, present: dict) -> list[str]:
                                n_experts=tc["num_experts"], layer=0)
             got = T(int(gate_up.tensor_type))
             if got != want:
-                problems.append(f"metadata key general.file_type is {ft} ({quant}), but {gate_up.name} is {got.name} "
-                                f"(a {quant} file stores it as {want.name})")
-    return problems
+                notes.append(f"general.file_type is {ft} ({quant}), but {gate_up.name} is {got.name} "
+                                f"(llama-quantize's {quant} mix stores it as {want.name})")
+    return notes
 
 
 def _summarise(v):

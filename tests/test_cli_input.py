@@ -331,6 +331,43 @@ def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path):
     (t / "f").write_text("second")
     publish_dir(t, d, overwrite=True)
     assert (d / "f").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "q"]
+    out.unlink()  # a file where the directory goes: replaced only with overwrite
+    out.write_bytes(b"a file")
+    t.mkdir()
+    with pytest.raises(InputError, match="created by another process"):
+        publish_dir(t, out, overwrite=False)
+    t.mkdir()
+    (t / "f").write_text("dir")
+    publish_dir(t, out, overwrite=True)
+    assert (out / "f").read_text() == "dir" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "q"]
+
+
+def test_publishing_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    """vfat, SMB and some FUSE mounts refuse os.link: an exclusive create then a rename instead, still
+    refusing an output that appeared meanwhile; errors name the output, not its temporary name."""
+    import errno
+
+    from dgplug.converters import output
+    from dgplug.errors import InputError
+
+    def no_link(a, b):
+        raise OSError(errno.EPERM, "Operation not permitted", str(a), None, str(b))
+
+    monkeypatch.setattr(output.os, "link", no_link)
+    out, tmp = tmp_path / "im.gguf", tmp_path / ".im.gguf.tmp"
+    tmp.write_bytes(b"mine")
+    output.publish_file(tmp, out, overwrite=False)
+    assert out.read_bytes() == b"mine" and not tmp.exists()
+    tmp.write_bytes(b"second")
+    with pytest.raises(InputError, match="created by another process"):
+        output.publish_file(tmp, out, overwrite=False)
+    assert out.read_bytes() == b"mine" and not tmp.exists()
+    tmp.write_bytes(b"x")
+    monkeypatch.setattr(output.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space "
+                                                                                        "left on device", str(a))))
+    with pytest.raises(OSError) as e:
+        output.publish_file(tmp, tmp_path / "new.gguf", overwrite=True)
+    assert e.value.filename == str(tmp_path / "new.gguf") and not tmp.exists()
 
 
 def test_generated_text_printed_as_it_is(tiny_ckpt, monkeypatch):

@@ -42,13 +42,13 @@ class LiveView:
     """A live view on stderr, transient (it vanishes when stopped); content taller than the
     terminal is cut to it, never left behind above the output. Drawn only from the caller's
     thread, at most `rate` times a second (rich's own refresh thread would redraw many times a
-    second and take the GIL from the model being timed); `drawing` is the seconds spent drawing."""
+    second and take the GIL from the model being timed)."""
 
     def __init__(self, rate: float):
         from rich.live import Live
 
         self.live = Live(console=err, auto_refresh=False, transient=True, vertical_overflow="crop")
-        self.gap, self.last, self.drawing = 1 / rate, float("-inf"), 0.0
+        self.gap, self.last = 1 / rate, float("-inf")
         self.live.start()
 
     def update(self, renderable, now: bool = False) -> None:
@@ -58,7 +58,6 @@ class LiveView:
         if now or t - self.last >= self.gap:
             self.live.refresh()
             self.last = time.perf_counter()
-            self.drawing += self.last - t
 
     def stop(self) -> None:
         self.live.stop()
@@ -74,6 +73,9 @@ def print_text(text: str) -> None:
     try:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (`| head`): end quietly, as rich does for its output
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
     except OSError as e:  # e.g. a full disk behind `> file`: say where
         e.dgplug_where = "stdout"
         raise

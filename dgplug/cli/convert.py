@@ -6,6 +6,8 @@ raises, the converter's cleanup removes its temporary output, and forked workers
 
 from __future__ import annotations
 
+import os
+
 from .common import CLIError, say
 from .paths import QUANT_SCHEMES, output_arg, source_arg
 
@@ -54,6 +56,8 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
             raise CLIError(f"--imatrix {imatrix}: no such file")
     source = source_arg(src)
     target = output_arg(out, source, q, overwrite)
+    if imatrix is not None and target.exists() and os.path.samefile(target, imatrix):
+        raise CLIError(f"{out} is the --imatrix file: choose another output")
     user_threads = common.threads_arg(threads)
     common.set_threads(user_threads)
     say(f"converting {src} to {q}")

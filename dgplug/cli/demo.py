@@ -221,15 +221,16 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     widest_status = f"step {N} of {N}: {len(items)} of {len(items)} grids settled, 999.9s"
     header = math.ceil(len(widest_status) / W) + math.ceil(len(legend.plain) / W)  # as wrapped at this width
     watched = drawn[:fitting(len(drawn), W, err.size.height, header)] if animate else []
-    t0, shown = time.perf_counter(), 0.0  # shown: seconds in this hook (drawing, pauses), not the model's
+    t0, drawing = time.perf_counter(), 0.0  # seconds in the hook after the step's own wait: not the model's
 
     def hook(s):
-        nonlocal shown
+        nonlocal drawing
         if STATE["quiet"]:
             return
+        settled = int(s.finished.sum())  # waits for the step (on a GPU): the model's time
         t = time.perf_counter()
-        status = Text(f"step {s.step} of {N}: {int(s.finished.sum())} of {len(items)} grids settled, "
-                      f"{t - t0 - shown:.1f}s", style="cyan")
+        status = Text(f"step {s.step} of {N}: {settled} of {len(items)} grids settled, "
+                      f"{t - t0 - drawing:.1f}s", style="cyan")
         if view is None:  # not a terminal: plain lines
             err.print(status)
         else:
@@ -238,12 +239,12 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
             view.update(Group(status, legend, Columns(frames, padding=(0, 3))) if frames else status, now=animate)
             if animate:
                 time.sleep(0.08)  # slow enough to watch
-        shown += time.perf_counter() - t
+        drawing += time.perf_counter() - t
 
     try:
         res = model.generate(prompt, decoder_input_ids=canvas.to(model.device), locked=lock.to(model.device),
                              max_denoising_steps=steps, seed=seed, on_step=hook)
-        dt = time.perf_counter() - t0 - shown
+        dt = time.perf_counter() - t0 - drawing
     finally:
         if view is not None:
             view.stop()
@@ -277,20 +278,20 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
 
         say("left to right: the same puzzles from the same canvas, one cell per forward, leftmost blank first")
         ltr_view = LiveView(10) if err.is_terminal and not STATE["quiet"] else None
-        t0, shown = time.perf_counter(), 0.0
+        t0, drawing = time.perf_counter(), 0.0
 
-        def progress(forwards, left):
-            nonlocal shown
+        def progress(forwards, left):  # its arguments were read before the call: the model's time
+            nonlocal drawing
             t = time.perf_counter()
             ltr_view.update(Text(f"left to right: forward {forwards}, {left} of {len(items)} grids with blanks left, "
-                                 f"{t - t0 - shown:.1f}s", style="cyan"))
-            shown += time.perf_counter() - t
+                                 f"{t - t0 - drawing:.1f}s", style="cyan"))
+            drawing += time.perf_counter() - t
 
         try:
             filled, fw = fill_left_to_right(model, prompt.to(model.device), start.to(model.device),
                                             lock.to(model.device), seed=seed,
                                             on_forward=progress if ltr_view is not None else None)
-            dt = time.perf_counter() - t0 - shown
+            dt = time.perf_counter() - t0 - drawing
         finally:
             if ltr_view is not None:
                 ltr_view.stop()

@@ -195,16 +195,16 @@ def show_info(d: dict) -> None:
 
 def inspect(path: Path, as_json: bool) -> int:
     """Print the metadata, the tensor table and the contract check; returns the exit code."""
-    from dgplug.converters.gguf_import import check_contract, inspect_table
+    from dgplug.converters.gguf_import import contract_report, inspect_table
 
     table = inspect_table(path)
     meta, rows = table["metadata"], table["tensors"]
     imatrix = meta.get("general.type") == "imatrix"  # no model to check: its table is the answer
-    problems = [] if imatrix else check_contract(path)
+    problems, notes = ([], []) if imatrix else contract_report(path)
     if as_json:
         out.print(json.dumps({"path": str(path), "metadata": meta,
                               "tensors": [dict(name=n, type=ty, shape=list(s), bytes=b) for n, ty, s, b in rows],
-                              "contract_problems": problems}, default=str))
+                              "contract_problems": problems, "notes": notes}, default=str))
         return 1 if problems else 0
     t = Table(title=Text(str(path)))
     t.add_column("key", no_wrap=True)  # whole keys, also piped at 80 columns (grep finds them)
@@ -225,6 +225,8 @@ def inspect(path: Path, as_json: bool) -> int:
     out.print(t)
     for p in problems:
         out.print(Text("contract: ", style="red") + Text(p))
+    for n in notes:
+        out.print(Text("note: ", style="yellow") + Text(n))
     if imatrix:
         out.print(Text("an importance matrix (general.type imatrix), not a model: it goes to "
                        "`dgplug convert --imatrix`"))

@@ -119,13 +119,11 @@ def gguf_arg(s: str) -> Path:
     if k == "gguf":
         return p
     if k == "dir":
-        found = sorted(p.glob("*.gguf"))
-        if len(found) == 1:
-            return found[0]
-        from dgplug.converters.gguf_import import first_shard
+        from dgplug.converters.gguf_import import model_file
 
-        if first := first_shard(found):  # the shards of one split GGUF
-            return first
+        found = sorted(p.glob("*.gguf"))
+        if (one := model_file(found)) is not None:  # the one file, or one split GGUF's first shard
+            return one
         if not found:
             raise CLIError(f"{s} is a directory without a .gguf file: inspect reads one GGUF file")
         raise CLIError(f"{s} holds several .gguf files ({', '.join(f.name for f in found)}): name one")
