@@ -237,7 +237,8 @@ def convert(
                                    "(safetensors)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", show_default=False,
                                              help="int4 only: group size along the input dimension (default 128)."),
-    overwrite: bool = flag(False, "--overwrite", help="Replace OUT if it exists (file or directory)."),
+    overwrite: bool = flag(False, "--overwrite",
+                           help="Replace an earlier output at OUT (a GGUF, a dgplug-quantized directory)."),
     threads: Optional[int] = typer.Option(None, "--threads", show_default=False,
                                           help="GGUF: worker processes; int4/int8/fp8: torch threads "
                                                "(default: DGPLUG_THREADS, else dgplug's choice)."),
@@ -273,7 +274,7 @@ def imatrix_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
                                         help="Max denoising steps per canvas (default: the checkpoint's)."),
     seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the starting canvases and of the sampler."),
-    overwrite: bool = flag(False, "--overwrite", help="Replace the output if it exists."),
+    overwrite: bool = flag(False, "--overwrite", help="Replace an earlier imatrix at the output."),
     threads: Optional[int] = THREADS, device: Optional[str] = DEVICE, debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Importance matrix for calibrated quantization, in llama.cpp's imatrix GGUF (or legacy .dat) layout.
