@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUT = {"dgplug": "dgplug", "kernels": "dgplug/kernels", "converters": "dgplug/converters",
-          "integrations": "dgplug/integrations"}
+# before 2026-12-03 the kernels, converters and integrations folders sat beside dgplug/ (mapped into
+# the package by pyproject's package-dir); since then they are dgplug's own subfolders
+OLD_LAYOUT = {"dgplug": "dgplug", "kernels": "dgplug/kernels", "converters": "dgplug/converters",
+              "integrations": "dgplug/integrations"}
 
 
 def export(rev: str, dest: Path) -> Path:
@@ -34,13 +36,13 @@ def export(rev: str, dest: Path) -> Path:
     src = dest / "src"
     src.mkdir(parents=True)
     if rev == "WORKTREE":
-        for d in LAYOUT:
-            shutil.copytree(ROOT / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "dgplug", src / "dgplug", ignore=shutil.ignore_patterns("__pycache__"))
     else:
-        tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *LAYOUT], check=True, capture_output=True).stdout
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
     pkg = dest / "pkg"
-    for d, where in LAYOUT.items():
+    old = (src / "kernels").is_dir()
+    for d, where in (OLD_LAYOUT if old else {"dgplug": "dgplug"}).items():
         shutil.copytree(src / d, pkg / where)
     return pkg
 

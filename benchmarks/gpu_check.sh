@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check on a bare machine without network: dgplug's folders laid out as one package on PYTHONPATH.
+# The GPU check on a bare machine without network: the checkout's dgplug package on PYTHONPATH.
 # The device image has no gguf-py: copy gguf and yaml from a venv's site-packages into .gpu_deps/ first.
 #   bash benchmarks/gpu_check.sh --budget 300                      # on a GPU (default budget 230 s)
 #   TRITON_INTERPRET=1 bash benchmarks/gpu_check.sh --small        # smoke run on a CPU (~4-5 min)
@@ -11,6 +11,4 @@ cd "$(dirname "$0")/.."
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
 # the checkout's venv where there is one (README setup), else the machine's python3 (the device image)
 PY="${PYTHON:-}"; if [ -z "$PY" ]; then if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi; fi
-SITE="$(mktemp -d)"; trap 'rm -rf "$SITE"' EXIT
-mkdir -p "$SITE/dgplug" && cp -r dgplug/. "$SITE/dgplug/" && for d in converters kernels integrations; do cp -r "$d" "$SITE/dgplug/$d"; done
-PYTHONPATH="$SITE:$PWD/.gpu_deps:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_check.py "$@"
+PYTHONPATH="$PWD:$PWD/.gpu_deps:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_check.py "$@"

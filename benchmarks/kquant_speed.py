@@ -1,4 +1,4 @@
-"""K-quant encoder throughput at two revisions of converters/kquants.py (issue 19, item 4).
+"""K-quant encoder throughput at two revisions of dgplug/converters/kquants.py (issue 19, item 4).
 
 The encoders are the limit of a K-quant conversion (benchmarks/convert.py measures the whole
 pipeline); this times them alone, on the same rows, in one process, alternating the two
@@ -26,12 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def module_at(rev: str | None, name: str):
-    """converters/kquants.py as of git revision `rev` (None: the working tree), imported under `name`."""
+    """dgplug/converters/kquants.py as of git revision `rev` (None: the working tree; before 2026-12-03
+    the file was converters/kquants.py), imported under `name`."""
     if rev is None:
-        path = ROOT / "converters" / "kquants.py"
+        path = ROOT / "dgplug" / "converters" / "kquants.py"
     else:
-        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:converters/kquants.py"], check=True,
-                             capture_output=True, text=True).stdout
+        src = next((r.stdout for f in ("dgplug/converters/kquants.py", "converters/kquants.py")
+                    if (r := subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{f}"], capture_output=True,
+                                            text=True)).returncode == 0), None)
+        if src is None:
+            raise SystemExit(f"kquants.py not found at {rev}")
         path = Path(tempfile.mkdtemp()) / f"{name}.py"
         path.write_text(src)
     spec = importlib.util.spec_from_file_location(name, path)

@@ -220,7 +220,7 @@ def main(argv=None) -> str:
         lines.append(f"| {label} | {b:,} | {r} | {proj / 1e9:.2f} | {kl:.2e} | {ag * 100:.2f}% |")
     lines.append("")
     lines.append("Resident bytes: parameters and buffers of the model that `from_pretrained` builds (weights kept "
-                 "packed by integrations/hf_quantizer.py; tied tensors counted once; includes the tiny vision "
+                 "packed by dgplug/integrations/hf_quantizer.py; tied tensors counted once; includes the tiny vision "
                  "tower). n/a: not loadable by transformers (int8 embedding) or not a converter option.")
     lines.append("")
     lines.append(f"({time.time() - t0:.0f} s)")

@@ -348,7 +348,7 @@ def defined_kernels() -> set[str]:
     """Every @triton.jit function with a grid launch in dgplug's kernel modules (name[...](...))."""
     root = Path(__file__).resolve().parents[1]
     names = set()
-    for f in list((root / "kernels").glob("*.py")) + list((root / "dgplug").glob("*.py")):
+    for f in list((root / "dgplug" / "kernels").glob("*.py")) + list((root / "dgplug").glob("*.py")):
         text = f.read_text()
         names |= set(re.findall(r"\b(_\w+_kernel)\[", text))
     return names - TEST_ONLY

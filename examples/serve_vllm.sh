@@ -9,7 +9,7 @@
 #   examples/serve_vllm.sh ./dg-q4km               # a directory with one .gguf: --load-format dgplug-gguf
 #   python examples/openai_client.py
 #
-# What it relies on (see integrations/vllm_plugin.py):
+# What it relies on (see dgplug/integrations/vllm_plugin.py):
 #   * the plugin (entry point group vllm.general_plugins) registers dgplug's model class as
 #     DGPlugDiffusionGemmaForBlockDiffusion; checkpoints keep the architecture name
 #     DiffusionGemmaForBlockDiffusion in config.json, so --hf-overrides routes them to dgplug

@@ -1,4 +1,4 @@
-"""One dispatch rule for every kernel (kernels/backend.py): an explicit `impl` wins, then
+"""One dispatch rule for every kernel (dgplug/kernels/backend.py): an explicit `impl` wins, then
 DGPLUG_KERNELS, then Triton for CUDA tensors. Checked through each module's public entry point, with
 its Triton path replaced by a marker, so the test says which path a call took, not what it computed."""
 

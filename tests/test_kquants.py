@@ -7,7 +7,7 @@ matrix): `make_qkx2_quants` with its running min (a trial that wins replaces min
 trials quantise from the new min; Q2_K scores trials by the absolute error), `make_qx_quants`
 with its float32 comparison `sumlx*sumlx > best*suml2`, and Q3_K's `make_q3_quants` (sweeps of
 single-value moves). They were written here from the algorithm; dgplug's vectorised encoders
-(converters/kquants.py) must give the same bytes. With an importance matrix the same goes for
+(dgplug/converters/kquants.py) must give the same bytes. With an importance matrix the same goes for
 `quantize_row_q{2,3,4,5,6}_K_impl` (`ggml_q45_k_block_imatrix`: make_qkx3_quants, make_qp_quants
 for the 6-bit scales; Q6_K: make_qx_quants weighted by the importance; Q3_K: make_qx_quants for
 the values and for the 16 scales; Q2_K: make_qkx3_quants, make_qp_quants for the 4-bit scales

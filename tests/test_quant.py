@@ -86,7 +86,7 @@ def test_int4_packing_order_hand_built():
 
 def test_int4_short_last_group_and_kernel_contract():
     # the released checkpoint has K = 704 (expert down) and 2112 (dense down): 128 does not divide
-    # them, so the last group of a row is short (ceil(K/g) groups), as kernels/moe.py reads it
+    # them, so the last group of a row is short (ceil(K/g) groups), as dgplug/kernels/moe.py reads it
     w = _weights((2, 16, 704))
     q, s, z = Q.quantize_int4(w, 128)
     assert q.shape == (2, 16, 352) and s.shape == (2, 16, 6) and z.shape == (2, 16, 6)

@@ -10,7 +10,7 @@ Public API
 ----------
 moe_forward(x, topk_index, topk_weights, gate_up, down, *, impl=None) -> [T, D] in x.dtype
 moe_forward_torch(x, topk_index, topk_weights, gate_up, down) -> same, plain PyTorch (CPU path)
-QuantizedWeight                      the packed-weight contract shared with converters/
+QuantizedWeight                      the packed-weight contract shared with dgplug/converters/
 moe_flops_bytes(T, D, I, E, K, scheme) -> (flops, bytes read) of one call
 repack_int4_halves(qw, block_k) -> the int4 weight in the halves nibble order
 repack_int4_fragments(qw, block_k) -> the int4 weight in the fragments order (the GPU's)
@@ -19,8 +19,8 @@ impl: None = auto (Triton when x.is_cuda and triton imports), "triton", "torch".
 variable DGPLUG_KERNELS=torch|triton overrides auto; an explicit `impl` argument wins over both.
 
 The packed weights (int4, int8, fp8: QuantizedWeight; GGUF blocks: kernels.ggml.GGMLWeight) and
-their layouts are in kernels/quantized_weight.py; the Triton grouped GEMMs and how they run, in
-kernels/moe_triton.py.
+their layouts are in dgplug/kernels/quantized_weight.py; the Triton grouped GEMMs and how they run, in
+dgplug/kernels/moe_triton.py.
 """
 
 from __future__ import annotations

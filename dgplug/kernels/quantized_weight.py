@@ -1,7 +1,7 @@
 """The packed expert / linear weight of dgplug's int4, int8 and fp8 checkpoints: `QuantizedWeight`.
 
-The converters write it (converters/quant.py), the loaders wrap the tensors in it without a copy,
-and the MoE kernels (kernels/moe.py, kernels/moe_triton.py) and packed linears read it as it is.
+The converters write it (dgplug/converters/quant.py), the loaders wrap the tensors in it without a copy,
+and the MoE kernels (dgplug/kernels/moe.py, dgplug/kernels/moe_triton.py) and packed linears read it as it is.
 The int4 nibble orders the GPU kernels read fastest are made here once, at load time
 (`for_gpu_kernels`).
 

@@ -1,4 +1,4 @@
-"""The Triton path of the fused MoE (kernels/moe.py has the contract, the twin and the dispatch).
+"""The Triton path of the fused MoE (dgplug/kernels/moe.py has the contract, the twin and the dispatch).
 
 Triton path (one step of the denoiser: M = 256 x batch tokens, ~16 (token, slot) pairs per expert
 at batch 1 with top-8 of 128):

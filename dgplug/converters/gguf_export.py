@@ -27,7 +27,7 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
 * `imatrix` (a llama.cpp imatrix GGUF, or converters.imatrix.Imatrix), for the K-quant and IQ4 file
   types (IMATRIX_FILE_TYPES): every Q2_K..Q6_K, IQ4_XS and IQ4_NL tensor is encoded as llama-quantize does
   with that imatrix (its entry by GGUF name; experts: one row per expert), byte for byte (see
-  converters/kquants.py). The other types of the mix encode as without: llama.cpp's Q8_0 has
+  dgplug/converters/kquants.py). The other types of the mix encode as without: llama.cpp's Q8_0 has
   no imatrix path; its Q4_0/Q4_1/Q5_0/Q5_1 (Q5_0 and Q5_1: the fallbacks of Q4_K and Q5_K for rows
   that are not a multiple of 256, e.g. the 704- and 2112-wide down projections) have one, not written yet,
   so the Q4_0, Q4_1, Q5_0 and Q5_1 file types take no imatrix.

@@ -16,7 +16,7 @@ vLLM loads every entry point of group ``vllm.general_plugins`` in every process 
   ``canvas_length``, attention backend choice, max_num_seqs default), which vLLM keys by name;
 * registers the ``quant_method = "dgplug"`` quantization config, so dgplug-quantized checkpoints
   (docs/quantized-format.md) pass vLLM's config validation;
-* registers the load format ``dgplug-gguf`` (a directory holding one GGUF; integrations/vllm_gguf.py).
+* registers the load format ``dgplug-gguf`` (a directory holding one GGUF; dgplug/integrations/vllm_gguf.py).
 
 Every step is idempotent: calling :func:`register` twice (vLLM does, once per process and
 sometimes more) changes nothing the second time.
