@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dgplug import ops
-from kernels import attention as A
+from dgplug.kernels import attention as A
 
 pytestmark = pytest.mark.skipif(not A.HAS_TRITON, reason="triton not installed")
 
