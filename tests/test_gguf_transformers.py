@@ -57,8 +57,8 @@ def test_registered_and_version_guard():
 
     assert gt.register() and gt.register()  # idempotent
     assert mg.load_gguf_checkpoint is gt.load_gguf_checkpoint
-    assert gt.supported_version("5.19.0") and gt.supported_version("5.24.0") and gt.supported_version("5.24.1.dev0")
-    assert not gt.supported_version("5.18.2") and not gt.supported_version("5.25.0")
+    assert gt.supported_version("5.19.0") and gt.supported_version("5.25.0") and gt.supported_version("5.25.1.dev0")
+    assert not gt.supported_version("5.18.2") and not gt.supported_version("5.26.0")
 
 
 def test_config_from_gguf(files, reference):

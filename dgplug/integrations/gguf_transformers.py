@@ -1,6 +1,6 @@
 """transformers loading of diffusion-gemma GGUF files: `from_pretrained(dir, gguf_file="model.gguf")`.
 
-`register()` (idempotent; `import dgplug` calls it) teaches transformers 5.19 - 5.24 the
+`register()` (idempotent; `import dgplug` calls it) teaches transformers 5.19 - 5.25 the
 "diffusion-gemma" GGUF architecture, so that after `import dgplug`
 
     AutoModelForImageTextToText.from_pretrained(dir, gguf_file="model.gguf")
@@ -12,7 +12,7 @@ vocabulary with merges (Gemma's) is transformers' own gemma4 rebuild, which adds
 policy; one without (WordLevel, such as the embedded Sudoku model's) is dgplug's rebuild, the
 tokenizer `dgplug.load` gives (`_hook_word_level_tokenizers`).
 
-How transformers 5.19 - 5.24 load a GGUF, and where this hooks in
+How transformers 5.19 - 5.25 load a GGUF, and where this hooks in
 ------------------------------------------------------------------
 `from_pretrained(..., gguf_file=...)` refuses to run without `accelerate` (a bare
 `is_accelerate_available()` gate; nothing on the GGUF path uses it after that), then goes through
@@ -70,7 +70,7 @@ import sys
 
 ARCH = "diffusion-gemma"
 MIN_VERSION = (5, 19)  # first release with GgufHfQuantizer calling load_gguf_checkpoint(model_to_load=...)
-MAX_VERSION = (5, 24)  # last release checked; newer ones are left alone until checked
+MAX_VERSION = (5, 25)  # last release checked (5.25: its GGUF loading equals 5.24's); newer ones are left alone until checked
 _BINDERS = ("transformers.configuration_utils", "transformers.models.auto.tokenization_auto")
 _ORIGINAL = None
 

@@ -13,7 +13,7 @@ Liger-Kernel style: nothing is re-loaded or copied. Three swaps, each optional:
   very tokens it gave before the patch.
 
 On CPU the kernels run their PyTorch twins: logits stay within 1e-5 (fp32) of the unpatched
-model. `dgplug.unpatch(model)` restores everything. Works with transformers 5.19 through 5.24.
+model. `dgplug.unpatch(model)` restores everything. Works with transformers 5.19 through 5.25.
 """
 
 from __future__ import annotations
