@@ -12,8 +12,8 @@ import dgplug  # noqa: F401 - registers the GGUF hook
 from dgplug.integrations import gguf_transformers as gt
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not gt.supported_version(transformers.__version__),
-                                reason=f"transformers {transformers.__version__} is outside the hooked range")
+pytestmark = pytest.mark.skipif(not gt.register(),
+                                reason=f"transformers {transformers.__version__} cannot take the GGUF hook")
 pytest.importorskip("accelerate")  # transformers refuses gguf_file= without it
 
 # Q8_0 vs the safetensors model: mean KL of the next-token distributions (measured 2.1e-3; the same
@@ -59,6 +59,37 @@ def test_registered_and_version_guard():
     assert mg.load_gguf_checkpoint is gt.load_gguf_checkpoint
     assert gt.supported_version("5.19.0") and gt.supported_version("5.25.0") and gt.supported_version("5.25.1.dev0")
     assert not gt.supported_version("5.18.2") and not gt.supported_version("5.26.0")
+
+
+def test_newer_transformers_hooked_with_one_warning(files, reference, monkeypatch):
+    """A release newer than the last checked one still loads a diffusion-gemma GGUF (it went to
+    transformers' own loader, which does not know the architecture), warning once; one whose
+    `load_gguf_checkpoint` no longer takes `model_to_load` is left alone."""
+    import sys
+    import warnings
+
+    from transformers import DiffusionGemmaForBlockDiffusion, modeling_gguf_pytorch_utils as mg
+
+    src, out = files
+    tf = sys.modules["transformers"]  # importing the model classes can leave a new module object there
+    monkeypatch.setattr(tf, "__version__", "5.99.0")
+    monkeypatch.setattr(mg, "load_gguf_checkpoint", gt._ORIGINAL)
+    assert gt.register() and mg.load_gguf_checkpoint is gt.load_gguf_checkpoint
+    with pytest.warns(UserWarning, match="transformers 5.99.0 is newer"):
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(str(out), gguf_file="model-F32.gguf")
+    ref, got = _text_state(reference), _text_state(model)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionGemmaForBlockDiffusion.from_pretrained(str(out), gguf_file="model-F32.gguf")
+
+    def changed(path, return_tensors=False):  # a future signature without model_to_load
+        return {}
+
+    monkeypatch.setattr(mg, "load_gguf_checkpoint", changed)
+    assert not gt.register() and mg.load_gguf_checkpoint is changed
+    monkeypatch.setattr(tf, "__version__", "5.18.0")
+    assert not gt.register()
 
 
 def test_config_from_gguf(files, reference):

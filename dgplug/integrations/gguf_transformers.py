@@ -1,7 +1,8 @@
 """transformers loading of diffusion-gemma GGUF files: `from_pretrained(dir, gguf_file="model.gguf")`.
 
 `register()` (idempotent; `import dgplug` calls it) teaches transformers 5.19 - 5.25 the
-"diffusion-gemma" GGUF architecture, so that after `import dgplug`
+"diffusion-gemma" GGUF architecture (a newer release too, while its `load_gguf_checkpoint` still
+takes `model_to_load`: with a warning at the first load), so that after `import dgplug`
 
     AutoModelForImageTextToText.from_pretrained(dir, gguf_file="model.gguf")
     DiffusionGemmaForBlockDiffusion.from_pretrained(dir, gguf_file="model.gguf")
@@ -70,15 +71,33 @@ import sys
 
 ARCH = "diffusion-gemma"
 MIN_VERSION = (5, 19)  # first release with GgufHfQuantizer calling load_gguf_checkpoint(model_to_load=...)
-MAX_VERSION = (5, 25)  # last release checked (5.25: its GGUF loading equals 5.24's); newer ones are left alone until checked
+MAX_VERSION = (5, 25)  # last release checked (5.25: its GGUF loading equals 5.24's)
 _BINDERS = ("transformers.configuration_utils", "transformers.models.auto.tokenization_auto")
 _ORIGINAL = None
+_UNCHECKED = None  # the transformers version, when it is newer than MAX_VERSION (warned once, at a load)
 
 
 def supported_version(version: str) -> bool:
+    """Inside the range checked release by release."""
     from packaging.version import Version
 
     return MIN_VERSION <= Version(version).release[:2] <= MAX_VERSION
+
+
+def _newer_than_checked(version: str) -> bool:
+    from packaging.version import Version
+
+    return Version(version).release[:2] > MAX_VERSION
+
+
+def _takes_model_to_load(fn) -> bool:
+    """The hook answers `load_gguf_checkpoint(path, return_tensors, model_to_load=...)` (5.19 on)."""
+    import inspect
+
+    try:
+        return "model_to_load" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _architecture(path) -> str | None:
@@ -109,9 +128,17 @@ def _apply_generation_config(model, gen: dict) -> None:
 
 def load_gguf_checkpoint(gguf_checkpoint_path, return_tensors=False, model_to_load=None, torch_dtype=None, **kw):
     """transformers' `load_gguf_checkpoint`, answered by dgplug for diffusion-gemma files."""
+    global _UNCHECKED
     if _architecture(gguf_checkpoint_path) != ARCH:
         return _ORIGINAL(gguf_checkpoint_path, return_tensors=return_tensors, model_to_load=model_to_load,
                          torch_dtype=torch_dtype, **kw)
+    if _UNCHECKED:
+        import warnings
+
+        warnings.warn(f"dgplug: transformers {_UNCHECKED} is newer than the last release dgplug's GGUF loading was "
+                      f"checked against ({'.'.join(map(str, MAX_VERSION))}); loading {gguf_checkpoint_path} "
+                      "through it all the same (dgplug.load reads it without transformers)", stacklevel=2)
+        _UNCHECKED = None
     from dgplug.converters.gguf_import import gguf_to_config, iter_hf_tensors, open_gguf
 
     reader = open_gguf(gguf_checkpoint_path, "c" if model_to_load is not None else "r")  # parsed once
@@ -304,17 +331,23 @@ load_gguf_checkpoint._dgplug = True
 
 
 def register() -> bool:
-    """Hook diffusion-gemma into transformers' GGUF loading (idempotent). False where not supported."""
-    global _ORIGINAL
+    """Hook diffusion-gemma into transformers' GGUF loading (idempotent). False where not supported:
+    before 5.19, or a newer release whose `load_gguf_checkpoint` no longer takes `model_to_load`. A
+    release newer than the last checked one is hooked all the same and warns at its first load."""
+    global _ORIGINAL, _UNCHECKED
     import transformers
 
-    if not supported_version(transformers.__version__):
+    version = transformers.__version__
+    if not (supported_version(version) or _newer_than_checked(version)):
         return False
     from transformers import modeling_gguf_pytorch_utils as mg
 
     current = mg.load_gguf_checkpoint
     if getattr(current, "_dgplug", False):
         return True
+    if not _takes_model_to_load(current):
+        return False
+    _UNCHECKED = None if supported_version(version) else version
     _ORIGINAL = current
     mg.load_gguf_checkpoint = load_gguf_checkpoint
     for name in _BINDERS:  # modules that imported the function by name (5.19) and are loaded already
