@@ -1,11 +1,11 @@
 """What an importance matrix buys: each quantized type with and without `--imatrix`.
 
 Formats (`--formats`, default int4,Q4_K_M): int4 (round to nearest, clip search, clip search
-weighted by the imatrix; dgplug/converters/quant.py) and any GGUF K-quant or IQ4_XS mix (Q4_K_M, Q3_K_M, Q2_K, ...:
-export_gguf with and without the imatrix, Q2_K_S with it only; read back dequantized by gguf-py
-through dgplug/converters/gguf_import.iter_hf_tensors). In the tiny model (16 experts) the expert down
-projections have rows of 128, so they take llama.cpp's fallbacks (Q4_K_M and Q3_K_M: Q5_0; Q2_K:
-Q4_0), not weighted; every other tensor is a K-quant of the mix, weighted.
+weighted by the imatrix; dgplug/converters/quant.py) and any GGUF mix that takes one (Q4_K_M, Q3_K_M,
+Q2_K, IQ4_XS, Q4_0, ...: export_gguf with and without the imatrix, Q2_K_S with it only; read back
+dequantized by gguf-py through dgplug/converters/gguf_import.iter_hf_tensors). In the tiny model (16
+experts) the expert down projections have rows of 128, so they take llama.cpp's fallbacks (Q4_K_M
+and Q3_K_M: Q5_0; Q2_K and Q3_K_S: Q4_0; IQ4_XS: IQ4_NL), weighted as the rest of the mix.
 
 The model and the measure are benchmarks/quant_quality.py's (a tiny random DiffusionGemma with
 the real layer pattern, bf16; mean KL of the next-step distribution against bf16 and argmax

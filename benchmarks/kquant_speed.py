@@ -93,7 +93,7 @@ def per_type(x, mb: float, reps: int, threads: int) -> None:
 
     kq = module_at(None, "kquants_new")
     imp = (np.random.default_rng(1).random(x.shape[1], dtype=np.float32) * 2 + 0.01) ** 2
-    types = [T.Q8_0, T.Q4_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ4_NL]
+    types = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.IQ4_NL]
     print(f"load average {os.getloadavg()[0]:.2f}, {threads} thread(s), rows {x.shape}, {reps} alternated reps; "
           f"MB/s of bf16 input")
     print(f"{'type':7} {'plain ms':>9} {'MB/s':>7} {'imatrix ms':>11} {'MB/s':>7}")
@@ -105,9 +105,9 @@ def per_type(x, mb: float, reps: int, threads: int) -> None:
                 kq.quantize(x, qt, "bench", importance=imp if weighted else None)
                 t[weighted].append(time.perf_counter() - t0)
         a, b = statistics.median(t[False]), statistics.median(t[True])
-        if qt in kq.ENCODED_TYPES:
+        if qt in getattr(kq, "IMPORTANCE_TYPES", kq.ENCODED_TYPES):
             print(f"{qt.name:7} {a * 1e3:9.1f} {mb / a:7.1f} {b * 1e3:11.1f} {mb / b:7.1f}")
-        else:  # gguf-py's encoder, which takes no importance (kquants.quantize ignores it)
+        else:  # Q8_0: gguf-py's encoder, which takes no importance (kquants.quantize ignores it)
             print(f"{qt.name:7} {a * 1e3:9.1f} {mb / a:7.1f} {'(no imatrix)':>11} {'':>7}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

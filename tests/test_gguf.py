@@ -264,16 +264,17 @@ def test_low_bit_mixes(exported):
 @pytest.mark.parametrize("quant,want", [
     # attn_v (0, 1, 2), attn_k, attn_q, attn_output, ffn_down (layer 0, 2, 3), experts' down (0, 3), gate_up
     ("Q3_K_M", "Q5_K Q5_K Q4_K Q3_K Q3_K Q4_K Q5_1 Q5_0 Q5_0 Q5_1 Q5_0 Q3_K"),
-    ("Q3_K_S", "Q3_K Q3_K Q3_K Q3_K Q3_K Q3_K IQ4_NL IQ4_NL IQ4_NL IQ4_NL IQ4_NL Q3_K"),
-    ("Q2_K", "Q3_K Q3_K Q3_K Q2_K Q2_K Q3_K IQ4_NL IQ4_NL IQ4_NL IQ4_NL IQ4_NL Q2_K"),
-    ("Q2_K_S", "Q2_K Q2_K Q2_K Q2_K Q2_K Q2_K Q5_0 Q5_0 IQ4_NL Q5_0 IQ4_NL Q2_K"),
+    ("Q3_K_S", "Q3_K Q3_K Q3_K Q3_K Q3_K Q3_K Q4_0 Q4_0 Q4_0 Q4_0 Q4_0 Q3_K"),
+    ("Q2_K", "Q3_K Q3_K Q3_K Q2_K Q2_K Q3_K Q4_0 Q4_0 Q4_0 Q4_0 Q4_0 Q2_K"),
+    ("Q2_K_S", "Q2_K Q2_K Q2_K Q2_K Q2_K Q2_K Q5_0 Q5_0 Q4_0 Q5_0 Q4_0 Q2_K"),
     ("Q4_K_M", "Q6_K Q6_K Q6_K Q4_K Q4_K Q4_K Q8_0 Q8_0 Q5_0 Q8_0 Q5_0 Q4_K"),
     # without an imatrix the first eighth of the ffn_down layers Q5_K (-> Q5_1), IQ4_XS -> IQ4_NL
     ("IQ4_XS", "IQ4_XS IQ4_XS IQ4_XS IQ4_XS IQ4_XS IQ4_XS Q5_1 Q5_1 IQ4_NL Q5_1 IQ4_NL IQ4_XS"),
 ])
 def test_low_bit_recipes_for_the_released_shapes(quant, want):
     # llama.cpp's llama_tensor_get_type for 30 layers, 128 experts, n_gqa 16/8 = 2; rows of 2112 and
-    # 704 are not multiples of 256: Q2_K/Q3_K -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
+    # 704 are not multiples of 256: Q2_K/Q3_K -> Q4_0 (llama.cpp's tensor_type_fallback since its
+    # 2026 refactor; IQ4_NL before), Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
     kw = dict(n_layers=30, n_experts=128, n_gqa=2)
     t = lambda name, shape, **k: ge.tensor_type(quant, name, shape, **kw, **k).name  # noqa: E731
     got = [t("blk.0.attn_v.weight", (2048, 2816), attn_v_index=i, n_attn_v=25) for i in range(3)]
@@ -768,9 +769,9 @@ def test_export_with_imatrix(ckpt, exported, hf_tensors, tmp_path, monkeypatch, 
     with pytest.raises(InputError, match="imatrix entry blk.0.attn_q.weight has 1 x 17 values; tensor "
                                          "model.decoder.layers.0.self_attn.q_proj.weight needs 1 x 256"):
         ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q5_K_M", progress=False, imatrix=im)
-    with pytest.raises(InputError, match=r"an imatrix applies to the K-quant file types \(Q2_K_S, Q2_K, Q3_K_S, "
-                                         r"Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_XS, IQ4_NL\), "
-                                         r"not Q8_0"):
+    with pytest.raises(InputError, match=r"an imatrix applies to the quantized file types but Q8_0 \(Q2_K_S, Q2_K, "
+                                         r"Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_XS, IQ4_NL, "
+                                         r"Q4_0, Q4_1, Q5_0, Q5_1\), not Q8_0"):
         ge.export_gguf(ckpt, tmp_path / "c.gguf", quant="Q8_0", progress=False, imatrix=path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf", "im.gguf"]
 

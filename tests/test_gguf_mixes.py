@@ -191,9 +191,10 @@ def test_mixes_for_the_released_shapes(quant, want):
     # n_gqa >= 4: IQ4_NL's attn_v Q5_K; Q4_K_S's attn_v rule counts tensors, not heads
     v4 = t("blk.0.attn_v.weight", (2048, 2816), attn_v_index=6, n_attn_v=25, n_gqa=4)
     assert v4 == {"IQ4_NL": "Q5_K", "Q3_K_L": "Q5_K", "Q4_K_S": "Q4_K"}.get(quant, got[3])
-    # with an imatrix IQ4_NL keeps its first ffn_down layers; the others' mixes do not depend on it
+    # with an imatrix IQ4_NL keeps its first ffn_down layers and Q5_0 gives them Q5_1 (i < 30/8, as
+    # Q4_0 gives Q4_1); the others' mixes do not depend on it
     im = [t(f"blk.{L}.ffn_down.weight", (2816, 2112), layer=L, imatrix=True) for L in (0, 2, 3)]
-    assert im == (["IQ4_NL"] * 3 if quant == "IQ4_NL" else got[6:9])
+    assert im == {"IQ4_NL": ["IQ4_NL"] * 3, "Q5_0": ["Q5_1", "Q5_1", "Q5_0"]}.get(quant, got[6:9])
     # 8 experts: attn_k Q8_0; attn_output Q5_K in llama.cpp's list (Q4_K_S, IQ4_NL), Q3_K_L keeps Q3_K
     assert t("blk.0.attn_k.weight", (2048, 2816), n_experts=8) == "Q8_0"
     assert t("blk.0.attn_output.weight", (2816, 4096), n_experts=8) == {
@@ -230,39 +231,50 @@ def test_cli_takes_every_type_and_alias_in_any_case(ckpt8, tmp_path):
     r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "m.gguf"), "-q", "q4_k", "--quiet"])
     assert r.exit_code == 0, r.output
     assert GGUFReader(tmp_path / "m.gguf").get_field("general.file_type").contents() == FTYPE["Q4_K_M"]
-    # the 32-block types have no importance path here: --imatrix refused before any work
+    # Q8_0 has no importance path (in llama.cpp either): --imatrix refused before any work
     im = tmp_path / "im.gguf"
     im.write_bytes(b"")
-    for q in ("Q4_1", "Q5_0", "Q5_1"):
-        r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "x.gguf"), "-q", q, "--imatrix", str(im)])
-        assert r.exit_code == 1 and f"({q}: importance-weighted {q} is not written yet)" in r.stderr, r.output
+    r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "x.gguf"), "-q", "q8_0", "--imatrix", str(im)])
+    assert r.exit_code == 1 and "(Q8_0: llama.cpp's Q8_0 has no importance path)" in r.stderr, r.output
     assert not (tmp_path / "x.gguf").exists()
 
 
 def test_imatrix_file_types(ckpt8, out8, tmp_path):
     from test_gguf import _synthetic_imatrix
-    from test_kquants import ggml_quantize, ggml_quantize_iq4
+    from test_kquants import ggml_legacy_row, ggml_quantize, ggml_quantize_iq4
 
     from dgplug.errors import InputError
 
-    assert {"Q4_K_S", "Q5_K_S", "Q3_K_L", "IQ4_NL"} <= set(ge.IMATRIX_FILE_TYPES)
-    assert not {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"} & set(ge.IMATRIX_FILE_TYPES)
+    assert {"Q4_K_S", "Q5_K_S", "Q3_K_L", "IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1"} <= set(ge.IMATRIX_FILE_TYPES)
+    assert "Q8_0" not in ge.IMATRIX_FILE_TYPES
     im = _synthetic_imatrix(ckpt8)
-    for q in ("Q4_1", "Q5_0", "Q5_1"):
-        with pytest.raises(InputError, match=f"an imatrix applies to the K-quant file types .*, not {q}"):
-            ge.export_gguf(ckpt8, tmp_path / "x.gguf", quant=q, progress=False, imatrix=im)
+    with pytest.raises(InputError, match="an imatrix applies to the quantized file types but Q8_0 .*, not Q8_0"):
+        ge.export_gguf(ckpt8, tmp_path / "x.gguf", quant="Q8_0", progress=False, imatrix=im)
     from safetensors.numpy import load_file
     src = {}
     for f in sorted(Path(ckpt8).glob("*.safetensors")):
         src.update(load_file(f))
+    def legacy(rows, qt, imp):  # quantize_row_q{4,5}_{0,1}_impl, restated in test_kquants
+        return np.stack([ggml_legacy_row(r, qt, imp) for r in rows.reshape(-1, rows.shape[-1])])
+
     for quant, n, qt, ref in (("IQ4_NL", "blk.0.ffn_down.weight", T.IQ4_NL, ggml_quantize_iq4),
                               ("Q4_K_S", "blk.6.attn_v.weight", T.Q4_K, ggml_quantize),
-                              ("Q3_K_L", "blk.3.ffn_down.weight", T.Q5_K, ggml_quantize)):
-        p = ge.export_gguf(ckpt8, tmp_path / f"{quant}.gguf", quant=quant, progress=False, workers=1, imatrix=im)
-        types, plain = _types(p), _types(out8[quant])
-        # IQ4_NL: llama.cpp's first-eighth ffn_down rule holds without an imatrix only
-        want = dict(plain, **({"blk.0.ffn_down.weight": "IQ4_NL", "blk.0.ffn_down_exps.weight": "IQ4_NL"}
-                              if quant == "IQ4_NL" else {}))
+                              ("Q3_K_L", "blk.3.ffn_down.weight", T.Q5_K, ggml_quantize),
+                              ("Q4_0", "blk.0.ffn_down.weight", T.Q4_1, legacy),
+                              ("Q4_0", "blk.3.attn_q.weight", T.Q4_0, legacy),
+                              ("Q5_0", "blk.0.ffn_down_exps.weight", T.Q5_1, legacy),
+                              ("Q5_1", "blk.5.attn_output.weight", T.Q5_1, legacy),
+                              # the fallbacks of 128-wide rows: Q4_K -> Q5_0, Q3_K -> Q4_0, weighted too
+                              ("Q4_K_S", "blk.3.ffn_down_exps.weight", T.Q5_0, legacy),
+                              ("Q2_K", "blk.3.ffn_down_exps.weight", T.Q4_0, legacy)):
+        p = tmp_path / f"{quant}.gguf"
+        if not p.exists():
+            ge.export_gguf(ckpt8, p, quant=quant, progress=False, workers=1, imatrix=im)
+        types, plain = _types(p), {it.gguf: it.qtype.name for it in ge.plan_export(ckpt8, quant, False)[1]}
+        # IQ4_NL: llama.cpp's first-eighth ffn_down rule holds without an imatrix only; Q4_0 / Q5_0:
+        # with one only (the first eighth Q4_1 / Q5_1)
+        first = {"IQ4_NL": "IQ4_NL", "Q4_0": "Q4_1", "Q5_0": "Q5_1"}.get(quant)
+        want = dict(plain, **({"blk.0.ffn_down.weight": first, "blk.0.ffn_down_exps.weight": first} if first else {}))
         assert types == want, quant
         t = next(t for t in GGUFReader(p).tensors if t.name == n)
         assert t.tensor_type == qt
@@ -270,4 +282,60 @@ def test_imatrix_file_types(ckpt8, out8, tmp_path):
         w = src[hf[n]].astype(np.float32)
         data = np.asarray(t.data).reshape(w.shape[0], -1)
         for row in (0, w.shape[0] - 1):  # llama-quantize --imatrix's bytes
-            assert np.array_equal(data[row], ref(w[row:row + 1], qt, im.importance(n)[0]).reshape(-1)), (quant, row)
+            imp = im.importance(n)[row if w.ndim == 3 else 0]  # experts: each its own row
+            assert np.array_equal(data[row], ref(w[row:row + 1], qt, imp).reshape(-1)), (quant, n, row)
+
+
+def test_per_tensor_options_as_llama_quantize():
+    # llama.cpp's llama_tensor_get_type: --token-embedding-type as given; --tensor-type, first match
+    # wins and skips the mix; --pure skips the mix; --output-tensor-type types the tied token_embd;
+    # the fallbacks for rows the type cannot hold still apply (704 and 2112 are not multiples of 256)
+    kw = dict(n_layers=30, n_experts=128, n_gqa=2)
+
+    def t(name, shape, ov, quant="Q4_K_M", **k):
+        return ge.tensor_type(quant, name, shape, **{**kw, **k}, overrides=ov).name
+
+    ov = ge.parse_overrides(["attn_v=Q8_0", "attn=q4_0", r"ffn_down_exps=q6_k"])
+    assert t("blk.0.attn_v.weight", (2048, 2816), ov, attn_v_index=0, n_attn_v=25) == "Q8_0"
+    assert t("blk.0.attn_q.weight", (4096, 2816), ov) == "Q4_0"
+    assert t("blk.3.ffn_down_exps.weight", (128, 2816, 704), ov, layer=3) == "Q8_0"  # Q6_K -> Q8_0
+    assert t("blk.3.ffn_down.weight", (2816, 2112), ov, layer=3) == "Q5_0"  # the mix: Q4_K -> Q5_0
+    assert t("blk.0.ffn_gate_inp.weight", (128, 2816), ov) == "F32"  # the router is never quantized
+    pure = ge.parse_overrides(pure=True)
+    assert t("blk.0.attn_v.weight", (2048, 2816), pure, attn_v_index=0, n_attn_v=25) == "Q4_K"  # not Q6_K
+    assert t("blk.0.ffn_down.weight", (2816, 2112), pure, layer=0) == "Q5_0"
+    assert t("token_embd.weight", (262144, 2816), pure) == "Q4_K"
+    assert t("token_embd.weight", (262144, 2816), ge.parse_overrides(output_tensor_type="q8_0")) == "Q8_0"
+    both = ge.parse_overrides(token_embedding_type="Q5_K", output_tensor_type="Q8_0")
+    assert t("token_embd.weight", (262144, 2816), both) == "Q5_K"
+    assert t("token_embd.weight", (262144, 2816), both, quant="F16") == "Q5_K"  # as given, whatever the file type
+    with pytest.raises(ge.InputError, match="--token-embedding-type Q4_K: token_embd.weight has rows of 704"):
+        t("token_embd.weight", (512, 704), ge.parse_overrides(token_embedding_type="q4_k"))
+    for bad, msg in ((["attn_v"], "give PATTERN=TYPE"), (["attn_v=q9_k"], "'q9_k' is not a ggml type dgplug writes"),
+                     (["(=q8_0"], "bad pattern")):
+        with pytest.raises(ge.InputError, match=msg):
+            ge.parse_overrides(bad)
+
+
+def test_per_tensor_options_on_the_command_line(ckpt8, tmp_path):
+    from typer.testing import CliRunner
+
+    from dgplug.cli import app
+
+    g = tmp_path / "m.gguf"
+    r = CliRunner().invoke(app, ["convert", str(ckpt8), str(g), "-q", "q4_k_m", "--tensor-type", r"blk\.0\.=q8_0",
+                                 "--tensor-type", "no_such_tensor=q8_0", "--pure"])
+    assert r.exit_code == 0, r.output
+    got = _types(g)
+    want = {it.gguf: it.qtype.name for it in ge.plan_export(ckpt8, "Q4_K_M", False, ge.parse_overrides(
+        [r"blk\.0\.=q8_0"], pure=True))[1]}
+    assert got == want
+    assert got["blk.0.attn_q.weight"] == "Q8_0" and got["blk.1.attn_v.weight"] == "Q4_K"  # pure: no Q6_K attn_v
+    assert got["blk.1.ffn_down_exps.weight"] == "Q5_0"  # 128-wide rows: Q4_K's fallback
+    assert "--tensor-type no_such_tensor=q8_0 matches no quantized tensor" in r.stderr
+    assert GGUFReader(g).get_field("general.file_type").contents() == 15  # Q4_K_M, as llama-quantize keeps it
+    for args, msg in ((["-q", "q4_k_m", "--tensor-type", "attn=q3"], "'q3' is not a ggml type dgplug writes"),
+                      (["-q", "int4", "--pure"], "--pure: GGUF options (llama-quantize's); --quant int4 writes safetensors")):
+        r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "x.gguf"), *args])
+        assert r.exit_code == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "x.gguf").exists()

@@ -318,11 +318,12 @@ def test_cli_imatrix_then_convert(tiny_ckpt, tmp_path):
     assert f["quantize.imatrix.entries_count"].contents() == len(im.entries)
     assert f["quantize.imatrix.chunks_count"].contents() == 3
     # file types with no importance path here: refused before any work, one line saying why
-    for qt, why in (("Q8_0", "llama.cpp's Q8_0 has no importance path"), ("Q4_0", "importance-weighted Q4_0 is not "
-                   "written yet"), ("F16", "not quantized"), ("int8", "no search to weight")):
+    for qt, why in (("Q8_0", "llama.cpp's Q8_0 has no importance path"), ("F16", "not quantized"),
+                    ("int8", "no search to weight")):
         r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "x.gguf"), "-q", qt, "--imatrix", str(out)])
         assert r.exit_code == 1 and (f"--imatrix applies to --quant int4, Q2_K_S, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, "
-                                     f"Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_XS, IQ4_NL ({qt}: {why})") in r.stderr
+                                     f"Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_XS, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1 "
+                                     f"({qt}: {why})") in r.stderr
     # Q2_K_S without an imatrix: refused as llama-quantize refuses it, saying how to make one
     r = runner.invoke(app, ["convert", str(tiny_ckpt), str(tmp_path / "x.gguf"), "-q", "q2_k_s"])
     assert r.exit_code == 1 and "--quant Q2_K_S needs --imatrix" in r.stderr and "dgplug imatrix" in r.stderr

@@ -448,6 +448,7 @@ def sample_rows(seed=0, cols=1024):
 
 K_TYPES = [pytest.param(q, id=q.name) for q in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)]
 IQ4_TYPES = [pytest.param(q, id=q.name) for q in (T.IQ4_XS, T.IQ4_NL)]
+LEGACY_TYPES = [pytest.param(q, id=q.name) for q in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)]
 
 
 @pytest.mark.parametrize("qtype", K_TYPES)
@@ -575,7 +576,7 @@ def test_imatrix_importance_per_matrix_and_checks():
         kq.quantize(x[0], T.Q6_K, name="w", importance=np.full(512, np.nan, F))
 
 
-@pytest.mark.parametrize("qtype", K_TYPES + IQ4_TYPES)
+@pytest.mark.parametrize("qtype", K_TYPES + IQ4_TYPES + LEGACY_TYPES)
 def test_imatrix_lowers_the_weighted_error(qtype):
     # what the importance is for: sum_j imp_j * (x_j - deq_j)^2 over Gaussian and Student-t rows
     rng = np.random.default_rng(7)
@@ -589,6 +590,46 @@ def test_imatrix_lowers_the_weighted_error(qtype):
     print(f"{qtype.name}: importance-weighted squared error {plain:.4g} -> {weighted:.4g} "
           f"({100 * (1 - weighted / plain):.1f} % less)")
     assert weighted < 0.9 * plain
+
+
+# -- Q4_0 / Q4_1 / Q5_0 / Q5_1 with an importance: quantize_row_q{4,5}_{0,1}_impl -----------------
+def ggml_legacy_row(x, qtype, qw):
+    """One row -> bytes of quantize_row_q{4,5}_{0,1}_impl: sigma2 = sum(x^2)/n over the row, each
+    block of 32 weighted qw*sqrt(sigma2 + x^2); Q4_0/Q5_0 make_qx_quants(32, 8|16, rmse_type 1),
+    Q4_1/Q5_1 make_qkx3_quants(32, 15|31, -0.9, 0.05, 36); d (and m = -the_min) as fp16, then
+    qs[j] = L[j] & 15 | (L[j+16] & 15) << 4 and the fifth bits in qh (bit j: L[j] >> 4)."""
+    sigma2 = _fsum(x * x) / F(x.size)
+    out = []
+    for b in range(x.size // 32):
+        xb, wb = x[32 * b:32 * b + 32], qw[32 * b:32 * b + 32] * np.sqrt(sigma2 + x[32 * b:32 * b + 32] ** 2)
+        if qtype in (T.Q4_0, T.Q5_0):
+            d, L = ggml_make_qx(xb, 8 if qtype == T.Q4_0 else 16, wb)
+            head = [np.float16(d)]
+        else:
+            d, the_min, L = ggml_make_qkx2(xb, wb, 15 if qtype == T.Q4_1 else 31, -0.9, 0.05, 36, qkx3=True)
+            head = [np.float16(d), np.float16(-the_min)]
+        blk = b"".join(h.tobytes() for h in head)
+        if qtype in (T.Q5_0, T.Q5_1):
+            blk += int(sum(int(L[j] >> 4) << j for j in range(32))).to_bytes(4, "little")
+        blk += bytes(int(L[j] & 15) | int(L[j + 16] & 15) << 4 for j in range(16))
+        out.append(np.frombuffer(blk, np.uint8))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("qtype", LEGACY_TYPES)
+def test_legacy_imatrix_bytes_identical_to_ggml_impl(qtype):
+    # the rows above (Gaussian, Student-t, outliers, sparse, constant, all-zero, ...), 1024 wide (32
+    # blocks a row), seed 1 with 48 dead importance columns; without an importance the type stays
+    # gguf-py's reference encoder (ggml's *_ref)
+    for seed in (0, 1):
+        x = sample_rows(seed, 1024)
+        imp = sample_importance(seed, 1024, dead=48 * seed)
+        ref = np.stack([ggml_legacy_row(r, qtype, imp) for r in x])
+        ours = kq.quantize(x, qtype, name="w", importance=imp)
+        bad = np.flatnonzero(~(ours.reshape(-1, ref.shape[1] // 32) == ref.reshape(-1, ref.shape[1] // 32)).all(1))
+        assert not bad.size, f"seed {seed}: {bad.size} blocks differ, first {bad[:5]}"
+        assert np.isfinite(gq.dequantize(ours, qtype)).all()  # the block format
+        assert np.array_equal(kq.quantize(x, qtype), gq.quantize(x, qtype))
 
 
 # -- IQ4_XS / IQ4_NL: quantize_row_iq4_nl_impl (llama.cpp's quantize_iq4_xs / quantize_iq4_nl) ------

@@ -243,9 +243,18 @@ def convert(
                                           help="GGUF: worker processes; int4/int8/fp8: torch threads "
                                                "(default: DGPLUG_THREADS, else dgplug's choice)."),
     imatrix: Optional[str] = typer.Option(None, "--imatrix", show_default=False,
-                                          help="int4 and the K-quant/IQ4 GGUF types (Q6_K .. Q2_K_S, IQ4_XS, IQ4_NL): "
-                                               "an importance matrix (from `dgplug imatrix` or llama-imatrix, GGUF or "
-                                               "legacy .dat) weights the scale search (K-quants: as llama-quantize --imatrix)."),
+                                          help="int4 and the GGUF block types but Q8_0 (Q6_K .. Q2_K_S, IQ4_XS, IQ4_NL, "
+                                               "Q4_0 .. Q5_1): an importance matrix (from `dgplug imatrix` or llama-imatrix, "
+                                               "GGUF or legacy .dat) weights the scale search (GGUF: as llama-quantize --imatrix)."),
+    tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", show_default=False, metavar="PATTERN=TYPE",
+                                                    help="GGUF, as llama-quantize: tensors whose name PATTERN (a regex) "
+                                                         "matches get TYPE (the first matching option wins; repeatable), "
+                                                         "e.g. --tensor-type ffn_down_exps=q6_k."),
+    pure: bool = flag(False, "--pure", help="GGUF, as llama-quantize: no mix rules, every quantized tensor the base type."),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", show_default=False,
+                                                       metavar="TYPE", help="GGUF: the type of token_embd.weight."),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", show_default=False, metavar="TYPE",
+                                                     help="GGUF: the type of the output head (tied: token_embd.weight)."),
     debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Convert a checkpoint to GGUF (K-quants) or quantized safetensors, streaming.
@@ -256,8 +265,10 @@ def convert(
     """
     from .convert import run
 
-    common.run(lambda: run(src, out, quant, group_size, overwrite, threads, quiet or common.STATE["quiet"], imatrix),
-               debug, quiet)
+    per_tensor = dict(tensor_type=tuple(tensor_type or ()), pure=pure, token_embedding_type=token_embedding_type,
+                      output_tensor_type=output_tensor_type)
+    common.run(lambda: run(src, out, quant, group_size, overwrite, threads, quiet or common.STATE["quiet"], imatrix,
+                           per_tensor), debug, quiet)
 
 
 @app.command("imatrix", cls=_Command)

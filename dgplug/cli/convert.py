@@ -31,13 +31,31 @@ def quant_arg(quant: str, group_size: int | None) -> str:
     return q
 
 
+def overrides_arg(q: str, per_tensor: dict | None):
+    """llama-quantize's per-tensor options -> gguf_export.Overrides (None when none is given)."""
+    given = {k: v for k, v in (per_tensor or {}).items() if v}
+    if not given:
+        return None
+    if q in QUANT_SCHEMES:
+        names = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise CLIError(f"{names}: GGUF options (llama-quantize's); --quant {q} writes safetensors")
+    from dgplug.converters.gguf_export import parse_overrides
+    from dgplug.errors import InputError
+
+    try:
+        return parse_overrides(**given)
+    except InputError as e:
+        raise CLIError(str(e)) from None
+
+
 def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool, threads: int | None,
-        quiet: bool, imatrix: str | None = None) -> None:
+        quiet: bool, imatrix: str | None = None, per_tensor: dict | None = None) -> None:
     from pathlib import Path
 
     from . import common
 
     q = quant_arg(quant, group_size)
+    overrides = overrides_arg(q, per_tensor)
     if imatrix is None and q not in QUANT_SCHEMES:
         from dgplug.converters.gguf_export import RECIPES
 
@@ -49,7 +67,6 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
 
         if q not in ("int4",) + IMATRIX_FILE_TYPES:
             why = ("llama.cpp's Q8_0 has no importance path" if q == "Q8_0"
-                   else f"importance-weighted {q} is not written yet" if q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
                    else "no search to weight" if q in ("int8", "fp8") else "not quantized")
             raise CLIError(f"--imatrix applies to --quant int4, {', '.join(IMATRIX_FILE_TYPES)} ({q}: {why})")
         if not Path(imatrix).is_file():
@@ -71,7 +88,7 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
             from dgplug.converters.gguf_export import export_gguf
 
             export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads, imatrix=imatrix,
-                        overwrite=overwrite)
+                        overwrite=overwrite, overrides=overrides)
     except (KeyboardInterrupt, common.Terminated):  # the temporary output is gone by now (the converters' cleanup ran)
         from rich.text import Text
 

@@ -10,7 +10,7 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
   aliases (ALIASES: Q5_K = Q5_K_M, Q4_K = Q4_K_M, Q3_K = Q3_K_M), in any case. The tensor types of each
   file type come from ONE table, `RECIPES`, applied by `tensor_type()` (llama.cpp's
   `llama_tensor_get_type` rules for this architecture, including its `use_more_bits` layer rule and
-  its fallbacks for rows that are not a multiple of 256: Q2_K and Q3_K -> IQ4_NL, Q4_K -> Q5_0, Q5_K
+  its fallbacks for rows that are not a multiple of 256: Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K
   -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, the tied token embedding -> Q8_0; 32-block types whose
   rows are not a multiple of 32 -> F16). Q2_K_S is refused without an imatrix, as llama-quantize
   refuses it (and Q2_K, Q3_K_S, Q3_K_M, IQ4_XS are not: llama.cpp makes them without one, with its
@@ -24,13 +24,14 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
 * Quantised types use a pool of `workers` processes (default: min(2, cpu count)) over row
   chunks; results are written in submission order, so the output is byte-for-byte
   deterministic and independent of the worker count.
-* `imatrix` (a llama.cpp imatrix GGUF, or converters.imatrix.Imatrix), for the K-quant and IQ4 file
-  types (IMATRIX_FILE_TYPES): every Q2_K..Q6_K, IQ4_XS and IQ4_NL tensor is encoded as llama-quantize does
-  with that imatrix (its entry by GGUF name; experts: one row per expert), byte for byte (see
-  dgplug/converters/kquants.py). The other types of the mix encode as without: llama.cpp's Q8_0 has
-  no imatrix path; its Q4_0/Q4_1/Q5_0/Q5_1 (Q5_0 and Q5_1: the fallbacks of Q4_K and Q5_K for rows
-  that are not a multiple of 256, e.g. the 704- and 2112-wide down projections) have one, not written yet,
-  so the Q4_0, Q4_1, Q5_0 and Q5_1 file types take no imatrix.
+* `imatrix` (a llama.cpp imatrix GGUF, or converters.imatrix.Imatrix), for every quantized file type
+  but Q8_0 (IMATRIX_FILE_TYPES): every Q2_K..Q6_K, IQ4_XS, IQ4_NL, Q4_0, Q4_1, Q5_0 and Q5_1 tensor
+  (the last four also as the fallbacks of Q2_K/Q3_K, Q4_K and Q5_K for rows that are not a multiple of
+  256, e.g. the 704- and 2112-wide down projections) is encoded as llama-quantize does with that
+  imatrix (its entry by GGUF name; experts: one row per expert), byte for byte (see
+  dgplug/converters/kquants.py); Q8_0 tensors encode as without (llama.cpp's Q8_0 has no imatrix
+  path). With an imatrix the Q4_0 and Q5_0 mixes give the first eighth of the ffn_down layers Q4_1 /
+  Q5_1, as llama-quantize does.
   The file records it as llama-quantize does: quantize.imatrix.file / .dataset (the first) /
   .entries_count / .chunks_count.
 * Output goes to a hidden temporary file beside OUT, renamed on success; any error or Ctrl-C
@@ -93,11 +94,11 @@ CHUNK_ELEMS = 1 << 21  # elements per job (8 MB of fp32)
 #   imatrix   llama-quantize refuses the file type without an importance matrix (and a missing
 #             entry for one of its `base` tensors)
 # A rule is None (the base type), a type, or (type, WHEN, other type or None = the base), WHEN one
-# of "more_bits" (use_more_bits(i, n)), "i<2", "i<4", "i<n/8", "i<n/16", "i<n/8 without imatrix".
+# of "more_bits" (use_more_bits(i, n)), "i<2", "i<4", "i<n/8", "i<n/16", "i<n/8 without imatrix",
+# "i<n/8 with imatrix".
 # "Quantisable" = llama.cpp's rule: >= 2 dims, name ends in "weight", not a norm, not
 # ffn_gate_inp (the router). Everything else (1-D tensors, the router) is F32.
-# Rules llama.cpp has that never apply here: Falcon's; LLM_TYPE_70B's attn_v; Q4_0's and Q5_0's
-# ffn_down with an imatrix (first eighth Q4_1 / Q5_1: those file types take no imatrix here). Q5_K_S
+# Rules llama.cpp has that never apply here: Falcon's; LLM_TYPE_70B's attn_v. Q5_K_S
 # has no rule of its own (all Q5_K but the embedding and the 8-expert attn_k/attn_v); Q3_K_L's
 # attn_output stays Q3_K with 8 experts (llama.cpp's n_expert == 8 list leaves it out).
 # ---------------------------------------------------------------------------------------------
@@ -109,9 +110,9 @@ RECIPES: dict[str, dict] = {
     "F16":    dict(_NO, ftype=LlamaFileType.MOSTLY_F16,    base=T.F16),
     "BF16":   dict(_NO, ftype=LlamaFileType.MOSTLY_BF16,   base=T.BF16),
     "Q8_0":   dict(_NO, ftype=LlamaFileType.MOSTLY_Q8_0,   base=T.Q8_0, kv8=T.Q8_0),
-    "Q4_0":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q4_0, base=T.Q4_0),
+    "Q4_0":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q4_0, base=T.Q4_0, down=(T.Q4_1, "i<n/8 with imatrix", None)),
     "Q4_1":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q4_1, base=T.Q4_1),
-    "Q5_0":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q5_0, base=T.Q5_0),
+    "Q5_0":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q5_0, base=T.Q5_0, down=(T.Q5_1, "i<n/8 with imatrix", None)),
     "Q5_1":   dict(_LEGACY, ftype=LlamaFileType.MOSTLY_Q5_1, base=T.Q5_1),
     "Q6_K":   dict(_NO, ftype=LlamaFileType.MOSTLY_Q6_K,   base=T.Q6_K, embd=T.Q6_K, kv8=T.Q8_0),
     "Q5_K_M": dict(_NO, ftype=LlamaFileType.MOSTLY_Q5_K_M, base=T.Q5_K, embd=T.Q6_K, kv8=T.Q8_0, v=_MORE6, down=_MORE6),
@@ -137,12 +138,12 @@ RECIPES: dict[str, dict] = {
 FILE_TYPES = tuple(RECIPES)
 # llama-quantize's other names (tools/quantize/quantize.cpp, QUANT_OPTIONS): the same file type
 ALIASES = {"Q5_K": "Q5_K_M", "Q4_K": "Q4_K_M", "Q3_K": "Q3_K_M"}
-# the file types whose K-quants / IQ4s take an imatrix (the others' types have no importance path here)
+# the file types an imatrix changes (every quantized one but Q8_0: ggml's Q8_0 has no importance path)
 IMATRIX_FILE_TYPES = ("Q2_K_S", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
-                      "IQ4_XS", "IQ4_NL")
+                      "IQ4_XS", "IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # llama.cpp's tensor_type_fallback for rows that are not a multiple of the block size (its 32-block
 # types have none, llama-quantize stops; dgplug writes F16, as for a fallback that does not fit)
-FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.IQ4_XS: T.IQ4_NL,
             T.Q4_0: T.F16, T.Q4_1: T.F16, T.Q8_0: T.F16, T.Q5_0: T.F16, T.Q5_1: T.F16, T.IQ4_NL: T.F16}
 
 
@@ -160,7 +161,8 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 _WHEN = {"more_bits": lambda i, n, im: use_more_bits(i, n), "i<2": lambda i, n, im: i < 2,
          "i<4": lambda i, n, im: i < 4, "i<n/8": lambda i, n, im: i < n // 8, "i<n/16": lambda i, n, im: i < n // 16,
-         "i<n/8 without imatrix": lambda i, n, im: i < n // 8 and not im}
+         "i<n/8 without imatrix": lambda i, n, im: i < n // 8 and not im,
+         "i<n/8 with imatrix": lambda i, n, im: i < n // 8 and im}
 
 
 def _apply(rule, base: T, i: int | None, n: int, imatrix: bool = False) -> T:
@@ -176,34 +178,87 @@ def quantisable(gguf_name: str, ndim: int) -> bool:
             and "ffn_gate_inp.weight" not in gguf_name)
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """llama-quantize's per-tensor options, as its current `llama_tensor_get_type` applies them:
+    `tensor_types` (--tensor-type PATTERN=TYPE: the first pattern found in a tensor's GGUF name gives
+    its type, the mix's rules skipped), `pure` (--pure: no mix rules, the file type's base type),
+    `token_embedding` (--token-embedding-type: token_embd.weight as given, no fallback) and `output`
+    (--output-tensor-type: this model ties its head to token_embd, so the type of token_embd through
+    the mix's output rule). Fallbacks for rows the type cannot hold apply to all but `token_embedding`."""
+    tensor_types: tuple[tuple[str, T], ...] = ()
+    pure: bool = False
+    token_embedding: T | None = None
+    output: T | None = None
+
+
+WRITABLE = kquants.GGUF_TYPES + kquants.ENCODED_TYPES  # the ggml types dgplug encodes
+
+
+def ggml_type(text: str, what: str) -> T:
+    """A ggml type by name, any case (llama-quantize's parse_ggml_type), among those dgplug writes."""
+    t = next((t for t in WRITABLE if t.name.lower() == text.strip().lower()), None)
+    if t is None:
+        raise InputError(f"{what}: {text.strip()!r} is not a ggml type dgplug writes "
+                         f"({', '.join(t.name for t in WRITABLE)})")
+    return t
+
+
+def parse_overrides(tensor_type=(), pure: bool = False, token_embedding_type: str | None = None,
+                    output_tensor_type: str | None = None) -> Overrides:
+    """The options as llama-quantize spells them (`--tensor-type attn_v=q8_0`, repeatable) -> Overrides;
+    a bad item is one InputError naming it."""
+    pairs = []
+    for item in tensor_type:
+        pattern, eq, name = item.partition("=")
+        if not eq or not pattern.strip():
+            raise InputError(f"--tensor-type {item!r}: give PATTERN=TYPE, e.g. ffn_down_exps=q6_k")
+        try:
+            re.compile(pattern.strip())
+        except re.error as e:
+            raise InputError(f"--tensor-type {item!r}: bad pattern ({e})") from None
+        pairs.append((pattern.strip(), ggml_type(name, f"--tensor-type {item!r}")))
+    tok = ggml_type(token_embedding_type, "--token-embedding-type") if token_embedding_type else None
+    out = ggml_type(output_tensor_type, "--output-tensor-type") if output_tensor_type else None
+    return Overrides(tuple(pairs), pure, tok, out)
+
+
 def tensor_type(quant: str, gguf_name: str, shape: tuple[int, ...], *, n_layers: int, n_experts: int,
                 layer: int | None = None, attn_v_index: int = 0, n_attn_v: int = 0, n_gqa: int = 1,
-                imatrix: bool = False) -> T:
+                imatrix: bool = False, overrides: Overrides | None = None) -> T:
     """The ggml type of one tensor in a file of type `quant` (numpy `shape`, row = last dim); `imatrix`:
-    whether the file is made with one (llama.cpp's qs.has_imatrix)."""
+    whether the file is made with one (llama.cpp's qs.has_imatrix); `overrides`: llama-quantize's options."""
     r = RECIPES[file_type(quant)]
+    ov = overrides or Overrides()
     if not quantisable(gguf_name, len(shape)):
         return T.F32
+    ncols = shape[-1]
+    if gguf_name == "token_embd.weight" and ov.token_embedding is not None:
+        if ncols % GGML_QUANT_SIZES[ov.token_embedding][0]:
+            raise InputError(f"--token-embedding-type {ov.token_embedding.name}: {gguf_name} has rows of {ncols}, "
+                             f"not a multiple of {GGML_QUANT_SIZES[ov.token_embedding][0]}")
+        return ov.token_embedding
     base = r["base"]
     if base in (T.F32, T.F16, T.BF16):
         return base
-    t = base
-    ncols = shape[-1]
-    if gguf_name == "token_embd.weight":
-        if ncols % GGML_QUANT_SIZES[base][0]:
-            return T.Q8_0 if ncols % 32 == 0 else T.F16
-        t = r["embd"] or base  # Q6_K on rows that are not a multiple of 256 falls back below (Q4_0 on 64-wide)
-    elif ".attn_v." in gguf_name:
-        t = r["v_gqa4"] if n_gqa >= 4 and r["v_gqa4"] else _apply(r["v"], base, attn_v_index, n_attn_v)
-        if n_experts == 8 and r["kv8"]:
-            t = r["kv8"]
-    elif ".attn_k." in gguf_name:
-        if n_experts == 8 and r["kv8"]:
-            t = r["kv8"]
-    elif ".attn_output." in gguf_name:
-        t = (r["out8"] if n_experts == 8 else r["out"]) or base
-    elif ".ffn_down" in gguf_name:
-        t = _apply(r["down"], base, layer, n_layers, imatrix)
+    t = next((t for pattern, t in ov.tensor_types if re.search(pattern, gguf_name)), None)
+    if t is None and ov.pure:
+        t = base
+    elif t is None:
+        t = base
+        if gguf_name == "token_embd.weight":  # llama.cpp's output rule (the head is tied to it)
+            t = ov.output or (T.Q8_0 if ncols % GGML_QUANT_SIZES[base][0] else r["embd"] or base)
+        elif ".attn_v." in gguf_name:
+            t = r["v_gqa4"] if n_gqa >= 4 and r["v_gqa4"] else _apply(r["v"], base, attn_v_index, n_attn_v)
+            if n_experts == 8 and r["kv8"]:
+                t = r["kv8"]
+        elif ".attn_k." in gguf_name:
+            if n_experts == 8 and r["kv8"]:
+                t = r["kv8"]
+        elif ".attn_output." in gguf_name:
+            t = (r["out8"] if n_experts == 8 else r["out"]) or base
+        elif ".ffn_down" in gguf_name:
+            t = _apply(r["down"], base, layer, n_layers, imatrix)
     while ncols % GGML_QUANT_SIZES[t][0]:
         t = FALLBACK[t]
     return t
@@ -569,10 +624,10 @@ class PlanItem:
         return n // bs * ts
 
 
-def tensor_types(tc, quant: str, imatrix: bool = False) -> list[tuple]:
+def tensor_types(tc, quant: str, imatrix: bool = False, overrides: Overrides | None = None) -> list[tuple]:
     """(tensor spec, ggml type) for every text tensor of a model with text config `tc`, in the
     canonical order: the file type's recipe from the shapes alone (also what sizes are projected from);
-    `imatrix`: whether the file is made with one."""
+    `imatrix`: whether the file is made with one; `overrides`: llama-quantize's per-tensor options."""
     quant = file_type(quant)
     specs = text_tensors(tc)
     n_attn_v = sum(1 for s in specs if ".attn_v." in s.gguf)
@@ -581,14 +636,15 @@ def tensor_types(tc, quant: str, imatrix: bool = False) -> list[tuple]:
     for s in specs:
         out.append((s, tensor_type(quant, s.gguf, s.shape, n_layers=tc.num_hidden_layers, n_experts=tc.num_experts,
                                    layer=s.layer, attn_v_index=v_i, n_attn_v=n_attn_v, n_gqa=n_gqa,
-                                   imatrix=imatrix)))
+                                   imatrix=imatrix, overrides=overrides)))
         v_i += ".attn_v." in s.gguf
     return out
 
 
-def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False) -> tuple[Config, list[PlanItem], list[str]]:
+def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False,
+                overrides: Overrides | None = None) -> tuple[Config, list[PlanItem], list[str]]:
     """Config, the ordered tensor plan (name, shape, type, source) and warnings, without writing
-    (`imatrix`: whether the file is made with one)."""
+    (`imatrix`: whether the file is made with one; `overrides`: llama-quantize's per-tensor options)."""
     quant = file_type(quant)
     if quant not in RECIPES:
         raise CheckpointError(f"unknown file type {quant!r}; choose one of {', '.join(FILE_TYPES)} "
@@ -600,7 +656,7 @@ def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False) -> tuple[
     st = read_index(src)
     items = [PlanItem(ROPE_FREQS_GGUF, (tc.global_head_dim // 2,), T.F32, None, rope_freqs(tc))]
     missing = []
-    types = tensor_types(tc, quant, imatrix)
+    types = tensor_types(tc, quant, imatrix, overrides)
     for s, qt in types:
         t = st.get(s.hf)
         if t is None:
@@ -616,6 +672,9 @@ def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False) -> tuple[
         raise CheckpointError(f"{src}: checkpoint lacks {', '.join(missing[:5])}{more}")
     known = {s.hf for s, _ in types}
     warnings = [f"ignoring tensor {n}" for n in sorted(st) if n not in known and not is_vision(n)]
+    for pattern, t in (overrides.tensor_types if overrides else ()):
+        if not any(re.search(pattern, s.gguf) for s, _ in types if quantisable(s.gguf, len(s.shape))):
+            warnings.append(f"--tensor-type {pattern}={t.name.lower()} matches no quantized tensor")
     return cfg, items, warnings
 
 
@@ -633,20 +692,23 @@ def _jobs_for(item: PlanItem):
 
 def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True, workers: int | None = None,
                 name: str | None = None, *, revision: str | None = None, token: str | bool | None = None,
-                imatrix=None, overwrite: bool = True) -> Path:
+                imatrix=None, overwrite: bool = True, overrides: Overrides | None = None) -> Path:
     """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub) to
     a GGUF at `out_path`; returns out_path. `imatrix`: see the module docstring. overwrite=False: a
-    file at out_path when the conversion ends is kept, and the result refused (converters.output)."""
+    file at out_path when the conversion ends is kept, and the result refused (converters.output).
+    `overrides` (Overrides, parse_overrides): llama-quantize's --tensor-type, --pure,
+    --token-embedding-type and --output-tensor-type."""
     quant = file_type(quant)
     if imatrix is not None and quant not in IMATRIX_FILE_TYPES:
-        raise InputError(f"an imatrix applies to the K-quant file types ({', '.join(IMATRIX_FILE_TYPES)}), not {quant}")
+        raise InputError(f"an imatrix applies to the quantized file types but Q8_0 ({', '.join(IMATRIX_FILE_TYPES)}), "
+                         f"not {quant}")
     if imatrix is None and quant in RECIPES and RECIPES[quant]["imatrix"]:
         raise InputError(f"{quant} needs an importance matrix (llama-quantize refuses it without one): make one with "
                          "`dgplug imatrix SRC --calib TEXT -o imatrix.gguf` and pass it with --imatrix")
     repo = str(src_dir) if hub.is_hub_id(src_dir) else None
     src = hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_path)
-    cfg, items, warnings = plan_export(src, quant, imatrix is not None)
+    cfg, items, warnings = plan_export(src, quant, imatrix is not None, overrides)
     imps, im_meta = {}, None
     if imatrix is not None:
         from .imatrix import NEVER_COLLECTED, Imatrix
@@ -662,7 +724,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
                 raise InputError(f"imatrix has no entry for {lack[0]}{more}: {quant} needs one for every "
                                  f"{base.name} tensor (a very low-bit quantization)")
         imps = im.for_tensors((it.gguf, it.src.name, it.shape) for it in items
-                              if it.src is not None and it.qtype in kquants.ENCODED_TYPES)
+                              if it.src is not None and it.qtype in kquants.IMPORTANCE_TYPES)
     gen = load_generation_defaults(src)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)

@@ -61,8 +61,8 @@ Entry points:
         F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 through ``gguf.quants.quantize`` (ggml's
         reference quantizers, what llama-quantize writes without an imatrix); Q2_K .. Q6_K,
         IQ4_XS, IQ4_NL here. The last dimension must be a multiple of the type's block size.
-        NaN/Inf in the input raise ``FormatError`` naming the tensor (for every type). Only the
-        types encoded here (ENCODED_TYPES) use `importance`.
+        NaN/Inf in the input raise ``FormatError`` naming the tensor (for every type). Every block
+        type but Q8_0 uses `importance` (IMPORTANCE_TYPES); Q4_0 .. Q5_1 are then encoded here.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ _SUB_COLS = 8192
 
 K_TYPES = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 IQ_TYPES = (T.IQ4_XS, T.IQ4_NL)
-# the types encoded here, all with an importance path
+# the types encoded here, all with an importance path (and Q4_0/Q4_1/Q5_0/Q5_1 with one: LEGACY_TYPES)
 ENCODED_TYPES = K_TYPES + IQ_TYPES
 GGUF_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
 
@@ -846,6 +846,81 @@ def _iq4_nl_blocks(x: np.ndarray, qw=None) -> np.ndarray:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Q4_0, Q4_1, Q5_0, Q5_1 with an importance (quantize_row_q{4,5}_{0,1}_impl); without one
+# gguf-py's reference encoders (ggml's *_ref, what llama-quantize writes then)
+# ---------------------------------------------------------------------------------------------
+LEGACY_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+_LEGACY_NMAX = {T.Q4_0: 8, T.Q5_0: 16, T.Q4_1: 15, T.Q5_1: 31}
+
+
+def _legacy_blocks(x: np.ndarray, w: np.ndarray, qtype: T) -> np.ndarray:
+    """x, w (nb, 32): values and their weights -> ggml blocks. Q4_0/Q5_0: make_qx_quants(32, nmax,
+    rmse_type 1, weights) (d = its scale, L its quants + nmax); Q4_1/Q5_1: make_qkx3_quants(32, nmax,
+    rmin -0.9, rdelta 0.05, 36 steps) (d its scale, m = its min). No requantisation after the search."""
+    f = _F32
+    nb = x.shape[0]
+    nmax = _LEGACY_NMAX[qtype]
+    xt, wt = _columns(x, 32), _columns(w, 32)
+    L = np.empty((32, nb), f)
+    d, m = np.empty(nb, f), np.zeros(nb, f)
+    for c0 in range(0, nb, _SUB_COLS):
+        c = slice(c0, min(c0 + _SUB_COLS, nb))
+        xc, wc = np.ascontiguousarray(xt[:, c]), np.ascontiguousarray(wt[:, c])
+        if qtype in (T.Q4_0, T.Q5_0):
+            d[c], live, k, vmax = _qx_search(xc, wc, nmax)
+            lc = _qx_quants(xc, _qx_trial_iscale(k.astype(f), nmax, vmax), nmax, np.empty_like(xc),
+                            (xc.min(axis=0), xc.max(axis=0)))
+            L[:, c] = np.where(live, lc + f(nmax), f(0))  # all-zero blocks: L = 0 (ggml)
+        else:
+            d[c], the_min, isc, base = _qkx2_search(xc, wc, nmax, -0.9, 0.05, 36, guard=True)
+            L[:, c] = _qkx2_quants(xc, base, isc, nmax, np.empty_like(xc), guard=True)
+            m[c] = -the_min
+    L = L.T.astype(np.uint8)  # (nb, 32)
+    head = [d.astype(np.float16)] + ([m.astype(np.float16)] if qtype in (T.Q4_1, T.Q5_1) else [])
+    if not all(np.isfinite(h).all() for h in head):
+        raise OverflowError("block scale overflows fp16")
+    parts = [h.reshape(nb, 1).view(np.uint8) for h in head]
+    if qtype in (T.Q5_0, T.Q5_1):  # the fifth bits: bit j of qh is L[j] >> 4
+        hi = (L >> 4).astype(np.uint32)
+        qh = np.bitwise_or.reduce(hi << np.arange(32, dtype=np.uint32), axis=1).astype("<u4")
+        parts.append(qh.reshape(nb, 1).view(np.uint8))
+    lo = L & 0x0F
+    parts.append(lo[:, :16] | (lo[:, 16:] << 4))
+    return np.concatenate(parts, axis=1)
+
+
+def _quantize_legacy(rows: np.ndarray, qtype: T, name: str, importance) -> np.ndarray:
+    """quantize_q{4,5}_{0,1} with quant_weights: per row sigma2 = sum(x^2)/row length (summed in index
+    order), weights importance*sqrt(sigma2 + x^2), then each block of 32 searched (_legacy_blocks)."""
+    f = _F32
+    rows = np.ascontiguousarray(rows, dtype=f)
+    cols = rows.shape[-1]
+    if cols % 32:
+        raise FormatError(f"{name}: row length {cols} is not a multiple of 32 ({qtype.name})")
+    check_finite(rows, name)
+    imp = _check_importance(importance, cols, name)
+    lead = rows.shape[:-1]
+    flat = rows.reshape(-1, cols)
+    size = GGML_QUANT_SIZES[qtype][1]
+    out = np.empty((flat.shape[0], cols // 32 * size), np.uint8)
+    step = max(1, 16384 * 32 // cols)  # rows per call: ~16k blocks, a few MB of temporaries
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            for r0 in range(0, flat.shape[0], step):
+                x = flat[r0:r0 + step]
+                xt = np.ascontiguousarray(x.T)
+                sigma2 = _seq_sum(xt * xt) / f(cols)
+                w = imp[None, :] * np.sqrt(sigma2[:, None] + x * x)
+                out[r0:r0 + step] = _legacy_blocks(x.reshape(-1, 32), w.reshape(-1, 32), qtype).reshape(len(x), -1)
+    except OverflowError:
+        raise FormatError(f"{name}: values up to {float(np.abs(rows).max()):.3g} are too large for {qtype.name} "
+                          "(a block scale overflows fp16)") from None
+    return out.reshape(*lead, out.shape[-1])
+
+
+IMPORTANCE_TYPES = ENCODED_TYPES + LEGACY_TYPES  # the types an importance matrix changes
+
 _BLOCK_FN = {T.Q2_K: _q2_k_blocks, T.Q3_K: _q3_k_blocks, T.Q4_K: _q4_k_blocks, T.Q5_K: _q5_k_blocks,
              T.Q6_K: _q6_k_blocks, T.IQ4_XS: _iq4_xs_blocks, T.IQ4_NL: _iq4_nl_blocks}
 
@@ -894,10 +969,9 @@ def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance
 
     importance: an importance matrix's values for this matrix, one per column (an imatrix's
     in_sum2/counts), float32 [row length]; or, for a 3-D array of matrices (experts), one row per
-    matrix [array.shape[0], row length]. The K types and IQ4_XS/IQ4_NL then encode as llama.cpp's
-    quantize_q{2..6}_K / quantize_iq4_{xs,nl} with quant_weights. The other types ignore it: ggml's Q8_0 has no
-    importance path; its Q4_0/Q4_1/Q5_0/Q5_1 have one (quantize_row_q4_0_impl, ...), not written
-    here yet, so they encode as without.
+    matrix [array.shape[0], row length]. The K types, IQ4_XS/IQ4_NL and Q4_0/Q4_1/Q5_0/Q5_1 then
+    encode as llama.cpp's quantize_q{2..6}_K / quantize_iq4_{xs,nl} / quantize_q{4,5}_{0,1} with
+    quant_weights. Q8_0 and the float types ignore it (ggml's Q8_0 has no importance path).
     """
     if isinstance(qtype, str):
         try:
@@ -907,13 +981,14 @@ def quantize(array: np.ndarray, qtype: T | str, name: str = "tensor", importance
     arr = np.asarray(array)
     if arr.dtype.kind != "f" and arr.dtype != np.uint16:
         raise FormatError(f"{name}: cannot quantize dtype {arr.dtype}")
-    if qtype in ENCODED_TYPES:
+    if qtype in ENCODED_TYPES or (qtype in LEGACY_TYPES and importance is not None):
+        enc = _quantize_k if qtype in ENCODED_TYPES else _quantize_legacy
         if importance is not None and np.ndim(importance) == 2:
             if arr.ndim != 3 or np.shape(importance)[0] != arr.shape[0]:
                 raise FormatError(f"{name}: importance has shape {list(np.shape(importance))}; one row per matrix "
                                   f"needs a 3-D array with as many matrices (array {list(arr.shape)})")
-            return np.stack([_quantize_k(a, qtype, name, i) for a, i in zip(arr, importance)])
-        return _quantize_k(arr, qtype, name, importance)
+            return np.stack([enc(a, qtype, name, i) for a, i in zip(arr, importance)])
+        return enc(arr, qtype, name, importance)
     if qtype not in GGUF_TYPES:
         raise FormatError(f"{name}: no encoder for ggml type {qtype.name}")
     block = GGML_QUANT_SIZES[qtype][0]
