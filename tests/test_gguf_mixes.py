@@ -226,6 +226,9 @@ def test_cli_takes_every_type_and_alias_in_any_case(ckpt8, tmp_path):
     for q in NEW + ["Q4_K_M"]:
         assert quant_arg(q.lower(), None) == q
     assert [quant_arg(a, None) for a in ("Q4_K", "q5_k", "Q3_k")] == ["Q4_K_M", "Q5_K_M", "Q3_K_M"]
+    # llama-quantize's numbers (its QUANT_OPTIONS: the llama_ftype values, general.file_type)
+    assert [quant_arg(n, None) for n in ("15", "2", "7", "18", "30", "21")] == [
+        "Q4_K_M", "Q4_0", "Q8_0", "Q6_K", "IQ4_XS", "Q2_K_S"]
     with pytest.raises(CLIError, match=r"aliases Q5_K = Q5_K_M, Q4_K = Q4_K_M, Q3_K = Q3_K_M"):
         quant_arg("Q1_0", None)
     r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "m.gguf"), "-q", "q4_k", "--quiet"])

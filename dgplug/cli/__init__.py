@@ -233,7 +233,7 @@ def convert(
     quant: str = typer.Option(..., "--quant", "-q",
                               help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L "
                                    "Q3_K_M Q3_K_S Q2_K Q2_K_S IQ4_XS IQ4_NL (GGUF, any case; llama-quantize's aliases "
-                                   "Q5_K Q4_K Q3_K are Q5_K_M Q4_K_M Q3_K_M; Q2_K_S needs --imatrix) or int4 int8 fp8 "
+                                   "Q5_K Q4_K Q3_K are Q5_K_M Q4_K_M Q3_K_M, its numbers too, 15 = Q4_K_M; Q2_K_S needs --imatrix) or int4 int8 fp8 "
                                    "(safetensors)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", show_default=False,
                                              help="int4 only: group size along the input dimension (default 128)."),

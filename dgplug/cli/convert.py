@@ -16,6 +16,10 @@ def quant_arg(quant: str, group_size: int | None) -> str:
     from dgplug.converters.gguf_export import ALIASES, FILE_TYPES as GGUF_TYPES, file_type
 
     q = quant.strip()
+    if q.isdigit():  # llama-quantize's numbers: the file type's general.file_type (15 = Q4_K_M)
+        from dgplug.converters.gguf_export import RECIPES
+
+        q = next((name for name, r in RECIPES.items() if int(r["ftype"]) == int(q)), q)
     if q.lower() in QUANT_SCHEMES:
         q = q.lower()
     elif file_type(q) in GGUF_TYPES:  # any case; llama-quantize's aliases (Q4_K = Q4_K_M, ...) give their target
