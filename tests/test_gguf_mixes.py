@@ -338,7 +338,48 @@ def test_per_tensor_options_on_the_command_line(ckpt8, tmp_path):
     assert "--tensor-type no_such_tensor=q8_0 matches no quantized tensor" in r.stderr
     assert GGUFReader(g).get_field("general.file_type").contents() == 15  # Q4_K_M, as llama-quantize keeps it
     for args, msg in ((["-q", "q4_k_m", "--tensor-type", "attn=q3"], "'q3' is not a ggml type dgplug writes"),
-                      (["-q", "int4", "--pure"], "--pure: GGUF options (llama-quantize's); --quant int4 writes safetensors")):
+                      (["-q", "int4", "--pure"], "--pure: GGUF options (llama.cpp's); --quant int4 writes safetensors")):
         r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "x.gguf"), *args])
         assert r.exit_code == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_split_writing_as_llama_cpp(ckpt8, out8, tmp_path):
+    # --split-max-tensors / --split-max-size: gguf-py's shards (NAME-0000i-of-0000n.gguf, split.* keys),
+    # read back as one model with the same tensors, bit for bit, as the single file
+    from typer.testing import CliRunner
+
+    from dgplug.cli import app
+
+    one = out8["Q5_0"]
+    r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "m.gguf"), "-q", "q5_0", "--split-max-tensors",
+                                 "40", "--quiet"])
+    assert r.exit_code == 0, r.output
+    shards = sorted(tmp_path.glob("m-*-of-*.gguf"))
+    n = len(shards)
+    assert n >= 3 and [s.name for s in shards] == [f"m-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.glob(".*"))  # no temporary file left
+    assert "wrote " + ", ".join(str(s) for s in shards) in r.stdout
+    split = gi.open_gguf(shards[0])
+    ref = GGUFReader(one)
+    got = {t.name: np.asarray(t.data).tobytes() for t in split.tensors}
+    assert got == {t.name: np.asarray(t.data).tobytes() for t in ref.tensors}
+    for i, s in enumerate(shards):
+        g = GGUFReader(s)
+        assert g.get_field("split.no").contents() == i and g.get_field("split.count").contents() == n
+        assert len(g.tensors) <= 40
+    # a second run refuses without --overwrite, naming a shard, and leaves the shards as they are
+    before = [s.stat().st_mtime_ns for s in shards]
+    r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "m.gguf"), "-q", "q5_0", "--split-max-tensors", "40"])
+    assert r.exit_code == 1 and f"{shards[0]} exists: pass --overwrite" in r.stderr, r.output
+    assert [s.stat().st_mtime_ns for s in shards] == before
+    # a size that holds everything: one plain file, no split keys (as llama.cpp's converter)
+    r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "w.gguf"), "-q", "q5_0", "--split-max-size", "5G",
+                                 "--quiet"])
+    assert r.exit_code == 0 and (tmp_path / "w.gguf").is_file() and "split.count" not in GGUFReader(tmp_path / "w.gguf").fields
+    from dgplug.cli.convert import split_size_arg
+    assert [split_size_arg(v) for v in ("48G", "500m", "2k", "123")] == [48 * 10**9, 500 * 10**6, 2000, 123]
+    for args, msg in ((["--split-max-size", "4X"], "--split-max-size '4X': give a positive number"),
+                      (["--split-max-tensors", "0"], "--split-max-tensors 0: give a positive number")):
+        r = CliRunner().invoke(app, ["convert", str(ckpt8), str(tmp_path / "x.gguf"), "-q", "q8_0", *args])
+        assert r.exit_code == 1 and msg in r.stderr, r.output

@@ -255,6 +255,11 @@ def convert(
                                                        metavar="TYPE", help="GGUF: the type of token_embd.weight."),
     output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", show_default=False, metavar="TYPE",
                                                      help="GGUF: the type of the output head (tied: token_embd.weight)."),
+    split_max_size: Optional[str] = typer.Option(None, "--split-max-size", show_default=False, metavar="N[K|M|G]",
+                                                 help="GGUF: shards of at most N bytes of tensors (K/M/G: 1000^1..3, as "
+                                                      "llama.cpp), named OUT-00001-of-0000n.gguf; e.g. 48G."),
+    split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", show_default=False,
+                                                    help="GGUF: shards of at most N tensors."),
     debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Convert a checkpoint to GGUF (K-quants) or quantized safetensors, streaming.
@@ -266,7 +271,8 @@ def convert(
     from .convert import run
 
     per_tensor = dict(tensor_type=tuple(tensor_type or ()), pure=pure, token_embedding_type=token_embedding_type,
-                      output_tensor_type=output_tensor_type)
+                      output_tensor_type=output_tensor_type, split_max_size=split_max_size,
+                      split_max_tensors=split_max_tensors)
     common.run(lambda: run(src, out, quant, group_size, overwrite, threads, quiet or common.STATE["quiet"], imatrix,
                            per_tensor), debug, quiet)
 

@@ -35,21 +35,40 @@ def quant_arg(quant: str, group_size: int | None) -> str:
     return q
 
 
-def overrides_arg(q: str, per_tensor: dict | None):
-    """llama-quantize's per-tensor options -> gguf_export.Overrides (None when none is given)."""
-    given = {k: v for k, v in (per_tensor or {}).items() if v}
+def split_size_arg(text: str | None) -> int:
+    """--split-max-size as llama.cpp reads it (split_str_to_n_bytes): bytes, or K / M / G = 1000^1..3."""
+    if text is None:
+        return 0
+    t = text.strip().upper()
+    scale = {"K": 1000, "M": 1000**2, "G": 1000**3}.get(t[-1:], 1)
+    digits = t[:-1] if scale > 1 else t
+    if not digits.isdigit() or int(digits) <= 0:
+        raise CLIError(f"--split-max-size {text!r}: give a positive number of bytes, or with K, M or G (e.g. 48G)")
+    return int(digits) * scale
+
+
+def gguf_options_arg(q: str, per_tensor: dict | None) -> dict:
+    """The GGUF-only options (llama-quantize's per-tensor ones, llama.cpp's split ones) -> export_gguf's
+    keyword arguments; any of them with a safetensors scheme is one error."""
+    given = {k: v for k, v in (per_tensor or {}).items() if v is not None and v is not False and v != ()}
     if not given:
-        return None
+        return {}
     if q in QUANT_SCHEMES:
         names = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise CLIError(f"{names}: GGUF options (llama-quantize's); --quant {q} writes safetensors")
+        raise CLIError(f"{names}: GGUF options (llama.cpp's); --quant {q} writes safetensors")
     from dgplug.converters.gguf_export import parse_overrides
     from dgplug.errors import InputError
 
+    kw = {"split_max_size": split_size_arg(given.pop("split_max_size", None))}
+    tensors = given.pop("split_max_tensors", None)
+    if tensors is not None and tensors <= 0:
+        raise CLIError(f"--split-max-tensors {tensors}: give a positive number")
+    kw["split_max_tensors"] = tensors or 0
     try:
-        return parse_overrides(**given)
+        kw["overrides"] = parse_overrides(**given) if given else None
     except InputError as e:
         raise CLIError(str(e)) from None
+    return kw
 
 
 def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool, threads: int | None,
@@ -59,7 +78,7 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
     from . import common
 
     q = quant_arg(quant, group_size)
-    overrides = overrides_arg(q, per_tensor)
+    gguf_kw = gguf_options_arg(q, per_tensor)
     if imatrix is None and q not in QUANT_SCHEMES:
         from dgplug.converters.gguf_export import RECIPES
 
@@ -91,8 +110,13 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
         else:
             from dgplug.converters.gguf_export import export_gguf
 
-            export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads, imatrix=imatrix,
-                        overwrite=overwrite, overrides=overrides)
+            first = export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads, imatrix=imatrix,
+                                overwrite=overwrite, **gguf_kw)
+            if first != target:  # shards: name them all
+                from dgplug.converters.gguf_import import SPLIT_NAME
+
+                n = int(SPLIT_NAME.match(first.name)["count"])
+                target = ", ".join(str(first).replace("-00001-of-", f"-{i:05d}-of-") for i in range(1, n + 1))
     except (KeyboardInterrupt, common.Terminated):  # the temporary output is gone by now (the converters' cleanup ran)
         from rich.text import Text
 

@@ -692,12 +692,16 @@ def _jobs_for(item: PlanItem):
 
 def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True, workers: int | None = None,
                 name: str | None = None, *, revision: str | None = None, token: str | bool | None = None,
-                imatrix=None, overwrite: bool = True, overrides: Overrides | None = None) -> Path:
+                imatrix=None, overwrite: bool = True, overrides: Overrides | None = None,
+                split_max_size: int = 0, split_max_tensors: int = 0) -> Path:
     """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub) to
     a GGUF at `out_path`; returns out_path. `imatrix`: see the module docstring. overwrite=False: a
     file at out_path when the conversion ends is kept, and the result refused (converters.output).
     `overrides` (Overrides, parse_overrides): llama-quantize's --tensor-type, --pure,
-    --token-embedding-type and --output-tensor-type."""
+    --token-embedding-type and --output-tensor-type. split_max_size (tensor bytes) / split_max_tensors:
+    shards as llama.cpp's convert_hf_to_gguf writes them (gguf-py's writer: NAME-0000i-of-0000n.gguf
+    beside out_path, split.* keys; one file named out_path when everything fits in one); returns
+    the first shard's path then (what loaders take)."""
     quant = file_type(quant)
     if imatrix is not None and quant not in IMATRIX_FILE_TYPES:
         raise InputError(f"an imatrix applies to the quantized file types but Q8_0 ({', '.join(IMATRIX_FILE_TYPES)}), "
@@ -732,6 +736,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     big = sum(int(np.prod(it.shape)) for it in items) > 4 * CHUNK_ELEMS
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmps, targets, done = [tmp], [out], []  # one file, or the shards (set once the writer has planned them)
     pool = None
     prog = None
     w = None
@@ -742,14 +747,21 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             pool = ctx.Pool(workers, initializer=_worker_init)
         # after the fork: the workers need none of what reading the tokenizer imports and keeps
         tokv = read_tokenizer(src, cfg.text.vocab_size, cfg.raw)
-        w = GGUFWriter(tmp, ARCH)
+        w = GGUFWriter(tmp, ARCH, split_max_tensors=split_max_tensors, split_max_size=split_max_size)
         for it in items:
             w.add_tensor_info(it.gguf, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.qtype)
+        shard_of = {name: i for i, shard in enumerate(w.tensors) for name in shard}
+        if len(w.tensors) == 1:  # all fits in one file: no split keys, and no "not splitting" warning from gguf-py
+            w.split_max_size = w.split_max_tensors = 0
+        else:
+            tmps, targets = w.format_shard_names(tmp), w.format_shard_names(out)
+            there = [t for t in targets if t.exists()] if not overwrite else []
+            if there:
+                raise InputError(f"{there[0]} exists: pass --overwrite to replace it")
         _add_metadata(w, src, cfg, gen, tokv, quant, name, repo, im_meta)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        fout = w.fout[0]
         total_in = sum(it.src.nbytes for it in items if it.src is not None)
         prog = conversion_progress() if progress else None
         task = None
@@ -764,6 +776,7 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
         for it in items:
             if prog is not None:
                 prog.update(task, description=f"{it.gguf} {it.qtype.name}")
+            fout = w.fout[shard_of[it.gguf]]
             pad = (-fout.tell()) % align
             if pad:
                 fout.write(b"\0" * pad)
@@ -796,14 +809,20 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             if written != it.nbytes:
                 raise FormatError(f"{it.gguf}: wrote {written} bytes, expected {it.nbytes}")
             # keep GGUFWriter's bookkeeping in step (its table is consumed in order)
-            w.tensors[0].pop(it.gguf)
-        pad = (-fout.tell()) % align
-        if pad:
-            fout.write(b"\0" * pad)
+            w.tensors[shard_of[it.gguf]].pop(it.gguf)
+        for fout in w.fout:
+            pad = (-fout.tell()) % align
+            if pad:
+                fout.write(b"\0" * pad)
         w.close()
         w = None
-        publish_file(tmp, out, overwrite)
+        done = []
+        for t, target in zip(tmps, targets):
+            publish_file(t, target, overwrite)
+            done.append(target)
     except BaseException:
+        for target in done:  # a later shard could not be put in place: none of this run stays
+            target.unlink(missing_ok=True)
         if pool is not None:
             pool.terminate()
             pool = None
@@ -812,10 +831,8 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
                 w.close()
             except Exception:
                 pass
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        for t in tmps:
+            t.unlink(missing_ok=True)
         raise
     finally:
         if pool is not None:
@@ -825,4 +842,4 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             prog.stop()
         while _FDS:
             os.close(_FDS.popitem()[1])
-    return out
+    return targets[0]
