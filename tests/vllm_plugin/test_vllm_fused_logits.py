@@ -23,8 +23,9 @@ import torch
 from vllm_helpers import build_and_load
 
 
-@pytest.fixture(scope="module")
-def parts(vllm_dist, vllm_diffusion_gemma):
+def _build_parts(ckpt, state_cls=None):
+    """A model, dgplug's ModelState (``state_cls``, default the model's own) and the sampler its
+    custom_sampler builds, on vLLM's real RequestState / Sampler / InputBuffers."""
     from vllm import SamplingParams
     from vllm.config import set_current_vllm_config
     from vllm.v1.worker.gpu import buffer_utils
@@ -32,7 +33,7 @@ def parts(vllm_dist, vllm_diffusion_gemma):
     from vllm.v1.worker.gpu.sample.sampler import Sampler
     from vllm.v1.worker.gpu.states import RequestState
 
-    model, vc = build_and_load(vllm_dist["ckpt"])
+    model, vc = build_and_load(ckpt)
     cpu = torch.device("cpu")
     max_reqs = vc.scheduler_config.max_num_seqs
     max_tokens = vc.scheduler_config.max_num_batched_tokens
@@ -41,7 +42,7 @@ def parts(vllm_dist, vllm_diffusion_gemma):
         if not torch.cuda.is_available():
             # vLLM's CPU platform reports UVA but cannot pin memory: take its own non-UVA buffers.
             mp.setattr(buffer_utils, "is_uva_available", lambda: False)
-        state = model.get_model_state_cls()(vc, model, None, cpu)
+        state = (state_cls or model.get_model_state_cls())(vc, model, None, cpu)
         req_states = RequestState(max_num_reqs=max_reqs, max_model_len=vc.model_config.max_model_len,
                                   max_num_batched_tokens=max_tokens, num_speculative_steps=model.canvas_length,
                                   vocab_size=V, device=cpu)
@@ -54,13 +55,20 @@ def parts(vllm_dist, vllm_diffusion_gemma):
             "buffers": buffers, "SamplingParams": SamplingParams}
 
 
+@pytest.fixture(scope="module")
+def parts(vllm_dist, vllm_diffusion_gemma):
+    return _build_parts(vllm_dist["ckpt"])
+
+
 def _add(p, slot, **sampling):
     """A request in `slot` (the runner's add_requests: ModelState and sampler, then staged writes)."""
     from vllm.v1.core.sched.output import NewRequestData
 
     sp = p["SamplingParams"](temperature=1.0, max_tokens=32, **sampling)
+    # prefill_token_ids: optional in vLLM 0.32/0.33, required from 0.34
     new = NewRequestData(req_id=f"req{slot}", prompt_token_ids=[5, 6, 7], mm_features=[], sampling_params=sp,
-                         pooling_params=None, block_ids=([],), num_computed_tokens=0, lora_request=None)
+                         pooling_params=None, block_ids=([],), num_computed_tokens=0, lora_request=None,
+                         prefill_token_ids=[5, 6, 7])
     p["state"].remove_request(new.req_id)
     p["state"].add_request(slot, new)
     p["sampler"].add_request(slot, sp)
@@ -256,3 +264,138 @@ def test_structured_batch_with_placeholder_is_refused(parts, monkeypatch):
     monkeypatch.setattr(vllm_dg(p).DiffusionSampler, "__call__", lambda *a, **k: pytest.fail("sampled"))
     with pytest.raises(RuntimeError, match="structured-output"):
         sampler(placeholder, dataclasses.replace(batch, has_structured_output_reqs=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Later vLLM layouts (read from their sources, not installable here): what dgplug detects
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["0.32", "0.33"])
+def test_top_k_top_p_query_of_either_shape(parts, layout, monkeypatch):
+    """vLLM 0.33 gave SamplingStates.get_top_k_top_p a third argument (the vocabulary size) and a
+    third result; 0.32 takes two and returns two. The fused plan asks vLLM's own decision in
+    either shape: a plain pair of requests is planned fused, one with top_k is not."""
+    p, model, sampler = parts, parts["model"], parts["sampler"]
+    real = sampler.sampling_states.get_top_k_top_p
+    seen = []
+    if layout == "0.33":
+        def query(expanded_idx_mapping, idx_mapping_np, vocab_size):
+            seen.append(vocab_size)
+            top_k, top_p = real(expanded_idx_mapping, idx_mapping_np)
+            return top_k, top_p, False
+    else:
+        def query(expanded_idx_mapping, idx_mapping_np):
+            seen.append(None)
+            return real(expanded_idx_mapping, idx_mapping_np)
+    monkeypatch.setattr(sampler.sampling_states, "get_top_k_top_p", query)
+    for s in (0, 1):
+        _add(p, s)
+    batch = _decode_batch(p, [0, 1])
+    _prepare(p, batch)
+    assert model.fused_step and sampler.fused_eligible(batch)
+    _add(p, 1, top_k=5)
+    _prepare(p, batch)
+    assert not model.fused_step and not sampler.fused_eligible(batch)
+    assert seen and set(seen) == ({model.tc.vocab_size} if layout == "0.33" else {None})
+    _add(p, 1)
+
+
+def _vllm_034_layout(dg):
+    """A stand-in for vLLM 0.34's diffusion_gemma module on this vLLM's real classes, changed as
+    0.34 changed them (and nothing else): the DiffusionSampler takes a ``compute_logits`` callable
+    and is handed the sampled hidden states, which the ModelState's ``compute_sample_logits`` passes
+    through; ``__call__`` is the parent's (a spy in the tests)."""
+    import types
+
+    class DiffusionSampler(dg.DiffusionSampler):
+        def __init__(self, *args, compute_logits, **kw):
+            super().__init__(*args, **kw)
+            self.compute_logits = compute_logits
+
+    class DiffusionGemmaModelState(dg.DiffusionGemmaModelState):
+        def compute_sample_logits(self, hidden_states):
+            return hidden_states
+
+    return types.SimpleNamespace(DiffusionSampler=DiffusionSampler, DiffusionGemmaModelState=DiffusionGemmaModelState,
+                                 _denoise_temperature=dg._denoise_temperature,
+                                 _compiled_sample_step=dg._compiled_sample_step)
+
+
+@pytest.fixture(scope="module")
+def parts_034(vllm_dist, vllm_diffusion_gemma):
+    from dgplug.integrations import vllm_model
+
+    layout = _vllm_034_layout(vllm_diffusion_gemma)
+    p = _build_parts(vllm_dist["ckpt"], vllm_model.model_state_cls(layout))
+    p["layout"] = layout
+    return p
+
+
+def test_sampler_layout_detected(vllm_diffusion_gemma):
+    import types
+
+    from dgplug.integrations import vllm_model
+
+    dg = vllm_diffusion_gemma
+    assert vllm_model.sampler_takes_hidden(dg) is False  # the installed vLLM (0.32): logits
+    assert vllm_model.sampler_takes_hidden(_vllm_034_layout(dg)) is True
+    # the real class (the installed vLLM's) is cached; a stand-in's is built apart
+    assert vllm_model.model_state_cls() is vllm_model.model_state_cls()
+    assert vllm_model.model_state_cls(_vllm_034_layout(dg)) is not vllm_model.model_state_cls()
+    half = types.SimpleNamespace(DiffusionSampler=_vllm_034_layout(dg).DiffusionSampler,
+                                 DiffusionGemmaModelState=dg.DiffusionGemmaModelState)
+    with pytest.raises(RuntimeError, match="does not know this layout"):
+        vllm_model.sampler_takes_hidden(half)
+
+
+def test_hidden_states_sampler_plans_nothing_and_fuses(parts_034, monkeypatch):
+    """0.34 layout: custom_sampler builds dgplug's sampler with the model's real logits as
+    compute_logits; prepare_inputs plans no placeholder (compute_logits stays real), and an eligible
+    batch's hidden states go straight to the fused path."""
+    p, model, sampler = parts_034, parts_034["model"], parts_034["sampler"]
+    assert sampler.takes_hidden and isinstance(sampler, p["layout"].DiffusionSampler)
+    assert sampler.compute_logits == model.full_logits
+    for s in (0, 1):
+        _add(p, s)
+    batch = _decode_batch(p, [0, 1])
+    out = _prepare(p, batch)
+    assert "inputs_embeds" in out and not model.fused_step and sampler.fused_eligible(batch)
+    rows = 2 * model.canvas_length
+    h = _hidden(p, rows, seed=3)
+    with torch.no_grad():
+        logits = model.compute_logits(h)  # never a placeholder on this layout
+    assert logits.untyped_storage().nbytes() == rows * model.tc.vocab_size * 4
+    assert torch.equal(logits, _reference_logits(model, h))
+    seen = {}
+    monkeypatch.setattr(type(sampler), "_fused_call", lambda self, ib, hid, *a: seen.setdefault("hidden", hid))
+    monkeypatch.setattr(p["layout"].DiffusionSampler, "__call__", lambda *a, **k: pytest.fail("took vLLM's path"))
+    assert sampler(h, batch) is h and seen["hidden"] is h
+
+
+@pytest.mark.parametrize("case", ["top_k", "env_off", "rows"])
+def test_hidden_states_sampler_hands_vllm_the_hidden_states(parts_034, case, monkeypatch):
+    """0.34 layout, a batch that needs the logits (or hidden states of another row count): vLLM's
+    path gets the hidden states themselves (it projects them with compute_logits = full_logits)."""
+    p, model, sampler = parts_034, parts_034["model"], parts_034["sampler"]
+    _add(p, 0)
+    _add(p, 1, **({"top_k": 5} if case == "top_k" else {}))
+    if case == "env_off":
+        monkeypatch.setenv("DGPLUG_VLLM_FUSED_SAMPLER", "0")
+    batch = _decode_batch(p, [0, 1])
+    _prepare(p, batch)
+    assert not model.fused_step
+    rows = 2 * model.canvas_length + (1 if case == "rows" else 0)
+    h = _hidden(p, rows, seed=4)
+    handed = {}
+
+    def parent_call(self, hidden_states, input_batch, draft_logits=None):
+        handed["hidden"], handed["batch"] = hidden_states, input_batch
+        return "vllm-path"
+
+    monkeypatch.setattr(p["layout"].DiffusionSampler, "__call__", parent_call)
+    monkeypatch.setattr(type(sampler), "_fused_call", lambda *a: pytest.fail("took the fused path"))
+    assert sampler(h, batch) == "vllm-path"
+    assert handed["hidden"] is h and handed["batch"] is batch
+    assert model.sample_hidden is None and model.logits_placeholder is None
+    _add(p, 1)
