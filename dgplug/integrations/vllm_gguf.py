@@ -1,6 +1,6 @@
 """GGUF in vLLM: `vllm serve DIR --load-format dgplug-gguf` with dgplug's model class.
 
-vLLM 0.32 has no GGUF loader of its own. dgplug's plugin registers the load format
+vLLM 0.32 to 0.34 have no GGUF loader of their own. dgplug's plugin registers the load format
 ``dgplug-gguf``: the weights come from the one ``.gguf`` file in DIR through
 ``converters.gguf_import.iter_hf_tensors(packed=True)`` into the model's ``load_weights``, so the
 expert stacks stay in their ggml blocks (decoded inside dgplug's MoE) and the other tensors are

