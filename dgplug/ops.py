@@ -322,8 +322,9 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def soft_embedding(scaled_logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-    """Self-conditioning soft embedding: softmax(l cast to the table dtype) @ E, unscaled."""
-    probs = torch.softmax(scaled_logits.to(embedding.dtype), dim=-1, dtype=torch.float32).to(embedding.dtype)
+    """Self-conditioning soft embedding: softmax(l) in fp32, cast to the table dtype, @ E, unscaled
+    (transformers' expression: the logits as given, in generation already in the table's dtype)."""
+    probs = torch.softmax(scaled_logits, dim=-1, dtype=torch.float32).to(embedding.dtype)
     if not upcast_16bit(embedding):
         return torch.matmul(probs, embedding)
     # fp32 accumulation over vocabulary blocks upcast at use, rounded once at the end

@@ -174,6 +174,21 @@ def test_bf16_logits_close(tmp_path_factory):
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
+def test_bf16_self_conditioning_logits_as_given(tmp_path_factory):
+    """fp32 self-conditioning logits into a bf16 model: softmax of the logits as given, as
+    transformers (dgplug rounded them to bf16 first)."""
+    path, hf, dg = _pair(tmp_path_factory, "mixed", dtype=torch.bfloat16, qk_norm_scale=0.25)
+    C = dg.cfg.canvas_length
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(5, 500, (2, 12), generator=g)
+    canvas = torch.randint(0, 512, (2, C), generator=g)
+    sc = torch.randn(2, C, 512, generator=g) * 6
+    with torch.no_grad():
+        a = hf(input_ids=ids, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
+        b = dg(input_ids=ids, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
+    assert (a - b).abs().max().item() < 0.05  # the old rounding: 1.37
+
+
 @pytest.fixture(scope="module", params=["no-ids", "no-file"])
 def without_special_ids(request, tmp_path_factory):
     """A checkpoint whose generation config names no pad/eos ids (or that has none at all), as
