@@ -46,6 +46,10 @@ class TextConfig:
     rope_theta_full: float = 1_000_000.0
     partial_rotary_factor_full: float = 0.25
     rope_type_full: str = "proportional"
+    rope_type_sliding: str = "default"
+    partial_rotary_factor_sliding: float = 1.0
+    rope_factor_sliding: float = 1.0  # "linear" and "proportional" divide the frequencies by `factor`
+    rope_factor_full: float = 1.0
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: float = 30.0
     max_position_embeddings: int = 131_072
@@ -74,6 +78,15 @@ class Config:
         d = asdict(self)
         d.pop("raw")
         return d
+
+
+ROPE_TYPES = ("default", "linear", "proportional")  # transformers' RoPE kinds that dgplug computes
+
+
+def _rope_factor(params: dict) -> float:
+    """The `factor` the frequencies are divided by: transformers' "linear" and "proportional" use it,
+    "default" ignores it."""
+    return float(params.get("factor") or 1.0) if params.get("rope_type") in ("linear", "proportional") else 1.0
 
 
 def _full_layer_override(tc: dict, key: str):
@@ -133,6 +146,10 @@ def from_dict(raw: dict, source: str = "config.json") -> Config:
             rope_theta_full=float(full.get("rope_theta", 1_000_000.0)),
             partial_rotary_factor_full=float(full.get("partial_rotary_factor", 1.0 if full else 0.25)),
             rope_type_full=str(full.get("rope_type", "proportional")),
+            rope_type_sliding=str(sliding.get("rope_type", "default")),
+            partial_rotary_factor_sliding=float(sliding.get("partial_rotary_factor", 1.0)),
+            rope_factor_sliding=_rope_factor(sliding),
+            rope_factor_full=_rope_factor(full),
             rms_norm_eps=float(tc.get("rms_norm_eps", 1e-6)),
             final_logit_softcapping=float(tc.get("final_logit_softcapping") or 30.0),
             max_position_embeddings=int(tc.get("max_position_embeddings", 131_072)),
@@ -147,6 +164,10 @@ def from_dict(raw: dict, source: str = "config.json") -> Config:
         raise CheckpointError(f"{source}: hidden_activation {text.hidden_activation!r} is not supported")
     if tc.get("use_bidirectional_attention") == "all":
         raise CheckpointError(f"{source}: use_bidirectional_attention='all' is not supported")
+    for kind, t in (("sliding_attention", text.rope_type_sliding), ("full_attention", text.rope_type_full)):
+        if t not in ROPE_TYPES:  # yarn, llama3, dynamic, longrope: not implemented, never silently dropped
+            raise CheckpointError(f"{source}: rope_parameters[{kind!r}] has rope_type {t!r}; dgplug implements "
+                                  f"{', '.join(ROPE_TYPES)}")
     for i, t in enumerate(text.layer_types):
         if t not in ("sliding_attention", "full_attention"):
             raise CheckpointError(f"{source}: layer_types[{i}] = {t!r} is unknown")

@@ -197,19 +197,23 @@ class Layer(nn.Module):
 
 
 def inv_freq(tc: TextConfig, sliding: bool) -> torch.Tensor:
-    """RoPE inverse frequencies, fp32 on the CPU whatever the ambient device (on meta, arange would import
-    torch._dynamo: seconds of every load)."""
+    """RoPE inverse frequencies as transformers' rope_type of the layer kind computes them, fp32 on the CPU
+    whatever the ambient device (on meta, arange would import torch._dynamo: seconds of every load)."""
     cpu = torch.device("cpu")
     if sliding:
-        dim = tc.head_dim
-        return 1.0 / (tc.rope_theta_sliding ** (torch.arange(0, dim, 2, dtype=torch.float, device=cpu) / dim))
-    d = tc.global_head_dim
-    if tc.rope_type_full == "proportional":  # rotate the first fraction of pairs, leave the rest still
-        angles = int(tc.partial_rotary_factor_full * d // 2)
-        rot = 1.0 / (tc.rope_theta_full ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64, device=cpu).float() / d))
-        return torch.cat([rot, torch.zeros(d // 2 - angles, device=cpu)])
-    dim = int(d * tc.partial_rotary_factor_full)
-    return 1.0 / (tc.rope_theta_full ** (torch.arange(0, dim, 2, dtype=torch.float, device=cpu) / dim))
+        d, theta, kind, prf, factor = (tc.head_dim, tc.rope_theta_sliding, tc.rope_type_sliding,
+                                       tc.partial_rotary_factor_sliding, tc.rope_factor_sliding)
+    else:
+        d, theta, kind, prf, factor = (tc.global_head_dim, tc.rope_theta_full, tc.rope_type_full,
+                                       tc.partial_rotary_factor_full, tc.rope_factor_full)
+    if kind == "proportional":  # rotate the first fraction of pairs, leave the rest still
+        angles = int(prf * d // 2)
+        rot = 1.0 / (theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64, device=cpu).float() / d))
+        inv = torch.cat([rot, torch.zeros(d // 2 - angles, device=cpu)])
+    else:  # "default", "linear"
+        dim = int(d * prf)
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=cpu) / dim))
+    return inv / factor if factor != 1.0 else inv
 
 
 def rope_tables(pos, inv_sliding, inv_full, dtype) -> dict:

@@ -570,6 +570,21 @@ def test_bad_quant_and_missing_tensor(ckpt, tmp_path):
         ge.plan_export(src, "Q8_0")
 
 
+
+def test_rope_without_gguf_form_refused(ckpt, tmp_path):
+    """RoPE settings the GGUF keys cannot carry (a factor, other kinds): one error, not a file
+    whose positions differ from the checkpoint's."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in Path(ckpt).iterdir():
+        if p.name != "config.json":
+            os.symlink(p, src / p.name)
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    cfg["text_config"]["rope_parameters"]["full_attention"]["factor"] = 8.0
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="rope_parameters"):
+        ge.plan_export(src, "Q8_0")
+
 # ---------------------------------------------------------------------------------------------
 # Malformed GGUF files
 # ---------------------------------------------------------------------------------------------

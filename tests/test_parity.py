@@ -60,6 +60,41 @@ def test_logits_fp32(pair):
             assert _fp32_close(a, b)
 
 
+ROPE_SLIDING = {"rope_type": "default", "rope_theta": 10000.0}
+ROPE_FULL = {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}
+
+
+@pytest.mark.parametrize("sliding, full", [
+    (ROPE_SLIDING, dict(ROPE_FULL, factor=4.0)),
+    ({"rope_type": "linear", "factor": 2.0, "rope_theta": 100.0}, {"rope_type": "linear", "factor": 3.0, "rope_theta": 1e4}),
+    ({"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 500.0}, ROPE_FULL),
+], ids=["proportional-factor", "linear", "sliding-proportional"])
+def test_logits_fp32_rope_parameters(tmp_path_factory, sliding, full):
+    """RoPE kinds and factors transformers computes, on both layer kinds (dgplug used to read only
+    rope_theta, and partial_rotary_factor of the full layers: the rest was dropped silently)."""
+    rope = {"sliding_attention": sliding, "full_attention": full}
+    path = make_checkpoint(tmp_path_factory.mktemp("rope") / "ckpt", text=tiny_text_config(rope_parameters=rope),
+                           canvas_length=8)
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path, experts_implementation="eager").eval()
+    dg = dgplug.load(path)
+    g = torch.Generator().manual_seed(1)
+    ids, canvas = torch.randint(5, 500, (2, 20), generator=g), torch.randint(0, 512, (2, 8), generator=g)
+    with torch.no_grad():
+        assert _fp32_close(hf(input_ids=ids, decoder_input_ids=canvas).logits,
+                           dg(input_ids=ids, decoder_input_ids=canvas).logits)
+
+
+def test_unsupported_rope_type_refused(tmp_path_factory):
+    from dgplug.errors import CheckpointError
+
+    rope = {"sliding_attention": ROPE_SLIDING, "full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                                                  "original_max_position_embeddings": 1024}}
+    path = make_checkpoint(tmp_path_factory.mktemp("yarn") / "ckpt", text=tiny_text_config(rope_parameters=rope),
+                           canvas_length=8, tokenizer=False)
+    with pytest.raises(CheckpointError, match="rope_type 'yarn'"):
+        dgplug.load(path)
+
+
 def test_logits_fp32_left_padding(pair):
     _, hf, dg = pair
     C = dg.cfg.canvas_length

@@ -653,6 +653,11 @@ def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False,
     cfg = load_config(src)
     refuse_quantized(cfg.raw, src / "config.json")
     tc = cfg.text
+    if (tc.rope_type_full, tc.rope_type_sliding, tc.rope_factor_full, tc.rope_factor_sliding) != (
+            "proportional", "default", 1.0, 1.0):  # what the GGUF's rope keys and rope_freqs can say
+        raise CheckpointError(f"{src / 'config.json'}: rope_parameters (full {tc.rope_type_full!r}, sliding "
+                              f"{tc.rope_type_sliding!r}, factors {tc.rope_factor_full}, {tc.rope_factor_sliding}) "
+                              f"have no GGUF form; the release's are proportional / default without factor")
     st = read_index(src)
     items = [PlanItem(ROPE_FREQS_GGUF, (tc.global_head_dim // 2,), T.F32, None, rope_freqs(tc))]
     missing = []
