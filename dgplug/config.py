@@ -109,11 +109,18 @@ def from_dict(raw: dict, source: str = "config.json") -> Config:
     tc = raw.get("text_config")
     if not isinstance(tc, dict):
         raise CheckpointError(f"{source}: missing text_config")
+    for key, what in ((raw.get("tie_word_embeddings") is False, "tie_word_embeddings=false (separate encoder, decoder "
+                       "and lm_head weights)"), (bool(tc.get("attention_bias")), "attention_bias=true")):
+        if key:
+            raise CheckpointError(f"{source}: {what} is not supported")
     try:
         n = int(tc["num_hidden_layers"])
         layer_types = tc.get("layer_types") or [
             "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)
         ]
+        if layer_types[-1] != "full_attention":  # as transformers: the last layer is always full
+            layer_types = [*layer_types[:-1], "full_attention"]
+            tc = dict(tc, layer_types=layer_types)
         # transformers writes a full layer's head_dim into per_layer_config only when it differs
         # (an empty {} when no layer differs, as in the Sudoku model, whose full layers keep 32);
         # with no per_layer_config at all, its class default (512) applies

@@ -61,6 +61,40 @@ def test_not_diffusiongemma(tiny_ckpt, tmp_path):
         dgplug.load(d)
 
 
+def _edit_config(d, fn):
+    cfg = json.loads((d / "config.json").read_text())
+    fn(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_last_layer_is_full_as_in_transformers(tiny_ckpt, tmp_path):
+    """A config.json whose last layer says sliding: transformers makes it full (with a warning) and
+    loads the checkpoint; dgplug did not ("missing tensor ...layers.3.self_attn.v_proj.weight")."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    d = _copy(tiny_ckpt, tmp_path)
+    _edit_config(d, lambda c: c["text_config"]["layer_types"].__setitem__(-1, "sliding_attention"))
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(d, experts_implementation="eager").eval()
+    dg = dgplug.load(d)
+    assert dg.tc.layer_types == hf.config.text_config.layer_types
+    ids, canvas = torch.randint(5, 500, (1, 12)), torch.randint(0, 512, (1, dg.cfg.canvas_length))
+    with torch.no_grad():
+        a = hf(input_ids=ids, decoder_input_ids=canvas).logits
+        b = dg(input_ids=ids, decoder_input_ids=canvas).logits
+    assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+
+
+@pytest.mark.parametrize("key, where, value", [("tie_word_embeddings", None, False),
+                                               ("attention_bias", "text_config", True)])
+def test_unsupported_config_options_named(tiny_ckpt, tmp_path, key, where, value):
+    """Options that change the weights dgplug would not read (untied encoder/decoder/lm_head, biases):
+    one error naming the option, not a model that ignores it or a complaint about tensors."""
+    d = _copy(tiny_ckpt, tmp_path)
+    _edit_config(d, lambda c: (c[where] if where else c).__setitem__(key, value))
+    with pytest.raises(CheckpointError, match=f"{key}=.* is not supported"):
+        dgplug.load(d)
+
+
 def _rewrite(d, fn):
     f = d / "model.safetensors"
     tensors = load_file(f)
