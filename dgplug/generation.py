@@ -48,7 +48,13 @@ class GenerateOutput:
 
 
 def _setting(value, defaults: dict, key: str):
-    return defaults[key] if value is None else value
+    return defaults[key] if value is None or value is UNSET else value
+
+
+# The default of the arguments that an explicit None turns off, as in transformers' generate (its
+# kwargs override the generation config, None included): t_min / t_max (no temperature),
+# stability_threshold / confidence_threshold (no stop test), eos_token_id, pad_token_id.
+UNSET = object()
 
 
 def _transformers_threads_for_transformers_rng(fn):
@@ -92,11 +98,11 @@ def _check_inputs(input_ids, attention_mask, decoder_input_ids, locked, C: int) 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int | None = None, max_denoising_steps: int | None = None,
-             entropy_bound: float | None = None, t_min: float | None = None, t_max: float | None = None,
-             stability_threshold: int | None = None, confidence_threshold: float | None = None,
-             rng: str = "counter", seed: int | None = None, on_step: Callable[[StepInfo], None] | None = None,
-             decoder_input_ids: torch.Tensor | None = None, locked: torch.Tensor | None = None,
-             logits_processor=None, eos_token_id=None, pad_token_id=None) -> GenerateOutput:
+             entropy_bound: float | None = None, t_min=UNSET, t_max=UNSET, stability_threshold=UNSET,
+             confidence_threshold=UNSET, rng: str = "counter", seed: int | None = None,
+             on_step: Callable[[StepInfo], None] | None = None, decoder_input_ids: torch.Tensor | None = None,
+             locked: torch.Tensor | None = None, logits_processor=None, eos_token_id=UNSET,
+             pad_token_id=UNSET) -> GenerateOutput:
     """Generate with the EntropyBound sampler; defaults come from the checkpoint's generation_config.json.
 
     rng="transformers": transformers' order of draws from torch's global generator (seed it with
@@ -105,17 +111,22 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     counter-based generator keyed by (seed, step, position, token); `seed=None` draws a seed from
     torch's global generator. decoder_input_ids: the first canvas to start from; locked [B, L]:
     positions of that canvas that are kept as they are and never re-noised (in-line editing).
+    Settings not given come from generation_config.json; as in transformers, an explicit None turns
+    off the temperature (t_min or t_max), the stop test (stability_threshold or confidence_threshold),
+    EOS or padding.
     """
     d = model.generation_defaults
     tc, C = model.tc, model.cfg.canvas_length
     max_new_tokens = _setting(max_new_tokens, d, "max_new_tokens")
     N = _setting(max_denoising_steps, d, "max_denoising_steps")
     bound = float(_setting(entropy_bound, d, "entropy_bound"))
-    t_min, t_max = float(_setting(t_min, d, "t_min")), float(_setting(t_max, d, "t_max"))
-    stability = int(_setting(stability_threshold, d, "stability_threshold"))
-    confidence = float(_setting(confidence_threshold, d, "confidence_threshold"))
-    eos = eos_token_id if eos_token_id is not None else special_token_id(d, "eos_token_id")
-    pad = pad_token_id if pad_token_id is not None else special_token_id(d, "pad_token_id")
+    scaled = t_min is not None and t_max is not None
+    t_min, t_max = (float(_setting(t_min, d, "t_min")), float(_setting(t_max, d, "t_max"))) if scaled else (1.0, 1.0)
+    stops = stability_threshold is not None and confidence_threshold is not None
+    stability = int(_setting(stability_threshold, d, "stability_threshold")) if stops else 0
+    confidence = float(_setting(confidence_threshold, d, "confidence_threshold")) if stops else float("-inf")
+    eos = eos_token_id if eos_token_id is not UNSET else special_token_id(d, "eos_token_id")
+    pad = pad_token_id if pad_token_id is not UNSET else special_token_id(d, "pad_token_id")
     if rng not in ("counter", "transformers"):
         raise InputError(f"rng={rng!r}: use 'counter' or 'transformers'")
     _check_inputs(input_ids, attention_mask, decoder_input_ids, locked, C)
@@ -123,7 +134,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise InputError(f"input_ids hold ids outside the vocabulary [0, {tc.vocab_size})")
     if model.cfg.image_token_id is not None and bool((input_ids == model.cfg.image_token_id).any()):
         raise InputError("image tokens in input_ids: dgplug runs the text model only (see README: Images)")
-    if not (N > 0 and max_new_tokens > 0 and t_max > t_min >= 0):
+    if not (N > 0 and max_new_tokens > 0 and (t_max > t_min >= 0 or not scaled)):
         raise InputError(f"bad sampler settings: steps={N}, max_new_tokens={max_new_tokens}, t_min={t_min}, t_max={t_max}")
 
     device = model.device

@@ -192,6 +192,24 @@ def test_generate_stop_test_fires(tmp_path_factory):
     assert float(b.tokens_per_forward[0]) != float(b.tokens_per_forward[1])
 
 
+def test_generate_explicit_none_turns_options_off(tmp_path_factory):
+    """generate(..., x=None) as transformers' generate: None overrides the generation config, so the
+    stop test (stability_threshold / confidence_threshold), the temperature (t_min / t_max) and the
+    padding after EOS are off (dgplug read None as "the generation config's value")."""
+    _, hf, dg = _pair(tmp_path_factory, "mixed", peaked=2.0, damp=0.02)  # a stop test that fires
+    C = dg.cfg.canvas_length
+    ids = torch.randint(5, 500, (2, 7), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=2 * C, max_denoising_steps=6)
+    eos = int(_generate_both(hf, dg, ids, seed=3, **kw)[0].sequences[0, 7 + C // 2])
+    for off in ({"stability_threshold": None}, {"confidence_threshold": None}, {"t_min": None, "t_max": None},
+                {"eos_token_id": [eos], "pad_token_id": None}, {"eos_token_id": None}):
+        a, b = _generate_both(hf, dg, ids.clone(), seed=3, **kw, **off)
+        assert torch.equal(a.sequences, b.sequences), off
+        assert torch.equal(a.tokens_per_forward.float(), b.tokens_per_forward.float()), off
+    out = dg.generate(ids, **kw, stability_threshold=None, t_min=None, pad_token_id=None, seed=1)  # the fused path
+    assert bool((out.forwards == 12).all())  # no row stopped early
+
+
 def test_bf16_logits_close(tmp_path_factory):
     """bf16 on CPU: within 0.05 absolute (logits span ~±5) and cosine > 0.9999 of transformers' bf16."""
     path, hf, dg = _pair(tmp_path_factory, "mixed", dtype=torch.bfloat16, qk_norm_scale=0.25)
