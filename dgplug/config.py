@@ -239,7 +239,7 @@ def load_generation_defaults(path: str | Path) -> dict:
     for k in ("max_new_tokens", "max_denoising_steps", "t_min", "t_max", "stability_threshold", "confidence_threshold"):
         if g.get(k) is not None:
             out[k] = g[k]
-    for k in ("eos_token_id", "pad_token_id", "bos_token_id"):
+    for k in ("eos_token_id", "pad_token_id", "bos_token_id", "max_length"):
         if g.get(k) is not None:
             out[k] = g[k]
     return out

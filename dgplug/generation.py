@@ -97,7 +97,7 @@ def _check_inputs(input_ids, attention_mask, decoder_input_ids, locked, C: int) 
 @_transformers_threads_for_transformers_rng
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             max_new_tokens: int | None = None, max_denoising_steps: int | None = None,
+             max_new_tokens: int | None = None, max_length: int | None = None, max_denoising_steps: int | None = None,
              entropy_bound: float | None = None, t_min=UNSET, t_max=UNSET, stability_threshold=UNSET,
              confidence_threshold=UNSET, rng: str = "counter", seed: int | None = None,
              on_step: Callable[[StepInfo], None] | None = None, decoder_input_ids: torch.Tensor | None = None,
@@ -111,9 +111,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     counter-based generator keyed by (seed, step, position, token); `seed=None` draws a seed from
     torch's global generator. decoder_input_ids: the first canvas to start from; locked [B, L]:
     positions of that canvas that are kept as they are and never re-noised (in-line editing).
-    Settings not given come from generation_config.json; as in transformers, an explicit None turns
-    off the temperature (t_min or t_max), the stop test (stability_threshold or confidence_threshold),
-    EOS or padding.
+    max_length (argument or generation config): the length at which rows end; it sets the number of
+    new tokens where max_new_tokens is 256, as in transformers. Settings not given come from
+    generation_config.json; as in transformers, an explicit None turns off the temperature (t_min or
+    t_max), the stop test (stability_threshold or confidence_threshold), EOS or padding.
     """
     d = model.generation_defaults
     tc, C = model.tc, model.cfg.canvas_length
@@ -130,6 +131,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if rng not in ("counter", "transformers"):
         raise InputError(f"rng={rng!r}: use 'counter' or 'transformers'")
     _check_inputs(input_ids, attention_mask, decoder_input_ids, locked, C)
+    max_length = max_length if max_length is not None else d.get("max_length")
+    if max_length and max_new_tokens == 256:  # transformers' rule: max_length counts only against 256
+        max_new_tokens = max_length - input_ids.shape[-1]
     if int(input_ids.max()) >= tc.vocab_size or int(input_ids.min()) < 0:
         raise InputError(f"input_ids hold ids outside the vocabulary [0, {tc.vocab_size})")
     if model.cfg.image_token_id is not None and bool((input_ids == model.cfg.image_token_id).any()):
@@ -143,7 +147,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     eos_t = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=device) if eos is not None else None
     mask = attention_mask.to(device).bool() if attention_mask is not None else None
     padded = mask is not None and not bool(mask.all())
-    max_length = L0 + max_new_tokens
+    max_length = max_length or L0 + max_new_tokens  # rows end once the sequence is that long
     fused = rng == "counter" and logits_processor is None
     gen = None
     if rng == "counter":

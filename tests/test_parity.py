@@ -210,6 +210,19 @@ def test_generate_explicit_none_turns_options_off(tmp_path_factory):
     assert bool((out.forwards == 12).all())  # no row stopped early
 
 
+def test_generate_max_length_as_transformers(tmp_path_factory):
+    """max_length, from generation_config.json or the call, as transformers' generate: it sets the
+    new tokens where max_new_tokens is 256, and rows end once that long (dgplug ignored it: 256 new
+    tokens, 32 canvases of the tiny model, where transformers made 2)."""
+    _, hf, dg = _pair(tmp_path_factory, "mixed", generation={"max_new_tokens": None, "max_length": 30})
+    C = dg.cfg.canvas_length
+    ids = torch.randint(5, 500, (2, 9), generator=torch.Generator().manual_seed(2))
+    for kw in ({}, {"max_new_tokens": 3 * C}, {"max_length": 40, "max_new_tokens": 256}):
+        a, b = _generate_both(hf, dg, ids, max_denoising_steps=2, eos_token_id=None, **kw)
+        assert a.sequences.shape[1] < 9 + 3 * C and torch.equal(a.sequences, b.sequences), kw
+        assert torch.equal(a.tokens_per_forward.float(), b.tokens_per_forward.float())
+
+
 def test_bf16_logits_close(tmp_path_factory):
     """bf16 on CPU: within 0.05 absolute (logits span ~±5) and cosine > 0.9999 of transformers' bf16."""
     path, hf, dg = _pair(tmp_path_factory, "mixed", dtype=torch.bfloat16, qk_norm_scale=0.25)
