@@ -477,17 +477,22 @@ def test_deterministic_and_worker_independent(ckpt, exported, tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf"]
 
 
-def _with_generation_config(ckpt, tmp_path, **changes) -> Path:
-    """The checkpoint (linked) with its generation_config.json changed."""
+def _with_json(ckpt, tmp_path, name: str, change) -> Path:
+    """The checkpoint (linked) with its JSON file `name` changed by change(dict) in place."""
     src = tmp_path / "src"
     src.mkdir()
     for p in Path(ckpt).iterdir():
-        if p.name != "generation_config.json":
+        if p.name != name:
             os.symlink(p, src / p.name)
-    g = json.loads((Path(ckpt) / "generation_config.json").read_text())
-    g.update(changes)
-    (src / "generation_config.json").write_text(json.dumps(g))
+    g = json.loads((Path(ckpt) / name).read_text())
+    change(g)
+    (src / name).write_text(json.dumps(g))
     return src
+
+
+def _with_generation_config(ckpt, tmp_path, **changes) -> Path:
+    """The checkpoint (linked) with its generation_config.json changed."""
+    return _with_json(ckpt, tmp_path, "generation_config.json", lambda g: g.update(changes))
 
 
 def test_null_generation_values_take_released_defaults(ckpt, tmp_path):
@@ -574,14 +579,8 @@ def test_bad_quant_and_missing_tensor(ckpt, tmp_path):
 def test_rope_without_gguf_form_refused(ckpt, tmp_path):
     """RoPE settings the GGUF keys cannot carry (a factor, other kinds): one error, not a file
     whose positions differ from the checkpoint's."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for p in Path(ckpt).iterdir():
-        if p.name != "config.json":
-            os.symlink(p, src / p.name)
-    cfg = json.loads((Path(ckpt) / "config.json").read_text())
-    cfg["text_config"]["rope_parameters"]["full_attention"]["factor"] = 8.0
-    (src / "config.json").write_text(json.dumps(cfg))
+    src = _with_json(ckpt, tmp_path, "config.json",
+                     lambda c: c["text_config"]["rope_parameters"]["full_attention"].update(factor=8.0))
     with pytest.raises(CheckpointError, match="rope_parameters"):
         ge.plan_export(src, "Q8_0")
 
