@@ -155,6 +155,30 @@ def test_inputs_the_kernels_do_not_take_go_to_the_twins():
     assert got[0].dtype == torch.float32 and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+def test_strided_norm_weights_and_a_per_channel_scalar():
+    """A norm weight that is a strided view (a column of a [N, 2] tensor) is read element by element as
+    the twin reads it, not at w_ptr + i; a layer scalar of more than one element broadcasts (the twin)."""
+    x, a, d, m = (rnd(3, 40, seed=s) for s in (30, 31, 32, 33))
+    w, w1, w2 = (rnd(40, 2, seed=s)[:, 1] for s in (34, 35, 36))
+    assert not w.is_contiguous()
+    assert_close(N.rms_norm(x, w, EPS, impl="triton"), ops.rms_norm_reference(x, w, EPS), torch.float32)
+    for got, want in zip(N.post_attention(a, x, w, w1, w2, EPS, impl="triton"),
+                         ops.post_attention_reference(a, x, w, w1, w2, EPS), strict=True):
+        assert_close(got, want, torch.float32)
+    s1 = rnd(1, seed=37)
+    assert_close(N.layer_out(x, d, m, w1, w2, w, s1, EPS, impl="triton"),
+                 ops.layer_out_reference(x, d, m, w1, w2, w, s1, EPS), torch.float32)
+    s40 = rnd(40, seed=38)  # per channel: the twin's broadcast, not s40[0] everywhere
+    assert torch.equal(N.layer_out(x, d, m, w1, w2, w, s40, EPS, impl="triton"),
+                       ops.layer_out_reference(x, d, m, w1, w2, w, s40, EPS))
+    q, k = rnd(1, 3, 2, 32, seed=39), rnd(1, 3, 1, 32, seed=40)
+    wq, wk = rnd(32, 3, seed=41)[:, 0], rnd(32, 3, seed=42)[:, 2]
+    cos, sin = rnd(3, 32, seed=43), rnd(3, 32, seed=44)
+    got = N.qkv_heads(q, k, k, wq, wk, EPS, cos, sin, impl="triton")
+    for g, want in zip(got, ops.qkv_heads_reference(q, k, k, wq, wk, EPS, cos, sin), strict=True):
+        assert_close(g, want, torch.float32)
+
+
 def test_model_through_the_glue_kernels(monkeypatch, tmp_path):
     """A tiny model with its glue on the Triton kernels (the interpreter on a CPU) gives the logits
     of the same model on the references, and every layer went through the kernels."""

@@ -25,7 +25,8 @@ from the twins only in the fp32 scale 1/sqrt(mean(x^2) + eps): the order of the 
 and on a GPU the last bits of Triton's fast sqrt and division (the twin's own CUDA rsqrt is not
 correctly rounded either). In the interpreter the fp16 outputs equal the twins' bit for bit.
 Inputs the model never passes (a residual, dense or MoE branch of another shape or dtype, cos/sin
-other than [L, d] in x's dtype) go to the twin.
+other than [L, d] in x's dtype, a layer scalar of more than one element) go to the twin; a
+strided norm weight is read through a contiguous copy.
 
 One program per row (a token's hidden vector, or one head of it); the row lives in registers
 (BLOCK = the next power of two of its length). impl: None picks Triton for CUDA tensors (the
@@ -193,6 +194,11 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _vec(w: torch.Tensor) -> torch.Tensor:
+    """A norm weight as the kernels read it, element i at w_ptr + i (a strided view is copied)."""
+    return w if w.is_contiguous() else w.contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, residual: torch.Tensor | None = None,
              impl: str | None = None) -> torch.Tensor:
     """residual + rms_norm(x) * weight (no residual: the norm alone; no weight: no scale)."""
@@ -206,7 +212,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, residu
     o2 = out.view(-1, x.shape[-1])
     n = x.shape[-1]
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, weight if weight is not None else x2, r2, o2, n, x2.stride(0), r2.stride(0), o2.stride(0), eps,
+        x2, _vec(weight) if weight is not None else x2, r2, o2, n, x2.stride(0), r2.stride(0), o2.stride(0), eps,
         HAS_W=weight is not None, HAS_R=residual is not None, BLOCK=_block(n), num_warps=4 if n > 1024 else 1)
     return out
 
@@ -237,7 +243,7 @@ def qkv_heads(q, k, v, wq, wk, eps: float, cos=None, sin=None, *, out=None, impl
     if rope:
         cos, sin = cos.contiguous(), sin.contiguous()
     _qkv_heads_kernel[(B * L * (HQ + 2 * HK),)](
-        q3, k3, v3, wq, wk, cos if rope else q3, sin if rope else q3, qo, ko, vo, HQ, HK, L, D,
+        q3, k3, v3, _vec(wq), _vec(wk), cos if rope else q3, sin if rope else q3, qo, ko, vo, HQ, HK, L, D,
         q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(2), ko.stride(1),
         vo.stride(0), vo.stride(2), vo.stride(1), cos.stride(0) if rope else 0, eps,
@@ -249,14 +255,15 @@ def layer_out(x, dense, moe, w1, w2, w, scalar, eps: float, *, impl: str | None 
     """The end of a decoder layer: (x + norm(norm(dense) * w1 + norm(moe) * w2) * w) * scalar."""
     from dgplug import ops
 
-    if pick_impl(x, impl) == "torch" or scalar.dtype != x.dtype or not (_same(dense, x) and _same(moe, x)):
+    if pick_impl(x, impl) == "torch" or scalar.dtype != x.dtype or scalar.numel() != 1 \
+            or not (_same(dense, x) and _same(moe, x)):
         return ops.layer_out_reference(x, dense, moe, w1, w2, w, scalar, eps)
     x2, d2, m2 = _rows(x), _rows(dense), _rows(moe)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     o2 = out.view(-1, x.shape[-1])
     n = x.shape[-1]
     _layer_out_kernel[(x2.shape[0],)](
-        x2, d2, m2, w1, w2, w, scalar, o2, n, x2.stride(0), d2.stride(0), m2.stride(0), o2.stride(0), eps,
+        x2, d2, m2, _vec(w1), _vec(w2), _vec(w), scalar, o2, n, x2.stride(0), d2.stride(0), m2.stride(0), o2.stride(0), eps,
         BLOCK=_block(n), num_warps=4 if n > 1024 else 1)
     return out
 
@@ -273,7 +280,7 @@ def post_attention(attn, x, w, w1, w2, eps: float, *, impl: str | None = None):
     o2 = [o.view(-1, x.shape[-1]) for o in outs]
     n = x.shape[-1]
     _post_attention_kernel[(x2.shape[0],)](
-        a2, x2, w, w1, w2, *o2, n, a2.stride(0), x2.stride(0), o2[0].stride(0), eps,
+        a2, x2, _vec(w), _vec(w1), _vec(w2), *o2, n, a2.stride(0), x2.stride(0), o2[0].stride(0), eps,
         BLOCK=_block(n), num_warps=4 if n > 1024 else 1)
     return tuple(outs)
 
