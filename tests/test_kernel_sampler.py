@@ -198,6 +198,32 @@ def test_peaked_distribution(impl):
     assert float(out.entropy.max()) < 1e-3
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_tiny_temperature_keeps_the_bf16_soft_embedding_finite(impl):
+    """At T = 1e-4, l = softcap * tanh(.) / T reaches ~1e5, where a bf16 step of l' is 512: the soft
+    weights exp(l' - m) taken against the fp32 max m overflowed (inf, then a NaN soft embedding).
+    The reference, softmax(l') @ E, is finite; the weights are now taken against m rounded as l'."""
+    h, table, _ = _case(n=3, vocab=100, d=16, dtype=torch.bfloat16, scale=1.0)
+    ref = head_sample_reference(h, table, temperature=1e-4)
+    assert torch.isfinite(ref.soft).all()
+    out = _run(impl, h, table, temperature=1e-4, vocab_tile=32, **({"chunk": 64} if impl == "triton" else {}))
+    assert torch.isfinite(out.soft).all()
+    torch.testing.assert_close(out.soft, ref.soft, atol=1e-2, rtol=0)
+    assert torch.equal(out.argmax, ref.argmax)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_no_rows(impl):
+    """h [0, D] (a batch with no rows left): empty results, as the reference (was a ZeroDivisionError)."""
+    h, table, _ = _case(n=0, vocab=50, d=16)
+    ref = head_sample_reference(h, table)
+    for want_soft in (True, False):
+        out = _run(impl, h, table, want_soft=want_soft)
+        assert out.token.shape == out.argmax.shape == out.entropy.shape == (0,)
+        assert out.token.dtype == ref.token.dtype and out.entropy.dtype == ref.entropy.dtype
+        assert (out.soft is None) if not want_soft else out.soft.shape == ref.soft.shape
+
+
 # ------------------------------------------------------------------------------ invariances
 
 

@@ -21,9 +21,12 @@ not depend on the tile size, the grid, the vocabulary split or the implementatio
 normaliser, the entropy and the soft embedding are accumulated with an online log-sum-exp:
 a running max m per row and sums relative to it, rescaled when m moves (flash-attention style):
 
-    z  = sum exp(l - m)              z' = sum exp(l' - m)
+    z  = sum exp(l - m)              z' = sum exp(l' - m')
     t1 = sum exp(l - m) (l - m)      entropy = log z - t1 / z
-    s  = sum exp(l' - m) E_v         soft    = s / z'
+    s  = sum exp(l' - m') E_v        soft    = s / z'
+
+m' is m rounded to E's dtype as l' is, and m also moves when the rounded maxima outgrow m' (at a
+tiny temperature a 16-bit rounding step of l can exceed 88: exp(l' - m) was inf, soft NaN).
 
 Three implementations, one semantics:
   * `_head_sample_triton` (GPU): the vocabulary in chunks; per chunk two fp32-output tensor-core
@@ -178,6 +181,13 @@ def _row_temperature(temperature, n: int, device) -> torch.Tensor:
 def _round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x (fp32) rounded to `dtype` (round to nearest even) and back to fp32."""
     return x if dtype == torch.float32 else x.to(dtype).float()
+
+
+def _no_rows(h: torch.Tensor, want_soft: bool) -> HeadSample:
+    """The result for h with no rows (N = 0), as the reference gives it."""
+    empty = torch.empty(0, dtype=torch.long, device=h.device)
+    return HeadSample(token=empty, argmax=empty.clone(), entropy=torch.empty(0, device=h.device),
+                      soft=torch.empty(0, h.shape[1], device=h.device) if want_soft else None)
 
 
 def _check(h: torch.Tensor, embedding: torch.Tensor):
@@ -337,7 +347,8 @@ def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, 
     m = torch.full((rows,), float("-inf"), **f32)  # reference max; may trail the true max by <= 8
     z = torch.zeros(rows, **f32)  # sum exp(l - m)
     t1 = torch.zeros(rows, **f32)  # sum exp(l - m) (l - m)
-    z_soft = z if exact_soft else torch.zeros(rows, **f32)  # sum exp(l' - m)
+    z_soft = z if exact_soft else torch.zeros(rows, **f32)  # sum exp(l' - m_soft)
+    m_soft = m  # m rounded to the table's dtype: the soft weights' reference (l' <= m_soft + 8)
     top_val = torch.full((rows,), float("-inf"), **f32)
     top_idx = torch.zeros(rows, dtype=torch.long, device=dev)
     best = torch.full((rows,), float("-inf"), **f32)
@@ -380,6 +391,8 @@ def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, 
 
         # lazy online rescale: move the reference max only when it grows by > _LAZY_RESCALE
         grow = tile_max > m + _LAZY_RESCALE
+        if want_soft and not exact_soft:
+            grow |= _round_to(tile_max, embedding.dtype) > m_soft + _LAZY_RESCALE
         if bool(grow.any()):
             m_new = torch.where(grow, tile_max, m)
             first = torch.isinf(m)
@@ -387,15 +400,20 @@ def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, 
             delta = torch.where(first, torch.zeros_like(m), m - m_new)
             t1 = alpha * (t1 + delta * z)
             z = alpha * z
-            z_soft = z if exact_soft else alpha * z_soft
+            if exact_soft:
+                z_soft, m_soft, alpha_s = z, m_new, alpha
+            else:
+                ms_new = _round_to(m_new, embedding.dtype)
+                alpha_s = torch.where(first, torch.zeros_like(m), torch.exp(m_soft - ms_new))
+                z_soft, m_soft = alpha_s * z_soft, ms_new
             if want_soft:
-                soft.mul_(alpha[:, None])
+                soft.mul_(alpha_s[:, None])
             m = m_new
 
         p = bits.view(torch.float32)  # the hash tile is free: probabilities go there
         if want_soft and not exact_soft:  # soft weights from l rounded to the table's dtype
             p.copy_(rbuf[: rows * w].view(rows, w).copy_(l))
-            p.sub_(m[:, None]).exp_()
+            p.sub_(m_soft[:, None]).exp_()
             z_soft += p.sum(1)
             soft.addmm_(p, e)
         dl = l.sub_(m[:, None])
@@ -426,6 +444,8 @@ def _head_sample_torch(h, embedding, *, softcap, temperature, seed, step, row_of
     n, d = h.shape
     vocab = embedding.shape[0]
     dev = h.device
+    if n == 0:
+        return _no_rows(h, want_soft)
     workers = int(workers or (torch.get_num_threads() if dev.type == "cpu" else 1))
     rc = int(rows_chunk or min(_TORCH_ROWS_CHUNK, max(16, -(-n // workers))))
     chunks = [(r0, min(r0 + rc, n)) for r0 in range(0, n, rc)]
@@ -511,23 +531,30 @@ if triton is not None:
         return softcap * _tanh(acc / softcap) / temp
 
     @triton.jit
-    def _sums_at(l, ok, m, p_ptr, r64, W, cols, ROUND_BF16: tl.constexpr, ROUND_F16: tl.constexpr,
+    def _round_soft(x, ROUND_BF16: tl.constexpr, ROUND_F16: tl.constexpr):
+        """x (fp32) rounded to the table's dtype (nearest even) and back: l' of the soft weights."""
+        if ROUND_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            out = bits.to(tl.float32, bitcast=True)
+        elif ROUND_F16:
+            out = x.to(tl.float16).to(tl.float32)
+        else:
+            out = x
+        return out
+
+    @triton.jit
+    def _sums_at(l, ok, m, ms, p_ptr, r64, W, cols, ROUND_BF16: tl.constexpr, ROUND_F16: tl.constexpr,
                  WANT_SOFT: tl.constexpr):
         """exp(l - m) and exp(l - m) (l - m) per entry (0 where not ok); with WANT_SOFT, also
-        exp(l' - m) for l rounded to the table's dtype, stored to p as the chunk's soft weights."""
+        exp(l' - ms) for l rounded to the table's dtype (ms: the reference max m rounded so), stored
+        to p as the chunk's soft weights."""
         dl = tl.where(ok, l - m, 0.0)
         p = tl.where(ok, tl.exp(dl), 0.0)
         ps = tl.zeros_like(p)
         if WANT_SOFT:
-            if ROUND_BF16:
-                bits = l.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                l_soft = bits.to(tl.float32, bitcast=True)
-            elif ROUND_F16:
-                l_soft = l.to(tl.float16).to(tl.float32)
-            else:
-                l_soft = l
-            ps = tl.where(ok, tl.exp(tl.where(ok, l_soft - m, 0.0)), 0.0)
+            l_soft = _round_soft(l, ROUND_BF16, ROUND_F16)
+            ps = tl.where(ok, tl.exp(tl.where(ok, l_soft - ms, 0.0)), 0.0)
             tl.store(p_ptr + r64 * W + cols, ps.to(p_ptr.dtype.element_ty), mask=ok)
         return p, p * dl, ps
 
@@ -548,12 +575,16 @@ if triton is not None:
         so after the row's first chunk (ONE_SWEEP) they are taken against the current m in the
         same sweep as the maxima and the sample, and a second sweep redoes them only when the
         chunk moved m (rare after the first chunks; the same operations, so the same bits as
-        two sweeps). The first chunk, or ONE_SWEEP off: maxima first, then the sums."""
+        two sweeps). The first chunk, or ONE_SWEEP off: maxima first, then the sums.
+        The soft weights exp(l' - ms) are taken against ms = m rounded as l' is, and m also moves when
+        the rounded chunk maximum beats ms by more than `lazy`: so no weight exceeds e^lazy even where
+        a 16-bit table's rounding step is large (tiny temperatures: exp(l' - m) overflowed to inf)."""
         row = tl.program_id(0)
         r64 = row.to(tl.int64)
         temp = tl.load(temp_ptr + row)
         key = tl.load(key_ptr + row).to(tl.uint32)
         m_old = tl.load(m_ptr + row)
+        ms_old = _round_soft(m_old, ROUND_BF16, ROUND_F16)
         first = m_old == float("-inf")
         early = ONE_SWEEP and not first  # the sums in the first sweep, against m_old
         offs = tl.arange(0, BLOCK_V)
@@ -577,7 +608,7 @@ if triton is not None:
             s_arg = tl.where(better, cols, s_arg)
             s_max = tl.where(better, score, s_max)
             if early:
-                p, pdl, ps = _sums_at(l, ok, m_old, p_ptr, r64, W, cols, ROUND_BF16, ROUND_F16, WANT_SOFT)
+                p, pdl, ps = _sums_at(l, ok, m_old, ms_old, p_ptr, r64, W, cols, ROUND_BF16, ROUND_F16, WANT_SOFT)
                 z_acc += p
                 t_acc += pdl
                 zs_acc += ps
@@ -596,8 +627,12 @@ if triton is not None:
 
         # move the reference max only when the chunk beats it by more than `lazy`
         moved = first | (t_max > m_old + lazy)
+        if WANT_SOFT and (ROUND_BF16 or ROUND_F16):  # l' <= ms + lazy for the soft weights too
+            moved = moved | (_round_soft(t_max, ROUND_BF16, ROUND_F16) > ms_old + lazy)
         m = tl.where(moved, t_max, m_old)
+        ms = _round_soft(m, ROUND_BF16, ROUND_F16)
         alpha = tl.where(first, 0.0, tl.exp(m_old - m))
+        alpha_s = tl.where(first, 0.0, tl.exp(ms_old - ms))
         delta = tl.where(first, 0.0, m_old - m)
         if moved or not early:  # the sums (again) against the new m
             z_acc = tl.zeros([BLOCK_V], tl.float32)
@@ -607,7 +642,7 @@ if triton is not None:
                 cols = c0 + offs
                 ok = cols < W
                 l = _scaled_logit(l_ptr, r64, W, cols, ok, softcap, temp)
-                p, pdl, ps = _sums_at(l, ok, m, p_ptr, r64, W, cols, ROUND_BF16, ROUND_F16, WANT_SOFT)
+                p, pdl, ps = _sums_at(l, ok, m, ms, p_ptr, r64, W, cols, ROUND_BF16, ROUND_F16, WANT_SOFT)
                 z_acc += p
                 t_acc += pdl
                 zs_acc += ps
@@ -615,13 +650,13 @@ if triton is not None:
         tl.store(m_ptr + row, m)
         tl.store(z_ptr + row, alpha * z_old + tl.sum(z_acc, axis=0))
         tl.store(t1_ptr + row, alpha * (tl.load(t1_ptr + row) + delta * z_old) + tl.sum(t_acc, axis=0))
-        tl.store(zs_ptr + row, alpha * tl.load(zs_ptr + row) + tl.sum(zs_acc, axis=0))
+        tl.store(zs_ptr + row, alpha_s * tl.load(zs_ptr + row) + tl.sum(zs_acc, axis=0))
         if WANT_SOFT:
-            if alpha != 1.0:
+            if alpha_s != 1.0:
                 for d0 in range(0, D, BLOCK_V):
                     dd = d0 + offs
                     sp = soft_ptr + r64 * D + dd
-                    tl.store(sp, tl.load(sp, mask=dd < D, other=0.0) * alpha, mask=dd < D)
+                    tl.store(sp, tl.load(sp, mask=dd < D, other=0.0) * alpha_s, mask=dd < D)
 
 
 def step_keys(key: torch.Tensor, step: torch.Tensor, rows: int, vocab: int, row_offset: int = 0, *,
@@ -692,6 +727,8 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
     n, d = h.shape
     vocab = embedding.shape[0]
     dev = h.device
+    if n == 0:
+        return _no_rows(h, want_soft)
     h = h.contiguous()
     embedding = embedding.contiguous()
     if chunk is None:  # the largest power of two within the budget, 1024 .. 32768
