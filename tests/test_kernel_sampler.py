@@ -212,6 +212,17 @@ def test_tiny_temperature_keeps_the_bf16_soft_embedding_finite(impl):
     assert torch.equal(out.argmax, ref.argmax)
 
 
+@needs_triton
+def test_triton_vocab_tile_must_be_a_power_of_two():
+    """A vocab_tile the kernel cannot take (tl.arange needs a power of two) is one clear error naming
+    it, not an error from inside the kernel; 0 means the default, as on the torch path."""
+    h, table, _ = _case(n=2, vocab=70, d=16)
+    with pytest.raises(ValueError, match="vocab_tile must be a power of two, got 48"):
+        head_sample(h, table, impl="triton", vocab_tile=48)
+    ref = head_sample_reference(h, table)
+    _assert_close_to(head_sample(h, table, impl="triton", vocab_tile=0), ref)
+
+
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_no_rows(impl):
     """h [0, D] (a batch with no rows left): empty results, as the reference (was a ZeroDivisionError)."""

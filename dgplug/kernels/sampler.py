@@ -737,8 +737,10 @@ def _head_sample_triton(h, embedding, *, softcap, temperature, seed, step, row_o
         chunk = max(1024, min(32768, 1 << (fit.bit_length() - 1)))
     chunk = int(min(chunk, vocab))
     block_v = block_v or vocab_tile
-    if block_v is None:  # measured: 2048 best at 256 rows, 1024 at 2048 rows
+    if not block_v:  # measured: 2048 best at 256 rows, 1024 at 2048 rows (0 / None: this default, as torch's)
         block_v = 128 if interpreting() else (2048 if n <= 512 else 1024)
+    if int(block_v) < 1 or int(block_v) & (int(block_v) - 1):
+        raise ValueError(f"the Triton sampler's vocab_tile must be a power of two, got {block_v}")
     bv = int(min(block_v, triton.next_power_of_2(chunk)))
     one_sweep = n <= 512 if one_sweep is None else one_sweep
     temp = _row_temperature(temperature, n, dev)
