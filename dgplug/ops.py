@@ -305,7 +305,7 @@ def moe_reference(x, index, weights, gate_up, down):
     n_exp = gate_up.shape[0]
     hit = torch.unique(index)
     for e in hit.tolist():
-        if e >= n_exp:
+        if e < 0 or e >= n_exp:  # outside [0, E): no expert (as the kernels; -1 must not wrap to E - 1)
             continue
         rows, slot = torch.where(index == e)
         # transformers visits tokens ordered by (slot, token); keep that order

@@ -524,6 +524,21 @@ def test_duplicate_slot_empty_expert_and_dropped_index(impl):
     close(out, reference(x, idx, w, gu, dn), 1e-5)
 
 
+def test_negative_index_is_dropped_by_the_reference_too():
+    """The contract drops any index outside [0, E); the plain reference (ops.moe_reference, the CPU path
+    of DGPLUG_OPS=reference) read -1 as expert E - 1 (Python's negative indexing)."""
+    gu, dn = make_weights()
+    w, idx = make_routing()
+    idx = idx.clone()
+    idx[3, 1] = -1
+    x = make_x()
+    want = moe_forward_torch(x, idx, w, gu, dn)
+    kept = idx.clone()
+    kept[3, 1] = E  # the sentinel every path drops
+    assert torch.equal(want, moe_forward_torch(x, kept, w, gu, dn))
+    close(ops.moe_reference(x, idx, w, gu, dn), want, 1e-5)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batch_is_independent_rows(impl):
     """T = canvas x batch: a batch of 3 canvases equals each canvas alone (batch 1)."""
