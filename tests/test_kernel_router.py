@@ -65,3 +65,15 @@ def test_nan_logits_still_give_valid_experts():
     r[3] = float("nan")
     _, idx = R.route(r, w, scale, pes, 2, 1e-6, impl="triton")
     assert int(idx.min()) >= 0 and int(idx.max()) < 8  # the MoE reads expert idx: never out of range
+
+
+def test_top_k_beyond_the_experts_is_refused_and_zero_is_empty():
+    """top_k > E: one clear error (the kernel repeated expert E - 1 with weight 0, torch.topk raised its
+    own); top_k = 0: the twin's empty results (the kernel could not build a 0-wide tile)."""
+    r, pw = torch.randn(3, 32), torch.randn(5, 32)
+    sc, pes = torch.ones(32), torch.ones(5)
+    for impl in ("triton", "torch"):
+        with pytest.raises(ValueError, match="top_k=6 is more than the 5 experts"):
+            R.route(r.to(DEV), pw.to(DEV), sc.to(DEV), pes.to(DEV), 6, 1e-6, impl=impl)
+        w, idx = R.route(r.to(DEV), pw.to(DEV), sc.to(DEV), pes.to(DEV), 0, 1e-6, impl=impl)
+        assert w.shape == idx.shape == (3, 0)

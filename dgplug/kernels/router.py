@@ -12,6 +12,7 @@ size for the sum of squares, a second that builds z a chunk at a time and accumu
 [BLOCK_T, E] logits with tl.dot (16-bit operands on the tensor cores, fp32 accumulation: each
 product exact, as the twin's 16-bit matmul; fp32 inputs as IEEE fp32); then softmax and the
 top-k by repeated max in registers (ties go to the lower expert index). The router weight [E, D] (E = 128) is read once per program.
+top_k must be at most E (a ValueError naming it; top_k = 0 gives the twin's empty [T, 0] results).
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ def route(r, proj_weight, scale, per_expert_scale, top_k: int, eps: float, *, im
     """The router of one MoE layer for r [T, D] (see the module docstring)."""
     from dgplug import ops
 
+    if top_k > proj_weight.shape[0]:  # the kernel would repeat an expert, torch.topk raise its own error
+        raise ValueError(f"top_k={top_k} is more than the {proj_weight.shape[0]} experts")
     if pick_impl(r, impl) == "torch" or not isinstance(proj_weight, torch.Tensor) \
-            or proj_weight.dtype != r.dtype or scale.dtype != r.dtype or r.dim() != 2:
+            or proj_weight.dtype != r.dtype or scale.dtype != r.dtype or r.dim() != 2 or top_k < 1:
         return ops.route_reference(r, proj_weight, scale, per_expert_scale, top_k, eps)
     T, D = r.shape
     E = proj_weight.shape[0]
