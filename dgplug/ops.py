@@ -244,8 +244,8 @@ def attention_mask(q_pos, k_pos, key_valid, causal: bool, window: int | None, ba
     mask = None
     if causal:
         mask = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        w = (q_pos[:, None] - k_pos[None, :]) < window
+    if window is not None:  # int64: int32 positions would wrap a window >= 2^31 (and the difference)
+        w = (q_pos[:, None].long() - k_pos[None, :].long()) < window
         mask = w if mask is None else mask & w
     # all keys valid: no mask (SDPA's faster unmasked path); under torch.compile the mask is always
     # built instead of asking the data (the same result, no data-dependent branch)

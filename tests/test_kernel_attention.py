@@ -142,6 +142,15 @@ def test_twin_unchunked_is_the_reference_and_chunked_matches():
                                atol=1e-6, rtol=1e-6)
 
 
+def test_int32_positions_with_a_window_beyond_int32():
+    """A window >= 2^31 sees every earlier key (the kernel compares in int64); the twin's mask compared
+    int32 positions with the window cast to int32, which wrapped to 0 and masked every key."""
+    q, k, v = _inputs(1, 2, 1, 3, 9, 16, torch.float32, seed=7)
+    pos = dict(q_pos=torch.arange(6, 9, dtype=torch.int32), k_pos=torch.arange(9, dtype=torch.int32), causal=True)
+    tri, ref = _check(q, k, v, window=2 ** 40, **pos)
+    torch.testing.assert_close(ref, ops.attention_reference(q, k, v, **pos), atol=0, rtol=0)
+
+
 def test_dispatch(monkeypatch):
     """The twin on CPU tensors, the Triton kernel when forced (rules: tests/test_kernel_backend.py)."""
     batch, hq, hkv, d, lk, lq = 1, 4, 2, 16, 20, 8
