@@ -504,3 +504,22 @@ def test_missing_entries_named_by_weight():
                     "blk.2.attn_q.weight, blk.10.ffn_down.weight, self_cond_up.weight: quantized unweighted")
     many = missing_note([f"blk.{i}.attn_k.weight" for i in range(9)])
     assert many.endswith("blk.5.attn_k.weight (and 3 more): quantized unweighted") and "blk.6." not in many
+
+
+def test_cli_imatrix_default_chunk_fits_the_embedded_model(tmp_path):
+    # llama-imatrix's 512 tokens a prompt do not fit the Sudoku model's context (512) beside its canvas
+    # (82): the default is what fits, 430; an explicit size that does not fit is still one error
+    from typer.testing import CliRunner
+
+    from dgplug.cli import app
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"r{r}c{c}=." for r in range(1, 10) for c in range(1, 10)) * 8)
+    out = tmp_path / "im.gguf"
+    r = CliRunner().invoke(app, ["imatrix", "sudoku", "--calib", str(calib), "-o", str(out), "--chunks", "1",
+                                 "--steps", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert Imatrix.load(out).chunk_size == 430 + 82
+    r = CliRunner().invoke(app, ["imatrix", "sudoku", "--calib", str(calib), "-o", str(tmp_path / "x.gguf"),
+                                 "--chunk-size", "512", "--chunks", "1"])
+    assert r.exit_code == 1 and "--chunk-size 512: a prompt of 512 tokens + a canvas of 82" in r.stderr, r.output

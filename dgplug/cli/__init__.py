@@ -285,7 +285,9 @@ def imatrix_cmd(
     output_format: Optional[str] = typer.Option(None, "--output-format", show_default=False,
                                                 help="gguf (default) or dat: llama.cpp's legacy layout, for older "
                                                      "llama.cpp builds and ik_llama.cpp."),
-    chunk_size: int = typer.Option(512, "--chunk-size", help="Tokens per calibration prompt."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", show_default=False,
+                                             help="Tokens per calibration prompt (default 512, as llama-imatrix; "
+                                                  "less where the model's context minus a canvas is shorter)."),
     chunks: Optional[int] = typer.Option(None, "--chunks", show_default=False, help="Use at most this many prompts."),
     batch: int = typer.Option(1, "--batch", help="Prompts per generate call."),
     steps: Optional[int] = typer.Option(None, "--steps", show_default=False,

@@ -71,7 +71,7 @@ def output_path(o: str, overwrite: bool) -> Path:
     return writable(o, "-o")
 
 
-def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch: int, steps: int | None,
+def run(src: str, calib: str, o: str, chunk_size: int | None, chunks: int | None, batch: int, steps: int | None,
         seed: int, overwrite: bool, threads: int | None, device: str | None, quiet: bool,
         fmt: str | None = None) -> None:
     from . import common
@@ -102,10 +102,12 @@ def run(src: str, calib: str, o: str, chunk_size: int, chunks: int | None, batch
     from .generate import note_unknown
 
     note_unknown(tok, ids, "calibration tokens", "the statistics see that token, not the text")
+    C = model.cfg.canvas_length
+    if chunk_size is None:  # llama-imatrix's 512, or what the context holds beside one canvas (the Sudoku model: 430)
+        chunk_size = max(1, min(512, model.tc.max_position_embeddings - C))
     parts = calibration_chunks(ids, chunk_size)
     if chunks is not None:
         parts = parts[:chunks]
-    C = model.cfg.canvas_length
     if len(parts[0]) + C > model.tc.max_position_embeddings:
         raise CLIError(f"--chunk-size {chunk_size}: a prompt of {len(parts[0])} tokens + a canvas of {C} passes the "
                        f"model's context ({model.tc.max_position_embeddings})")
