@@ -9,8 +9,14 @@ process and of its largest worker process. Baseline: gguf-py's own Q8_0 encoder
 (gguf.quants.quantize) on the same tensors, single process, same row chunks.
 
     python benchmarks/convert.py [--quant Q8_0 Q4_K_M] [--workdir DIR] [--keep]
+    python benchmarks/convert.py --from-gguf [--quant Q8_0 int8] [--rounds 2]
 
 Goals: >= 150 MB/s on 2 cores, peak RSS <= 1.5 GiB.
+
+--from-gguf: the checkpoint is also converted once to a BF16 GGUF (the same values), and each --quant
+(a GGUF type or int4/int8/fp8) is made from both sources in alternated fresh processes, --rounds
+times: wall time, MB/s, peak RSS of each side and their ratio, and whether the outputs are the same
+bytes (they must be: a BF16 GGUF holds the checkpoint's bf16 values).
 """
 
 from __future__ import annotations
@@ -106,14 +112,84 @@ def build_checkpoint(d: Path) -> int:
     return total
 
 
+SCHEMES = ("int4", "int8", "fp8")
+
+
 def worker(src: str, out: str, quant: str) -> None:
     from dgplug.converters.gguf_export import export_gguf
+    from dgplug.converters.quant import quantize_checkpoint
     t0 = time.perf_counter()
-    export_gguf(src, out, quant=quant, progress=False)
+    if quant in SCHEMES:
+        quantize_checkpoint(src, out, quant, progress=False)
+    else:
+        export_gguf(src, out, quant=quant, progress=False)
     wall = time.perf_counter() - t0
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"wall": wall, "rss_main_kb": me, "rss_max_worker_kb": kids, "out_bytes": os.path.getsize(out)}))
+    print(json.dumps({"wall": wall, "rss_main_kb": me, "rss_max_worker_kb": kids, "out_bytes": _size(Path(out))}))
+
+
+def _size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.iterdir()) if p.is_dir() else p.stat().st_size
+
+
+def _digest(p: Path) -> str:
+    """One hash over the output's weight bytes (a GGUF; a directory's safetensors shards)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p.glob("*.safetensors")) if p.is_dir() else [p]:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _run(src: Path, out: Path, quant: str) -> dict:
+    if out.is_dir():
+        shutil.rmtree(out)
+    r = subprocess.run([sys.executable, __file__, "--worker", str(src), str(out), quant], capture_output=True,
+                       text=True, cwd=ROOT)
+    if r.returncode:
+        print(r.stdout, r.stderr)
+        raise SystemExit(f"{quant} from {src}: conversion failed")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def from_gguf(src: Path, wd: Path, total: int, quants: list[str], rounds: int, keep: bool) -> None:
+    """Each quant from the checkpoint and from its BF16 GGUF, alternated (see the module docstring)."""
+    import statistics
+
+    gg = wd / "source-BF16.gguf"
+    if not gg.exists():
+        m = _run(src, gg, "BF16")
+        print(f"BF16 GGUF source: {m['out_bytes'] / 1e9:.2f} GB in {m['wall']:.0f} s")
+    for q in quants:
+        runs = {"checkpoint": [], "gguf": []}
+        digests = {}
+        for i in range(rounds):
+            order = ("checkpoint", "gguf") if i % 2 == 0 else ("gguf", "checkpoint")
+            for side in order:
+                out = wd / f"out-{q}-{side}" if q in SCHEMES else wd / f"out-{q}-{side}.gguf"
+                la = os.getloadavg()[0]
+                m = _run(src if side == "checkpoint" else gg, out, q)
+                runs[side].append(m)
+                digests[side] = _digest(out)
+                print(f"{q:7s} round {i + 1} from {side:10s}: {m['wall']:6.1f} s  {total / m['wall'] / 1e6:6.0f} MB/s in  "
+                      f"peak RSS main {m['rss_main_kb'] / 2**20:.2f} GiB, largest worker "
+                      f"{m['rss_max_worker_kb'] / 2**20:.2f} GiB  (load average {la:.1f} before)", flush=True)
+        med = {s: statistics.median(m["wall"] for m in r) for s, r in runs.items()}
+        rss = {s: max(m["rss_main_kb"] for m in r) / 2**20 for s, r in runs.items()}
+        print(f"{q:7s} medians: checkpoint {med['checkpoint']:.1f} s ({total / med['checkpoint'] / 1e6:.0f} MB/s), "
+              f"gguf {med['gguf']:.1f} s ({total / med['gguf'] / 1e6:.0f} MB/s), gguf / checkpoint "
+              f"{med['gguf'] / med['checkpoint']:.2f}x; peak RSS main {rss['checkpoint']:.2f} / {rss['gguf']:.2f} GiB; "
+              f"same output bytes: {digests['checkpoint'] == digests['gguf']}")
+        if not keep:
+            for side in runs:
+                out = wd / f"out-{q}-{side}" if q in SCHEMES else wd / f"out-{q}-{side}.gguf"
+                shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
+    if not keep:
+        gg.unlink(missing_ok=True)
 
 
 def gguf_q8_baseline(src: Path, limit_bytes: int | None = None) -> tuple[float, int]:
@@ -152,6 +228,8 @@ def main() -> None:
                          "both are removed at the end")
     ap.add_argument("--baseline-gb", type=float, default=1.0, help="bf16 GB fed to the gguf Q8_0 baseline")
     ap.add_argument("--worker", nargs=3, metavar=("SRC", "OUT", "QUANT"))
+    ap.add_argument("--from-gguf", action="store_true", help="each --quant from the checkpoint and from its BF16 GGUF")
+    ap.add_argument("--rounds", type=int, default=2, help="--from-gguf: alternated rounds")
     a = ap.parse_args()
     if a.worker:
         worker(*a.worker)
@@ -162,6 +240,11 @@ def main() -> None:
     total = build_checkpoint(src)
     print(f"checkpoint: {total / 1e9:.2f} GB bf16 at {src} (ready in {time.perf_counter() - t0:.0f} s)")
     print(f"cores: {os.cpu_count()}, load average: {os.getloadavg()[0]:.1f}")
+    if a.from_gguf:
+        from_gguf(src, wd, total, a.quant, a.rounds, a.keep)
+        if not a.keep:
+            shutil.rmtree(src, ignore_errors=True)
+        return
     t_enc, nb = gguf_q8_baseline(src, int(a.baseline_gb * 1e9))
     base = nb / t_enc / 1e6
     print(f"gguf-py Q8_0 encoder alone (1 process, encode time only, {nb / 1e9:.2f} GB): {base:.0f} MB/s of bf16 input")

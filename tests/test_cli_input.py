@@ -38,11 +38,30 @@ def test_file_given_for_a_directory(tiny_ckpt, tmp_path):
 
 
 def test_gguf_given_to_convert(tiny_ckpt_smooth, tmp_path):
+    """A GGUF source is converted (llama-quantize's rules); what it cannot be is one line, nothing written."""
     g = tmp_path / "m.gguf"
     assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g), "-q", "F16"]).exit_code == 0
-    _one_error_line(runner.invoke(app, ["convert", str(g), str(tmp_path / "o"), "-q", "int8"]),
-                    "is a GGUF file", "Hugging Face checkpoint directory", "llama-quantize")
-    assert not (tmp_path / "o").exists()
+    r = runner.invoke(app, ["convert", str(g), str(tmp_path / "o"), "-q", "int8", "--quiet"])
+    assert r.exit_code == 0 and (tmp_path / "o" / "config.json").exists(), r.output
+    q8 = tmp_path / "q8.gguf"
+    assert runner.invoke(app, ["convert", str(g), str(q8), "-q", "Q8_0", "--quiet"]).exit_code == 0
+    _one_error_line(runner.invoke(app, ["convert", str(q8), str(tmp_path / "q4.gguf"), "-q", "Q4_K_M"]),
+                    "requantizing is disabled, as in llama-quantize", "--allow-requantize")
+    _one_error_line(runner.invoke(app, ["convert", str(q8), str(tmp_path / "q4"), "-q", "int4"]),
+                    "the GGUF is already quantized", "--allow-requantize")
+    _one_error_line(runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "x.gguf"), "-q", "Q8_0",
+                                        "--allow-requantize"]), "--allow-requantize applies to a GGUF source")
+    _one_error_line(runner.invoke(app, ["convert", str(q8), str(q8), "-q", "Q8_0", "--overwrite"]), "is the source")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "o", "q8.gguf"]
+    r = runner.invoke(app, ["convert", str(q8), str(tmp_path / "q4.gguf"), "-q", "Q4_K_M", "--allow-requantize",
+                            "--quiet"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"wrote {tmp_path / 'q4.gguf'}", r.output
+    # a shard of a split source is not an output either
+    assert runner.invoke(app, ["convert", str(g), str(tmp_path / "s.gguf"), "-q", "F16", "--split-max-tensors", "20",
+                               "--quiet"]).exit_code == 0
+    shards = sorted(tmp_path.glob("s-*.gguf"))
+    _one_error_line(runner.invoke(app, ["convert", str(shards[0]), str(shards[-1]), "-q", "Q8_0", "--overwrite"]),
+                    "is a shard of the source")
 
 
 def test_big_file_is_not_read(tmp_path):
@@ -205,9 +224,12 @@ def test_directories_that_are_not_checkpoints(tiny_ckpt_smooth, tmp_path):
     g = tmp_path / "ggufs"
     g.mkdir()
     assert runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(g / "m.gguf"), "-q", "Q8_0"]).exit_code == 0
-    _one_error_line(runner.invoke(app, ["convert", str(g), str(tmp_path / "o"), "-q", "int8"]),
-                    "holds GGUF files, no config.json: convert reads a Hugging Face checkpoint directory", "llama-quantize")
-    assert runner.invoke(app, ["info", str(g)]).exit_code == 0  # info and generate read a directory holding one
+    r = runner.invoke(app, ["convert", str(g), str(tmp_path / "o.gguf"), "-q", "Q8_0", "--quiet"])
+    assert r.exit_code == 0, r.output  # convert, info and generate read a directory holding one
+    assert runner.invoke(app, ["info", str(g)]).exit_code == 0
+    (g / "n.gguf").write_bytes((g / "m.gguf").read_bytes())
+    _one_error_line(runner.invoke(app, ["convert", str(g), str(tmp_path / "o2"), "-q", "int8"]),
+                    "holds several .gguf files (m.gguf, n.gguf): name one")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     _one_error_line(runner.invoke(app, ["info", str(tmp_path / "notes")]), "has no config.json and no .gguf file")

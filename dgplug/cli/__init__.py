@@ -228,7 +228,9 @@ def demo(
 
 @app.command(cls=_Command)
 def convert(
-    src: str = typer.Argument(..., metavar="SRC", help="Hugging Face DiffusionGemma directory; sudoku: the embedded model."),
+    src: str = typer.Argument(..., metavar="SRC", help="Hugging Face DiffusionGemma directory, or a DiffusionGemma "
+                                                       "GGUF (requantized as llama-quantize does); sudoku: the "
+                                                       "embedded model."),
     out: str = typer.Argument(..., metavar="OUT", help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
     quant: str = typer.Option(..., "--quant", "-q",
                               help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L "
@@ -260,6 +262,10 @@ def convert(
                                                       "llama.cpp), named OUT-00001-of-0000n.gguf; e.g. 48G."),
     split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", show_default=False,
                                                     help="GGUF: shards of at most N tensors."),
+    allow_requantize: bool = flag(False, "--allow-requantize",
+                                  help="A GGUF SRC, as llama-quantize: quantize tensors that are quantized already "
+                                       "(worse than from the original weights); without it only F32/F16/BF16 "
+                                       "tensors are."),
     debug: bool = DEBUG, quiet: bool = QUIET,
 ):
     """Convert a checkpoint to GGUF (K-quants) or quantized safetensors, streaming.
@@ -267,6 +273,8 @@ def convert(
     Example: dgplug convert ./diffusiongemma ./dg-Q4_K_M.gguf --quant Q4_K_M
 
     Example: dgplug convert ./diffusiongemma ./dg-int4 --quant int4 --group-size 64
+
+    Example: dgplug convert ./dg-BF16.gguf ./dg-Q4_K_M.gguf --quant Q4_K_M
     """
     from .convert import run
 
@@ -274,7 +282,7 @@ def convert(
                       output_tensor_type=output_tensor_type, split_max_size=split_max_size,
                       split_max_tensors=split_max_tensors)
     common.run(lambda: run(src, out, quant, group_size, overwrite, threads, quiet or common.STATE["quiet"], imatrix,
-                           per_tensor), debug, quiet)
+                           per_tensor, allow_requantize), debug, quiet)
 
 
 @app.command("imatrix", cls=_Command)

@@ -72,7 +72,7 @@ def gguf_options_arg(q: str, per_tensor: dict | None) -> dict:
 
 
 def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool, threads: int | None,
-        quiet: bool, imatrix: str | None = None, per_tensor: dict | None = None) -> None:
+        quiet: bool, imatrix: str | None = None, per_tensor: dict | None = None, allow_requantize: bool = False) -> None:
     from pathlib import Path
 
     from . import common
@@ -95,7 +95,20 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
         if not Path(imatrix).is_file():
             raise CLIError(f"--imatrix {imatrix}: no such file")
     source = source_arg(src)
+    gguf_source = isinstance(source, Path) and source.is_file()
+    if allow_requantize and not gguf_source:
+        raise CLIError(f"--allow-requantize applies to a GGUF source; {src} is a checkpoint of original weights")
     target = output_arg(out, source, q, overwrite)
+    if gguf_source:  # the output must not replace any shard of the source (a split GGUF's others too)
+        from dgplug.converters.gguf_import import shard_paths, validate_gguf
+        from dgplug.errors import FormatError
+
+        try:
+            shards = shard_paths(source, validate_gguf(source)["metadata"])
+        except FormatError as e:
+            raise CLIError(str(e)) from None
+        if target.exists() and any(target.resolve() == p.resolve() for p in shards if p.exists()):
+            raise CLIError(f"{out} is a shard of the source: choose another output")
     if imatrix is not None and target.exists() and os.path.samefile(target, imatrix):
         raise CLIError(f"{out} is the --imatrix file: choose another output")
     user_threads = common.threads_arg(threads)
@@ -106,12 +119,12 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
             from dgplug.converters.quant import quantize_checkpoint
 
             quantize_checkpoint(source, target, q, group_size=group_size or 128, progress=not quiet,
-                                overwrite=overwrite, imatrix=imatrix)
+                                overwrite=overwrite, imatrix=imatrix, allow_requantize=allow_requantize)
         else:
             from dgplug.converters.gguf_export import export_gguf
 
             first = export_gguf(source, target, quant=q, progress=not quiet, workers=user_threads, imatrix=imatrix,
-                                overwrite=overwrite, **gguf_kw)
+                                overwrite=overwrite, allow_requantize=allow_requantize, **gguf_kw)
             if first != target:  # shards: name them all
                 from dgplug.converters.gguf_import import SPLIT_NAME
 

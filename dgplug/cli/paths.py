@@ -48,12 +48,9 @@ def _not_a_model(s: str, k: str, wanted: str) -> CLIError:
     if k == "safetensors":
         parent = Path(s).resolve().parent
         return CLIError(f"{s} is a safetensors file: give the checkpoint directory that holds it ({parent})")
-    if k == "gguf":
-        return CLIError(f"{s} is a GGUF file: {wanted}")
     return CLIError(f"{s} is a file that is neither GGUF nor safetensors: {wanted}")
 
 
-REQUANTIZE = "a GGUF is requantized by llama.cpp's llama-quantize (a build that knows diffusion-gemma)"
 EMBEDDED = "sudoku"  # the name of the shipped Sudoku model on the command line
 
 
@@ -67,24 +64,18 @@ def embedded(s: str) -> str:
     return s
 
 
-def _checkpoint_dir(s: str, gguf_ok: bool) -> Path:
-    """A directory with a config.json (or, where gguf_ok, a .gguf file): else one line saying what it holds."""
+def _checkpoint_dir(s: str) -> Path:
+    """A directory with a config.json or a .gguf file: else one line saying what it holds."""
     p = Path(s)
-    if (p / "config.json").exists():
+    if (p / "config.json").exists() or any(p.glob("*.gguf")):
         return p
-    ggufs = sorted(p.glob("*.gguf"))
-    if ggufs and gguf_ok:
-        return p
-    if ggufs:
-        raise CLIError(f"{s} holds GGUF files, no config.json: convert reads a Hugging Face checkpoint directory; "
-                       f"{REQUANTIZE}")
     if (p / "config.json").is_symlink():  # a hub cache's link to a blob that never arrived
         raise CLIError(f"{p / 'config.json'} is a broken link (an incomplete download?)")
     if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists():
         raise CLIError(f"{s} holds safetensors but no config.json: a checkpoint needs both")
     if not any(p.iterdir()):
-        raise CLIError(f"{s} is an empty directory: not a checkpoint (no config.json{' or .gguf' if gguf_ok else ''})")
-    raise CLIError(f"{s} has no config.json{' and no .gguf file' if gguf_ok else ''}: not a checkpoint directory")
+        raise CLIError(f"{s} is an empty directory: not a checkpoint (no config.json or .gguf)")
+    raise CLIError(f"{s} has no config.json and no .gguf file: not a checkpoint directory")
 
 
 def model_arg(s: str):
@@ -94,22 +85,33 @@ def model_arg(s: str):
     if k == "hub":
         return s
     if k == "dir":
-        return _checkpoint_dir(s, gguf_ok=True)
+        return _checkpoint_dir(s)
     if k == "gguf":
         return Path(s)
     raise _not_a_model(s, k, "give a checkpoint directory or a GGUF file")
 
 
 def source_arg(s: str):
-    """convert's SRC: a Hugging Face checkpoint directory (or a hub id)."""
+    """convert's SRC: a Hugging Face checkpoint directory, a hub id, or a GGUF file (a split GGUF's
+    first shard), which is requantized as llama-quantize does."""
     s = embedded(s)
     k = kind(s)
     if k == "hub":
         return s
+    if k == "gguf":
+        return Path(s)
     if k == "dir":
-        return _checkpoint_dir(s, gguf_ok=False)
-    raise _not_a_model(s, k, "convert reads a Hugging Face checkpoint directory (config.json + safetensors)"
-                       + (f"; {REQUANTIZE}" if k == "gguf" else ""))
+        d = _checkpoint_dir(s)
+        if (d / "config.json").exists():
+            return d
+        from dgplug.converters.gguf_import import model_file
+
+        found = sorted(d.glob("*.gguf"))
+        if (one := model_file(found)) is not None:  # the one GGUF, or one split GGUF's first shard
+            return one
+        raise CLIError(f"{s} holds several .gguf files ({', '.join(f.name for f in found)}): name one")
+    raise _not_a_model(s, k, "convert reads a Hugging Face checkpoint directory (config.json + safetensors) "
+                       "or a GGUF file")
 
 
 def gguf_arg(s: str) -> Path:

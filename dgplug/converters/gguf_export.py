@@ -16,6 +16,7 @@ Entry point (what `dgplug convert SRC OUT.gguf --quant X` calls):
   refuses it (and Q2_K, Q3_K_S, Q3_K_M, IQ4_XS are not: llama.cpp makes them without one, with its
   reference quantizers; its IQ4_XS and IQ4_NL mixes then give the first eighth of the ffn_down
   layers Q5_K, with an imatrix their base type).
+* The source may also be a DiffusionGemma GGUF (llama-quantize's requantization; gguf_requant.py).
 * Streaming: tensors are read row range by row range straight from the safetensors shards
   (plain positional reads, no mmap, no torch), in the canonical order of `dgplug.names`, and
   written sequentially. The header, metadata and tensor table are written first (shapes and
@@ -61,6 +62,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFWriter, LlamaFileType, TokenType
 from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
 
 from dgplug import hub
 from dgplug.checkpoint import StoredTensor, read_index
@@ -271,9 +273,15 @@ _ST_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16
 
 
 def _read_rows(st: StoredTensor, r0: int, r1: int, cols: int, fd_cache: dict | None = None) -> np.ndarray:
-    """Rows [r0, r1) of the tensor viewed as (rows, cols), in the file's dtype (bf16 as uint16)."""
-    npdt, isz = _ST_DTYPES[st.dtype]
-    nbytes = (r1 - r0) * cols * isz
+    """Rows [r0, r1) of the tensor viewed as (rows, cols), in the file's dtype (bf16 as uint16); a GGUF
+    source's block type (st.dtype a ggml type name, gguf_requant): the rows' blocks as uint8."""
+    if st.dtype in _ST_DTYPES:
+        npdt, isz = _ST_DTYPES[st.dtype]
+        row = cols * isz
+    else:
+        bs, ts = GGML_QUANT_SIZES[T[st.dtype]]
+        npdt, row = np.uint8, cols // bs * ts
+    nbytes = (r1 - r0) * row
     buf = np.empty(nbytes, np.uint8)
     if fd_cache is not None and st.file in fd_cache:
         fd = fd_cache[st.file]
@@ -283,7 +291,7 @@ def _read_rows(st: StoredTensor, r0: int, r1: int, cols: int, fd_cache: dict | N
             fd_cache[st.file] = fd
     try:
         mv = memoryview(buf)
-        pos, off = 0, st.offset + r0 * cols * isz
+        pos, off = 0, st.offset + r0 * row
         while pos < nbytes:
             k = os.preadv(fd, [mv[pos:]], off + pos)
             if k <= 0:
@@ -292,7 +300,7 @@ def _read_rows(st: StoredTensor, r0: int, r1: int, cols: int, fd_cache: dict | N
     finally:
         if fd_cache is None:
             os.close(fd)
-    return buf.view(npdt).reshape(r1 - r0, cols)
+    return buf.view(npdt).reshape(r1 - r0, -1)
 
 
 def _to_f32(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -318,6 +326,10 @@ def _encode(st: StoredTensor | None, data: np.ndarray | None, r0: int, r1: int, 
         raw, dt, shape = data.reshape(-1, cols)[r0:r1], "F32", data.shape
     else:
         raw, dt, shape = _read_rows(st, r0, r1, cols, _FDS), st.dtype, st.shape
+    if dt not in _ST_DTYPES:  # a GGUF source's blocks: kept when the type stays, else decoded (gguf-py)
+        if T[dt] == qtype:
+            return raw.reshape(-1)
+        raw, dt = gguf_quants.dequantize(raw, T[dt]).reshape(r1 - r0, cols), "F32"
     x = _to_f32(raw, dt) if dt == "BF16" else raw  # F32 and F16 are checked as they are (no copy)
     kquants.check_finite(x, gname, at=r0 * cols, shape=tuple(shape))  # the index in the whole tensor
     if (qtype, dt) in ((T.BF16, "BF16"), (T.F16, "F16")):
@@ -552,15 +564,7 @@ def _add_metadata(w: GGUFWriter, src: Path, cfg: Config, gen: dict, tokv: dict, 
     w.add_float32(f"{a}.final_logit_softcapping", tc.final_logit_softcapping)
     w.add_uint32("general.file_type", int(RECIPES[quant]["ftype"]))
     w.add_uint32("general.quantization_version", 2)
-    if imatrix is not None:  # llama-quantize's keys (its integer overrides are written as u32)
-        path, im = imatrix
-        if path is not None:
-            w.add_string("quantize.imatrix.file", str(path))
-        if im.datasets:
-            w.add_string("quantize.imatrix.dataset", im.datasets[0])  # llama-quantize: the first only
-        w.add_uint32("quantize.imatrix.entries_count", len(im.entries))
-        if im.chunk_count > 0:
-            w.add_uint32("quantize.imatrix.chunks_count", im.chunk_count)
+    add_imatrix_keys(w, imatrix)
     # the diffusion CLI's keys (no arch prefix); nulls were already replaced by released defaults
     w.add_uint32("diffusion.canvas_length", cfg.canvas_length)
     w.add_uint32("diffusion.eb_max_steps", int(gen["max_denoising_steps"]))
@@ -595,6 +599,20 @@ def _add_metadata(w: GGUFWriter, src: Path, cfg: Config, gen: dict, tokv: dict, 
     w.add_bool("tokenizer.ggml.add_space_prefix", False)
     if tokv["chat_template"]:
         w.add_string("tokenizer.chat_template", tokv["chat_template"])
+
+
+def add_imatrix_keys(w: GGUFWriter, imatrix: tuple | None) -> None:
+    """llama-quantize's record of the imatrix (path or None, Imatrix); its integers are written as u32."""
+    if imatrix is None:
+        return
+    path, im = imatrix
+    if path is not None:
+        w.add_string("quantize.imatrix.file", str(path))
+    if im.datasets:
+        w.add_string("quantize.imatrix.dataset", im.datasets[0])  # llama-quantize: the first only
+    w.add_uint32("quantize.imatrix.entries_count", len(im.entries))
+    if im.chunk_count > 0:
+        w.add_uint32("quantize.imatrix.chunks_count", im.chunk_count)
 
 
 def rope_freqs(tc) -> np.ndarray:
@@ -677,10 +695,14 @@ def plan_export(src_dir, quant: str = "Q4_K_M", imatrix: bool = False,
         raise CheckpointError(f"{src}: checkpoint lacks {', '.join(missing[:5])}{more}")
     known = {s.hf for s, _ in types}
     warnings = [f"ignoring tensor {n}" for n in sorted(st) if n not in known and not is_vision(n)]
-    for pattern, t in (overrides.tensor_types if overrides else ()):
-        if not any(re.search(pattern, s.gguf) for s, _ in types if quantisable(s.gguf, len(s.shape))):
-            warnings.append(f"--tensor-type {pattern}={t.name.lower()} matches no quantized tensor")
-    return cfg, items, warnings
+    return cfg, items, warnings + unmatched_overrides(types, overrides)
+
+
+def unmatched_overrides(types: list[tuple], overrides: Overrides | None) -> list[str]:
+    """A warning for each --tensor-type pattern that matches no quantized tensor of `types` (tensor_types)."""
+    return [f"--tensor-type {pattern}={t.name.lower()} matches no quantized tensor"
+            for pattern, t in (overrides.tensor_types if overrides else ())
+            if not any(re.search(pattern, s.gguf) for s, _ in types if quantisable(s.gguf, len(s.shape)))]
 
 
 def _jobs_for(item: PlanItem):
@@ -692,16 +714,18 @@ def _jobs_for(item: PlanItem):
     step = max(1, CHUNK_ELEMS // max(cols, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        yield (r0, r1, cols, (r1 - r0) * cols * (item.src.nbytes // max(1, rows * cols) if item.src else 4))
+        yield (r0, r1, cols, (r1 - r0) * (item.src.nbytes // rows if item.src else cols * 4))
 
 
 def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True, workers: int | None = None,
                 name: str | None = None, *, revision: str | None = None, token: str | bool | None = None,
                 imatrix=None, overwrite: bool = True, overrides: Overrides | None = None,
-                split_max_size: int = 0, split_max_tensors: int = 0) -> Path:
-    """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub) to
-    a GGUF at `out_path`; returns out_path. `imatrix`: see the module docstring. overwrite=False: a
-    file at out_path when the conversion ends is kept, and the result refused (converters.output).
+                split_max_size: int = 0, split_max_tensors: int = 0, allow_requantize: bool = False) -> Path:
+    """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub), or
+    the GGUF file `src_dir` (its first shard when split; as llama-quantize does, see gguf_requant;
+    `allow_requantize`: its --allow-requantize), to a GGUF at `out_path`; returns out_path. `imatrix`:
+    see the module docstring. overwrite=False: a file at out_path when the conversion ends is kept,
+    and the result refused (converters.output).
     `overrides` (Overrides, parse_overrides): llama-quantize's --tensor-type, --pure,
     --token-embedding-type and --output-tensor-type. split_max_size (tensor bytes) / split_max_tensors:
     shards as llama.cpp's convert_hf_to_gguf writes them (gguf-py's writer: NAME-0000i-of-0000n.gguf
@@ -714,10 +738,16 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     if imatrix is None and quant in RECIPES and RECIPES[quant]["imatrix"]:
         raise InputError(f"{quant} needs an importance matrix (llama-quantize refuses it without one): make one with "
                          "`dgplug imatrix SRC --calib TEXT -o imatrix.gguf` and pass it with --imatrix")
-    repo = str(src_dir) if hub.is_hub_id(src_dir) else None
-    src = hub.resolve(src_dir, revision=revision, token=token)
+    from .gguf_requant import copy_metadata, is_gguf, plan_requant
+
     out = Path(out_path)
-    cfg, items, warnings = plan_export(src, quant, imatrix is not None, overrides)
+    if is_gguf(src_dir):
+        src = Path(src_dir)
+        cfg, items, warnings, reader = plan_requant(src, quant, imatrix is not None, overrides, allow_requantize)
+    else:
+        repo = str(src_dir) if hub.is_hub_id(src_dir) else None
+        src, reader = hub.resolve(src_dir, revision=revision, token=token), None
+        cfg, items, warnings = plan_export(src, quant, imatrix is not None, overrides)
     imps, im_meta = {}, None
     if imatrix is not None:
         from .imatrix import NEVER_COLLECTED, Imatrix
@@ -734,7 +764,6 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
                                  f"{base.name} tensor (a very low-bit quantization)")
         imps = im.for_tensors((it.gguf, it.src.name, it.shape) for it in items
                               if it.src is not None and it.qtype in kquants.IMPORTANCE_TYPES)
-    gen = load_generation_defaults(src)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     quantised = any(it.qtype not in (T.F32, T.F16, T.BF16) and it.src is not None for it in items)
@@ -750,8 +779,8 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             import multiprocessing as mp
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             pool = ctx.Pool(workers, initializer=_worker_init)
-        # after the fork: the workers need none of what reading the tokenizer imports and keeps
-        tokv = read_tokenizer(src, cfg.text.vocab_size, cfg.raw)
+        if reader is None:  # after the fork: the workers need none of what reading the tokenizer imports and keeps
+            gen, tokv = load_generation_defaults(src), read_tokenizer(src, cfg.text.vocab_size, cfg.raw)
         w = GGUFWriter(tmp, ARCH, split_max_tensors=split_max_tensors, split_max_size=split_max_size)
         for it in items:
             w.add_tensor_info(it.gguf, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.qtype)
@@ -763,7 +792,10 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             there = [t for t in targets if t.exists()] if not overwrite else []
             if there:
                 raise InputError(f"{there[0]} exists: pass --overwrite to replace it")
-        _add_metadata(w, src, cfg, gen, tokv, quant, name, repo, im_meta)
+        if reader is None:
+            _add_metadata(w, src, cfg, gen, tokv, quant, name, repo, im_meta)
+        else:
+            copy_metadata(w, reader, int(RECIPES[quant]["ftype"]), lambda w: add_imatrix_keys(w, im_meta), name)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

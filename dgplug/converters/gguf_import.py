@@ -468,24 +468,89 @@ def _name_map(cfg_dict: dict) -> dict:
     return {s.gguf: s for s in text_tensors(tc)}
 
 
-def dequantize_tensor(t, dtype=None):
-    """One ReaderTensor -> torch tensor in numpy (= HF) dim order."""
+def hf_config_files(reader) -> tuple[dict, dict]:
+    """config.json and generation_config.json of the model a GGUF holds, as a Hugging Face checkpoint
+    spells them (the entropy bound under sampler_config; dgplug's mask id only where the GGUF names one)."""
+    raw = gguf_to_config(reader)
+    gen = raw.pop("generation_config")
+    if raw.get("mask_token_id") is None:
+        raw.pop("mask_token_id", None)
+    bound = gen.pop("entropy_bound", None)
+    if bound is not None:
+        gen["sampler_config"] = {"entropy_bound": bound, "_cls_name": "EntropyBoundSamplerConfig"}
+    return raw, gen
+
+
+def dequantize_tensor(t, dtype=None, rows: tuple[int, int] | None = None):
+    """One ReaderTensor -> torch tensor in numpy (= HF) dim order; `rows` (a, b): only [a:b] of its
+    first dimension (of a 2-D or 3-D tensor), read from the file's map alone."""
     import torch
     from gguf import quants
 
     shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+    data = np.asarray(t.data)
+    if rows is not None:
+        data, shape = data[rows[0]:rows[1]], (rows[1] - rows[0],) + shape[1:]
     qt = T(int(t.tensor_type))
     if qt == T.F32:
-        out = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
+        out = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
     elif qt == T.BF16:
-        u16 = np.array(t.data).view(np.uint16).reshape(shape)
+        u16 = np.array(data).view(np.uint16).reshape(shape)
         out = torch.from_numpy(u16.view(np.int16)).view(torch.bfloat16)
     else:
-        arr = quants.dequantize(np.asarray(t.data), qt)
+        arr = quants.dequantize(data, qt)
         out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
     if dtype is not None:
         out = out.to(dtype)
     return out
+
+
+class GGUFTensors:
+    """A GGUF's weights by Hugging Face name, read as safe_open's handle is read by the int4/int8/fp8
+    converter (`get_tensor(name)`, `get_slice(name)[a:b]`): dequantised, rows of the first dimension
+    at a time from the file's map. `dtypes`: hf name -> torch dtype; `stored`: hf name -> StoredTensor
+    (dtype the safetensors name of that dtype; file the GGUF) for the converter's plan; `block_typed`:
+    the GGUF names of tensors of a block type (already quantized)."""
+
+    def __init__(self, reader):
+        import torch
+
+        from dgplug.checkpoint import StoredTensor
+
+        self.reader = reader
+        self.path = str(getattr(reader.data, "filename", "GGUF"))
+        specs = _name_map(gguf_to_config(reader))
+        own = {T.F32: (torch.float32, "F32"), T.F16: (torch.float16, "F16"), T.BF16: (torch.bfloat16, "BF16")}
+        self.tensors, self.dtypes, self.stored, self.block_typed = {}, {}, {}, []
+        for t in reader.tensors:
+            if t.name == ROPE_FREQS_GGUF:
+                continue
+            s = specs.get(t.name)
+            if s is None:
+                raise FormatError(f"{self.path}: unknown tensor {t.name!r}")
+            shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+            if shape != tuple(s.shape):
+                raise FormatError(f"{self.path}: tensor {t.name!r} has shape {list(shape)}, expected {list(s.shape)}")
+            qt = T(int(t.tensor_type))
+            if qt not in own:
+                self.block_typed.append(t.name)
+            # a block type comes out as bf16 (the release's dtype; its 1.5 GB embedding stays that size)
+            dtype, name = own.get(qt, (torch.bfloat16, "BF16"))
+            self.tensors[s.hf], self.dtypes[s.hf] = t, dtype
+            self.stored[s.hf] = StoredTensor(s.hf, self.path, name, shape, int(t.data_offset), int(t.n_bytes))
+
+    def get_tensor(self, name: str):
+        return dequantize_tensor(self.tensors[name], self.dtypes[name])
+
+    def get_slice(self, name: str):
+        outer = self
+
+        class Rows:
+            def __getitem__(self, sl: slice):
+                a, b, _ = sl.indices(outer.stored[name].shape[0])
+                return dequantize_tensor(outer.tensors[name], outer.dtypes[name], rows=(a, b))
+
+        return Rows()
 
 
 def packed_tensor(t, dtype=None):

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from dgplug.checkpoint import DTYPES, dtype_name, open_safetensors, read_index, torch_dtype
+from dgplug.checkpoint import DTYPES, INDEX, dtype_name, open_safetensors, read_index, torch_dtype
 from dgplug.config import read_config_json, refuse_quantized
 from dgplug.errors import CheckpointError, DGPlugError, FormatError, InputError
 
@@ -345,8 +345,44 @@ def _header(outs: list[_Out]) -> bytes:
 _WEIGHT_EXT = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
-def plan_conversion(src_dir, scheme: str, group_size: int = 128, quantize_embedding: bool = False):
+def gguf_source(path, allow_requantize: bool = False):
+    """(config.json dict, GGUFTensors) of a DiffusionGemma GGUF as the converter's source; a GGUF
+    whose weights are already of a block type is refused without allow_requantize (llama-quantize's
+    --allow-requantize: a second quantization is worse than one of the original weights)."""
+    from dgplug.config import TINY_VISION
+
+    from .gguf_import import GGUFTensors, hf_config_files, open_gguf
+
+    reader = open_gguf(path)
+    handle = GGUFTensors(reader)
+    if handle.block_typed and not allow_requantize:
+        t = next(t for t in reader.tensors if t.name == handle.block_typed[0])
+        more = f" (and {len(handle.block_typed) - 1} more)" if len(handle.block_typed) > 1 else ""
+        raise InputError(f"{path}: tensor {t.name} is {t.tensor_type.name}{more}: the GGUF is already quantized; "
+                         f"quantizing it again is worse than quantizing the original weights: pass "
+                         f"--allow-requantize (allow_requantize=True) to go on")
+    raw, _ = hf_config_files(reader)
+    raw.setdefault("vision_config", dict(TINY_VISION))  # none in a GGUF: transformers' loader's placeholder
+    return raw, handle
+
+
+def read_source(src, allow_requantize: bool = False):
+    """(config.json dict, where it was read, {name: StoredTensor}, GGUFTensors or None) of a checkpoint
+    directory or of a GGUF file (gguf_source)."""
+    from .gguf_requant import is_gguf
+
+    if is_gguf(src):
+        raw, handle = gguf_source(src, allow_requantize)
+        return raw, f"{src} (GGUF metadata)", handle.stored, handle
+    raw, cfg_path = read_config_json(src)
+    refuse_quantized(raw, cfg_path)
+    return raw, str(cfg_path), read_index(src), None
+
+
+def plan_conversion(src_dir, scheme: str, group_size: int = 128, quantize_embedding: bool = False,
+                    allow_requantize: bool = False, source=None):
     """Validate the inputs and decide, tensor by tensor, what is written. Reads headers only.
+    `src_dir`: a checkpoint directory, or a GGUF file; `source`: its read_source, when read already.
 
     Returns (raw config dict, list of jobs). Raises before anything is written.
     """
@@ -358,11 +394,9 @@ def plan_conversion(src_dir, scheme: str, group_size: int = 128, quantize_embedd
         raise InputError(f"unknown quantization scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
     if scheme == "int4" and (not isinstance(group_size, int) or group_size <= 0 or group_size % 2):
         raise InputError(f"group size {group_size!r} must be a positive even integer")
-    raw, cfg_path = read_config_json(src)
-    refuse_quantized(raw, cfg_path)
-    cfg = from_dict(raw, str(cfg_path))
+    raw, cfg_path, stored, _ = source or read_source(src, allow_requantize)
+    cfg = from_dict(raw, cfg_path)
     specs = {s.hf: s for s in text_tensors(cfg.text)}
-    stored = read_index(src)
     jobs: list[_Job] = []
     for t in sorted(stored.values(), key=lambda t: (t.file, t.name)):  # shard by shard, as they are read
         if t.dtype not in DTYPES:
@@ -433,8 +467,10 @@ def _rows_per_chunk(job: _Job, budget: int = 256 << 20) -> int:
 def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, quantize_embedding: bool = False,
                         progress: bool = True, clip: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                         overwrite: bool = False, imatrix=None, *, revision: str | None = None,
-                        token: str | bool | None = None) -> Path:
-    """Convert a Hugging Face DiffusionGemma checkpoint into a dgplug-quantized safetensors directory.
+                        token: str | bool | None = None, allow_requantize: bool = False) -> Path:
+    """Convert a Hugging Face DiffusionGemma checkpoint (or a DiffusionGemma GGUF: its config,
+    generation config and tokenizer written as a checkpoint's; see gguf_source for allow_requantize)
+    into a dgplug-quantized safetensors directory.
 
     imatrix: an importance matrix (path to an imatrix GGUF, or converters.imatrix.Imatrix): int4
     groups then pick the scale/zero with the least importance-weighted error (see quantize_int4).
@@ -446,9 +482,13 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
     """
     from dgplug import hub
 
-    src = hub.resolve(src_dir, revision=revision, token=token)
+    from .gguf_requant import is_gguf
+
+    src = Path(src_dir) if is_gguf(src_dir) else hub.resolve(src_dir, revision=revision, token=token)
     out = Path(out_dir)
-    raw, jobs = plan_conversion(src, scheme, group_size, quantize_embedding)
+    source = read_source(src, allow_requantize) if scheme in SCHEMES else None  # else plan_conversion's error
+    raw, jobs = plan_conversion(src, scheme, group_size, quantize_embedding, source=source)
+    gguf = source[3]
     importance = _importance_by_tensor(raw, jobs, imatrix) if imatrix is not None else {}
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise InputError(f"{out}: exists and is not empty (pass overwrite to replace it)")
@@ -477,10 +517,17 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
             "format_version": FORMAT_VERSION,
         }
         _write_text(tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        for p in sorted(src.iterdir()):
-            if p.is_file() and not p.name.startswith(".") and p.name not in ("config.json", "model.safetensors.index.json") \
-                    and not p.name.endswith(_WEIGHT_EXT):
-                _copy_file(p, tmp / p.name)
+        if gguf is not None:  # what a checkpoint has beside its weights, from the GGUF's metadata
+            from .gguf_import import hf_config_files, tokenizer_from_gguf
+
+            gen = hf_config_files(gguf.reader)[1]
+            _write_text(tmp / "generation_config.json", json.dumps(gen, indent=2, sort_keys=True) + "\n")
+            tokenizer_from_gguf(gguf.reader).save_pretrained(str(tmp))
+        else:
+            for p in sorted(src.iterdir()):
+                if p.is_file() and not p.name.startswith(".") and p.name not in ("config.json", INDEX) \
+                        and not p.name.endswith(_WEIGHT_EXT):
+                    _copy_file(p, tmp / p.name)
         weight_map: dict[str, str] = {}
         total_size = 0
         handles: dict[str, object] = {}
@@ -498,7 +545,7 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
                         bar.update(task, tensor=job.src)
                         if job.file not in handles:
                             handles.clear()  # one source shard open at a time
-                            handles[job.file] = open_safetensors(src / job.file)
+                            handles[job.file] = gguf or open_safetensors(src / job.file)
                         _convert_job(handles[job.file], job, f, group_size, clip, f"{where} (tensor {job.src})",
                                      lambda b: bar.advance(task, b), importance.get(job.src))
                     try:

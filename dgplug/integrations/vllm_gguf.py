@@ -52,7 +52,7 @@ def find_gguf(model) -> Path:
 
 def prepare_serving_dir(gguf, out, overwrite: bool = False) -> Path:
     """Write DIR for `vllm serve DIR --load-format dgplug-gguf` from a GGUF file alone."""
-    from dgplug.converters.gguf_import import gguf_to_config, open_gguf, tokenizer_from_gguf
+    from dgplug.converters.gguf_import import hf_config_files, open_gguf, tokenizer_from_gguf
 
     gguf, out = Path(gguf).resolve(), Path(out).absolute()
     if out.resolve() == gguf.parent or out.resolve() in gguf.parents:
@@ -60,15 +60,8 @@ def prepare_serving_dir(gguf, out, overwrite: bool = False) -> Path:
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: pass --overwrite (overwrite=True) to replace it")
     reader = open_gguf(gguf)  # validated, parsed once for the config and the tokenizer
-    raw = gguf_to_config(reader)
-    gen = raw.pop("generation_config")
-    mask = raw.pop("mask_token_id", None)
+    raw, gen = hf_config_files(reader)
     raw["architectures"] = [ARCH]
-    if mask is not None:
-        raw["mask_token_id"] = mask
-    bound = gen.pop("entropy_bound", None)
-    if bound is not None:
-        gen["sampler_config"] = {"entropy_bound": bound, "_cls_name": "EntropyBoundSamplerConfig"}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     old = None
