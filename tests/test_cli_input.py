@@ -62,6 +62,13 @@ def test_gguf_given_to_convert(tiny_ckpt_smooth, tmp_path):
     shards = sorted(tmp_path.glob("s-*.gguf"))
     _one_error_line(runner.invoke(app, ["convert", str(shards[0]), str(shards[-1]), "-q", "Q8_0", "--overwrite"]),
                     "is a shard of the source")
+    # llama-quantize's COPY joins the shards (the one-file F16, byte for byte), --keep-split keeps them
+    r = runner.invoke(app, ["convert", str(shards[0]), str(tmp_path / "j.gguf"), "-q", "copy", "--quiet"])
+    assert r.exit_code == 0 and (tmp_path / "j.gguf").read_bytes() == g.read_bytes(), r.output
+    r = runner.invoke(app, ["convert", str(shards[0]), str(tmp_path / "k.gguf"), "-q", "q8_0", "--keep-split", "--quiet"])
+    assert r.exit_code == 0 and len(list(tmp_path.glob("k-*-of-*.gguf"))) == len(shards) > 1, r.output
+    _one_error_line(runner.invoke(app, ["convert", str(tiny_ckpt_smooth), str(tmp_path / "c.gguf"), "-q", "COPY"]),
+                    "--quant COPY (llama-quantize's) applies to a GGUF source")
 
 
 def test_big_file_is_not_read(tmp_path):

@@ -162,3 +162,29 @@ def test_gguf_of_block_types_to_safetensors(tmp_path):
     emb = next(t for t in GGUFReader(q8).tensors if t.name == "token_embd.weight")
     want = torch.from_numpy(gq.dequantize(np.asarray(emb.data), T.Q8_0)).to(torch.bfloat16)
     assert torch.equal(got["model.decoder.embed_tokens.weight"], want)  # the embedding: bf16
+
+
+def test_copy_and_keep_split_as_llama_quantize(f32, tmp_path):
+    # COPY joins a split GGUF into the one-file export and re-shards one, byte for byte; --keep-split writes
+    # the source's shards (the same partition as a direct export split by the same count)
+    one, first = f32
+    shards = sorted(first.parent.glob("split-*.gguf"))
+    joined = export_gguf(first, tmp_path / "joined.gguf", quant="COPY", progress=False, workers=1)
+    assert joined.read_bytes() == one.read_bytes()
+    again = export_gguf(one, tmp_path / "split.gguf", quant="COPY", progress=False, workers=1, split_max_tensors=40)
+    assert [p.read_bytes() for p in sorted(tmp_path.glob("split-*.gguf"))] == [p.read_bytes() for p in shards]
+    assert again.name == shards[0].name
+    kept = export_gguf(first, tmp_path / "q8.gguf", quant="Q8_0", progress=False, workers=1, keep_split=True)
+    direct = export_gguf(SUDOKU, tmp_path / "d" / "q8.gguf", quant="Q8_0", progress=False, workers=1,
+                         split_max_tensors=40)
+    got, want = sorted(tmp_path.glob("q8-*.gguf")), sorted((tmp_path / "d").glob("q8-*.gguf"))
+    assert kept == got[0] and len(got) == len(shards) and [p.read_bytes() for p in got] == [p.read_bytes() for p in want]
+    q8 = export_gguf(one, tmp_path / "one-q8.gguf", quant="Q8_0", progress=False, workers=1, keep_split=True)
+    assert q8 == tmp_path / "one-q8.gguf"  # a source in one file: one file (llama-quantize: OUT-00001-of-00001)
+    for kw, msg in (({"quant": "COPY"}, "--quant COPY .* applies to a GGUF source"),
+                    ({"quant": "Q8_0", "keep_split": True}, "--keep-split .* applies to a GGUF source")):
+        with pytest.raises(InputError, match=msg):
+            export_gguf(SUDOKU, tmp_path / "x.gguf", progress=False, workers=1, **kw)
+    with pytest.raises(InputError, match="--keep-split writes the source's shards"):
+        export_gguf(first, tmp_path / "x.gguf", quant="Q8_0", keep_split=True, split_max_tensors=10, progress=False)
+    assert not (tmp_path / "x.gguf").exists()

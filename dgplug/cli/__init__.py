@@ -235,8 +235,8 @@ def convert(
     quant: str = typer.Option(..., "--quant", "-q",
                               help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L "
                                    "Q3_K_M Q3_K_S Q2_K Q2_K_S IQ4_XS IQ4_NL (GGUF, any case; llama-quantize's aliases "
-                                   "Q5_K Q4_K Q3_K are Q5_K_M Q4_K_M Q3_K_M, its numbers too, 15 = Q4_K_M; Q2_K_S needs --imatrix) or int4 int8 fp8 "
-                                   "(safetensors)."),
+                                   "Q5_K Q4_K Q3_K are Q5_K_M Q4_K_M Q3_K_M, its numbers too, 15 = Q4_K_M; Q2_K_S needs --imatrix; "
+                                   "COPY: a GGUF SRC's tensors as they are) or int4 int8 fp8 (safetensors)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", show_default=False,
                                              help="int4 only: group size along the input dimension (default 128)."),
     overwrite: bool = flag(False, "--overwrite",
@@ -262,6 +262,8 @@ def convert(
                                                       "llama.cpp), named OUT-00001-of-0000n.gguf; e.g. 48G."),
     split_max_tensors: Optional[int] = typer.Option(None, "--split-max-tensors", show_default=False,
                                                     help="GGUF: shards of at most N tensors."),
+    keep_split: bool = flag(False, "--keep-split", help="A split GGUF SRC, as llama-quantize: OUT in the same shards "
+                                                        "(OUT-00001-of-0000n.gguf)."),
     allow_requantize: bool = flag(False, "--allow-requantize",
                                   help="A GGUF SRC, as llama-quantize: quantize tensors that are quantized already "
                                        "(worse than from the original weights); without it only F32/F16/BF16 "
@@ -280,7 +282,7 @@ def convert(
 
     per_tensor = dict(tensor_type=tuple(tensor_type or ()), pure=pure, token_embedding_type=token_embedding_type,
                       output_tensor_type=output_tensor_type, split_max_size=split_max_size,
-                      split_max_tensors=split_max_tensors)
+                      split_max_tensors=split_max_tensors, keep_split=keep_split)
     common.run(lambda: run(src, out, quant, group_size, overwrite, threads, quiet or common.STATE["quiet"], imatrix,
                            per_tensor, allow_requantize), debug, quiet)
 

@@ -16,13 +16,15 @@ def quant_arg(quant: str, group_size: int | None) -> str:
     from dgplug.converters.gguf_export import ALIASES, FILE_TYPES as GGUF_TYPES, file_type
 
     q = quant.strip()
-    if q.isdigit():  # llama-quantize's numbers: the file type's general.file_type (15 = Q4_K_M)
+    if q.upper() == "COPY":  # llama-quantize's: every tensor as it is (a GGUF source; checked with it)
+        q = "COPY"
+    elif q.isdigit():  # llama-quantize's numbers: the file type's general.file_type (15 = Q4_K_M)
         from dgplug.converters.gguf_export import RECIPES
 
         q = next((name for name, r in RECIPES.items() if int(r["ftype"]) == int(q)), q)
     if q.lower() in QUANT_SCHEMES:
         q = q.lower()
-    elif file_type(q) in GGUF_TYPES:  # any case; llama-quantize's aliases (Q4_K = Q4_K_M, ...) give their target
+    elif q == "COPY" or file_type(q) in GGUF_TYPES:  # any case; llama-quantize's aliases (Q4_K = Q4_K_M, ...)
         q = file_type(q)
     else:
         raise CLIError(f"--quant {quant!r}: choose a GGUF type ({', '.join(GGUF_TYPES)}; aliases "
@@ -59,7 +61,8 @@ def gguf_options_arg(q: str, per_tensor: dict | None) -> dict:
     from dgplug.converters.gguf_export import parse_overrides
     from dgplug.errors import InputError
 
-    kw = {"split_max_size": split_size_arg(given.pop("split_max_size", None))}
+    kw = {"split_max_size": split_size_arg(given.pop("split_max_size", None)),
+          "keep_split": given.pop("keep_split", False)}
     tensors = given.pop("split_max_tensors", None)
     if tensors is not None and tensors <= 0:
         raise CLIError(f"--split-max-tensors {tensors}: give a positive number")
@@ -79,7 +82,7 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
 
     q = quant_arg(quant, group_size)
     gguf_kw = gguf_options_arg(q, per_tensor)
-    if imatrix is None and q not in QUANT_SCHEMES:
+    if imatrix is None and q not in QUANT_SCHEMES and q != "COPY":
         from dgplug.converters.gguf_export import RECIPES
 
         if RECIPES[q]["imatrix"]:

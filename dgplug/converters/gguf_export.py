@@ -720,10 +720,11 @@ def _jobs_for(item: PlanItem):
 def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True, workers: int | None = None,
                 name: str | None = None, *, revision: str | None = None, token: str | bool | None = None,
                 imatrix=None, overwrite: bool = True, overrides: Overrides | None = None,
-                split_max_size: int = 0, split_max_tensors: int = 0, allow_requantize: bool = False) -> Path:
+                split_max_size: int = 0, split_max_tensors: int = 0, allow_requantize: bool = False,
+                keep_split: bool = False) -> Path:
     """Convert the HF checkpoint in `src_dir` (a directory or a hub id "owner/name", see dgplug.hub), or
     the GGUF file `src_dir` (its first shard when split; as llama-quantize does, see gguf_requant;
-    `allow_requantize`: its --allow-requantize), to a GGUF at `out_path`; returns out_path. `imatrix`:
+    `allow_requantize`, `keep_split` and quant "COPY": its options), to a GGUF at `out_path`; returns out_path. `imatrix`:
     see the module docstring. overwrite=False: a file at out_path when the conversion ends is kept,
     and the result refused (converters.output).
     `overrides` (Overrides, parse_overrides): llama-quantize's --tensor-type, --pure,
@@ -738,15 +739,21 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     if imatrix is None and quant in RECIPES and RECIPES[quant]["imatrix"]:
         raise InputError(f"{quant} needs an importance matrix (llama-quantize refuses it without one): make one with "
                          "`dgplug imatrix SRC --calib TEXT -o imatrix.gguf` and pass it with --imatrix")
-    from .gguf_requant import copy_metadata, is_gguf, plan_requant
+    from .gguf_requant import COPY, copy_metadata, is_gguf, plan_requant, source_file_type
 
     out = Path(out_path)
+    if keep_split and (split_max_size or split_max_tensors):
+        raise InputError("--keep-split writes the source's shards: give it or --split-max-size/--split-max-tensors")
     if is_gguf(src_dir):
         src = Path(src_dir)
-        cfg, items, warnings, reader = plan_requant(src, quant, imatrix is not None, overrides, allow_requantize)
+        cfg, items, warnings, kv = plan_requant(src, quant, imatrix is not None, overrides, allow_requantize)
+        ftype = source_file_type(kv) if quant == COPY else int(RECIPES[quant]["ftype"])
+    elif quant == COPY or keep_split:
+        what = "--quant COPY" if quant == COPY else "--keep-split"
+        raise InputError(f"{what} (llama-quantize's) applies to a GGUF source, not to the checkpoint {src_dir}")
     else:
         repo = str(src_dir) if hub.is_hub_id(src_dir) else None
-        src, reader = hub.resolve(src_dir, revision=revision, token=token), None
+        src, kv = hub.resolve(src_dir, revision=revision, token=token), None
         cfg, items, warnings = plan_export(src, quant, imatrix is not None, overrides)
     imps, im_meta = {}, None
     if imatrix is not None:
@@ -779,10 +786,15 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             import multiprocessing as mp
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
             pool = ctx.Pool(workers, initializer=_worker_init)
-        if reader is None:  # after the fork: the workers need none of what reading the tokenizer imports and keeps
+        if kv is None:  # after the fork: the workers need none of what reading the tokenizer imports and keeps
             gen, tokv = load_generation_defaults(src), read_tokenizer(src, cfg.text.vocab_size, cfg.raw)
         w = GGUFWriter(tmp, ARCH, split_max_tensors=split_max_tensors, split_max_size=split_max_size)
+        shard = None  # keep_split: a new output shard where the source's shard changes (llama-quantize's rule)
         for it in items:
+            if keep_split and it.src is not None and it.src.file != shard:
+                if shard is not None:
+                    w.tensors.append({})
+                shard = it.src.file
             w.add_tensor_info(it.gguf, it.shape, np.dtype(np.float32), it.nbytes, raw_dtype=it.qtype)
         shard_of = {name: i for i, shard in enumerate(w.tensors) for name in shard}
         if len(w.tensors) == 1:  # all fits in one file: no split keys, and no "not splitting" warning from gguf-py
@@ -792,10 +804,10 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
             there = [t for t in targets if t.exists()] if not overwrite else []
             if there:
                 raise InputError(f"{there[0]} exists: pass --overwrite to replace it")
-        if reader is None:
+        if kv is None:
             _add_metadata(w, src, cfg, gen, tokv, quant, name, repo, im_meta)
         else:
-            copy_metadata(w, reader, int(RECIPES[quant]["ftype"]), lambda w: add_imatrix_keys(w, im_meta), name)
+            copy_metadata(w, kv, ftype, lambda w: add_imatrix_keys(w, im_meta), name)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()

@@ -481,74 +481,93 @@ def hf_config_files(reader) -> tuple[dict, dict]:
     return raw, gen
 
 
-def dequantize_tensor(t, dtype=None, rows: tuple[int, int] | None = None):
-    """One ReaderTensor -> torch tensor in numpy (= HF) dim order; `rows` (a, b): only [a:b] of its
-    first dimension (of a 2-D or 3-D tensor), read from the file's map alone."""
+def dequantize_tensor(t, dtype=None):
+    """One ReaderTensor -> torch tensor in numpy (= HF) dim order."""
     import torch
     from gguf import quants
 
     shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-    data = np.asarray(t.data)
-    if rows is not None:
-        data, shape = data[rows[0]:rows[1]], (rows[1] - rows[0],) + shape[1:]
     qt = T(int(t.tensor_type))
     if qt == T.F32:
-        out = torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))
+        out = torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(shape))
     elif qt == T.BF16:
-        u16 = np.array(data).view(np.uint16).reshape(shape)
+        u16 = np.array(t.data).view(np.uint16).reshape(shape)
         out = torch.from_numpy(u16.view(np.int16)).view(torch.bfloat16)
     else:
-        arr = quants.dequantize(data, qt)
+        arr = quants.dequantize(np.asarray(t.data), qt)
         out = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
     if dtype is not None:
         out = out.to(dtype)
     return out
 
 
+def stored_tensors(path) -> dict:
+    """GGUF name -> dgplug.checkpoint.StoredTensor (shard file, ggml type name, numpy shape, absolute
+    offset, bytes) for every tensor of the (possibly split) GGUF at `path`, from each shard's checked
+    header (validate_gguf: no gguf-py reader, whose objects for a 262k-token vocabulary take hundreds of MB)."""
+    from dgplug.checkpoint import StoredTensor
+
+    out = {}
+    for p in shard_paths(path, validate_gguf(path)["metadata"]):
+        v = validate_gguf(p, any_model=True)
+        for name, dims, qt, off, nb in v["tensors"]:
+            out[name] = StoredTensor(name, str(p), qt.name, tuple(reversed(dims)), v["data_offset"] + off, nb)
+    return out
+
+
 class GGUFTensors:
     """A GGUF's weights by Hugging Face name, read as safe_open's handle is read by the int4/int8/fp8
-    converter (`get_tensor(name)`, `get_slice(name)[a:b]`): dequantised, rows of the first dimension
-    at a time from the file's map. `dtypes`: hf name -> torch dtype; `stored`: hf name -> StoredTensor
-    (dtype the safetensors name of that dtype; file the GGUF) for the converter's plan; `block_typed`:
-    the GGUF names of tensors of a block type (already quantized)."""
+    converter (`get_tensor(name)`, `get_slice(name)[a:b]`): rows of the first dimension read from the
+    file (positional reads) and dequantised by gguf-py. `stored`: hf name -> StoredTensor whose dtype
+    is the safetensors name of what comes out (F32, F16 and BF16 as they are; a block type as BF16, the
+    release's dtype, so its 1.5 GB embedding stays that size); `block_typed`: (GGUF name, type) of the
+    tensors of a block type (already quantized)."""
 
-    def __init__(self, reader):
-        import torch
+    _OWN = ("F32", "F16", "BF16")
 
-        from dgplug.checkpoint import StoredTensor
+    def __init__(self, path, cfg_dict: dict):
+        from dataclasses import replace
 
-        self.reader = reader
-        self.path = str(getattr(reader.data, "filename", "GGUF"))
-        specs = _name_map(gguf_to_config(reader))
-        own = {T.F32: (torch.float32, "F32"), T.F16: (torch.float16, "F16"), T.BF16: (torch.bfloat16, "BF16")}
-        self.tensors, self.dtypes, self.stored, self.block_typed = {}, {}, {}, []
-        for t in reader.tensors:
-            if t.name == ROPE_FREQS_GGUF:
+        specs = _name_map(cfg_dict)
+        self.path, self.ggml, self.stored, self.block_typed = str(path), {}, {}, []
+        for name, st in stored_tensors(path).items():
+            if name == ROPE_FREQS_GGUF:
                 continue
-            s = specs.get(t.name)
+            s = specs.get(name)
             if s is None:
-                raise FormatError(f"{self.path}: unknown tensor {t.name!r}")
-            shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-            if shape != tuple(s.shape):
-                raise FormatError(f"{self.path}: tensor {t.name!r} has shape {list(shape)}, expected {list(s.shape)}")
-            qt = T(int(t.tensor_type))
-            if qt not in own:
-                self.block_typed.append(t.name)
-            # a block type comes out as bf16 (the release's dtype; its 1.5 GB embedding stays that size)
-            dtype, name = own.get(qt, (torch.bfloat16, "BF16"))
-            self.tensors[s.hf], self.dtypes[s.hf] = t, dtype
-            self.stored[s.hf] = StoredTensor(s.hf, self.path, name, shape, int(t.data_offset), int(t.n_bytes))
+                raise FormatError(f"{self.path}: unknown tensor {name!r}")
+            if st.shape != tuple(s.shape):
+                raise FormatError(f"{st.file}: tensor {name!r} has shape {list(st.shape)}, expected {list(s.shape)}")
+            if st.dtype not in self._OWN:
+                self.block_typed.append((name, st.dtype))
+            self.ggml[s.hf] = st
+            self.stored[s.hf] = replace(st, name=s.hf, dtype=st.dtype if st.dtype in self._OWN else "BF16")
 
     def get_tensor(self, name: str):
-        return dequantize_tensor(self.tensors[name], self.dtypes[name])
+        return self.get_slice(name)[:]
 
     def get_slice(self, name: str):
-        outer = self
+        import torch
+
+        from dgplug.checkpoint import torch_dtype
+
+        from .gguf_export import _read_rows
+
+        st, dtype = self.ggml[name], torch_dtype(self.stored[name].dtype)
+        per, cols = int(np.prod(st.shape[1:-1], dtype=np.int64)), st.shape[-1]
 
         class Rows:
             def __getitem__(self, sl: slice):
-                a, b, _ = sl.indices(outer.stored[name].shape[0])
-                return dequantize_tensor(outer.tensors[name], outer.dtypes[name], rows=(a, b))
+                a, b, _ = sl.indices(st.shape[0] if len(st.shape) > 1 else 1)
+                raw = _read_rows(st, a * per, b * per, cols) if len(st.shape) > 1 else _read_rows(st, 0, 1, cols)
+                shape = (b - a,) + st.shape[1:] if len(st.shape) > 1 else st.shape
+                if st.dtype == "BF16":
+                    return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(shape)
+                if st.dtype in ("F32", "F16"):
+                    return torch.from_numpy(raw).reshape(shape)
+                from gguf import quants
+
+                return torch.from_numpy(quants.dequantize(raw, T[st.dtype])).reshape(shape).to(dtype)
 
         return Rows()
 

@@ -14,7 +14,11 @@ metadata, as llama.cpp's llama-quantize (`llama_model_quantize_impl`) does:
   is copied byte for byte; F32, F16 and BF16 tensors are quantized; a tensor of another block type is
   requantized only with allow_requantize (llama-quantize's --allow-requantize: "requantizing from
   type X is disabled" otherwise), decoded by gguf-py first;
-* rope_freqs (not a weight) is copied as it is.
+* rope_freqs and the tensors llama-quantize never quantizes (norms, the router, 1-D ones) keep their type;
+* file type COPY (llama-quantize's) copies every tensor as it is and keeps the source's file type: with
+  the split options it re-shards a GGUF, without them it joins a split one; keep_split (--keep-split)
+  writes the output in the source's shards (a new shard where the source's changes; one file when the
+  source is one; llama-quantize names that one OUT-00001-of-00001.gguf).
 
 So a requantized F32 GGUF is byte for byte the file `export_gguf` makes from the checkpoint it came
 from. The source is read row range by row range from its shards (plain positional reads), as a
@@ -28,14 +32,14 @@ from pathlib import Path
 from gguf import GGUFReader, GGUFValueType as VT
 from gguf import GGMLQuantizationType as T
 
-from dgplug.checkpoint import StoredTensor
 from dgplug.config import from_dict
 from dgplug.errors import FormatError, InputError
 from dgplug.names import ROPE_FREQS_GGUF
 
-from .gguf_import import gguf_to_config, open_gguf, shard_paths, validate_gguf
+from .gguf_import import gguf_to_config, open_gguf, stored_tensors
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # what llama-quantize quantizes without --allow-requantize
+COPY = "COPY"  # llama-quantize's file type that copies every tensor as it is (the source's file type kept)
 _REPLACED = ("general.file_type", "general.quantization_version")  # set to the new file's values, in place
 
 
@@ -49,29 +53,42 @@ def is_gguf(path) -> bool:
         return False
 
 
-def _stored(path: Path) -> dict[str, StoredTensor]:
-    """Every tensor of the (possibly split) GGUF at `path`: shard file, ggml type name, numpy shape,
-    absolute offset and size, from each shard's own reader."""
-    out = {}
-    for p in shard_paths(path, validate_gguf(path)["metadata"]):
-        for t in GGUFReader(str(p), "r").tensors:
-            shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
-            out[t.name] = StoredTensor(t.name, str(p), T(int(t.tensor_type)).name, shape, int(t.data_offset),
-                                       int(t.n_bytes))
+def source_metadata(reader: GGUFReader) -> list[tuple]:
+    """The source's key-values as (key, value type, array element type or None, value): strings as
+    their bytes, arrays as lists; gguf-py's reader (hundreds of MB of small objects for a 262k-token
+    vocabulary) can then be let go before the converter forks its workers."""
+    path = getattr(reader.data, "filename", "GGUF")
+    out = []
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue  # the header's own counts
+        vtype = f.types[0]
+        if vtype == VT.STRING:
+            out.append((key, vtype, None, bytes(f.parts[f.data[0]])))
+        elif vtype == VT.ARRAY:
+            sub = f.types[-1] if len(f.types) == 2 else None
+            if sub is None or not f.data:
+                raise FormatError(f"{path}: metadata {key!r} is {'an empty' if not f.data else 'a nested'} array, "
+                                  f"which gguf-py's writer cannot copy")
+            out.append((key, vtype, sub, [bytes(f.parts[i]) for i in f.data] if sub == VT.STRING else f.contents()))
+        else:
+            out.append((key, vtype, None, f.contents()))
     return out
 
 
 def plan_requant(path, quant: str, imatrix: bool = False, overrides=None, allow_requantize: bool = False):
-    """(Config, the ordered tensor plan, warnings, the source's reader) for requantizing the GGUF at
+    """(Config, the ordered tensor plan, warnings, the source's key-values) for requantizing the GGUF at
     `path` to file type `quant`; every refusal (an unknown or misshaped tensor, a missing one, a
     quantized tensor to requantize without allow_requantize) is one error naming the tensor."""
-    from .gguf_export import PlanItem, rope_freqs, tensor_types, unmatched_overrides
+    from .gguf_export import PlanItem, quantisable, rope_freqs, tensor_types, unmatched_overrides
 
     path = Path(path)
     reader = open_gguf(path)  # validated; a split GGUF's shards checked and joined
     cfg = from_dict(gguf_to_config(reader), f"{path} (GGUF metadata)")
-    stored = _stored(path)
-    types = {s.gguf: (s, t) for s, t in tensor_types(cfg.text, quant, imatrix, overrides)}
+    stored = stored_tensors(path)
+    if quant == COPY and (imatrix or overrides):
+        raise InputError("--quant COPY copies every tensor as it is: --imatrix and the per-tensor options do not apply")
+    types = {s.gguf: (s, t) for s, t in tensor_types(cfg.text, "F32" if quant == COPY else quant, imatrix, overrides)}
     items, refused = [], []
     for name, st in stored.items():
         if name == ROPE_FREQS_GGUF:
@@ -82,6 +99,8 @@ def plan_requant(path, quant: str, imatrix: bool = False, overrides=None, allow_
         spec, qt = types[name]
         if st.shape != tuple(spec.shape):
             raise FormatError(f"{st.file}: tensor {name!r} has shape {list(st.shape)}, expected {list(spec.shape)}")
+        if quant == COPY or not quantisable(name, len(st.shape)):  # llama-quantize keeps these as they are
+            qt = T[st.dtype]
         if st.dtype != qt.name and st.dtype not in FLOAT_TYPES and not allow_requantize:
             refused.append((name, st.dtype, qt.name))
         items.append(PlanItem(name, st.shape, qt, st))
@@ -97,19 +116,22 @@ def plan_requant(path, quant: str, imatrix: bool = False, overrides=None, allow_
                          f"of the original weights)")
     if ROPE_FREQS_GGUF not in stored:  # llama.cpp reads it for the full layers' partial rotation
         items.insert(0, PlanItem(ROPE_FREQS_GGUF, (cfg.text.global_head_dim // 2,), T.F32, None, rope_freqs(cfg.text)))
-    return cfg, items, unmatched_overrides(list(types.values()), overrides), reader
+    return cfg, items, unmatched_overrides(list(types.values()), overrides), source_metadata(reader)
 
 
-def copy_metadata(w, reader: GGUFReader, ftype: int, imatrix_keys, name: str | None = None) -> None:
-    """The source's key-values into writer `w` (module docstring); `imatrix_keys(w)` adds the new
-    imatrix's keys after general.quantization_version (where a conversion of the checkpoint writes
-    them); `name`: a new general.name."""
-    path = getattr(reader.data, "filename", "GGUF")
+def source_file_type(kv: list[tuple]) -> int:
+    """The source's general.file_type (what --quant COPY keeps); 0 (all F32) where it has none."""
+    return next((int(v) for key, _, _, v in kv if key == "general.file_type"), 0)
+
+
+def copy_metadata(w, kv: list[tuple], ftype: int, imatrix_keys, name: str | None = None) -> None:
+    """The source's key-values (source_metadata) into writer `w` (module docstring); `imatrix_keys(w)`
+    adds the new imatrix's keys after general.quantization_version (where a conversion of the
+    checkpoint writes them); `name`: a new general.name."""
     seen = set()
-    for key, f in reader.fields.items():
-        if key.startswith(("GGUF.", "split.", "quantize.imatrix.")) or key == "general.architecture":
-            continue  # the header's own counts; the writer's architecture key (the same value)
-        vtype = f.types[0]
+    for key, vtype, sub, value in kv:
+        if key.startswith(("split.", "quantize.imatrix.")) or key == "general.architecture":
+            continue  # the writer's architecture key has the same value
         if key in _REPLACED:
             w.add_uint32(key, ftype if key == "general.file_type" else 2)
             seen.add(key)
@@ -117,17 +139,8 @@ def copy_metadata(w, reader: GGUFReader, ftype: int, imatrix_keys, name: str | N
                 imatrix_keys(w)
         elif key == "general.name" and name is not None:
             w.add_string(key, name)
-        elif vtype == VT.STRING:
-            w.add_key_value(key, bytes(f.parts[f.data[0]]), vtype)
-        elif vtype == VT.ARRAY:
-            sub = f.types[-1] if len(f.types) == 2 else None
-            if sub is None or not f.data:
-                raise FormatError(f"{path}: metadata {key!r} is {'an empty' if not f.data else 'a nested'} array, "
-                                  f"which gguf-py's writer cannot copy")
-            vals = [bytes(f.parts[i]) for i in f.data] if sub == VT.STRING else f.contents()
-            w.add_key_value(key, vals, vtype, sub_type=sub)
         else:
-            w.add_key_value(key, f.contents(), vtype)
+            w.add_key_value(key, value, vtype, sub_type=sub)
     for key in _REPLACED:
         if key not in seen:
             w.add_uint32(key, ftype if key == "general.file_type" else 2)

@@ -353,15 +353,13 @@ def gguf_source(path, allow_requantize: bool = False):
 
     from .gguf_import import GGUFTensors, hf_config_files, open_gguf
 
-    reader = open_gguf(path)
-    handle = GGUFTensors(reader)
+    raw, _ = hf_config_files(open_gguf(path))  # gguf-py's reader: only while the config is read
+    handle = GGUFTensors(path, raw)
     if handle.block_typed and not allow_requantize:
-        t = next(t for t in reader.tensors if t.name == handle.block_typed[0])
-        more = f" (and {len(handle.block_typed) - 1} more)" if len(handle.block_typed) > 1 else ""
-        raise InputError(f"{path}: tensor {t.name} is {t.tensor_type.name}{more}: the GGUF is already quantized; "
-                         f"quantizing it again is worse than quantizing the original weights: pass "
+        (name, qtype), n = handle.block_typed[0], len(handle.block_typed)
+        raise InputError(f"{path}: tensor {name} is {qtype}{f' (and {n - 1} more)' if n > 1 else ''}: the GGUF is "
+                         f"already quantized; quantizing it again is worse than quantizing the original weights: pass "
                          f"--allow-requantize (allow_requantize=True) to go on")
-    raw, _ = hf_config_files(reader)
     raw.setdefault("vision_config", dict(TINY_VISION))  # none in a GGUF: transformers' loader's placeholder
     return raw, handle
 
@@ -518,11 +516,13 @@ def quantize_checkpoint(src_dir, out_dir, scheme: str, group_size: int = 128, qu
         }
         _write_text(tmp / "config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if gguf is not None:  # what a checkpoint has beside its weights, from the GGUF's metadata
-            from .gguf_import import hf_config_files, tokenizer_from_gguf
+            from .gguf_import import hf_config_files, open_gguf, tokenizer_from_gguf
 
-            gen = hf_config_files(gguf.reader)[1]
+            reader = open_gguf(src)
+            gen = hf_config_files(reader)[1]
             _write_text(tmp / "generation_config.json", json.dumps(gen, indent=2, sort_keys=True) + "\n")
-            tokenizer_from_gguf(gguf.reader).save_pretrained(str(tmp))
+            tokenizer_from_gguf(reader).save_pretrained(str(tmp))
+            del reader
         else:
             for p in sorted(src.iterdir()):
                 if p.is_file() and not p.name.startswith(".") and p.name not in ("config.json", INDEX) \
