@@ -365,3 +365,37 @@ def test_ctrl_c_outside_a_command_exits_quietly():
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert r.returncode == 130 and r.stdout == printed, (r.returncode, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+
+
+def test_dry_run_plans_what_a_conversion_writes(tiny_ckpt_smooth, tmp_path, monkeypatch):
+    # --dry-run (llama-quantize's): the table's tensors per type are those the real conversion writes,
+    # and nothing is written; OUT may be left out only then
+    import re
+
+    from gguf import GGUFReader
+    from safetensors import safe_open
+
+    monkeypatch.chdir(tmp_path)
+    src = str(tiny_ckpt_smooth)
+
+    def table(args):
+        r = runner.invoke(app, ["convert", src, *args, "--dry-run"])
+        assert r.exit_code == 0 and r.stdout.splitlines()[-1].endswith("nothing written (--dry-run)"), r.output
+        return {m[1]: int(m[2]) for m in re.finditer(r"^ (\S+(?: \(kept\))?) +(\d+) ", r.stdout, re.M)}
+
+    plan = table(["-q", "Q4_K_M", "--tensor-type", "attn_q=q8_0"])
+    assert runner.invoke(app, ["convert", src, "m.gguf", "-q", "Q4_K_M", "--tensor-type", "attn_q=q8_0",
+                               "--quiet"]).exit_code == 0
+    written = {}
+    for t in GGUFReader(tmp_path / "m.gguf").tensors:
+        written[t.tensor_type.name] = written.get(t.tensor_type.name, 0) + 1
+    assert plan == written and "Q8_0" in plan
+    plan = table(["-q", "int4", "out-ignored"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # the dry runs wrote nothing
+    assert runner.invoke(app, ["convert", src, "q", "-q", "int4", "--quiet"]).exit_code == 0
+    names = [k for p in (tmp_path / "q").glob("*.safetensors") for k in safe_open(str(p), "pt").keys()]
+    qweights = sum(k.endswith(".qweight") for k in names)
+    kept = len(names) - 3 * qweights  # an int4 weight is its qweight, scale and zero
+    assert plan == {"int4": qweights, "F32 (kept)": kept}
+    r = runner.invoke(app, ["convert", src, "-q", "Q8_0"])
+    assert r.exit_code == 2 and "Missing argument 'OUT' (only --dry-run goes without one)" in r.stderr, r.output

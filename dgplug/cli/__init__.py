@@ -228,10 +228,13 @@ def demo(
 
 @app.command(cls=_Command)
 def convert(
+    ctx: typer.Context,
     src: str = typer.Argument(..., metavar="SRC", help="Hugging Face DiffusionGemma directory, or a DiffusionGemma "
                                                        "GGUF (requantized as llama-quantize does); sudoku: the "
                                                        "embedded model."),
-    out: str = typer.Argument(..., metavar="OUT", help="OUT.gguf for GGUF types, a directory for int4/int8/fp8."),
+    out: Optional[str] = typer.Argument(None, metavar="OUT", show_default=False,
+                                        help="OUT.gguf for GGUF types, a directory for int4/int8/fp8 (none with "
+                                             "--dry-run)."),
     quant: str = typer.Option(..., "--quant", "-q",
                               help="F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S Q3_K_L "
                                    "Q3_K_M Q3_K_S Q2_K Q2_K_S IQ4_XS IQ4_NL (GGUF, any case; llama-quantize's aliases "
@@ -264,6 +267,8 @@ def convert(
                                                     help="GGUF: shards of at most N tensors."),
     keep_split: bool = flag(False, "--keep-split", help="A split GGUF SRC, as llama-quantize: OUT in the same shards "
                                                         "(OUT-00001-of-0000n.gguf)."),
+    dry_run: bool = flag(False, "--dry-run", help="As llama-quantize: print the types and sizes the output would "
+                                                  "have (per type, with bits per weight) and write nothing."),
     allow_requantize: bool = flag(False, "--allow-requantize",
                                   help="A GGUF SRC, as llama-quantize: quantize tensors that are quantized already "
                                        "(worse than from the original weights); without it only F32/F16/BF16 "
@@ -277,14 +282,18 @@ def convert(
     Example: dgplug convert ./diffusiongemma ./dg-int4 --quant int4 --group-size 64
 
     Example: dgplug convert ./dg-BF16.gguf ./dg-Q4_K_M.gguf --quant Q4_K_M
+
+    Example: dgplug convert ./diffusiongemma --quant Q3_K_M --dry-run
     """
     from .convert import run
 
+    if out is None and not dry_run:
+        raise common._click_class("UsageError")("Missing argument 'OUT' (only --dry-run goes without one)", ctx=ctx)
     per_tensor = dict(tensor_type=tuple(tensor_type or ()), pure=pure, token_embedding_type=token_embedding_type,
                       output_tensor_type=output_tensor_type, split_max_size=split_max_size,
                       split_max_tensors=split_max_tensors, keep_split=keep_split)
     common.run(lambda: run(src, out, quant, group_size, overwrite, threads, quiet or common.STATE["quiet"], imatrix,
-                           per_tensor, allow_requantize), debug, quiet)
+                           per_tensor, allow_requantize, dry_run), debug, quiet)
 
 
 @app.command("imatrix", cls=_Command)

@@ -74,8 +74,53 @@ def gguf_options_arg(q: str, per_tensor: dict | None) -> dict:
     return kw
 
 
-def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool, threads: int | None,
-        quiet: bool, imatrix: str | None = None, per_tensor: dict | None = None, allow_requantize: bool = False) -> None:
+def dry_run(src: str, source, q: str, group_size: int | None, imatrix: str | None, gguf_kw: dict,
+            allow_requantize: bool) -> None:
+    """What the conversion would write, per ggml type (or per kept / quantized kind for int4/int8/fp8),
+    and its size, as llama-quantize --dry-run; nothing is written."""
+    import math
+
+    from rich.table import Table
+
+    from . import common
+    from .info import human
+
+    rows: dict[str, list[int]] = {}
+
+    def add(label: str, params: int, nbytes: int) -> None:
+        r = rows.setdefault(label, [0, 0, 0])
+        r[0], r[1], r[2] = r[0] + 1, r[1] + params, r[2] + nbytes
+
+    if q in QUANT_SCHEMES:
+        from dgplug.checkpoint import dtype_name
+        from dgplug.converters.quant import plan_conversion
+
+        _, jobs = plan_conversion(source, q, group_size or 128, allow_requantize=allow_requantize)
+        size_in = sum(j.in_bytes for j in jobs)
+        for j in jobs:
+            add(q if j.action != "copy" else f"{dtype_name(j.dtype)} (kept)", math.prod(j.shape),
+                sum(o.nbytes for o in j.outs))
+    else:
+        from dgplug.converters.gguf_export import plan_gguf
+
+        _, _, items, _, _ = plan_gguf(source, q, imatrix is not None, gguf_kw.get("overrides"), allow_requantize)
+        size_in = sum(it.src.nbytes for it in items if it.src is not None)
+        for it in items:
+            add(it.qtype.name, math.prod(it.shape), it.nbytes)
+    t = Table(box=None)
+    for col in ("type", "tensors", "parameters", "size", "bits per weight"):
+        t.add_column(col, justify="left" if col == "type" else "right")
+    for label, (n, params, nbytes) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
+        t.add_row(label, str(n), human(params), human(nbytes, "B"), f"{8 * nbytes / params:.2f}")
+    common.out.print(t)
+    params, nbytes = sum(r[1] for r in rows.values()), sum(r[2] for r in rows.values())
+    common.out.print(f"{src} as {q}: {human(nbytes, 'B')} of tensors, {8 * nbytes / params:.2f} bits per weight, "
+                     f"from {human(size_in, 'B')}; nothing written (--dry-run)")
+
+
+def run(src: str, out: str | None, quant: str, group_size: int | None, overwrite: bool, threads: int | None,
+        quiet: bool, imatrix: str | None = None, per_tensor: dict | None = None, allow_requantize: bool = False,
+        dry: bool = False) -> None:
     from pathlib import Path
 
     from . import common
@@ -101,6 +146,8 @@ def run(src: str, out: str, quant: str, group_size: int | None, overwrite: bool,
     gguf_source = isinstance(source, Path) and source.is_file()
     if allow_requantize and not gguf_source:
         raise CLIError(f"--allow-requantize applies to a GGUF source; {src} is a checkpoint of original weights")
+    if dry:
+        return dry_run(src, source, q, group_size, imatrix, gguf_kw, allow_requantize)
     target = output_arg(out, source, q, overwrite)
     if gguf_source:  # the output must not replace any shard of the source (a split GGUF's others too)
         from dgplug.converters.gguf_import import shard_paths, validate_gguf

@@ -705,6 +705,21 @@ def unmatched_overrides(types: list[tuple], overrides: Overrides | None) -> list
             if not any(re.search(pattern, s.gguf) for s, _ in types if quantisable(s.gguf, len(s.shape)))]
 
 
+def plan_gguf(src_dir, quant: str, imatrix: bool = False, overrides: Overrides | None = None,
+              allow_requantize: bool = False, *, revision: str | None = None, token: str | bool | None = None):
+    """(source path, Config, tensor plan, warnings, the source's key-values or None) of a GGUF conversion
+    from a checkpoint (directory or hub id: plan_export) or from a GGUF file (gguf_requant.plan_requant)."""
+    from .gguf_requant import COPY, is_gguf, plan_requant
+
+    if is_gguf(src_dir):
+        src = Path(src_dir)
+        return (src, *plan_requant(src, quant, imatrix, overrides, allow_requantize))
+    if quant == COPY:
+        raise InputError(f"--quant COPY (llama-quantize's) applies to a GGUF source, not to the checkpoint {src_dir}")
+    src = hub.resolve(src_dir, revision=revision, token=token)
+    return (src, *plan_export(src, quant, imatrix, overrides), None)
+
+
 def _jobs_for(item: PlanItem):
     shape = item.shape
     cols = shape[-1]
@@ -739,22 +754,18 @@ def export_gguf(src_dir, out_path, quant: str = "Q4_K_M", progress: bool = True,
     if imatrix is None and quant in RECIPES and RECIPES[quant]["imatrix"]:
         raise InputError(f"{quant} needs an importance matrix (llama-quantize refuses it without one): make one with "
                          "`dgplug imatrix SRC --calib TEXT -o imatrix.gguf` and pass it with --imatrix")
-    from .gguf_requant import COPY, copy_metadata, is_gguf, plan_requant, source_file_type
+    from .gguf_requant import COPY, copy_metadata, source_file_type
 
     out = Path(out_path)
     if keep_split and (split_max_size or split_max_tensors):
         raise InputError("--keep-split writes the source's shards: give it or --split-max-size/--split-max-tensors")
-    if is_gguf(src_dir):
-        src = Path(src_dir)
-        cfg, items, warnings, kv = plan_requant(src, quant, imatrix is not None, overrides, allow_requantize)
+    repo = str(src_dir) if hub.is_hub_id(src_dir) else None
+    src, cfg, items, warnings, kv = plan_gguf(src_dir, quant, imatrix is not None, overrides, allow_requantize,
+                                              revision=revision, token=token)
+    if kv is not None:
         ftype = source_file_type(kv) if quant == COPY else int(RECIPES[quant]["ftype"])
-    elif quant == COPY or keep_split:
-        what = "--quant COPY" if quant == COPY else "--keep-split"
-        raise InputError(f"{what} (llama-quantize's) applies to a GGUF source, not to the checkpoint {src_dir}")
-    else:
-        repo = str(src_dir) if hub.is_hub_id(src_dir) else None
-        src, kv = hub.resolve(src_dir, revision=revision, token=token), None
-        cfg, items, warnings = plan_export(src, quant, imatrix is not None, overrides)
+    elif keep_split:
+        raise InputError(f"--keep-split (llama-quantize's) applies to a GGUF source, not to the checkpoint {src_dir}")
     imps, im_meta = {}, None
     if imatrix is not None:
         from .imatrix import NEVER_COLLECTED, Imatrix
