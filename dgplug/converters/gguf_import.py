@@ -2,8 +2,8 @@
 
 Entry points (what `dgplug.load("x.gguf")` and `dgplug inspect FILE.gguf` call):
 
-    open_gguf(path) -> gguf.GGUFReader
-        Validates the file first (`validate_gguf`), then opens it with gguf-py's reader.
+    open_gguf(path) -> gguf_reader.GGUFFile
+        Validates the file first (`validate_gguf`), then maps it (gguf-py's reader's names, read fast).
     validate_gguf(path) -> dict
         Walks the header, every metadata value and every tensor record with bounds checks
         against the file size BEFORE anything is allocated: wrong magic/version, truncation,
@@ -47,6 +47,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFReader, GGUFVa
 
 from dgplug.errors import FormatError
 from dgplug.names import GEMMA4_VISIBLE_TOKENS, ROPE_FREQS_GGUF, TOKENS_SPACED, text_tensors
+
+from .gguf_reader import GGUFFile
 
 ARCH = "diffusion-gemma"
 GGUF_MAGIC = b"GGUF"
@@ -264,8 +266,9 @@ def validate_gguf(path, any_model: bool = False) -> dict:
                 metadata=meta, tensors=infos)
 
 
-def open_gguf(path, mode: str = "r", any_model: bool = False) -> GGUFReader:
-    """Validated, then memory-mapped by gguf-py ("c": copy-on-write, so tensors can view it). The
+def open_gguf(path, mode: str = "r", any_model: bool = False) -> GGUFFile:
+    """Validated, then memory-mapped by gguf_reader.GGUFFile (gguf-py's reader's names, at the speed of
+    the bytes; "c": copy-on-write, so tensors can view it). The
     first shard of a split GGUF (llama.cpp's gguf-split) opens the whole model: its reader lists
     the tensors of every shard."""
     meta = validate_gguf(path, any_model)["metadata"]
@@ -275,10 +278,10 @@ def open_gguf(path, mode: str = "r", any_model: bool = False) -> GGUFReader:
     return reader
 
 
-def _gguf_reader(path, mode: str) -> GGUFReader:
+def _gguf_reader(path, mode: str) -> GGUFFile:
     try:
-        return GGUFReader(str(path), mode)
-    except (ValueError, KeyError, IndexError) as e:
+        return GGUFFile(str(path), mode)
+    except (ValueError, KeyError, IndexError, struct.error) as e:
         raise FormatError(f"{path}: malformed GGUF ({e})") from None
 
 
@@ -303,7 +306,7 @@ def shard_paths(path, meta: dict) -> list[Path]:
     return [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
-def _join_shards(path, reader: GGUFReader, meta: dict, mode: str) -> None:
+def _join_shards(path, reader: GGUFFile, meta: dict, mode: str) -> None:
     """The other shards' tensors appended to the first shard's reader (each checked as a file first)."""
     paths = shard_paths(path, meta)
     names = {t.name for t in reader.tensors}
@@ -337,8 +340,8 @@ def model_file(files: list[Path]) -> Path | None:
     return next(f for f, m in zip(files, ms) if int(m["no"]) == 1)
 
 
-def _reader(r) -> GGUFReader:
-    return r if isinstance(r, GGUFReader) else open_gguf(r)
+def _reader(r) -> GGUFFile:
+    return r if isinstance(r, (GGUFFile, GGUFReader)) else open_gguf(r)
 
 
 def _f32(v) -> float:
@@ -346,7 +349,7 @@ def _f32(v) -> float:
     return float(f"{float(v):.7g}")
 
 
-def _field(reader: GGUFReader, key: str, default=None):
+def _field(reader: GGUFFile, key: str, default=None):
     f = reader.get_field(key)
     if f is None:
         return default
@@ -590,7 +593,7 @@ def iter_hf_tensors(path, dtype=None, packed: bool = False) -> Iterator[tuple[st
     come as GGMLWeight views of the file instead of dequantised tensors."""
     from dgplug.kernels.ggml import PACKED_TYPES
 
-    reader = path if isinstance(path, GGUFReader) else open_gguf(path, "c" if packed else "r")
+    reader = path if isinstance(path, (GGUFFile, GGUFReader)) else open_gguf(path, "c" if packed else "r")
     path = getattr(reader.data, "filename", path)  # the file, for messages
     specs = _name_map(gguf_to_config(reader))
     for t in reader.tensors:

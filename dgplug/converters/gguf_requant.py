@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gguf import GGUFReader, GGUFValueType as VT
+from gguf import GGUFValueType as VT
 from gguf import GGMLQuantizationType as T
 
 from dgplug.config import from_dict
@@ -53,26 +53,21 @@ def is_gguf(path) -> bool:
         return False
 
 
-def source_metadata(reader: GGUFReader) -> list[tuple]:
-    """The source's key-values as (key, value type, array element type or None, value): strings as
-    their bytes, arrays as lists; gguf-py's reader (hundreds of MB of small objects for a 262k-token
-    vocabulary) can then be let go before the converter forks its workers."""
+def source_metadata(reader) -> list[tuple]:
+    """The source's key-values (a gguf_reader.GGUFFile's) as (key, value type, array element type or
+    None, value): strings as their bytes, arrays as lists."""
     path = getattr(reader.data, "filename", "GGUF")
     out = []
     for key, f in reader.fields.items():
         if key.startswith("GGUF."):
             continue  # the header's own counts
         vtype = f.types[0]
-        if vtype == VT.STRING:
-            out.append((key, vtype, None, bytes(f.parts[f.data[0]])))
-        elif vtype == VT.ARRAY:
-            sub = f.types[-1] if len(f.types) == 2 else None
-            if sub is None or not f.data:
-                raise FormatError(f"{path}: metadata {key!r} is {'an empty' if not f.data else 'a nested'} array, "
-                                  f"which gguf-py's writer cannot copy")
-            out.append((key, vtype, sub, [bytes(f.parts[i]) for i in f.data] if sub == VT.STRING else f.contents()))
+        if vtype == VT.ARRAY:
+            if not f.data:
+                raise FormatError(f"{path}: metadata {key!r} is an empty array, which gguf-py's writer cannot copy")
+            out.append((key, vtype, f.types[-1], f.raw if f.types[-1] == VT.STRING else f.contents()))
         else:
-            out.append((key, vtype, None, f.contents()))
+            out.append((key, vtype, None, f.raw if vtype == VT.STRING else f.contents()))
     return out
 
 
