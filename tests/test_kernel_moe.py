@@ -459,6 +459,42 @@ def test_quantized_with_half_activations(impl):
     close(out, reference(x, idx, w, q1, q2), 1e-2)
 
 
+def _overflowing_fp16_case(scheme, device):
+    """fp16 activations whose gelu_tanh(gate) * up reaches ~1e6 (fp16 ends at 65504) while the
+    output stays near 300: big gate/up rows, a small down projection."""
+    gu, dn = make_weights()
+    gu, dn = gu * 400, dn * 1e-3
+    if scheme is not None:
+        gu = QuantizedWeight.quantize(gu, scheme, group_size=64).to(device)
+        dn = QuantizedWeight.quantize(dn, scheme, group_size=64).to(device)
+    else:
+        gu, dn = gu.to(device, torch.float16), dn.to(device, torch.float16)
+    w, idx = make_routing(device=device)
+    x = make_x(dtype=torch.float16, device=device)
+    deq = lambda t: t.dequantize() if isinstance(t, QuantizedWeight) else t  # noqa: E731
+    g = torch.einsum("td,end->ten", x.float().cpu(), deq(gu).float().cpu())
+    act = torch.nn.functional.gelu(g[..., :I], approximate="tanh") * g[..., I:]
+    assert act.abs().max() > 4 * 65504  # the intermediate does overflow fp16
+    return x, idx, w, gu, dn
+
+
+@pytest.mark.parametrize("scheme,cfg", [(None, {}), (None, dict(SWAP_AB=True)), ("int8", {}), ("fp8", {}),
+                                        ("int4", dict(SWAP_AB=False)), ("int4", dict(SWAP_AB=True))])
+def test_fp16_intermediate_does_not_overflow(scheme, cfg):
+    """fp16 activations: h = gelu_tanh(gate) * up above 65504 stays finite on every kernel path
+    (plain, swapped, int8, fp8, int4 folded unswapped / swapped with the h tile sums) as in the
+    twin: the Triton path keeps h in fp32 (it was fp16 there: inf, then NaN in all 2304 outputs)."""
+    dev = _device()
+    x, idx, w, gu, dn = _overflowing_fp16_case(scheme, dev)
+    twin = moe_forward_torch(x, idx, w, gu, dn)
+    assert twin.isfinite().all()
+    close(twin, reference(x, idx, w, gu, dn), 1e-2)
+    if M.HAS_TRITON:
+        out = MT.moe_forward_triton(x, idx, w, gu, dn, config=cfg)
+        assert out.dtype == torch.float16 and out.isfinite().all()
+        close(out, twin, 1e-2)
+
+
 def test_quantized_layout_and_roundtrip():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(3, 8, 64, generator=g)

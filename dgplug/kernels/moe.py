@@ -74,7 +74,9 @@ def moe_forward_torch(x, topk_index, topk_weights, gate_up, down):
     """Plain PyTorch: sort pairs by expert, one pair of matmuls per expert hit, fp32 sum.
 
     Quantized weights are dequantised one expert at a time. On CPU (and for fp32 inputs) the
-    matmuls run in fp32; on CUDA with half inputs they run in x.dtype with fp32 accumulation.
+    matmuls run in fp32; on CUDA with half inputs they run in x.dtype with fp32 accumulation,
+    except the down matmul with fp16 inputs: gelu_tanh(gate) * up stays fp32 there (as the Triton
+    path keeps it: in fp16 it overflows above 65504 while the output can be finite).
     Deterministic: CPU index_add_, or on CUDA a per-pair buffer summed over the K slots.
     """
     T, D, E, I, K = _check_args(x, topk_index, topk_weights, gate_up, down)
@@ -83,6 +85,7 @@ def moe_forward_torch(x, topk_index, topk_weights, gate_up, down):
         return torch.zeros_like(x)
     on_cpu = x.device.type == "cpu"
     cdt = torch.float32 if (on_cpu or x.dtype == torch.float32) else x.dtype
+    hdt = torch.float32 if cdt == torch.float16 else cdt  # the down matmul's inputs (h and its weight)
 
     flat_e = topk_index.reshape(-1).long()
     key = torch.where((flat_e >= 0) & (flat_e < E), flat_e, torch.full_like(flat_e, E))
@@ -106,8 +109,8 @@ def moe_forward_torch(x, topk_index, topk_weights, gate_up, down):
         wgu = expert_weight(gate_up, e, cdt)
         h = F.linear(xs_all[sl], wgu).float()
         del wgu
-        act = (F.gelu(h[:, :I], approximate="tanh") * h[:, I:]).to(cdt)
-        wd = expert_weight(down, e, cdt)
+        act = (F.gelu(h[:, :I], approximate="tanh") * h[:, I:]).to(hdt)
+        wd = expert_weight(down, e, hdt)
         y = F.linear(act, wd).float() * w_sorted[sl, None]
         del wd
         if on_cpu:

@@ -556,8 +556,8 @@ if backend.HAS_TRITON:
         inner = 1.5957691216057308 * (acc_g + 0.044715 * acc_g * acc_g * acc_g)
         hval = (acc_g / (1.0 + tl.exp(-inner)) * acc_u).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + offs_m[None, :].to(tl.int64) * stride_hm + rows_g[:, None], hval, mask=nmask[:, None])
-        if HSUM:  # the stored values, as the down step reads them
-            hs = tl.sum(tl.where(nmask[:, None], hval.to(CDT).to(tl.float32), 0.0), axis=0)
+        if HSUM:  # the stored values, as the down step reads them (in h's dtype: its CDT)
+            hs = tl.sum(tl.where(nmask[:, None], hval.to(tl.float32), 0.0), axis=0)
             tl.store(hs_ptr + offs_m.to(tl.int64) * stride_hs + pid_n, hs)
 
     @triton.jit
@@ -873,9 +873,16 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     # magic-number nibble conversion (folded-scale int4 path only, 16-bit compute)
     magic = {torch.bfloat16: 1, torch.float16: 2}.get(cdt, 0) if cfg.get("MAGIC", True) else 0
     bias = (0.0, 128.0, 1024.0)[magic]
+    # h = gelu_tanh(gate) * up, the down step's activations: in cdt, except with fp16 activations,
+    # where it is kept in fp32 (gate and up near 256 already make it overflow fp16's 65504: inf, then
+    # NaN, where the fp32 twin stays finite) and the down step's dots take fp32 operands as tf32 (fp16's
+    # 10-bit mantissa, fp32's range; fp16 weights are exact in it). Bytes: 2 more per element of h
+    # ([blocks * BLOCK_M, I]: at T=2048, top-8, I=704, 24448 rows, +34 MB written and read once, against
+    # 1.5 GB of 16-bit expert weights read).
+    hdt = torch.float32 if cdt == torch.float16 else cdt
     sorted_ids, block_expert, num_blocks = _align(topk_index, E, bm)
     topk_w = topk_weights.reshape(-1).float().contiguous()
-    h = torch.empty(num_blocks * bm, I, dtype=cdt, device=dev)
+    h = torch.empty(num_blocks * bm, I, dtype=hdt, device=dev)
     hs8 = torch.empty(num_blocks * bm, triton.cdiv(I, cfg["BLOCK_N1"]), dtype=torch.float32, device=dev) if a8 else h
     pairs = torch.empty(TK, D, dtype=torch.float32, device=dev)  # every routed pair's row is written
 
@@ -895,6 +902,10 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
     fold2 = wq2 == 1 and g2 % cfg["BLOCK_K2"] == 0 and cfg.get("INT4_FOLD", True)
     swap2 = fold2 and cfg.get("SWAP_AB", False)
     hsum = xsum and swap1 and swap2 and cfg["BLOCK_N1"] == cfg["BLOCK_K2"]
+    if hdt != cdt:  # the down step reads h in fp32 (tf32 dots; no magic nibbles: they are 16-bit)
+        swap_down = dict(swap, CDT=_tl_dtype(hdt), MAGIC=0, BIAS=0.0)
+    else:
+        swap_down = swap
     hs = torch.empty(h.shape[0], grid1[1], dtype=torch.float32, device=dev) if hsum else h
     if swap1:
         xs = tile_sums(x, cfg["BLOCK_K1"], cdt) if xsum else x
@@ -928,7 +939,7 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w, hs, TK, D, I, h.stride(0),
             sw2[0], sw2[1], sw2[2], ss2[0], ss2[1], ss2[2], pairs.stride(0), hs.stride(0),
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"], GROUP=g2, HALVES=halves2,
-            EVEN_K=even2, XSUM=hsum, FRAG=frag2, **swap)
+            EVEN_K=even2, XSUM=hsum, FRAG=frag2, **swap_down)
     else:
         _moe_down_kernel[grid2](
             h, q2, s2, z2, pairs, sorted_ids, block_expert, topk_w,
@@ -938,9 +949,9 @@ def moe_forward_triton(x, topk_index, topk_weights, gate_up, down, *, config: di
             ss2[0], ss2[1], ss2[2],
             pairs.stride(0),
             BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K2"],
-            GROUP=g2, WQ=wq2, CDT=_tl_dtype(cdt), IEEE=ieee,
+            GROUP=g2, WQ=wq2, CDT=swap_down["CDT"], IEEE=ieee,
             INT4_TILE_GROUP=fold2,
-            MAGIC=magic, BIAS=bias, EVEN_K=even2,
+            MAGIC=swap_down["MAGIC"], BIAS=swap_down["BIAS"], EVEN_K=even2,
             hs_ptr=hs8, stride_hs=hs8.stride(0), A8=a8, GGML_RUNS=runs,
             SWAP=bool(cfg.get("SWAP_AB", False)) and wq2 in (0, 2, 3) and not a8,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
