@@ -396,3 +396,58 @@ def test_torch_path_many_tiles_matches_reference(scale):
     _assert_close_to(out, ref)
     if scale == 0.01:
         assert not torch.equal(ref.token, ref.argmax)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_temperature_is_the_greedy_limit(impl, dtype):
+    """T = 0 (or any T below softcap * 2^-90) gives the T -> 0 limit on every path: the argmax as
+    token, zero entropy, the argmax's table row as soft embedding; two tied maxima: entropy log 2 and
+    their mean. It divided by 0 before: l = +-inf, NaN entropy and soft, and the first positive logit
+    as argmax and token. Rows at ordinary temperatures in the same call are unchanged."""
+    h, table, temp = _case(n=6, vocab=200, d=16, dtype=dtype, scale=1.0)
+    table[150] = table[int(torch.argmax(h[0] @ table.float().T))]  # row 0: two tied maxima
+    logits = torch.tanh((h @ table.float().T) / 30.0) * 30.0
+    greedy = torch.argmax(logits, dim=-1)
+    temp[3:] = torch.tensor([0.0, 1e-40, 1e-30])  # rows 3..5: 0, below the floor, near it
+    temp[1] = 0.0
+    run = (lambda **kw: head_sample_reference(h, table, **kw)) if impl == "reference" else \
+        (lambda **kw: _run(impl, h, table, vocab_tile=32, **({"chunk": 64} if impl == "triton" else {}), **kw))
+    for t in (0.0, temp):
+        out = run(temperature=t, seed=4, step=2)
+        cold = torch.ones(6, dtype=torch.bool) if isinstance(t, float) else temp < 1e-3
+        assert torch.isfinite(out.entropy).all() and torch.isfinite(out.soft).all()
+        assert torch.equal(out.argmax[cold], greedy[cold])
+        assert torch.equal(out.token[cold & (torch.arange(6) > 0)], greedy[cold & (torch.arange(6) > 0)])
+        tie = torch.tensor([float(torch.log(torch.tensor(2.0)))] + [0.0] * 5)
+        torch.testing.assert_close(out.entropy[cold], tie[cold], atol=1e-6, rtol=0)
+        want = table.float()[greedy]
+        want[0] = table.float()[greedy[0]]  # the tied rows are equal: their mean is that row
+        torch.testing.assert_close(out.soft[cold], want[cold], atol=1e-6, rtol=0)
+        assert int(out.token[0]) in (int(greedy[0]), 150)
+        if not isinstance(t, float):  # the warm rows as before: the reference at their own temperature
+            _assert_close_to(out, head_sample_reference(h, table, temperature=temp.clamp_min(1e-20), seed=4, step=2),
+                             table_dtype=dtype, max_soft=1e-2, mean_soft=1e-3)
+
+
+def test_zero_temperature_matches_transformers_limit():
+    """transformers' own sampler arithmetic (LinearTemperatureScheduleLogitsProcessor, Categorical
+    entropy, argmax) at the smallest temperature its generate can apply with t_min = 0, t_max = 1e-20
+    (one step: 1e-20 / N) equals dgplug at T = 0: the limit. At T = 0 itself (cur_step 0, which its
+    generate never runs: steps go N..1) transformers' logits are +-inf and its entropy NaN."""
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import LinearTemperatureScheduleLogitsProcessor
+
+    h, table, _ = _case(n=5, vocab=120, d=16, scale=1.0)
+    logits = (torch.tanh((h @ table.T) / 30.0) * 30.0)[None]  # [1, N, V], the model's head output
+    proc = LinearTemperatureScheduleLogitsProcessor(t_min=0.0, t_max=1e-20, max_denoising_steps=48)
+    scaled = proc(None, logits, cur_step=torch.tensor(1, dtype=torch.int32))
+    hf_entropy = torch.distributions.Categorical(logits=scaled).entropy()[0]
+    ours = head_sample_reference(h, table, temperature=0.0)
+    for out in (ours, head_sample(h, table, temperature=0.0, impl="torch")):
+        assert torch.equal(out.argmax, torch.argmax(scaled, dim=-1)[0])
+        assert torch.equal(out.token, out.argmax)
+        torch.testing.assert_close(out.entropy, hf_entropy.float(), atol=1e-6, rtol=0)
+        probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)[0]  # what its multinomial draws from
+        assert torch.equal(probs.argmax(-1), out.token) and bool((probs.max(-1).values == 1).all())
+    at_zero = proc(None, logits, cur_step=torch.tensor(0, dtype=torch.int32))
+    assert torch.isinf(at_zero).any() and torch.softmax(at_zero, dim=-1, dtype=torch.float32).isnan().all()

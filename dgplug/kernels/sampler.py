@@ -9,7 +9,7 @@ is walked in tiles and no [N, V] tensor ever exists.
 Per row n and vocabulary entry v (E the tied embedding [V, D], T the step temperature):
 
     logit_v = softcap * tanh((h_n . E_v in fp32) / softcap)      softcap = 30
-    l_v     = logit_v / T
+    l_v     = logit_v / max(T, softcap * 2^-90)               (T = 0: the T -> 0 limit, see TEMP_FLOOR)
     argmax  = first v with the largest l_v (torch.argmax's tie rule)
     entropy = -sum_v p_v log p_v,  p = softmax(l)                (nats, fp32)
     token   = argmax_v (l_v + g_v),  g_v = -log(-log u_v)         (Gumbel-max: a draw from p)
@@ -166,16 +166,27 @@ def _gumbel(u: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _row_temperature(temperature, n: int, device) -> torch.Tensor:
-    """The temperature as fp32 [N] (a python float or a per-row tensor)."""
+# Temperatures below softcap * 2^-90, 0 included, act as that floor: the T -> 0 limit of every output
+# (the argmax as token, zero entropy, the argmax's row as soft embedding; k tied maxima: log k, their
+# mean), with l = logit / T finite: |l| <= 2^90, so l - m and the rescale's (m_old - m) * z (z < V e^8)
+# stay finite in fp32. Plain division gave l = +-inf at T = 0 (and below ~8.8e-38): NaN entropy and
+# soft embedding, and as argmax and token the first positive logit. transformers' generate never
+# divides by 0 (its schedule's lowest temperature is (t_max - t_min) / N > 0, validated); at a tiny
+# positive temperature its Categorical entropy, argmax and multinomial give this same limit.
+TEMP_FLOOR = 2.0 ** -90  # times softcap
+
+
+def _row_temperature(temperature, n: int, device, floor: float | None = None) -> torch.Tensor:
+    """The temperature as fp32 [N] (a python float or a per-row tensor), at least `floor` if given."""
     if isinstance(temperature, torch.Tensor):
         t = temperature.to(device=device, dtype=torch.float32).reshape(-1)
         if t.numel() == 1:
             t = t.expand(n)
         if t.numel() != n:
             raise ValueError(f"temperature has {t.numel()} values for {n} rows")
-        return t.contiguous()
-    return torch.full((n,), float(temperature), dtype=torch.float32, device=device)
+        return t.contiguous() if floor is None else t.clamp_min(floor)
+    t = float(temperature)
+    return torch.full((n,), t if floor is None else max(t, floor), dtype=torch.float32, device=device)
 
 
 def _round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -210,7 +221,7 @@ def head_sample_reference(h, embedding, *, softcap=SOFTCAP, temperature=1.0, see
     n = h.shape[0]
     logits = h.float() @ embedding.float().T
     logits = torch.tanh(logits / softcap) * softcap
-    l = logits / _row_temperature(temperature, n, h.device)[:, None]
+    l = logits / _row_temperature(temperature, n, h.device, abs(softcap) * TEMP_FLOOR)[:, None]
     argmax = torch.argmax(l, dim=-1)
     logp = torch.log_softmax(l, dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -451,7 +462,7 @@ def _head_sample_torch(h, embedding, *, softcap, temperature, seed, step, row_of
     chunks = [(r0, min(r0 + rc, n)) for r0 in range(0, n, rc)]
     workers = max(1, min(workers, len(chunks)))
     vt = int(min(vocab_tile or _torch_tile(min(rc, n), d, embedding.dtype, want_soft, workers), vocab))
-    temp = _row_temperature(temperature, n, dev)
+    temp = _row_temperature(temperature, n, dev, abs(softcap) * TEMP_FLOOR)
     keys = _as_int32(canvas_row_keys(seed, step, n, row_offset, device=dev) if keys is None else keys)
     cols_golden = _as_int32(_mul32(torch.arange(vocab, dtype=torch.int64, device=dev), _GOLDEN))
     token = torch.empty(n, dtype=torch.long, device=dev)
@@ -581,7 +592,7 @@ if triton is not None:
         a 16-bit table's rounding step is large (tiny temperatures: exp(l' - m) overflowed to inf)."""
         row = tl.program_id(0)
         r64 = row.to(tl.int64)
-        temp = tl.load(temp_ptr + row)
+        temp = tl.maximum(tl.load(temp_ptr + row), softcap * 8.077935669463161e-28)  # the floor: softcap * 2^-90
         key = tl.load(key_ptr + row).to(tl.uint32)
         m_old = tl.load(m_ptr + row)
         ms_old = _round_soft(m_old, ROUND_BF16, ROUND_F16)
