@@ -451,3 +451,26 @@ def test_zero_temperature_matches_transformers_limit():
         assert torch.equal(probs.argmax(-1), out.token) and bool((probs.max(-1).values == 1).all())
     at_zero = proc(None, logits, cur_step=torch.tensor(0, dtype=torch.int32))
     assert torch.isinf(at_zero).any() and torch.softmax(at_zero, dim=-1, dtype=torch.float32).isnan().all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
+def test_low_temperature_keeps_the_fp16_soft_embedding_finite(impl):
+    """fp16 table: l' = l rounded to fp16 overflowed to inf once l = logit / T passed 65504 (T = 1e-4
+    here; a generate with t_min = 0 and t_max = 0.02 gets there): soft NaN on every path, as in
+    transformers (softmax of its fp16 logits). Now l itself stands where fp16 overflows: finite, equal
+    to transformers' softmax(l.half()) @ E wherever that is finite, the argmax's row at T = 0."""
+    h, table, _ = _case(n=4, vocab=100, d=16, dtype=torch.float16, scale=1.0)
+    logits = torch.tanh((h @ table.float().T) / 30.0) * 30.0
+    run = (lambda **kw: head_sample_reference(h, table, **kw)) if impl == "reference" else \
+        (lambda **kw: _run(impl, h, table, vocab_tile=32, **({"chunk": 64} if impl == "triton" else {}), **kw))
+    for t in (1e-4, 0.0, 1e-3):
+        out = run(temperature=t)
+        assert torch.isfinite(out.soft).all()
+        l = logits / max(t, 30.0 * 2.0 ** -90)
+        hf = torch.softmax(l.half(), dim=-1, dtype=torch.float32).to(table.dtype).float() @ table.float()
+        fine = torch.isfinite(hf).all(-1)
+        if t == 1e-4:
+            assert not fine.all()  # transformers' NaN rows exist here
+        torch.testing.assert_close(out.soft[fine], hf[fine], atol=2e-3, rtol=0)
+        if t == 0.0:
+            torch.testing.assert_close(out.soft, table.float()[logits.argmax(-1)], atol=1e-6, rtol=0)

@@ -14,7 +14,8 @@ Per row n and vocabulary entry v (E the tied embedding [V, D], T the step temper
     entropy = -sum_v p_v log p_v,  p = softmax(l)                (nats, fp32)
     token   = argmax_v (l_v + g_v),  g_v = -log(-log u_v)         (Gumbel-max: a draw from p)
     soft    = sum_v softmax(l')_v E_v,  l' = l rounded to E's dtype (fp32 [N, D]; not scaled
-              by sqrt(D): the caller does that, as transformers does after its matmul)
+              by sqrt(D): the caller does that, as transformers does after its matmul; an fp16
+              table: l itself where the rounding overflows, _fp16_overflow)
 
 u_v comes from a counter-based hash of (seed, step, row index, v), so the sampled token does
 not depend on the tile size, the grid, the vocabulary split or the implementation. The
@@ -190,8 +191,21 @@ def _row_temperature(temperature, n: int, device, floor: float | None = None) ->
 
 
 def _round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x (fp32) rounded to `dtype` (round to nearest even) and back to fp32."""
-    return x if dtype == torch.float32 else x.to(dtype).float()
+    """x (fp32) rounded to `dtype` (round to nearest even) and back to fp32; where fp16 overflows
+    (|x| >= 65520), x itself (see _fp16_overflow)."""
+    if dtype == torch.float32:
+        return x
+    r = x.to(dtype).float()
+    return _fp16_overflow(r, x) if dtype == torch.float16 else r
+
+
+def _fp16_overflow(r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """l' = l rounded to an fp16 table's dtype, but l itself where the rounding overflowed: at a low
+    temperature l = logit / T passes 65504 (T < 30 / 65504 = 4.6e-4 for a logit at the softcap; a
+    generate with t_min = 0, t_max = 0.02 reaches it), l' was inf and the soft embedding NaN (inf - inf),
+    then every hidden state of the next step. transformers is NaN there too (softmax of its fp16
+    self-conditioning logits); wherever it is finite, this is its l'."""
+    return torch.where(torch.isinf(r), x, r)
 
 
 def _no_rows(h: torch.Tensor, want_soft: bool) -> HeadSample:
@@ -230,7 +244,7 @@ def head_sample_reference(h, embedding, *, softcap=SOFTCAP, temperature=1.0, see
     token = torch.argmax(l + _gumbel(counter_uniform(keys[:, None], vocab[None, :])), dim=-1)
     soft = None
     if want_soft:
-        p = torch.softmax(l.to(embedding.dtype), dim=-1, dtype=torch.float32)
+        p = torch.softmax(_round_to(l, embedding.dtype), dim=-1)
         soft = p @ embedding.float()
     return HeadSample(token=token, argmax=argmax, entropy=entropy.float(), soft=soft)
 
@@ -424,6 +438,8 @@ def _walk_vocabulary(h, embedding, temp, keys, cols_golden, softcap, want_soft, 
         p = bits.view(torch.float32)  # the hash tile is free: probabilities go there
         if want_soft and not exact_soft:  # soft weights from l rounded to the table's dtype
             p.copy_(rbuf[: rows * w].view(rows, w).copy_(l))
+            if embedding.dtype == torch.float16:
+                torch.where(torch.isinf(p), l, p, out=p)
             p.sub_(m_soft[:, None]).exp_()
             z_soft += p.sum(1)
             soft.addmm_(p, e)
@@ -548,8 +564,9 @@ if triton is not None:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             out = bits.to(tl.float32, bitcast=True)
-        elif ROUND_F16:
+        elif ROUND_F16:  # x itself where fp16 overflows (_fp16_overflow)
             out = x.to(tl.float16).to(tl.float32)
+            out = tl.where(tl.abs(out) == float("inf"), x, out)
         else:
             out = x
         return out
