@@ -9,7 +9,7 @@ Contracts (shapes; all attention scaling is 1.0):
 
 attention(q, k, v, *, q_pos, k_pos, key_valid, causal, window) -> [B, Hq, Lq, D]
     q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D] (GQA: query head h reads kv head h // (Hq // Hkv));
-    q_pos [Lq], k_pos [Lk] absolute positions (long); key_valid [B, Lk] bool or None.
+    q_pos [Lq], k_pos [Lk] absolute positions (long); key_valid [B, Lk] bool ([1, Lk]: every row) or None.
     Key j is visible to query i when key_valid[b, j] and (not causal or k_pos[j] <= q_pos[i])
     and (window is None or q_pos[i] - k_pos[j] < window).
 
@@ -239,8 +239,23 @@ def layer_out_reference(x, dense, moe, w1, w2, w, scalar, eps: float):
     return (x + rms_norm_reference(a, w, eps)) * scalar
 
 
+def key_valid_rows(key_valid, batch: int, lk: int):
+    """`attention`'s key_valid checked: None, or bool [B, Lk] or [1, Lk] (one row for the whole batch),
+    a nonzero entry being a valid key. Any other shape is this one ValueError on every path (the
+    reference broadcast [B, 1, Lk] to a 5-d mask SDPA refused, [B, 1] over the keys; the Triton path
+    asserted [B, Lk]); another dtype counts nonzero as valid on every path (SDPA took a float mask as
+    an additive bias)."""
+    if key_valid is None:
+        return None
+    if key_valid.dim() != 2 or key_valid.shape[0] not in (1, batch) or key_valid.shape[1] != lk:
+        raise ValueError(f"key_valid must be [B, Lk] = [{batch}, {lk}] (or [1, {lk}] for every row); "
+                         f"got {list(key_valid.shape)}")
+    return key_valid if key_valid.dtype == torch.bool else key_valid != 0
+
+
 def attention_mask(q_pos, k_pos, key_valid, causal: bool, window: int | None, batch: int):
     """Boolean [B, 1, Lq, Lk] mask for `attention`, or None when every key is visible."""
+    key_valid = key_valid_rows(key_valid, batch, k_pos.shape[0])
     mask = None
     if causal:
         mask = k_pos[None, :] <= q_pos[:, None]
@@ -252,6 +267,8 @@ def attention_mask(q_pos, k_pos, key_valid, causal: bool, window: int | None, ba
     if key_valid is not None and (torch.compiler.is_compiling() or not bool(key_valid.all())):
         kv = key_valid[:, None, None, :]
         mask = kv if mask is None else (mask[None, None] & kv)
+        if kv.shape[0] != batch:  # [1, Lk]: the same keys for every row
+            mask = mask.expand(batch, -1, -1, -1)
     elif mask is not None:
         mask = mask[None, None].expand(batch, 1, -1, -1)
     return mask

@@ -163,3 +163,32 @@ def test_dispatch(monkeypatch):
     torch.testing.assert_close(A.attention(q, k, v, **kw), ref, atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError):  # head dim 12 is not a power of two
         A.attention_triton(q[..., :12], k[..., :12], v[..., :12], **kw)
+
+
+def test_key_valid_one_row_for_the_batch_and_bad_shapes():
+    """key_valid [1, Lk] (transformers' 4-d mask with a batch of 1, through the patch's mask[:, 0, 0, :])
+    holds for every row on both paths: the Triton path asserted [B, Lk] (and without asserts read past
+    the mask). Any other shape is one ValueError naming it on every path ([B, 1, Lk] reached SDPA as a
+    5-d mask, [B, 1] broadcast over the keys); a 0/1 integer mask is a bool one (SDPA refused it)."""
+    batch, hq, hkv, d, lk, lq = 3, 4, 2, 16, 12, 5
+    q, k, v = _inputs(batch, hq, hkv, lq, lk, d, torch.float32, seed=9)
+    row = torch.ones(1, lk, dtype=torch.bool)
+    row[0, :4] = False
+    kw = dict(q_pos=torch.arange(lk - lq, lk), k_pos=torch.arange(lk), causal=True)
+    want = ops.attention_reference(q, k, v, key_valid=row.expand(batch, lk), **kw)
+    for impl in ("triton", "torch"):
+        got = A.attention(q, k, v, key_valid=row, impl=impl, **kw)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        got = A.attention(q, k, v, key_valid=row.expand(batch, lk).int(), impl=impl, **kw)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(A.attention_torch(q, k, v, key_valid=row, chunk=2, **kw), want, atol=2e-5, rtol=2e-5)
+    bad = [torch.ones(batch, 1, lk, dtype=torch.bool), torch.ones(batch, 1, dtype=torch.bool),
+           torch.ones(lk, dtype=torch.bool), torch.ones(2, lk, dtype=torch.bool), torch.ones(batch, lk + 1, dtype=torch.bool)]
+    for kv in bad:
+        name = str(list(kv.shape)).replace("[", r"\[").replace("]", r"\]")
+        for call in (lambda: A.attention(q, k, v, key_valid=kv, impl="triton", **kw),
+                     lambda: A.attention(q, k, v, key_valid=kv, impl="torch", **kw),
+                     lambda: A.attention_torch(q, k, v, key_valid=kv, chunk=2, **kw),
+                     lambda: ops.attention_reference(q, k, v, key_valid=kv, **kw)):
+            with pytest.raises(ValueError, match=rf"key_valid must be \[B, Lk\] = \[{batch}, {lk}\].*got {name}"):
+                call()

@@ -4,7 +4,8 @@ Contract (the same as `dgplug.ops.attention`, the reference; all scaling is 1.0)
 
     attention(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, window=None, impl=None)
         q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D]; query head h reads kv head h // (Hq // Hkv).
-        q_pos [Lq], k_pos [Lk]: absolute positions (integers); key_valid [B, Lk] bool or None.
+        q_pos [Lq], k_pos [Lk]: absolute positions (integers); key_valid [B, Lk] bool or None
+        ([1, Lk]: the same keys for every row; any other shape: one ValueError, ops.key_valid_rows).
         Key j is visible to query i when key_valid[b, j] and (not causal or k_pos[j] <= q_pos[i])
         and (window is None or q_pos[i] - k_pos[j] < window).
         Returns [B, Hq, Lq, D] in q's dtype.
@@ -84,6 +85,7 @@ def attention_torch(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, wind
 
     batch, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    key_valid = ops.key_valid_rows(key_valid, batch, lk)
     if chunk is None:
         chunk = max(1, TWIN_SCORE_BUDGET // max(1, batch * hq * lk))
     if lq <= chunk:
@@ -325,8 +327,11 @@ def attention_triton(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, win
             "triton attention needs triton, a power-of-two head dim >= 16 shared by q/k/v, "
             f"fp16/bf16/fp32 and Hq % Hkv == 0; got q {tuple(q.shape)} {q.dtype}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    from dgplug.ops import key_valid_rows
+
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    key_valid = key_valid_rows(key_valid, batch, lk)
     assert k.shape == (batch, hkv, lk, d) and v.shape == k.shape, (q.shape, k.shape, v.shape)
     assert k.dtype == q.dtype and v.dtype == q.dtype, (q.dtype, k.dtype, v.dtype)
     out = torch.empty((batch, hq, lq, d), device=q.device, dtype=q.dtype)
@@ -345,9 +350,8 @@ def attention_triton(q, k, v, *, q_pos, k_pos, key_valid=None, causal=False, win
     k_pos = k_pos.to(device=q.device).contiguous()
     assert q_pos.shape == (lq,) and k_pos.shape == (lk,), (q_pos.shape, k_pos.shape)
     if key_valid is not None:
-        assert key_valid.shape == (batch, lk), key_valid.shape
-        kvalid = key_valid.to(device=q.device, dtype=torch.bool).contiguous().view(torch.uint8)
-        s_valb = kvalid.stride(0)
+        kvalid = key_valid.to(device=q.device).contiguous().view(torch.uint8)
+        s_valb = kvalid.stride(0) if kvalid.shape[0] == batch else 0  # [1, Lk]: one row for all
     else:
         kvalid, s_valb = k_pos, 0  # never read
 
