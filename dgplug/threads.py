@@ -28,6 +28,12 @@ ENV = "DGPLUG_THREADS"
 _user: int | None = None  # set by configure() from --threads or DGPLUG_THREADS
 
 
+# More than any machine's cores: past some 20000 torch's OpenMP pool aborts ("libgomp: Thread
+# creation failed") or segfaults, a count past int64 is torch's "Overflow when unpacking long long",
+# and GGUF conversion starts one process per thread.
+MAX_THREADS = 1024
+
+
 def _parse(value: str | int, where: str) -> int:
     try:
         n = int(value)
@@ -35,6 +41,8 @@ def _parse(value: str | int, where: str) -> int:
         raise ValueError(f"{where}={value!r}: give a whole number of threads >= 1") from None
     if n < 1:
         raise ValueError(f"{where}={value!r}: give a whole number of threads >= 1")
+    if n > MAX_THREADS:
+        raise ValueError(f"{where}={value!r}: give a whole number of threads from 1 to {MAX_THREADS}")
     return n
 
 

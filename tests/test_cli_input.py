@@ -280,6 +280,24 @@ def test_threads_option(tiny_ckpt, monkeypatch):
     assert json.loads(runner.invoke(app, args + ["--threads", "2"]).stdout)["threads"] == 2  # the option wins
 
 
+def test_threads_past_any_machine_are_one_line(tiny_ckpt, tmp_path):
+    """--threads 100000 segfaulted (torch's OpenMP pool; convert: a process per thread), 10**20 was
+    "Overflow when unpacking long long": one line naming the value, before any work (a subprocess:
+    before the fix this crashed the interpreter)."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("w5 w6 w7")
+    for args in (["generate", str(tiny_ckpt), "--ids", "5"], ["demo", "--no-live"],
+                 ["convert", str(tiny_ckpt), str(tmp_path / "x.gguf"), "-q", "Q8_0"],
+                 ["imatrix", str(tiny_ckpt), "--calib", str(calib), "-o", str(tmp_path / "im.gguf")]):
+        for n in ("100000", str(10**20)):
+            r = subprocess.run([sys.executable, "-m", "dgplug.cli", *args, "--threads", n], capture_output=True,
+                               text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            assert r.returncode == 1 and r.stdout == "" and r.stderr.startswith("error: "), (args, n, r.stderr)
+            assert len(r.stderr.splitlines()) == 1 and f"--threads={n}: give a whole number of threads from 1 to" \
+                in r.stderr, (args, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
+
+
 def test_usage_errors_are_one_line_naming_the_value(tiny_ckpt):
     """Through the `dgplug` entry point (click's own usage errors: unknown command or option, missing
     or mistyped value): one line on stderr naming the value and the help to read, exit status 2 (as

@@ -71,6 +71,20 @@ def test_configure_user_choice_and_env(monkeypatch):
         threads.configure()
 
 
+def test_a_thread_count_past_any_machine_is_refused(monkeypatch):
+    """torch's OpenMP pool aborts ("libgomp: Thread creation failed") or segfaults at some 20000
+    threads, and a count past int64 is torch's "Overflow when unpacking long long": one line instead."""
+    threads._user = None
+    for n in (threads.MAX_THREADS + 1, 100000, 10**20):
+        with pytest.raises(ValueError, match=f"--threads={n}: give a whole number of threads from 1 to "
+                                             f"{threads.MAX_THREADS}"):
+            threads.configure(n)
+    monkeypatch.setenv(threads.ENV, "100000")
+    with pytest.raises(ValueError, match="DGPLUG_THREADS='100000'"):
+        threads.configure()
+    assert threads._user is None
+
+
 def test_for_flops_narrows_small_calls_only():
     torch.set_num_threads(2)
     with threads.for_flops(threads.SMALL_FLOPS / 10):
