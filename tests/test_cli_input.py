@@ -298,6 +298,33 @@ def test_threads_past_any_machine_are_one_line(tiny_ckpt, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
 
 
+def test_steps_past_a_million_are_one_line(tiny_ckpt, tmp_path):
+    """generate, demo, imatrix: --steps 2**31 - 1 was ended by the OOM killer (22 GB), 10**11 an
+    allocator failure of 400 GB naming no option, 10**20 torch's "Overflow when unpacking long long"
+    with 60 lines of C++ frames."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text("w5 w6 w7")
+    for args in (["generate", str(tiny_ckpt), "--ids", "5"], ["demo", "--no-live", "-n", "1"],
+                 ["imatrix", str(tiny_ckpt), "--calib", str(calib), "-o", str(tmp_path / "im.gguf")]):
+        for n in (10**7, 2**31 - 1, 10**11, 10**20):
+            line = _one_error_line(runner.invoke(app, [*args, "--steps", str(n)]), f"--steps {n}: give a number from 1 to")
+            assert "loading" not in runner.invoke(app, [*args, "--steps", str(n)]).stderr, line  # before any work
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
+
+
+def test_a_library_error_with_a_cpp_trace_is_one_line(monkeypatch, tiny_ckpt):
+    """torch's errors can carry "Exception raised from ..." and its C++ frames: the line before them is the error."""
+
+    def fake_load(path, **kw):
+        raise RuntimeError('zeros(): argument \'size\' failed to unpack the object at pos 1 with error "Overflow when '
+                           'unpacking long long\nException raised from THPUtils_unpackLong at python_numbers.h:79 '
+                           '(most recent call first):\nframe #0: c10::Error::Error() + 0x1\nframe #1: _start + 0x21\n"')
+
+    monkeypatch.setattr("dgplug.loader.load", fake_load)
+    line = _one_error_line(runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5"]), "Overflow when unpacking")
+    assert "frame #" not in runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5"]).stderr, line
+
+
 def test_usage_errors_are_one_line_naming_the_value(tiny_ckpt):
     """Through the `dgplug` entry point (click's own usage errors: unknown command or option, missing
     or mistyped value): one line on stderr naming the value and the help to read, exit status 2 (as

@@ -38,6 +38,20 @@ def at_least(flag: str, value: int | None, low: int = 1, what: str = "a number")
         raise CLIError(f"{flag} {value}: give {what} >= {low}")
 
 
+# The sampler builds its temperature schedule with an entry per step (int32 and fp32 tables, as
+# transformers computes it): --steps 2**31 - 1 took 22 GB before the OOM killer ended it, 10**11
+# failed to allocate 400 GB, 10**20 overflowed torch's int64 (with 60 lines of C++ frames). A million
+# steps (forwards of the model per canvas; the checkpoints' default is 48) costs some 12 MB.
+MAX_STEPS = 1_000_000
+
+
+def steps_arg(steps: int | None) -> None:
+    """--steps: at least 1, at most what the sampler counts (one line naming the value)."""
+    at_least("--steps", steps)
+    if steps is not None and steps > MAX_STEPS:
+        raise CLIError(f"--steps {steps}: give a number from 1 to {MAX_STEPS}")
+
+
 class LiveView:
     """A live view on stderr, transient (it vanishes when stopped); content taller than the
     terminal is cut to it, never left behind above the output. Drawn only from the caller's
@@ -145,7 +159,8 @@ def message(e: BaseException) -> str:
         return f"{where}: {what}" if where is not None else what
     if isinstance(e, typer.BadParameter):
         return e.format_message()
-    return str(e) or e.__class__.__name__
+    text = str(e).split("\nException raised from ", 1)[0]  # torch's C++ frames follow that line
+    return text or e.__class__.__name__
 
 
 # -- signals ------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def run(n: int | None, givens: str | None, puzzle: str | None, shown: int, steps
     if n is not None and n < 1:
         raise CLIError(f"{n_flag} {n}: give a number of puzzles >= 1")
     common.at_least(show_flag, shown, 0, "a number of grids to show")
-    common.at_least("--steps", steps)
+    common.steps_arg(steps)
     if puzzle is not None and (givens is not None or (n is not None and n != 1)):
         raise CLIError("--puzzle solves one given puzzle: leave out --givens and -n")
     band = parse_band(givens or DEFAULT_BAND)

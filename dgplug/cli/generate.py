@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from .common import CLIError, STATE, LiveView, at_least, err, note, out, print_text, say
+from .common import CLIError, STATE, LiveView, at_least, err, note, out, print_text, say, steps_arg
 from .paths import model_arg
 
 RNGS = ("counter", "transformers")
@@ -76,7 +76,7 @@ def check(o: Options) -> None:
     if o.edit is not None and o.max_new_tokens is not None:
         raise CLIError("--max-new-tokens does not apply to --edit (the edit text fixes the length)")
     at_least("--max-new-tokens", o.max_new_tokens)
-    at_least("--steps", o.steps)
+    steps_arg(o.steps)
     if o.rng not in RNGS:
         raise CLIError(f"--rng {o.rng!r}: use counter or transformers")
     if o.dtype is not None and o.dtype not in DTYPES:

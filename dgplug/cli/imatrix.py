@@ -78,8 +78,9 @@ def run(src: str, calib: str, o: str, chunk_size: int | None, chunks: int | None
     from .paths import model_arg
 
     for flag, value, what in (("--chunk-size", chunk_size, "a number of tokens"), ("--chunks", chunks, "a number"),
-                              ("--batch", batch, "a number"), ("--steps", steps, "a number")):
+                              ("--batch", batch, "a number")):
         common.at_least(flag, value, what=what)
+    common.steps_arg(steps)
     path = model_arg(src)
     text, datasets = calibration_text(calib)
     target = output_path(o, overwrite)
