@@ -37,6 +37,9 @@ def test_lengths_past_the_context_are_refused(tiny_ckpt):
         r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "-n", n])
         assert r.exit_code == 1 and "max_position_embeddings" in r.stderr and "context is 4096" in r.stderr, r.output
         assert "canvas 1 of" not in r.output and "loading" not in r.stderr  # refused before the weights are read
+    n = 10**23 + 1  # its canvases and positions counted exactly (in floats: 6250000000000000524288 canvases)
+    r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6", "-n", str(n)])
+    assert f"+ {-(-n // 16)} canvas(es) of 16 need {2 + -(-n // 16) * 16} positions;" in r.stderr, r.stderr
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,600000"])
     assert r.exit_code == 1 and "token id 600000 is outside the vocabulary [0, 512)" in r.stderr
     assert "loading" not in r.stderr

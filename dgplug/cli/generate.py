@@ -103,7 +103,7 @@ def check(o: Options) -> None:
 
 def check_length(prompt: int, n: int, C: int, context: int) -> None:
     """Whole canvases after the prompt must fit the model's context (max_position_embeddings)."""
-    canvases = math.ceil(n / C)
+    canvases = -(-n // C)  # in integers: a float quotient misstates a huge --max-new-tokens
     if prompt + canvases * C > context:
         raise CLIError(f"--max-new-tokens {n}: the prompt's {prompt} tokens + {canvases} canvas(es) of {C} "
                        f"need {prompt + canvases * C} positions; the model's context is {context} "
