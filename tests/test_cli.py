@@ -16,6 +16,17 @@ def test_info(tiny_ckpt):
     assert "active per token" in r.output and "float32" in r.output
 
 
+def test_info_piped_is_one_line_a_fact(tiny_ckpt):
+    """Piped (`| grep context`, `> info.txt`), a fact is one line with its name, without the table's
+    wrapping at 80 columns (the architecture's `context 4096)` alone on a line) or trailing spaces."""
+    lines = runner.invoke(app, ["info", str(tiny_ckpt)]).stdout.splitlines()
+    keys = ["architecture", "layer pattern", "attention", "experts", "parameters", "format", "dtype", "vision tensors",
+            "size"]
+    assert [ln[:16].strip() for ln in lines] == keys, lines
+    assert all(ln == ln.rstrip() and ln[16:].strip() for ln in lines), lines
+    assert "canvas 16, context 4096)" in lines[0] and "embedding)" in lines[4], lines
+
+
 def test_generate_ids_and_prompt(tiny_ckpt):
     r = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5,6,7", "--steps", "2", "--max-new-tokens", "16"])
     assert r.exit_code == 0, r.output

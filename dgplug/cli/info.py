@@ -169,6 +169,7 @@ def _per_layer(names: list[str]) -> list[str]:
 
 
 def show_info(d: dict) -> None:
+    """A table on a terminal; piped, one line a fact, its name first (grep finds it), nothing wrapped."""
     t = Table(show_header=False, box=None)
     t.add_row("architecture", f"DiffusionGemma ({d['layers']} layers, hidden {d['hidden']}, vocab {d['vocab']}, "
                               f"canvas {d['canvas']}, context {d['context']})")
@@ -190,7 +191,12 @@ def show_info(d: dict) -> None:
                                   f"(norms, router, embedding, vision)")
     if d["bytes_on_disk"] is not None:
         t.add_row("size", f"{human(d['bytes_on_disk'], 'B')} on disk")
-    out.print(t)
+    if out.is_terminal:
+        out.print(t)
+        return
+    keys, values = (c.cells for c in t.columns)
+    for k, v in zip(keys, values):
+        out.print(f"{k:<16}{v}", soft_wrap=True)
 
 
 def inspect(path: Path, as_json: bool) -> int:
