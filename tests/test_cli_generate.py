@@ -116,6 +116,10 @@ def test_prompt_and_edit_from_standard_input(tiny_ckpt):
     assert both.exit_code == 1 and "cannot both be read from standard input" in both.stderr
     empty = runner.invoke(app, ["generate", str(tiny_ckpt), "-"], input=b"\n")
     assert empty.exit_code == 1 and "the prompt is empty" in empty.stderr
+    # `cat q.txt | dgplug generate PATH`: the text piped in is not read without -, and the error says so
+    piped = runner.invoke(app, ["generate", str(tiny_ckpt)], input=b"w5 w6 w7\n")
+    assert piped.exit_code == 1 and piped.stderr.count("\n") == 1, piped.stderr
+    assert "standard input is read when the prompt is - (dgplug generate PATH - < file.txt)" in piped.stderr
     empty = runner.invoke(app, ["generate", str(tiny_ckpt), "--ids", "5", "--edit", "-"], input=b"\n")
     assert empty.exit_code == 1 and "the --edit text is empty" in empty.stderr
     # bytes a shell passes through undecoded arrive as surrogates: refused before loading

@@ -62,7 +62,10 @@ def check(o: Options) -> None:
     if o.prompt is not None and o.ids is not None:
         raise CLIError("give a prompt (TEXT or --prompt TEXT) or --ids 1,2,3, not both")
     if o.prompt is None and o.ids is None and o.edit is None:
-        raise CLIError("give a prompt (PATH \"TEXT\" or --prompt TEXT) or --ids 1,2,3 (or --edit TEXT)")
+        piped = sys.stdin is not None and not sys.stdin.isatty()  # `cat q.txt | dgplug generate PATH`
+        raise CLIError("give a prompt (PATH \"TEXT\" or --prompt TEXT) or --ids 1,2,3 (or --edit TEXT)"
+                       + ("; standard input is read when the prompt is - (dgplug generate PATH - < file.txt)"
+                          if piped else ""))
     if o.prompt is not None and not o.prompt.strip():
         raise CLIError("the prompt is empty: give some text (or --ids 1,2,3)")
     for name, text in (("the prompt", o.prompt), ("--edit", o.edit)):
