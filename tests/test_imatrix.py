@@ -299,6 +299,11 @@ def test_cli_imatrix_then_convert(tiny_ckpt, tmp_path):
     r = runner.invoke(app, ["imatrix", str(tiny_ckpt), "--calib", str(tmp_path / "free.txt"), "-o",
                             str(tmp_path / "free.gguf"), "--steps", "1", "--quiet"])
     assert r.exit_code == 0 and "note: 2 of 3 calibration tokens are unknown to this model's tokenizer" in r.stderr
+    # --chunks: the prompts used are said as a part of those the text gives (not all of its tokens)
+    (tmp_path / "long.txt").write_text(" ".join(f"w{5 + i % 9}" for i in range(40)))
+    r = runner.invoke(app, ["imatrix", str(tiny_ckpt), "--calib", str(tmp_path / "long.txt"), "-o",
+                            str(tmp_path / "long.gguf"), "--steps", "1", "--chunk-size", "8", "--chunks", "2"])
+    assert r.exit_code == 0 and "40 calibration tokens: 2 prompt(s) of 8 tokens (--chunks 2 of 5), one canvas" in r.stderr
     # convert --imatrix: int4 weighted, recorded in the quantization config
     q = tmp_path / "q4"
     r = runner.invoke(app, ["convert", str(tiny_ckpt), str(q), "-q", "int4", "--group-size", "16", "--imatrix", str(out),

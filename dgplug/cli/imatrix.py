@@ -107,13 +107,15 @@ def run(src: str, calib: str, o: str, chunk_size: int | None, chunks: int | None
     if chunk_size is None:  # llama-imatrix's 512, or what the context holds beside one canvas (the Sudoku model: 430)
         chunk_size = max(1, min(512, model.tc.max_position_embeddings - C))
     parts = calibration_chunks(ids, chunk_size)
+    available = len(parts)
     if chunks is not None:
         parts = parts[:chunks]
     if len(parts[0]) + C > model.tc.max_position_embeddings:
         raise CLIError(f"--chunk-size {chunk_size}: a prompt of {len(parts[0])} tokens + a canvas of {C} passes the "
                        f"model's context ({model.tc.max_position_embeddings})")
-    say(f"{len(ids)} calibration tokens: {len(parts)} prompt(s) of {len(parts[0])} tokens, one canvas of {C} each, "
-        f"{n} thread{'s' if n > 1 else ''}")
+    cut = f" (--chunks {chunks} of {available})" if len(parts) < available else ""
+    say(f"{len(ids)} calibration tokens: {len(parts)} prompt(s) of {len(parts[0])} tokens{cut}, one canvas of {C} "
+        f"each, {n} thread{'s' if n > 1 else ''}")
     t0 = time.perf_counter()
     progress = None
     if not quiet and common.err.is_terminal:  # piped, a transient bar leaves an empty line behind
