@@ -2,4 +2,4 @@
 
 from . import entry
 
-entry()
+entry(script=True)
