@@ -162,6 +162,9 @@ def fill_left_to_right(model, prompt_ids: torch.Tensor, canvas: torch.Tensor, lo
     if canvas.shape != lock.shape or canvas.shape[0] != prompt_ids.shape[0]:
         raise InputError(f"fill_left_to_right: canvas {list(canvas.shape)}, locked {list(lock.shape)} and "
                          f"prompt {list(prompt_ids.shape)} must agree in batch and length")
+    if not temperature > 0:  # the logits / T feed self-conditioning: 0 would make them inf and NaN
+        raise InputError(f"fill_left_to_right: temperature {temperature} must be positive (the pick is the argmax "
+                         f"whatever it is; it scales the self-conditioning logits)")
     g = torch.Generator().manual_seed(seed)
     cache = KVCache.empty(model.tc.num_hidden_layers)
     model.encode(prompt_ids, cache)

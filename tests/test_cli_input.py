@@ -71,6 +71,12 @@ def test_gguf_given_to_convert(tiny_ckpt_smooth, tmp_path):
                     "--quant COPY (llama-quantize's) applies to a GGUF source")
 
 
+def test_inspect_of_the_embedded_model_says_what_it_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _one_error_line(runner.invoke(app, ["inspect", "sudoku"]), "sudoku is the embedded model, a safetensors checkpoint",
+                    "dgplug convert sudoku sudoku.gguf -q Q8_0")
+
+
 def test_big_file_is_not_read(tmp_path):
     """A 1 GiB (sparse) file given to generate: one line, and the process never holds it in memory."""
     big = tmp_path / "weights.bin"

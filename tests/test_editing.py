@@ -125,3 +125,6 @@ def test_fill_left_to_right(model):
     assert out[0, 0].item() == first
     with pytest.raises(InputError, match="must agree"):
         fill_left_to_right(model, prompt, canvas[:1], locked[:1])
+    for t in (0.0, -1.0, float("nan")):  # logits / 0 were inf and NaN in the self-conditioning
+        with pytest.raises(InputError, match=f"temperature {t} must be positive"):
+            fill_left_to_right(model, prompt, canvas, locked, temperature=t)

@@ -116,6 +116,9 @@ def source_arg(s: str):
 
 def gguf_arg(s: str) -> Path:
     """inspect's FILE: a .gguf file, or a directory holding exactly one (or one split GGUF's shards)."""
+    if embedded(s) != s:
+        raise CLIError(f"{s} is the embedded model, a safetensors checkpoint: inspect reads GGUF files "
+                       f"(make one with `dgplug convert {s} {s}.gguf -q Q8_0`; `dgplug info {s}` describes it)")
     k = kind(s)
     p = Path(s)
     if k == "gguf":

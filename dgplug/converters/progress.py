@@ -22,7 +22,7 @@ def _widths(width: int, description: int, tensor_column: bool) -> tuple[int, int
 def conversion_progress(enabled: bool = True, tensor_column: bool = False, console=None):
     """A rich Progress of bytes read: description, bar, bytes, speed, ETA (and the tensor at work),
     fitted to the terminal's width less two columns (long names end in an ellipsis; the bar never
-    disappears)."""
+    disappears); on a terminal only (as imatrix's)."""
     from rich.console import Console
     from rich.constrain import Constrain
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -44,4 +44,5 @@ def conversion_progress(enabled: bool = True, tensor_column: bool = False, conso
         def get_renderables(self):
             yield Constrain(self.make_tasks_table(self.tasks), console.width - _SPARE)
 
-    return Bars(*columns, console=console, disable=not enabled, transient=False)
+    # piped (a log file), no bar: rich would leave its last frame of box-drawing characters there
+    return Bars(*columns, console=console, disable=not enabled or not console.is_terminal, transient=False)
