@@ -134,14 +134,24 @@ def _size(p: Path) -> int:
 
 
 def _digest(p: Path) -> str:
-    """One hash over the output's weight bytes (a GGUF; a directory's safetensors shards)."""
+    """One hash over the output: a GGUF's bytes; a directory's tensors by name (their shards may be cut
+    elsewhere: a checkpoint is converted shard by shard, a GGUF in its own order)."""
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(p.glob("*.safetensors")) if p.is_dir() else [p]:
-        with open(f, "rb") as fh:
+    if not p.is_dir():
+        with open(p, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)
+        return h.hexdigest()[:16]
+    from safetensors import safe_open
+
+    where = {k: f for f in sorted(p.glob("*.safetensors")) for k in safe_open(str(f), "pt").keys()}
+    for name in sorted(where):
+        with safe_open(str(where[name]), "pt") as f:
+            t = f.get_tensor(name)
+        h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
