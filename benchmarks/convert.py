@@ -16,7 +16,8 @@ Goals: >= 150 MB/s on 2 cores, peak RSS <= 1.5 GiB.
 --from-gguf: the checkpoint is also converted once to a BF16 GGUF (the same values), and each --quant
 (a GGUF type or int4/int8/fp8) is made from both sources in alternated fresh processes, --rounds
 times: wall time, MB/s, peak RSS of each side and their ratio, and whether the outputs are the same
-bytes (they must be: a BF16 GGUF holds the checkpoint's bf16 values).
+(a GGUF's bytes; a directory's tensor values, as the GGUF's F32 norms stay F32): they must be, a BF16
+GGUF holds the checkpoint's bf16 values.
 """
 
 from __future__ import annotations
@@ -134,8 +135,8 @@ def _size(p: Path) -> int:
 
 
 def _digest(p: Path) -> str:
-    """One hash over the output: a GGUF's bytes; a directory's tensors by name (their shards may be cut
-    elsewhere: a checkpoint is converted shard by shard, a GGUF in its own order)."""
+    """One hash over the output: a GGUF's bytes; a directory's tensors by name and value (their shards may
+    be cut elsewhere: a checkpoint is converted shard by shard, a GGUF in its own order)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -150,8 +151,8 @@ def _digest(p: Path) -> str:
     for name in sorted(where):
         with safe_open(str(where[name]), "pt") as f:
             t = f.get_tensor(name)
-        h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        # values, not dtypes: a GGUF holds norms, router and scalars in F32, a bf16 checkpoint in bf16
+        h.update(name.encode() + str(tuple(t.shape)).encode() + t.double().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -193,7 +194,7 @@ def from_gguf(src: Path, wd: Path, total: int, quants: list[str], rounds: int, k
         print(f"{q:7s} medians: checkpoint {med['checkpoint']:.1f} s ({total / med['checkpoint'] / 1e6:.0f} MB/s), "
               f"gguf {med['gguf']:.1f} s ({total / med['gguf'] / 1e6:.0f} MB/s), gguf / checkpoint "
               f"{med['gguf'] / med['checkpoint']:.2f}x; peak RSS main {rss['checkpoint']:.2f} / {rss['gguf']:.2f} GiB; "
-              f"same output bytes: {digests['checkpoint'] == digests['gguf']}")
+              f"same output (GGUF: bytes; safetensors: tensor values): {digests['checkpoint'] == digests['gguf']}")
         if not keep:
             for side in runs:
                 out = wd / f"out-{q}-{side}" if q in SCHEMES else wd / f"out-{q}-{side}.gguf"
